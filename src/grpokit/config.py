@@ -1,0 +1,278 @@
+"""GRPOConfig: every knob of a run, with TRL's field names and meanings where TRL has the knob.
+
+A TRL script moves over by changing its import line. A TRL field that grpokit does not support
+is an error naming it (unless it is passed with the value that turns it off), never silently
+ignored; an unknown field is an error with the closest known names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default: Any, help: str):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class _GRPOFields:
+    # --- model, data, task (TRL's ModelConfig / ScriptArguments names) ---
+    model_name_or_path: str | None = _f(None, "Hub id or local path of the policy; None = the shipped starter model.")
+    dataset_name: str | None = _f(None, "Hub dataset name or local JSON/JSONL/CSV/Parquet file or folder.")
+    dataset_config: str | None = _f(None, "Dataset configuration name (hub datasets).")
+    dataset_train_split: str = _f("train", "Split used for training.")
+    dataset_test_split: str | None = _f(None, "Split used for evaluation (None: no eval set unless the task has one).")
+    task: str | None = _f(None, "Built-in task (arithmetic, countdown): dataset + rewards; default when no dataset.")
+    task_num_train: int = _f(2000, "Rows of the built-in task's training split.")
+    task_num_eval: int = _f(200, "Rows of the built-in task's held-out split.")
+    reward_funcs: list = _f([], "Reward functions by registry name or 'package.module:function'.")
+    reward_kwargs: dict = _f({}, "Per-function keyword arguments: {name: {kwarg: value}}.")
+    reward_timeout: float = _f(60.0, "Wall-clock seconds allowed for one reward call.")
+    reward_on_error: str = _f("raise", "When a reward function raises: raise | none | zero.")
+    reward_num_workers: int = _f(0, "Worker processes for CPU-bound reward functions (0 = in process).")
+    model_init_kwargs: dict | None = _f(None, "Keyword arguments for from_pretrained when model is a string.")
+    trust_remote_code: bool = _f(False, "Allow custom model code from the hub.")
+    disable_dropout: bool = _f(False, "Set every dropout probability of the policy to 0.")
+    shuffle_dataset: bool = _f(True, "Shuffle the training prompts (seeded, per epoch).")
+    remove_unused_columns: bool = _f(False, "Keep only 'prompt' (False keeps every column for the rewards).")
+    # --- LoRA (TRL's ModelConfig names) ---
+    use_peft: bool = _f(False, "Train a LoRA adapter instead of the full model.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_target_modules: list | str | None = _f(None, "Modules to adapt (None: peft's default for the architecture).")
+    # --- batch and schedule ---
+    output_dir: str = _f("runs/grpo", "Run folder: config, metrics, samples, plot, checkpoints.")
+    per_device_train_batch_size: int = _f(8, "Completions per micro-batch per device (TRL's meaning).")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    num_generations: int = _f(8, "G: completions sampled per prompt.")
+    num_generations_eval: int | None = _f(None, "Samples per prompt for pass@k at eval (None: num_generations).")
+    max_prompt_length: int | None = _f(512, "Longest prompt in tokens; longer prompts are an error before step 1.")
+    max_completion_length: int = _f(256, "Most tokens sampled per completion.")
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 = num_train_epochs over the prompts.")
+    num_train_epochs: float = _f(1.0, "Passes over the training prompts when max_steps is -1.")
+    num_iterations: int = _f(1, "mu: optimizer steps on each generated batch (>1 computes old logprobs).")
+    # --- sampling ---
+    temperature: float = _f(1.0, "Sampling temperature (logprobs are taken at the same temperature).")
+    top_p: float = _f(1.0, "Nucleus sampling mass.")
+    top_k: int = _f(0, "Top-k sampling (0 = off).")
+    min_p: float | None = _f(None, "Min-p sampling (None = off).")
+    stop: list = _f([], "Stop strings; the completion is cut after them.")
+    use_vllm: bool = _f(False, "Generate with vLLM (CUDA, optional install) instead of the HF engine.")
+    max_batch_tokens: int | None = _f(None, "Cap on prompt+completion tokens decoded at once (None = engine default).")
+    # --- objective (grpokit.algos) ---
+    beta: float = _f(0.0, "KL coefficient to the reference model (0: no reference is loaded).")
+    kl_estimator: str = _f("k3", "KL estimator: k1 | k2 | k3.")
+    epsilon: float = _f(0.2, "Lower clip range of the ratio.")
+    epsilon_high: float | None = _f(None, "Upper clip range (clip-higher, DAPO); None = epsilon.")
+    delta: float | None = _f(None, "Two-sided cap of the unclipped ratio branch.")
+    dual_clip: float | None = _f(None, "Dual-clip constant c for negative advantages (None = off).")
+    loss_type: str = _f("dapo", "Aggregation: grpo | bnpo | dr_grpo | dapo | cispo | sapo.")
+    scale_rewards: str | bool = _f("group", "Advantage scaling: group | batch | none (True = group, False = none).")
+    advantage_estimator: str = _f("grpo", "Baseline: grpo (group mean) | rloo (leave-one-out).")
+    importance_sampling_level: str = _f("token", "token | sequence (GSPO).")
+    sapo_temperature_pos: float = _f(1.0, "SAPO gate temperature for positive advantages.")
+    sapo_temperature_neg: float = _f(1.05, "SAPO gate temperature for negative advantages.")
+    reward_weights: list | None = _f(None, "Weight of each reward function (None = all 1).")
+    mask_truncated_completions: bool = _f(False, "Leave completions cut by max_completion_length out of the loss.")
+    top_entropy_quantile: float = _f(1.0, "Train only on the top-rho quantile of tokens by entropy (1 = all).")
+    vllm_importance_sampling_correction: bool = _f(True, "Correct sampler/trainer logprob mismatch (vLLM).")
+    vllm_importance_sampling_mode: str = _f("sequence_mask", "token_truncate | token_mask | sequence_truncate | sequence_mask.")
+    vllm_importance_sampling_cap: float | None = _f(3.0, "Cap C of the importance-sampling correction.")
+    # --- optimizer ---
+    learning_rate: float = _f(1e-6, "AdamW learning rate.")
+    lr_scheduler_type: str = _f("linear", "linear | cosine | constant | constant_with_warmup.")
+    warmup_ratio: float = _f(0.0, "Fraction of steps of linear warm-up.")
+    warmup_steps: int = _f(0, "Warm-up steps (wins over warmup_ratio when > 0).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    optim: str = _f("adamw_torch", "adamw_torch | adamw_torch_fused.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    on_nonfinite: str = _f("skip", "Non-finite loss or gradient norm: skip the step (counted) | raise.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    # --- precision and device ---
+    bf16: bool | None = _f(None, "bfloat16 weights/compute; None = on for CUDA with bf16, off on CPU.")
+    use_cpu: bool = _f(False, "Train on CPU even when CUDA is available.")
+    seed: int = _f(42, "Seed of model init, data order, sampling.")
+    # --- logging, eval, checkpoints ---
+    logging_steps: int = _f(10, "Print a metrics line every this many steps (metrics.jsonl gets every step).")
+    report_to: list | str = _f(["jsonl"], "jsonl | tensorboard | wandb | none (several allowed).")
+    run_name: str | None = _f(None, "Name of the run for TensorBoard/W&B.")
+    disable_tqdm: bool = _f(False, "Hide the progress bar.")
+    log_completions: bool = _f(True, "Write samples of (prompt, completion, reward) to completions.jsonl.")
+    num_completions_to_print: int | None = _f(4, "Completions written per logging step (None = all).")
+    eval_strategy: str = _f("no", "no | steps: greedy evaluation every eval_steps.")
+    eval_steps: int | None = _f(None, "Evaluate every this many steps (eval_strategy='steps').")
+    eval_on_start: bool = _f(False, "Evaluate before the first step.")
+    per_device_eval_batch_size: int = _f(64, "Prompts per greedy evaluation batch.")
+    save_strategy: str = _f("steps", "no | steps.")
+    save_steps: int = _f(500, "Checkpoint every this many steps.")
+    save_total_limit: int | None = _f(None, "Keep at most this many checkpoints.")
+    resume_from_checkpoint: str | bool | None = _f(None, "Checkpoint folder, or True for the latest in output_dir.")
+    plot: bool = _f(True, "Write plot.png (reward and accuracy over steps) at the end.")
+
+
+# TRL / transformers.TrainingArguments fields that grpokit does not support, each with the values
+# that mean "off" (accepted, since nothing is ignored). Any other value is an error naming the field.
+UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
+    **{name: (None,) for name in (
+        "lr_scheduler_kwargs", "optim_args", "optim_target_modules", "tf32", "activation_checkpointing",
+        "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs", "torch_compile_backend",
+        "torch_compile_mode", "liger_kernel_config", "neftune_noise_alpha", "torch_empty_cache_steps",
+        "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "eval_accumulation_steps",
+        "hub_token", "hub_private_repo", "hub_model_id", "hub_revision", "metric_for_best_model",
+        "greater_is_better", "data_seed", "accelerator_config", "parallelism_config",
+        "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "label_names",
+        "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
+        "ddp_backend", "fsdp", "fsdp_config", "deepspeed", "router_aux_loss_coef", "generation_batch_size",
+        "steps_per_generation", "generation_kwargs", "chat_template_kwargs", "cache_implementation",
+        "vllm_structured_outputs_regex", "vllm_server_base_url", "vllm_max_model_length",
+        "max_tool_calling_iterations", "vllm_importance_sampling_clip_min", "off_policy_mask_threshold",
+        "log_completions_hub_repo", "transformers_continuous_batching_config", "logging_dir",
+        "vllm_importance_sampling_clip_max", "eval_delay", "local_rank", "project", "hub_strategy",
+    )},
+    **{name: (False,) for name in (
+        "fp16", "bf16_full_eval", "fp16_full_eval", "torch_compile", "use_liger_kernel", "use_cache",
+        "auto_find_batch_size", "logging_first_step", "prediction_loss_only", "eval_use_gather_object",
+        "batch_eval_metrics", "save_only_model", "save_on_each_node", "enable_jit_checkpoint",
+        "push_to_hub", "hub_always_push", "load_best_model_at_end", "ignore_data_skip",
+        "restore_callback_states_from_checkpoint", "full_determinism", "dataloader_drop_last",
+        "dataloader_pin_memory", "dataloader_persistent_workers", "do_train", "do_eval", "do_predict",
+        "cast_lm_head_to_fp32", "sync_ref_model", "use_adaptive_entropy", "log_unique_prompts",
+        "use_transformers_continuous_batching", "use_transformers_paged", "vllm_enable_sleep_mode",
+        "use_bias_correction_kl", "log_multimodal",
+    )},
+    "dataloader_num_workers": (0,), "dataloader_in_order": (True,), "average_tokens_across_devices": (True,),
+    "label_smoothing_factor": (0.0,), "entropy_coef": (0.0,), "repetition_penalty": (1.0,),
+    "logging_strategy": ("steps",), "include_num_input_tokens_seen": ("no", False),
+    "log_level": ("passive",), "log_level_replica": ("warning", "passive"), "log_on_each_node": (True,),
+    "logging_nan_inf_filter": (True,), "skip_memory_metrics": (True,), "debug": ("", None),
+    "train_sampling_strategy": ("random",), "length_column_name": ("length",), "include_for_metrics": ([],),
+    "eval_do_concat_batches": (True,), "pad_to_multiple_of": ("auto", None), "ds3_gather_for_generation": (True,),
+    "multi_objective_aggregation": ("sum_then_normalize",), "ref_model_mixup_alpha": (0.6,),
+    "ref_model_sync_steps": (512,), "ddp_timeout": (1800,), "vllm_mode": ("colocate",),
+    "vllm_model_impl": ("vllm",), "vllm_server_host": ("0.0.0.0",), "vllm_server_port": (8000,),
+    "vllm_server_timeout": (240.0,), "vllm_group_port": (51216,), "vllm_gpu_memory_utilization": (0.3,),
+    "vllm_tensor_parallel_size": (1,), "entropy_coef_min": (0.0,), "entropy_coef_max": (1.0,),
+    "entropy_coef_delta": (0.005,), "entropy_target": (0.2,), "vespo_k_pos": (2.0,), "vespo_lambda_pos": (3.0,),
+    "vespo_k_neg": (3.0,), "vespo_lambda_neg": (2.0,),
+}
+
+
+class GRPOConfig(_GRPOFields):
+    """All settings of a GRPO run (see each field's `help`). Validated at construction."""
+
+    def __init__(self, **kwargs: Any):
+        known = {f.name for f in dataclasses.fields(_GRPOFields)}
+        for name in list(kwargs):
+            if name in known:
+                continue
+            value = kwargs.pop(name)
+            if name in UNSUPPORTED_TRL_FIELDS:
+                if _is_off(value, UNSUPPORTED_TRL_FIELDS[name]):
+                    continue
+                raise ValueError(
+                    f"GRPOConfig: {name}={value!r} is a TRL setting that grpokit does not support; "
+                    f"remove it (or set it to {UNSUPPORTED_TRL_FIELDS[name][0]!r})."
+                )
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"GRPOConfig: unknown field {name!r}.{hint}")
+        super().__init__(**kwargs)
+        self._normalise()
+        self.validate()
+
+    def _normalise(self) -> None:
+        if isinstance(self.scale_rewards, bool):
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        self.report_to = [r for r in self.report_to if r not in ("none", None)] or []
+        if isinstance(self.reward_funcs, str):
+            self.reward_funcs = [self.reward_funcs]
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+
+    def validate(self) -> None:
+        """Every check that can be made without a model or dataset; messages name field and fix."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"GRPOConfig: {msg}")
+
+        need(self.num_generations >= 2, f"num_generations={self.num_generations}: a group needs at least 2 samples.")
+        need(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1.")
+        need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1.")
+        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        need(completions % self.num_generations == 0,
+             f"per_device_train_batch_size * gradient_accumulation_steps = {completions} completions per step "
+             f"must be a multiple of num_generations={self.num_generations} (whole groups per step).")
+        need(self.max_completion_length >= 1, "max_completion_length must be >= 1.")
+        need(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length must be >= 1 or None.")
+        need(self.max_steps > 0 or self.num_train_epochs > 0, "set max_steps > 0 or num_train_epochs > 0.")
+        need(self.num_iterations >= 1, "num_iterations must be >= 1.")
+        need(self.temperature >= 0, "temperature must be >= 0.")
+        need(0 < self.top_p <= 1, "top_p must be in (0, 1].")
+        need(self.top_k >= 0, "top_k must be >= 0 (0 = off).")
+        need(self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1].")
+        need(self.beta >= 0, "beta must be >= 0.")
+        need(self.kl_estimator in ("k1", "k2", "k3"), f"kl_estimator={self.kl_estimator!r}: use k1, k2 or k3.")
+        need(self.epsilon >= 0 and (self.epsilon_high is None or self.epsilon_high >= 0), "epsilon and epsilon_high must be >= 0.")
+        need(self.delta is None or self.delta > 1, "delta must be > 1 (it caps the ratio) or None.")
+        need(self.dual_clip is None or self.dual_clip > 1, "dual_clip must be > 1 or None.")
+        need(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r}: use one of {', '.join(LOSS_TYPES)}.")
+        need(self.scale_rewards in SCALE_REWARDS, f"scale_rewards={self.scale_rewards!r}: use group, batch or none.")
+        need(self.advantage_estimator in ("grpo", "rloo"), "advantage_estimator must be grpo or rloo.")
+        need(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level: token or sequence.")
+        need(0 < self.top_entropy_quantile <= 1 or self.top_entropy_quantile == 0, "top_entropy_quantile in [0, 1].")
+        need(self.vllm_importance_sampling_mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+             f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} is not a known mode.")
+        need(self.reward_on_error in ("raise", "none", "zero"), "reward_on_error: raise, none or zero.")
+        need(self.reward_timeout > 0, "reward_timeout must be > 0 seconds.")
+        need(self.learning_rate >= 0, "learning_rate must be >= 0.")
+        need(self.lr_scheduler_type in ("linear", "cosine", "constant", "constant_with_warmup"),
+             f"lr_scheduler_type={self.lr_scheduler_type!r}: use linear, cosine, constant or constant_with_warmup.")
+        need(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1).")
+        need(self.optim in ("adamw_torch", "adamw_torch_fused"), f"optim={self.optim!r}: grpokit supports adamw_torch(_fused).")
+        need(self.on_nonfinite in ("skip", "raise"), "on_nonfinite: skip or raise.")
+        need(self.eval_strategy in ("no", "steps"), "eval_strategy: no or steps.")
+        need(self.eval_strategy == "no" or (self.eval_steps or 0) > 0, "eval_strategy='steps' needs eval_steps > 0.")
+        need(self.save_strategy in ("no", "steps"), "save_strategy: no or steps.")
+        need(self.save_steps > 0, "save_steps must be > 0.")
+        need(self.logging_steps > 0, "logging_steps must be > 0.")
+        for r in self.report_to:
+            need(r in ("jsonl", "tensorboard", "wandb"), f"report_to: {r!r} is not one of jsonl, tensorboard, wandb, none.")
+        if self.reward_weights is not None and self.reward_funcs:
+            need(len(self.reward_weights) == len(self.reward_funcs),
+                 f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs.")
+
+    # ---- conversions ----
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(_GRPOFields)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GRPOConfig":
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "GRPOConfig":
+        return GRPOConfig(**{**self.to_dict(), **changes})
+
+
+def _is_off(value: Any, off_values: tuple) -> bool:
+    # bool is an int in Python: 0 must not count as False, nor True as 1.
+    return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in off_values)
+
+
+def field_help() -> dict[str, str]:
+    """Field name -> one-line help (used by `grpokit train --help-config`)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(_GRPOFields)}

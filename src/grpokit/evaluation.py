@@ -1,0 +1,88 @@
+"""Held-out evaluation: greedy accuracy and pass@k of a policy on a prompt dataset.
+
+Correctness comes from the task's `is_correct` when the data is a built-in task, else from the
+reward functions: a completion is correct when its total reward reaches `correct_threshold`
+(default 1.0, the value the rule-based rewards give a right answer)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from grpokit.rollout import SamplingParams
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), for n samples with c correct.
+    e.g. n=4, c=1, k=2: 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@dataclass
+class Evaluator:
+    prompts: list
+    prompt_ids: list[list[int]]
+    rows: list[dict[str, Any]]
+    conversational: bool
+    max_tokens: int
+    stop: list[str]
+    is_correct: Callable[..., bool] | None = None
+    reward_runner: Any = None
+    correct_threshold: float = 1.0
+
+    @classmethod
+    def build(cls, dataset, tokenizer, *, task=None, reward_runner=None, config=None, max_prompt_length=None):
+        from grpokit import data
+
+        max_len = config.max_prompt_length if config is not None else max_prompt_length
+        prompt_ids = data.validate_prompts(dataset, tokenizer, max_prompt_length=max_len)
+        rows = [dict(r) for r in dataset]
+        return cls(prompts=[r["prompt"] for r in rows], prompt_ids=prompt_ids, rows=rows,
+                   conversational=data.is_conversational(rows[0]),
+                   max_tokens=config.max_completion_length if config is not None else 256,
+                   stop=list(config.stop) if config is not None else [],
+                   is_correct=task.is_correct if task is not None else None, reward_runner=reward_runner)
+
+    def _correct(self, row_ids: list[int], texts: list[str]) -> list[bool]:
+        if self.is_correct is not None:
+            return [bool(self.is_correct(t, **{k: v for k, v in self.rows[r].items() if k != "prompt"}))
+                    for r, t in zip(row_ids, texts)]
+        completions = [[{"role": "assistant", "content": t}] if self.conversational else t for t in texts]
+        cols = {k: [self.rows[r][k] for r in row_ids] for k in self.rows[0] if k != "prompt"}
+        out = self.reward_runner([self.prompts[r] for r in row_ids], completions, completion_ids=None, columns=cols)
+        return [bool(v >= self.correct_threshold) for v in torch.nan_to_num(out.total, nan=0.0).tolist()]
+
+    def greedy(self, engine, batch_size: int = 256) -> dict[str, float]:
+        """Greedy decoding of every prompt: eval/accuracy and eval/mean_length."""
+        params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0, stop=self.stop, seed=0)
+        correct, lengths = [], []
+        for start in range(0, len(self.prompt_ids), batch_size):
+            ids = list(range(start, min(start + batch_size, len(self.prompt_ids))))
+            outs = engine.generate([self.prompt_ids[i] for i in ids], n=1, params=params)
+            correct += self._correct(ids, [o.text for o in outs])
+            lengths += [len(o.token_ids) for o in outs]
+        return {"eval/accuracy": sum(correct) / len(correct), "eval/mean_length": sum(lengths) / len(lengths)}
+
+    def pass_at(self, engine, *, n: int, ks: tuple[int, ...], temperature: float = 1.0, seed: int = 0,
+                batch_size: int = 32, top_p: float = 1.0, top_k: int = 0) -> dict[str, float]:
+        """Sample n completions per prompt; unbiased pass@k for each k <= n, and mean accuracy."""
+        params = SamplingParams(max_tokens=self.max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                stop=self.stop, seed=seed)
+        totals = {k: 0.0 for k in ks if k <= n}
+        frac = 0.0
+        for start in range(0, len(self.prompt_ids), batch_size):
+            ids = list(range(start, min(start + batch_size, len(self.prompt_ids))))
+            outs = engine.generate([self.prompt_ids[i] for i in ids], n=n, params=params)
+            ok = self._correct([ids[o.prompt_index] for o in outs], [o.text for o in outs])
+            for j in range(len(ids)):
+                c = sum(ok[j * n:(j + 1) * n])
+                frac += c / n
+                for k in totals:
+                    totals[k] += pass_at_k(n, c, k)
+        m = len(self.prompt_ids)
+        return {"eval/sample_accuracy": frac / m, **{f"eval/pass@{k}": v / m for k, v in totals.items()}}
