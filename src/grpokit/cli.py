@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -44,7 +45,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             key = tok[2:]
             if "=" in key:
                 key, val = key.split("=", 1)
-            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--") and not _KEY_EQ.match(tokens[i + 1]):
                 val, i = tokens[i + 1], i + 1
             else:
                 val = "true"
@@ -52,9 +53,23 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             key, val = tok.split("=", 1)
         else:
             raise SystemExit(f"grpokit: cannot read {tok!r}: use key=value or --key value.")
-        out[key.replace("-", "_")] = yaml.safe_load(val)
+        out[key.replace("-", "_")] = _yaml_value(val)
         i += 1
     return out
+
+
+_KEY_EQ = re.compile(r"^[A-Za-z_][\w-]*=")
+
+
+def _yaml_value(text: str) -> Any:
+    """YAML scalar, except that '1e-5' (a string to YAML 1.1) is read as the number it means."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value) if any(ch in value.lower() for ch in ".e") else int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_config_dict(args: list[str]) -> dict[str, Any]:

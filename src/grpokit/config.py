@@ -194,6 +194,13 @@ class GRPOConfig(_GRPOFields):
         self.validate()
 
     def _normalise(self) -> None:
+        for f in dataclasses.fields(_GRPOFields):  # YAML 1.1 reads 1e-5 as a string
+            value = getattr(self, f.name)
+            if isinstance(f.default, float) and isinstance(value, str):
+                try:
+                    setattr(self, f.name, float(value))
+                except ValueError:
+                    raise ValueError(f"GRPOConfig: {f.name}={value!r} is not a number.") from None
         if isinstance(self.scale_rewards, bool):
             self.scale_rewards = "group" if self.scale_rewards else "none"
         if isinstance(self.report_to, str):
