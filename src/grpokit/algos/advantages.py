@@ -1,0 +1,141 @@
+"""Group-relative advantages: one scalar per completion, relative to its own group.
+
+Rewards arrive flat, ``[N]`` with ``N = num_prompts * group_size`` and the ``group_size``
+completions of one prompt contiguous (rows ``g*G .. g*G + G - 1``). A NaN reward means "no reward"
+(every reward function returned None for that completion): it is left out of its group's
+statistics and its advantage is 0.
+
+Two estimators, chosen by name from ``ADVANTAGE_ESTIMATORS``, give the *centred* reward:
+
+- ``"grpo"``: ``r_i - mean_g`` (DeepSeekMath),
+- ``"rloo"``: ``r_i - mean of the other valid rewards of the group`` (REINFORCE leave-one-out),
+  which equals ``n/(n-1) * (r_i - mean_g)`` for a group with ``n`` valid rewards,
+
+then ``scale_rewards`` (TRL's knob) divides it:
+
+- ``"group"`` (``True``): by ``std_g + 1e-4``, the unbiased (Bessel) std of the group,
+- ``"batch"``: by ``std_batch + 1e-4``, the unbiased std of every valid reward in ``rewards``
+  (pass the rewards of the whole global batch to get TRL's batch std),
+- ``"none"`` (``False``): not at all (Dr. GRPO).
+
+A group whose valid rewards are all equal, or that has fewer than two valid rewards, carries no
+signal: all its advantages are exactly 0 under every mode.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+STD_EPS = 1e-4
+"""Added to the std before dividing, as TRL: ``(r - mean) / (std + 1e-4)``."""
+
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def _valid_count_and_mean(r: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group count ``n`` [P] and mean [P] of the valid entries of ``r`` [P, G]."""
+    n = valid.sum(dim=1)
+    total = torch.where(valid, r, 0.0).sum(dim=1)
+    return n, total / n.clamp(min=1)
+
+
+def grpo_centered(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """GRPO baseline: ``r_i - mean_g`` over the valid rewards of the group.
+
+    Args:
+        rewards: [P, G] rewards, NaN where invalid.
+        valid: [P, G] bool, ``~isnan(rewards)``.
+    Returns:
+        [P, G] centred rewards, 0 where invalid.
+    """
+    _, mean = _valid_count_and_mean(rewards, valid)
+    return torch.where(valid, rewards - mean[:, None], 0.0)
+
+
+def rloo_centered(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """RLOO baseline: ``r_i - (sum_g - r_i) / (n - 1)``, the mean of the *other* valid rewards.
+
+    Args:
+        rewards: [P, G] rewards, NaN where invalid.
+        valid: [P, G] bool, ``~isnan(rewards)``.
+    Returns:
+        [P, G] centred rewards, 0 where invalid or where the group has fewer than 2 valid rewards.
+    """
+    n, mean = _valid_count_and_mean(rewards, valid)
+    total = (mean * n)[:, None]
+    others_mean = (total - rewards) / (n[:, None] - 1).clamp(min=1)
+    return torch.where(valid & (n[:, None] >= 2), rewards - others_mean, 0.0)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "grpo": grpo_centered,
+    "rloo": rloo_centered,
+}
+"""name -> ``fn(rewards [P, G] with NaN, valid [P, G] bool) -> centred [P, G]``."""
+
+
+def _normalize_scale_rewards(scale_rewards: str | bool) -> str:
+    if isinstance(scale_rewards, bool):  # TRL < 0.22 took a bool
+        return "group" if scale_rewards else "none"
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r}: use one of {SCALE_REWARDS} (or True/False).")
+    return scale_rewards
+
+
+def _bessel_std(values: torch.Tensor, valid: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """Unbiased std of the valid entries (0 when fewer than 2), reduced over ``dim`` (None = all)."""
+    dims = tuple(range(values.dim())) if dim is None else (dim,)
+    n = valid.sum(dim=dims, keepdim=True)
+    mean = torch.where(valid, values, 0.0).sum(dim=dims, keepdim=True) / n.clamp(min=1)
+    sq = torch.where(valid, (values - mean) ** 2, 0.0).sum(dim=dims, keepdim=True)
+    return torch.sqrt(sq / (n - 1).clamp(min=1))
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale_rewards: str | bool = "group",
+    estimator: str = "grpo",
+) -> torch.Tensor:
+    """Advantages relative to each prompt's group of completions.
+
+    ``A_i = centred_i / (std + 1e-4)`` where ``centred_i`` is ``r_i - mean_g`` (``"grpo"``) or
+    ``r_i - mean_{g, j != i}`` (``"rloo"``) and ``std`` is the Bessel std of the group
+    (``scale_rewards="group"``), of all valid rewards passed (``"batch"``), or absent (``"none"``:
+    ``A_i = centred_i``). NaN rewards are left out of means and stds and get ``A_i = 0``; groups
+    whose valid rewards are all equal, or that have fewer than 2 valid rewards, get ``A = 0``.
+
+    Args:
+        rewards: [N] float rewards, ``N = num_prompts * group_size``, each group contiguous; NaN =
+            no reward. Must otherwise be finite.
+        group_size: G, completions per prompt.
+        scale_rewards: ``"group" | "batch" | "none"``, or TRL's old booleans (True = "group",
+            False = "none").
+        estimator: a key of ``ADVANTAGE_ESTIMATORS`` (``"grpo"`` or ``"rloo"``).
+    Returns:
+        [N] advantages, dtype at least float32, same device as ``rewards``.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}.")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"len(rewards)={rewards.numel()} is not a multiple of group_size={group_size}.")
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r}: use one of {sorted(ADVANTAGE_ESTIMATORS)}.")
+    mode = _normalize_scale_rewards(scale_rewards)
+
+    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).view(-1, group_size)
+    valid = ~torch.isnan(r)
+    centred = ADVANTAGE_ESTIMATORS[estimator](r, valid)
+
+    if mode == "group":
+        centred = centred / (_bessel_std(r, valid, dim=1) + STD_EPS)
+    elif mode == "batch":
+        centred = centred / (_bessel_std(r, valid, dim=None) + STD_EPS)
+
+    # No signal in a group with < 2 valid rewards or equal valid rewards: exactly 0, not round-off.
+    high = torch.where(valid, r, -torch.inf).amax(dim=1, keepdim=True)
+    low = torch.where(valid, r, torch.inf).amin(dim=1, keepdim=True)
+    informative = (valid.sum(dim=1, keepdim=True) >= 2) & (high > low)
+    return torch.where(valid & informative, centred, 0.0).view(-1)
