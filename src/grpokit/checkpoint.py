@@ -1,24 +1,13 @@
 """Atomic checkpoints and exact (bit-for-bit on CPU) resume.
 
-A checkpoint is a directory ``<output_dir>/checkpoint-<step>`` holding:
-
-=========================  ===========================================================
-``model.safetensors``      full ``state_dict`` (tied/shared tensors stored once) plus the
-                           model's own ``config.json`` when it has one, so that
-                           ``AutoModelForCausalLM.from_pretrained(path)`` works
-``adapter_model.safetensors`` + ``adapter_config.json``
-                           instead of the above for a ``peft.PeftModel``: only the adapter,
-                           loadable with ``PeftModel.from_pretrained(base, path)``
-``optimizer.pt``           ``optimizer.state_dict()``
-``scheduler.pt``           ``scheduler.state_dict()``
-``rng_state.pt``           python / numpy / torch CPU / torch CUDA RNG states and the states
-                           of the ``torch.Generator`` objects in ``trainer_state["generators"]``
-``trainer_state.json``     the JSON-serialisable entries of ``trainer_state``
-``trainer_state_extra.pt`` the other entries (tensors, ...), only when there are any
-``training_config.json``   the run's configuration, read by :func:`check_resume_compatible`
-tokenizer files            ``tokenizer.save_pretrained`` when a tokenizer is given
-``COMPLETE``               written last: step and the size of every file above
-=========================  ===========================================================
+A checkpoint is the directory ``<output_dir>/checkpoint-<step>``: ``model.safetensors`` (full
+state_dict, tied tensors stored once) with the model's ``config.json``, so ``from_pretrained(path)``
+works, or for a ``peft.PeftModel`` only ``adapter_model.safetensors`` + ``adapter_config.json``
+(``PeftModel.from_pretrained(base, path)`` works); ``optimizer.pt``, ``scheduler.pt``;
+``rng_state.pt`` (python, numpy, torch CPU/CUDA and named ``torch.Generator`` states);
+``trainer_state.json`` (+ ``trainer_state_extra.pt`` for entries that are not JSON, e.g. tensors);
+``training_config.json`` for :func:`check_resume_compatible`; tokenizer files; and ``COMPLETE``,
+written last, with the step and the size of every file.
 
 Everything is written into ``<output_dir>/.tmp-checkpoint-<step>-<random>``, fsynced, and only
 then renamed to its final name, so a crash never leaves a half-written checkpoint under a name
@@ -41,15 +30,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = [
-    "CheckpointError",
-    "RESUME_KEYS",
-    "check_resume_compatible",
-    "find_latest_checkpoint",
-    "list_checkpoints",
-    "load_checkpoint",
-    "save_checkpoint",
-]
+__all__ = ["CheckpointError", "RESUME_KEYS", "check_resume_compatible", "find_latest_checkpoint",
+           "list_checkpoints", "load_checkpoint", "save_checkpoint"]
 
 MARKER = "COMPLETE"
 MODEL_FILE = "model.safetensors"
@@ -116,18 +98,9 @@ def find_latest_checkpoint(output_dir) -> str | None:
 # ----------------------------------------------------------------------------- saving
 
 
-def save_checkpoint(
-    output_dir,
-    step: int,
-    *,
-    model,
-    optimizer=None,
-    scheduler=None,
-    trainer_state: Mapping | None = None,
-    config=None,
-    tokenizer=None,
-    save_total_limit: int | None = None,
-) -> str:
+def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=None,
+                    trainer_state: Mapping | None = None, config=None, tokenizer=None,
+                    save_total_limit: int | None = None) -> str:
     """Atomically write ``<output_dir>/checkpoint-<step>`` and return its path.
 
     ``trainer_state`` may hold ``"generators": {name: torch.Generator}``; their states are saved
@@ -237,13 +210,18 @@ def _dedupe(state: Mapping) -> tuple[dict, dict]:
     return tensors, aliases
 
 
+def _numpy():
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
 def _rng_state(generators: Mapping) -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-    except ImportError:
-        np = None
-    if np is not None:
+    np = _numpy()
+    if np is not None:  # stored as a tensor: torch.load(weights_only=True) refuses numpy arrays
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         state["numpy"] = (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached)
     if torch.cuda.is_available():
@@ -263,7 +241,15 @@ def _save_trainer_state(state: dict, step: int, directory: str) -> None:
             extra[key] = value
     _write_json(os.path.join(directory, STATE_FILE), plain)
     if extra:
-        torch.save(extra, os.path.join(directory, STATE_EXTRA_FILE))
+        file = os.path.join(directory, STATE_EXTRA_FILE)
+        torch.save(extra, file)
+        try:  # fail now, not at resume time
+            torch.load(file, weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(
+                f"trainer_state entries {sorted(extra)} are neither JSON-serialisable nor readable "
+                f"by torch.load(weights_only=True) (tensors, numbers, lists, dicts): {exc}"
+            ) from exc
 
 
 def _plain(value):
@@ -290,16 +276,14 @@ def _files(directory: str) -> list[str]:
 
 
 def _fsync_dir(path: str) -> None:
-    try:
+    try:  # not possible on every platform (Windows cannot open a directory)
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(directory: str) -> None:
@@ -343,15 +327,8 @@ def _remove_leftovers(output_dir: str) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(
-    path,
-    *,
-    model,
-    optimizer=None,
-    scheduler=None,
-    generators: Mapping | None = None,
-    map_location="cpu",
-) -> dict:
+def load_checkpoint(path, *, model, optimizer=None, scheduler=None,
+                    generators: Mapping | None = None, map_location="cpu") -> dict:
     """Restore a checkpoint in place and return its trainer state (without ``"generators"``).
 
     Restores the model weights (the adapter only for a ``PeftModel``), the optimizer and
@@ -443,11 +420,8 @@ def _load_model(model, path: str) -> None:
 def _check_weights(saved: Mapping, expected: Mapping, file: str) -> None:
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
-    shapes = [
-        f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)
-    ]
+    shapes = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in saved and saved[k].shape != expected[k].shape]
     problems = []
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                         ("shape mismatches", shapes)):
@@ -491,14 +465,10 @@ def _restore_rng(state: dict, generators: Mapping, path: str) -> None:
         )
     random.setstate(_tuples(state["python"]))
     torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        try:
-            import numpy as np
-        except ImportError:
-            np = None
-        if np is not None:
-            kind, keys, pos, has_gauss, cached = state["numpy"]
-            np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    np = _numpy()
+    if "numpy" in state and np is not None:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         saved, here = state["cuda"], torch.cuda.device_count()
         if len(saved) != here:

@@ -244,6 +244,13 @@ def test_leftovers_of_a_killed_save_are_ignored_then_cleaned(tmp_path):
     load_checkpoint(first, model=model)
 
 
+def test_trainer_state_that_cannot_be_restored_fails_at_save_time(tmp_path):
+    with pytest.raises(CheckpointError, match=r"\['sampler'\]"):
+        save_checkpoint(tmp_path, 1, model=tiny_llama(0), trainer_state={"sampler": object()},
+                        config={})
+    assert os.listdir(tmp_path) == []
+
+
 def test_replacing_a_checkpoint_of_the_same_step(tmp_path):
     model = tiny_llama(0)
     save_checkpoint(tmp_path, 1, model=model, trainer_state={"version": 1}, config={})
