@@ -1,0 +1,416 @@
+"""The GRPO policy objective and its family, as pure tensor functions.
+
+Notation, per completion ``i`` and completion token ``t`` (only tokens with ``mask == 1`` count):
+
+- ``r_{i,t} = exp(logp_{i,t} - old_{i,t})``, the importance ratio (token level), or the GSPO
+  sequence ratio ``s_i = exp(mean_t(logp_{i,t} - old_{i,t}))`` given to every token of ``i``;
+- ``A_i`` the advantage of completion ``i`` (or ``A_{i,t}`` if given per token).
+
+A ``loss_type`` (TRL's names and meanings) picks a per-token objective from ``POLICY_LOSSES`` and
+an aggregation from ``AGGREGATIONS``:
+
+=========  ===========  ==============================================================
+loss_type  per token    aggregation of ``l_{i,t}`` over the local batch of B rows
+=========  ===========  ==============================================================
+grpo       clip         ``mean_i (sum_t l_{i,t} / |o_i|)``  (local mean of sequence means)
+bnpo       clip         ``sum_{i,t} l_{i,t} / sum_{i,t} mask``  (local token mean)
+dr_grpo    clip         ``sum_{i,t} l_{i,t} / (num_sequences * max_completion_length)``
+dapo       clip         ``sum_{i,t} l_{i,t} / num_items_in_batch``  (default local count)
+cispo      cispo        as dapo
+sapo       sapo         as grpo
+=========  ===========  ==============================================================
+
+``num_items_in_batch`` is the active-token count of the whole accumulated batch over all ranks;
+with it, the losses of the parts of a batch (micro-batches, ranks) *sum* to the whole-batch loss.
+DDP averages gradients over ranks, so a trainer multiplies each rank's loss by the world size (or,
+as TRL does, passes ``num_items_in_batch / world_size``). ``dr_grpo`` splits the same way when
+``num_sequences`` is the global number of sequences. ``grpo``, ``sapo`` and ``bnpo`` are by
+definition local means: a trainer divides them by the number of accumulation steps, as TRL does
+(exact for grpo/sapo when the micro-batches hold equally many sequences).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from grpokit.algos.kl import kl_penalty
+
+CISPO_DEFAULT_CAP = 5.0
+"""cispo's cap on the IS weight when ``epsilon_high`` is None (ScaleRL's and TRL's recommended value)."""
+
+LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token objectives. Each maps (ratio [B,T], logps [B,T], advantages [B,T] or [B,1]) to the
+# per-token loss [B,T] and a dict of bool [B,T] flags for the clip statistics.
+# ---------------------------------------------------------------------------------------------
+
+
+def clip_loss(
+    ratio: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, *, epsilon: float,
+    epsilon_high: float | None, delta: float | None, dual_clip: float | None,
+    sapo_temperature_pos: float, sapo_temperature_neg: float,
+) -> LossOutput:
+    """PPO clipped surrogate with clip-higher, a two-sided ratio cap and dual-clip.
+
+    ``l = -min(r' * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A)`` with ``r' = min(r, delta)``
+    when ``delta`` is set (INTELLECT-2, TRL) else ``r' = r``; then, when ``dual_clip = c`` is set,
+    ``l = min(l, -c * A)`` for ``A < 0`` (the loss of a negative-advantage token is capped at
+    ``c * |A|``, Ye et al. 2020). ``epsilon_high`` None means ``epsilon``. ``logps`` and the sapo
+    temperatures are unused.
+    """
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    loss = -torch.min(unclipped * advantages, clipped * advantages)
+    negative = (advantages < 0).expand_as(ratio)
+    flags = {
+        "low": (ratio < 1 - epsilon) & negative,
+        "high": (ratio > 1 + eps_high) & (advantages > 0).expand_as(ratio),
+    }
+    if dual_clip is not None:
+        cap = -dual_clip * advantages
+        flags["dual"] = negative & (loss > cap)
+        loss = torch.where(negative, torch.min(loss, cap), loss)
+    return loss, flags
+
+
+def cispo_loss(
+    ratio: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, *, epsilon: float,
+    epsilon_high: float | None, delta: float | None, dual_clip: float | None,
+    sapo_temperature_pos: float, sapo_temperature_neg: float,
+) -> LossOutput:
+    """CISPO (MiniMax-M1; TRL's ``loss_type="cispo"``): clip the IS weight, never the gradient.
+
+    ``l = -sg[min(r, epsilon_high)] * A * logp``. As in TRL, ``epsilon_high`` is here the absolute
+    cap on the ratio (ScaleRL's epsilon_max, recommended 5.0), not ``1 + epsilon_high``; None means
+    ``CISPO_DEFAULT_CAP``. Every token keeps its gradient ``-sg[w] * A``. ``epsilon``, ``delta``,
+    ``dual_clip`` and the sapo temperatures are unused.
+    """
+    cap = CISPO_DEFAULT_CAP if epsilon_high is None else epsilon_high
+    weight = torch.clamp(ratio, max=cap).detach()
+    loss = -weight * advantages * logps
+    return loss, {"high": (ratio > cap) & (advantages > 0).expand_as(ratio)}
+
+
+def sapo_loss(
+    ratio: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, *, epsilon: float,
+    epsilon_high: float | None, delta: float | None, dual_clip: float | None,
+    sapo_temperature_pos: float, sapo_temperature_neg: float,
+) -> LossOutput:
+    """SAPO (Soft Adaptive Policy Optimization; TRL's ``loss_type="sapo"``): a soft gate, no clip.
+
+    ``l = -f(r; tau) * A`` with ``f(r; tau) = sigmoid(tau * (r - 1)) * 4 / tau`` and
+    ``tau = sapo_temperature_pos`` where ``A > 0`` else ``sapo_temperature_neg``. At ``r = 1``
+    ``f = 2 / tau`` and ``df/dr = 1``, so the gradient is the plain policy gradient; it decays
+    smoothly as ``r`` leaves 1. The clip knobs are unused.
+    """
+    tau = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg).to(ratio.dtype)
+    gate = torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau)
+    return -gate * advantages, {}
+
+
+POLICY_LOSSES: dict[str, Callable[..., LossOutput]] = {
+    "clip": clip_loss,
+    "cispo": cispo_loss,
+    "sapo": sapo_loss,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation: per-token loss [B,T] -> scalar, with explicit normalisers.
+# ---------------------------------------------------------------------------------------------
+
+
+def _masked_sum(per_token_loss: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    return torch.where(active, per_token_loss, 0.0).sum()
+
+
+def _sequence_count(active: torch.Tensor, num_sequences) -> torch.Tensor | int | float:
+    return active.shape[0] if num_sequences is None else num_sequences
+
+
+def aggregate_grpo(per_token_loss, active, *, max_completion_length, num_items_in_batch, num_sequences):
+    """``mean_i (sum_t l_{i,t} / max(|o_i|, 1))`` over the B local rows: mean of sequence means."""
+    per_sequence = torch.where(active, per_token_loss, 0.0).sum(-1) / active.sum(-1).clamp(min=1)
+    return per_sequence.mean()
+
+
+def aggregate_bnpo(per_token_loss, active, *, max_completion_length, num_items_in_batch, num_sequences):
+    """``sum_{i,t} l_{i,t} / max(sum mask, 1)``: token mean over this (local) batch."""
+    return _masked_sum(per_token_loss, active) / active.sum().clamp(min=1)
+
+
+def aggregate_dr_grpo(per_token_loss, active, *, max_completion_length, num_items_in_batch, num_sequences):
+    """``sum_{i,t} l_{i,t} / (num_sequences * max_completion_length)`` (Dr. GRPO; default B rows)."""
+    if max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length (the config's, not the padded T).")
+    return _masked_sum(per_token_loss, active) / (_sequence_count(active, num_sequences) * max_completion_length)
+
+
+def aggregate_dapo(per_token_loss, active, *, max_completion_length, num_items_in_batch, num_sequences):
+    """``sum_{i,t} l_{i,t} / num_items_in_batch`` (default: this batch's active-token count), >= 1."""
+    if num_items_in_batch is None:
+        normaliser = active.sum().clamp(min=1)
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        normaliser = num_items_in_batch.clamp(min=1)
+    else:
+        normaliser = max(num_items_in_batch, 1)
+    return _masked_sum(per_token_loss, active) / normaliser
+
+
+AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "grpo": aggregate_grpo,
+    "bnpo": aggregate_bnpo,
+    "dr_grpo": aggregate_dr_grpo,
+    "dapo": aggregate_dapo,
+}
+
+LOSS_TYPES: dict[str, tuple[str, str]] = {
+    "grpo": ("clip", "grpo"),
+    "bnpo": ("clip", "bnpo"),
+    "dr_grpo": ("clip", "dr_grpo"),
+    "dapo": ("clip", "dapo"),
+    "cispo": ("cispo", "dapo"),
+    "sapo": ("sapo", "grpo"),
+}
+"""loss_type -> (key of POLICY_LOSSES, key of AGGREGATIONS), as TRL pairs them."""
+
+
+def _check_loss_type(loss_type: str) -> tuple[str, str]:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: use one of {sorted(LOSS_TYPES)}.")
+    return LOSS_TYPES[loss_type]
+
+
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str = "dapo",
+    *,
+    max_completion_length: int | None = None,
+    num_items_in_batch: torch.Tensor | int | float | None = None,
+    num_sequences: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss to a scalar the way ``loss_type`` does (see the module table).
+
+    Args:
+        per_token_loss: [B, T]; values at ``mask == 0`` are ignored (even NaN/inf).
+        mask: [B, T], 1 (or True) on the completion tokens that count.
+        loss_type: any key of ``LOSS_TYPES``; cispo aggregates as dapo, sapo as grpo.
+        max_completion_length: dr_grpo's constant length (required for dr_grpo).
+        num_items_in_batch: dapo/cispo's normaliser, the active-token count of the whole
+            accumulated, all-rank batch; default this batch's ``mask.sum()``.
+        num_sequences: dr_grpo's sequence count; default B. Pass the global count to split a
+            batch into parts whose losses sum to the whole-batch loss. grpo/sapo/bnpo ignore it
+            and ignore ``num_items_in_batch`` (local means, TRL's meaning).
+    Returns:
+        0-dim loss tensor.
+    """
+    _, aggregation = _check_loss_type(loss_type)
+    if per_token_loss.shape != mask.shape or per_token_loss.dim() != 2:
+        raise ValueError(f"per_token_loss {tuple(per_token_loss.shape)} and mask {tuple(mask.shape)} must be [B, T].")
+    return AGGREGATIONS[aggregation](
+        per_token_loss,
+        mask.bool(),
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+        num_sequences=num_sequences,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective.
+# ---------------------------------------------------------------------------------------------
+
+
+def _masked_mean(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    x = x.detach().float().expand_as(active)
+    return torch.where(active, x, 0.0).sum() / active.sum().clamp(min=1)
+
+
+def _check_same_shape(reference: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.shape != reference.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; logps has {tuple(reference.shape)}.")
+
+
+def policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    importance_sampling_level: str = "token",
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+    kl_estimator: str = "k3",
+    max_completion_length: int | None = None,
+    num_items_in_batch: torch.Tensor | int | float | None = None,
+    num_sequences: torch.Tensor | int | None = None,
+    is_weights: torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO-family loss of one (micro-)batch: ratio, per-token objective, masks, KL, aggregation.
+
+    Per active token (``mask == 1``):
+
+    1. ``log w = logp - old`` (``importance_sampling_level="token"``), or for ``"sequence"``
+       (GSPO) ``log w = logp - sg[logp] + sg[mean_t(logp - old)]``: every token carries the
+       length-normalised sequence ratio as value, and the gradient equals GSPO's.
+       ``old_logps=None`` means on-policy: ``old = sg[logp]``, so ``w = 1`` with gradient ``dlogp``.
+    2. ``l = POLICY_LOSSES[...](w, logp, A)`` (clip / cispo / sapo; see those functions).
+    3. ``l = l * entropy_mask`` (kept tokens, top_entropy_quantile), then ``l = l * is_weights``
+       (sampler/trainer mismatch correction), then ``l = l + beta * KL_est(logp, ref)``
+       (DeepSeekMath: KL in the loss, not the reward). Order and placement as TRL.
+    4. Aggregate by ``loss_type`` with the explicit normalisers (``aggregate_loss``).
+
+    Args:
+        logps: [B, T] log-probs of the completion tokens under the current policy (with grad).
+        old_logps: [B, T] log-probs under the sampling-time policy, or None (on-policy).
+        advantages: [B] (or [B, T]) advantages.
+        mask: [B, T], 1 on completion tokens that count.
+        loss_type: ``grpo | bnpo | dr_grpo | dapo | cispo | sapo`` (TRL's meanings).
+        epsilon: lower clip ``1 - epsilon``.
+        epsilon_high: upper clip ``1 + epsilon_high`` (clip-higher; None = epsilon). For cispo the
+            absolute cap on the IS weight (None = 5.0), as in TRL.
+        delta: cap of the unclipped ratio branch (two-sided clipping), None = off.
+        dual_clip: ``c > 1`` caps the loss of ``A < 0`` tokens at ``c * |A|``, None = off.
+        importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
+        beta: KL coefficient; ``> 0`` requires ``ref_logps``.
+        ref_logps: [B, T] reference log-probs; when given, ``stats["kl"]`` is reported.
+        kl_estimator: ``k1 | k2 | k3``.
+        max_completion_length, num_items_in_batch, num_sequences: see ``aggregate_loss``.
+        is_weights: [B, T] detached per-token weights (``rollout_correction_weights``).
+        entropy_mask: [B, T] bool, tokens kept for the policy term (``top_entropy_mask``).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for A > 0 / A <= 0.
+    Returns:
+        ``(loss, stats)``: a 0-dim loss and detached 0-dim stats averaged over active tokens:
+        ``ratio_mean``; ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``
+        (clip losses; cispo reports high/region = weight capped with A > 0; sapo has no clip);
+        ``clip_ratio/dual_mean`` when ``dual_clip`` is set; ``kl`` when ``ref_logps`` is given.
+    """
+    objective, _ = _check_loss_type(loss_type)
+    if logps.dim() != 2:
+        raise ValueError(f"logps must be [B, T], got {tuple(logps.shape)}.")
+    _check_same_shape(logps, old_logps=old_logps, mask=mask, ref_logps=ref_logps,
+                      is_weights=is_weights, entropy_mask=entropy_mask)
+    if advantages.shape not in (logps.shape[:1], logps.shape):
+        raise ValueError(f"advantages must be [B] or [B, T]; got {tuple(advantages.shape)}, logps {tuple(logps.shape)}.")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError("beta != 0 needs ref_logps (the reference model's per-token log-probs).")
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip={dual_clip} must be > 1.")
+
+    active = mask.bool()
+    # Padding positions are zeroed before any exp/log so neither value nor gradient can be NaN there.
+    logps_a = torch.where(active, logps, 0.0)
+    old_a = logps_a.detach() if old_logps is None else torch.where(active, old_logps.detach(), 0.0)
+    log_ratio = logps_a - old_a
+    if importance_sampling_level == "token":
+        log_w = log_ratio
+    elif importance_sampling_level == "sequence":
+        sequence = log_ratio.sum(-1, keepdim=True) / active.sum(-1, keepdim=True).clamp(min=1)
+        log_w = logps_a - logps_a.detach() + sequence.detach()
+    else:
+        raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: use 'token' or 'sequence'.")
+    ratio = torch.exp(log_w)
+    adv = (advantages[:, None] if advantages.dim() == 1 else advantages).to(ratio.dtype)
+
+    per_token, flags = POLICY_LOSSES[objective](
+        ratio, logps_a, adv,
+        epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, dual_clip=dual_clip,
+        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+    )
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask.to(per_token.dtype)
+    if is_weights is not None:
+        per_token = per_token * torch.where(active, is_weights.detach(), 0.0)
+
+    stats = {"ratio_mean": _masked_mean(ratio, active)}
+    if ref_logps is not None:
+        kl = kl_penalty(logps_a, torch.where(active, ref_logps, 0.0), kl_estimator)
+        stats["kl"] = _masked_mean(kl, active)
+        if beta != 0.0:
+            per_token = per_token + beta * kl
+    for name, flag in flags.items():
+        stats[f"clip_ratio/{name}_mean"] = _masked_mean(flag, active)
+    if "low" in flags or "high" in flags:
+        region = flags.get("low", torch.zeros_like(active)) | flags.get("high", torch.zeros_like(active))
+        stats["clip_ratio/region_mean"] = _masked_mean(region, active)
+
+    loss = aggregate_loss(
+        per_token, active, loss_type,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+        num_sequences=num_sequences,
+    )
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler / trainer mismatch correction (TRL's vllm_importance_sampling_*).
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def rollout_correction_weights(
+    trainer_logps: torch.Tensor,
+    sampler_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    level: str = "token",
+    mode: str = "truncate",
+    cap: float | None = 2.0,
+) -> torch.Tensor:
+    """Importance weights ``pi_trainer / pi_sampler`` for tokens sampled by a different engine.
+
+    ``log rho = trainer - sampler`` per token (``level="token"``), or per sequence
+    ``log rho_i = sum_t (trainer - sampler)`` (``level="sequence"``: the product of the token
+    ratios) given to every token of ``i``. Then, as TRL's ``vllm_importance_sampling_mode``:
+
+    - ``mode="truncate"`` (``*_truncate``, truncated IS): ``w = min(rho, cap)``;
+    - ``mode="mask"`` (``*_mask``, masked IS): ``w = rho`` where ``rho <= cap``, else 0 (the token
+      or whole sequence is dropped from the loss; kept ones keep their ratio, not 1).
+
+    TRL's mode names map as ``token_truncate = (level="token", mode="truncate")`` etc.
+
+    Args:
+        trainer_logps: [B, T] log-probs of the sampled tokens under the trainer's policy at
+            sampling time (the "old" logps).
+        sampler_logps: [B, T] log-probs reported by the sampler (e.g. vLLM).
+        mask: [B, T], 1 on completion tokens.
+        level: ``"token" | "sequence"``.
+        mode: ``"truncate" | "mask"``.
+        cap: C, the truncation / rejection threshold; None = no cap (plain IS ratio).
+    Returns:
+        [B, T] detached float weights, 0 on padding; pass as ``policy_loss(is_weights=...)``.
+    """
+    if trainer_logps.shape != sampler_logps.shape or trainer_logps.shape != mask.shape:
+        raise ValueError("trainer_logps, sampler_logps and mask must all be [B, T].")
+    active = mask.bool()
+    log_rho = torch.where(active, trainer_logps.float() - sampler_logps.float(), 0.0)
+    if level == "sequence":
+        log_rho = log_rho.sum(-1, keepdim=True).expand_as(log_rho)
+    elif level != "token":
+        raise ValueError(f"level={level!r}: use 'token' or 'sequence'.")
+    rho = torch.exp(log_rho)
+    if mode not in ("truncate", "mask"):
+        raise ValueError(f"mode={mode!r}: use 'truncate' or 'mask'.")
+    if cap is None:
+        weights = rho
+    elif mode == "truncate":
+        weights = torch.clamp(rho, max=cap)
+    else:
+        weights = torch.where(rho <= cap, rho, 0.0)
+    return torch.where(active, weights, 0.0)
