@@ -1,0 +1,34 @@
+"""grpokit.algos: the GRPO objective and its family as pure tensor functions.
+
+No config objects, no ``.item()``, no distributed calls: every knob is an explicit keyword
+argument with TRL's name and meaning. See ``docs/objective.md`` for the formulas.
+"""
+
+from grpokit.algos.advantages import ADVANTAGE_ESTIMATORS, group_advantages
+from grpokit.algos.kl import KL_ESTIMATORS, kl_penalty
+from grpokit.algos.logprobs import chunked_logprobs, entropy_from_logits, selective_log_softmax, top_entropy_mask
+from grpokit.algos.losses import (
+    AGGREGATIONS,
+    LOSS_TYPES,
+    POLICY_LOSSES,
+    aggregate_loss,
+    policy_loss,
+    rollout_correction_weights,
+)
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AGGREGATIONS",
+    "KL_ESTIMATORS",
+    "LOSS_TYPES",
+    "POLICY_LOSSES",
+    "aggregate_loss",
+    "chunked_logprobs",
+    "entropy_from_logits",
+    "group_advantages",
+    "kl_penalty",
+    "policy_loss",
+    "rollout_correction_weights",
+    "selective_log_softmax",
+    "top_entropy_mask",
+]
