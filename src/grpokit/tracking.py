@@ -176,14 +176,18 @@ class Tracker:
             return
         from tqdm.auto import tqdm
 
-        if self._bar is None:  # starts at the resumed step, so the rate counts real steps only
-            self._bar = tqdm(total=self.total_steps, initial=max(int(step) - 1, 0),
-                             desc="train", unit="step", dynamic_ncols=True)
         for key, label in _POSTFIX_KEYS:
             value = _scalar((metrics or {}).get(key))
             if isinstance(value, (int, float)):
                 self._postfix[label] = value
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in self._postfix.items()}, refresh=False)
+        postfix = {k: f"{v:.4g}" for k, v in self._postfix.items()}
+        if self._bar is None:
+            # starts at this first step (a resumed run's too), so the rate counts timed steps
+            # only; a str postfix keeps our key order (tqdm sorts a dict's keys)
+            self._bar = tqdm(total=self.total_steps, initial=int(step), desc="train", unit="step",
+                             dynamic_ncols=True,
+                             postfix=", ".join(f"{k}={v}" for k, v in postfix.items()))
+        self._bar.set_postfix(postfix, refresh=False)
         if int(step) > self._bar.n:
             self._bar.update(int(step) - self._bar.n)
         else:
