@@ -50,16 +50,19 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 RESUME_KEYS = (
     "model_name_or_path", "model_name", "model", "revision", "torch_dtype", "dtype",
     "dataset", "dataset_name", "dataset_config", "dataset_path", "dataset_split",
-    "dataset_train_split", "data_files", "task", "system_prompt", "chat_template",
-    "seed", "data_seed", "world_size",
+    "dataset_train_split", "data_files", "task", "task_num_train", "shuffle_dataset",
+    "system_prompt", "chat_template", "seed", "data_seed", "world_size", "bf16", "disable_dropout",
     "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
     "generation_batch_size", "steps_per_generation", "num_iterations",
     "max_prompt_length", "max_completion_length", "temperature", "top_p", "top_k", "min_p",
-    "repetition_penalty",
+    "repetition_penalty", "stop",
     "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay",
     "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "max_grad_norm",
-    "loss_type", "beta", "epsilon", "epsilon_high", "delta", "importance_sampling_level",
-    "scale_rewards", "advantage_estimator", "reward_funcs", "reward_weights", "kl_estimator",
+    "loss_type", "beta", "epsilon", "epsilon_high", "delta", "dual_clip", "importance_sampling_level",
+    "sapo_temperature_pos", "sapo_temperature_neg", "scale_rewards", "advantage_estimator",
+    "reward_funcs", "reward_kwargs", "reward_weights", "reward_on_error", "kl_estimator",
+    "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+    "vllm_importance_sampling_cap",
     "mask_truncated_completions", "top_entropy_quantile",
     "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
 )
@@ -129,7 +132,8 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=N
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)
-        sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in _files(tmp)}
+        sizes = {os.path.relpath(os.path.join(root, n), tmp): os.path.getsize(os.path.join(root, n))
+                 for root, _, names in os.walk(tmp) for n in names}
         _write_json(os.path.join(tmp, MARKER), {"step": step, "files": sizes})
         _fsync_tree(tmp)
         _move_into_place(tmp, final, output_dir)
@@ -144,43 +148,32 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=N
 
 
 def _unwrap(model):
-    """The model inside DDP / torch.compile wrappers."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _is_peft(model) -> bool:
+    """The model inside DDP / torch.compile wrappers, and whether it is a ``peft.PeftModel``."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
     try:
         from peft import PeftModel
     except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+        return model, False
+    return model, isinstance(model, PeftModel)
 
 
 def _save_model(model, directory: str) -> None:
-    model = _unwrap(model)
-    if _is_peft(model):
+    """The adapter of a PeftModel (+ adapter_config.json), else the full state_dict (+ config.json)."""
+    model, peft = _unwrap(model)
+    if peft:
         from peft import get_peft_model_state_dict
 
-        adapter = model.active_adapter
-        state = get_peft_model_state_dict(model, adapter_name=adapter)
-        tensors, aliases = _dedupe(state)
-        save_file(tensors, os.path.join(directory, ADAPTER_FILE), metadata=_meta(aliases))
-        model.peft_config[adapter].save_pretrained(directory)
-        return
-    tensors, aliases = _dedupe(model.state_dict())
-    save_file(tensors, os.path.join(directory, MODEL_FILE), metadata=_meta(aliases))
-    if getattr(model, "config", None) is not None and hasattr(model.config, "save_pretrained"):
+        state, file = get_peft_model_state_dict(model, adapter_name=model.active_adapter), ADAPTER_FILE
+    else:
+        state, file = model.state_dict(), MODEL_FILE
+    tensors, aliases = _dedupe(state)
+    metadata = {"format": "pt", _ALIASES_KEY: json.dumps(aliases)}
+    save_file(tensors, os.path.join(directory, file), metadata=metadata)
+    if peft:
+        model.peft_config[model.active_adapter].save_pretrained(directory)
+    elif hasattr(getattr(model, "config", None), "save_pretrained"):
         model.config.save_pretrained(directory)
-
-
-def _meta(aliases: dict) -> dict:
-    return {"format": "pt", _ALIASES_KEY: json.dumps(aliases)}
 
 
 def _dedupe(state: Mapping) -> tuple[dict, dict]:
@@ -265,14 +258,6 @@ def _write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def _files(directory: str) -> list[str]:
-    """Relative paths of all files under ``directory``."""
-    out = []
-    for root, _, names in os.walk(directory):
-        out += [os.path.relpath(os.path.join(root, n), directory) for n in names]
-    return sorted(out)
 
 
 def _fsync_dir(path: str) -> None:
@@ -394,8 +379,7 @@ def _read_weights(file: str) -> dict:
 
 
 def _load_model(model, path: str) -> None:
-    model = _unwrap(model)
-    peft = _is_peft(model)
+    model, peft = _unwrap(model)
     file = os.path.join(path, ADAPTER_FILE if peft else MODEL_FILE)
     if not os.path.isfile(file):
         other = MODEL_FILE if peft else ADAPTER_FILE
