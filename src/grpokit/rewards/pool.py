@@ -1,0 +1,201 @@
+"""A small process pool for CPU-bound reward functions, with a wall-clock timeout per call.
+
+`concurrent.futures` cannot stop a running task, so a reward stuck in sympy would hold its worker
+for ever. Here every call has a deadline; a worker that misses it is killed (SIGKILL) and replaced
+on the next call, and only that call's rows are marked as timed out. A worker that dies (segfault,
+`os._exit`, out of memory) turns into an error for its call, never a hang.
+
+Workers start from a forkserver (a clean interpreter: no CUDA context or trainer threads are
+forked) with `grpokit.rewards.math` preloaded, so each new worker is a cheap fork. A function is
+sent to a worker once, pickled (module-level functions, partials of them, instances of
+module-level classes), and cached there by key.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from typing import Any
+
+__all__ = ["WorkerPool", "PoolTask", "PoolResult"]
+
+LOAD_TIMEOUT = 300.0  # seconds a worker may spend unpickling (importing) a function before its first call
+
+
+@dataclass
+class PoolTask:
+    key: str                  # identifies the function (its pickle is sent once per worker)
+    payload: bytes            # pickle of the function
+    kwargs: dict              # the call's keyword arguments (one chunk of the batch)
+    timeout: float | None     # wall-clock seconds allowed once the call has started
+    tag: Any = None           # caller's bookkeeping (function index, row range)
+
+
+@dataclass
+class PoolResult:
+    task: PoolTask
+    status: str               # "ok" | "error" | "timeout"
+    value: Any = None         # the function's return value when ok
+    error: str = ""           # "ExcType: message" when error
+    traceback: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class _Worker:
+    proc: Any
+    conn: Any
+    known: set = field(default_factory=set)
+    task: PoolTask | None = None
+    started: float = 0.0
+    loading: bool = False
+
+
+def _worker_main(conn) -> None:  # runs in the worker process
+    cache: dict[str, Any] = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        key, payload, kwargs = msg
+        t0 = time.perf_counter()
+        try:
+            if key not in cache:  # importing the function's module is not part of the timed call
+                cache[key] = pickle.loads(payload)
+            conn.send(("started",))
+            t0 = time.perf_counter()
+            value = cache[key](**kwargs)
+            if not isinstance(value, (list, tuple)):
+                value = list(value) if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)) else value
+            out = ("ok", value, "", "", time.perf_counter() - t0)
+            conn.send(out)
+            continue
+        except BaseException as e:  # noqa: BLE001 - report everything, the parent decides
+            out = ("error", None, f"{type(e).__name__}: {e}", traceback.format_exc(limit=8),
+                   time.perf_counter() - t0)
+        try:
+            conn.send(out)
+        except Exception as e:  # an unpicklable return value or exception
+            conn.send(("error", None, f"could not send the result back: {type(e).__name__}: {e}", "",
+                       time.perf_counter() - t0))
+
+
+class WorkerPool:
+    """`num_workers` processes; `run(tasks)` returns one `PoolResult` per task, in order."""
+
+    def __init__(self, num_workers: int, mp_context: str | None = None, preload: tuple[str, ...] = ()):
+        if num_workers < 1:
+            raise ValueError(f"WorkerPool needs num_workers >= 1, got {num_workers}")
+        self.num_workers = num_workers
+        method = mp_context or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        self._ctx = mp.get_context(method)
+        if method == "forkserver" and preload:
+            self._ctx.set_forkserver_preload(list(preload))
+        self._workers: list[_Worker] = []
+        self._owner_pid = os.getpid()
+
+    def _start_worker(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=_worker_main, args=(child,), daemon=True, name="grpokit-reward-worker")
+        proc.start()
+        child.close()
+        return _Worker(proc=proc, conn=parent)
+
+    def _kill(self, w: _Worker) -> None:
+        try:
+            w.proc.kill()
+        except Exception:
+            pass
+        w.proc.join(timeout=5)
+        w.conn.close()
+        self._workers.remove(w)
+
+    def run(self, tasks: list[PoolTask]) -> list[PoolResult]:
+        results: dict[int, PoolResult] = {}
+        pending = deque(enumerate(tasks))
+        busy: dict[Any, tuple[int, _Worker]] = {}
+        while pending or busy:
+            while pending and len(busy) < self.num_workers:
+                for dead in [w for w in self._workers if w.task is None and not w.proc.is_alive()]:
+                    self._kill(dead)
+                idle = [w for w in self._workers if w.task is None]
+                w = idle[0] if idle else self._start_worker()
+                if not idle:
+                    self._workers.append(w)
+                i, task = pending.popleft()
+                try:
+                    w.conn.send((task.key, b"" if task.key in w.known else task.payload, task.kwargs))
+                except (OSError, BrokenPipeError):  # the worker died while idle: replace it, retry
+                    self._kill(w)
+                    pending.appendleft((i, task))
+                    continue
+                w.known.add(task.key)
+                # the deadline starts when the worker reports "started" (function loaded); loading
+                # itself (importing the function's module) gets LOAD_TIMEOUT
+                w.task, w.started, w.loading = task, time.monotonic(), True
+                busy[w.conn] = (i, w)
+            now = time.monotonic()
+            deadlines = [w.started + self._limit(w) for _, w in busy.values() if self._limit(w) is not None]
+            wait_s = max(0.0, min(deadlines) - now) if deadlines else None
+            for conn in wait(list(busy), timeout=wait_s):
+                i, w = busy[conn]
+                task = w.task
+                try:
+                    msg = conn.recv()
+                    if msg == ("started",):
+                        w.started, w.loading = time.monotonic(), False
+                        continue
+                    busy.pop(conn)
+                    w.task = None
+                    status, value, err, tb, secs = msg
+                    results[i] = PoolResult(task, status, value, err, tb, secs)
+                except (EOFError, OSError):
+                    busy.pop(conn)
+                    w.proc.join(timeout=1)
+                    code = w.proc.exitcode
+                    results[i] = PoolResult(task, "error", error=f"WorkerDied: the worker process exited "
+                                            f"(exit code {code}) during the call", seconds=time.monotonic() - w.started)
+                    self._kill(w)
+            now = time.monotonic()
+            for conn, (i, w) in list(busy.items()):
+                limit = self._limit(w)
+                if limit is not None and now - w.started >= limit:
+                    busy.pop(conn)
+                    results[i] = PoolResult(w.task, "timeout", seconds=now - w.started,
+                                            error="loading the function" if w.loading else "")
+                    self._kill(w)
+        return [results[i] for i in range(len(tasks))]
+
+    @staticmethod
+    def _limit(w: _Worker) -> float | None:
+        return LOAD_TIMEOUT if w.loading else w.task.timeout
+
+    def close(self) -> None:
+        for w in list(self._workers):
+            try:
+                w.conn.send(None)
+            except Exception:
+                pass
+        for w in list(self._workers):
+            w.proc.join(timeout=1)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join(timeout=1)
+            w.conn.close()
+        self._workers.clear()
+
+    def __del__(self):  # best effort; RewardRunner.close() is the explicit way
+        try:
+            if os.getpid() == self._owner_pid:
+                self.close()
+        except Exception:
+            pass

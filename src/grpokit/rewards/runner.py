@@ -1,0 +1,508 @@
+"""RewardRunner: call F reward functions on N completions -> rewards [N, F] (None -> NaN), total [N].
+
+One call of `runner(prompts, completions, completion_ids=..., columns=...)`:
+
+1. checks the arguments against each function's signature (once per set of columns),
+2. starts the `async def` functions together on an event loop in a helper thread,
+3. sends the process-pool functions (`num_workers > 0`) to the pool in chunks, from a helper thread,
+4. runs the remaining functions in the calling process, each under a watchdog thread,
+5. checks every returned list (length, numbers, finite) and applies the error policy,
+6. stacks the result, weights it and computes the logged statistics.
+
+Every call has a wall-clock deadline (`timeout`). In a worker process the late worker is killed;
+in this process the call is abandoned and a `RewardTimeout` exception is raised inside its thread
+(it stops at the next Python bytecode; C code finishes first). No signals are used, so the runner
+works from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import inspect
+import logging
+import math
+import numbers
+import pickle
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from grpokit.rewards.registry import REWARD_REGISTRY, load_reward_funcs, resolve_reward, reward_name
+
+__all__ = ["RewardRunner", "RewardOutput", "RewardError", "RewardTimeout", "describe_rewards"]
+
+logger = logging.getLogger("grpokit.rewards")
+ON_ERROR = ("raise", "none", "zero")
+_FIXED_ARGS = ("prompts", "completions", "completion_ids")
+_RESERVED_COLUMNS = {"prompt", "completion", "completion_ids", "prompts", "completions"}
+
+
+class RewardError(RuntimeError):
+    """A reward function raised (under on_error="raise"); the original exception is the __cause__."""
+
+
+class RewardTimeout(RewardError):
+    """A reward call missed its wall-clock deadline (under on_error="raise")."""
+
+
+@dataclass
+class RewardOutput:
+    names: list[str]               # F function names, in order
+    per_func: torch.Tensor         # [N, F] float32; NaN = None (not applicable), or an error under "none"
+    total: torch.Tensor            # [N] nansum_f(w_f * r_f); NaN where every function gave NaN
+    stats: dict[str, float]        # rewards/<name>/mean|std|frac_none|errors|timeouts|seconds, rewards/errors, ...
+    errors: list[dict] = field(default_factory=list)  # {"function", "kind": error|timeout|nonfinite, "rows", "message"}
+
+
+@dataclass
+class _Plan:
+    name: str
+    fn: Callable
+    is_async: bool
+    in_pool: bool
+    payload: bytes | None = None
+    pass_all: bool = True                 # the function takes **kwargs
+    accepted: frozenset = frozenset()     # named parameters it takes (when not pass_all)
+
+
+@dataclass
+class _Part:  # the outcome of one call on rows [start, stop)
+    start: int
+    stop: int
+    status: str                           # ok | error | timeout
+    value: Any = None
+    error: str = ""
+    cause: BaseException | None = None
+    seconds: float = 0.0
+
+
+class _FromRegistry:
+    """Picklable stand-in for a function that cannot be pickled but was chosen by name or path."""
+
+    def __init__(self, spec: str, kwargs: dict):
+        self.spec, self.kwargs, self._fn = spec, kwargs, None
+
+    def __getstate__(self):
+        return {"spec": self.spec, "kwargs": self.kwargs, "_fn": None}
+
+    def __call__(self, **kw):
+        if self._fn is None:
+            self._fn = resolve_reward(self.spec, self.kwargs)
+        return self._fn(**kw)
+
+
+def _is_async(fn: Callable) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
+
+
+def _pool_payload(fn: Callable) -> bytes | None:
+    """The pickle a worker rebuilds `fn` from; None if it cannot be sent."""
+    try:
+        return pickle.dumps(fn)
+    except Exception:
+        pass
+    spec = getattr(fn, "__grpokit_spec__", None)
+    if spec is None:
+        return None
+    entry = REWARD_REGISTRY.get(spec[0], spec[0])
+    # a worker can rebuild it only from an import: a built-in name or a "module:function" path
+    if isinstance(entry, str) and not entry.startswith("__main__"):
+        return pickle.dumps(_FromRegistry(*spec))
+    return None
+
+
+def _raise_in_thread(thread: threading.Thread, exc_type: type) -> None:
+    """Best effort: make `thread` raise `exc_type` at its next bytecode (CPython)."""
+    if thread.ident is not None and thread.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
+
+
+def _call_with_timeout(fn: Callable, kwargs: dict, timeout: float | None, name: str) -> tuple[str, Any, Any]:
+    """Run `fn(**kwargs)` in a watchdog thread -> ("ok", value, None) | ("error", msg, exc) | ("timeout", ...)."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target():
+        try:
+            value = fn(**kwargs)
+            if inspect.isawaitable(value):
+                value = asyncio.run(_awaitable(value))
+            box["value"] = value
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = e
+            box["tb"] = traceback.format_exc(limit=8)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=target, name=f"grpokit-reward-{name}", daemon=True)
+    thread.start()
+    if not done.wait(timeout):
+        _raise_in_thread(thread, RewardTimeout)
+        return "timeout", None, None
+    if "error" in box:
+        e = box["error"]
+        return "error", f"{type(e).__name__}: {e}\n{box['tb']}", e
+    return "ok", box["value"], None
+
+
+async def _awaitable(x):
+    return await x
+
+
+def _run_async(calls: list[tuple[int, Callable, dict]], timeout: float | None) -> dict[int, _Part]:
+    async def one(fn, kw, n):
+        t0 = time.perf_counter()
+        try:
+            value = await asyncio.wait_for(fn(**kw), timeout)
+            return _Part(0, n, "ok", value, seconds=time.perf_counter() - t0)
+        except asyncio.TimeoutError:
+            return _Part(0, n, "timeout", seconds=time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001
+            return _Part(0, n, "error", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}",
+                         cause=e, seconds=time.perf_counter() - t0)
+
+    async def main():
+        return await asyncio.gather(*(one(fn, kw, n) for _, fn, kw, n in calls))
+
+    return {i: part for (i, *_), part in zip(calls, asyncio.run(main()))}
+
+
+def _nanstd(x: torch.Tensor) -> float:
+    """Unbiased (Bessel) std over the non-NaN values; NaN when fewer than two."""
+    v = x[~torch.isnan(x)]
+    return float(v.std()) if v.numel() > 1 else float("nan")
+
+
+class RewardRunner:
+    """Calls reward functions on a batch; see the module docstring for the order of work.
+
+    reward_funcs: callables, registry names or "module:function" paths (resolved without kwargs).
+    weights:      one float per function (None: all 1.0), as TRL's reward_weights.
+    timeout:      wall-clock seconds for one call of one function (one chunk in the pool); None: no limit.
+    on_error:     "raise" (default) | "none" (the rows get NaN) | "zero" (the rows get 0.0), for
+                  exceptions, timeouts and NaN/inf values. Counted in stats and logged. A wrong
+                  length, a non-number or an unbindable signature always raises.
+    num_workers:  processes for synchronous, picklable functions (0: all run in this process).
+                  A function with `use_process_pool = False` (reward models, the code sandbox,
+                  functions that need the whole batch) always runs here.
+    chunk_size:   rows per pool call (default: about two chunks per worker); rounded up to a
+                  multiple of group_size when given, so that a chunk never splits a group.
+    """
+
+    def __init__(self, reward_funcs: Sequence[Callable | str] | Callable | str, weights: Sequence[float] | None = None,
+                 timeout: float | None = 30.0, on_error: str = "raise", num_workers: int = 0,
+                 chunk_size: int | None = None, group_size: int | None = None, mp_context: str | None = None):
+        funcs = load_reward_funcs(reward_funcs) if isinstance(reward_funcs, (str, bytes)) or callable(reward_funcs) \
+            else [f if callable(f) else load_reward_funcs([f])[0] for f in reward_funcs]
+        if not funcs:
+            raise ValueError("RewardRunner: no reward functions.")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"RewardRunner: on_error={on_error!r}; use one of {ON_ERROR}.")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"RewardRunner: timeout must be > 0 seconds or None, got {timeout}.")
+        if weights is None:
+            weights = [1.0] * len(funcs)
+        weights = [float(w) for w in weights]
+        if len(weights) != len(funcs):
+            raise ValueError(f"RewardRunner: {len(weights)} weights for {len(funcs)} reward functions.")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"RewardRunner: weights must be finite, got {weights}.")
+        self.funcs, self.weights = list(funcs), weights
+        self.timeout, self.on_error, self.num_workers = timeout, on_error, int(num_workers)
+        self.chunk_size, self.group_size, self.mp_context = chunk_size, group_size, mp_context
+        self.names = self._unique_names([reward_name(f) for f in funcs])
+        self._plans = []
+        for name, fn in zip(self.names, self.funcs):
+            is_async = _is_async(fn)
+            in_pool = self.num_workers > 0 and not is_async and getattr(fn, "use_process_pool", True)
+            payload = _pool_payload(fn) if in_pool else None
+            if in_pool and payload is None:
+                logger.warning("reward %r cannot be pickled, so it runs in this process (define it at module "
+                               "level, or register it by name).", name)
+                in_pool = False
+            self._plans.append(_Plan(name, fn, is_async, in_pool, payload))
+        self._checked: frozenset | None = None
+        self._pool = None
+        self._uid = uuid.uuid4().hex[:8]
+        self._warned_all_none = False
+
+    @staticmethod
+    def _unique_names(names: list[str]) -> list[str]:
+        seen: dict[str, int] = {}
+        out = []
+        for n in names:
+            seen[n] = seen.get(n, 0) + 1
+            out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
+        return out
+
+    # ---- checks before the first step ----
+    def check_signature(self, columns: Iterable[str]) -> None:
+        """Raise ValueError (naming the function and the argument) if a function cannot be called
+        with the dataset's columns. `columns` may include "prompt" (it is passed as `prompts`)."""
+        cols = frozenset(columns) - _RESERVED_COLUMNS
+        available = set(_FIXED_ARGS) | cols
+        for plan in self._plans:
+            try:
+                sig = inspect.signature(plan.fn)
+            except (TypeError, ValueError):  # no introspectable signature: pass everything
+                plan.pass_all = True
+                continue
+            plan.pass_all, accepted = False, set()
+            for p in sig.parameters.values():
+                if p.kind is p.VAR_KEYWORD:
+                    plan.pass_all = True
+                elif p.kind is p.VAR_POSITIONAL:
+                    continue
+                elif p.kind is p.POSITIONAL_ONLY:
+                    if p.default is p.empty:
+                        raise ValueError(f"reward function {plan.name!r}: parameter {p.name!r} is positional-only; "
+                                         f"reward functions are called with keyword arguments "
+                                         f"({', '.join(_FIXED_ARGS)}, and one per dataset column).")
+                elif p.name in available:
+                    accepted.add(p.name)
+                elif p.default is p.empty:
+                    raise ValueError(
+                        f"reward function {plan.name!r} needs the argument {p.name!r}, but the dataset has no column "
+                        f"{p.name!r} (columns: {sorted(cols) or 'none besides prompt'}). Add the column, rename the "
+                        f"parameter to one of them, or give it a default.")
+            plan.accepted = frozenset(accepted)
+            check = getattr(plan.fn, "check_columns", None)
+            if callable(check):
+                try:
+                    check(set(cols))
+                except ValueError as e:
+                    raise ValueError(f"reward function {plan.name!r}: {e}") from None
+        self._checked = cols
+
+    # ---- one batch ----
+    def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
+                 columns: Mapping[str, Sequence] | None = None) -> RewardOutput:
+        n = len(completions)
+        columns = {k: v for k, v in (columns or {}).items() if k not in _RESERVED_COLUMNS}
+        if len(prompts) != n:
+            raise ValueError(f"RewardRunner: {len(prompts)} prompts for {n} completions (repeat each prompt G times).")
+        if completion_ids is not None and len(completion_ids) != n:
+            raise ValueError(f"RewardRunner: {len(completion_ids)} completion_ids for {n} completions.")
+        for k, v in columns.items():
+            if len(v) != n:
+                raise ValueError(f"RewardRunner: column {k!r} has {len(v)} values for {n} completions "
+                                 "(repeat each row's value G times).")
+        if self._checked != frozenset(columns):
+            self.check_signature(columns)
+        full = {"prompts": list(prompts), "completions": list(completions),
+                "completion_ids": list(completion_ids) if completion_ids is not None else None,
+                **{k: list(v) for k, v in columns.items()}}
+
+        t_start = time.perf_counter()
+        parts: dict[int, list[_Part]] = {}
+        async_calls = [(i, p.fn, self._kwargs(p, full, 0, n), n) for i, p in enumerate(self._plans) if p.is_async]
+        pool_idx = [i for i, p in enumerate(self._plans) if p.in_pool]
+        helpers = []
+        if async_calls:
+            helpers.append(self._in_thread(lambda: {i: [part] for i, part in
+                                                    _run_async(async_calls, self.timeout).items()}, parts))
+        if pool_idx:
+            helpers.append(self._in_thread(lambda: self._run_pool(pool_idx, full, n), parts))
+        for i, plan in enumerate(self._plans):
+            if plan.is_async or plan.in_pool:
+                continue
+            t0 = time.perf_counter()
+            status, value, cause = _call_with_timeout(plan.fn, self._kwargs(plan, full, 0, n), self.timeout, plan.name)
+            secs = time.perf_counter() - t0
+            parts[i] = [_Part(0, n, status, value if status == "ok" else None,
+                              value if status == "error" else "", cause, secs)]
+        for t, box in helpers:
+            t.join()
+            if "error" in box:
+                raise box["error"]
+        return self._assemble(parts, n, time.perf_counter() - t_start)
+
+    @staticmethod
+    def _in_thread(work: Callable[[], dict], into: dict) -> tuple[threading.Thread, dict]:
+        box: dict[str, Any] = {}
+
+        def target():
+            try:
+                into.update(work())
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                box["error"] = e
+
+        t = threading.Thread(target=target, daemon=True, name="grpokit-reward-helper")
+        t.start()
+        return t, box
+
+    def _kwargs(self, plan: _Plan, full: dict, start: int, stop: int) -> dict:
+        keys = full.keys() if plan.pass_all else [k for k in full if k in plan.accepted]
+        return {k: (full[k][start:stop] if full[k] is not None else None) for k in keys}
+
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        size = self.chunk_size or max(1, math.ceil(n / (2 * self.num_workers)))
+        if self.group_size:
+            size = math.ceil(size / self.group_size) * self.group_size
+        return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+    def _run_pool(self, idx: list[int], full: dict, n: int) -> dict[int, list[_Part]]:
+        from grpokit.rewards.pool import PoolTask, WorkerPool
+
+        if self._pool is None:
+            self._pool = WorkerPool(self.num_workers, self.mp_context, preload=("grpokit.rewards.math",))
+        tasks = [PoolTask(f"{self._uid}:{i}", self._plans[i].payload, self._kwargs(self._plans[i], full, s, e),
+                          self.timeout, (i, s, e)) for i in idx for s, e in self._chunks(n)]
+        out: dict[int, list[_Part]] = {i: [] for i in idx}
+        for r in self._pool.run(tasks):
+            i, s, e = r.task.tag
+            msg = f"{r.error}\n{r.traceback}" if r.traceback else r.error
+            out[i].append(_Part(s, e, r.status, r.value, msg, None, r.seconds))
+        return out
+
+    # ---- checking and stacking ----
+    def _assemble(self, parts: dict[int, list[_Part]], n: int, seconds: float) -> RewardOutput:
+        f = len(self._plans)
+        per_func = torch.full((n, f), float("nan"), dtype=torch.float32)
+        stats: dict[str, float] = {}
+        errors: list[dict] = []
+        for j, plan in enumerate(self._plans):
+            n_err = n_timeout = 0
+            for part in parts[j]:
+                rows = list(range(part.start, part.stop))
+                if part.status == "ok":
+                    values, bad = self._check_values(plan.name, part.value, part.start, part.stop)
+                    per_func[part.start:part.stop, j] = torch.tensor(values, dtype=torch.float32)
+                    if bad:
+                        n_err += len(bad)
+                        self._policy(plan.name, "nonfinite", bad, f"returned non-finite values at rows {bad} "
+                                     "(return None for 'not applicable')", None, per_func, j, errors)
+                elif part.status == "timeout":
+                    n_timeout += len(rows)
+                    self._policy(plan.name, "timeout", rows, f"did not finish within {self.timeout} s",
+                                 None, per_func, j, errors)
+                else:
+                    n_err += len(rows)
+                    self._policy(plan.name, "error", rows, f"raised {part.error}", part.cause, per_func, j, errors)
+            col = per_func[:, j]
+            stats[f"rewards/{plan.name}/mean"] = float(torch.nanmean(col)) if n else float("nan")
+            stats[f"rewards/{plan.name}/std"] = _nanstd(col)
+            stats[f"rewards/{plan.name}/frac_none"] = float(torch.isnan(col).float().mean()) if n else 0.0
+            stats[f"rewards/{plan.name}/errors"] = float(n_err)
+            stats[f"rewards/{plan.name}/timeouts"] = float(n_timeout)
+            stats[f"rewards/{plan.name}/seconds"] = sum(p.seconds for p in parts[j])
+        w = torch.tensor(self.weights, dtype=torch.float32)
+        all_nan = torch.isnan(per_func).all(dim=1)
+        total = torch.nansum(per_func * w, dim=1)
+        total[all_nan] = float("nan")
+        if bool(all_nan.any()) and not self._warned_all_none:
+            logger.warning("every reward function returned None for rows %s; they get no advantage (set a "
+                           "reward that applies to every row).", all_nan.nonzero().flatten().tolist()[:10])
+            self._warned_all_none = True
+        stats["rewards/errors"] = float(sum(stats[f"rewards/{p.name}/errors"] for p in self._plans))
+        stats["rewards/timeouts"] = float(sum(stats[f"rewards/{p.name}/timeouts"] for p in self._plans))
+        stats["rewards/total/mean"] = float(torch.nanmean(total)) if n else float("nan")
+        stats["rewards/total/std"] = _nanstd(total)
+        stats["rewards/frac_all_none"] = float(all_nan.float().mean()) if n else 0.0
+        stats["rewards/seconds"] = seconds
+        return RewardOutput(list(self.names), per_func, total, stats, errors)
+
+    @staticmethod
+    def _check_values(name: str, value: Any, start: int, stop: int) -> tuple[list[float], list[int]]:
+        n = stop - start
+        if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+            value = value.tolist() if getattr(value, "ndim", 1) == 1 else value
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+            raise ValueError(f"reward function {name!r} returned {type(value).__name__}; it must return a list with "
+                             f"one float (or None) per completion.")
+        if len(value) != n:
+            raise ValueError(f"reward function {name!r} returned {len(value)} values for {n} completions "
+                             f"(rows {start}..{stop - 1}).")
+        out, bad = [], []
+        for i, v in enumerate(value):
+            if v is None:
+                out.append(float("nan"))
+                continue
+            if not isinstance(v, numbers.Real) and getattr(v, "ndim", None) == 0 and hasattr(v, "item"):
+                v = v.item()
+            if not isinstance(v, numbers.Real):
+                raise ValueError(f"reward function {name!r} returned {v!r} ({type(v).__name__}) at row {start + i}; "
+                                 "expected a float, or None for 'not applicable'.")
+            v = float(v)
+            if not math.isfinite(v):
+                bad.append(start + i)
+            out.append(v)
+        return out, bad
+
+    def _policy(self, name: str, kind: str, rows: list[int], what: str, cause: BaseException | None,
+                per_func: torch.Tensor, j: int, errors: list[dict]) -> None:
+        span = f"row {rows[0]}" if len(rows) == 1 else f"rows {rows[0]}..{rows[-1]}"
+        message = f"reward function {name!r} {what} ({span})"
+        if self.on_error == "raise":
+            exc_type = {"timeout": RewardTimeout, "nonfinite": ValueError}.get(kind, RewardError)
+            hint = "; set on_error='none' or 'zero' to go on" + (", or raise timeout" if kind == "timeout" else "")
+            raise exc_type(message + hint) from cause
+        per_func[rows, j] = float("nan") if self.on_error == "none" else 0.0
+        logger.warning("%s; counted as %s", message.splitlines()[0], "None" if self.on_error == "none" else "0.0")
+        errors.append({"function": name, "kind": kind, "rows": rows, "message": message})
+
+    # ---- lifetime ----
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _short(x: Any, width: int) -> str:
+    if isinstance(x, list) and x and isinstance(x[0], dict) and "content" in x[0]:
+        x = " | ".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in x)
+    s = " ".join(str(x).split())
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def describe_rewards(runner: RewardRunner, prompts: Sequence, completions: Sequence,
+                     columns: Mapping[str, Sequence] | None = None, completion_ids: Sequence | None = None,
+                     width: int = 40) -> str:
+    """A table of what each reward function returns for each sample (errors shown, never raised)."""
+    probe = RewardRunner(runner.funcs, weights=runner.weights, timeout=runner.timeout, on_error="none")
+    probe.names = list(runner.names)
+    for plan, name in zip(probe._plans, runner.names):
+        plan.name = name
+    out = probe(prompts, completions, completion_ids=completion_ids, columns=columns)
+    marks = {}
+    for e in out.errors:
+        for r in e["rows"]:
+            marks[(r, e["function"])] = e["kind"]
+    shown_cols = [k for k in (columns or {}) if k not in _RESERVED_COLUMNS]
+    header = ["#", "prompt", "completion", *shown_cols, *out.names, "total"]
+    rows = []
+    for i in range(len(completions)):
+        cells = [str(i), _short(prompts[i], width), _short(completions[i], width)]
+        cells += [_short(columns[k][i], 24) for k in shown_cols]
+        for j, name in enumerate(out.names):
+            v = float(out.per_func[i, j])
+            cells.append(marks.get((i, name), "None" if math.isnan(v) else f"{v:.4g}"))
+        t = float(out.total[i])
+        cells.append("None" if math.isnan(t) else f"{t:.4g}")
+        rows.append(cells)
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    lines = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)]
+    lines.append(f"weights: {dict(zip(out.names, runner.weights))}")
+    for e in out.errors:
+        lines.append(f"{e['kind']}: {e['message'].strip()}")
+    return "\n".join(lines)

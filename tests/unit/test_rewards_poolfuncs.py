@@ -1,0 +1,41 @@
+"""Reward functions for the process-pool tests, in a module that imports nothing heavy (no torch),
+so that a worker process unpickling them starts in milliseconds. No tests here."""
+
+import os
+import time
+
+
+def length_reward(prompts, completions, **kw):
+    return [float(len(c)) for c in completions]
+
+
+def none_if_even(prompts, completions, **kw):
+    return [None if len(c) % 2 == 0 else 1.0 for c in completions]
+
+
+def slow_on_ccc(prompts, completions, **kw):
+    if "ccc" in completions:
+        time.sleep(60)
+    return [0.5] * len(completions)
+
+
+def die_on_ccc(prompts, completions, **kw):
+    if "ccc" in completions:
+        os._exit(3)
+    return [1.0] * len(completions)
+
+
+def pid_reward(prompts, completions, **kw):
+    return [float(os.getpid())] * len(completions)
+
+
+def busy_square(prompts, completions, **kw):
+    """~20 ms of pure-Python work per completion."""
+    out = []
+    for c in completions:
+        t0 = time.perf_counter()
+        x = 0
+        while time.perf_counter() - t0 < 0.02:
+            x += 1
+        out.append(float(len(c)) ** 2)
+    return out
