@@ -156,21 +156,31 @@ def test_shape_errors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_peak_memory_and_values():
-    B, T, V, H = 4, 1024, 32768, 512  # full fp32 logits would be 512 MiB
+    B, T, V, H = 4, 1024, 32768, 256  # full fp32 logits: 512 MiB; weight 16 MiB
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     weight = (torch.randn(V, H, device="cuda", dtype=torch.bfloat16, generator=g) / H ** 0.5).requires_grad_()
     index = torch.randint(0, V, (B, T), device="cuda", generator=g)
-    full_fp32 = B * T * V * 4
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    logp, entropy = chunked_logprobs(hidden, weight, index, chunk_size=256, return_entropy=True)
-    (logp.sum() + entropy.sum()).backward()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    assert peak < full_fp32 / 4, f"peak {peak / 2**20:.0f} MiB vs full fp32 logits {full_fp32 / 2**20:.0f} MiB"
-    with torch.no_grad():
-        ref_logp, ref_entropy = reference(hidden @ weight.t(), index)
-    torch.testing.assert_close(logp, ref_logp, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(entropy, ref_entropy, atol=2e-2, rtol=2e-2)
+
+    def peak_of(fn):
+        hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        sum(o.sum() for o in out).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, [o.detach() for o in out], hidden.grad, weight.grad
+
+    run_chunked = lambda: chunked_logprobs(hidden, weight, index, chunk_size=128, return_entropy=True)  # noqa: E731
+    peak_of(run_chunked)  # warm-up: cuBLAS workspaces are allocated on first use
+    chunked = peak_of(run_chunked)
+    naive = peak_of(lambda: reference(hidden @ weight.t(), index))
+    full_fp32 = B * T * V * 4  # 512 MiB; a 128-row fp32 chunk is 16 MiB, the fp32 weight grad 32 MiB
+    assert naive[0] > full_fp32  # the reference holds at least one full fp32 copy
+    assert chunked[0] < full_fp32 / 2, f"peak {chunked[0] / 2**20:.0f} MiB, full fp32 logits {full_fp32 / 2**20:.0f} MiB"
+    assert chunked[0] < naive[0] / 4
+    for got, want in zip(chunked[1], naive[1]):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    for got, want in zip(chunked[2:], naive[2:]):  # bf16 gradients: compare as a relative norm
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
