@@ -134,7 +134,8 @@ class _LogSoftmaxGather(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            grad_z = _backward_chunk(ctx, lambda r: logits[r], False, rows, index, lse, entropy, grad_logp, grad_entropy)
+            grad_z = _backward_chunk(ctx, lambda r: logits[r], False, rows, index, lse, entropy,
+                                     grad_logp, grad_entropy)
             grad_logits[rows] = grad_z
         return grad_logits, None, None, None, None
 
@@ -163,7 +164,8 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             h = hidden[rows]
-            grad_z = _backward_chunk(ctx, lambda r: hidden[r] @ weight.t(), True, rows, index, lse, entropy, grad_logp, grad_entropy)
+            grad_z = _backward_chunk(ctx, lambda r: hidden[r] @ weight.t(), True, rows, index, lse, entropy,
+                                     grad_logp, grad_entropy)
             grad_logits = grad_z.to(hidden.dtype)
             if need_hidden:
                 grad_hidden[rows] = grad_logits @ weight

@@ -306,7 +306,8 @@ def policy_loss(
     _check_same_shape(logps, old_logps=old_logps, mask=mask, ref_logps=ref_logps,
                       is_weights=is_weights, entropy_mask=entropy_mask)
     if advantages.shape not in (logps.shape[:1], logps.shape):
-        raise ValueError(f"advantages must be [B] or [B, T]; got {tuple(advantages.shape)}, logps {tuple(logps.shape)}.")
+        raise ValueError(f"advantages must be [B] or [B, T]; got {tuple(advantages.shape)} "
+                         f"for logps {tuple(logps.shape)}.")
     if beta != 0.0 and ref_logps is None:
         raise ValueError("beta != 0 needs ref_logps (the reference model's per-token log-probs).")
     if dual_clip is not None and dual_clip <= 1:
