@@ -273,9 +273,6 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
 
     # prompts: rendered, tokenized, checked against the context
     max_ctx = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
-    if max_ctx and cfg.max_prompt_length and cfg.max_prompt_length + cfg.max_completion_length > max_ctx:
-        raise ValueError(f"GRPOConfig: max_prompt_length ({cfg.max_prompt_length}) + max_completion_length "
-                         f"({cfg.max_completion_length}) exceeds the model's context of {max_ctx} tokens.")
     prompt_ids = data.validate_prompts(train_dataset, tok, max_prompt_length=cfg.max_prompt_length)
     conversational = data.is_conversational(train_dataset[0])
     prompts = list(train_dataset["prompt"])

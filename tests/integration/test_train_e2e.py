@@ -1,0 +1,162 @@
+"""End to end: GRPO on tiny models built in the test raises the reward; data stays attached to
+the right (prompt, sample); exact resume; LoRA; clear errors before anything is written."""
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from grpokit import GRPOConfig, GRPOTrainer
+from grpokit.algos import group_advantages
+from grpokit.models import load_tokenizer, new_char_tokenizer, new_model_from_config
+
+
+def tiny(seed=0, **over):
+    tok = load_tokenizer(new_char_tokenizer())
+    cfg = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64, **over}
+    return new_model_from_config(cfg, tokenizer=tok, seed=seed), tok
+
+
+def digit_first(prompts, completions, completion_ids=None, **kw):
+    """1 when the completion starts with a digit: a random char-level model does it ~10% of the time."""
+    return [1.0 if c[:1].isdigit() else 0.0 for c in completions]
+
+
+def prompts_ds(n=32):
+    return Dataset.from_dict({"prompt": [f"q{i}:" for i in range(n)], "idx": list(range(n))})
+
+
+def config(tmp_path, **over):
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=16,
+                gradient_accumulation_steps=2, num_generations=8, max_completion_length=3, learning_rate=1e-2,
+                logging_steps=100, save_strategy="no", use_cpu=True, disable_tqdm=True, plot=False, seed=1)
+    return GRPOConfig(**{**base, **over})
+
+
+def mean_reward(run_dir, steps):
+    import json
+
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    rows = [r for r in rows if "reward" in r and r["step"] in steps]
+    return sum(r["reward"] for r in rows) / len(rows)
+
+
+def test_grpo_raises_the_reward(tmp_path):
+    model, tok = tiny()
+    cfg = config(tmp_path, max_steps=16, learning_rate=3e-2, lr_scheduler_type="constant")
+    GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
+                processing_class=tok).train()
+    first, last = mean_reward(cfg.output_dir, {1, 2, 3}), mean_reward(cfg.output_dir, {14, 15, 16})
+    assert first < 0.4 and last > first + 0.3, (first, last)
+    for name in ("metrics.jsonl", "completions.jsonl", "config.yaml", "final"):
+        assert os.path.exists(os.path.join(cfg.output_dir, name)), name
+
+
+def test_rewards_and_advantages_stay_with_their_prompt_and_sample(tmp_path):
+    seen = {}
+
+    def echo_reward(prompts, completions, completion_ids=None, idx=None, **kw):
+        seen.update(prompts=prompts, completions=completions, idx=idx, ids=completion_ids)
+        # a reward that depends on the row and on the sample: row index + completion length
+        return [float(i) + len(c) / 10 for i, c in zip(idx, completions)]
+
+    model, tok = tiny()
+    trainer = GRPOTrainer(model=model, reward_funcs=echo_reward, args=config(tmp_path), train_dataset=prompts_ds(),
+                          processing_class=tok)
+    run = trainer.parts
+    rows, _, _ = run.next_prompt_rows(0, 0)
+    rollout = run.sample(rows, seed=0)
+    out = run.score(rollout)
+    g = run.config.num_generations
+    assert len(rollout.completions) == len(rows) * g
+    for i in range(len(rollout.completions)):
+        row = rows[i // g]                                   # groups are contiguous
+        assert rollout.row_index[i] == row
+        assert seen["idx"][i] == row and seen["prompts"][i] == f"q{row}:"
+        assert tok.decode(rollout.prompt_ids[i]) == f"q{row}:"
+        assert seen["ids"][i] == rollout.completion_ids[i]
+        assert tok.decode(rollout.completion_ids[i], skip_special_tokens=True).startswith(seen["completions"][i])
+        assert out.total[i] == pytest.approx(row + len(seen["completions"][i]) / 10)
+    adv = group_advantages(out.total, g, scale_rewards="group")
+    # within a group the row term cancels: advantages depend on completion lengths only
+    lengths = torch.tensor([len(c) / 10 for c in seen["completions"]]).view(-1, g)
+    expected = (lengths - lengths.mean(1, keepdim=True)) / (lengths.std(1, keepdim=True) + 1e-4)
+    assert torch.allclose(adv.view(-1, g), expected, atol=2e-3)  # float32 rounding of row + len/10, over a small std
+
+
+def test_resume_is_exact(tmp_path):
+    def run(resume=None, max_steps=6, out="a"):
+        model, tok = tiny()
+        cfg = config(tmp_path, max_steps=max_steps, save_steps=3, save_strategy="steps",
+                     output_dir=str(tmp_path / out))
+        t = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(20),
+                        processing_class=tok)
+        t.train(resume_from_checkpoint=resume)
+        return {k: v.clone() for k, v in t.model.state_dict().items()}
+
+    straight = run()
+    resumed = run(resume=str(tmp_path / "a" / "checkpoint-3"), out="b")
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    from grpokit.checkpoint import CheckpointError
+
+    model, tok = tiny()
+    cfg = config(tmp_path, max_steps=2, save_steps=2, save_strategy="steps")
+    GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
+                processing_class=tok).train()
+    model, tok = tiny()
+    t = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg.replace(learning_rate=0.5, max_steps=4),
+                    train_dataset=prompts_ds(), processing_class=tok)
+    with pytest.raises(CheckpointError, match="learning_rate"):
+        t.train(resume_from_checkpoint=True)
+    with pytest.raises(CheckpointError):
+        t.train(resume_from_checkpoint=str(tmp_path / "nowhere"))
+
+
+def test_lora_trains_only_the_adapter(tmp_path):
+    from peft import LoraConfig
+
+    model, tok = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = config(tmp_path, max_steps=3, beta=0.04)
+    t = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(), processing_class=tok,
+                    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           task_type="CAUSAL_LM"))
+    t.train()
+    changed_lora, changed_base = False, False
+    for name, p in t.model.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad
+            changed_lora |= "lora_B" in name and bool(p.abs().sum() > 0)
+        else:
+            assert not p.requires_grad
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            changed_base |= not torch.equal(p, before[key])
+    assert changed_lora and not changed_base
+
+
+@pytest.mark.parametrize("kind", ["empty", "no_prompt", "too_long", "no_template", "reward_signature"])
+def test_bad_input_fails_before_anything_is_written(tmp_path, kind):
+    model, tok = tiny()
+    ds, funcs, msg = prompts_ds(), digit_first, None
+    if kind == "empty":
+        ds, msg = Dataset.from_dict({"prompt": []}), "empty"
+    elif kind == "no_prompt":
+        ds, msg = Dataset.from_dict({"question": ["a"]}), "prompt"
+    elif kind == "too_long":
+        ds, msg = Dataset.from_dict({"prompt": ["x" * 40]}), "40"
+    elif kind == "no_template":
+        ds, msg = Dataset.from_dict({"prompt": [[{"role": "user", "content": "hi"}]]}), "chat template"
+    else:
+        def funcs(prompts, completions, answer, **kw):
+            return [0.0] * len(prompts)
+        msg = "answer"
+    cfg = config(tmp_path, max_prompt_length=32)
+    with pytest.raises(ValueError, match=msg):
+        GRPOTrainer(model=model, reward_funcs=funcs, args=cfg, train_dataset=ds, processing_class=tok)
+    assert not os.path.exists(cfg.output_dir)
