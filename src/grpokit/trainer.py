@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from grpokit.algos import group_advantages, policy_loss, rollout_correction_weights, top_entropy_mask
+from grpokit.algos import LOSS_TYPES, group_advantages, policy_loss, rollout_correction_weights, top_entropy_mask
 from grpokit.batch import Rollout, completion_logprobs, make_micro_batches
 from grpokit.config import GRPOConfig
 from grpokit.run import RunParts, build_run
@@ -183,8 +183,9 @@ def _accumulate_gradients(run: RunParts, micro_batches, num_items, num_sequences
                 num_items_in_batch=num_items / run.world_size, num_sequences=num_sequences / run.world_size,
                 is_weights=is_weights, entropy_mask=entropy_mask,
                 sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg)
-            if cfg.loss_type in ("grpo", "bnpo"):
-                # local means: average them over the micro-batches (TRL divides by the accumulation steps)
+            if LOSS_TYPES[cfg.loss_type][1] in ("grpo", "bnpo"):
+                # local means (grpo, bnpo, sapo): average them over the micro-batches, as TRL divides
+                # by the accumulation steps; dapo/cispo/dr_grpo already carry global normalisers
                 loss = loss / len(micro_batches)
         loss.backward()
         weight = mb.completion_mask.sum().detach()
