@@ -1,0 +1,293 @@
+"""Sandboxes that run model-written code: a `SandboxBackend` starts an isolated server process and
+returns a `SandboxSession`, a framed request/reply channel to it with a wall-clock deadline.
+
+Backends:
+  LocalSandbox     Linux namespaces + chroot + rlimits + an unprivileged uid (see
+                   _sandbox_launcher.py). Fails closed: if isolation cannot be set up it raises
+                   SandboxUnavailable, unless built with isolation=False (an explicit, logged opt-out).
+  CommandSandbox   the hook for containers and remote sandboxes: any command that runs
+                   `python -I -S -B -c <server source>` with its stdin/stdout connected, e.g.
+                   ["docker", "run", "--rm", "-i", "--network=none", ..., "python:3.11-slim"].
+                   Isolation is then the command's job.
+
+Grading never happens in the sandbox (see code.py and _sandbox_server.py), so a backend only has to
+contain the code; it is never trusted to report a result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+__all__ = ["SandboxLimits", "SandboxSession", "SandboxBackend", "LocalSandbox", "CommandSandbox",
+           "SandboxUnavailable", "SandboxError", "SandboxTimeout", "SandboxClosed"]
+
+logger = logging.getLogger("grpokit.rewards")
+HERE = Path(__file__).resolve().parent
+SERVER_PATH = HERE / "_sandbox_server.py"
+LAUNCHER_PATH = HERE / "_sandbox_launcher.py"
+
+
+class SandboxUnavailable(RuntimeError):
+    """Isolation cannot be set up on this machine; nothing was run."""
+
+
+class SandboxError(RuntimeError):
+    """The sandboxed process misbehaved (bad frame, too large a message, ...)."""
+
+
+class SandboxTimeout(SandboxError):
+    """No reply before the deadline."""
+
+
+class SandboxClosed(SandboxError):
+    """The sandboxed process exited (or was killed)."""
+
+
+@dataclass
+class SandboxLimits:
+    wall_seconds: float = 10.0          # whole session, enforced by the trainer and by the sandbox's init
+    cpu_seconds: int = 10               # RLIMIT_CPU per process
+    memory_bytes: int = 1 << 30         # RLIMIT_AS per process (1 GiB)
+    file_size_bytes: int = 16 << 20     # RLIMIT_FSIZE: largest file (and stdout capture) a process may write
+    disk_bytes: int = 32 << 20          # size of each of the /work and /tmp tmpfs
+    processes: int = 16                 # RLIMIT_NPROC for the sandbox's uid (root: one uid per sandbox)
+    open_files: int = 64                # RLIMIT_NOFILE
+    max_message_bytes: int = 8 << 20    # largest reply the trainer accepts
+
+
+class SandboxSession:
+    """A running sandboxed server. `request(msg, timeout)` -> reply dict; `close()` kills it all."""
+
+    def __init__(self, proc: subprocess.Popen, limits: SandboxLimits, on_close=None):
+        self.proc, self.limits, self._on_close = proc, limits, on_close
+        self.deadline = time.monotonic() + limits.wall_seconds
+        self._out, self._err = proc.stdout.fileno(), proc.stderr.fileno()
+        self._buf = b""
+        self._stderr = bytearray()
+        self.closed = False
+
+    @property
+    def stderr(self) -> str:
+        """The last few KB the sandbox wrote to stderr (diagnostics)."""
+        return self._stderr.decode("utf-8", "replace")
+
+    def _drain_stderr(self) -> bool:
+        data = os.read(self._err, 65536)
+        self._stderr += data
+        del self._stderr[:-4096]
+        return bool(data)
+
+    def send(self, msg: dict, deadline: float | None = None) -> None:
+        if self.closed:
+            raise SandboxClosed("the sandbox is closed")
+        data = json.dumps(msg).encode()
+        data = struct.pack(">I", len(data)) + data
+        fd = self.proc.stdin.fileno()
+        deadline = min(deadline or self.deadline, self.deadline)
+        while data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SandboxTimeout("timed out sending to the sandbox")
+            _, writable, _ = select.select([], [fd], [], left)
+            if writable:
+                try:
+                    data = data[os.write(fd, data[:65536]):]
+                except (BrokenPipeError, OSError):
+                    raise SandboxClosed("the sandboxed process exited") from None
+
+    def recv(self, deadline: float | None = None) -> dict:
+        deadline = min(deadline or self.deadline, self.deadline)
+        while True:
+            if len(self._buf) >= 4:
+                (n,) = struct.unpack(">I", self._buf[:4])
+                if n > self.limits.max_message_bytes:
+                    raise SandboxError(f"the sandbox sent a {n}-byte message (limit {self.limits.max_message_bytes})")
+                if len(self._buf) >= 4 + n:
+                    body, self._buf = self._buf[4:4 + n], self._buf[4 + n:]
+                    try:
+                        msg = json.loads(body)
+                    except (ValueError, RecursionError) as e:
+                        raise SandboxError(f"the sandbox sent malformed JSON: {e}") from None
+                    if not isinstance(msg, dict):
+                        raise SandboxError("the sandbox sent a non-object message")
+                    return msg
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SandboxTimeout("no reply from the sandbox before the deadline")
+            ready, _, _ = select.select([self._out, self._err], [], [], left)
+            if self._err in ready:
+                self._drain_stderr()
+            if self._out in ready:
+                chunk = os.read(self._out, 1 << 20)
+                if not chunk:
+                    raise SandboxClosed("the sandboxed process exited")
+                self._buf += chunk
+
+    def request(self, msg: dict, deadline: float | None = None) -> dict:
+        self.send(msg, deadline)
+        return self.recv(deadline)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # launcher, sandbox init and all they started
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            logger.error("sandbox process %d did not exit after SIGKILL", self.proc.pid)
+        try:
+            while self._drain_stderr():
+                pass
+        except OSError:
+            pass
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+        if self._on_close is not None:
+            self._on_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@runtime_checkable
+class SandboxBackend(Protocol):
+    """Starts one isolated `_sandbox_server.py` process per session.
+
+    `start(limits)` must return a `SandboxSession` (or an object with its `request`, `close` and
+    `deadline`) whose process cannot reach the network, the trainer's files or the trainer's
+    processes, and is killed — with everything it started — by `close()` or when `limits.wall_seconds`
+    has passed.
+    """
+
+    def start(self, limits: SandboxLimits) -> SandboxSession: ...
+
+
+def _popen(argv: list[str], env: dict | None = None, cwd: str = "/") -> subprocess.Popen:
+    # no preexec_fn (unsafe with threads): limits and isolation are applied by the launcher itself
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, close_fds=True, env=env if env is not None else {}, cwd=cwd)
+
+
+class LocalSandbox:
+    """Namespaced, chrooted, resource-limited local sandbox (Linux). See _sandbox_launcher.py.
+
+    isolation=False runs the server with resource limits, a new session, a scrubbed environment and
+    a throw-away directory only — no network or file-system isolation. It exists for machines
+    without namespaces and must be asked for explicitly.
+    base_uid: first of the uids used when running as root (one per concurrent sandbox, so that
+    RLIMIT_NPROC and signals are per sandbox). extra_binds: more host paths to expose read-only.
+    """
+
+    def __init__(self, isolation: bool = True, base_uid: int = 1_300_000_000, max_sessions: int = 256,
+                 extra_binds: tuple[str, ...] = ()):
+        if sys.platform != "linux" and isolation:
+            raise SandboxUnavailable("LocalSandbox isolation needs Linux namespaces; use CommandSandbox "
+                                     "(a container) or LocalSandbox(isolation=False) at your own risk.")
+        self.isolation = isolation
+        self.python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+        prefix = os.path.realpath(sys.base_prefix)
+        binds = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc/ld.so.cache"]
+        for p in (prefix, os.path.dirname(self.python), *extra_binds):
+            if not any(p == b or p.startswith(b.rstrip("/") + "/") for b in binds):
+                binds.append(p)
+        self.binds = binds
+        self._uids: queue.Queue[int] = queue.Queue()
+        for i in range(max_sessions):
+            self._uids.put(base_uid + i)
+        self._probe: str | None = None
+        self._probe_lock = threading.Lock()
+        if not isolation:
+            logger.warning("LocalSandbox(isolation=False): model-written code runs WITHOUT network or file-system "
+                           "isolation (resource limits and timeouts only).")
+
+    def start(self, limits: SandboxLimits) -> SandboxSession:
+        uid = self._uids.get()
+        root = tempfile.mkdtemp(prefix="grpokit-sandbox-")
+        os.chmod(root, 0o700)
+        cfg = {"isolate": self.isolation, "root": root, "workdir": root, "uid": uid, "gid": uid,
+               "python": self.python, "server": str(SERVER_PATH), "binds": self.binds, "parent_pid": os.getpid(),
+               "limits": {k: (int(v) if k != "wall_seconds" else float(v)) for k, v in asdict(limits).items()}}
+        if not self.isolation:
+            cfg["limits"]["processes"] = 0  # a shared uid: NPROC would count the trainer's own processes
+
+        def cleanup():
+            shutil.rmtree(root, ignore_errors=True)  # empty unless isolation=False
+            self._uids.put(uid)
+
+        try:
+            proc = _popen([self.python, "-I", "-S", "-B", str(LAUNCHER_PATH), json.dumps(cfg)], cwd=root)
+        except BaseException:
+            cleanup()
+            raise
+        return SandboxSession(proc, limits, on_close=cleanup)
+
+    def check(self) -> None:
+        """Start one sandbox and ping it; raise SandboxUnavailable (with the reason) if that fails."""
+        with self._probe_lock:
+            if self._probe is None:
+                session = self.start(SandboxLimits(wall_seconds=20))
+                try:
+                    reply = session.request({"op": "ping"})
+                    self._probe = "" if reply == {"ok": True} else f"unexpected reply {reply!r}"
+                except SandboxError as e:
+                    session.close()
+                    self._probe = f"{e}; sandbox stderr: {session.stderr.strip() or '(empty)'}"
+                finally:
+                    session.close()
+        if self._probe:
+            raise SandboxUnavailable(
+                f"the local code sandbox cannot start: {self._probe}. It needs Linux namespaces (run as root, or "
+                "enable unprivileged user namespaces: sysctl kernel.unprivileged_userns_clone=1). Alternatives: "
+                "CommandSandbox with a container, or LocalSandbox(isolation=False) (no isolation; not for "
+                "untrusted models).")
+
+
+class CommandSandbox:
+    """Runs the server through `command` (a container or remote-execution CLI) that provides isolation.
+
+    The server is passed as `python -I -S -B -c <source>` appended to `command`; stdin/stdout must be
+    connected to it (docker: `-i`). Wall-clock kills stop the local command process group; make sure
+    the command takes the remote side down with it (e.g. docker run --rm with --init and a `timeout`).
+    """
+
+    def __init__(self, command: list[str], python: str = "python3"):
+        self.command, self.python = list(command), python
+        self._source = SERVER_PATH.read_text()
+
+    def start(self, limits: SandboxLimits) -> SandboxSession:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        proc = _popen([*self.command, self.python, "-I", "-S", "-B", "-c", self._source], env=env)
+        return SandboxSession(proc, limits)
+
+    def check(self) -> None:
+        with self.start(SandboxLimits(wall_seconds=60)) as session:
+            try:
+                if session.request({"op": "ping"}) != {"ok": True}:
+                    raise SandboxUnavailable("CommandSandbox: unexpected reply to ping")
+            except SandboxError as e:
+                raise SandboxUnavailable(f"CommandSandbox {self.command}: {e}; stderr: {session.stderr}") from None
