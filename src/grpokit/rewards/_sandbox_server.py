@@ -209,7 +209,7 @@ def _serve():
             elif op == "item":
                 reply = value(handles[msg["h"]][decode(msg["key"], handles.__getitem__)])
             elif op == "run":
-                reply = {"ok": run_io(msg["stdin"], msg["timeout"], msg["output_limit"])}
+                reply = value(run_io(msg["stdin"], msg["timeout"], msg["output_limit"]))
             else:
                 reply = {"err": ["ProtocolError", f"unknown op {op!r}"]}
         except BaseException as e:  # noqa: BLE001 - SystemExit from the solution included
