@@ -1,0 +1,395 @@
+"""Load the policy and its tokenizer, add LoRA, get a reference model, save.
+
+Every loader takes a hub id, a local directory or an already loaded object, so that a TRL-style
+script (`GRPOTrainer(model="Qwen/...")` or `GRPOTrainer(model=my_model)`) and the CLI share one path.
+
+Conventions:
+- dtype "auto" means float32 on CPU (bf16 matmuls have no hardware support on most CPUs and are
+  hundreds of times slower) and bf16 on CUDA when the card supports it (else float32).
+- The reference of a LoRA model is the base model with the adapter switched off
+  (`reference_logits_context`), never a second copy. Without LoRA, `load_reference_model` makes a
+  frozen copy; it is only needed when beta > 0.
+- A tokenizer without a pad token gets `pad_token = eos_token` (the usual choice for causal LMs).
+  Code that builds labels must therefore mask padding by position (attention mask / lengths), never
+  by `input_ids == pad_token_id`, or the model never learns to emit EOS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import string
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHAR_TOKENIZER_SPECIALS",
+    "apply_lora",
+    "default_dtype",
+    "load_model",
+    "load_reference_model",
+    "load_tokenizer",
+    "new_char_tokenizer",
+    "new_model_from_config",
+    "reference_logits_context",
+    "resolve_device",
+    "resolve_dtype",
+    "save_model",
+    "starter_model_path",
+]
+
+# Special tokens of the character-level tokenizer, in id order (pad=0, bos=1, eos=2, unk=3).
+CHAR_TOKENIZER_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+# --------------------------------------------------------------------------------------------
+# devices and dtypes
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto"/None -> cuda if available else cpu; anything else is passed to torch.device."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_dtype(device: str | torch.device | None = "cpu") -> torch.dtype:
+    """The compute dtype we default to on `device`: bf16 on CUDA if supported, else float32."""
+    device = resolve_device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = "cpu") -> torch.dtype:
+    """Turn "auto"/None/"bf16"/"float32"/torch.dtype into a torch.dtype for `device`."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r} is not understood; use 'auto', 'float32', 'bfloat16' or 'float16'")
+    return _DTYPE_NAMES[key]
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+def new_char_tokenizer(chat_template: str | None = None):
+    """A character-level tokenizer over printable ASCII, built with the `tokenizers` library.
+
+    Every character is one token (WordLevel over single characters); ids 0-3 are
+    <pad>, <bos>, <eos>, <unk>; nothing is added automatically around the text (no BOS/EOS
+    post-processor), so `decode(encode(s)) == s` for printable ASCII. Returns a
+    `PreTrainedTokenizerFast` with pad/bos/eos/unk set and right padding (use `load_tokenizer`
+    or set `padding_side` for generation).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate([*CHAR_TOKENIZER_SPECIALS, *chars])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    pad, bos, eos, unk = CHAR_TOKENIZER_SPECIALS
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=pad,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=unk,
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def load_tokenizer(name_or_path_or_tokenizer: Any, padding_side: str = "left", trust_remote_code: bool = False):
+    """Load a tokenizer (hub id, local dir, or pass an object through) ready for batched generation.
+
+    - `padding_side` is set ("left" for generation, the default).
+    - "char" builds the character-level tokenizer of the starter model (`new_char_tokenizer`).
+    - When the tokenizer has no pad token, `pad_token` is set to `eos_token` (and a `<pad>` token
+      is added when there is no EOS either; then `len(tokenizer)` grows and the model's
+      embeddings must be resized with `model.resize_token_embeddings(len(tokenizer))`).
+    """
+    if isinstance(name_or_path_or_tokenizer, str | os.PathLike):
+        if str(name_or_path_or_tokenizer) == "char":
+            tokenizer = new_char_tokenizer()
+        elif _declares_generic_fast_tokenizer(Path(name_or_path_or_tokenizer)):
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(name_or_path_or_tokenizer))
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(name_or_path_or_tokenizer), trust_remote_code=trust_remote_code
+            )
+    else:
+        tokenizer = name_or_path_or_tokenizer
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            warnings.warn(
+                "tokenizer has neither a pad nor an eos token: adding '<pad>'; resize the model's "
+                "embeddings with model.resize_token_embeddings(len(tokenizer))",
+                stacklevel=2,
+            )
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def _declares_generic_fast_tokenizer(path: Path) -> bool:
+    """A local dir whose tokenizer_config.json names the generic fast class (e.g. our char tokenizer).
+
+    transformers v5's AutoTokenizer swaps in the model type's own tokenizer class for some model
+    types (qwen2 gets Qwen2Tokenizer, whose byte-level pipeline would replace the saved one and drop
+    spaces); loading the generic class directly keeps the pipeline stored in tokenizer.json.
+    """
+    config = path / "tokenizer_config.json"
+    if not (path.is_dir() and config.exists() and (path / "tokenizer.json").exists()):
+        return False
+    try:
+        declared = json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return False
+    return declared in ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+
+
+def new_model_from_config(model_config: dict[str, Any], tokenizer=None, seed: int | None = None):
+    """A freshly initialised causal LM from a config dict (e.g. {"model_type": "llama", ...}).
+
+    `model_type` is any causal-LM type transformers knows ("llama", "qwen2", "gpt2", ...); the other
+    keys are that config's kwargs. With a tokenizer, vocab_size and the pad/bos/eos ids are taken
+    from it unless given. `seed` makes the initialisation reproducible.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(model_config)
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("model_config needs a 'model_type' key, e.g. {'model_type': 'llama', 'hidden_size': 64}")
+    if tokenizer is not None:
+        kwargs.setdefault("vocab_size", len(tokenizer))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(tokenizer, name, None)
+            if value is not None:
+                kwargs.setdefault(name, value)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if tokenizer is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def _is_peft_adapter_dir(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists()
+
+
+def load_model(
+    name_or_path_or_model: Any,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "cpu",
+    trust_remote_code: bool = False,
+    **from_pretrained_kwargs,
+):
+    """Load a causal LM for training or generation.
+
+    name_or_path_or_model:
+        a hub id ("Qwen/Qwen2.5-0.5B-Instruct"), a local directory written by `save_pretrained`
+        or `save_model`, a LoRA adapter directory (loaded as base model + adapter, trainable), or an
+        already loaded model (moved to `device`; cast only when `dtype` is not "auto").
+    dtype: "auto" (float32 on CPU, bf16 on CUDA when supported), "float32", "bfloat16", ... or a torch.dtype.
+    device: "cpu", "cuda", "cuda:1", "auto" (cuda if available), or None to leave it where it is.
+    """
+    target = resolve_device(device) if device is not None else None
+    if isinstance(name_or_path_or_model, torch.nn.Module):
+        model = name_or_path_or_model
+        if dtype is not None and dtype != "auto":
+            model = model.to(resolve_dtype(dtype, target or "cpu"))
+        return model.to(target) if target is not None else model
+
+    name = str(name_or_path_or_model)
+    torch_dtype = resolve_dtype(dtype, target or "cpu")
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model path {name!r} does not exist")
+    name = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    if _is_peft_adapter_dir(name):
+        from peft import AutoPeftModelForCausalLM
+
+        base = json.loads((Path(name) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(
+                f"the LoRA adapter in {name!r} does not name its base model (base_model_name_or_path is empty): "
+                "load the base with load_model(base) and the adapter with peft.PeftModel.from_pretrained(base, path)"
+            )
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            name, dtype=torch_dtype, is_trainable=True, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
+        )
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=torch_dtype, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
+        )
+    return model.to(target) if target is not None else model
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def apply_lora(model, peft_config):
+    """Wrap `model` with a LoRA adapter: base weights frozen, adapter weights trainable.
+
+    peft_config: a `peft.LoraConfig` or a dict of its fields (YAML), e.g.
+    {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}; task_type defaults to CAUSAL_LM
+    and target_modules to peft's per-architecture default.
+    """
+    from peft import LoraConfig, PeftConfig, get_peft_model
+
+    if _is_peft(model):
+        raise ValueError("model already has a PEFT adapter; pass the base model to apply_lora")
+    if isinstance(peft_config, dict):
+        fields = dict(peft_config)
+        fields.setdefault("task_type", "CAUSAL_LM")
+        peft_config = LoraConfig(**fields)
+    elif not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a peft.LoraConfig or a dict, got {type(peft_config).__name__}")
+    peft_model = get_peft_model(model, peft_config)
+    return peft_model
+
+
+@contextlib.contextmanager
+def reference_logits_context(model):
+    """Within this context `model(...)` returns the reference (base) model's logits, without gradients.
+
+    For a LoRA/PEFT model the adapter is disabled, so the base model serves as the reference with no
+    second copy in memory. For a model without an adapter there is nothing to switch off: this raises
+    ValueError (use `load_reference_model` for a frozen copy); silently returning the policy's own
+    logits would make the KL term zero.
+    """
+    if not _is_peft(model):
+        raise ValueError(
+            "reference_logits_context needs a LoRA/PEFT model (the reference is the base model with the "
+            "adapter disabled); for a full fine-tune load a frozen copy with load_reference_model()"
+        )
+    with model.disable_adapter(), torch.no_grad():
+        yield model
+
+
+def load_reference_model(
+    model_or_path: Any,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """A frozen, eval-mode reference model for beta > 0 without LoRA.
+
+    model_or_path: a hub id or path (loaded fresh, so load it *before* training changes anything on
+    disk) or a loaded model (deep-copied, so the policy can keep training). `device=None` keeps a
+    copied model on its device and puts a loaded one on CPU. LoRA models need no copy: use
+    `reference_logits_context`.
+    """
+    if isinstance(model_or_path, torch.nn.Module):
+        if _is_peft(model_or_path):
+            raise ValueError("a LoRA model's reference is its base model: use reference_logits_context(model)")
+        ref = copy.deepcopy(model_or_path)
+        if dtype is not None and dtype != "auto":
+            ref = ref.to(resolve_dtype(dtype))
+        if device is not None:
+            ref = ref.to(resolve_device(device))
+    else:
+        ref = load_model(model_or_path, dtype=dtype, device=device or "cpu", trust_remote_code=trust_remote_code)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def save_model(model, tokenizer, path: str | os.PathLike, merge_lora: bool = False) -> Path:
+    """Save a model and its tokenizer so `load_model(path)` / `load_tokenizer(path)` read them back.
+
+    - Plain model: `save_pretrained` (safetensors, config.json, generation_config.json) into `path`.
+    - LoRA/PEFT model: the adapter (adapter_model.safetensors, adapter_config.json) into `path`;
+      with `merge_lora=True` also the merged full model into `path/merged` (made from a copy, so the
+      model being trained keeps its adapter).
+    The tokenizer (if given) is saved next to each. Returns the directory of the full model when one
+    was written (path, or path/merged), else the adapter directory.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    unwrapped = getattr(model, "module", model)  # DDP / torch.compile wrappers
+    unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
+    unwrapped.save_pretrained(str(path))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    if not _is_peft(unwrapped):
+        return path
+    if not merge_lora:
+        return path
+    merged_dir = path / "merged"
+    merged = copy.deepcopy(unwrapped).merge_and_unload()
+    merged.save_pretrained(str(merged_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(merged_dir))
+    return merged_dir
+
+
+def starter_model_path() -> str:
+    """Directory of the tiny starter model shipped with the package (src/grpokit/assets/starter).
+
+    It is a ~1M-parameter Llama-shaped model with a character-level tokenizer, warm-started with a
+    short SFT on the built-in `arithmetic` task (see configs/starter_sft.yaml, made by
+    scripts/make_starter_model.sh). `grpokit train` with no arguments starts from it.
+    """
+    path = resources.files("grpokit") / "assets" / "starter"
+    path = Path(str(path))
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"the starter model is missing at {path}; rebuild it with scripts/make_starter_model.sh"
+        )
+    return str(path)
