@@ -32,3 +32,27 @@ __all__ = [
     "selective_log_softmax",
     "top_entropy_mask",
 ]
+
+# PPO (RLHF recipe) and preference losses (DPO / IPO): the baselines of `grpokit compare`.
+from grpokit.algos.dpo import DPO_AVERAGE_LOGPS, DPO_LOSSES, dpo_loss, sequence_logps  # noqa: E402
+from grpokit.algos.ppo import (  # noqa: E402
+    clipped_value_loss,
+    explained_variance,
+    gae_advantages,
+    masked_mean,
+    masked_whiten,
+    ppo_token_rewards,
+)
+
+__all__ += [
+    "DPO_AVERAGE_LOGPS",
+    "DPO_LOSSES",
+    "clipped_value_loss",
+    "dpo_loss",
+    "explained_variance",
+    "gae_advantages",
+    "masked_mean",
+    "masked_whiten",
+    "ppo_token_rewards",
+    "sequence_logps",
+]
