@@ -1,0 +1,216 @@
+"""Model-based rewards: a sequence-classification reward model as a scorer, and a preference scorer.
+
+`reward_model`: any `AutoModelForSequenceClassification` (hub id or local path) scores
+prompt + completion; conversational rows are rendered with the reward model's chat template.
+Batched (sorted by length, so padding stays small), on a chosen device, in inference mode.
+
+`preference`: a preference probability for dialogue tasks, compared either with a reference
+response column or with the other completions of the same prompt (the group):
+  * mode="bt": with a scalar reward model, P(a beats b) = sigmoid((r(a) - r(b)) / temperature)
+    (Bradley-Terry, the model reward models are trained with);
+  * mode="pairwise": a classifier that reads both responses in one input (`pairwise_template`)
+    and outputs the logit of "a is better"; made order-symmetric as
+    (sigmoid(s(a, b)) + 1 - sigmoid(s(b, a))) / 2.
+Against the group, a completion's reward is its mean win probability over the others, so each
+group's rewards sum to G/2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from grpokit.rewards.text import completion_text, is_conversational
+
+__all__ = ["RewardModelReward", "PreferenceReward"]
+
+
+def _resolve_device_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return torch.device(device), dtype
+
+
+class _Scorer:
+    """A loaded sequence classifier: texts -> one float each (logit `label_index`)."""
+
+    def __init__(self, model_name_or_path, device="auto", dtype="auto", batch_size=16, max_length=None,
+                 label_index=0, trust_remote_code=False, tokenizer=None, chat_template=None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.device, dtype = _resolve_device_dtype(device, dtype)
+        if isinstance(model_name_or_path, str):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            model = model_name_or_path
+        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(
+            model_name_or_path if isinstance(model_name_or_path, str) else model.config._name_or_path,
+            trust_remote_code=trust_remote_code)
+        if isinstance(tok, str):
+            tok = AutoTokenizer.from_pretrained(tok, trust_remote_code=trust_remote_code)
+        if tok.pad_token is None:
+            if tok.eos_token is None:
+                raise ValueError("reward model: the tokenizer has neither a pad nor an eos token; give one.")
+            tok.pad_token = tok.eos_token
+        if model.config.pad_token_id is None:  # the classifier pools at the last non-pad token
+            model.config.pad_token_id = tok.pad_token_id
+        tok.truncation_side = "left"  # keep the end of the completion when too long
+        if chat_template is not None:
+            tok.chat_template = chat_template
+        if not 0 <= label_index < model.config.num_labels:
+            raise ValueError(f"reward model: label_index={label_index} but the model has "
+                             f"{model.config.num_labels} labels.")
+        self.model = model.to(self.device).eval()
+        self.tokenizer, self.batch_size, self.label_index = tok, int(batch_size), label_index
+        limit = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
+        self.max_length = min(max_length or limit, limit)
+
+    def render(self, prompt: Any, completion: Any) -> tuple[str, bool]:
+        """(text, has special tokens already) for one prompt + completion."""
+        if is_conversational(prompt) or is_conversational(completion):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError("reward model: conversational data but the reward model's tokenizer has no chat "
+                                 "template; pass reward_kwargs chat_template=... (a Jinja string).")
+            messages = list(prompt) if is_conversational(prompt) else [{"role": "user", "content": str(prompt)}]
+            messages += list(completion) if is_conversational(completion) else \
+                [{"role": "assistant", "content": completion_text(completion)}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False), True
+        return f"{'' if prompt is None else prompt}{completion_text(completion)}", False
+
+    def score(self, texts: list[tuple[str, bool]]) -> list[float]:
+        import torch
+
+        encoded = [self.tokenizer(t, add_special_tokens=not templated, truncation=True,
+                                  max_length=self.max_length)["input_ids"] for t, templated in texts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out = [0.0] * len(encoded)
+        with torch.inference_mode():
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s:s + self.batch_size]
+                batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+                logits = self.model(input_ids=batch["input_ids"].to(self.device),
+                                    attention_mask=batch["attention_mask"].to(self.device)).logits
+                for i, v in zip(idx, logits[:, self.label_index].float().cpu().tolist()):
+                    out[i] = v
+        return out
+
+
+class RewardModelReward:
+    """The reward model's score of prompt + completion (its logit `label_index`, default 0).
+
+    model_name_or_path: hub id or local path of an AutoModelForSequenceClassification (or a loaded model).
+    device: "auto" (cuda if available), "cpu", "cuda:1", ...; dtype: "auto" (bf16 on cuda, fp32 on cpu).
+    batch_size, max_length: batching and truncation (left: the completion's end is kept).
+    chat_template: override the tokenizer's template for conversational rows.
+    """
+
+    use_process_pool = False  # one model in this process, on the chosen device
+
+    def __init__(self, model_name_or_path, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
+                 max_length: int | None = None, label_index: int = 0, trust_remote_code: bool = False,
+                 tokenizer=None, chat_template: str | None = None):
+        self.__name__ = "reward_model"
+        self.scorer = _Scorer(model_name_or_path, device, dtype, batch_size, max_length, label_index,
+                              trust_remote_code, tokenizer, chat_template)
+
+    def __call__(self, prompts: Sequence, completions: Sequence, completion_ids=None, **columns) -> list[float]:
+        return self.scorer.score([self.scorer.render(p, c) for p, c in zip(prompts, completions)])
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _group_key(prompt: Any) -> str:
+    return json.dumps(prompt, sort_keys=True, default=str) if not isinstance(prompt, str) else prompt
+
+
+class PreferenceReward:
+    """Probability that the completion is preferred: to the reference response in `reference_column`,
+    or (reference_column=None) on average to the other completions of its prompt.
+
+    mode: "bt" (scalar reward model, Bradley-Terry) or "pairwise" (a classifier over both
+    responses, formatted by `pairwise_template` with {prompt}, {a} and {b}).
+    Other keyword arguments are those of `reward_model`.
+    """
+
+    use_process_pool = False
+
+    def __init__(self, model_name_or_path, reference_column: str | None = None, mode: str = "bt",
+                 temperature: float = 1.0, pairwise_template: str | None = None, **model_kwargs):
+        if mode not in ("bt", "pairwise"):
+            raise ValueError(f"preference: mode={mode!r}; use bt or pairwise.")
+        if mode == "pairwise" and not pairwise_template:
+            raise ValueError("preference: mode='pairwise' needs pairwise_template, e.g. "
+                             "'{prompt}\\n[A] {a}\\n[B] {b}'.")
+        if temperature <= 0:
+            raise ValueError(f"preference: temperature must be > 0, got {temperature}.")
+        self.__name__ = "preference"
+        self.reference_column, self.mode, self.temperature = reference_column, mode, float(temperature)
+        self.pairwise_template = pairwise_template
+        self.scorer = _Scorer(model_name_or_path, **model_kwargs)
+
+    def check_columns(self, columns: set[str]) -> None:
+        if self.reference_column is not None and self.reference_column not in columns:
+            raise ValueError(f"reference_column {self.reference_column!r} is not a dataset column "
+                             f"(columns: {sorted(columns)}).")
+
+    def _win_probs(self, prompt, pairs: list[tuple[Any, Any]]) -> list[float]:
+        """P(a beats b) for each (a, b) sharing `prompt`."""
+        if self.mode == "bt":  # each distinct response is scored once
+            rendered = [(self.scorer.render(prompt, a), self.scorer.render(prompt, b)) for a, b in pairs]
+            distinct = list(dict.fromkeys(t for pair in rendered for t in pair))
+            r = dict(zip(distinct, self.scorer.score(distinct)))
+            return [_sigmoid((r[a] - r[b]) / self.temperature) for a, b in rendered]
+        p = completion_text(prompt) if is_conversational(prompt) else str(prompt)
+        fmt = self.pairwise_template.format
+        texts = [(fmt(prompt=p, a=completion_text(a), b=completion_text(b)), False) for a, b in pairs]
+        texts += [(fmt(prompt=p, a=completion_text(b), b=completion_text(a)), False) for a, b in pairs]
+        s = self.scorer.score(texts)
+        n = len(pairs)
+        return [(_sigmoid(s[k] / self.temperature) + 1 - _sigmoid(s[n + k] / self.temperature)) / 2 for k in range(n)]
+
+    def __call__(self, prompts: Sequence, completions: Sequence, completion_ids=None, **columns) -> list[float | None]:
+        n = len(completions)
+        if self.reference_column is not None:
+            refs = columns[self.reference_column]
+            out: list[float | None] = [None] * n
+            todo = [i for i in range(n) if refs[i] is not None]
+            for i, prob in zip(todo, self._batched(prompts, [(completions[i], refs[i]) for i in todo], todo)):
+                out[i] = prob
+            return out
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(_group_key(p), []).append(i)
+        out = [0.5] * n  # alone in its group: no one to compare with
+        for rows in groups.values():
+            if len(rows) < 2:
+                continue
+            pairs = [(i, j) for i in rows for j in rows if i != j]
+            probs = self._batched(prompts, [(completions[i], completions[j]) for i, j in pairs], [i for i, _ in pairs])
+            wins: dict[int, list[float]] = {}
+            for (i, _), prob in zip(pairs, probs):
+                wins.setdefault(i, []).append(prob)
+            for i, ps in wins.items():
+                out[i] = sum(ps) / len(ps)
+        return out
+
+    def _batched(self, prompts, pairs, rows) -> list[float]:
+        """Win probabilities for pairs whose prompts are prompts[rows[k]]; one scorer pass per prompt."""
+        by_prompt: dict[str, list[int]] = {}
+        for k, r in enumerate(rows):
+            by_prompt.setdefault(_group_key(prompts[r]), []).append(k)
+        out = [0.0] * len(pairs)
+        for ks in by_prompt.values():
+            for k, prob in zip(ks, self._win_probs(prompts[rows[ks[0]]], [pairs[k] for k in ks])):
+                out[k] = prob
+        return out

@@ -1,0 +1,119 @@
+"""Model-based rewards on a tiny sequence classifier built here from a config (never downloaded)."""
+
+import math
+
+import pytest
+import torch
+
+from grpokit.rewards import PreferenceReward, RewardModelReward, RewardRunner, load_reward_funcs
+
+WORDS = "the a cat dog sat ran on mat is good bad answer yes no why because hello hi user assistant".split()
+TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def rm_path(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForSequenceClassification
+
+    # a byte-level BPE (the kind Qwen2's tokenizer class rebuilds from vocab + merges)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(WORDS)] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["[PAD]", "[EOS]"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]")
+    hf_tok.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, num_labels=1,
+                      pad_token_id=tok.token_to_id("[PAD]"))
+    model = Qwen2ForSequenceClassification(cfg)
+    path = tmp_path_factory.mktemp("tiny_rm")
+    model.save_pretrained(path)
+    hf_tok.save_pretrained(path)
+    return str(path)
+
+
+def manual_score(path, text):
+    """One unpadded forward pass: the reference the batched scorer must match."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        return float(model(input_ids=ids).logits[0, 0])
+
+
+def test_reward_model_scores_batched_like_one_at_a_time(rm_path):
+    rm = RewardModelReward(rm_path, device="cpu", batch_size=2)
+    prompts = ["the cat", "the cat", "why", "hello"]
+    completions = [" sat on the mat", " ran", " because the dog is bad bad bad bad", " hi"]
+    scores = rm(prompts, completions)
+    # different lengths in batches of 2, sorted by length and padded: order and values kept
+    expected = [manual_score(rm_path, p + c) for p, c in zip(prompts, completions)]
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert len(set(round(s, 6) for s in scores)) == 4  # a real model: the scores differ
+
+
+def test_conversational_rows_use_the_chat_template(rm_path):
+    rm = RewardModelReward(rm_path, device="cpu")
+    prompt = [{"role": "user", "content": "is the dog good"}]
+    completion = [{"role": "assistant", "content": "yes the dog is good"}]
+    (score,) = rm([prompt], [completion])
+    text = "user : is the dog good assistant : yes the dog is good "  # TEMPLATE rendered by hand
+    assert score == pytest.approx(manual_score(rm_path, text), abs=1e-5)
+    (mixed,) = rm([prompt], ["yes the dog is good"])  # a string completion becomes the assistant turn
+    assert mixed == pytest.approx(score, abs=1e-6)
+
+
+def test_missing_chat_template_is_a_clear_error(rm_path):
+    rm = RewardModelReward(rm_path, device="cpu")
+    rm.scorer.tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template; pass reward_kwargs chat_template"):
+        rm([[{"role": "user", "content": "hi"}]], ["hello"])
+
+
+def test_preference_against_a_reference_is_bradley_terry(rm_path):
+    rm = RewardModelReward(rm_path, device="cpu")
+    pref = PreferenceReward(rm_path, reference_column="chosen", device="cpu", temperature=2.0)
+    prompts, comps, refs = ["why", "why", "hello"], [" because", " no", " hi"], [" yes", " yes", None]
+    r = rm(prompts, comps)
+    r_ref = rm(prompts[:2], refs[:2])
+    out = pref(prompts, comps, chosen=refs)
+    # P = sigmoid((r - r_ref) / T); a row without a reference is not applicable
+    assert out[:2] == pytest.approx([1 / (1 + math.exp(-(a - b) / 2.0)) for a, b in zip(r[:2], r_ref)], abs=1e-6)
+    assert out[2] is None
+
+
+def test_preference_against_the_group(rm_path):
+    pref = PreferenceReward(rm_path, device="cpu")
+    prompts = ["the cat"] * 4 + ["why"] * 3 + ["hello"]
+    comps = [" sat", " ran", " is good", " is bad", " because", " no", " yes", " hi"]
+    out = pref(prompts, comps)
+    assert all(0.0 < p < 1.0 for p in out)
+    # sigmoid(x) + sigmoid(-x) = 1, so every group's win probabilities sum to G / 2
+    assert sum(out[:4]) == pytest.approx(2.0) and sum(out[4:7]) == pytest.approx(1.5)
+    assert out[7] == 0.5  # alone: nobody to compare with
+    rm = RewardModelReward(rm_path, device="cpu")
+    r = rm(prompts[:4], comps[:4])
+    assert sorted(range(4), key=out.__getitem__) == sorted(range(4), key=r.__getitem__)  # same order as r
+
+
+def test_pairwise_mode_is_order_symmetric(rm_path):
+    pref = PreferenceReward(rm_path, mode="pairwise", pairwise_template="{prompt} : {a} : {b}", device="cpu")
+    out = pref(["why", "why"], [" because the dog", " no"])
+    assert out[0] + out[1] == pytest.approx(1.0)  # P(a > b) + P(b > a) = 1
+    with pytest.raises(ValueError, match="needs pairwise_template"):
+        PreferenceReward(rm_path, mode="pairwise")
+
+
+def test_reward_model_by_registry_name_in_the_runner(rm_path):
+    funcs = load_reward_funcs(["reward_model"], reward_kwargs={"reward_model": {"model_name_or_path": rm_path,
+                                                                               "device": "cpu"}})
+    runner = RewardRunner(funcs, num_workers=2)  # use_process_pool=False: stays in this process
+    assert runner._plans[0].in_pool is False
+    out = runner(["why", "hello"], [" because", " hi"])
+    assert out.names == ["reward_model"] and torch.isfinite(out.per_func).all()
+    runner.close()
