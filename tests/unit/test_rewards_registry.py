@@ -110,7 +110,7 @@ def test_unpicklable_registered_function_runs_in_this_process(clean_registry):
     register_reward("lam", lambda prompts, completions, **kw: [2.0] * len(completions))
     (f,) = load_reward_funcs(["lam"])
     assert f.__grpokit_spec__ == ("lam", {})
-    with RewardRunner([f, "accuracy"], num_workers=1) as runner:
+    with RewardRunner([f, "format"], num_workers=1) as runner:
         assert [p.in_pool for p in runner._plans] == [False, True]
-        out = runner(["p"], ["\\boxed{2}"], columns={"answer": ["2"]})
+        out = runner(["p"], ["<think>a</think><answer>b</answer>"])
     assert out.per_func.tolist() == [[2.0, 1.0]]

@@ -6,6 +6,7 @@ import math
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,7 +228,7 @@ def test_unpicklable_function_falls_back_to_this_process(caplog):
     local = lambda prompts, completions, **kw: [float(os.getpid())] * len(completions)  # noqa: E731
     with RewardRunner([local], num_workers=2) as runner:
         assert runner(P, C).per_func[0, 0] == os.getpid()
-    assert "cannot be pickled" in caplog.text
+    assert "cannot be sent to a worker process" in caplog.text
 
 
 def test_group_size_keeps_groups_in_one_chunk():
@@ -243,3 +244,30 @@ def test_describe_rewards_shows_values_none_and_errors():
     assert lines[2].split() == ["0", "p0", "a", "x", "1", "1", "error", "2"]
     assert lines[3].split() == ["1", "p0", "bb", "y", "2", "None", "error", "2"]
     assert "ZeroDivisionError" in text
+
+
+def test_pool_never_reruns_an_unguarded_main_script(tmp_path):
+    # TRL-style scripts often have no `if __name__ == "__main__":` guard; multiprocessing's
+    # spawn/forkserver would re-run them in every worker. Our workers are fresh interpreters.
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from grpokit.rewards.pool import PoolTask, WorkerPool, payload_for\n"
+        "import test_rewards_poolfuncs as pf\n"
+        "print('script body ran', flush=True)\n"
+        "def in_main(prompts, completions, **kw):\n"
+        "    return [0.0]\n"
+        "pool = WorkerPool(1)\n"
+        "kw = {'prompts': ['p'], 'completions': ['c']}\n"
+        "(res,) = pool.run([PoolTask('k', payload_for(pf.pid_reward), kw, 30.0)])\n"
+        "pool.close()\n"
+        "print(res.status, res.value[0] != os.getpid(), payload_for(in_main))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # the body ran once; the module's function ran in a worker; one from __main__ cannot be sent
+    # (RewardRunner then runs it in this process: test_unpicklable_function_falls_back_to_this_process)
+    assert done.stdout.splitlines() == ["script body ran", "ok True None"]

@@ -219,6 +219,12 @@ class AccuracyReward:
     def check_columns(self, columns: set[str]) -> None:
         self._column(columns)
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in a worker process: import and warm up math-verify now, outside any timed call."""
+        self.__dict__.update(state)
+        _parse("\\frac{1}{2}")
+        _verify("(x+1)^2", "x^2+2x+1", self.float_rounding, self.numeric_precision)
+
     def __call__(self, prompts=None, completions: Sequence = (), completion_ids=None, **columns) -> list[float | None]:
         golds = columns[self._column(columns)]
         return [self.score(completion_text(c), g) for c, g in zip(completions, golds)]

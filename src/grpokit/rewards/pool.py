@@ -5,27 +5,71 @@ for ever. Here every call has a deadline; a worker that misses it is killed (SIG
 on the next call, and only that call's rows are marked as timed out. A worker that dies (segfault,
 `os._exit`, out of memory) turns into an error for its call, never a hang.
 
-Workers start from a forkserver (a clean interpreter: no CUDA context or trainer threads are
-forked) with `grpokit.rewards.math` preloaded, so each new worker is a cheap fork. A function is
-sent to a worker once, pickled (module-level functions, partials of them, instances of
-module-level classes), and cached there by key.
+Workers are fresh interpreters (`python -m grpokit.rewards.pool <fd>`, talking over a socketpair),
+not forks: nothing of the trainer (CUDA context, threads, locks) is inherited, and, unlike
+multiprocessing's spawn/forkserver, the user's main script is never re-run, so an unguarded
+TRL-style script is safe. A worker gets the trainer's sys.path and caches each function it is sent
+(pickled once per worker: module-level functions, partials of them, instances of module-level
+classes); unpickling, and so importing, is not part of a call's timed window (AccuracyReward warms
+math-verify up when it is unpickled). Functions defined in `__main__` cannot be rebuilt there;
+RewardRunner keeps those in its own process.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import pickle
+import socket
+import subprocess
+import sys
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
-__all__ = ["WorkerPool", "PoolTask", "PoolResult"]
+from grpokit.rewards.registry import REWARD_REGISTRY
+from grpokit.rewards.registry import resolve_reward as _resolve
+
+__all__ = ["WorkerPool", "PoolTask", "PoolResult", "payload_for"]
 
 LOAD_TIMEOUT = 300.0  # seconds a worker may spend unpickling (importing) a function before its first call
+
+
+class _FromRegistry:
+    """Picklable stand-in for a function that cannot be pickled but was chosen by name or path."""
+
+    def __init__(self, spec: str, kwargs: dict):
+        self.spec, self.kwargs, self._fn = spec, kwargs, None
+
+    def __getstate__(self):
+        return {"spec": self.spec, "kwargs": self.kwargs, "_fn": None}
+
+    def __call__(self, **kw):
+        if self._fn is None:
+            self._fn = _resolve(self.spec, self.kwargs)
+        return self._fn(**kw)
+
+
+def payload_for(fn: Callable) -> bytes | None:
+    """The pickle a worker rebuilds `fn` from; None if it cannot be sent (a worker is a fresh
+    interpreter: it can import modules, but not the trainer's `__main__`)."""
+    try:
+        payload = pickle.dumps(fn)
+        if b"__main__" not in payload:
+            return payload
+    except Exception:
+        pass
+    spec = getattr(fn, "__grpokit_spec__", None)
+    if spec is None:
+        return None
+    entry = REWARD_REGISTRY.get(spec[0], spec[0])
+    # a worker can rebuild it only from an import: a built-in name or a "module:function" path
+    if isinstance(entry, str) and not entry.startswith("__main__"):
+        return pickle.dumps(_FromRegistry(*spec))
+    return None
 
 
 @dataclass
@@ -58,6 +102,12 @@ class _Worker:
 
 
 def _worker_main(conn) -> None:  # runs in the worker process
+    import importlib
+
+    path, preload = conn.recv()
+    sys.path[:] = path
+    for module in preload:
+        importlib.import_module(module)
     cache: dict[str, Any] = {}
     while True:
         try:
@@ -92,30 +142,33 @@ def _worker_main(conn) -> None:  # runs in the worker process
 class WorkerPool:
     """`num_workers` processes; `run(tasks)` returns one `PoolResult` per task, in order."""
 
-    def __init__(self, num_workers: int, mp_context: str | None = None, preload: tuple[str, ...] = ()):
+    def __init__(self, num_workers: int, preload: tuple[str, ...] = ()):
         if num_workers < 1:
             raise ValueError(f"WorkerPool needs num_workers >= 1, got {num_workers}")
-        self.num_workers = num_workers
-        method = mp_context or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        self._ctx = mp.get_context(method)
-        if method == "forkserver" and preload:
-            self._ctx.set_forkserver_preload(list(preload))
+        self.num_workers, self.preload = num_workers, tuple(preload)
         self._workers: list[_Worker] = []
         self._owner_pid = os.getpid()
 
     def _start_worker(self) -> _Worker:
-        parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child,), daemon=True, name="grpokit-reward-worker")
-        proc.start()
+        parent, child = socket.socketpair()
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds grpokit/
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        proc = subprocess.Popen([sys.executable, "-m", "grpokit.rewards.pool", str(child.fileno())],
+                                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
         child.close()
-        return _Worker(proc=proc, conn=parent)
+        conn = Connection(parent.detach())
+        conn.send((list(sys.path), self.preload))
+        return _Worker(proc=proc, conn=conn)
 
     def _kill(self, w: _Worker) -> None:
         try:
             w.proc.kill()
         except Exception:
             pass
-        w.proc.join(timeout=5)
+        try:
+            w.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
         w.conn.close()
         self._workers.remove(w)
 
@@ -125,7 +178,7 @@ class WorkerPool:
         busy: dict[Any, tuple[int, _Worker]] = {}
         while pending or busy:
             while pending and len(busy) < self.num_workers:
-                for dead in [w for w in self._workers if w.task is None and not w.proc.is_alive()]:
+                for dead in [w for w in self._workers if w.task is None and w.proc.poll() is not None]:
                     self._kill(dead)
                 idle = [w for w in self._workers if w.task is None]
                 w = idle[0] if idle else self._start_worker()
@@ -160,8 +213,10 @@ class WorkerPool:
                     results[i] = PoolResult(task, status, value, err, tb, secs)
                 except (EOFError, OSError):
                     busy.pop(conn)
-                    w.proc.join(timeout=1)
-                    code = w.proc.exitcode
+                    try:
+                        code = w.proc.wait(timeout=1)
+                    except subprocess.TimeoutExpired:
+                        code = None
                     results[i] = PoolResult(task, "error", error=f"WorkerDied: the worker process exited "
                                             f"(exit code {code}) during the call", seconds=time.monotonic() - w.started)
                     self._kill(w)
@@ -186,10 +241,11 @@ class WorkerPool:
             except Exception:
                 pass
         for w in list(self._workers):
-            w.proc.join(timeout=1)
-            if w.proc.is_alive():
+            try:
+                w.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
                 w.proc.kill()
-                w.proc.join(timeout=1)
+                w.proc.wait(timeout=5)
             w.conn.close()
         self._workers.clear()
 
@@ -199,3 +255,7 @@ class WorkerPool:
                 self.close()
         except Exception:
             pass
+
+
+if __name__ == "__main__":  # a worker: python -m grpokit.rewards.pool FD
+    _worker_main(Connection(int(sys.argv[1])))

@@ -23,7 +23,6 @@ import inspect
 import logging
 import math
 import numbers
-import pickle
 import threading
 import time
 import traceback
@@ -34,7 +33,8 @@ from typing import Any
 
 import torch
 
-from grpokit.rewards.registry import REWARD_REGISTRY, load_reward_funcs, resolve_reward, reward_name
+from grpokit.rewards.pool import payload_for
+from grpokit.rewards.registry import load_reward_funcs, reward_name
 
 __all__ = ["RewardRunner", "RewardOutput", "RewardError", "RewardTimeout", "describe_rewards"]
 
@@ -83,39 +83,8 @@ class _Part:  # the outcome of one call on rows [start, stop)
     seconds: float = 0.0
 
 
-class _FromRegistry:
-    """Picklable stand-in for a function that cannot be pickled but was chosen by name or path."""
-
-    def __init__(self, spec: str, kwargs: dict):
-        self.spec, self.kwargs, self._fn = spec, kwargs, None
-
-    def __getstate__(self):
-        return {"spec": self.spec, "kwargs": self.kwargs, "_fn": None}
-
-    def __call__(self, **kw):
-        if self._fn is None:
-            self._fn = resolve_reward(self.spec, self.kwargs)
-        return self._fn(**kw)
-
-
 def _is_async(fn: Callable) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
-
-
-def _pool_payload(fn: Callable) -> bytes | None:
-    """The pickle a worker rebuilds `fn` from; None if it cannot be sent."""
-    try:
-        return pickle.dumps(fn)
-    except Exception:
-        pass
-    spec = getattr(fn, "__grpokit_spec__", None)
-    if spec is None:
-        return None
-    entry = REWARD_REGISTRY.get(spec[0], spec[0])
-    # a worker can rebuild it only from an import: a built-in name or a "module:function" path
-    if isinstance(entry, str) and not entry.startswith("__main__"):
-        return pickle.dumps(_FromRegistry(*spec))
-    return None
 
 
 def _raise_in_thread(thread: threading.Thread, exc_type: type) -> None:
@@ -198,7 +167,7 @@ class RewardRunner:
 
     def __init__(self, reward_funcs: Sequence[Callable | str] | Callable | str, weights: Sequence[float] | None = None,
                  timeout: float | None = 30.0, on_error: str = "raise", num_workers: int = 0,
-                 chunk_size: int | None = None, group_size: int | None = None, mp_context: str | None = None):
+                 chunk_size: int | None = None, group_size: int | None = None):
         funcs = load_reward_funcs(reward_funcs) if isinstance(reward_funcs, (str, bytes)) or callable(reward_funcs) \
             else [f if callable(f) else load_reward_funcs([f])[0] for f in reward_funcs]
         if not funcs:
@@ -216,16 +185,16 @@ class RewardRunner:
             raise ValueError(f"RewardRunner: weights must be finite, got {weights}.")
         self.funcs, self.weights = list(funcs), weights
         self.timeout, self.on_error, self.num_workers = timeout, on_error, int(num_workers)
-        self.chunk_size, self.group_size, self.mp_context = chunk_size, group_size, mp_context
+        self.chunk_size, self.group_size = chunk_size, group_size
         self.names = self._unique_names([reward_name(f) for f in funcs])
         self._plans = []
         for name, fn in zip(self.names, self.funcs):
             is_async = _is_async(fn)
             in_pool = self.num_workers > 0 and not is_async and getattr(fn, "use_process_pool", True)
-            payload = _pool_payload(fn) if in_pool else None
+            payload = payload_for(fn) if in_pool else None
             if in_pool and payload is None:
-                logger.warning("reward %r cannot be pickled, so it runs in this process (define it at module "
-                               "level, or register it by name).", name)
+                logger.warning("reward %r cannot be sent to a worker process (it is not picklable, or it lives "
+                               "in __main__), so it runs in this process; define it in an importable module.", name)
                 in_pool = False
             self._plans.append(_Plan(name, fn, is_async, in_pool, payload))
         self._checked: frozenset | None = None
@@ -352,7 +321,7 @@ class RewardRunner:
         from grpokit.rewards.pool import PoolTask, WorkerPool
 
         if self._pool is None:
-            self._pool = WorkerPool(self.num_workers, self.mp_context, preload=("grpokit.rewards.math",))
+            self._pool = WorkerPool(self.num_workers)
         tasks = [PoolTask(f"{self._uid}:{i}", self._plans[i].payload, self._kwargs(self._plans[i], full, s, e),
                           self.timeout, (i, s, e)) for i in idx for s, e in self._chunks(n)]
         out: dict[int, list[_Part]] = {i: [] for i in idx}
