@@ -1,0 +1,15 @@
+"""Rollout engines: G sampled completions per prompt, with the logprobs of what was sampled.
+
+    from grpokit.rollout import HFEngine, SamplingParams
+    engine = HFEngine(model, tokenizer)
+    out = engine.generate(prompt_ids, n=8, params=SamplingParams(max_tokens=256, stop=["</answer>"]))
+
+`make_engine("hf" | "vllm", model, tokenizer, **kw)` picks an engine by name; vLLM is imported
+only when chosen.
+"""
+
+from grpokit.rollout.base import Completion, Engine, make_engine, register_engine
+from grpokit.rollout.hf import HFEngine
+from grpokit.rollout.sampling import SamplingParams
+
+__all__ = ["Completion", "Engine", "HFEngine", "SamplingParams", "make_engine", "register_engine"]

@@ -1,0 +1,74 @@
+"""The rollout seam: what an engine returns, the `Engine` protocol and the engine registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Protocol, runtime_checkable
+
+from grpokit.rollout.sampling import SamplingParams
+
+
+@dataclass
+class Completion:
+    """One sampled completion of one prompt."""
+
+    prompt_index: int
+    """Index of its prompt in the `prompt_ids` passed to `generate`."""
+    token_ids: list[int]
+    """Generated ids: include the EOS id when it ended on EOS, and the id that completed a stop string."""
+    logprobs: list[float] = field(default_factory=list)
+    """One per token id: its log-probability under the distribution actually sampled."""
+    finish_reason: Literal["stop", "length"] = "length"
+    """"stop" for EOS or a stop string, "length" when max_tokens was reached."""
+    text: str = ""
+    """Decoded completion (special tokens skipped), cut right after a stop string (included)."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Samples n completions per prompt; output grouped by prompt (prompt 0's n first, ...)."""
+
+    def generate(
+        self, prompt_ids: list[list[int]], n: int = 1, params: SamplingParams | None = None
+    ) -> list[Completion]: ...
+
+    def update_weights(self, model) -> None: ...
+
+
+_ENGINES: dict[str, Callable[..., Engine]] = {}
+
+
+def register_engine(name: str):
+    """Decorator registering an engine factory `(model, tokenizer, **kw) -> Engine` under `name`."""
+
+    def deco(factory):
+        _ENGINES[name] = factory
+        return factory
+
+    return deco
+
+
+def make_engine(name: str, model, tokenizer, **kwargs) -> Engine:
+    """Build the engine called `name` ("hf" or "vllm"); vLLM is imported only when chosen."""
+    if name == "hf":
+        from grpokit.rollout.hf import HFEngine
+
+        return HFEngine(model, tokenizer, **kwargs)
+    if name == "vllm":
+        from grpokit.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, **kwargs)
+    if name in _ENGINES:
+        return _ENGINES[name](model, tokenizer, **kwargs)
+    known = ", ".join(["hf", "vllm", *sorted(_ENGINES)])
+    raise ValueError(f"unknown rollout engine {name!r}; choose one of: {known}")
+
+
+def finish_text(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Cut `text` right after the stop string that ends first; returns (text, whether cut)."""
+    best = -1
+    for s in stop:
+        i = text.find(s)
+        if i >= 0 and (best < 0 or i + len(s) < best):
+            best = i + len(s)
+    return (text[:best], True) if best >= 0 else (text, False)

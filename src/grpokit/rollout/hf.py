@@ -1,0 +1,432 @@
+"""HFEngine: fast G-samples-per-prompt rollouts from any transformers causal LM (CPU and CUDA).
+
+Where the speed comes from (see benchmarks/README.md for the measured effect of each):
+
+1. The prompt of a group is prefilled once, its KV cache copied (broadcast) into the G rows of
+   the decode batch; `model.generate(num_return_sequences=G)` prefills it G times.
+2. The decode cache is one pre-allocated buffer per layer, written in place (`_SlotCache`); the
+   model sees a growing view of it. No `torch.cat` of the whole cache per step.
+3. Prompts of different lengths are prefilled in length buckets, then decoded together
+   left-aligned in the buffer with a 4-D additive padding mask and explicit position ids.
+4. A finished row leaves the batch at once: an active row from the end of the batch is copied
+   into its slot (cost: one row, not the batch), and every tensor is a view of its first B rows.
+5. Sampling is vectorised torch on the last position's logits (grpokit.rollout.sampling);
+   Python per step is one `.tolist()` and a loop over the active rows' bookkeeping.
+6. A `max_batch_tokens` budget (prompt + max_tokens per row) splits huge rollouts into waves.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+
+from grpokit.rollout.base import Completion, finish_text, register_engine
+from grpokit.rollout.sampling import SamplingParams, processed_logprobs, row_keys, row_uniforms, sample
+
+try:  # transformers >= 4.56 has per-layer cache objects; the engine needs them
+    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+except ImportError:  # pragma: no cover
+    Cache = DynamicCache = None
+    CacheLayerMixin = object
+
+_STOP_WINDOW_EXTRA = 8  # tail tokens decoded beyond the longest stop string, in characters
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's KV buffer [B, H, capacity, D], filled in place; the model sees [:b, :, :length]."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        self.k_buf, self.v_buf, self.length, self.b = keys, values, length, keys.shape[0]
+        self.is_initialized = True
+        self.device = keys.device
+
+    def lazy_initialization(self, key_states, value_states):  # buffers are allocated up front
+        pass
+
+    @property
+    def keys(self):
+        return self.k_buf[: self.b, :, : self.length]
+
+    @property
+    def values(self):
+        return self.v_buf[: self.b, :, : self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        start, end = self.length, self.length + key_states.shape[-2]
+        self.k_buf[: self.b, :, start:end] = key_states
+        self.v_buf[: self.b, :, start:end] = value_states
+        self.length = end
+        return self.k_buf[: self.b, :, :end], self.v_buf[: self.b, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int):
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.k_buf.shape[2]
+
+    def move_rows(self, dst: torch.Tensor, src: torch.Tensor, new_b: int):
+        for buf in (self.k_buf, self.v_buf):
+            buf[dst, :, : self.length] = buf[src, :, : self.length]
+        self.b = new_b
+
+
+if Cache is not None:
+
+    class _SlotCache(Cache):
+        """A transformers `Cache` over `_SlotLayer`s (pre-allocated, in-place, shrinkable batch)."""
+
+        def __init__(self, layers: list[_SlotLayer]):
+            super().__init__(layers=layers)
+
+        def move_rows(self, dst: torch.Tensor, src: torch.Tensor, new_b: int):
+            for layer in self.layers:
+                layer.move_rows(dst, src, new_b)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                getattr(model.config, "eos_token_id", None) if hasattr(model, "config") else None,
+                getattr(tokenizer, "eos_token_id", None)):
+        if src is None:
+            continue
+        ids.update([src] if isinstance(src, int) else [int(i) for i in src])
+    return ids
+
+
+def _base_model(model):
+    """The transformers model under a PEFT wrapper (the one whose forward signature matters)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@register_engine("hf")
+class HFEngine:
+    """G samples per prompt from a transformers causal LM, on the model's device.
+
+    Args:
+        model: a transformers causal LM (Qwen2, Llama, GPT-2, ...), possibly PEFT(LoRA)-wrapped.
+        tokenizer: its tokenizer (used to decode `text` and to check stop strings).
+        max_batch_tokens: most (prompt length + max_tokens) tokens held in the decode cache at
+            once, summed over rows; a rollout needing more runs in waves. None: as many as fit in
+            `kv_cache_memory` bytes of KV cache.
+        kv_cache_memory: KV-cache budget in bytes used when max_batch_tokens is None; None means
+            40% of the free memory on CUDA (at each call) and 4 GiB on CPU.
+        prefill_batch_tokens: prompts are prefilled in batches of about this many tokens, grouped
+            by length (padding under `prefill_max_padding` of a batch); 0 prefills one by one.
+        prefill_max_padding: largest fraction of padding tokens allowed in a prefill batch.
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch_tokens: int | None = None,
+                 kv_cache_memory: int | None = None, prefill_batch_tokens: int = 2048,
+                 prefill_max_padding: float = 0.1):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_tokens = max_batch_tokens
+        self.kv_cache_memory = kv_cache_memory
+        self.prefill_batch_tokens = prefill_batch_tokens
+        self.prefill_max_padding = prefill_max_padding
+        self.eos_ids = _eos_ids(model, tokenizer)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
+        self.stats: dict[str, float] = {}
+        """Phase split of the last `generate` call: prefill_s, decode_s, steps, waves, tokens."""
+        self._check_model()
+
+    # ------------------------------------------------------------------ public API
+    def update_weights(self, model) -> None:
+        """Sync weights from the trainer's model; a no-op when it is the module this engine uses."""
+        if model is self.model:
+            return
+        self.model.load_state_dict(model.state_dict())
+
+    def generate(self, prompt_ids: list[list[int]], n: int = 1,
+                 params: SamplingParams | None = None) -> list[Completion]:
+        """n completions per prompt, grouped by prompt (prompt 0's n completions first, ...)."""
+        params = params or SamplingParams()
+        self._check_inputs(prompt_ids, n, params)
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        results: list[Completion | None] = [None] * (len(prompt_ids) * n)
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "waves": 0,
+                      "generated_tokens": 0}
+        model = self.model
+        was_training = model.training
+        # The decode step passes a 4-D padding mask, which flash-attention/flex paths do not take:
+        # those models run on SDPA (same math) for the rollout, and get their setting back after.
+        cfg = _base_model(model).config
+        attn = getattr(cfg, "_attn_implementation", None)
+        if attn not in (None, "sdpa", "eager"):
+            cfg._attn_implementation = "sdpa"
+        model.eval()
+        try:
+            with torch.no_grad():
+                for wave in self._plan_waves(prompt_ids, n, params.max_tokens):
+                    self._run_wave(wave, prompt_ids, n, params, seed, results)
+                    self.stats["waves"] += 1
+        finally:
+            model.train(was_training)
+            if attn not in (None, "sdpa", "eager"):
+                cfg._attn_implementation = attn
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ checks and planning
+    def _check_model(self):
+        if Cache is None:
+            raise ImportError("HFEngine needs transformers >= 4.56 (per-layer Cache objects)")
+        peft_cfg = getattr(self.model, "active_peft_config", None)
+        if peft_cfg is not None and getattr(peft_cfg, "is_prompt_learning", False):
+            raise NotImplementedError("HFEngine supports LoRA-style PEFT adapters, not prompt learning")
+        base = _base_model(self.model)
+        sig = inspect.signature(base.forward).parameters
+        self._cache_kw = "cache" if "cache" in sig else "past_key_values"
+        self._logits_kw = "logits_to_keep" if "logits_to_keep" in sig else (
+            "num_logits_to_keep" if "num_logits_to_keep" in sig else None)
+        self.device = next(base.parameters()).device
+        cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        self._max_positions = getattr(cfg, "max_position_embeddings", None)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        dtype_size = next(base.parameters()).element_size()
+        self._kv_bytes_per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * dtype_size
+        types = getattr(cfg, "layer_types", None)
+        self._sliding_window = getattr(cfg, "sliding_window", None) if (
+            types and any("sliding" in t for t in types)) else None
+
+    def _check_inputs(self, prompt_ids, n, params):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n (samples per prompt) must be an int >= 1, got {n!r}")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a grpokit.rollout.SamplingParams, got {type(params).__name__}")
+        for i, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"prompt_ids[{i}] is empty; every prompt needs at least one token")
+            total = len(p) + params.max_tokens
+            if self._max_positions and total > self._max_positions:
+                raise ValueError(f"prompt_ids[{i}] has {len(p)} tokens; with max_tokens={params.max_tokens} "
+                                 f"that exceeds the model's max_position_embeddings={self._max_positions}")
+            if self._sliding_window and total > self._sliding_window:
+                raise NotImplementedError(f"prompt + max_tokens ({total}) exceeds the model's sliding "
+                                          f"window ({self._sliding_window}); HFEngine does not handle it")
+
+    def _budget(self) -> int:
+        """Token budget of one wave (see `max_batch_tokens`)."""
+        if self.max_batch_tokens is not None:
+            return self.max_batch_tokens
+        memory = self.kv_cache_memory
+        if memory is None:
+            if self.device.type == "cuda":
+                memory = int(0.4 * torch.cuda.mem_get_info(self.device)[0])
+            else:
+                memory = 4 << 30
+        return max(1, memory // self._kv_bytes_per_token)
+
+    def _plan_waves(self, prompt_ids, n, max_tokens):
+        """Split (prompt, first_sample, count) pieces into waves that fit the token budget.
+
+        Prompts are taken longest first so a wave's rows have similar lengths (little padding).
+        A group larger than the budget is split over several waves (its prompt is prefilled again).
+        """
+        budget = self._budget()
+        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+        waves, wave, wave_len, wave_rows = [], [], 0, 0
+        for i in order:
+            done = 0
+            while done < n:
+                length = max(wave_len, len(prompt_ids[i])) + max_tokens
+                fit = budget // length - wave_rows
+                if fit <= 0 and wave:
+                    waves.append(wave)
+                    wave, wave_len, wave_rows = [], 0, 0
+                    continue
+                take = min(n - done, max(fit, 1))
+                wave.append((i, done, take))
+                wave_len, wave_rows, done = max(wave_len, len(prompt_ids[i])), wave_rows + take, done + take
+        if wave:
+            waves.append(wave)
+        return waves
+
+    def _prefill_batches(self, prompts: list[list[int]]):
+        """Group prompt indices (already sorted by length, longest first) into prefill batches."""
+        batches, cur = [], []
+        for i, p in enumerate(prompts):
+            if cur:
+                width = len(prompts[cur[0]])
+                real = sum(len(prompts[j]) for j in cur) + len(p)
+                padded = width * (len(cur) + 1)
+                if padded > self.prefill_batch_tokens or padded - real > self.prefill_max_padding * padded:
+                    batches.append(cur)
+                    cur = []
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+        return batches
+
+    # ------------------------------------------------------------------ one wave
+    def _forward(self, **kw):
+        cache = kw.pop("cache")
+        kw[self._cache_kw] = cache
+        return self.model(use_cache=True, **kw).logits
+
+    def _run_wave(self, wave, prompt_ids, n, params, seed, results):
+        device, stats = self.device, self.stats
+        t0 = time.perf_counter()
+        prompts = [prompt_ids[i] for i, _, _ in wave]
+        rows_of = []  # per piece: (first row in the wave, count)
+        n_rows = 0
+        for _, _, count in wave:
+            rows_of.append((n_rows, count))
+            n_rows += count
+        width = max(len(p) for p in prompts)
+        capacity = width + params.max_tokens
+
+        # ---- prefill: each prompt once, in length-bucketed batches; KV broadcast to its rows
+        layers: list[_SlotLayer] | None = None
+        first_logits = None
+        mask = None
+        for batch in self._prefill_batches(prompts):
+            b_width = len(prompts[batch[0]])
+            ids = torch.full((len(batch), b_width), self.pad_id, dtype=torch.long)
+            att = torch.zeros((len(batch), b_width), dtype=torch.long)
+            for r, j in enumerate(batch):
+                ids[r, b_width - len(prompts[j]):] = torch.tensor(prompts[j])
+                att[r, b_width - len(prompts[j]):] = 1
+            kw = {}
+            if bool((att == 0).any()):
+                kw["attention_mask"] = att.to(device)
+                kw["position_ids"] = (att.cumsum(-1) - 1).clamp_(min=0).to(device)
+            if self._logits_kw:
+                kw[self._logits_kw] = 1
+            cache = DynamicCache()
+            logits = self._forward(input_ids=ids.to(device), cache=cache, **kw)[:, -1, :]
+            if layers is None:
+                layers, mask, first_logits = self._allocate(cache, n_rows, capacity, width, logits)
+            for r, j in enumerate(batch):
+                r0, count = rows_of[j]
+                plen = len(prompts[j])
+                for layer, src in zip(layers, cache.layers):
+                    layer.k_buf[r0:r0 + count, :, width - plen:width] = src.keys[r:r + 1, :, b_width - plen:]
+                    layer.v_buf[r0:r0 + count, :, width - plen:width] = src.values[r:r + 1, :, b_width - plen:]
+                mask[r0:r0 + count, ..., : width - plen] = torch.finfo(mask.dtype).min
+                first_logits[r0:r0 + count] = logits[r]
+            del cache
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t1 = time.perf_counter()
+        stats["prefill_s"] += t1 - t0
+
+        # ---- decode: all rows of the wave together; finished rows leave the batch
+        global_rows = torch.tensor([i * n + s + k for i, s, c in wave for k in range(c)], dtype=torch.long)
+        # uniforms[r, t] picks wave-row r's token at step t (counter-based, see sampling.py)
+        uniforms = row_uniforms(row_keys(seed, global_rows).to(device), params.max_tokens)
+        row_ids = torch.arange(n_rows, device=device)
+        positions = torch.tensor([len(prompt_ids[i]) for i, _, c in wave for _ in range(c)],
+                                 dtype=torch.long, device=device)
+        slot_cache = _SlotCache(layers)
+        active = list(range(n_rows))  # wave-row index of each batch position
+        out_tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        out_logprobs: list[list[float]] = [[] for _ in range(n_rows)]
+        finish: list[str | None] = [None] * n_rows
+        stop, eos = params.stop, self.eos_ids
+        window = (max(len(s) for s in stop) + _STOP_WINDOW_EXTRA) if stop else 0
+        decode_batch = self._decode_batch_fn() if stop else None
+        logits = first_logits
+        b = n_rows
+        for step in range(params.max_tokens):
+            if step > 0:
+                logits = self._forward(input_ids=tokens[:b, None], position_ids=positions[:b, None],
+                                       attention_mask=mask[:b, :, :, : width + step], cache=slot_cache)[:, -1, :]
+                positions[:b] += 1
+            logprobs = processed_logprobs(logits, params)
+            tokens, token_lp = sample(logprobs, uniforms[row_ids[:b], step], greedy=params.greedy)
+            tok_list, lp_list = tokens.tolist(), token_lp.tolist()
+            done_pos = []
+            tails = []
+            for pos, row in enumerate(active):
+                out_tokens[row].append(tok_list[pos])
+                out_logprobs[row].append(lp_list[pos])
+                if tok_list[pos] in eos:
+                    finish[row] = "stop"
+                    done_pos.append(pos)
+                elif stop:
+                    tails.append((pos, row))
+                elif step + 1 == params.max_tokens:
+                    finish[row] = "length"
+            if tails:
+                texts = decode_batch([out_tokens[row][-window:] for _, row in tails])
+                for (pos, row), text in zip(tails, texts):
+                    if any(s in text for s in stop):
+                        finish[row] = "stop"
+                        done_pos.append(pos)
+                    elif step + 1 == params.max_tokens:
+                        finish[row] = "length"
+            stats["steps"] += 1
+            if step + 1 == params.max_tokens or len(done_pos) == b:
+                break
+            if done_pos:
+                b = self._compact(done_pos, b, active, slot_cache, (tokens, positions, row_ids, mask))
+        stats["decode_s"] += time.perf_counter() - t1
+
+        for (i, s, count), (r0, _) in zip(wave, rows_of):
+            for k in range(count):
+                row = r0 + k
+                toks = out_tokens[row]
+                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                if stop and finish[row] == "stop" and toks[-1] not in eos:
+                    text, _ = finish_text(text, stop)
+                results[i * n + s + k] = Completion(prompt_index=i, token_ids=toks, logprobs=out_logprobs[row],
+                                                    finish_reason=finish[row] or "length", text=text)
+                stats["generated_tokens"] += len(toks)
+
+    def _allocate(self, cache, n_rows, capacity, width, logits):
+        """Pre-allocate the wave's KV buffers (zeros up to `width`), padding mask and first logits."""
+        layers = []
+        for src in cache.layers:
+            if type(src).__name__ != "DynamicLayer":
+                raise NotImplementedError(f"HFEngine handles full-attention KV caches; got {type(src).__name__}")
+            bufs = []
+            for t in (src.keys, src.values):
+                buf = torch.empty((n_rows, t.shape[1], capacity, t.shape[3]), dtype=t.dtype, device=t.device)
+                buf[:, :, :width].zero_()
+                bufs.append(buf)
+            layers.append(_SlotLayer(bufs[0], bufs[1], width))
+        dtype = cache.layers[0].keys.dtype
+        mask = torch.zeros((n_rows, 1, 1, capacity), dtype=dtype, device=logits.device)
+        first_logits = torch.empty((n_rows, logits.shape[-1]), dtype=logits.dtype, device=logits.device)
+        return layers, mask, first_logits
+
+    @staticmethod
+    def _compact(done_pos, b, active, slot_cache, tensors):
+        """Drop finished batch positions: move active rows from the end into their slots."""
+        done = set(done_pos)
+        new_b = b - len(done)
+        holes = [p for p in done_pos if p < new_b]
+        movers = [p for p in range(new_b, b) if p not in done]
+        if holes:
+            dev = tensors[0].device
+            dst = torch.tensor(holes, device=dev)
+            src = torch.tensor(movers, device=dev)
+            slot_cache.move_rows(dst, src, new_b)
+            for t in tensors:
+                t[dst] = t[src]
+            for h, m in zip(holes, movers):
+                active[h] = active[m]
+        else:
+            for layer in slot_cache.layers:
+                layer.b = new_b
+        del active[new_b:]
+        return new_b
+
+    def _decode_batch_fn(self):
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return lambda seqs: backend.decode_batch(seqs, skip_special_tokens=True)
+        return lambda seqs: [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs]

@@ -1,0 +1,145 @@
+"""Sampling: parameters, logits processing and counter-based random draws, in vectorised torch.
+
+Processing order (the same as HF `generate`'s warpers): temperature, then top-k, then top-p,
+then min-p. Each step keeps HF's tie and edge semantics exactly:
+
+- top-k keeps every token whose logit is >= the k-th largest (ties at the boundary are kept);
+- top-p sorts ascending, removes the tokens whose cumulative probability is <= 1 - top_p, and
+  always keeps the most likely token;
+- min-p removes tokens whose probability (after the steps above) is < min_p * max probability.
+
+(vLLM applies min-p before top-k/top-p; on the same logits the kept sets can then differ.)
+`temperature == 0` is greedy: the argmax of the raw logits, and the returned logprob is the
+log_softmax of the raw logits (the distribution before any processing).
+
+Randomness is counter-based: the uniform number that picks row r's token at step t is a hash of
+(seed, r, t), where r is the row's global index (prompt_index * n + sample_index). The samples
+therefore do not depend on how rows are batched, split into waves or dropped from the batch when
+they finish, and a seed reproduces a rollout exactly. A token is drawn by inverting the CDF of
+the processed distribution (float64 cumulative sum), which never returns a zero-probability token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingParams:
+    """What to sample and when to stop; names and meaning as vLLM's `SamplingParams`."""
+
+    max_tokens: int = 256
+    """Most tokens generated per completion (finish_reason "length" when reached)."""
+    temperature: float = 1.0
+    """Logits are divided by it; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 or -1 = off)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely one's (0 = off)."""
+    stop: list[str] | None = field(default=None)
+    """Strings that end a completion; the text is cut right after the first one (kept in the text)."""
+    seed: int | None = None
+    """Seed of the counter-based sampler; None draws one from torch's default generator."""
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        if self.top_k == -1:
+            self.top_k = 0
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be an int >= 0 (or -1 for off), got {self.top_k!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-probabilities [B, V] (float32) of the distribution sampled from `logits` [B, V].
+
+    Tokens removed by top-k / top-p / min-p get -inf. For greedy this is log_softmax(logits).
+    """
+    x = logits.float()
+    if params.greedy:
+        return torch.log_softmax(x, dim=-1)
+    if params.temperature != 1.0:
+        x = x / params.temperature
+    neg_inf = float("-inf")
+    if 0 < params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, neg_inf)
+    if params.top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=False)
+        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1.0 - params.top_p)
+        remove[:, -1] = False
+        x = x.masked_fill(remove.scatter(-1, order, remove), neg_inf)
+    if params.min_p > 0.0:
+        probs = x.softmax(dim=-1)
+        x = x.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), neg_inf)
+    return torch.log_softmax(x, dim=-1)
+
+
+def sample(logprobs: torch.Tensor, uniforms: torch.Tensor, greedy: bool = False):
+    """Draw one token per row: returns (token_ids [B] int64, their logprobs [B] float32).
+
+    `uniforms` [B] float64 in [0, 1) selects the token by inverting the CDF (ignored if greedy).
+    """
+    if greedy:
+        tokens = logprobs.argmax(dim=-1)
+    else:
+        cdf = logprobs.exp().double().cumsum(dim=-1)
+        target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(-1)
+        tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+        tokens = tokens.clamp_(max=logprobs.shape[-1] - 1)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32), without int64 overflow."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32 by C. Wellons) on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
+    """Two 32-bit keys [B, 2] per global row index (int64 tensor [B]), from a 64-bit seed."""
+    seed = int(seed) & ((1 << 64) - 1)
+    lo, hi = seed & _M32, seed >> 32
+    k1 = _mix32(_mix32(_mix32(rows & _M32) ^ lo) ^ hi)
+    k2 = _mix32(_mix32(_mix32((rows & _M32) ^ 0x9E3779B9) ^ hi) ^ lo)
+    k1 = _mix32(k1 ^ ((rows >> 32) & _M32))
+    return torch.stack([k1, k2], dim=-1)
+
+
+def row_uniforms(keys: torch.Tensor, steps: int) -> torch.Tensor:
+    """Uniform float64 numbers in [0, 1) with 53 random bits: [B, steps], row r's for step t at [r, t]."""
+    t = torch.arange(steps, dtype=torch.long, device=keys.device)
+    s1 = _mix32((t * 0x632BE5AB + 0x5BD1E995) & _M32)
+    s2 = _mix32(s1 ^ 0x68E31DA4)
+    h1 = _mix32(keys[:, :1] ^ s1)
+    h2 = _mix32(keys[:, 1:] ^ s2)
+    return ((h1 >> 6) * (1 << 27) + (h2 >> 5)).double() * (2.0**-53)

@@ -1,0 +1,135 @@
+"""grpokit.rollout.sampling: processing equals HF's warpers, the sampler draws from it exactly."""
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from grpokit.rollout.base import finish_text
+from grpokit.rollout.sampling import SamplingParams, processed_logprobs, row_keys, row_uniforms, sample
+
+
+def hf_processed(logits, p: SamplingParams):
+    """log_softmax of the scores after HF generate's warpers, in generate's order."""
+    x = logits.clone()
+    if p.temperature != 1.0:
+        x = TemperatureLogitsWarper(p.temperature)(None, x)
+    if p.top_k:
+        x = TopKLogitsWarper(p.top_k)(None, x)
+    if p.top_p < 1.0:
+        x = TopPLogitsWarper(p.top_p)(None, x)
+    if p.min_p:
+        x = MinPLogitsWarper(p.min_p)(None, x)
+    return torch.log_softmax(x, dim=-1)
+
+
+def chi2_critical(df: int, alpha: float = 1e-3) -> float:
+    """Upper alpha quantile of chi-square(df), Wilson-Hilferty approximation (good for df >= 3)."""
+    z = {1e-3: 3.0902, 1e-2: 2.3263}[alpha]
+    h = 2.0 / (9.0 * df)
+    return df * (1.0 - h + z * math.sqrt(h)) ** 3
+
+
+def chi2_stat(counts, probs, min_expected=5.0):
+    """Chi-square statistic and degrees of freedom; cells with expected < 5 are pooled."""
+    n = counts.sum()
+    expected = probs * n
+    small = expected < min_expected
+    obs = torch.cat([counts[~small], counts[small].sum().view(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    return float(((obs - exp) ** 2 / exp).sum()), int(keep.sum()) - 1
+
+
+PARAMS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.3, top_k=5),
+    SamplingParams(temperature=0.8, top_p=0.9),
+    SamplingParams(temperature=1.0, min_p=0.1),
+    SamplingParams(temperature=0.6, top_k=20, top_p=0.8, min_p=0.05),
+    SamplingParams(temperature=1.0, top_k=1),
+    SamplingParams(temperature=1.0, top_p=0.01),
+]
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
+def test_processed_logprobs_equal_hf_warpers(params):
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    logits[0, :10] = 2.0  # ties at the top-k / top-p boundaries
+    ours = processed_logprobs(logits, params)
+    ref = hf_processed(logits, params)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(ours[finite], ref[finite], atol=1e-5, rtol=0)
+
+
+def test_greedy_logprobs_are_raw_log_softmax():
+    logits = torch.randn(3, 20)
+    lp = processed_logprobs(logits, SamplingParams(temperature=0.0, top_k=2, top_p=0.5))
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1))
+    tokens, token_lp = sample(lp, torch.zeros(3, dtype=torch.float64), greedy=True)
+    assert torch.equal(tokens, logits.argmax(-1))
+    torch.testing.assert_close(token_lp, lp.gather(-1, tokens[:, None]).squeeze(-1))
+
+
+def test_sampler_never_picks_removed_tokens_even_at_extreme_uniforms():
+    logprobs = torch.full((4, 8), float("-inf"))
+    logprobs[:, [2, 5]] = math.log(0.5)
+    u = torch.tensor([0.0, 1e-18, 0.5, 1.0 - 2.0**-53], dtype=torch.float64)
+    tokens, lp = sample(logprobs, u)
+    assert tokens.tolist() == [2, 2, 5, 5]
+    torch.testing.assert_close(lp, torch.full((4,), math.log(0.5)))
+
+
+def test_inverse_cdf_sampler_matches_distribution_chi_square():
+    """20,000 draws from a fixed 30-token distribution: chi-square test at significance 0.001."""
+    probs = torch.softmax(torch.linspace(-3, 2, 30), 0)
+    lp = torch.log(probs).expand(20_000, -1)
+    tokens, _ = sample(lp, row_uniforms(row_keys(123, torch.arange(20_000)), 1)[:, 0])
+    stat, df = chi2_stat(torch.bincount(tokens, minlength=30).double(), probs.double())
+    assert stat < chi2_critical(df), (stat, df)
+
+
+def test_uniforms_are_uniform_and_rows_steps_seeds_independent():
+    keys = row_keys(7, torch.arange(2000))
+    u = row_uniforms(keys, 50)  # [2000, 50]
+    assert u.dtype == torch.float64 and 0.0 <= u.min() and u.max() < 1.0
+    # 100,000 values in 20 bins: chi-square at 0.001
+    counts = torch.histc(u.float(), bins=20, min=0, max=1).double()
+    stat, df = chi2_stat(counts, torch.full((20,), 0.05, dtype=torch.float64))
+    assert stat < chi2_critical(df)
+    # correlations between rows, between steps, and between seeds are ~0 (|r| < 4 / sqrt(n))
+    flat = u.flatten()
+    for a, b in [(u[:-1].flatten(), u[1:].flatten()), (u[:, :-1].flatten(), u[:, 1:].flatten()),
+                 (flat, row_uniforms(row_keys(8, torch.arange(2000)), 50).flatten())]:
+        r = torch.corrcoef(torch.stack([a, b]))[0, 1].abs().item()
+        assert r < 4 / math.sqrt(a.numel()), r
+    assert len(set(map(tuple, keys.tolist()))) == 2000  # 64-bit keys: no two rows share a stream
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+    assert SamplingParams(top_k=-1).top_k == 0
+    assert SamplingParams(stop="</a>").stop == ["</a>"]
+
+
+def test_finish_text_cuts_after_the_stop_string_that_ends_first():
+    assert finish_text("abc</a>def</b>", ["</b>", "</a>"]) == ("abc</a>", True)
+    assert finish_text("xab", ["ab", "b"]) == ("xab", True)
+    assert finish_text("no stop", ["</a>"]) == ("no stop", False)
