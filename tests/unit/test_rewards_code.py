@@ -79,7 +79,9 @@ def test_plain_data_round_trips_and_stdlib_in_tests(code):
              "assert LIMIT == 10",
              "c = Counter()\nc.bump()\nassert c.bump(2) == 3 and c.n == 3",
              "assert list(gen(4)) == [0, 1, 4, 9]",
-             "def check(candidate):\n    assert candidate([4, 4])['sum'] == 8\ncheck(stats)"]
+             "def check(candidate):\n    assert candidate([4, 4])['sum'] == 8\ncheck(stats)",
+             "try:\n    stats([])\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError('no error')",
+             "assert math.floor(stats([1, 2])['mean']) == 1"]
     assert code(None, [src], tests=[tests]) == [1.0]
 
 

@@ -115,6 +115,9 @@ def attacks(host_dir: Path, port: int) -> dict:
                                       "builtins.isinstance = lambda *a: True\n" + wrong_add, ADD, 0.0),
         "patch_harness": ("import __main__\n__main__.encode = lambda x, handle=None, depth=0: 5\n"
                           "__main__.decode = lambda x, resolve=None, depth=0: x\n" + wrong_add, ADD, 0.0),
+        "shadow_a_module_the_test_uses": ("class math:\n    @staticmethod\n    def isclose(*args, **kwargs):\n"
+                                          "        return True\n" + wrong_add,
+                                          ["assert math.isclose(add(0.1, 0.2), 0.3)"], 0.0),
         "forge_channel_frames": ("import os, json, struct\n"
                                  "frame = json.dumps({'ok': True}).encode()\n"
                                  "for fd in range(3, 12):\n"
@@ -185,7 +188,7 @@ def test_attack_is_contained_and_graded(results, name):
 
 def test_the_batch_was_bounded_in_time(results):
     _, seconds = results
-    # 41 solutions, 6 at a time, each at most ~ start-up + one 1.5 s timeout
+    # 42 solutions, 6 at a time, each at most ~ start-up + one 1.5 s timeout
     assert seconds < 40
 
 
@@ -198,7 +201,7 @@ def test_nothing_escaped_to_the_host(results, host):
         listener.accept()
 
 
-def _sandbox_processes(base_uid: int = 1_300_000_000) -> list[str]:
+def _sandbox_processes(base_uid: int = 1_300_000_000) -> list[str]:  # LocalSandbox's uid range
     found = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
@@ -206,7 +209,7 @@ def _sandbox_processes(base_uid: int = 1_300_000_000) -> list[str]:
         except OSError:
             continue
         uid = int(fields.get("Uid", "0").split()[0])
-        if base_uid <= uid < base_uid + 10_000:
+        if base_uid <= uid < base_uid + 4096 * 128:
             found.append(f"{status.parent.name}: {fields.get('Name', '').strip()}")
     return found
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ast
 import builtins
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -95,9 +96,10 @@ def parse_tests(value) -> tuple[str, list] | None:
                      f"got {type(value).__name__}: {str(value)[:80]}")
 
 
-def _free_names(tree: ast.AST) -> list[str]:
-    """Names a test reads but never binds itself (candidates for the solution's namespace)."""
-    loads, bound = [], set()
+def _free_names(tree: ast.AST) -> tuple[list[str], set[str]]:
+    """Names a test reads but never binds itself (candidates for the solution's namespace), and
+    those of them used as `name.attr` (candidates for modules the test means: `math.isclose`)."""
+    loads, bound, dotted = [], set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
             (loads.append(node.id) if isinstance(node.ctx, ast.Load) else bound.add(node.id))
@@ -109,11 +111,39 @@ def _free_names(tree: ast.AST) -> list[str]:
             bound.add((node.asname or node.name).split(".")[0])
         elif isinstance(node, ast.ExceptHandler) and node.name:
             bound.add(node.name)
-    return list(dict.fromkeys(n for n in loads if n not in bound and n not in _BUILTIN_NAMES))
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            dotted.add(node.value.id)
+    free = list(dict.fromkeys(n for n in loads if n not in bound and n not in _BUILTIN_NAMES))
+    return free, dotted & set(free)
+
+
+def _local_module(name: str):
+    """The trainer's own module `name` when the test uses `name.attr` and such a module exists; the
+    solution cannot stand in for it (a solution defining `math` or `numpy` changes nothing)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        if name in sys.stdlib_module_names or importlib.util.find_spec(name) is not None:
+            return importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - not importable here: the name is the solution's
+        pass
+    return None
 
 
 class RemoteError(Exception):
     """The solution raised in the sandbox (or sent something that is not a valid reply)."""
+
+
+def _remote_exception(type_name: str, message: str) -> Exception:
+    """A builtin exception type raised in the sandbox is raised here as (a subclass of) that type,
+    so a test that expects `ValueError` sees one; anything else is a plain RemoteError."""
+    base = getattr(builtins, type_name, None)
+    if isinstance(base, type) and issubclass(base, Exception):
+        try:
+            return type(type_name, (base, RemoteError), {})(message)
+        except TypeError:  # incompatible layout
+            pass
+    return RemoteError(f"{type_name}: {message}")
 
 
 class RemoteObject:
@@ -183,7 +213,7 @@ class _Grader:
                 raise RemoteError(f"malformed value from the sandbox: {e}") from None
         err = reply.get("err")
         if isinstance(err, list) and len(err) == 2:
-            raise RemoteError(f"{str(err[0])[:100]}: {str(err[1])[:300]}")
+            raise _remote_exception(str(err[0])[:100], str(err[1])[:300])
         raise RemoteError("malformed reply from the sandbox")
 
     def load(self, mode: str, source: str) -> bool:
@@ -197,13 +227,12 @@ class _Grader:
     def run_assert(self, code, tree: ast.AST) -> bool:
         self.test_deadline = time.monotonic() + self.timeout
         namespace = {"__builtins__": builtins, "__name__": "__test__"}
-        for name in _free_names(tree):
-            if name in sys.stdlib_module_names:  # `math.isclose` is ours, not the solution's
-                try:
-                    namespace[name] = importlib.import_module(name)
-                    continue
-                except ImportError:
-                    pass
+        free, dotted = _free_names(tree)
+        for name in free:
+            module = _local_module(name) if name in dotted else None
+            if module is not None:
+                namespace[name] = module
+                continue
             try:
                 namespace[name] = self.rpc({"op": "get", "name": name})
             except RemoteError:
@@ -237,7 +266,8 @@ class CodeReward:
     sandbox: "local" (LocalSandbox: namespaces, fails closed), "unsafe-local" (no isolation:
              explicit opt-out), or any SandboxBackend (e.g. CommandSandbox for a container).
     max_concurrency: sandboxes at once (default: the number of CPUs).
-    memory_bytes, processes, output_limit_bytes: per-sandbox limits.
+    memory_bytes, processes, output_limit_bytes: per-sandbox limits (RLIMIT_AS per process,
+             RLIMIT_NPROC, captured stdout); a sandbox's memory is at most about processes x memory_bytes.
     all_or_nothing: 1.0 only if every test passes, else 0.0.
     no_code_reward: the reward of a completion without a code block.
     """
@@ -246,7 +276,7 @@ class CodeReward:
 
     def __init__(self, tests_column: str = "tests", timeout: float = 2.0,
                  sandbox: str | SandboxBackend = "local", max_concurrency: int | None = None,
-                 memory_bytes: int = 1 << 30, processes: int = 16, output_limit_bytes: int = 1 << 20,
+                 memory_bytes: int = 512 << 20, processes: int = 8, output_limit_bytes: int = 1 << 20,
                  all_or_nothing: bool = False, no_code_reward: float = 0.0, language: str = "python"):
         if language != "python":
             raise ValueError(f"code: language={language!r}; only python is supported.")

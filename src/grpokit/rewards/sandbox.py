@@ -199,11 +199,12 @@ class LocalSandbox:
     isolation=False runs the server with resource limits, a new session, a scrubbed environment and
     a throw-away directory only — no network or file-system isolation. It exists for machines
     without namespaces and must be asked for explicitly.
-    base_uid: first of the uids used when running as root (one per concurrent sandbox, so that
-    RLIMIT_NPROC and signals are per sandbox). extra_binds: more host paths to expose read-only.
+    base_uid: start of the uid range used when running as root: base_uid + (pid % 4096) * max_sessions
+    + slot, one uid per concurrent sandbox (RLIMIT_NPROC and signals are per uid). No account needs to
+    exist for them. extra_binds: more host paths to expose read-only.
     """
 
-    def __init__(self, isolation: bool = True, base_uid: int = 1_300_000_000, max_sessions: int = 256,
+    def __init__(self, isolation: bool = True, base_uid: int = 1_300_000_000, max_sessions: int = 128,
                  extra_binds: tuple[str, ...] = ()):
         if sys.platform != "linux" and isolation:
             raise SandboxUnavailable("LocalSandbox isolation needs Linux namespaces; use CommandSandbox "
@@ -216,9 +217,11 @@ class LocalSandbox:
             if not any(p == b or p.startswith(b.rstrip("/") + "/") for b in binds):
                 binds.append(p)
         self.binds = binds
+        # uids unique per session, and per trainer process (several ranks may share a machine)
+        first = base_uid + (os.getpid() % 4096) * max_sessions
         self._uids: queue.Queue[int] = queue.Queue()
         for i in range(max_sessions):
-            self._uids.put(base_uid + i)
+            self._uids.put(first + i)
         self._probe: str | None = None
         self._probe_lock = threading.Lock()
         if not isolation:
