@@ -354,7 +354,8 @@ class RewardRunner:
                                  None, per_func, j, errors)
                 else:
                     n_err += len(rows)
-                    self._policy(plan.name, "error", rows, f"raised {part.error}", part.cause, per_func, j, errors)
+                    first, _, detail = part.error.partition("\n")
+                    self._policy(plan.name, "error", rows, f"raised {first}", part.cause, per_func, j, errors, detail)
             col = per_func[:, j]
             stats[f"rewards/{plan.name}/mean"] = float(torch.nanmean(col)) if n else float("nan")
             stats[f"rewards/{plan.name}/std"] = _nanstd(col)
@@ -406,16 +407,18 @@ class RewardRunner:
         return out, bad
 
     def _policy(self, name: str, kind: str, rows: list[int], what: str, cause: BaseException | None,
-                per_func: torch.Tensor, j: int, errors: list[dict]) -> None:
+                per_func: torch.Tensor, j: int, errors: list[dict], detail: str = "") -> None:
         span = f"row {rows[0]}" if len(rows) == 1 else f"rows {rows[0]}..{rows[-1]}"
         message = f"reward function {name!r} {what} ({span})"
         if self.on_error == "raise":
             exc_type = {"timeout": RewardTimeout, "nonfinite": ValueError}.get(kind, RewardError)
             hint = "; set on_error='none' or 'zero' to go on" + (", or raise timeout" if kind == "timeout" else "")
-            raise exc_type(message + hint) from cause
+            # an in-process exception is chained as __cause__; a worker's comes as its traceback text
+            tail = f"\nin the worker process:\n{detail}" if detail and cause is None else ""
+            raise exc_type(message + hint + tail) from cause
         per_func[rows, j] = float("nan") if self.on_error == "none" else 0.0
-        logger.warning("%s; counted as %s", message.splitlines()[0], "None" if self.on_error == "none" else "0.0")
-        errors.append({"function": name, "kind": kind, "rows": rows, "message": message})
+        logger.warning("%s; counted as %s", message, "None" if self.on_error == "none" else "0.0")
+        errors.append({"function": name, "kind": kind, "rows": rows, "message": message, "traceback": detail})
 
     # ---- lifetime ----
     def close(self) -> None:
@@ -473,5 +476,5 @@ def describe_rewards(runner: RewardRunner, prompts: Sequence, completions: Seque
     lines = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)]
     lines.append(f"weights: {dict(zip(out.names, runner.weights))}")
     for e in out.errors:
-        lines.append(f"{e['kind']}: {e['message'].strip()}")
+        lines.append(f"{e['kind']}: {e['message']}")
     return "\n".join(lines)
