@@ -285,3 +285,32 @@ def test_extract_integer_answer():
     assert extract_integer_answer(" 42<eos>") == "42"
     assert extract_integer_answer("-7 apples") == "-7"
     assert extract_integer_answer("apples 7") is None
+
+
+def test_no_seed_trains_on_another_seeds_eval_problems():
+    seed0 = get_task("arithmetic", seed=0, num_eval=200)
+    seed42 = get_task("arithmetic", seed=42, num_eval=200)
+    assert not set(seed0.train_dataset["prompt"]) & set(seed42.eval_dataset["prompt"])
+    c0 = get_task("countdown", seed=0, num_train=300, num_eval=30)
+    c1 = get_task("countdown", seed=1, num_train=300, num_eval=30)
+    key = lambda r: (tuple(sorted(r["numbers"])), r["target"])  # noqa: E731
+    assert not {key(r) for r in c0.train_dataset} & {key(r) for r in c1.eval_dataset}
+
+
+def test_arithmetic_sloppy_reference_completions():
+    from grpokit.data.tasks import _sloppy_answer
+
+    # forgotten carry: 57+68 writes 5, drops the 1, then 5+6=11 -> "115"; smaller-from-larger: 52-38 -> "26"
+    assert [_sloppy_answer(57, "+", 68), _sloppy_answer(99, "+", 99), _sloppy_answer(5, "+", 97)] == [115, 188, 92]
+    assert [_sloppy_answer(52, "-", 38), _sloppy_answer(40, "-", 8)] == [26, 48]
+    assert [_sloppy_answer(12, "+", 34), _sloppy_answer(58, "-", 23), _sloppy_answer(7, "*", 8)] == [46, 35, 56]
+    clean = get_task("arithmetic", seed=0, num_train=2000, num_eval=10)
+    sloppy = get_task("arithmetic", seed=0, num_train=2000, num_eval=10, reference_slip_rate=0.5)
+    assert clean.train_dataset.to_list() == sloppy.train_dataset.to_list()  # answers and rewards untouched
+    rows = sloppy.train_dataset.to_list()
+    assert all(clean.reference_completion(r) == str(r["answer"]) for r in rows)
+    slipped = [r for r in rows if sloppy.reference_completion(r) != str(r["answer"])]
+    needs_carry = [r for r in rows if _sloppy_answer(*_split_expr(r["prompt"].rstrip("="))) != r["answer"]]
+    assert 0.4 < len(slipped) / len(needs_carry) < 0.6
+    with pytest.raises(ValueError, match="reference_slip_rate"):
+        get_task("arithmetic", reference_slip_rate=1.5)

@@ -3,10 +3,10 @@
 A task bundles a train and a held-out eval split, TRL-signature reward functions
 (`fn(prompts, completions, completion_ids=None, **columns) -> list[float | None]`) and a grader
 (`is_correct`) for greedy-accuracy / pass@k evaluation. Splits are deterministic in `seed` and
-disjoint: whether a problem belongs to the eval or the train split depends only on the problem and
-the seed, never on `num_train` / `num_eval`, so a model warm-started on one train split is never
-evaluated on its own training problems, whatever sizes a later run asks for (and a smaller eval split
-is a prefix of a larger one).
+disjoint: whether a problem can be an eval or a train problem depends only on the problem (a stable
+hash), never on the seed or on `num_train` / `num_eval`; the seed only picks and orders them. So a
+model warm-started on one seed's train split is never evaluated on its own training problems,
+whatever seed or sizes a later run uses (and a smaller eval split is a prefix of a larger one).
 
 Completions may be strings (standard format) or message lists (conversational format, as TRL
 passes them); the text graded is the last message's content.
@@ -85,9 +85,13 @@ def _completion_text(completion: Any) -> str:
     return ""
 
 
-def _in_eval_split(key: str, seed: int, eval_fraction: int = 10) -> bool:
-    """Stable (process- and size-independent) assignment of a problem to the eval split."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+def _in_eval_split(key: str, eval_fraction: int = 10) -> bool:
+    """Whether a problem may ever be an eval problem: a stable hash of the problem alone.
+
+    It depends on neither the seed nor the split sizes, so no seed's train split ever holds another
+    seed's eval problem (a model warm-started with seed 0 stays unseen on seed 42's eval split).
+    """
+    digest = hashlib.sha256(f"grpokit-eval:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % eval_fraction == 0
 
 
@@ -149,6 +153,30 @@ def _arithmetic_is_correct(completion: Any, answer: Any = None, **row) -> bool:
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
+def _sloppy_answer(a: int, op: str, b: int) -> int:
+    """The answer with the two classic schoolbook slips, column by column from the right:
+    "+" forgets to carry (57+68 -> 115: 7+8 writes 5 and drops the 1), "-" takes the smaller digit
+    from the larger instead of borrowing (52-38 -> 26). Where the slip changes nothing (no carry,
+    no borrow) and for other ops the answer is right."""
+    if op not in "+-" or a < 0 or b < 0 or (op == "-" and a < b):
+        return _OPS[op](a, b)
+    da, db = str(a)[::-1], str(b)[::-1]
+    width = max(len(da), len(db))
+    digits = []
+    for i in range(width):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        if op == "-":
+            digits.append(str(abs(x - y)))
+        else:
+            digits.append(str(x + y) if i == width - 1 else str((x + y) % 10))
+    return int("".join(reversed(digits)))
+
+
+def _fraction_hash(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2**64
+
+
 def make_arithmetic_task(
     seed: int = 0,
     num_train: int | None = None,
@@ -159,17 +187,27 @@ def make_arithmetic_task(
     allow_negative: bool = False,
     template: str = "{a}{op}{b}=",
     chat: bool = False,
+    reference_slip_rate: float = 0.0,
 ):
     """Integer arithmetic: prompt "37+48=", completion "85".
 
     Every (a, op, b) with 0 <= a, b <= max_operand and op in `ops` is a problem ("-" keeps a >= b
-    unless allow_negative). About a tenth of them (chosen by hash of problem and seed) form the eval
-    pool; `num_eval` are taken from it and `num_train` (None: all) from the rest, each in a seeded
-    random order. `chat=True` makes conversational prompts (one user message) for chat models.
+    unless allow_negative). About a tenth of them (chosen by a hash of the problem alone, see
+    _in_eval_split) form the eval pool; `num_eval` are taken from it and `num_train` (None: all) from
+    the rest, each in a seeded random order. `chat=True` makes conversational prompts (one user message) for chat models.
     Rewards: exact integer at the start of the completion (weight 1.0) and "only an integer"
     (weight 0.1).
+
+    reference_slip_rate: the fraction of `reference_completion`s (the SFT warm-start targets, never
+    the rewards or the "answer" column) written with a schoolbook slip: a forgotten carry or a
+    smaller-from-larger subtraction (see _sloppy_answer). The rows are chosen by hash of problem and
+    seed. A model warm-started on such a sloppy teacher can sample the right answer but often prefers
+    the slip: the situation GRPO improves quickly (it sharpens what the model can already sample).
     """
     import datasets
+
+    if not 0.0 <= reference_slip_rate <= 1.0:
+        raise ValueError(f"reference_slip_rate must be in [0, 1], got {reference_slip_rate}")
 
     unknown = set(ops) - set(_OPS)
     if unknown or not ops:
@@ -184,7 +222,7 @@ def make_arithmetic_task(
     random.Random(seed).shuffle(problems)
     eval_pool, train_pool = [], []
     for a, op, b in problems:
-        (eval_pool if _in_eval_split(f"{a}{op}{b}", seed) else train_pool).append((a, op, b))
+        (eval_pool if _in_eval_split(f"{a}{op}{b}") else train_pool).append((a, op, b))
     if num_eval > len(eval_pool):
         raise ValueError(f"num_eval={num_eval} but this arithmetic space has only {len(eval_pool)} eval problems")
     if num_train is not None and num_train > len(train_pool):
@@ -199,6 +237,15 @@ def make_arithmetic_task(
         )
 
     train_rows = train_pool if num_train is None else train_pool[:num_train]
+    slips = {
+        template.format(a=a, op=op, b=b): _sloppy_answer(a, op, b)
+        for a, op, b in train_rows + eval_pool[:num_eval]
+        if reference_slip_rate > 0 and _fraction_hash(f"slip:{seed}:{a}{op}{b}") < reference_slip_rate
+    }
+
+    def reference_completion(row: dict[str, Any]) -> str:
+        key = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+        return str(slips.get(key, row["answer"]))
     return Task(
         name="arithmetic",
         train_dataset=to_dataset(train_rows),
@@ -209,7 +256,7 @@ def make_arithmetic_task(
         is_correct=_arithmetic_is_correct,
         stop=["\n"],
         max_completion_length=64 if chat else 8,
-        reference_completion=lambda row: str(row["answer"]),
+        reference_completion=reference_completion,
         description=f"integer arithmetic ({ops}) on 0..{max_operand}; reward: exact answer",
     )
 
@@ -371,7 +418,7 @@ def make_countdown_task(
         if key in seen:
             continue
         seen.add(key)
-        bucket, limit = (evals, num_eval) if _in_eval_split(key, seed) else (train, num_train)
+        bucket, limit = (evals, num_eval) if _in_eval_split(key) else (train, num_train)
         if len(bucket) < limit:
             bucket.append((numbers, int(value), solution))
 
