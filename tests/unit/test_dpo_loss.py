@@ -87,3 +87,21 @@ def test_bad_arguments():
         dpo_loss(one, one, one, one, beta=0.0)
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(one, one, one, one, loss_type="ipo", label_smoothing=0.1)
+
+
+def test_best_worst_pairs_from_groups():
+    from grpokit.algos import best_worst_pairs
+
+    nan = float("nan")
+    rewards = torch.tensor([
+        0.0, 1.0, 0.5,      # group 0: best 1 (1.0), worst 0 (0.0)
+        1.0, 1.0, 1.0,      # group 1: no spread -> skipped
+        nan, 0.2, 0.7,      # group 2: NaN left out: best 8, worst 7
+        nan, nan, 3.0,      # group 3: one valid reward -> skipped
+        0.3, 0.9, 0.9,      # group 4: tie for best -> first index 13; worst 12
+    ])
+    chosen, rejected = best_worst_pairs(rewards, 3)
+    assert chosen.tolist() == [1, 8, 13]
+    assert rejected.tolist() == [0, 7, 12]
+    with pytest.raises(ValueError, match="group_size"):
+        best_worst_pairs(rewards, 4)

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 # PPO (RLHF recipe) and preference losses (DPO / IPO): the baselines of `grpokit compare`.
-from grpokit.algos.dpo import DPO_AVERAGE_LOGPS, DPO_LOSSES, dpo_loss, sequence_logps  # noqa: E402
+from grpokit.algos.dpo import DPO_AVERAGE_LOGPS, DPO_LOSSES, best_worst_pairs, dpo_loss, sequence_logps  # noqa: E402
 from grpokit.algos.ppo import (  # noqa: E402
     clipped_value_loss,
     explained_variance,
@@ -47,6 +47,7 @@ from grpokit.algos.ppo import (  # noqa: E402
 __all__ += [
     "DPO_AVERAGE_LOGPS",
     "DPO_LOSSES",
+    "best_worst_pairs",
     "clipped_value_loss",
     "dpo_loss",
     "explained_variance",

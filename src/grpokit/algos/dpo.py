@@ -88,3 +88,28 @@ def dpo_loss(
     rejected_ratio = policy_rejected_logps - ref_rejected_logps.detach()
     losses = DPO_LOSSES[loss_type](chosen_ratio - rejected_ratio, beta=beta, label_smoothing=label_smoothing)
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def best_worst_pairs(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online preference pairs from GRPO-style groups: per group, its best completion is chosen and
+    its worst rejected (first index on ties). NaN rewards (no reward) take no part; a group with
+    fewer than 2 valid rewards, or whose valid rewards are all equal, gives no pair.
+
+    Args:
+        rewards: [N] rewards, ``N = num_prompts * group_size``, each group contiguous.
+        group_size: G.
+    Returns:
+        ``(chosen, rejected)``: [P] long indices into ``rewards`` of the P groups with a spread.
+    """
+    if rewards.dim() != 1 or group_size < 2 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards must be [N] with N a multiple of group_size >= 2; got {tuple(rewards.shape)}, "
+                         f"group_size={group_size}.")
+    r = rewards.view(-1, group_size)
+    valid = ~torch.isnan(r)
+    best = torch.where(valid, r, -torch.inf).argmax(1)
+    worst = torch.where(valid, r, torch.inf).argmin(1)
+    high = torch.where(valid, r, -torch.inf).amax(1)
+    low = torch.where(valid, r, torch.inf).amin(1)
+    keep = (valid.sum(1) >= 2) & (high > low)
+    offset = torch.arange(r.shape[0], device=r.device) * group_size
+    return (offset + best)[keep], (offset + worst)[keep]

@@ -1,0 +1,148 @@
+"""End to end: the PPO and DPO baselines raise the reward of a tiny model built in the test, on the
+same engine, rewards and logs as GRPO; DPO also from a preference dataset; LoRA references; clear
+errors before anything is trained."""
+
+import json
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from grpokit.dpo import DPOConfig, DPOTrainer
+from grpokit.ppo import PPOConfig, PPOTrainer
+from grpokit.rollout import SamplingParams
+
+from test_train_e2e import digit_first, prompts_ds, tiny
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Models of 27k parameters run faster on one thread (and do not fight other jobs for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def base(tmp_path, **over):
+    cfg = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=32, gradient_accumulation_steps=1,
+               num_generations=8, max_completion_length=3, learning_rate=3e-2, lr_scheduler_type="constant",
+               logging_steps=100, save_strategy="no", use_cpu=True, disable_tqdm=True, plot=False, seed=1)
+    return {**cfg, **over}
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def mean_reward(rows, steps):
+    values = [r["reward"] for r in rows if "reward" in r and r["step"] in steps]
+    return sum(values) / len(values)
+
+
+def digit_rate(trainer, n=64):
+    """Fraction of sampled completions that start with a digit (the reward), from the run's engine."""
+    run = trainer.parts
+    outs = run.engine.generate([run.prompt_ids[i] for i in range(n // 8)], n=8,
+                               params=SamplingParams(max_tokens=3, temperature=1.0, seed=123))
+    return sum(o.text[:1].isdigit() for o in outs) / len(outs)
+
+
+def test_ppo_raises_the_reward(tmp_path):
+    model, tok = tiny()
+    cfg = PPOConfig(**base(tmp_path, max_steps=8, num_ppo_epochs=2))
+    trainer = PPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
+                         processing_class=tok)
+    trainer.train()
+    rows = metrics(cfg.output_dir)
+    first, last = mean_reward(rows, {1, 2}), mean_reward(rows, {7, 8})
+    assert first < 0.4 and last > first + 0.3, (first, last)
+    # the parts PPO adds: a value head of hidden + 1 parameters, a frozen reference copy; they are logged
+    assert rows[0]["params/extra_trainable"] == 32 + 1
+    assert rows[0]["params/reference"] == sum(p.numel() for p in model.parameters())
+    step_rows = [r for r in rows if "reward" in r]
+    assert step_rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)     # the policy starts as the reference
+    assert any(abs(r["kl"]) > 1e-3 for r in step_rows[1:])         # and moves away from it
+    assert all(r["samples"] == 32 * r["step"] for r in step_rows)
+    assert os.path.exists(os.path.join(cfg.output_dir, "final", "value_head.pt"))
+
+
+def test_online_dpo_raises_the_reward(tmp_path):
+    model, tok = tiny()
+    cfg = DPOConfig(**base(tmp_path, max_steps=12))
+    trainer = DPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
+                         processing_class=tok)
+    trainer.train()
+    rows = [r for r in metrics(cfg.output_dir) if "reward" in r]
+    first, last = mean_reward(rows, {1, 2, 3}), mean_reward(rows, {10, 11, 12})
+    assert first < 0.4 and last > first + 0.3, (first, last)
+    # at most one pair per group of 8, and only from groups with a spread
+    assert all(0 <= r["dpo/pairs"] <= 4 for r in rows)
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3) or rows[0]["dpo/pairs"] == 0  # log 2: policy == ref
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_offline_dpo_on_a_preference_dataset(tmp_path, loss_type):
+    model, tok = tiny()
+    n = 32
+    data = Dataset.from_dict({"prompt": [f"q{i}:" for i in range(n)], "chosen": [str(i % 10) for i in range(n)],
+                              "rejected": ["ab"[i % 2] for i in range(n)]})
+    cfg = DPOConfig(**base(tmp_path, max_steps=6, per_device_train_batch_size=8, loss_type=loss_type, beta=0.5))
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
+    before = digit_rate(trainer)
+    trainer.train()
+    after = digit_rate(trainer)
+    rows = [r for r in metrics(cfg.output_dir) if "loss" in r]
+    assert len(rows) == 6 and all(r["dpo/pairs"] == 8 for r in rows)
+    assert rows[-1]["dpo/margin"] > rows[0]["dpo/margin"] and rows[-1]["dpo/accuracy"] == 1.0
+    assert after > before + 0.3, (before, after)
+
+
+def test_ppo_and_dpo_with_lora_use_the_adapter_off_as_reference(tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model, tok = tiny()
+    cfg = PPOConfig(**base(tmp_path, max_steps=2, num_ppo_epochs=1, output_dir=str(tmp_path / "ppo")))
+    ppo = PPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
+                     processing_class=tok, peft_config=lora)
+    assert ppo.parts.ref_model is None and ppo.param_counts["params/reference"] == 0
+    ppo.train()
+    rows = [r for r in metrics(cfg.output_dir) if "reward" in r]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[1]["kl"] != 0.0
+    model, tok = tiny()
+    cfg = DPOConfig(**base(tmp_path, max_steps=1, output_dir=str(tmp_path / "dpo")))
+    dpo = DPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
+                     processing_class=tok, peft_config=lora)
+    assert dpo.parts.ref_model is None
+    dpo.train()
+
+
+def test_config_errors_name_the_field_and_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="cliprange"):
+        PPOConfig(epsilon=0.3)
+    with pytest.raises(ValueError, match="kl_coef"):
+        PPOConfig(beta=0.1)
+    with pytest.raises(ValueError, match="vf_coef"):
+        PPOConfig(vf_coeff=0.5)
+    with pytest.raises(ValueError, match="num_ppo_epochs"):
+        PPOConfig(num_ppo_epochs=0)
+    with pytest.raises(ValueError, match="sigmoid"):
+        DPOConfig(loss_type="dapo")
+    with pytest.raises(ValueError, match="beta"):
+        DPOConfig(beta=0.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        DPOConfig(loss_type="ipo", label_smoothing=0.1)
+    cfg = PPOConfig(vf_coef="5e-1", kl_coef=0.0)   # YAML 1.1 reads 5e-1 as a string
+    assert cfg.vf_coef == 0.5 and cfg.kl_estimator == "k1" and cfg.disable_dropout
+    assert cfg.replace(gamma=0.9).to_dict() == {**cfg.to_dict(), "gamma": 0.9}
+    assert DPOConfig(loss_type="ipo").replace(beta=0.2).loss_type == "ipo"
+    model, tok = tiny()
+    half = Dataset.from_dict({"prompt": ["a", "b"], "chosen": ["1", "2"]})
+    with pytest.raises(ValueError, match="rejected"):
+        DPOTrainer(model=model, args=DPOConfig(**base(tmp_path)), train_dataset=half, processing_class=tok)
+    assert not os.path.exists(tmp_path / "run")
+    with pytest.raises(ValueError, match="resum"):
+        PPOTrainer(model=model, reward_funcs=digit_first, args=PPOConfig(**base(tmp_path, max_steps=1)),
+                   train_dataset=prompts_ds(), processing_class=tok).train(resume_from_checkpoint=True)
