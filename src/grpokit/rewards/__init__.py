@@ -17,7 +17,7 @@ _EXPORTS = {
     "REWARD_REGISTRY": "registry", "register_reward": "registry", "reward_factory": "registry",
     "resolve_reward": "registry", "load_reward_funcs": "registry", "reward_name": "registry",
     "RewardRunner": "runner", "RewardOutput": "runner", "RewardError": "runner", "RewardTimeout": "runner",
-    "describe_rewards": "runner",
+    "describe_rewards": "describe",
     "AccuracyReward": "math", "accuracy_reward": "math", "extract_answer": "math", "is_equivalent": "math",
     "ThinkAnswerFormat": "format", "SoftThinkAnswerFormat": "format", "RegexReward": "format",
     "think_answer_format": "format", "soft_think_answer_format": "format",

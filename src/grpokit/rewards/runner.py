@@ -36,7 +36,7 @@ import torch
 from grpokit.rewards.pool import payload_for
 from grpokit.rewards.registry import load_reward_funcs, reward_name
 
-__all__ = ["RewardRunner", "RewardOutput", "RewardError", "RewardTimeout", "describe_rewards"]
+__all__ = ["RewardRunner", "RewardOutput", "RewardError", "RewardTimeout"]
 
 logger = logging.getLogger("grpokit.rewards")
 ON_ERROR = ("raise", "none", "zero")
@@ -437,44 +437,3 @@ class RewardRunner:
             self.close()
         except Exception:
             pass
-
-
-def _short(x: Any, width: int) -> str:
-    if isinstance(x, list) and x and isinstance(x[0], dict) and "content" in x[0]:
-        x = " | ".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in x)
-    s = " ".join(str(x).split())
-    return s if len(s) <= width else s[: width - 1] + "…"
-
-
-def describe_rewards(runner: RewardRunner, prompts: Sequence, completions: Sequence,
-                     columns: Mapping[str, Sequence] | None = None, completion_ids: Sequence | None = None,
-                     width: int = 40) -> str:
-    """A table of what each reward function returns for each sample (errors shown, never raised)."""
-    probe = RewardRunner(runner.funcs, weights=runner.weights, timeout=runner.timeout, on_error="none")
-    probe.names = list(runner.names)
-    for plan, name in zip(probe._plans, runner.names):
-        plan.name = name
-    out = probe(prompts, completions, completion_ids=completion_ids, columns=columns)
-    marks = {}
-    for e in out.errors:
-        for r in e["rows"]:
-            marks[(r, e["function"])] = e["kind"]
-    shown_cols = [k for k in (columns or {}) if k not in _RESERVED_COLUMNS]
-    header = ["#", "prompt", "completion", *shown_cols, *out.names, "total"]
-    rows = []
-    for i in range(len(completions)):
-        cells = [str(i), _short(prompts[i], width), _short(completions[i], width)]
-        cells += [_short(columns[k][i], 24) for k in shown_cols]
-        for j, name in enumerate(out.names):
-            v = float(out.per_func[i, j])
-            cells.append(marks.get((i, name), "None" if math.isnan(v) else f"{v:.4g}"))
-        t = float(out.total[i])
-        cells.append("None" if math.isnan(t) else f"{t:.4g}")
-        rows.append(cells)
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    lines = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)]
-    lines.append(f"weights: {dict(zip(out.names, runner.weights))}")
-    for e in out.errors:
-        lines.append(f"{e['kind']}: {e['message']}")
-    return "\n".join(lines)
