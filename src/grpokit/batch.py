@@ -3,6 +3,10 @@
 Shapes: N = prompts * G samples per step (groups contiguous: rows g*G .. g*G+G-1 share a prompt),
 B = rows of one micro-batch, P = longest prompt of the micro-batch, C = longest completion.
 A field never changes meaning on the way: `rewards` stay rewards, `advantages` are separate.
+
+The training forward (`completion_logprobs`) computes each prompt of a micro-batch once for all
+its completions and packs the sequences without padding (grpokit.prefix); models whose attention
+cannot take that layout get the padded one (left-padded prompt | right-padded completion).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from grpokit.algos import chunked_logprobs, entropy_from_logits, selective_log_softmax
+from grpokit.prefix import MAX_SEGMENT_TOKENS, PackedLayout, build_packed_layout, packed_hidden, scatter_to_grid, supports_packed
 
 
 @dataclass
@@ -33,51 +38,100 @@ class Rollout:
 
 @dataclass
 class MicroBatch:
-    """Padded tensors of B samples: prompts left-padded to P, completions right-padded to C."""
+    """B samples: token lists, and [B, C] completion tensors right-padded to the longest completion.
 
-    input_ids: torch.Tensor         # [B, P + C]
-    attention_mask: torch.Tensor    # [B, P + C]
-    position_ids: torch.Tensor      # [B, P + C]
+    The model inputs are built on first use: `layout()` (packed, shared prefix) or the padded
+    `input_ids` / `attention_mask` / `position_ids` [B, P + C] (prompts left-padded to P)."""
+
+    prompt_token_ids: list[list[int]]
+    completion_token_ids: list[list[int]]
     completion_ids: torch.Tensor    # [B, C]
     completion_mask: torch.Tensor   # [B, C] float: 1 = token in the loss
     advantages: torch.Tensor        # [B]
     sampling_logps: torch.Tensor    # [B, C] (0 where masked)
     rows: slice                     # which rows of the Rollout these are
+    pad_id: int = 0
     old_logps: torch.Tensor | None = None   # [B, C] when num_iterations > 1
     ref_logps: torch.Tensor | None = None   # [B, C] when beta > 0
+    _padded: tuple | None = field(default=None, repr=False)
+    _layout: PackedLayout | None = field(default=None, repr=False)
+    _layout_budget: int = field(default=0, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.completion_ids.device
+
+    def layout(self, max_segment_tokens: int = MAX_SEGMENT_TOKENS) -> PackedLayout:
+        """The packed shared-prefix layout (grpokit.prefix), built once. Completions that are
+        wholly out of the loss (mask 0, e.g. mask_truncated_completions) are left out: their
+        logprobs stay 0 and nothing is computed for them."""
+        if self._layout is None or self._layout_budget != max_segment_tokens:
+            comps = self.completion_token_ids
+            if self.completion_mask.numel():
+                in_loss = self.completion_mask.detach().amax(dim=1).cpu().tolist()
+                comps = [c if keep > 0 else [] for c, keep in zip(comps, in_loss)]
+            self._layout = build_packed_layout(self.prompt_token_ids, comps, max_segment_tokens=max_segment_tokens,
+                                               pad_id=self.pad_id).to(self.device)
+            self._layout_budget = max_segment_tokens
+        return self._layout
+
+    def _padded_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._padded is None:
+            p_ids, c_ids = self.prompt_token_ids, self.completion_token_ids
+            b, p, c = len(p_ids), max(map(len, p_ids)), self.completion_ids.shape[1]
+            input_ids = torch.full((b, p + c), self.pad_id, dtype=torch.long)
+            attention = torch.zeros((b, p + c), dtype=torch.long)
+            for i, (pi, ci) in enumerate(zip(p_ids, c_ids)):
+                input_ids[i, p - len(pi):p] = torch.tensor(pi, dtype=torch.long)
+                input_ids[i, p:p + len(ci)] = torch.tensor(ci, dtype=torch.long)
+                attention[i, p - len(pi):p + len(ci)] = 1
+            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+            self._padded = tuple(t.to(self.device) for t in (input_ids, attention, position_ids))
+        return self._padded
+
+    @property
+    def input_ids(self) -> torch.Tensor:         # [B, P + C]
+        return self._padded_inputs()[0]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:    # [B, P + C]
+        return self._padded_inputs()[1]
+
+    @property
+    def position_ids(self) -> torch.Tensor:      # [B, P + C]
+        return self._padded_inputs()[2]
 
     @property
     def prompt_width(self) -> int:
-        return self.input_ids.shape[1] - self.completion_ids.shape[1]
+        return max(map(len, self.prompt_token_ids))
 
 
 def make_micro_batches(rollout: Rollout, size: int, *, pad_id: int, device, mask_truncated: bool) -> list[MicroBatch]:
     """Split the N samples into micro-batches of `size` consecutive rows (groups stay whole when
-    size is a multiple of G) and pad each to its own longest prompt/completion."""
+    size is a multiple of G; a group cut by a micro-batch boundary still shares its prompt within
+    each part). Completion tensors are padded to each micro-batch's own longest completion."""
     out = []
     n = len(rollout.completion_ids)
     for start in range(0, n, size):
         rows = slice(start, min(start + size, n))
         p_ids, c_ids = rollout.prompt_ids[rows], rollout.completion_ids[rows]
-        b, p, c = len(p_ids), max(map(len, p_ids)), max(map(len, c_ids))
-        input_ids = torch.full((b, p + c), pad_id, dtype=torch.long)
-        attention = torch.zeros((b, p + c), dtype=torch.long)
+        for i, pi in enumerate(p_ids):
+            if not pi:
+                raise ValueError(f"row {start + i} has an empty prompt; every prompt needs at least one token.")
+        b, c = len(c_ids), max(map(len, c_ids))
+        completion_ids = torch.full((b, c), pad_id, dtype=torch.long)
         comp_mask = torch.zeros((b, c))
         samp = torch.zeros((b, c))
-        for i, (pi, ci) in enumerate(zip(p_ids, c_ids)):
-            input_ids[i, p - len(pi):p] = torch.tensor(pi)
-            input_ids[i, p:p + len(ci)] = torch.tensor(ci)
-            attention[i, p - len(pi):p + len(ci)] = 1
+        for i, ci in enumerate(c_ids):
+            completion_ids[i, :len(ci)] = torch.tensor(ci, dtype=torch.long)
             comp_mask[i, :len(ci)] = 1.0
             samp[i, :len(ci)] = torch.tensor(rollout.sampling_logps[rows][i], dtype=torch.float32)
         if mask_truncated:
             comp_mask[rollout.truncated[rows]] = 0.0
-        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         out.append(MicroBatch(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device),
-            position_ids=position_ids.to(device), completion_ids=input_ids[:, p:].to(device),
-            completion_mask=comp_mask.to(device), advantages=rollout.advantages[rows].to(device),
-            sampling_logps=samp.to(device), rows=rows,
+            prompt_token_ids=[list(p) for p in p_ids], completion_token_ids=[list(ci) for ci in c_ids],
+            completion_ids=completion_ids.to(device), completion_mask=comp_mask.to(device),
+            advantages=rollout.advantages[rows].to(device), sampling_logps=samp.to(device), rows=rows, pad_id=pad_id,
         ))
     return out
 
@@ -100,17 +154,45 @@ def _plain_linear_head(model) -> torch.nn.Linear | None:
     return head
 
 
+def uses_packed_forward(model) -> bool:
+    """Whether `completion_logprobs` takes the shared-prefix packed path for this model."""
+    inner = _unwrap(model)
+    return _plain_linear_head(inner) is not None and supports_packed(inner)
+
+
 def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entropy: bool = False,
-                        chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        chunk_size: int = 1024, packed: bool | None = None,
+                        max_segment_tokens: int = MAX_SEGMENT_TOKENS) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token logprobs [B, C] of the completion tokens under `model` (at `temperature`), and
-    their entropies when asked. Only the C completion positions go through the lm_head, chunk by
-    chunk, so no [B, P+C, V] (or full [B*C, V] fp32) logits tensor is ever kept."""
+    their entropies when asked (0 on padding).
+
+    `packed` (default: whenever the model supports it, see `uses_packed_forward`): each prompt
+    once per group, no padding (grpokit.prefix). Otherwise the padded [B, P + C] layout. Either
+    way only the completion positions go through the lm_head, chunk by chunk, so no [B, P+C, V]
+    (or full [K, V] fp32) logits tensor is ever kept."""
     t = temperature if temperature > 0 else 1.0
     inner = _unwrap(model)
     head = _plain_linear_head(inner)
+    if packed is None:
+        packed = head is not None and supports_packed(inner)
+    if packed:
+        if head is None or not supports_packed(inner):
+            raise ValueError(f"{type(inner).__name__} cannot take the packed shared-prefix forward "
+                             "(needs eager/sdpa full attention and a plain linear lm_head); use packed=False.")
+        layout = mb.layout(max_segment_tokens)
+        shape = tuple(mb.completion_ids.shape)
+        if layout.targets.numel() == 0:  # every completion empty: nothing to score
+            zeros = torch.zeros(shape, device=mb.device) + 0.0 * head.weight.sum()
+            return zeros, (zeros if with_entropy else None)
+        # the backbone call goes through the module that holds the LoRA layers (if any)
+        hidden = packed_hidden(inner.get_decoder(), layout, head.weight.dtype)
+        out = chunked_logprobs(hidden, head.weight, layout.targets, temperature=t, chunk_size=chunk_size,
+                               return_entropy=with_entropy)
+        logps, entropy = out if with_entropy else (out, None)
+        return (scatter_to_grid(logps, layout, shape),
+                scatter_to_grid(entropy, layout, shape) if with_entropy else None)
     p, c = mb.prompt_width, mb.completion_ids.shape[1]
     if head is not None and hasattr(inner, "get_decoder"):
-        # The backbone call goes through `model` pieces that hold the LoRA layers (if any).
         hidden = inner.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                                      position_ids=mb.position_ids, use_cache=False).last_hidden_state
         hidden = hidden[:, p - 1:p - 1 + c]  # position t predicts token t+1
