@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ["CheckpointError", "RESUME_KEYS", "check_resume_compatible", "find_latest_checkpoint",
-           "list_checkpoints", "load_checkpoint", "save_checkpoint"]
+           "list_checkpoints", "load_checkpoint", "read_model_state", "save_checkpoint"]
 
 MARKER = "COMPLETE"
 MODEL_FILE = "model.safetensors"
@@ -103,14 +103,17 @@ def find_latest_checkpoint(output_dir) -> str | None:
 
 def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=None,
                     trainer_state: Mapping | None = None, config=None, tokenizer=None,
-                    save_total_limit: int | None = None) -> str:
+                    save_total_limit: int | None = None, model_state: Mapping | None = None,
+                    optimizer_state: Mapping | None = None) -> str:
     """Atomically write ``<output_dir>/checkpoint-<step>`` and return its path.
 
     ``trainer_state`` may hold ``"generators": {name: torch.Generator}``; their states are saved
     with the RNG states and restored by :func:`load_checkpoint` (``generators=``). With
     ``save_total_limit`` only that many newest checkpoints are kept (older ones are deleted).
     A checkpoint with the same step is replaced; if anything fails, nothing is left behind
-    and the exception propagates.
+    and the exception propagates. ``model_state`` / ``optimizer_state``: full state dicts
+    gathered by the caller (FSDP2, see grpokit.distributed.full_state) instead of
+    ``model.state_dict()`` / ``optimizer.state_dict()``; the files are the same either way.
     """
     step = int(step)
     os.makedirs(output_dir, exist_ok=True)
@@ -121,9 +124,10 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=N
     try:
         state = dict(trainer_state or {})
         generators = state.pop("generators", None) or {}
-        _save_model(model, tmp)
+        _save_model(model, tmp, model_state)
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+            torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                       os.path.join(tmp, OPTIMIZER_FILE))
         if scheduler is not None:
             torch.save(scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
         torch.save(_rng_state(generators), os.path.join(tmp, RNG_FILE))
@@ -158,15 +162,17 @@ def _unwrap(model):
     return model, isinstance(model, PeftModel)
 
 
-def _save_model(model, directory: str) -> None:
+def _save_model(model, directory: str, full_state: Mapping | None = None) -> None:
     """The adapter of a PeftModel (+ adapter_config.json), else the full state_dict (+ config.json)."""
     model, peft = _unwrap(model)
     if peft:
         from peft import get_peft_model_state_dict
 
-        state, file = get_peft_model_state_dict(model, adapter_name=model.active_adapter), ADAPTER_FILE
+        state = get_peft_model_state_dict(model, state_dict=None if full_state is None else dict(full_state),
+                                          adapter_name=model.active_adapter)
+        file = ADAPTER_FILE
     else:
-        state, file = model.state_dict(), MODEL_FILE
+        state, file = (model.state_dict() if full_state is None else full_state), MODEL_FILE
     tensors, aliases = _dedupe(state)
     metadata = {"format": "pt", _ALIASES_KEY: json.dumps(aliases)}
     save_file(tensors, os.path.join(directory, file), metadata=metadata)
@@ -316,14 +322,16 @@ def load_checkpoint(path, *, model, optimizer=None, scheduler=None,
                     generators: Mapping | None = None, map_location="cpu") -> dict:
     """Restore a checkpoint in place and return its trainer state (without ``"generators"``).
 
-    Restores the model weights (the adapter only for a ``PeftModel``), the optimizer and
+    Restores the model weights (the adapter only for a ``PeftModel``; ``model=None``: the caller
+    restores them, e.g. FSDP2 from :func:`read_model_state`), the optimizer and
     scheduler when given, the python / numpy / torch RNG states, and the state of each
     ``torch.Generator`` in ``generators`` ({name: generator}, names as saved). Raises
     :class:`CheckpointError` when the checkpoint is missing, incomplete, or does not fit.
     """
     path = os.fspath(path)
     _check_complete(path)
-    _load_model(model, path)
+    if model is not None:
+        _load_model(model, path)
     if optimizer is not None:
         _load_into(optimizer, path, OPTIMIZER_FILE, map_location, "optimizer")
     if scheduler is not None:
@@ -378,7 +386,7 @@ def _read_weights(file: str) -> dict:
     return tensors
 
 
-def _load_model(model, path: str) -> None:
+def _weights_file(model, path: str) -> tuple[str, bool]:
     model, peft = _unwrap(model)
     file = os.path.join(path, ADAPTER_FILE if peft else MODEL_FILE)
     if not os.path.isfile(file):
@@ -386,6 +394,36 @@ def _load_model(model, path: str) -> None:
         kind = "a PEFT model" if peft else "a model without PEFT adapters"
         found = f"; it holds {other}" if os.path.isfile(os.path.join(path, other)) else ""
         raise CheckpointError(f"checkpoint at {path} has no {os.path.basename(file)} for {kind}{found}")
+    return file, peft
+
+
+def read_model_state(path, model) -> dict:
+    """The checkpoint's weights under ``model``'s own ``state_dict`` names (a PeftModel's adapter
+    keys mapped to its module names), checked against the model's names and (global) shapes; for
+    loaders that place the tensors themselves (FSDP2: ``distributed.load_full_state``)."""
+    path = os.fspath(path)
+    _check_complete(path)
+    file, peft = _weights_file(model, path)
+    saved = _read_weights(file)
+    model, _ = _unwrap(model)
+    current = model.state_dict()
+    names = list(current)
+    if peft:
+        from peft import get_peft_model_state_dict
+
+        index = {n: torch.tensor(i) for i, n in enumerate(names)}  # the save-time renaming, inverted
+        renamed = get_peft_model_state_dict(model, state_dict=index, adapter_name=model.active_adapter)
+        to_model = {k: names[int(v)] for k, v in renamed.items()}
+        expected = {k: current[to_model[k]] for k in to_model}
+        _check_weights(saved, expected, file)
+        return {to_model[k]: v for k, v in saved.items()}
+    _check_weights(saved, current, file)
+    return saved
+
+
+def _load_model(model, path: str) -> None:
+    file, peft = _weights_file(model, path)
+    model, _ = _unwrap(model)
     saved = _read_weights(file)
     if peft:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict

@@ -104,6 +104,10 @@ class _GRPOFields:
     # --- precision and device ---
     bf16: bool | None = _f(None, "bfloat16 weights/compute; None = on for CUDA with bf16, off on CPU.")
     use_cpu: bool = _f(False, "Train on CPU even when CUDA is available.")
+    # --- several processes (torchrun; see docs/distributed.md) ---
+    distributed_strategy: str = _f("ddp", "Under torchrun: ddp (a full copy per rank) | fsdp2 (weights, grads and "
+                                          "optimizer state sharded per decoder layer).")
+    ddp_timeout: int = _f(1800, "Seconds a collective waits for the other ranks before the job fails (TRL's name).")
     seed: int = _f(42, "Seed of model init, data order, sampling.")
     # --- logging, eval, checkpoints ---
     logging_steps: int = _f(10, "Print a metrics line every this many steps (metrics.jsonl gets every step).")
@@ -161,7 +165,7 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
     "train_sampling_strategy": ("random",), "length_column_name": ("length",), "include_for_metrics": ([],),
     "eval_do_concat_batches": (True,), "pad_to_multiple_of": ("auto", None), "ds3_gather_for_generation": (True,),
     "multi_objective_aggregation": ("sum_then_normalize",), "ref_model_mixup_alpha": (0.6,),
-    "ref_model_sync_steps": (512,), "ddp_timeout": (1800,), "vllm_mode": ("colocate",),
+    "ref_model_sync_steps": (512,), "vllm_mode": ("colocate",),
     "vllm_model_impl": ("vllm",), "vllm_server_host": ("0.0.0.0",), "vllm_server_port": (8000,),
     "vllm_server_timeout": (240.0,), "vllm_group_port": (51216,), "vllm_gpu_memory_utilization": (0.3,),
     "vllm_tensor_parallel_size": (1,), "entropy_coef_min": (0.0,), "entropy_coef_max": (1.0,),
@@ -252,6 +256,9 @@ class GRPOConfig(_GRPOFields):
         need(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1).")
         need(self.optim in ("adamw_torch", "adamw_torch_fused"), f"optim={self.optim!r}: grpokit supports adamw_torch(_fused).")
         need(self.on_nonfinite in ("skip", "raise"), "on_nonfinite: skip or raise.")
+        need(self.distributed_strategy in ("ddp", "fsdp2"),
+             f"distributed_strategy={self.distributed_strategy!r}: use ddp or fsdp2.")
+        need(self.ddp_timeout > 0, "ddp_timeout must be > 0 seconds.")
         need(self.eval_strategy in ("no", "steps"), "eval_strategy: no or steps.")
         need(self.eval_strategy == "no" or (self.eval_steps or 0) > 0, "eval_strategy='steps' needs eval_steps > 0.")
         need(self.save_strategy in ("no", "steps"), "save_strategy: no or steps.")

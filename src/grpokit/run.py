@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from grpokit import distributed
 from grpokit.batch import Rollout
 from grpokit.config import GRPOConfig
 from grpokit.rollout import SamplingParams, make_engine
@@ -47,6 +48,17 @@ class RunParts:
     task_name: str | None = None
     model_name: str = ""
     _notes: list[str] = field(default_factory=list)
+    # the training forward (batch.completion_logprobs) as a module: DDP- or FSDP2-wrapped under
+    # torchrun, so every logprob forward goes through it; `model` stays the user's model
+    train_forward: Any = None
+    ref_forward: Any = None          # the frozen reference copy's forward (beta > 0 without LoRA)
+    strategy: str = "ddp"            # distributed_strategy in effect (ddp | fsdp2)
+
+    def __post_init__(self):
+        if self.train_forward is None:
+            self.train_forward = distributed.TrainingForward(self.model)
+        if self.ref_forward is None and self.ref_model is not None:
+            self.ref_forward = distributed.TrainingForward(self.ref_model)
 
     @property
     def num_train_rows(self) -> int:
@@ -84,7 +96,8 @@ class RunParts:
 
     def sample(self, rows: list[int], seed: int) -> Rollout:
         g = self.config.num_generations
-        outs = self.engine.generate([self.prompt_ids[r] for r in rows], n=g, params=self.sampling_params(seed))
+        with self.generation_context():
+            outs = self.engine.generate([self.prompt_ids[r] for r in rows], n=g, params=self.sampling_params(seed))
         row_index = [rows[o.prompt_index] for o in outs]
         completions = [[{"role": "assistant", "content": o.text}] if self.conversational else o.text for o in outs]
         return Rollout(
@@ -100,23 +113,31 @@ class RunParts:
         return self.reward_runner(rollout.prompts, rollout.completions, completion_ids=rollout.completion_ids,
                                   columns=cols)
 
+    def generation_context(self):
+        """FSDP2: every parameter gathered while generating (see distributed.full_parameters)."""
+        return distributed.full_parameters(self.train_forward)
+
     @contextlib.contextmanager
     def reference_context(self):
-        """The reference policy: the base model with the adapter off (LoRA), else a frozen copy."""
+        """The reference policy's logprob forward: the training forward with the adapter off
+        (LoRA), else the frozen copy's."""
         if self.is_peft:
             from grpokit.models import reference_logits_context
 
             with reference_logits_context(self.model):
-                yield self.model
+                yield self.train_forward
         else:
-            yield self.ref_model
+            yield self.ref_forward
 
     # ---- optimisation ----
     def optimizer_step(self) -> tuple[bool, torch.Tensor]:
         """Clip, check, step. A non-finite gradient norm skips the update (or raises)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach().float().cpu()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.detach().float().cpu()
         applied = bool(torch.isfinite(grad_norm))
         if not applied and self.config.on_nonfinite == "raise":
             raise FloatingPointError(f"non-finite gradient norm ({float(grad_norm)}); set on_nonfinite='skip' "
@@ -130,7 +151,11 @@ class RunParts:
         return applied, grad_norm
 
     def no_sync(self):
-        return self.model.no_sync() if hasattr(self.model, "no_sync") and self.world_size > 1 else contextlib.nullcontext()
+        return distributed.no_sync(self.train_forward)
+
+    def guard(self, what: str):
+        """If this phase raises on any rank, every rank raises naming it (distributed.rank_guard)."""
+        return distributed.rank_guard(what, self.device if self.device.type == "cuda" else None)
 
     def autocast(self):
         return contextlib.nullcontext()
@@ -154,39 +179,89 @@ class RunParts:
     def log_eval(self, step: int) -> dict[str, float]:
         if self.eval_fn is None:
             return {}
-        metrics = self.eval_fn.greedy(self.engine)
+        with self.generation_context():
+            metrics = self.eval_fn.greedy(self.engine)
         self.tracker.log(step, metrics)
         self.tracker.write(f"eval @ step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp2" and self.world_size > 1
+
     def save_checkpoint(self, state: dict) -> str | None:
-        if self.rank != 0:
-            return None
+        """Rank 0 writes; under FSDP2 every rank first takes part in gathering the full state, so
+        the files are those of a one-process run (resumable on any number of ranks)."""
         from grpokit.checkpoint import save_checkpoint
 
-        return save_checkpoint(self.config.output_dir, state["global_step"], model=self.model,
-                               optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=dict(state),
-                               config=self.config.to_dict(), tokenizer=self.tokenizer,
-                               save_total_limit=self.config.save_total_limit)
+        model_state = optim_state = None
+        if self.sharded:
+            model_state, optim_state = distributed.full_state(self.model, self.optimizer)
+        with self.guard("saving a checkpoint"):
+            if self.rank != 0:
+                return None
+            return save_checkpoint(self.config.output_dir, state["global_step"], model=self.model,
+                                   optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=dict(state),
+                                   config=self._checkpoint_config(), tokenizer=self.tokenizer,
+                                   save_total_limit=self.config.save_total_limit, model_state=model_state,
+                                   optimizer_state=optim_state)
+
+    def _checkpoint_config(self) -> dict:
+        """The config saved with a checkpoint, plus the global batch: a run may resume on another
+        number of ranks when per_device_train_batch_size * gradient_accumulation_steps * ranks is
+        unchanged (gradient_accumulation_steps may then differ)."""
+        c = self.config
+        return {**c.to_dict(),
+                "completions_per_step": c.per_device_train_batch_size * c.gradient_accumulation_steps * self.world_size}
 
     def resume(self, path: str | bool) -> dict:
-        from grpokit.checkpoint import CheckpointError, check_resume_compatible, find_latest_checkpoint, load_checkpoint
+        from grpokit.checkpoint import (RESUME_KEYS, CheckpointError, check_resume_compatible, find_latest_checkpoint,
+                                        load_checkpoint)
 
         if path is True or path == "latest":
             path = find_latest_checkpoint(self.config.output_dir)
             if path is None:
                 raise CheckpointError(f"resume_from_checkpoint=True but {self.config.output_dir} has no checkpoint.")
-        check_resume_compatible(path, self.config.to_dict())
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        keys = [k for k in RESUME_KEYS if k != "gradient_accumulation_steps"] + ["completions_per_step"]
+        check_resume_compatible(path, self._checkpoint_config(), keys)
+        if self.sharded:  # rank 0 reads the full weights and optimizer state, each rank keeps its shards
+            from grpokit.checkpoint import OPTIMIZER_FILE, _torch_load, read_model_state
+
+            model_state, optim_state = {}, {}
+            if self.rank == 0:
+                model_state = read_model_state(path, self.model)
+                optim_state = _torch_load(os.path.join(path, OPTIMIZER_FILE), "cpu")
+            distributed.load_full_state(self.model, self.optimizer, model_state, optim_state, strict=not self.is_peft)
+            state = load_checkpoint(path, model=None, optimizer=None, scheduler=self.scheduler)
+        else:
+            state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.engine.update_weights(self.model)
         self.tracker.write(f"resumed from {path} at step {state['global_step']}")
         return {k: state[k] for k in ("global_step", "epoch", "cursor", "skipped_steps", "samples_seen") if k in state}
 
-    def finish(self) -> None:
-        if self.rank == 0:
-            from grpokit.models import save_model
+    def save_final(self, path: str, merge_lora: bool = False) -> str:
+        """The trained model (adapter for LoRA) and tokenizer, written by rank 0 only; under FSDP2
+        every rank takes part in gathering the full weights first."""
+        from grpokit.models import save_model
 
-            save_model(self.model, self.tokenizer, os.path.join(self.config.output_dir, "final"))
+        if not self.sharded:
+            if self.rank == 0:
+                save_model(self.model, self.tokenizer, path, merge_lora=merge_lora)
+            return path
+        if merge_lora:
+            raise ValueError("merge_lora=True is not supported on a sharded (FSDP2) model: save without it, then "
+                             "in one process load the adapter with grpokit.models.load_model(path) and save "
+                             "it with grpokit.models.save_model(model, tokenizer, out, merge_lora=True).")
+        full, _ = distributed.full_state(self.model, None)
+        with self.guard("saving the model"):
+            if self.rank == 0:
+                os.makedirs(path, exist_ok=True)
+                self.model.save_pretrained(path, state_dict=full)
+                self.tokenizer.save_pretrained(path)
+        return path
+
+    def finish(self) -> None:
+        self.save_final(os.path.join(self.config.output_dir, "final"))
         self.tracker.close(plot=self.config.plot)
 
     def summary(self) -> str:
@@ -200,7 +275,8 @@ class RunParts:
             f"{n_train:,} trainable of {n_all:,} parameters{' (LoRA)' if self.is_peft else ''}",
             f"  data: {self.num_train_rows} prompts{f' (task {self.task_name})' if self.task_name else ''}; "
             f"rewards: {', '.join(self.reward_runner.names) if hasattr(self.reward_runner, 'names') else ''}",
-            f"  per step: {completions // g} prompts x G={g} = {completions} completions on {w} rank(s), "
+            f"  per step: {completions // g} prompts x G={g} = {completions} completions on {w} rank(s)"
+            f"{f' ({self.strategy})' if w > 1 else ''}, "
             f"{c.gradient_accumulation_steps} micro-batch(es) of {c.per_device_train_batch_size}; "
             f"<= {completions * c.max_completion_length:,} completion tokens",
             f"  {self.total_steps} optimizer steps; loss_type={c.loss_type}, epsilon={c.epsilon}/"
@@ -224,7 +300,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     from grpokit.rewards import RewardRunner, load_reward_funcs
 
     _seed_everything(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.use_cpu else "cpu")
+    rank, world = distributed.init_distributed(use_cpu=cfg.use_cpu, timeout_s=cfg.ddp_timeout)  # torchrun
+    device = distributed.device_for(cfg.use_cpu)
     notes: list[str] = []
 
     # data and task
@@ -304,13 +381,22 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     if cfg.beta > 0 and not is_peft:
         ref_model = models.load_reference_model(policy)
     optimizer, scheduler = optimizers
+    # several ranks: the training forward wrapped in DDP or FSDP2 (which replaces the parameters
+    # by shards, so the optimizer is made after it)
+    if world > 1 and cfg.distributed_strategy == "fsdp2":
+        if optimizer is not None:
+            raise ValueError("distributed_strategy='fsdp2' shards the parameters, so an optimizer made before "
+                             "cannot be used: leave optimizers=(None, None) to let grpokit build it.")
+        if cfg.use_vllm:
+            raise ValueError("distributed_strategy='fsdp2' with use_vllm=True is not supported; use ddp.")
+    train_forward = distributed.wrap_for_training(policy, cfg.distributed_strategy, device)
+    ref_forward = (distributed.wrap_for_training(ref_model, cfg.distributed_strategy, device, frozen=True)
+                   if ref_model is not None else None)
     params = [p for p in policy.parameters() if p.requires_grad]
     if optimizer is None:
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
                                       fused=(cfg.optim == "adamw_torch_fused" and device.type == "cuda") or None)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     prompts_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
     total_steps = _total_steps(cfg, len(prompt_ids), prompts_per_step * world)
     if scheduler is None:
@@ -335,7 +421,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                     prompts_per_step=prompts_per_step, eval_dataset=eval_dataset, eval_fn=eval_fn,
                     ref_model=ref_model, is_peft=is_peft, rank=rank, world_size=world,
                     pad_id=tok.pad_token_id, task_name=task.name if task else None, model_name=model_name,
-                    _notes=notes)
+                    _notes=notes, train_forward=train_forward, ref_forward=ref_forward,
+                    strategy=cfg.distributed_strategy)
 
 
 def _total_steps(cfg: GRPOConfig, num_rows: int, global_prompts_per_step: int) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from grpokit.algos import LOSS_TYPES, group_advantages, policy_loss, rollout_correction_weights, top_entropy_mask
-from grpokit.batch import Rollout, completion_logprobs, make_micro_batches
+from grpokit.batch import Rollout, make_micro_batches
 from grpokit.config import GRPOConfig
 from grpokit.run import RunParts, build_run
 
@@ -62,11 +62,8 @@ class GRPOTrainer:
                           if resume_from_checkpoint is not None else self.args.resume_from_checkpoint)
 
     def save_model(self, output_dir: str | None = None, merge_lora: bool = False) -> str:
-        from grpokit.models import save_model
-
-        path = output_dir or os.path.join(self.args.output_dir, "final")
-        save_model(self.parts.model, self.parts.tokenizer, path, merge_lora=merge_lora)
-        return path
+        """Writes on rank 0 only (every rank must call it under FSDP2: the weights are gathered)."""
+        return self.parts.save_final(output_dir or os.path.join(self.args.output_dir, "final"), merge_lora=merge_lora)
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,10 +85,11 @@ def train_loop(run: RunParts, resume_from_checkpoint: str | bool | None = None) 
         phase: dict[str, float] = {}
         # 1. sample G completions for this step's prompts
         rows, state["epoch"], state["cursor"] = run.next_prompt_rows(state["epoch"], state["cursor"])
-        with _timed(phase, "time/generate"):
+        # (run.guard: an exception on one rank stops every rank now, naming it, not at a timeout)
+        with _timed(phase, "time/generate"), run.guard("generation"):
             rollout = run.sample(rows, seed=cfg.seed + 1_000_003 * state["global_step"] + run.rank)
         # 2. rewards -> 3. group-relative advantages
-        with _timed(phase, "time/reward"):
+        with _timed(phase, "time/reward"), run.guard("the reward functions"):
             reward_out = run.score(rollout)
         rollout.rewards_per_func, rollout.rewards = reward_out.per_func, reward_out.total
         rollout.reward_names = list(reward_out.names)
@@ -149,10 +147,10 @@ def _add_fixed_logprobs(run: RunParts, micro_batches) -> None:
     with torch.no_grad():
         for mb in micro_batches:
             if cfg.num_iterations > 1:
-                mb.old_logps = completion_logprobs(run.model, mb, temperature=cfg.temperature)[0]
+                mb.old_logps = run.train_forward(mb, temperature=cfg.temperature)[0]
             if cfg.beta > 0:
-                with run.reference_context() as ref_model:
-                    mb.ref_logps = completion_logprobs(ref_model, mb, temperature=cfg.temperature)[0]
+                with run.reference_context() as ref_forward:
+                    mb.ref_logps = ref_forward(mb, temperature=cfg.temperature)[0]
 
 
 def _accumulate_gradients(run: RunParts, micro_batches, num_items, num_sequences) -> dict[str, torch.Tensor]:
@@ -165,7 +163,9 @@ def _accumulate_gradients(run: RunParts, micro_batches, num_items, num_sequences
     for i, mb in enumerate(micro_batches):
         sync = run.no_sync() if i < len(micro_batches) - 1 else nullcontext()
         with sync, run.autocast():
-            logps, entropy = completion_logprobs(run.model, mb, temperature=cfg.temperature, with_entropy=want_entropy)
+            # through run.train_forward (batch.completion_logprobs in a DDP/FSDP2-wrapped module), so
+            # the gradients are averaged over ranks exactly once, in this backward
+            logps, entropy = run.train_forward(mb, temperature=cfg.temperature, with_entropy=want_entropy)
             is_weights = None
             if cfg.use_vllm and cfg.vllm_importance_sampling_correction:
                 level, mode = cfg.vllm_importance_sampling_mode.split("_")

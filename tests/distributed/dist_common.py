@@ -1,0 +1,104 @@
+"""Shared by the two-rank worker (run under torchrun) and the one-process references in
+test_distributed.py: the tiny model, prompts, reward and the configurations compared."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from datasets import Dataset
+
+from grpokit import GRPOConfig
+from grpokit.batch import Rollout
+from grpokit.models import load_tokenizer, new_char_tokenizer, new_model_from_config
+
+WORLD = 2          # ranks of the distributed runs
+MAX_STEPS = 3
+SAVE_STEPS = 2     # checkpoint-2 is resumed
+
+# model overrides and config overrides of each scenario
+SCENARIOS = {
+    # full fine-tune, token-level dapo (global normaliser), KL to a frozen reference copy, tied
+    # embedding/lm_head (as small Qwen models), gradient clipping active (max_grad_norm=0.5; the norms are ~0.6)
+    "full": ({"tie_word_embeddings": True}, dict(loss_type="dapo", beta=0.04, max_grad_norm=0.5)),
+    # LoRA, per-sequence grpo loss (local means), reference = adapter off, old logprobs (mu=2)
+    "lora": ({}, dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, loss_type="grpo", beta=0.04,
+                      num_iterations=2)),
+}
+
+
+def tiny(seed=0, **over):
+    tok = load_tokenizer(new_char_tokenizer())
+    cfg = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64, **over}
+    return new_model_from_config(cfg, tokenizer=tok, seed=seed), tok
+
+
+def prompts_ds(n=40):
+    return Dataset.from_dict({"prompt": [f"q{i}:" for i in range(n)]})
+
+
+def letters(prompts, completions, **kw):
+    """Fraction of letters: a continuous reward, so (nearly) every group has a non-zero advantage."""
+    return [sum(ch.isalpha() for ch in c) / max(1, len(c)) for c in completions]
+
+
+def config(output_dir, scenario, *, world, strategy="ddp", **over):
+    """`world` ranks of 8 completions x `2 * WORLD / world` micro-batches: the same global batch
+    (8 prompts x G=4) whatever the number of ranks."""
+    base = dict(output_dir=str(output_dir), max_steps=MAX_STEPS, per_device_train_batch_size=8,
+                gradient_accumulation_steps=2 * WORLD // world, num_generations=4, max_completion_length=4,
+                learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=100, save_strategy="steps",
+                save_steps=SAVE_STEPS, use_cpu=True, disable_tqdm=True, plot=False, seed=1,
+                distributed_strategy=strategy, log_completions=False)
+    return GRPOConfig(**{**base, **SCENARIOS[scenario][1], **over})
+
+
+def model_for(scenario):
+    return tiny(**SCENARIOS[scenario][0])
+
+
+def as_if_ranks(run, world: int) -> None:
+    """Make a one-process run sample exactly what `world` ranks sample: rank r draws its slice
+    of the step's prompts with seed + r (the trainer's per-rank sampling seed)."""
+    sample = run.sample
+
+    def sample_like_ranks(rows, seed):
+        k = len(rows) // world
+        parts = [sample(rows[r * k:(r + 1) * k], seed + r) for r in range(world)]
+        return Rollout(
+            row_index=sum((p.row_index for p in parts), []), prompts=sum((p.prompts for p in parts), []),
+            completions=sum((p.completions for p in parts), []), prompt_ids=sum((p.prompt_ids for p in parts), []),
+            completion_ids=sum((p.completion_ids for p in parts), []),
+            sampling_logps=sum((p.sampling_logps for p in parts), []),
+            truncated=torch.cat([p.truncated for p in parts]), rewards_per_func=torch.empty(0),
+            rewards=torch.empty(0), advantages=torch.empty(0))
+
+    run.sample = sample_like_ranks
+
+
+# ---- reward functions for the fault tests (loaded by name: "dist_common:...", PYTHONPATH=tests/distributed).
+# Rank 1 fails at its second call (step 2), after writing the time to $GRPOKIT_FAULT_STAMP.
+_calls = {"n": 0}
+
+
+def _fails_now() -> bool:
+    _calls["n"] += 1
+    if os.environ.get("RANK") != "1" or _calls["n"] != 2:
+        return False
+    with open(os.environ["GRPOKIT_FAULT_STAMP"], "w") as f:
+        f.write(repr(time.time()))
+    return True
+
+
+def raise_on_rank_1_at_step_2(prompts, completions, **kw):
+    if _fails_now():
+        raise ValueError("boom: the reward server is down")
+    return letters(prompts, completions)
+
+
+def die_on_rank_1_at_step_2(prompts, completions, **kw):
+    if _fails_now():
+        os._exit(17)  # as a segfault or the OOM killer would: no exception, no clean-up
+    return letters(prompts, completions)
