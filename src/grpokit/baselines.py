@@ -22,7 +22,7 @@ from grpokit.config import UNSUPPORTED_TRL_FIELDS, GRPOConfig, _GRPOFields
 from grpokit.run import RunParts
 from grpokit.trainer import _format_line, _sample_rows, _step_metrics, _timed
 
-__all__ = ["AlgoConfig", "StepOutput", "reference_logprobs", "run_steps", "timed"]
+__all__ = ["ALGOS", "AlgoConfig", "StepOutput", "algo_classes", "reference_logprobs", "run_steps", "timed"]
 
 timed = _timed
 _GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(_GRPOFields) if f.default is not dataclasses.MISSING}
@@ -197,3 +197,24 @@ def parameter_counts(run: RunParts, extra_modules=()) -> dict[str, int]:
     reference = sum(p.numel() for p in run.ref_model.parameters()) if run.ref_model is not None else 0
     return {"params/policy_trainable": policy_trainable, "params/policy_total": sum(p.numel() for p in run.model.parameters()),
             "params/extra_trainable": extra, "params/reference": reference}
+
+
+ALGOS = ("grpo", "ppo", "dpo")
+
+
+def algo_classes(algo: str) -> tuple[type, type]:
+    """`grpokit train --algo grpo|ppo|dpo` -> (config class, trainer class)."""
+    if algo == "grpo":
+        from grpokit.config import GRPOConfig
+        from grpokit.trainer import GRPOTrainer
+
+        return GRPOConfig, GRPOTrainer
+    if algo == "ppo":
+        from grpokit.ppo import PPOConfig, PPOTrainer
+
+        return PPOConfig, PPOTrainer
+    if algo == "dpo":
+        from grpokit.dpo import DPOConfig, DPOTrainer
+
+        return DPOConfig, DPOTrainer
+    raise ValueError(f"algo={algo!r}: use one of {', '.join(ALGOS)}.")

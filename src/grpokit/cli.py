@@ -94,21 +94,15 @@ def with_demo_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_train(argv: list[str]) -> int:
-    """Also under `torchrun --nproc_per_node N -m grpokit train ...`: the trainer opens the process
-    group from torchrun's environment; it is closed here after a run that ended well (after an
-    error the process exits without waiting for the other ranks)."""
-    from grpokit import distributed
-    from grpokit.config import GRPOConfig
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.baselines import algo_classes
 
-    cfg = GRPOConfig(**with_demo_defaults(load_config_dict(argv)))
-    trainer = GRPOTrainer(args=cfg)
+    raw = with_demo_defaults(load_config_dict(argv))
+    config_cls, trainer_cls = algo_classes(raw.pop("algo", "grpo"))  # --algo grpo | ppo | dpo
+    cfg = config_cls(**raw)
+    trainer = trainer_cls(args=cfg)
     history = trainer.train()
-    main_process = trainer.parts.rank == 0
-    distributed.cleanup()
-    if main_process:
-        _print_before_after(cfg.output_dir)
-        print(f"run folder: {cfg.output_dir}  (metrics.jsonl, completions.jsonl, plot.png, final/)")
+    _print_before_after(cfg.output_dir)
+    print(f"run folder: {cfg.output_dir}  (metrics.jsonl, completions.jsonl, plot.png, final/)")
     return 0 if history is not None else 1
 
 
@@ -247,7 +241,15 @@ def cmd_rewards(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sft": cmd_sft, "rewards": cmd_rewards}
+def cmd_compare(argv: list[str]) -> int:
+    """GRPO, PPO and DPO on the same task and sample budget; writes reports/compare/ (docs/compare.md)."""
+    from grpokit.compare import run_compare
+
+    return run_compare(argv)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sft": cmd_sft, "rewards": cmd_rewards,
+            "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="grpokit train                      # the built-in demo (arithmetic, starter model, CPU)\n"
                "grpokit train cfg.yaml lr=1e-5     # YAML config, command line overrides\n"
                "grpokit train --help-config        # every config field\n"
+               "grpokit train --algo ppo           # the PPO (or --algo dpo: DPO) baseline, same settings\n"
+               "grpokit compare                    # GRPO vs PPO vs DPO, report in reports/compare/\n"
                "grpokit eval model_name_or_path=runs/demo/final\n"
                "grpokit generate prompt='12+7=' n=4\n"
                "grpokit sft configs/starter_sft.yaml\n"
@@ -281,10 +285,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"grpokit {ns.command}: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        from grpokit.distributed import RankFailedError
-
-        if not isinstance(e, RankFailedError):
-            raise
-        print(f"grpokit {ns.command}: error: {e}", file=sys.stderr)  # names the failing rank and its error
-        return 1

@@ -146,3 +146,45 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="resum"):
         PPOTrainer(model=model, reward_funcs=digit_first, args=PPOConfig(**base(tmp_path, max_steps=1)),
                    train_dataset=prompts_ds(), processing_class=tok).train(resume_from_checkpoint=True)
+
+
+def test_compare_runs_the_three_and_writes_the_report(tmp_path):
+    """`grpokit compare` end to end on a tiny saved model, in this process (isolate=false: fast to
+    start), then the default isolated path (one worker process per algorithm) for one algorithm."""
+    from grpokit.cli import main
+    from grpokit.models import save_model
+
+    model, tok = tiny()
+    save_model(model, tok, tmp_path / "model")
+    argv = [f"model_name_or_path={tmp_path / 'model'}", "max_steps=2", "eval_steps=2", "task_num_train=64",
+            "task_num_eval=16", "per_device_train_batch_size=16", "gradient_accumulation_steps=1",
+            f"output_dir={tmp_path / 'runs'}", f"report_dir={tmp_path / 'report'}"]
+    assert main(["compare", *argv, "ppo={num_ppo_epochs: 2}", "isolate=false"]) == 0
+    report = (tmp_path / "report" / "README.md").read_text()
+    for algo in ("GRPO", "PPO", "DPO"):
+        assert f"| {algo} |" in report
+    assert "num_ppo_epochs=2" in report and "grpokit compare model_name_or_path=" in report
+    for png in ("curves.png", "cost.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["results"]["ppo"]["params"]["params/extra_trainable"] == 33
+    assert summary["results"]["ppo"]["optimizer_steps_per_step"] == 2
+    assert summary["results"]["grpo"]["params"]["params/reference"] == 0
+    assert all(summary["summary"][a]["samples_total"] == 2 * 16 for a in ("grpo", "ppo", "dpo"))
+    # the default: each algorithm in its own process (peak memory is its own)
+    assert main(["compare", *argv, "algos=[dpo]", "max_steps=1", f"report_dir={tmp_path / 'report1'}"]) == 0
+    summary = json.loads((tmp_path / "report1" / "summary.json").read_text())
+    assert list(summary["results"]) == ["dpo"] and summary["machine"]["isolated"]
+
+
+def test_compare_checks_every_config_before_running(tmp_path):
+    from grpokit.compare import plan
+
+    with pytest.raises(ValueError, match="cliprange"):
+        plan({"ppo": {"epsilon": 0.3}, "output_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="algos"):
+        plan({"algos": ["grpo", "a2c"]})
+    options, configs = plan({"algos": ["grpo", "dpo"], "learning_rate": 1e-3, "dpo": {"beta": 0.5}})
+    assert list(configs) == ["grpo", "dpo"] and configs["dpo"]["beta"] == 0.5
+    assert configs["grpo"]["learning_rate"] == configs["dpo"]["learning_rate"] == 1e-3
+    assert not os.path.exists(options["output_dir"])
