@@ -94,6 +94,10 @@ def with_demo_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_train(argv: list[str]) -> int:
+    """Also under `torchrun --nproc_per_node N -m grpokit train ...`: the trainer opens the process
+    group from torchrun's environment; it is closed here after a run that ended well (after an
+    error the process exits without waiting for the other ranks)."""
+    from grpokit import distributed
     from grpokit.baselines import algo_classes
 
     raw = with_demo_defaults(load_config_dict(argv))
@@ -101,8 +105,11 @@ def cmd_train(argv: list[str]) -> int:
     cfg = config_cls(**raw)
     trainer = trainer_cls(args=cfg)
     history = trainer.train()
-    _print_before_after(cfg.output_dir)
-    print(f"run folder: {cfg.output_dir}  (metrics.jsonl, completions.jsonl, plot.png, final/)")
+    main_process = trainer.parts.rank == 0
+    distributed.cleanup()
+    if main_process:
+        _print_before_after(cfg.output_dir)
+        print(f"run folder: {cfg.output_dir}  (metrics.jsonl, completions.jsonl, plot.png, final/)")
     return 0 if history is not None else 1
 
 
@@ -285,3 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"grpokit {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from grpokit.distributed import RankFailedError
+
+        if not isinstance(e, RankFailedError):
+            raise
+        print(f"grpokit {ns.command}: error: {e}", file=sys.stderr)  # names the failing rank and its error
+        return 1
