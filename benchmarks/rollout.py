@@ -72,6 +72,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--skip-generate", action="store_true", help="time the engine only")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time the engine without its CPU packed output projection")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -87,6 +89,7 @@ def main():
     prompts = [torch.randint(3, model.config.vocab_size, (int(torch.randint(lo, hi + 1, (1,), generator=g)),),
                              generator=g).tolist() for _ in range(args.prompts)]
     engine = HFEngine(model, tok)
+    plain_head = HFEngine(model, tok, cpu_packed_lm_head=False)
 
     print(f"model: {args.arch}-shaped, {n_params(model) / 1e6:.1f}M params, {dtype}, device {device}, "
           f"torch threads {torch.get_num_threads()}")
@@ -99,22 +102,30 @@ def main():
         return SamplingParams(max_tokens=args.max_tokens, temperature=1.0, top_p=args.top_p,
                               top_k=args.top_k, seed=seed)
 
-    def engine_run(seed):
-        out = engine.generate(prompts, n=args.G, params=params(seed))
-        return [len(c.token_ids) for c in out], dict(engine.stats)
+    def engine_run(seed, eng=engine):
+        out = eng.generate(prompts, n=args.G, params=params(seed))
+        return [len(c.token_ids) for c in out], dict(eng.stats)
 
     # warm-up (allocator, lazy imports, kernels) of both, short
     warm = SamplingParams(max_tokens=8, seed=0)
     engine.generate(prompts, n=args.G, params=warm)
+    if args.ablate:
+        plain_head.generate(prompts, n=args.G, params=warm)
     if not args.skip_generate:
         run_generate(model, prompts, args.G, warm, device)
 
     rows = {"engine": [], "generate": []}
+    if args.ablate:
+        rows["engine, F.linear head"] = []
     for rep in range(args.repeats):
         dt, cpu, (lengths, stats) = timed(lambda: engine_run(rep + 1), device)
         rows["engine"].append((dt, lengths, stats, cpu))
         print(f"  run {rep}: engine   {dt:7.2f} s (cpu {cpu:7.2f} s)  mean length {statistics.mean(lengths):6.1f}  "
               f"prefill {stats['prefill_s']:.2f} s  decode {stats['decode_s']:.2f} s  steps {stats['steps']}")
+        if args.ablate:  # same seed as the engine run: the same completions, another output projection
+            dt, cpu, (lengths, stats) = timed(lambda: engine_run(rep + 1, plain_head), device)
+            rows["engine, F.linear head"].append((dt, lengths, stats, cpu))
+            print(f"  run {rep}: engine, F.linear head {dt:7.2f} s (cpu {cpu:7.2f} s)")
         if not args.skip_generate:
             dt, cpu, lengths = timed(lambda: run_generate(model, prompts, args.G, params(rep + 1), device), device)
             rows["generate"].append((dt, lengths, None, cpu))
@@ -141,6 +152,10 @@ def main():
         e, h = summary["engine"], summary["generate"]
         print(f"ratio engine / generate: {e[1] / h[1]:.2f}x completions/s, {e[2] / h[2]:.2f}x generated tokens/s"
               f"  (per CPU-second: {h[3] / e[3]:.2f}x completions, {e[4] / h[4]:.2f}x tokens)")
+    if "engine, F.linear head" in summary:
+        e, a = summary["engine"], summary["engine, F.linear head"]
+        print(f"packed output projection: engine {a[0] / e[0]:.2f}x faster than with F.linear (same completions), "
+              f"{a[3] / e[3]:.2f}x in CPU time")
 
 
 if __name__ == "__main__":

@@ -271,6 +271,21 @@ def test_model_mode_weights_and_grads_untouched(tok):
     model(input_ids=torch.tensor([PROMPTS[0]]), labels=torch.tensor([PROMPTS[0]])).loss.backward()
 
 
+def test_packed_cpu_lm_head_is_used_during_generation_and_removed_after(tok):
+    model = tiny()
+    seen = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: seen.append("forward" in mod.__dict__))
+    greedy = SamplingParams(max_tokens=5, temperature=0.0)
+    a = HFEngine(model, tok).generate(PROMPTS, n=1, params=greedy)
+    assert seen and all(seen) and "forward" not in model.lm_head.__dict__
+    seen.clear()
+    b = HFEngine(model, tok, cpu_packed_lm_head=False).generate(PROMPTS, n=1, params=greedy)
+    assert seen and not any(seen)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    torch.testing.assert_close(torch.tensor([l for x in a for l in x.logprobs]),
+                               torch.tensor([l for x in b for l in x.logprobs]), atol=1e-5, rtol=0)
+
+
 def test_update_weights_same_module_noop_other_module_copied(tok):
     model, other = tiny(seed=0), tiny(seed=1)
     engine = HFEngine(model, tok)
@@ -355,3 +370,30 @@ def test_vllm_engine_maps_params_and_outputs(tok, monkeypatch):
     assert [c.prompt_index for c in out] == [0, 0, 0, 1, 1, 1]
     assert out[0].token_ids == [10, EOS] and out[0].logprobs == [-0.5, -1.0] and out[0].finish_reason == "stop"
     assert out[1].finish_reason == "length" and out[1].text == "t1"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_greedy_equals_generate_and_sampling_is_valid(tok):
+    model = tiny(eos_p=0.03, sharpen=3.0).cuda()
+    engine = HFEngine(model, tok)
+    assert engine.device.type == "cuda"
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    out = engine.generate(PROMPTS, n=2, params=greedy)
+    for c in out:
+        ref = model.generate(input_ids=torch.tensor([PROMPTS[c.prompt_index]], device="cuda"), do_sample=False,
+                             max_new_tokens=12, pad_token_id=0, eos_token_id=EOS)[0, len(PROMPTS[c.prompt_index]):]
+        assert c.token_ids == ref.tolist()
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=3)
+    a = engine.generate(PROMPTS, n=8, params=params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in engine.generate(PROMPTS, n=8, params=params)]
+    for c in a:
+        prompt = torch.tensor([PROMPTS[c.prompt_index] + c.token_ids], device="cuda")
+        with torch.no_grad():
+            logits = model(input_ids=prompt).logits[0, len(PROMPTS[c.prompt_index]) - 1:-1]
+        lp = processed_logprobs(logits, params).gather(-1, torch.tensor(c.token_ids, device="cuda")[:, None])
+        assert torch.isfinite(lp).all()
+        torch.testing.assert_close(torch.tensor(c.logprobs), lp.squeeze(-1).cpu(), atol=1e-4, rtol=0)
+    # bfloat16 runs and gives valid completions
+    out = HFEngine(model.to(torch.bfloat16), tok).generate(PROMPTS, n=4, params=params)
+    assert all(1 <= len(c.token_ids) <= 10 and len(c.logprobs) == len(c.token_ids) for c in out)

@@ -74,18 +74,29 @@ def test_processed_logprobs_equal_hf_warpers(params):
 
 def test_greedy_logprobs_are_raw_log_softmax():
     logits = torch.randn(3, 20)
-    lp = processed_logprobs(logits, SamplingParams(temperature=0.0, top_k=2, top_p=0.5))
+    greedy = SamplingParams(temperature=0.0, top_k=2, top_p=0.5)
+    lp = processed_logprobs(logits, greedy)
     torch.testing.assert_close(lp, torch.log_softmax(logits, -1))
-    tokens, token_lp = sample(lp, torch.zeros(3, dtype=torch.float64), greedy=True)
+    tokens, token_lp = sample(logits, greedy)
     assert torch.equal(tokens, logits.argmax(-1))
     torch.testing.assert_close(token_lp, lp.gather(-1, tokens[:, None]).squeeze(-1))
 
 
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
+def test_sampled_logprobs_are_the_processed_ones_at_the_sampled_tokens(params):
+    torch.manual_seed(1)
+    logits = torch.randn(64, 50) * 2
+    tokens, token_lp = sample(logits, params, row_uniforms(row_keys(5, torch.arange(64)), 1)[:, 0])
+    want = processed_logprobs(logits, params).gather(-1, tokens[:, None]).squeeze(-1)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(token_lp, want, atol=1e-5, rtol=0)
+
+
 def test_sampler_never_picks_removed_tokens_even_at_extreme_uniforms():
-    logprobs = torch.full((4, 8), float("-inf"))
-    logprobs[:, [2, 5]] = math.log(0.5)
+    logits = torch.full((4, 8), float("-inf"))
+    logits[:, [2, 5]] = 3.0
     u = torch.tensor([0.0, 1e-18, 0.5, 1.0 - 2.0**-53], dtype=torch.float64)
-    tokens, lp = sample(logprobs, u)
+    tokens, lp = sample(logits, SamplingParams(), u)
     assert tokens.tolist() == [2, 2, 5, 5]
     torch.testing.assert_close(lp, torch.full((4,), math.log(0.5)))
 
@@ -93,8 +104,8 @@ def test_sampler_never_picks_removed_tokens_even_at_extreme_uniforms():
 def test_inverse_cdf_sampler_matches_distribution_chi_square():
     """20,000 draws from a fixed 30-token distribution: chi-square test at significance 0.001."""
     probs = torch.softmax(torch.linspace(-3, 2, 30), 0)
-    lp = torch.log(probs).expand(20_000, -1)
-    tokens, _ = sample(lp, row_uniforms(row_keys(123, torch.arange(20_000)), 1)[:, 0])
+    logits = torch.log(probs).expand(20_000, -1)
+    tokens, _ = sample(logits, SamplingParams(), row_uniforms(row_keys(123, torch.arange(20_000)), 1)[:, 0])
     stat, df = chi2_stat(torch.bincount(tokens, minlength=30).double(), probs.double())
     assert stat < chi2_critical(df), (stat, df)
 

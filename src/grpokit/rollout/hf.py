@@ -13,17 +13,21 @@ Where the speed comes from (see benchmarks/README.md for the measured effect of 
 5. Sampling is vectorised torch on the last position's logits (grpokit.rollout.sampling);
    Python per step is one `.tolist()` and a loop over the active rows' bookkeeping.
 6. A `max_batch_tokens` budget (prompt + max_tokens per row) splits huge rollouts into waves.
+7. On CPU (float32, oneDNN), the output projection -- the largest matmul of a small model's
+   decode step -- runs on a weight packed once per `generate` call: 1.4-2.5x faster than
+   `F.linear` at 4-64 rows on a 32k vocabulary (the same product, summed in another order).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 
 import torch
 
 from grpokit.rollout.base import Completion, finish_text, register_engine
-from grpokit.rollout.sampling import SamplingParams, processed_logprobs, row_keys, row_uniforms, sample
+from grpokit.rollout.sampling import SamplingParams, row_keys, row_uniforms, sample
 
 try:  # transformers >= 4.56 has per-layer cache objects; the engine needs them
     from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
@@ -104,6 +108,30 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+@contextlib.contextmanager
+def _packed_cpu_lm_head(model, enabled: bool):
+    """While active, the output embedding (a float32 nn.Linear on CPU) runs on a oneDNN-packed copy
+    of its weight, packed on entry (so it always has the current weights); restored on exit."""
+    head = model.get_output_embeddings() if enabled and hasattr(model, "get_output_embeddings") else None
+    ops = getattr(torch.ops, "mkldnn", None)
+    if (type(head) is not torch.nn.Linear or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32
+            or not torch.backends.mkldnn.is_available() or not hasattr(ops, "_linear_pointwise")):
+        yield
+        return
+    packed = ops._reorder_linear_weight(head.weight.detach())
+    bias = None if head.bias is None else head.bias.detach()
+
+    def forward(x):
+        y = ops._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 def _base_model(model):
     """The transformers model under a PEFT wrapper (the one whose forward signature matters)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -124,17 +152,19 @@ class HFEngine:
         prefill_batch_tokens: prompts are prefilled in batches of about this many tokens, grouped
             by length (padding under `prefill_max_padding` of a batch); 0 prefills one by one.
         prefill_max_padding: largest fraction of padding tokens allowed in a prefill batch.
+        cpu_packed_lm_head: on CPU, run the output projection on a oneDNN-packed weight (see 7.).
     """
 
     def __init__(self, model, tokenizer, *, max_batch_tokens: int | None = None,
                  kv_cache_memory: int | None = None, prefill_batch_tokens: int = 2048,
-                 prefill_max_padding: float = 0.1):
+                 prefill_max_padding: float = 0.1, cpu_packed_lm_head: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_tokens = max_batch_tokens
         self.kv_cache_memory = kv_cache_memory
         self.prefill_batch_tokens = prefill_batch_tokens
         self.prefill_max_padding = prefill_max_padding
+        self.cpu_packed_lm_head = cpu_packed_lm_head
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
@@ -168,7 +198,7 @@ class HFEngine:
             cfg._attn_implementation = "sdpa"
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _packed_cpu_lm_head(_base_model(model), self.cpu_packed_lm_head):
                 for wave in self._plan_waves(prompt_ids, n, params.max_tokens):
                     self._run_wave(wave, prompt_ids, n, params, seed, results)
                     self.stats["waves"] += 1
@@ -345,8 +375,7 @@ class HFEngine:
                 logits = self._forward(input_ids=tokens[:b, None], position_ids=positions[:b, None],
                                        attention_mask=mask[:b, :, :, : width + step], cache=slot_cache)[:, -1, :]
                 positions[:b] += 1
-            logprobs = processed_logprobs(logits, params)
-            tokens, token_lp = sample(logprobs, uniforms[row_ids[:b], step], greedy=params.greedy)
+            tokens, token_lp = sample(logits, params, uniforms[row_ids[:b], step])
             tok_list, lp_list = tokens.tolist(), token_lp.tolist()
             done_pos = []
             tails = []

@@ -69,14 +69,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Log-probabilities [B, V] (float32) of the distribution sampled from `logits` [B, V].
-
-    Tokens removed by top-k / top-p / min-p get -inf. For greedy this is log_softmax(logits).
-    """
+def processed_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Logits [B, V] (float32) of the distribution sampled: temperature applied, and -inf on the
+    tokens removed by top-k / top-p / min-p. For greedy these are the raw logits."""
     x = logits.float()
     if params.greedy:
-        return torch.log_softmax(x, dim=-1)
+        return x
     if params.temperature != 1.0:
         x = x / params.temperature
     neg_inf = float("-inf")
@@ -92,22 +90,36 @@ def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     if params.min_p > 0.0:
         probs = x.softmax(dim=-1)
         x = x.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), neg_inf)
-    return torch.log_softmax(x, dim=-1)
+    return x
 
 
-def sample(logprobs: torch.Tensor, uniforms: torch.Tensor, greedy: bool = False):
-    """Draw one token per row: returns (token_ids [B] int64, their logprobs [B] float32).
+def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-probabilities [B, V] of the distribution sampled from `logits` [B, V] (-inf where removed).
 
-    `uniforms` [B] float64 in [0, 1) selects the token by inverting the CDF (ignored if greedy).
+    For greedy this is log_softmax(logits): the distribution before any processing.
     """
-    if greedy:
-        tokens = logprobs.argmax(dim=-1)
+    return torch.log_softmax(processed_logits(logits, params), dim=-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor | None = None):
+    """Draw one token per row of `logits` [B, V]: returns (token_ids [B] int64, logprobs [B] float32),
+    the logprobs being those of the processed distribution (`processed_logprobs`) at the tokens.
+
+    `uniforms` [B] (float64 in [0, 1)) picks the token by inverting the CDF; ignored if greedy.
+    """
+    x = processed_logits(logits, params)
+    top = x.amax(dim=-1, keepdim=True)
+    if params.greedy:
+        tokens = x.argmax(dim=-1)
+        log_z = torch.logsumexp(x - top, dim=-1)
     else:
-        cdf = logprobs.exp().double().cumsum(dim=-1)
-        target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(-1)
-        tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-        tokens = tokens.clamp_(max=logprobs.shape[-1] - 1)
-    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        cdf = torch.cumsum(torch.exp(x - top), dim=-1, dtype=torch.float64)
+        z = cdf[:, -1]
+        target = (uniforms.to(device=cdf.device, dtype=torch.float64) * z).unsqueeze(-1)
+        tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=x.shape[-1] - 1)
+        log_z = torch.log(z).float()
+    chosen = x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - top.squeeze(-1)
+    return tokens, chosen - log_z
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
