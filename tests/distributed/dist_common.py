@@ -22,9 +22,10 @@ SCENARIOS = {
     # full fine-tune, token-level dapo (global normaliser), KL to a frozen reference copy, tied
     # embedding/lm_head (as small Qwen models), gradient clipping active (max_grad_norm=0.5; the norms are ~0.6)
     "full": ({"tie_word_embeddings": True}, dict(loss_type="dapo", beta=0.04, max_grad_norm=0.5)),
-    # LoRA, per-sequence grpo loss (local means), reference = adapter off, old logprobs (mu=2)
+    # LoRA, per-sequence grpo loss (local means), reference = adapter off, old logprobs (mu=2),
+    # activation checkpointing
     "lora": ({}, dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, loss_type="grpo", beta=0.04,
-                      num_iterations=2)),
+                      num_iterations=2, gradient_checkpointing=True)),
 }
 
 
