@@ -203,3 +203,36 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
                    use_cache=False, logits_to_keep=c + 1).logits[:, :-1] / t
     logps = selective_log_softmax(logits, mb.completion_ids)
     return logps, (entropy_from_logits(logits.detach()) if with_entropy else None)
+
+
+def sampler_logps_are_old_logps(model, engine, *, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                                min_p: float | None = None, use_vllm: bool = False) -> bool:
+    """Whether the sampler's per-token logprobs can stand in for the old policy's (num_iterations > 1).
+
+    True for grpokit's HF engine sampling from the training weights in float32/float64 at
+    temperature > 0 with no top-p/top-k/min-p truncation (the sampled distribution is then the
+    trainer's softmax(logits / T)), and a model without active dropout (the engine samples in eval
+    mode). Both logprobs are then the same function of the same weights, computed in a different
+    batch layout: measured on Qwen2/Llama/GPT-2 (tiny and the ~25M benchmark model, T = 1 and
+    0.7), max |sampler - trainer| = 1e-6 to 8e-6 nats, i.e. importance ratios within 1e-5 of 1,
+    the same size as the packed-vs-padded difference of the training forward itself
+    (tests/unit/test_batch.py). bf16 is not covered by that measurement, so it keeps computing."""
+    from grpokit.rollout.hf import HFEngine
+
+    if use_vllm or not isinstance(engine, HFEngine) or temperature <= 0:
+        return False
+    if top_p < 1.0 or (top_k or 0) > 0 or (min_p or 0.0) > 0:
+        return False
+    inner = _unwrap(model)
+    dtypes = {p.dtype for p in inner.parameters()}
+    if not dtypes <= {torch.float32, torch.float64}:
+        return False
+    if _unwrap(engine.model) is not inner:
+        return False
+    cfg = getattr(inner, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
+        if float(getattr(cfg, name, 0.0) or 0.0) > 0:
+            return False
+    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in getattr(model, "modules", lambda: [])())

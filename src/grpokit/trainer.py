@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import time
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 
+from grpokit import memory
 from grpokit.algos import LOSS_TYPES, group_advantages, policy_loss, rollout_correction_weights, top_entropy_mask
-from grpokit.batch import Rollout, make_micro_batches
+from grpokit.batch import Rollout, make_micro_batches, sampler_logps_are_old_logps
 from grpokit.config import GRPOConfig
 from grpokit.run import RunParts, build_run
 
@@ -144,10 +144,14 @@ def _add_fixed_logprobs(run: RunParts, micro_batches) -> None:
     cfg = run.config
     if cfg.num_iterations == 1 and cfg.beta == 0:
         return
+    # the HF engine's fp32 sampling logprobs are the old ones up to float error (see batch.py)
+    reuse = cfg.num_iterations > 1 and sampler_logps_are_old_logps(
+        run.model, run.engine, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+        use_vllm=cfg.use_vllm)
     with torch.no_grad():
         for mb in micro_batches:
             if cfg.num_iterations > 1:
-                mb.old_logps = run.train_forward(mb, temperature=cfg.temperature)[0]
+                mb.old_logps = mb.sampling_logps if reuse else run.train_forward(mb, temperature=cfg.temperature)[0]
             if cfg.beta > 0:
                 with run.reference_context() as ref_forward:
                     mb.ref_logps = ref_forward(mb, temperature=cfg.temperature)[0]
@@ -216,9 +220,9 @@ def _step_metrics(run: RunParts, rollout: Rollout, reward_stats: dict, step_stat
     metrics.update({k: float(v) for k, v in reward_stats.items() if k not in metrics and _is_number(v)})
     metrics.update(phase)
     metrics["time/step"] = sum(v for k, v in phase.items() if k.startswith("time/"))
-    metrics["memory/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    metrics["memory/peak_rss_gb"] = memory.lifetime_peak_gb("rss")
     if torch.cuda.is_available() and run.device.type == "cuda":
-        metrics["memory/peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics["memory/peak_cuda_gb"] = memory.lifetime_peak_gb("cuda", run.device)
     metrics["learning_rate"] = run.scheduler.get_last_lr()[0]
     metrics["skipped_steps"] = float(state["skipped_steps"])
     metrics["samples"] = float(state["samples_seen"])
@@ -244,14 +248,22 @@ def _format_line(step: int, m: dict[str, float]) -> str:
 
 
 class _timed:
+    """Adds a phase's seconds to into["time/<phase>"] and its peak memory (GiB: CUDA allocated on
+    a GPU, else resident; see grpokit.memory) to into["memory/<phase>_peak_gb"]."""
+
     def __init__(self, into: dict, key: str):
         self.into, self.key = into, key
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
 
     def __enter__(self):
+        memory.reset_peak(self.device)
         self.t0 = time.perf_counter()
 
     def __exit__(self, *exc):
         self.into[self.key] = self.into.get(self.key, 0.0) + time.perf_counter() - self.t0
+        name = "memory/" + self.key.split("/", 1)[-1] + "_peak_gb"
+        self.into[name] = max(self.into.get(name, 0.0), memory.peak_gb(self.device))
 
 
 def _nanstd(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,158 @@
+"""batch.py: micro-batches, and the trainer doing no redundant logprob work (old logprobs only
+when num_iterations > 1, taken from the sampler when exact; reference only when beta > 0, from
+the same weights with the adapter off under LoRA), plus the per-phase time/memory metrics."""
+
+import json
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from grpokit import GRPOConfig, GRPOTrainer
+from grpokit.batch import Rollout, completion_logprobs, make_micro_batches, sampler_logps_are_old_logps
+from tests.helpers import make_char_tokenizer, make_tiny_model
+
+
+def rollout_of(prompts, comps, truncated=None):
+    n = len(prompts)
+    return Rollout(row_index=list(range(n)), prompts=[None] * n, completions=[None] * n, prompt_ids=prompts,
+                   completion_ids=comps, sampling_logps=[[-0.5 * (j + 1) for j in range(len(c))] for c in comps],
+                   truncated=torch.tensor(truncated or [False] * n), rewards_per_func=torch.empty(0),
+                   rewards=torch.empty(0), advantages=torch.arange(n, dtype=torch.float32))
+
+
+def test_micro_batches_pad_each_to_its_own_longest():
+    ro = rollout_of([[5, 6], [5, 6], [7], [7]], [[1, 2, 3], [4], [8, 9], [10]], truncated=[False, True, False, False])
+    mbs = make_micro_batches(ro, 2, pad_id=0, device="cpu", mask_truncated=True)
+    assert [mb.rows for mb in mbs] == [slice(0, 2), slice(2, 4)]
+    first, second = mbs
+    assert first.completion_ids.tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert first.completion_mask.tolist() == [[1, 1, 1], [0, 0, 0]]  # row 1 truncated and masked
+    assert first.sampling_logps.tolist() == [[-0.5, -1.0, -1.5], [-0.5, 0.0, 0.0]]
+    assert second.completion_ids.tolist() == [[8, 9], [10, 0]] and second.advantages.tolist() == [2.0, 3.0]
+    # the padded layout (built on demand): prompts left-padded, completions right-padded
+    ro2 = rollout_of([[5, 6], [7]], [[1], [2, 3]])
+    mb = make_micro_batches(ro2, 2, pad_id=0, device="cpu", mask_truncated=False)[0]
+    assert mb.input_ids.tolist() == [[5, 6, 1, 0], [0, 7, 2, 3]]
+    assert mb.attention_mask.tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 2], [0, 0, 1, 2]]
+    assert mb.prompt_width == 2
+    with pytest.raises(ValueError, match="empty prompt"):
+        make_micro_batches(rollout_of([[]], [[1]]), 1, pad_id=0, device="cpu", mask_truncated=False)
+
+
+def tiny_trainer(tmp_path, reward=None, model=None, peft_config=None, **over):
+    tok = make_char_tokenizer()
+    model = model or make_tiny_model(tok, arch="qwen2", max_positions=64)
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8,
+                gradient_accumulation_steps=2, num_generations=4, max_completion_length=6, learning_rate=1e-2,
+                logging_steps=100, save_strategy="no", use_cpu=True, disable_tqdm=True, plot=False, seed=3,
+                log_completions=False)
+    ds = Dataset.from_dict({"prompt": [f"q{i}:" + "x" * (i % 5) for i in range(16)]})
+    reward = reward or (lambda prompts, completions, **kw: [float(len(c)) for c in completions])
+    return GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**{**base, **over}), train_dataset=ds,
+                       processing_class=tok, peft_config=peft_config)
+
+
+def test_sampler_logprobs_equal_the_trainers(tmp_path):
+    """The measurement behind reusing them: sampler vs training forward, fp32, T = 1 and 0.7."""
+    for temperature in (1.0, 0.7):
+        run = tiny_trainer(tmp_path, temperature=temperature).parts
+        rollout = run.sample(list(range(4)), seed=0)
+        assert sampler_logps_are_old_logps(run.model, run.engine, temperature=temperature)
+        with torch.no_grad():
+            for mb in make_micro_batches(rollout, 8, pad_id=run.pad_id, device="cpu", mask_truncated=False):
+                logps, _ = completion_logprobs(run.model, mb, temperature=temperature)
+                err = ((logps - mb.sampling_logps) * mb.completion_mask).abs().max()
+                assert err < 1e-5, err
+                assert mb.completion_mask.sum() > 8
+
+
+def test_sampler_logprobs_are_not_reused_when_they_differ(tmp_path):
+    run = tiny_trainer(tmp_path).parts
+    ok = dict(temperature=1.0)
+    assert sampler_logps_are_old_logps(run.model, run.engine, **ok)
+    assert not sampler_logps_are_old_logps(run.model, run.engine, temperature=1.0, top_p=0.9)
+    assert not sampler_logps_are_old_logps(run.model, run.engine, temperature=1.0, top_k=5)
+    assert not sampler_logps_are_old_logps(run.model, run.engine, temperature=1.0, min_p=0.1)
+    assert not sampler_logps_are_old_logps(run.model, run.engine, temperature=0.0)
+    assert not sampler_logps_are_old_logps(run.model, run.engine, temperature=1.0, use_vllm=True)
+    other = make_tiny_model(make_char_tokenizer(), arch="qwen2", max_positions=64)
+    assert not sampler_logps_are_old_logps(other, run.engine, **ok)  # the engine samples another model
+    dropout = tiny_trainer(tmp_path, model=make_tiny_model(make_char_tokenizer(), arch="qwen2", max_positions=64,
+                                                           attention_dropout=0.1)).parts
+    assert not sampler_logps_are_old_logps(dropout.model, dropout.engine, **ok)
+    run.model.to(torch.bfloat16)
+    assert not sampler_logps_are_old_logps(run.model, run.engine, **ok)
+
+
+def count_forwards(run):
+    calls = []
+    original = run.train_forward
+
+    def counted(mb, **kw):
+        calls.append(torch.is_grad_enabled())
+        return original(mb, **kw)
+
+    run.train_forward = counted
+    return calls
+
+
+@pytest.mark.parametrize("num_iterations,top_p,no_grad_forwards", [(1, 1.0, 0), (2, 1.0, 0), (2, 0.9, 2)])
+def test_old_logprobs_only_when_needed(tmp_path, num_iterations, top_p, no_grad_forwards):
+    """2 micro-batches a step: training forwards with gradients only, unless num_iterations > 1
+    and the sampler's logprobs cannot stand in (top_p < 1): then one no-grad forward each."""
+    trainer = tiny_trainer(tmp_path, max_steps=num_iterations, num_iterations=num_iterations, top_p=top_p)
+    calls = count_forwards(trainer.parts)
+    trainer.train()
+    assert calls.count(False) == no_grad_forwards
+    assert calls.count(True) == 2 * num_iterations
+
+
+def test_reference_only_when_beta_and_lora_reference_is_the_base(tmp_path):
+    from peft import LoraConfig
+
+    trainer = tiny_trainer(tmp_path, max_steps=1)
+    assert trainer.parts.ref_model is None  # beta = 0: no reference loaded
+    calls = count_forwards(trainer.parts)
+    trainer.train()
+    assert calls == [True, True]
+
+    tok = make_char_tokenizer()
+    base = make_tiny_model(tok, arch="qwen2", max_positions=64)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = tiny_trainer(tmp_path, model=make_tiny_model(tok, arch="qwen2", max_positions=64), peft_config=lora,
+                           beta=0.1, max_steps=1, output_dir=str(tmp_path / "lora"))
+    run = trainer.parts
+    assert run.ref_model is None and run.is_peft  # no second copy
+    with torch.no_grad():
+        for name, p in run.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    from grpokit.trainer import _add_fixed_logprobs
+
+    rollout = run.sample(list(range(4)), seed=1)
+    rollout.advantages = torch.zeros(len(rollout.completion_ids))
+    mbs = make_micro_batches(rollout, 8, pad_id=run.pad_id, device="cpu", mask_truncated=False)
+    _add_fixed_logprobs(run, mbs)
+    for mb in mbs:
+        with torch.no_grad():
+            expected = completion_logprobs(base, mb, temperature=1.0)[0]
+            policy = completion_logprobs(run.model, mb, temperature=1.0)[0]
+        m = mb.completion_mask
+        torch.testing.assert_close(mb.ref_logps * m, expected * m)
+        assert not torch.allclose(policy * m, expected * m, atol=1e-3)  # the adapter is on outside the context
+        assert mb.old_logps is None
+
+
+def test_phase_times_and_peak_memory_are_logged(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_steps=2)
+    trainer.train()
+    rows = [json.loads(line) for line in open(os.path.join(trainer.args.output_dir, "metrics.jsonl"))]
+    step = [r for r in rows if r.get("step") == 2 and "time/step" in r][0]
+    for phase in ("generate", "reward", "logprobs", "backward", "optimizer"):
+        assert step[f"time/{phase}"] >= 0
+        assert 0.05 < step[f"memory/{phase}_peak_gb"] <= step["memory/peak_rss_gb"] + 1e-6
+    assert step["time/step"] == pytest.approx(sum(step[f"time/{p}"] for p in
+                                                  ("generate", "reward", "logprobs", "backward", "optimizer")))
