@@ -4,7 +4,7 @@ Where the speed comes from (see benchmarks/README.md for the measured effect of 
 
 1. The prompt of a group is prefilled once, its KV cache copied (broadcast) into the G rows of
    the decode batch; `model.generate(num_return_sequences=G)` prefills it G times.
-2. The decode cache is one pre-allocated buffer per layer, written in place (`_SlotCache`); the
+2. The decode cache is one pre-allocated buffer per layer, written in place (`kv.SlotCache`); the
    model sees a growing view of it. No `torch.cat` of the whole cache per step.
 3. Prompts of different lengths are prefilled in length buckets, then decoded together
    left-aligned in the buffer with a 4-D additive padding mask and explicit position ids.
@@ -27,85 +27,15 @@ import time
 import torch
 
 from grpokit.rollout.base import Completion, finish_text, register_engine
+from grpokit.rollout.kv import SlotCache
 from grpokit.rollout.sampling import SamplingParams, row_keys, row_uniforms, sample
 
 try:  # transformers >= 4.56 has per-layer cache objects; the engine needs them
-    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+    from transformers.cache_utils import DynamicCache
 except ImportError:  # pragma: no cover
-    Cache = DynamicCache = None
-    CacheLayerMixin = object
+    DynamicCache = None
 
-_STOP_WINDOW_EXTRA = 8  # tail tokens decoded beyond the longest stop string, in characters
-
-
-class _SlotLayer(CacheLayerMixin):
-    """One layer's KV buffer [B, H, capacity, D], filled in place; the model sees [:b, :, :length]."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-    supports_early_init = False
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-        self.k_buf, self.v_buf, self.length, self.b = keys, values, length, keys.shape[0]
-        self.is_initialized = True
-        self.device = keys.device
-
-    def lazy_initialization(self, key_states, value_states):  # buffers are allocated up front
-        pass
-
-    @property
-    def keys(self):
-        return self.k_buf[: self.b, :, : self.length]
-
-    @property
-    def values(self):
-        return self.v_buf[: self.b, :, : self.length]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        start, end = self.length, self.length + key_states.shape[-2]
-        self.k_buf[: self.b, :, start:end] = key_states
-        self.v_buf[: self.b, :, start:end] = value_states
-        self.length = end
-        return self.k_buf[: self.b, :, :end], self.v_buf[: self.b, :, :end]
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_mask_sizes(self, query_length: int):
-        return self.length + query_length, 0
-
-    def get_max_length(self) -> int:
-        return self.k_buf.shape[2]
-
-    def move_rows(self, dst: torch.Tensor, src: torch.Tensor, new_b: int):
-        for buf in (self.k_buf, self.v_buf):
-            buf[dst, :, : self.length] = buf[src, :, : self.length]
-        self.b = new_b
-
-
-if Cache is not None:
-
-    class _SlotCache(Cache):
-        """A transformers `Cache` over `_SlotLayer`s (pre-allocated, in-place, shrinkable batch)."""
-
-        def __init__(self, layers: list[_SlotLayer]):
-            super().__init__(layers=layers)
-
-        def move_rows(self, dst: torch.Tensor, src: torch.Tensor, new_b: int):
-            for layer in self.layers:
-                layer.move_rows(dst, src, new_b)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                getattr(model.config, "eos_token_id", None) if hasattr(model, "config") else None,
-                getattr(tokenizer, "eos_token_id", None)):
-        if src is None:
-            continue
-        ids.update([src] if isinstance(src, int) else [int(i) for i in src])
-    return ids
+_STOP_WINDOW_EXTRA = 8  # tokens decoded beyond the longest stop string's length when checking for it
 
 
 @contextlib.contextmanager
@@ -130,6 +60,17 @@ def _packed_cpu_lm_head(model, enabled: bool):
         yield
     finally:
         del head.forward
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """EOS ids from the generation config, the model config and the tokenizer (all of them)."""
+    ids: set[int] = set()
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                getattr(getattr(model, "config", None), "eos_token_id", None),
+                getattr(tokenizer, "eos_token_id", None)):
+        if src is not None:
+            ids.update([src] if isinstance(src, int) else [int(i) for i in src])
+    return ids
 
 
 def _base_model(model):
@@ -189,6 +130,7 @@ class HFEngine:
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "waves": 0,
                       "generated_tokens": 0}
         model = self.model
+        self.device = next(_base_model(model).parameters()).device
         was_training = model.training
         # The decode step passes a 4-D padding mask, which flash-attention/flex paths do not take:
         # those models run on SDPA (same math) for the rollout, and get their setting back after.
@@ -210,7 +152,7 @@ class HFEngine:
 
     # ------------------------------------------------------------------ checks and planning
     def _check_model(self):
-        if Cache is None:
+        if DynamicCache is None:
             raise ImportError("HFEngine needs transformers >= 4.56 (per-layer Cache objects)")
         peft_cfg = getattr(self.model, "active_peft_config", None)
         if peft_cfg is not None and getattr(peft_cfg, "is_prompt_learning", False):
@@ -307,21 +249,39 @@ class HFEngine:
         return self.model(use_cache=True, **kw).logits
 
     def _run_wave(self, wave, prompt_ids, n, params, seed, results):
-        device, stats = self.device, self.stats
+        """Prefill the wave's prompts, decode all its rows together, fill `results`."""
         t0 = time.perf_counter()
+        cache, first_logits, rows_of = self._prefill(wave, prompt_ids, params.max_tokens)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t1 = time.perf_counter()
+        tokens, logprobs, finish = self._decode(wave, prompt_ids, n, params, seed, cache, first_logits)
+        self.stats["prefill_s"] += t1 - t0
+        self.stats["decode_s"] += time.perf_counter() - t1
+        for (i, s, count), r0 in zip(wave, rows_of):
+            for k in range(count):
+                row = r0 + k
+                toks = tokens[row]
+                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                if params.stop and finish[row] == "stop" and toks[-1] not in self.eos_ids:
+                    text, _ = finish_text(text, params.stop)
+                results[i * n + s + k] = Completion(prompt_index=i, token_ids=toks, logprobs=logprobs[row],
+                                                    finish_reason=finish[row], text=text)
+                self.stats["generated_tokens"] += len(toks)
+
+    def _prefill(self, wave, prompt_ids, max_tokens):
+        """Each prompt of the wave once (length-bucketed batches), its KV broadcast to its rows.
+
+        Returns the decode cache, the logits [rows, V] of each row's first token, and the first
+        row of each piece of the wave.
+        """
         prompts = [prompt_ids[i] for i, _, _ in wave]
-        rows_of = []  # per piece: (first row in the wave, count)
-        n_rows = 0
+        rows_of, n_rows = [], 0
         for _, _, count in wave:
-            rows_of.append((n_rows, count))
+            rows_of.append(n_rows)
             n_rows += count
         width = max(len(p) for p in prompts)
-        capacity = width + params.max_tokens
-
-        # ---- prefill: each prompt once, in length-bucketed batches; KV broadcast to its rows
-        layers: list[_SlotLayer] | None = None
-        first_logits = None
-        mask = None
+        cache = first_logits = None
         for batch in self._prefill_batches(prompts):
             b_width = len(prompts[batch[0]])
             ids = torch.full((len(batch), b_width), self.pad_id, dtype=torch.long)
@@ -331,128 +291,69 @@ class HFEngine:
                 att[r, b_width - len(prompts[j]):] = 1
             kw = {}
             if bool((att == 0).any()):
-                kw["attention_mask"] = att.to(device)
-                kw["position_ids"] = (att.cumsum(-1) - 1).clamp_(min=0).to(device)
+                kw["attention_mask"] = att.to(self.device)
+                kw["position_ids"] = (att.cumsum(-1) - 1).clamp_(min=0).to(self.device)
             if self._logits_kw:
                 kw[self._logits_kw] = 1
-            cache = DynamicCache()
-            logits = self._forward(input_ids=ids.to(device), cache=cache, **kw)[:, -1, :]
-            if layers is None:
-                layers, mask, first_logits = self._allocate(cache, n_rows, capacity, width, logits)
+            prefill_cache = DynamicCache()
+            logits = self._forward(input_ids=ids.to(self.device), cache=prefill_cache, **kw)[:, -1, :]
+            if cache is None:
+                cache = SlotCache.like(prefill_cache, n_rows, width + max_tokens, width)
+                first_logits = logits.new_empty((n_rows, logits.shape[-1]))
             for r, j in enumerate(batch):
-                r0, count = rows_of[j]
-                plen = len(prompts[j])
-                for layer, src in zip(layers, cache.layers):
-                    layer.k_buf[r0:r0 + count, :, width - plen:width] = src.keys[r:r + 1, :, b_width - plen:]
-                    layer.v_buf[r0:r0 + count, :, width - plen:width] = src.values[r:r + 1, :, b_width - plen:]
-                mask[r0:r0 + count, ..., : width - plen] = torch.finfo(mask.dtype).min
-                first_logits[r0:r0 + count] = logits[r]
-            del cache
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t1 = time.perf_counter()
-        stats["prefill_s"] += t1 - t0
+                rows = slice(rows_of[j], rows_of[j] + wave[j][2])
+                cache.write_prompt(rows, prefill_cache, r, len(prompts[j]))
+                first_logits[rows] = logits[r]
+        return cache, first_logits, rows_of
 
-        # ---- decode: all rows of the wave together; finished rows leave the batch
+    def _decode(self, wave, prompt_ids, n, params, seed, cache: SlotCache, logits):
+        """Sample every row of the wave to EOS / stop string / max_tokens; finished rows leave.
+
+        Returns per wave row: token ids, their logprobs, finish reason.
+        """
+        device, eos, stop = self.device, self.eos_ids, params.stop
+        n_rows = cache.b
         global_rows = torch.tensor([i * n + s + k for i, s, c in wave for k in range(c)], dtype=torch.long)
         # uniforms[r, t] picks wave-row r's token at step t (counter-based, see sampling.py)
         uniforms = row_uniforms(row_keys(seed, global_rows).to(device), params.max_tokens)
-        row_ids = torch.arange(n_rows, device=device)
+        row_ids = torch.arange(n_rows, device=device)  # wave row of each batch position
         positions = torch.tensor([len(prompt_ids[i]) for i, _, c in wave for _ in range(c)],
                                  dtype=torch.long, device=device)
-        slot_cache = _SlotCache(layers)
-        active = list(range(n_rows))  # wave-row index of each batch position
+        active = list(range(n_rows))  # the same, as a Python list
         out_tokens: list[list[int]] = [[] for _ in range(n_rows)]
         out_logprobs: list[list[float]] = [[] for _ in range(n_rows)]
-        finish: list[str | None] = [None] * n_rows
-        stop, eos = params.stop, self.eos_ids
+        finish = ["length"] * n_rows
         window = (max(len(s) for s in stop) + _STOP_WINDOW_EXTRA) if stop else 0
         decode_batch = self._decode_batch_fn() if stop else None
-        logits = first_logits
-        b = n_rows
         for step in range(params.max_tokens):
+            b = cache.b
             if step > 0:
                 logits = self._forward(input_ids=tokens[:b, None], position_ids=positions[:b, None],
-                                       attention_mask=mask[:b, :, :, : width + step], cache=slot_cache)[:, -1, :]
+                                       attention_mask=cache.step_mask(), cache=cache)[:, -1, :]
                 positions[:b] += 1
             tokens, token_lp = sample(logits, params, uniforms[row_ids[:b], step])
             tok_list, lp_list = tokens.tolist(), token_lp.tolist()
-            done_pos = []
-            tails = []
+            done, tails = [], []
             for pos, row in enumerate(active):
                 out_tokens[row].append(tok_list[pos])
                 out_logprobs[row].append(lp_list[pos])
                 if tok_list[pos] in eos:
-                    finish[row] = "stop"
-                    done_pos.append(pos)
+                    done.append(pos)
                 elif stop:
-                    tails.append((pos, row))
-                elif step + 1 == params.max_tokens:
-                    finish[row] = "length"
-            if tails:
-                texts = decode_batch([out_tokens[row][-window:] for _, row in tails])
-                for (pos, row), text in zip(tails, texts):
-                    if any(s in text for s in stop):
-                        finish[row] = "stop"
-                        done_pos.append(pos)
-                    elif step + 1 == params.max_tokens:
-                        finish[row] = "length"
-            stats["steps"] += 1
-            if step + 1 == params.max_tokens or len(done_pos) == b:
+                    tails.append(pos)
+            if tails:  # stop strings are checked on the decoded tail of each row
+                texts = decode_batch([out_tokens[active[pos]][-window:] for pos in tails])
+                done += [pos for pos, text in zip(tails, texts) if any(s in text for s in stop)]
+            for pos in done:
+                finish[active[pos]] = "stop"
+            self.stats["steps"] += 1
+            if len(done) == b or step + 1 == params.max_tokens:
                 break
-            if done_pos:
-                b = self._compact(done_pos, b, active, slot_cache, (tokens, positions, row_ids, mask))
-        stats["decode_s"] += time.perf_counter() - t1
-
-        for (i, s, count), (r0, _) in zip(wave, rows_of):
-            for k in range(count):
-                row = r0 + k
-                toks = out_tokens[row]
-                text = self.tokenizer.decode(toks, skip_special_tokens=True)
-                if stop and finish[row] == "stop" and toks[-1] not in eos:
-                    text, _ = finish_text(text, stop)
-                results[i * n + s + k] = Completion(prompt_index=i, token_ids=toks, logprobs=out_logprobs[row],
-                                                    finish_reason=finish[row] or "length", text=text)
-                stats["generated_tokens"] += len(toks)
-
-    def _allocate(self, cache, n_rows, capacity, width, logits):
-        """Pre-allocate the wave's KV buffers (zeros up to `width`), padding mask and first logits."""
-        layers = []
-        for src in cache.layers:
-            if type(src).__name__ != "DynamicLayer":
-                raise NotImplementedError(f"HFEngine handles full-attention KV caches; got {type(src).__name__}")
-            bufs = []
-            for t in (src.keys, src.values):
-                buf = torch.empty((n_rows, t.shape[1], capacity, t.shape[3]), dtype=t.dtype, device=t.device)
-                buf[:, :, :width].zero_()
-                bufs.append(buf)
-            layers.append(_SlotLayer(bufs[0], bufs[1], width))
-        dtype = cache.layers[0].keys.dtype
-        mask = torch.zeros((n_rows, 1, 1, capacity), dtype=dtype, device=logits.device)
-        first_logits = torch.empty((n_rows, logits.shape[-1]), dtype=logits.dtype, device=logits.device)
-        return layers, mask, first_logits
-
-    @staticmethod
-    def _compact(done_pos, b, active, slot_cache, tensors):
-        """Drop finished batch positions: move active rows from the end into their slots."""
-        done = set(done_pos)
-        new_b = b - len(done)
-        holes = [p for p in done_pos if p < new_b]
-        movers = [p for p in range(new_b, b) if p not in done]
-        if holes:
-            dev = tensors[0].device
-            dst = torch.tensor(holes, device=dev)
-            src = torch.tensor(movers, device=dev)
-            slot_cache.move_rows(dst, src, new_b)
-            for t in tensors:
-                t[dst] = t[src]
-            for h, m in zip(holes, movers):
-                active[h] = active[m]
-        else:
-            for layer in slot_cache.layers:
-                layer.b = new_b
-        del active[new_b:]
-        return new_b
+            if done:
+                for to, frm in cache.drop(done, extra=(tokens, positions, row_ids)):
+                    active[to] = active[frm]
+                del active[cache.b:]
+        return out_tokens, out_logprobs, finish
 
     def _decode_batch_fn(self):
         backend = getattr(self.tokenizer, "backend_tokenizer", None)

@@ -1,0 +1,116 @@
+"""The decode KV cache of HFEngine: pre-allocated slots, written in place, rows removable.
+
+One buffer per layer of shape [rows, kv_heads, capacity, head_dim]. Prompts are left-padded to
+the wave's longest prompt (`width`), so every row writes its next token at the same column and
+the model sees the view [:b, :, :length]. A float padding mask [rows, 1, 1, capacity] (0 or the
+dtype's minimum, never -inf, so no attention row is all-masked) travels with it. Pad columns
+hold zeros, so a masked entry can never inject NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # transformers >= 4.56: per-layer cache objects
+    from transformers.cache_utils import Cache, CacheLayerMixin
+except ImportError:  # pragma: no cover
+    Cache, CacheLayerMixin = object, object
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's KV buffers, filled in place; the model sees [:b, :, :length]."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        self.k_buf, self.v_buf, self.length, self.b = keys, values, length, keys.shape[0]
+        self.is_initialized = True
+        self.device = keys.device
+
+    def lazy_initialization(self, key_states, value_states):  # buffers are allocated up front
+        pass
+
+    @property
+    def keys(self):
+        return self.k_buf[: self.b, :, : self.length]
+
+    @property
+    def values(self):
+        return self.v_buf[: self.b, :, : self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        start, end = self.length, self.length + key_states.shape[-2]
+        self.k_buf[: self.b, :, start:end] = key_states
+        self.v_buf[: self.b, :, start:end] = value_states
+        self.length = end
+        return self.k_buf[: self.b, :, :end], self.v_buf[: self.b, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int):
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.k_buf.shape[2]
+
+
+class SlotCache(Cache):
+    """A transformers `Cache` of `SlotLayer`s plus the rows' padding mask."""
+
+    def __init__(self, layers: list[SlotLayer], mask: torch.Tensor):
+        super().__init__(layers=layers)
+        self.mask = mask
+        self.b = mask.shape[0]
+
+    @classmethod
+    def like(cls, prefill_cache, rows: int, capacity: int, width: int) -> "SlotCache":
+        """Empty slots shaped like the layers of a prefill `DynamicCache` (zeros up to `width`)."""
+        layers = []
+        for src in prefill_cache.layers:
+            if type(src).__name__ != "DynamicLayer":
+                raise NotImplementedError(f"HFEngine handles full-attention KV caches; got {type(src).__name__}")
+            bufs = []
+            for t in (src.keys, src.values):
+                buf = torch.empty((rows, t.shape[1], capacity, t.shape[3]), dtype=t.dtype, device=t.device)
+                buf[:, :, :width].zero_()
+                bufs.append(buf)
+            layers.append(SlotLayer(bufs[0], bufs[1], width))
+        k = prefill_cache.layers[0].keys
+        return cls(layers, torch.zeros((rows, 1, 1, capacity), dtype=k.dtype, device=k.device))
+
+    def write_prompt(self, rows: slice, prefill_cache, index: int, prompt_len: int):
+        """Copy (broadcast) prompt `index` of a left-padded prefill batch into `rows`, right-aligned."""
+        width = self.layers[0].length
+        for layer, src in zip(self.layers, prefill_cache.layers):
+            layer.k_buf[rows, :, width - prompt_len:width] = src.keys[index:index + 1, :, -prompt_len:]
+            layer.v_buf[rows, :, width - prompt_len:width] = src.values[index:index + 1, :, -prompt_len:]
+        self.mask[rows, ..., : width - prompt_len] = torch.finfo(self.mask.dtype).min
+
+    def step_mask(self) -> torch.Tensor:
+        """Padding mask [b, 1, 1, length + 1] for the next one-token step."""
+        return self.mask[: self.b, :, :, : self.layers[0].length + 1]
+
+    def drop(self, done: list[int], extra: tuple[torch.Tensor, ...] = ()) -> list[tuple[int, int]]:
+        """Remove batch positions `done`: active rows from the end move into their slots (copying
+        only those rows), then every buffer is viewed through its first b rows. `extra` tensors
+        (indexed by batch position) move the same way. Returns the (to, from) moves."""
+        done_set = set(done)
+        new_b = self.b - len(done_set)
+        holes = sorted(p for p in done_set if p < new_b)
+        movers = [p for p in range(new_b, self.b) if p not in done_set]
+        if holes:
+            dst = torch.tensor(holes, device=self.mask.device)
+            src = torch.tensor(movers, device=self.mask.device)
+            for layer in self.layers:
+                for buf in (layer.k_buf, layer.v_buf):
+                    buf[dst, :, : layer.length] = buf[src, :, : layer.length]
+            for t in (self.mask, *extra):
+                t[dst] = t[src]
+        self.b = new_b
+        for layer in self.layers:
+            layer.b = new_b
+        return list(zip(holes, movers))
