@@ -104,7 +104,8 @@ def run_compare(argv: list[str]) -> int:
     for algo, cfg in configs.items():
         out = cfg["output_dir"]
         if os.path.isdir(out):
-            if not os.path.exists(os.path.join(out, "metrics.jsonl")) and os.listdir(out):
+            ours = any(os.path.exists(os.path.join(out, f)) for f in ("metrics.jsonl", "compare_config.json"))
+            if not ours and os.listdir(out):
                 raise ValueError(f"compare: {out} exists and is not a grpokit run folder; choose another output_dir.")
             shutil.rmtree(out)  # metrics.jsonl is appended to: a rerun starts from an empty folder
         os.makedirs(out, exist_ok=True)

@@ -49,7 +49,8 @@ from grpokit.baselines import (
     set_rows_per_step,
     timed,
 )
-from grpokit.batch import MicroBatch, _plain_linear_head, _unwrap, make_micro_batches
+from grpokit.batch import MicroBatch, _plain_linear_head, _unwrap, make_micro_batches, uses_packed_forward
+from grpokit.prefix import MAX_SEGMENT_TOKENS, packed_hidden, scatter_to_grid
 from grpokit.run import RunParts, build_run
 
 
@@ -117,13 +118,23 @@ class ValueHead(torch.nn.Module):
 
 def logprobs_and_values(model, value_head: ValueHead, mb: MicroBatch, *, temperature: float):
     """One forward of the policy: per-token logprobs [B, C] of the completion tokens and values
-    [B, C] of the states before them (position t's hidden state predicts token t+1 and values the
-    state after the prompt and t tokens). Same positions and chunked lm_head as
-    `batch.completion_logprobs`."""
+    [B, C] of the states before them (the hidden state that predicts token t values the state
+    "prompt + t tokens"). The same forward as `batch.completion_logprobs` (the packed
+    shared-prefix layout when the model supports it, else the padded one, chunked lm_head), with
+    the value head read off the same hidden states."""
     t = temperature if temperature > 0 else 1.0
     inner = _unwrap(model)
     head = _plain_linear_head(inner)
-    p, c = mb.prompt_width, mb.completion_ids.shape[1]
+    shape = tuple(mb.completion_ids.shape)
+    if uses_packed_forward(model):
+        layout = mb.layout(MAX_SEGMENT_TOKENS)
+        if layout.targets.numel() == 0:  # nothing in the loss
+            zeros = torch.zeros(shape, device=mb.device) + 0.0 * head.weight.sum()
+            return zeros, zeros + 0.0 * value_head.summary.weight.sum()
+        hidden = packed_hidden(inner.get_decoder(), layout, head.weight.dtype)
+        logps = chunked_logprobs(hidden, head.weight, layout.targets, temperature=t)
+        return scatter_to_grid(logps, layout, shape), scatter_to_grid(value_head(hidden), layout, shape)
+    p, c = mb.prompt_width, shape[1]
     if head is not None and hasattr(inner, "get_decoder"):
         hidden = inner.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                                      position_ids=mb.position_ids, use_cache=False).last_hidden_state

@@ -188,3 +188,33 @@ def test_compare_checks_every_config_before_running(tmp_path):
     assert list(configs) == ["grpo", "dpo"] and configs["dpo"]["beta"] == 0.5
     assert configs["grpo"]["learning_rate"] == configs["dpo"]["learning_rate"] == 1e-3
     assert not os.path.exists(options["output_dir"])
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_ppo_forward_gives_the_training_logprobs_and_values_from_the_same_hidden_states(tmp_path, packed, monkeypatch):
+    """logprobs_and_values = batch.completion_logprobs for the logprobs (packed and padded layouts),
+    and value_head(hidden) at the position that predicts each token for the values."""
+    import grpokit.ppo as ppo_mod
+    from grpokit.batch import completion_logprobs, make_micro_batches
+
+    model, tok = tiny()
+    trainer = PPOTrainer(model=model, reward_funcs=digit_first, args=PPOConfig(**base(tmp_path, max_steps=1)),
+                         train_dataset=prompts_ds(), processing_class=tok)
+    run = trainer.parts
+    rows, _, _ = run.next_prompt_rows(0, 0)
+    rollout = run.sample(rows, seed=0)
+    rollout.advantages = torch.zeros(len(rollout.completion_ids))
+    mb = make_micro_batches(rollout, 32, pad_id=run.pad_id, device=run.device, mask_truncated=False)[0]
+    torch.nn.init.normal_(trainer.value_head.summary.weight)
+    monkeypatch.setattr(ppo_mod, "uses_packed_forward", lambda m: packed)
+    with torch.no_grad():
+        logps, values = ppo_mod.logprobs_and_values(run.model, trainer.value_head, mb, temperature=0.7)
+        expected = completion_logprobs(run.model, mb, temperature=0.7, packed=packed)[0]
+        hidden = run.model.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                 position_ids=mb.position_ids).last_hidden_state
+    p = mb.prompt_width
+    mask = mb.completion_mask.bool()
+    assert torch.allclose(logps[mask], expected[mask], atol=1e-5)
+    for i in range(3):                       # row i, token t: the hidden state at p - 1 + t
+        for t in range(int(mask[i].sum())):
+            assert torch.allclose(values[i, t], trainer.value_head(hidden[i, p - 1 + t]), atol=1e-5)
