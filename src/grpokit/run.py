@@ -179,7 +179,7 @@ class RunParts:
     def log_eval(self, step: int) -> dict[str, float]:
         if self.eval_fn is None:
             return {}
-        with self.generation_context():
+        with self.guard("evaluation"), self.generation_context():
             metrics = self.eval_fn.greedy(self.engine)
         self.tracker.log(step, metrics)
         self.tracker.write(f"eval @ step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
