@@ -148,6 +148,7 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
                    train_dataset=prompts_ds(), processing_class=tok).train(resume_from_checkpoint=True)
 
 
+@pytest.mark.slow
 def test_compare_runs_the_three_and_writes_the_report(tmp_path):
     """`grpokit compare` end to end on a tiny saved model, in this process (isolate=false: fast to
     start), then the default isolated path (one worker process per algorithm) for one algorithm."""
@@ -172,7 +173,8 @@ def test_compare_runs_the_three_and_writes_the_report(tmp_path):
     assert summary["results"]["grpo"]["params"]["params/reference"] == 0
     assert all(summary["summary"][a]["samples_total"] == 2 * 16 for a in ("grpo", "ppo", "dpo"))
     # the default: each algorithm in its own process (peak memory is its own)
-    assert main(["compare", *argv, "algos=[dpo]", "max_steps=1", f"report_dir={tmp_path / 'report1'}"]) == 0
+    assert main(["compare", *argv, "algos=[dpo]", "max_steps=1", "eval_on_start=false", "eval_strategy='no'",
+                 f"report_dir={tmp_path / 'report1'}"]) == 0
     summary = json.loads((tmp_path / "report1" / "summary.json").read_text())
     assert list(summary["results"]) == ["dpo"] and summary["machine"]["isolated"]
 
