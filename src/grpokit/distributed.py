@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from typing import Any
 
@@ -124,11 +125,17 @@ def wrap_for_training(model: nn.Module, strategy: str, device: torch.device, *,
     if strategy == "ddp":
         if frozen:
             return forward
-        # broadcast_buffers=False: the buffers (rotary frequencies) are constants, the same on
-        # every rank; broadcasting them at every forward is a collective for nothing.
-        return nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    from torch.distributed.fsdp import fully_shard
+        # The buffers (rotary frequencies) are constants, the same on every rank: synced once at
+        # construction, not at every forward (a collective for nothing).
+        ddp = nn.parallel.DistributedDataParallel
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                          else {"broadcast_buffers": False})
+        return ddp(forward, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        raise ValueError("distributed_strategy='fsdp2' needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); "
+                         "use distributed_strategy='ddp' or a newer torch.") from None
 
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
@@ -159,10 +166,17 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def is_fsdp2(module: nn.Module | None) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+def _fsdp_module_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2 here, so nothing is sharded
+        return None
+    return FSDPModule
 
-    return isinstance(module, FSDPModule)
+
+def is_fsdp2(module: nn.Module | None) -> bool:
+    fsdp_type = _fsdp_module_type()
+    return fsdp_type is not None and isinstance(module, fsdp_type)
 
 
 @contextlib.contextmanager
@@ -171,12 +185,10 @@ def full_parameters(root: nn.Module):
     context (generation with the model's own forward, no collective per decode step); the shards
     are restored on exit. Peak memory is the full model, as with TRL's ds3_gather_for_generation.
     Every rank must enter it (one all-gather per sharded module). No-op for other modules."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(root, FSDPModule):
+    if not is_fsdp2(root):
         yield
         return
-    modules = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    modules = [m for m in root.modules() if is_fsdp2(m)]
     for m in modules:
         m.unshard()
     for m in modules:
