@@ -253,7 +253,7 @@ def _fault(launches, kind: str) -> tuple[int, str, float]:
 def test_a_reward_that_raises_on_one_rank_stops_every_rank_quickly(launches):
     rc, log, seconds = _fault(launches, "raise")
     assert rc != 0
-    assert seconds < FAULT_TO_EXIT_LIMIT, seconds   # measured: about 1 s
+    assert seconds < FAULT_TO_EXIT_LIMIT, seconds   # measured: 5-9 s on a loaded 2-core machine (teardown)
     print(f"raise on rank 1 -> job ended after {seconds:.1f} s")
     message = "grpokit train: error: rank 1 failed in the reward functions: RewardError"
     assert log.count(message) == WORLD, log[-6000:]  # each rank says it, and why
@@ -265,7 +265,7 @@ def test_a_reward_that_raises_on_one_rank_stops_every_rank_quickly(launches):
 def test_a_rank_that_dies_stops_the_job_quickly(launches):
     rc, log, seconds = _fault(launches, "die")
     assert rc != 0
-    assert seconds < FAULT_TO_EXIT_LIMIT, seconds   # torchrun ends the other rank: about 1 s
+    assert seconds < FAULT_TO_EXIT_LIMIT, seconds   # torchrun ends the other rank: measured 2-4 s
     print(f"rank 1 died -> job ended after {seconds:.1f} s")
     # torchrun's summary names the rank that died and its exit code as the root cause
     root_cause = log[log.index("Root Cause"):]
