@@ -210,6 +210,12 @@ def test_max_tokens_eos_ids_and_finish_reasons(tok):
 
 def test_samples_differ_and_seed_reproduces(tok):
     engine = HFEngine(tiny(), tok)
+    unseeded = SamplingParams(max_tokens=8)  # seed None: drawn from torch's default generator
+    torch.manual_seed(0)
+    first = [x.token_ids for x in engine.generate(PROMPTS, n=2, params=unseeded)]
+    torch.manual_seed(0)
+    assert first == [x.token_ids for x in engine.generate(PROMPTS, n=2, params=unseeded)]
+    assert first != [x.token_ids for x in engine.generate(PROMPTS, n=2, params=unseeded)]
     params = SamplingParams(max_tokens=8, temperature=1.0, seed=3)
     a = engine.generate(PROMPTS, n=8, params=params)
     b = engine.generate(PROMPTS, n=8, params=params)
@@ -355,8 +361,10 @@ def test_vllm_engine_maps_params_and_outputs(tok, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", _FakeVLLM)
     model = lora(tiny())
     model.name_or_path = "/tmp/tiny"
-    engine = make_engine("vllm", model, tok, gpu_memory_utilization=0.3)
-    assert engine.llm.kw["logprobs_mode"] == "processed_logprobs" and engine.llm.kw["gpu_memory_utilization"] == 0.3
+    engine = make_engine("vllm", model, tok, gpu_memory_utilization=0.3, max_batch_tokens=4096)
+    assert engine.llm.model == "/tmp/tiny"
+    assert engine.llm.kw == {"gpu_memory_utilization": 0.3, "logprobs_mode": "processed_logprobs",
+                             "enable_prefix_caching": True}
     # the adapter was merged into HF-named base weights, and unmerged again afterwards
     q = engine.llm.loaded["model.layers.0.self_attn.q_proj.weight"]
     base = model.base_model.model.model.layers[0].self_attn.q_proj

@@ -21,9 +21,11 @@ from grpokit.rollout.sampling import SamplingParams
 
 class VLLMEngine:
     """Args: model (a transformers model, its local path or hub id), tokenizer, and either a
-    ready `vllm.LLM` as `llm=` or keyword arguments for `vllm.LLM(...)` (gpu_memory_utilization, ...)."""
+    ready `vllm.LLM` as `llm=` or keyword arguments for `vllm.LLM(...)` (gpu_memory_utilization, ...).
+    `max_batch_tokens` is accepted for parity with HFEngine and not used: vLLM bounds its KV
+    memory itself (gpu_memory_utilization) and schedules the requests in pages."""
 
-    def __init__(self, model, tokenizer, *, llm=None, **llm_kwargs):
+    def __init__(self, model, tokenizer, *, llm=None, max_batch_tokens: int | None = None, **llm_kwargs):
         import vllm
 
         self._vllm = vllm
