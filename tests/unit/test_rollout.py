@@ -251,6 +251,20 @@ def test_prefill_one_by_one_or_batched_gives_the_same_samples(tok):
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
 
 
+def test_tokenizer_without_pad_token_pads_prefill_with_eos():
+    model = tiny()
+    plain = models.build_tokenizer(VOCAB)
+    no_pad = models.build_tokenizer(VOCAB)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    engine = HFEngine(model, no_pad, prefill_max_padding=0.9)  # prompts of different lengths share a batch
+    assert engine.pad_id == EOS
+    params = SamplingParams(max_tokens=6, seed=8)
+    a = engine.generate(PROMPTS, n=2, params=params)
+    b = HFEngine(model, plain, prefill_batch_tokens=0).generate(PROMPTS, n=2, params=params)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+
+
 def test_model_mode_weights_and_grads_untouched(tok):
     model = tiny()
     model.config.attention_dropout = 0.5  # in train mode this would make greedy decoding random

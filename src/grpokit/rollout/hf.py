@@ -44,11 +44,16 @@ def _packed_cpu_lm_head(model, enabled: bool):
     of its weight, packed on entry (so it always has the current weights); restored on exit."""
     head = model.get_output_embeddings() if enabled and hasattr(model, "get_output_embeddings") else None
     ops = getattr(torch.ops, "mkldnn", None)
-    if (type(head) is not torch.nn.Linear or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32
-            or not torch.backends.mkldnn.is_available() or not hasattr(ops, "_linear_pointwise")):
+    usable = (type(head) is torch.nn.Linear and head.weight.device.type == "cpu"
+              and head.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+              and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
+    try:
+        packed = ops._reorder_linear_weight(head.weight.detach()) if usable else None
+    except RuntimeError:  # a build whose oneDNN cannot pack this weight: keep F.linear
+        packed = None
+    if packed is None:
         yield
         return
-    packed = ops._reorder_linear_weight(head.weight.detach())
     bias = None if head.bias is None else head.bias.detach()
 
     def forward(x):
