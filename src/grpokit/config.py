@@ -205,6 +205,9 @@ class GRPOConfig(_GRPOFields):
                     setattr(self, f.name, float(value))
                 except ValueError:
                     raise ValueError(f"GRPOConfig: {f.name}={value!r} is not a number.") from None
+        for name in ("save_strategy", "eval_strategy"):  # YAML reads `no` as False
+            if getattr(self, name) is False:
+                setattr(self, name, "no")
         if isinstance(self.scale_rewards, bool):
             self.scale_rewards = "group" if self.scale_rewards else "none"
         if isinstance(self.report_to, str):

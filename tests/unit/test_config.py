@@ -72,3 +72,8 @@ def test_yaml_style_number_strings_become_numbers():
     assert GRPOConfig(learning_rate="1e-5").learning_rate == 1e-5
     with pytest.raises(ValueError, match="learning_rate='fast' is not a number"):
         GRPOConfig(learning_rate="fast")
+
+
+def test_yaml_no_means_the_string_no():
+    c = GRPOConfig(save_strategy=False, eval_strategy=False)
+    assert (c.save_strategy, c.eval_strategy) == ("no", "no")
