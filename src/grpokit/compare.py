@@ -143,7 +143,20 @@ def _worker(algo: str, spec_path: str) -> int:
     params = parameter_counts(run, extra)
     rss_ready = _current_rss_gb()
     built = time.perf_counter() - t0
+    eval_cpu = [0.0]
+    log_eval = run.log_eval
+
+    def timed_eval(step):  # evaluation's CPU time, to leave it out of the training's
+        c0 = time.process_time()
+        try:
+            return log_eval(step)
+        finally:
+            eval_cpu[0] += time.process_time() - c0
+
+    run.log_eval = timed_eval
+    cpu0 = time.process_time()
     trainer.train()
+    cpu_train = time.process_time() - cpu0 - eval_cpu[0]
     wall = time.perf_counter() - t0
     cfg = trainer.args
     updates = {"grpo": getattr(cfg, "num_iterations", 1), "dpo": 1,
@@ -153,6 +166,7 @@ def _worker(algo: str, spec_path: str) -> int:
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss_after_setup_gb": rss_ready,
         "peak_cuda_gb": torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else None,
         "wall_seconds": wall, "setup_seconds": built, "optimizer_steps_per_step": updates,
+        "cpu_train_seconds": cpu_train, "cpu_eval_seconds": eval_cpu[0],
         "total_steps": run.total_steps, "torch_threads": torch.get_num_threads(),
         "completions_per_step": run.prompts_per_step * cfg.num_generations,
     }
@@ -274,10 +288,11 @@ def plot_costs(summary: dict, results: dict, path: str) -> str:
     algos = list(summary)
     labels = [a.upper() for a in algos]
     colors = [COLORS.get(a, "C3") for a in algos]
-    fig = Figure(figsize=(12, 3.6), layout="constrained")
-    axes = fig.subplots(1, 4)
+    fig = Figure(figsize=(15, 3.6), layout="constrained")
+    axes = fig.subplots(1, 5)
     bars = [
         ("training wall time (s)", [summary[a]["train_seconds_total"] for a in algos]),
+        ("training CPU time (s)", [results[a]["cpu_train_seconds"] for a in algos]),
         ("peak RSS of the process (GB)", [results[a]["peak_rss_gb"] for a in algos]),
         ("weights + grads + AdamW state (MB)", [results[a]["state_mb"] for a in algos]),
         ("completions that carried a gradient", [summary[a]["signal_completions"] for a in algos]),
@@ -352,7 +367,7 @@ def write_report(configs: dict, results: dict, options: dict, machine: dict, arg
         "## Results",
         "",
         "| | held-out accuracy: start -> end (best) | reward: first 5 -> last 5 steps | sampled completions "
-        "| completions with a gradient | optimizer steps | training time | total time | peak RSS | weights+grads+AdamW "
+        "| completions with a gradient | optimizer steps | training time (CPU time) | total time | peak RSS | weights+grads+AdamW "
         "| trained params (policy + extra) | reference params |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -363,13 +378,16 @@ def write_report(configs: dict, results: dict, options: dict, machine: dict, arg
             f"| {algo.upper()} | {_pct(s['acc_before'])} -> {_pct(s['acc_after'])} ({_pct(s['acc_best'])}) "
             f"| {s['reward_first']:.3f} -> {s['reward_last']:.3f} | {s['samples_total']:,.0f} "
             f"| {s['signal_completions']:,.0f} | {r['total_steps'] * r['optimizer_steps_per_step']} "
-            f"| {s['train_seconds_total']:.0f} s | {r['wall_seconds']:.0f} s | {r['peak_rss_gb'] * 1024:.0f} MB "
+            f"| {s['train_seconds_total']:.0f} s ({r['cpu_train_seconds']:.0f} s) | {r['wall_seconds']:.0f} s "
+            f"| {r['peak_rss_gb'] * 1024:.0f} MB "
             f"| {r['state_mb']:.1f} MB | {p['params/policy_trainable']:,} + {p['params/extra_trainable']:,} "
             f"| {p['params/reference']:,} |")
     lines += [
         "",
-        "Training time sums the steps (sampling, rewards, forward/backward, optimizer) and leaves out evaluation; "
-        "total time is the whole process (loading, evaluations, saving). \"Completions with a gradient\": GRPO's "
+        "Training time sums the steps' wall time (sampling, rewards, forward/backward, optimizer) and leaves out "
+        "evaluation; in brackets the process's CPU time over the same work, which other jobs on a shared machine "
+        "disturb far less than wall time; total time is the whole process (loading, evaluations, saving). "
+        "\"Completions with a gradient\": GRPO's "
         "samples in groups whose rewards differ (an all-equal group has advantage 0), DPO's two per usable group, "
         "all of PPO's (its value baseline makes every advantage non-zero).",
         "",
