@@ -366,7 +366,7 @@ def save_model(model, tokenizer, path: str | os.PathLike, merge_lora: bool = Fal
     unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
     unwrapped.save_pretrained(str(path))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
+        _save_tokenizer(tokenizer, path)
     if not _is_peft(unwrapped):
         return path
     if not merge_lora:
@@ -375,8 +375,20 @@ def save_model(model, tokenizer, path: str | os.PathLike, merge_lora: bool = Fal
     merged = copy.deepcopy(unwrapped).merge_and_unload()
     merged.save_pretrained(str(merged_dir))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(merged_dir))
+        _save_tokenizer(tokenizer, merged_dir)
     return merged_dir
+
+
+def _save_tokenizer(tokenizer, path: Path) -> None:
+    """save_pretrained, naming transformers v5's generic "TokenizersBackend" class by its older name
+    "PreTrainedTokenizerFast", which transformers v4 and v5 both load."""
+    tokenizer.save_pretrained(str(path))
+    config_file = path / "tokenizer_config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text())
+        if config.get("tokenizer_class") == "TokenizersBackend":
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def starter_model_path() -> str:

@@ -298,19 +298,23 @@ def test_no_seed_trains_on_another_seeds_eval_problems():
 
 
 def test_arithmetic_sloppy_reference_completions():
-    from grpokit.data.tasks import _sloppy_answer
+    from grpokit.data.tasks import _carry_slip_answer
 
-    # forgotten carry: 57+68 writes 5, drops the 1, then 5+6=11 -> "115"; smaller-from-larger: 52-38 -> "26"
-    assert [_sloppy_answer(57, "+", 68), _sloppy_answer(99, "+", 99), _sloppy_answer(5, "+", 97)] == [115, 188, 92]
-    assert [_sloppy_answer(52, "-", 38), _sloppy_answer(40, "-", 8)] == [26, 48]
-    assert [_sloppy_answer(12, "+", 34), _sloppy_answer(58, "-", 23), _sloppy_answer(7, "*", 8)] == [46, 35, 56]
+    # the units carry/borrow got wrong, so off by ten: forgotten (57+68 -> 115, 52-38 -> 24) or
+    # added where there is none (12+34 -> 56, 58-23 -> 25); never a negative answer, "*" untouched
+    assert [_carry_slip_answer(57, "+", 68), _carry_slip_answer(12, "+", 34), _carry_slip_answer(3, "+", 4)] == [
+        115, 56, 17]
+    assert [_carry_slip_answer(52, "-", 38), _carry_slip_answer(58, "-", 23), _carry_slip_answer(47, "-", 42)] == [
+        24, 25, 5]
+    assert _carry_slip_answer(7, "*", 8) == 56
     clean = get_task("arithmetic", seed=0, num_train=2000, num_eval=10)
-    sloppy = get_task("arithmetic", seed=0, num_train=2000, num_eval=10, reference_slip_rate=0.5)
+    sloppy = get_task("arithmetic", seed=0, num_train=2000, num_eval=10, reference_slip_rate=0.6)
     assert clean.train_dataset.to_list() == sloppy.train_dataset.to_list()  # answers and rewards untouched
     rows = sloppy.train_dataset.to_list()
     assert all(clean.reference_completion(r) == str(r["answer"]) for r in rows)
     slipped = [r for r in rows if sloppy.reference_completion(r) != str(r["answer"])]
-    needs_carry = [r for r in rows if _sloppy_answer(*_split_expr(r["prompt"].rstrip("="))) != r["answer"]]
-    assert 0.4 < len(slipped) / len(needs_carry) < 0.6
+    assert 0.5 < len(slipped) / len(rows) < 0.65  # 60% chosen, a few of them ("-" going negative) stay right
+    for r in slipped:
+        assert abs(int(sloppy.reference_completion(r)) - r["answer"]) == 10
     with pytest.raises(ValueError, match="reference_slip_rate"):
         get_task("arithmetic", reference_slip_rate=1.5)

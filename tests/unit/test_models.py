@@ -1,5 +1,6 @@
 """grpokit.models: loading by path, tokenizers without pad, LoRA and its reference, saving."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,11 @@ def test_load_model_by_local_path(tmp_path: Path, arch):
     torch.testing.assert_close(_logits(loaded, tok), _logits(model, tok))
     tok2 = load_tokenizer(str(tmp_path / "m"))
     assert tok2.padding_side == "left" and tok2("1+2=")["input_ids"] == tok("1+2=")["input_ids"]
+    # spaces and newlines survive a save/load, also for qwen2, whose AutoTokenizer mapping would swap in
+    # a byte-level Qwen2Tokenizer pipeline; the saved class name is one transformers v4 and v5 both know
     assert tok2.decode(tok2("1 + 2 =\n")["input_ids"]) == "1 + 2 =\n"
+    assert json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())["tokenizer_class"] == (
+        "PreTrainedTokenizerFast")
 
 
 def test_load_model_passes_objects_and_casts_on_request(tiny_model):

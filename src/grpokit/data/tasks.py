@@ -153,24 +153,20 @@ def _arithmetic_is_correct(completion: Any, answer: Any = None, **row) -> bool:
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def _sloppy_answer(a: int, op: str, b: int) -> int:
-    """The answer with the two classic schoolbook slips, column by column from the right:
-    "+" forgets to carry (57+68 -> 115: 7+8 writes 5 and drops the 1), "-" takes the smaller digit
-    from the larger instead of borrowing (52-38 -> 26). Where the slip changes nothing (no carry,
-    no borrow) and for other ops the answer is right."""
-    if op not in "+-" or a < 0 or b < 0 or (op == "-" and a < b):
-        return _OPS[op](a, b)
-    da, db = str(a)[::-1], str(b)[::-1]
-    width = max(len(da), len(db))
-    digits = []
-    for i in range(width):
-        x = int(da[i]) if i < len(da) else 0
-        y = int(db[i]) if i < len(db) else 0
-        if op == "-":
-            digits.append(str(abs(x - y)))
-        else:
-            digits.append(str(x + y) if i == width - 1 else str((x + y) % 10))
-    return int("".join(reversed(digits)))
+def _carry_slip_answer(a: int, op: str, b: int) -> int:
+    """The answer with the carry (or borrow) out of the units column got wrong: a real one
+    forgotten, or one added where there is none, so the answer is off by ten.
+
+    57+68 -> 115 (carry forgotten), 12+34 -> 56 (phantom carry), 52-38 -> 24 (borrow forgotten),
+    58-23 -> 25 (phantom borrow). Where the slip would make a "-" answer negative, and for "*",
+    the answer stays right.
+    """
+    if op == "+":
+        return a + b - 10 if a % 10 + b % 10 >= 10 else a + b + 10
+    if op == "-":
+        slipped = a - b + 10 if a % 10 < b % 10 else a - b - 10
+        return slipped if slipped >= 0 else a - b
+    return _OPS[op](a, b)
 
 
 def _fraction_hash(key: str) -> float:
@@ -193,16 +189,16 @@ def make_arithmetic_task(
 
     Every (a, op, b) with 0 <= a, b <= max_operand and op in `ops` is a problem ("-" keeps a >= b
     unless allow_negative). About a tenth of them (chosen by a hash of the problem alone, see
-    _in_eval_split) form the eval pool; `num_eval` are taken from it and `num_train` (None: all) from
-    the rest, each in a seeded random order. `chat=True` makes conversational prompts (one user message) for chat models.
-    Rewards: exact integer at the start of the completion (weight 1.0) and "only an integer"
-    (weight 0.1).
+    _in_eval_split) form the eval pool; `num_eval` are taken from it and `num_train` (None: all)
+    from the rest, each in a seeded random order. `chat=True` makes conversational prompts (one
+    user message) for chat models. Rewards: exact integer at the start of the completion
+    (weight 1.0) and "only an integer" (weight 0.1).
 
-    reference_slip_rate: the fraction of `reference_completion`s (the SFT warm-start targets, never
-    the rewards or the "answer" column) written with a schoolbook slip: a forgotten carry or a
-    smaller-from-larger subtraction (see _sloppy_answer). The rows are chosen by hash of problem and
-    seed. A model warm-started on such a sloppy teacher can sample the right answer but often prefers
-    the slip: the situation GRPO improves quickly (it sharpens what the model can already sample).
+    reference_slip_rate: the fraction of `reference_completion`s (the SFT warm-start targets; never
+    the "answer" column or the rewards) written with a carry slip (see _carry_slip_answer), chosen
+    by a hash of problem and seed. A model fine-tuned on such a sloppy teacher can still sample the
+    right answer but often prefers the slip: a preference GRPO corrects quickly, since it sharpens
+    what the model can already sample. The starter model is made this way (configs/starter_sft.yaml).
     """
     import datasets
 
@@ -238,7 +234,7 @@ def make_arithmetic_task(
 
     train_rows = train_pool if num_train is None else train_pool[:num_train]
     slips = {
-        template.format(a=a, op=op, b=b): _sloppy_answer(a, op, b)
+        template.format(a=a, op=op, b=b): _carry_slip_answer(a, op, b)
         for a, op, b in train_rows + eval_pool[:num_eval]
         if reference_slip_rate > 0 and _fraction_hash(f"slip:{seed}:{a}{op}{b}") < reference_slip_rate
     }
@@ -246,6 +242,7 @@ def make_arithmetic_task(
     def reference_completion(row: dict[str, Any]) -> str:
         key = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
         return str(slips.get(key, row["answer"]))
+
     return Task(
         name="arithmetic",
         train_dataset=to_dataset(train_rows),
