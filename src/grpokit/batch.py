@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from grpokit.algos import chunked_logprobs, entropy_from_logits, selective_log_softmax
-from grpokit.prefix import MAX_SEGMENT_TOKENS, PackedLayout, build_packed_layout, packed_hidden, scatter_to_grid, supports_packed
+from grpokit.prefix import (MAX_SEGMENT_TOKENS, PackedLayout, build_packed_layout, find_segments, packed_hidden,
+                            scatter_to_grid, supports_packed)
 
 
 @dataclass
@@ -55,24 +56,24 @@ class MicroBatch:
     ref_logps: torch.Tensor | None = None   # [B, C] when beta > 0
     _padded: tuple | None = field(default=None, repr=False)
     _layout: PackedLayout | None = field(default=None, repr=False)
-    _layout_budget: int = field(default=0, repr=False)
+    _layout_key: tuple = field(default=(), repr=False)
 
     @property
     def device(self) -> torch.device:
         return self.completion_ids.device
 
-    def layout(self, max_segment_tokens: int = MAX_SEGMENT_TOKENS) -> PackedLayout:
+    def layout(self, max_segment_tokens: int = MAX_SEGMENT_TOKENS, min_row_tokens: int = 0) -> PackedLayout:
         """The packed shared-prefix layout (grpokit.prefix), built once. Completions that are
         wholly out of the loss (mask 0, e.g. mask_truncated_completions) are left out: their
         logprobs stay 0 and nothing is computed for them."""
-        if self._layout is None or self._layout_budget != max_segment_tokens:
+        if self._layout is None or self._layout_key != (max_segment_tokens, min_row_tokens):
             comps = self.completion_token_ids
             if self.completion_mask.numel():
                 in_loss = self.completion_mask.detach().amax(dim=1).cpu().tolist()
                 comps = [c if keep > 0 else [] for c, keep in zip(comps, in_loss)]
             self._layout = build_packed_layout(self.prompt_token_ids, comps, max_segment_tokens=max_segment_tokens,
-                                               pad_id=self.pad_id).to(self.device)
-            self._layout_budget = max_segment_tokens
+                                               min_row_tokens=min_row_tokens, pad_id=self.pad_id).to(self.device)
+            self._layout_key = (max_segment_tokens, min_row_tokens)
         return self._layout
 
     def _padded_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,26 +107,37 @@ class MicroBatch:
         return max(map(len, self.prompt_token_ids))
 
 
-def make_micro_batches(rollout: Rollout, size: int, *, pad_id: int, device, mask_truncated: bool) -> list[MicroBatch]:
+def make_micro_batches(rollout: Rollout, size: int, *, pad_id: int, device, mask_truncated: bool,
+                       merge: bool = False) -> list[MicroBatch]:
     """Split the N samples into micro-batches of `size` consecutive rows (groups stay whole when
     size is a multiple of G; a group cut by a micro-batch boundary still shares its prompt within
-    each part). Completion tensors are padded to each micro-batch's own longest completion."""
-    out = []
+    each part). Completion tensors are padded to each micro-batch's own longest completion.
+
+    `merge=True` (for the packed forward and a loss that is a plain sum over micro-batches, i.e.
+    with global normalisers: dapo, dr_grpo, cispo) joins consecutive micro-batches while their
+    packed tokens (each group's prompt once + completions) stay within the padded tokens of one
+    micro-batch (rows x (longest prompt + longest completion): what the plain forward of one
+    micro-batch holds), so fewer, larger forwards run in no more activation memory."""
     n = len(rollout.completion_ids)
-    for start in range(0, n, size):
-        rows = slice(start, min(start + size, n))
+    for i, pi in enumerate(rollout.prompt_ids):
+        if not pi:
+            raise ValueError(f"row {i} has an empty prompt; every prompt needs at least one token.")
+    spans = [(start, min(start + size, n)) for start in range(0, n, size)]
+    if merge:
+        spans = _merge_spans(rollout, spans)
+    out = []
+    for start, end in spans:
+        rows = slice(start, end)
         p_ids, c_ids = rollout.prompt_ids[rows], rollout.completion_ids[rows]
-        for i, pi in enumerate(p_ids):
-            if not pi:
-                raise ValueError(f"row {start + i} has an empty prompt; every prompt needs at least one token.")
         b, c = len(c_ids), max(map(len, c_ids))
         completion_ids = torch.full((b, c), pad_id, dtype=torch.long)
         comp_mask = torch.zeros((b, c))
         samp = torch.zeros((b, c))
         for i, ci in enumerate(c_ids):
-            completion_ids[i, :len(ci)] = torch.tensor(ci, dtype=torch.long)
-            comp_mask[i, :len(ci)] = 1.0
-            samp[i, :len(ci)] = torch.tensor(rollout.sampling_logps[rows][i], dtype=torch.float32)
+            if ci:
+                completion_ids[i, :len(ci)] = torch.tensor(ci, dtype=torch.long)
+                comp_mask[i, :len(ci)] = 1.0
+                samp[i, :len(ci)] = torch.tensor(rollout.sampling_logps[rows][i], dtype=torch.float32)
         if mask_truncated:
             comp_mask[rollout.truncated[rows]] = 0.0
         out.append(MicroBatch(
@@ -134,6 +146,29 @@ def make_micro_batches(rollout: Rollout, size: int, *, pad_id: int, device, mask
             advantages=rollout.advantages[rows].to(device), sampling_logps=samp.to(device), rows=rows, pad_id=pad_id,
         ))
     return out
+
+
+def _merge_spans(rollout: Rollout, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join consecutive (start, end) row spans while the packed tokens of the union fit in the
+    padded tokens of the largest single span."""
+    def padded(s, e):
+        return (e - s) * (max(len(p) for p in rollout.prompt_ids[s:e]) + max(len(c) for c in rollout.completion_ids[s:e]))
+
+    def packed(s, e):
+        prompts = sum(len(rollout.prompt_ids[s + a]) for a, _ in find_segments(rollout.prompt_ids[s:e]))
+        return prompts + sum(len(c) for c in rollout.completion_ids[s:e])
+
+    merged = [spans[0]]
+    budget = padded(*spans[0])
+    for s, e in spans[1:]:
+        budget_with = max(budget, padded(s, e))
+        if packed(merged[-1][0], e) <= budget_with:
+            merged[-1] = (merged[-1][0], e)
+            budget = budget_with
+        else:
+            merged.append((s, e))
+            budget = padded(s, e)
+    return merged
 
 
 def _unwrap(model):
@@ -160,26 +195,51 @@ def uses_packed_forward(model) -> bool:
     return _plain_linear_head(inner) is not None and supports_packed(inner)
 
 
+CPU_CHUNK_BYTES = 32 << 20
+"""On CPU, rows per lm_head chunk are sized so one float32 [rows, V] buffer is about 32 MiB: glibc
+serves such buffers from its heap after the first one (bigger ones are mmap'ed and page-faulted
+afresh every time), and two of them are the logprob pass's whole extra memory."""
+
+
+def _chunk_rows(head: torch.nn.Linear, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return chunk_size
+    if head.weight.device.type == "cpu":
+        return max(16, CPU_CHUNK_BYTES // (4 * head.weight.shape[0]))
+    return 1024
+
+
+def _hidden_size(model) -> int:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    return int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 0)
+
+
 def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entropy: bool = False,
-                        chunk_size: int = 1024, packed: bool | None = None,
+                        chunk_size: int | None = None, packed: bool | None = None,
                         max_segment_tokens: int = MAX_SEGMENT_TOKENS) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token logprobs [B, C] of the completion tokens under `model` (at `temperature`), and
     their entropies when asked (0 on padding).
 
     `packed` (default: whenever the model supports it, see `uses_packed_forward`): each prompt
-    once per group, no padding (grpokit.prefix). Otherwise the padded [B, P + C] layout. Either
-    way only the completion positions go through the lm_head, chunk by chunk, so no [B, P+C, V]
-    (or full [K, V] fp32) logits tensor is ever kept."""
+    once per group, no padding (grpokit.prefix); short segments share rows up to `hidden_size`
+    tokens (a row of W tokens adds about W^2 / (6 * hidden) tokens' worth of masked attention).
+    Otherwise the padded [B, P + C] layout. Either way only the completion positions go through
+    the lm_head, `chunk_size` rows at a time (None: ~32 MiB of fp32 logits on CPU, 1024 rows on
+    GPU), so no [B, P+C, V] (or full [K, V] fp32) logits tensor is ever kept."""
     t = temperature if temperature > 0 else 1.0
     inner = _unwrap(model)
     head = _plain_linear_head(inner)
+    if head is not None:
+        chunk_size = _chunk_rows(head, chunk_size)
     if packed is None:
         packed = head is not None and supports_packed(inner)
     if packed:
         if head is None or not supports_packed(inner):
             raise ValueError(f"{type(inner).__name__} cannot take the packed shared-prefix forward "
                              "(needs eager/sdpa full attention and a plain linear lm_head); use packed=False.")
-        layout = mb.layout(max_segment_tokens)
+        layout = mb.layout(max_segment_tokens, min_row_tokens=_hidden_size(inner))
         shape = tuple(mb.completion_ids.shape)
         if layout.targets.numel() == 0:  # every completion empty: nothing to score
             zeros = torch.zeros(shape, device=mb.device) + 0.0 * head.weight.sum()

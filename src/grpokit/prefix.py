@@ -103,16 +103,19 @@ def _split_run(start: int, end: int, prompt_len: int, lengths: list[int], budget
 
 
 def build_packed_layout(prompt_ids: list[list[int]], completion_ids: list[list[int]], *,
-                        max_segment_tokens: int = MAX_SEGMENT_TOKENS, pad_id: int = 0) -> PackedLayout:
+                        max_segment_tokens: int = MAX_SEGMENT_TOKENS, min_row_tokens: int = 0,
+                        pad_id: int = 0) -> PackedLayout:
     """Pack B (prompt, completion) rows: one segment per run of equal prompts (split when longer
     than ``max_segment_tokens``), segments placed first-fit-decreasing into rows as long as the
-    longest segment. Empty completions contribute no token (and no logprob)."""
+    longest segment, or ``min_row_tokens`` when that is longer (short segments then share rows:
+    fewer padding tokens for a little more masked attention). Empty completions contribute no
+    token (and no logprob)."""
     lengths = [len(c) for c in completion_ids]
     segments: list[tuple[int, int]] = []
     for start, end in find_segments(prompt_ids):
         segments += _split_run(start, end, len(prompt_ids[start]), lengths, max_segment_tokens)
     seg_len = [len(prompt_ids[s]) + sum(lengths[s:e]) for s, e in segments]
-    width = max(seg_len)
+    width = max(max(seg_len), min(min_row_tokens, sum(seg_len)))
     # first-fit decreasing: rows of `width` tokens
     rows: list[list[int]] = []
     room: list[int] = []

@@ -18,7 +18,7 @@ import torch
 
 from grpokit import memory
 from grpokit.algos import LOSS_TYPES, group_advantages, policy_loss, rollout_correction_weights, top_entropy_mask
-from grpokit.batch import Rollout, make_micro_batches, sampler_logps_are_old_logps
+from grpokit.batch import Rollout, make_micro_batches, sampler_logps_are_old_logps, uses_packed_forward
 from grpokit.config import GRPOConfig
 from grpokit.run import RunParts, build_run
 
@@ -96,7 +96,8 @@ def train_loop(run: RunParts, resume_from_checkpoint: str | bool | None = None) 
         rollout.advantages = group_advantages(rollout.rewards, cfg.num_generations,
                                               scale_rewards=cfg.scale_rewards, estimator=cfg.advantage_estimator)
         micro_batches = make_micro_batches(rollout, cfg.per_device_train_batch_size, pad_id=run.pad_id,
-                                           device=run.device, mask_truncated=cfg.mask_truncated_completions)
+                                           device=run.device, mask_truncated=cfg.mask_truncated_completions,
+                                           merge=_can_merge_micro_batches(run))
         # 4. old logprobs only when reused for several updates; reference only when beta > 0
         with _timed(phase, "time/logprobs"):
             _add_fixed_logprobs(run, micro_batches)
@@ -136,6 +137,15 @@ def train_loop(run: RunParts, resume_from_checkpoint: str | bool | None = None) 
         final = metrics
     run.finish()
     return final
+
+
+def _can_merge_micro_batches(run: RunParts) -> bool:
+    """Micro-batches may be joined into fewer forwards (batch.make_micro_batches(merge=True)) when
+    the loss is a plain sum over them (global normalisers: not grpo/bnpo/sapo's local means), the
+    entropy mask is off (its quantile is per micro-batch) and the packed forward is used."""
+    cfg = run.config
+    return (LOSS_TYPES[cfg.loss_type][1] not in ("grpo", "bnpo") and cfg.top_entropy_quantile >= 1.0
+            and uses_packed_forward(run.model))
 
 
 def _add_fixed_logprobs(run: RunParts, micro_batches) -> None:

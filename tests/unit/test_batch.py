@@ -42,14 +42,38 @@ def test_micro_batches_pad_each_to_its_own_longest():
         make_micro_batches(rollout_of([[]], [[1]]), 1, pad_id=0, device="cpu", mask_truncated=False)
 
 
-def tiny_trainer(tmp_path, reward=None, model=None, peft_config=None, **over):
+def test_merged_micro_batches_fit_the_padded_budget_and_give_the_same_gradients():
+    from tests.unit.test_prefix import random_rollout
+
+    model = make_tiny_model(make_char_tokenizer(), arch="llama")
+    rollout = random_rollout(g=4, n_prompts=4, seed=2, max_prompt=10, max_completion=8)
+    plain = make_micro_batches(rollout, 4, pad_id=0, device="cpu", mask_truncated=False)
+    merged = make_micro_batches(rollout, 4, pad_id=0, device="cpu", mask_truncated=False, merge=True)
+    assert len(merged) < len(plain)
+    for mb in merged:  # each merged forward holds no more tokens than one plain padded micro-batch
+        budget = max(m.input_ids.numel() for m in plain if mb.rows.start <= m.rows.start < mb.rows.stop)
+        assert mb.layout().targets.numel() + mb.layout().num_prompt_tokens <= budget
+    w = torch.randn(len(rollout.completion_ids), 8, generator=torch.Generator().manual_seed(0))
+
+    def grads(mbs):
+        model.zero_grad(set_to_none=True)
+        for mb in mbs:
+            logps, _ = completion_logprobs(model, mb, temperature=0.9)
+            (logps * w[mb.rows, :logps.shape[1]] * mb.completion_mask).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(plain), grads(merged)):
+        torch.testing.assert_close(a, b)
+
+
+def tiny_trainer(tmp_path, reward=None, model=None, peft_config=None, prefix="", **over):
     tok = make_char_tokenizer()
     model = model or make_tiny_model(tok, arch="qwen2", max_positions=64)
     base = dict(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8,
                 gradient_accumulation_steps=2, num_generations=4, max_completion_length=6, learning_rate=1e-2,
                 logging_steps=100, save_strategy="no", use_cpu=True, disable_tqdm=True, plot=False, seed=3,
                 log_completions=False)
-    ds = Dataset.from_dict({"prompt": [f"q{i}:" + "x" * (i % 5) for i in range(16)]})
+    ds = Dataset.from_dict({"prompt": [prefix + f"q{i}:" + "x" * (i % 5) for i in range(16)]})
     reward = reward or (lambda prompts, completions, **kw: [float(len(c)) for c in completions])
     return GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**{**base, **over}), train_dataset=ds,
                        processing_class=tok, peft_config=peft_config)
@@ -101,19 +125,49 @@ def count_forwards(run):
 
 @pytest.mark.parametrize("num_iterations,top_p,no_grad_forwards", [(1, 1.0, 0), (2, 1.0, 0), (2, 0.9, 2)])
 def test_old_logprobs_only_when_needed(tmp_path, num_iterations, top_p, no_grad_forwards):
-    """2 micro-batches a step: training forwards with gradients only, unless num_iterations > 1
-    and the sampler's logprobs cannot stand in (top_p < 1): then one no-grad forward each."""
-    trainer = tiny_trainer(tmp_path, max_steps=num_iterations, num_iterations=num_iterations, top_p=top_p)
+    """2 micro-batches a step (grpo loss: not merged): training forwards with gradients only,
+    unless num_iterations > 1 and the sampler's logprobs cannot stand in (top_p < 1): then one
+    no-grad forward each."""
+    trainer = tiny_trainer(tmp_path, max_steps=num_iterations, num_iterations=num_iterations, top_p=top_p,
+                           loss_type="grpo")
     calls = count_forwards(trainer.parts)
     trainer.train()
     assert calls.count(False) == no_grad_forwards
     assert calls.count(True) == 2 * num_iterations
 
 
+def test_additive_losses_merge_micro_batches_into_fewer_forwards(tmp_path):
+    """dapo (global normaliser): with a shared 22-character preamble, the 2 micro-batches of 8
+    completions (2 groups each) packed (4 prompts once + 16 completions <= 24 + 16 * 6 tokens)
+    fit one padded micro-batch's tokens (8 * (27 + 6)), so one forward per step; the same trained
+    weights as without the merge (dapo is a plain sum over micro-batches)."""
+    import grpokit.trainer as trainer_module
+
+    preamble = "You are a calculator. "
+    trainer = tiny_trainer(tmp_path, max_steps=2, loss_type="dapo", prefix=preamble)
+    calls = count_forwards(trainer.parts)
+    trainer.train()
+    assert calls == [True, True]
+    merged = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    original = trainer_module._can_merge_micro_batches
+    trainer_module._can_merge_micro_batches = lambda run: False
+    try:
+        unmerged_trainer = tiny_trainer(tmp_path, max_steps=2, loss_type="dapo", output_dir=str(tmp_path / "b"),
+                                        prefix=preamble)
+        calls = count_forwards(unmerged_trainer.parts)
+        unmerged_trainer.train()
+    finally:
+        trainer_module._can_merge_micro_batches = original
+    assert calls == [True] * 4
+    for k, v in unmerged_trainer.model.state_dict().items():
+        torch.testing.assert_close(v, merged[k], rtol=1e-4, atol=1e-5)
+
+
 def test_reference_only_when_beta_and_lora_reference_is_the_base(tmp_path):
     from peft import LoraConfig
 
-    trainer = tiny_trainer(tmp_path, max_steps=1)
+    trainer = tiny_trainer(tmp_path, max_steps=1, loss_type="grpo")
     assert trainer.parts.ref_model is None  # beta = 0: no reference loaded
     calls = count_forwards(trainer.parts)
     trainer.train()

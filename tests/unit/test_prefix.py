@@ -79,23 +79,34 @@ def test_small_segments_share_a_row_and_budget_splits_big_groups():
     layout = build_packed_layout([[1] * 6] * 2 + [[2]] * 2 + [[3]], [[4, 4]] * 2 + [[5]] * 2 + [[6]])
     # segments of 10, 3 and 2 tokens: the two small ones share the second row of 10
     assert layout.shape == (2, 10)
+    # rows of at least 13 tokens: the 10- and 3-token segments share one; 15: all three share one
+    args = ([[1] * 6] * 2 + [[2]] * 2 + [[3]], [[4, 4]] * 2 + [[5]] * 2 + [[6]])
+    assert build_packed_layout(*args, min_row_tokens=13).shape == (2, 13)
+    assert build_packed_layout(*args, min_row_tokens=15).shape == (1, 15)
+    assert build_packed_layout(*args, min_row_tokens=99).shape == (1, 15)  # never wider than all tokens
     split = build_packed_layout([[1] * 6] * 4, [[4] * 5] * 4, max_segment_tokens=16)
     # 6 + 4 * 5 = 26 > 16: two segments of 6 + 2 * 5 = 16, each with its own copy of the prompt
     assert split.shape == (2, 16) and split.num_prompt_tokens == 12
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
-@pytest.mark.parametrize("size", [12, 8, 3])
+@pytest.mark.parametrize("size", [12, 8, 3, "short"])
 def test_packed_equals_plain_fp32(arch, size):
-    """size 12 = every group in one micro-batch, 8 = two whole groups, 3 = groups cut in pieces."""
+    """size 12 = every group in one micro-batch, 8 = two whole groups, 3 = groups cut in pieces,
+    "short" = short groups that share packed rows (rows are at least hidden_size = 32 wide)."""
     model = make_tiny_model(make_char_tokenizer(), arch=arch, num_layers=2)
     assert uses_packed_forward(model)
-    rollout = random_rollout(g=4, n_prompts=3, seed=hash(arch) % 1000 + size)
+    if size == "short":
+        rollout, size = random_rollout(g=2, n_prompts=6, seed=1, max_prompt=4, max_completion=3), 12
+    else:
+        rollout = random_rollout(g=4, n_prompts=3, seed=sum(map(ord, arch)) + size)
     for mb in make_micro_batches(rollout, size, pad_id=0, device="cpu", mask_truncated=False):
         assert_same(forward_and_grads(model, mb, packed=True), forward_and_grads(model, mb, packed=False))
         # the packed layout computes each prompt once per piece of a group
-        assert mb.layout().num_prompt_tokens == sum(len(mb.prompt_token_ids[s]) for s, _ in
+        assert mb._layout.num_prompt_tokens == sum(len(mb.prompt_token_ids[s]) for s, _ in
                                                    find_segments(mb.prompt_token_ids))
+        if len(mb.completion_token_ids) == 12 and max(map(len, mb.prompt_token_ids)) <= 4:
+            assert mb._layout.segment_ids.max() > 0  # several segments in one row
 
 
 def test_packed_equals_plain_fp64_exactly():
@@ -115,7 +126,7 @@ def test_a_wrong_mask_is_detected():
     mb = make_micro_batches(random_rollout(g=4, n_prompts=1, seed=5), 4, pad_id=0, device="cpu",
                             mask_truncated=False)[0]
     good = forward_and_grads(model, mb, packed=True)
-    layout = mb.layout()
+    layout = mb._layout  # the layout that forward built and caches
     layout.part_ids = torch.where(layout.part_ids > 0, torch.ones_like(layout.part_ids), layout.part_ids)
     leaky = forward_and_grads(model, mb, packed=True)
     assert not torch.allclose(good[0], leaky[0], atol=1e-4)
