@@ -209,13 +209,6 @@ def _chunk_rows(head: torch.nn.Linear, chunk_size: int | None) -> int:
     return 1024
 
 
-def _hidden_size(model) -> int:
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    return int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 0)
-
-
 def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entropy: bool = False,
                         chunk_size: int | None = None, packed: bool | None = None,
                         max_segment_tokens: int = MAX_SEGMENT_TOKENS) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -223,9 +216,8 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
     their entropies when asked (0 on padding).
 
     `packed` (default: whenever the model supports it, see `uses_packed_forward`): each prompt
-    once per group, no padding (grpokit.prefix); short segments share rows up to `hidden_size`
-    tokens (a row of W tokens adds about W^2 / (6 * hidden) tokens' worth of masked attention).
-    Otherwise the padded [B, P + C] layout. Either way only the completion positions go through
+    once per group, no padding (grpokit.prefix; one group a row: on CPU, rows that join
+    several short groups saved padding but lost more in the masked attention). Otherwise the padded [B, P + C] layout. Either way only the completion positions go through
     the lm_head, `chunk_size` rows at a time (None: ~32 MiB of fp32 logits on CPU, 1024 rows on
     GPU), so no [B, P+C, V] (or full [K, V] fp32) logits tensor is ever kept."""
     t = temperature if temperature > 0 else 1.0
@@ -239,7 +231,7 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
         if head is None or not supports_packed(inner):
             raise ValueError(f"{type(inner).__name__} cannot take the packed shared-prefix forward "
                              "(needs eager/sdpa full attention and a plain linear lm_head); use packed=False.")
-        layout = mb.layout(max_segment_tokens, min_row_tokens=_hidden_size(inner))
+        layout = mb.layout(max_segment_tokens)
         shape = tuple(mb.completion_ids.shape)
         if layout.targets.numel() == 0:  # every completion empty: nothing to score
             zeros = torch.zeros(shape, device=mb.device) + 0.0 * head.weight.sum()

@@ -128,6 +128,7 @@ def build_packed_layout(prompt_ids: list[list[int]], completion_ids: list[list[i
         else:
             rows.append([k])
             room.append(width - seg_len[k])
+    width -= min(room)  # as wide as the fullest row
 
     n_rows = len(rows)
     ids = [[pad_id] * width for _ in range(n_rows)]

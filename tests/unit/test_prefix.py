@@ -93,7 +93,7 @@ def test_small_segments_share_a_row_and_budget_splits_big_groups():
 @pytest.mark.parametrize("size", [12, 8, 3, "short"])
 def test_packed_equals_plain_fp32(arch, size):
     """size 12 = every group in one micro-batch, 8 = two whole groups, 3 = groups cut in pieces,
-    "short" = short groups that share packed rows (rows are at least hidden_size = 32 wide)."""
+    "short" = short groups (packed below with rows of 32 tokens, so that they share rows)."""
     model = make_tiny_model(make_char_tokenizer(), arch=arch, num_layers=2)
     assert uses_packed_forward(model)
     if size == "short":
@@ -106,7 +106,10 @@ def test_packed_equals_plain_fp32(arch, size):
         assert mb._layout.num_prompt_tokens == sum(len(mb.prompt_token_ids[s]) for s, _ in
                                                    find_segments(mb.prompt_token_ids))
         if len(mb.completion_token_ids) == 12 and max(map(len, mb.prompt_token_ids)) <= 4:
+            mb._layout = mb.layout(min_row_tokens=32)
+            mb.layout = lambda *a, saved=mb._layout: saved  # the forward now uses the shared rows
             assert mb._layout.segment_ids.max() > 0  # several segments in one row
+            assert_same(forward_and_grads(model, mb, packed=True), forward_and_grads(model, mb, packed=False))
 
 
 def test_packed_equals_plain_fp64_exactly():
