@@ -129,15 +129,15 @@ def make_micro_batches(rollout: Rollout, size: int, *, pad_id: int, device, mask
     for start, end in spans:
         rows = slice(start, end)
         p_ids, c_ids = rollout.prompt_ids[rows], rollout.completion_ids[rows]
-        b, c = len(c_ids), max(map(len, c_ids))
+        lengths = torch.tensor([len(c) for c in c_ids], dtype=torch.long)
+        b, c = len(c_ids), int(lengths.max())
+        comp_mask = (torch.arange(c)[None, :] < lengths[:, None])
+        flat = [t for ci in c_ids for t in ci]
         completion_ids = torch.full((b, c), pad_id, dtype=torch.long)
-        comp_mask = torch.zeros((b, c))
+        completion_ids[comp_mask] = torch.tensor(flat, dtype=torch.long)
         samp = torch.zeros((b, c))
-        for i, ci in enumerate(c_ids):
-            if ci:
-                completion_ids[i, :len(ci)] = torch.tensor(ci, dtype=torch.long)
-                comp_mask[i, :len(ci)] = 1.0
-                samp[i, :len(ci)] = torch.tensor(rollout.sampling_logps[rows][i], dtype=torch.float32)
+        samp[comp_mask] = torch.tensor([x for lp in rollout.sampling_logps[rows] for x in lp], dtype=torch.float32)
+        comp_mask = comp_mask.float()
         if mask_truncated:
             comp_mask[rollout.truncated[rows]] = 0.0
         out.append(MicroBatch(

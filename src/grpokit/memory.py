@@ -1,8 +1,8 @@
 """Peak memory of a phase of the step (generation, reward, logprobs, backward, optimizer).
 
 On CUDA: the peak of `torch.cuda.memory_allocated` within the phase (`reset_peak_memory_stats`
-at its start). On Linux CPU: the peak resident set size within the phase (VmHWM of
-/proc/self/status, reset at the phase's start by writing 5 to /proc/self/clear_refs). Elsewhere
+at its start). On Linux CPU: the peak resident set size within the phase (the kernel's high-water
+mark, `ru_maxrss`, reset at the phase's start by writing 5 to /proc/self/clear_refs). Elsewhere
 the process-lifetime peak RSS (no per-phase reset is possible).
 
 Resetting the kernel's high-water mark also resets what `getrusage(...).ru_maxrss` reports, so
@@ -22,13 +22,7 @@ _can_reset_rss: bool | None = None
 
 
 def _rss_hwm_gb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
+    # ru_maxrss follows the kernel's high-water mark, reset by clear_refs like VmHWM (Linux); one syscall
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
@@ -36,7 +30,7 @@ def _reset_rss_hwm() -> None:
     global _can_reset_rss
     if _can_reset_rss is False:
         return
-    _lifetime["rss"] = max(_lifetime["rss"], _rss_hwm_gb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    _lifetime["rss"] = max(_lifetime["rss"], _rss_hwm_gb())
     try:
         with open(_CLEAR_REFS, "w") as f:
             f.write("5")
@@ -70,4 +64,4 @@ def lifetime_peak_gb(kind: str = "rss", device: torch.device | None = None) -> f
     if kind == "cuda":
         current = torch.cuda.max_memory_allocated(device) / 2**30 if torch.cuda.is_available() else 0.0
         return max(_lifetime["cuda"], current)
-    return max(_lifetime["rss"], _rss_hwm_gb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return max(_lifetime["rss"], _rss_hwm_gb())
