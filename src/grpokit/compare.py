@@ -12,11 +12,16 @@ rate and schedule, sampling temperature, evaluation); only the algorithm's own k
   against training wall time;
 - cost.png: training wall time, peak memory, and the parameters each algorithm trains or keeps.
 
-Options besides the config fields: `algos` (default [grpo, ppo, dpo]), `output_dir` (runs go to
-output_dir/<algo>), `report_dir`, `torch_num_threads` (default 1: on a small CPU shared with other
-jobs, two threads per process made these small models up to 20x slower), `isolate` (default true;
-false runs the algorithms in this process, faster to start but peak memory is then the
-largest so far, not each run's own: the report says so).
+Each algorithm runs once per seed (default 42, 43, 44: the seed sets data order and sampling;
+the starting model is the same), and the report gives the mean over seeds with each seed's curve
+and final accuracy, since one run of a few minutes is noisy.
+
+Options besides the config fields: `algos` (default [grpo, ppo, dpo]), `seeds` (default
+[42, 43, 44]; `seed=7` means seeds=[7]), `output_dir` (runs go to output_dir/<algo>/seed<n>),
+`report_dir`, `torch_num_threads` (default 1: on a small CPU shared with other jobs, two threads
+per process made these small models up to 20x slower), `isolate` (default true; false runs the
+algorithms in this process, faster to start but peak memory is then the largest so far, not each
+run's own: the report says so).
 """
 
 from __future__ import annotations
@@ -63,29 +68,37 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpo": {"beta": 0.1, "loss_type": "sigmoid"},
 }
 
-OPTIONS = {"algos": list(ALGOS), "output_dir": "runs/compare", "report_dir": "reports/compare",
-           "torch_num_threads": 1, "isolate": True}
+OPTIONS = {"algos": list(ALGOS), "seeds": [42, 43, 44], "output_dir": "runs/compare",
+           "report_dir": "reports/compare", "torch_num_threads": 1, "isolate": True}
 COLORS = {"grpo": "C0", "ppo": "C1", "dpo": "C2"}
 
 
-def plan(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Split the command line / YAML into options and one full config dict per algorithm; every
-    config is built (validated) here, before anything runs."""
+def plan(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple[str, int], dict[str, Any]]]:
+    """Split the command line / YAML into options and one full config per (algorithm, seed), in the
+    order they run (seed by seed, the algorithms in turn, so slow drifts of a shared machine's load
+    fall on every algorithm alike). Every config is built (validated) here, before anything runs."""
     raw = dict(raw)
+    if "seed" in raw and "seeds" not in raw:
+        raw["seeds"] = [raw.pop("seed")]
     options = {k: raw.pop(k, v) for k, v in OPTIONS.items()}
     per_algo = {a: raw.pop(a) or {} for a in ALGOS if a in raw}
     algos = options["algos"] if isinstance(options["algos"], list) else [options["algos"]]
+    seeds = options["seeds"] if isinstance(options["seeds"], list) else [options["seeds"]]
     unknown = [a for a in algos if a not in ALGOS]
     if unknown or not algos:
         raise ValueError(f"compare: algos={algos}: choose among {', '.join(ALGOS)}.")
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(x, int) for x in seeds):
+        raise ValueError(f"compare: seeds={seeds}: give distinct integers, e.g. seeds=[42,43,44].")
     configs = {}
-    for algo in algos:
-        cfg = {**COMPARE_DEFAULTS, **raw, **ALGO_DEFAULTS[algo], **per_algo.get(algo, {}),
-               "output_dir": os.path.join(options["output_dir"], algo), "run_name": algo}
-        config_cls, _ = algo_classes(algo)
-        config_cls(**cfg)  # errors now, naming the field, before the first run starts
-        configs[algo] = cfg
-    options["algos"] = algos
+    for seed in seeds:
+        for algo in algos:
+            cfg = {**COMPARE_DEFAULTS, **raw, **ALGO_DEFAULTS[algo], **per_algo.get(algo, {}), "seed": seed,
+                   "output_dir": os.path.join(options["output_dir"], algo, f"seed{seed}"),
+                   "run_name": f"{algo}-seed{seed}"}
+            config_cls, _ = algo_classes(algo)
+            config_cls(**cfg)  # errors now, naming the field, before the first run starts
+            configs[(algo, seed)] = cfg
+    options["algos"], options["seeds"] = algos, seeds
     return options, configs
 
 
@@ -94,7 +107,7 @@ def run_compare(argv: list[str]) -> int:
     started = time.time()
     machine = _machine(options)
     results = {}
-    for algo, cfg in configs.items():
+    for (algo, seed), cfg in configs.items():
         out = cfg["output_dir"]
         if os.path.isdir(out):
             ours = any(os.path.exists(os.path.join(out, f)) for f in ("metrics.jsonl", "compare_config.json"))
@@ -105,16 +118,16 @@ def run_compare(argv: list[str]) -> int:
         spec = os.path.join(out, "compare_config.json")
         with open(spec, "w") as f:
             json.dump({"config": cfg, "torch_num_threads": options["torch_num_threads"]}, f, indent=1)
-        print(f"\n=== compare: {algo} -> {out}", flush=True)
+        print(f"\n=== compare: {algo}, seed {seed} -> {out}", flush=True)
         if options["isolate"]:
             code = subprocess.run([sys.executable, "-m", "grpokit.compare", "--worker", algo, spec]).returncode
         else:
             code = _worker(algo, spec)
         if code != 0:
-            print(f"compare: the {algo} run failed (exit {code}); see the output above.", file=sys.stderr)
+            print(f"compare: the {algo} run (seed {seed}) failed (exit {code}); see the output above.", file=sys.stderr)
             return code
         with open(os.path.join(out, "compare_result.json")) as f:
-            results[algo] = json.load(f)
+            results[(algo, seed)] = json.load(f)
     machine["total_minutes"] = (time.time() - started) / 60
     machine["isolated"] = bool(options["isolate"])
     report = write_report(configs, results, options, machine, argv)
@@ -205,42 +218,62 @@ def _series(run_dir: str) -> dict[str, dict[int, float]]:
     return _read_series(os.path.join(run_dir, "metrics.jsonl"))
 
 
-def summarize(configs: dict, results: dict) -> dict[str, dict[str, Any]]:
-    """Per algorithm: the curves against samples and training time, and the table's numbers."""
-    out = {}
-    for algo, cfg in configs.items():
-        s = _series(cfg["output_dir"])
-        steps = sorted(s.get("reward", {}))
-        samples = {0: 0.0, **{k: s["samples"][k] for k in steps}}
-        elapsed, total = {0: 0.0}, 0.0
-        for k in steps:
-            total += s.get("time/step", {}).get(k, 0.0)
-            elapsed[k] = total
-        acc = s.get("eval/accuracy", {})
-        per_step = results[algo]["completions_per_step"]
-        if algo == "dpo":
-            signal = sum(2 * s.get("dpo/pairs", {}).get(k, 0.0) for k in steps)
-        elif algo == "grpo":
-            signal = sum(per_step * (1 - s.get("frac_reward_zero_std", {}).get(k, 0.0)) for k in steps)
-        else:
-            signal = float(per_step * len(steps))
-        out[algo] = {
-            "steps": steps, "reward": [s["reward"][k] for k in steps], "samples": [samples[k] for k in steps],
-            "train_seconds": [elapsed[k] for k in steps],
-            "acc_steps": sorted(acc), "acc": [acc[k] for k in sorted(acc)],
-            "acc_samples": [samples.get(k, math.nan) for k in sorted(acc)],
-            "acc_seconds": [elapsed.get(k, math.nan) for k in sorted(acc)],
-            "acc_before": acc.get(0), "acc_after": acc[max(acc)] if acc else None, "acc_best": max(acc.values()) if acc else None,
-            "samples_total": samples[steps[-1]] if steps else 0, "signal_completions": signal,
-            "train_seconds_total": total, "reward_first": _mean(s["reward"], steps[:5]),
-            "reward_last": _mean(s["reward"], steps[-5:]),
-        }
-    return out
+def summarize_run(algo: str, cfg: dict, result: dict) -> dict[str, Any]:
+    """One run's curves against samples and training time, and its numbers for the table."""
+    s = _series(cfg["output_dir"])
+    steps = sorted(s.get("reward", {}))
+    samples = {0: 0.0, **{k: s["samples"][k] for k in steps}}
+    elapsed, total = {0: 0.0}, 0.0
+    for k in steps:
+        total += s.get("time/step", {}).get(k, 0.0)
+        elapsed[k] = total
+    acc = s.get("eval/accuracy", {})
+    per_step = result["completions_per_step"]
+    if algo == "dpo":
+        signal = sum(2 * s.get("dpo/pairs", {}).get(k, 0.0) for k in steps)
+    elif algo == "grpo":
+        signal = sum(per_step * (1 - s.get("frac_reward_zero_std", {}).get(k, 0.0)) for k in steps)
+    else:
+        signal = float(per_step * len(steps))
+    acc_steps = sorted(acc)
+    return {
+        "steps": steps, "reward": [s["reward"][k] for k in steps], "samples": [samples[k] for k in steps],
+        "train_seconds": [elapsed[k] for k in steps], "acc_steps": acc_steps, "acc": [acc[k] for k in acc_steps],
+        "acc_samples": [samples.get(k, math.nan) for k in acc_steps],
+        "acc_seconds": [elapsed.get(k, math.nan) for k in acc_steps],
+        "acc_before": acc.get(0), "acc_after": acc[acc_steps[-1]] if acc else None,
+        "acc_best": max(acc.values()) if acc else None, "samples_total": samples[steps[-1]] if steps else 0,
+        "signal_completions": signal, "train_seconds_total": total,
+        "reward_first": _mean([s["reward"][k] for k in steps[:5]]),
+        "reward_last": _mean([s["reward"][k] for k in steps[-5:]]),
+    }
 
 
-def _mean(values: dict, keys) -> float:
-    keys = list(keys)
-    return sum(values[k] for k in keys) / len(keys) if keys else math.nan
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    """Pointwise mean of equally long curves (the runs of one algorithm share their steps)."""
+    n = min(len(c) for c in curves) if curves else 0
+    return [_mean([c[i] for c in curves]) for i in range(n)]
+
+
+def aggregate(runs: list[dict[str, Any]], results: list[dict]) -> dict[str, Any]:
+    """One algorithm over its seeds: mean curves, and mean (and per-seed) numbers."""
+    agg = {key: _mean_curve([r[key] for r in runs]) for key in
+           ("reward", "samples", "train_seconds", "acc", "acc_samples", "acc_seconds")}
+    for key in ("acc_before", "acc_after", "acc_best", "samples_total", "signal_completions",
+                "train_seconds_total", "reward_first", "reward_last"):
+        agg[key] = _mean([r[key] for r in runs])
+    agg["acc_after_each"] = [r["acc_after"] for r in runs]
+    agg["acc_before_each"] = [r["acc_before"] for r in runs]
+    for key in ("cpu_train_seconds", "wall_seconds", "state_mb"):
+        agg[key] = _mean([x[key] for x in results])
+    agg["peak_rss_gb"] = max(x["peak_rss_gb"] for x in results)
+    agg["runs"] = runs
+    return agg
 
 
 def _moving(values: list[float], window: int = 5) -> list[float]:
@@ -250,38 +283,44 @@ def _moving(values: list[float], window: int = 5) -> list[float]:
 
 
 def plot_curves(summary: dict, path: str) -> str:
+    """Reward (top) and held-out accuracy (bottom) against samples (left) and training time (right):
+    each seed faint, the mean over seeds bold."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     axes = fig.subplots(2, 2)
-    for algo, s in summary.items():
-        c = COLORS.get(algo, None)
+    for algo, agg in summary.items():
+        c = COLORS.get(algo)
+        seeds = len(agg["runs"])
         for col, (x_key, xa_key, label) in enumerate((("samples", "acc_samples", "sampled completions"),
                                                       ("train_seconds", "acc_seconds", "training wall time (s)"))):
-            ax = axes[0, col]
-            ax.plot(s[x_key], s["reward"], color=c, alpha=0.25, linewidth=1)
-            ax.plot(s[x_key], _moving(s["reward"]), color=c, linewidth=2, label=f"{algo.upper()}")
-            ax.set_xlabel(label)
-            ax.set_ylabel("training reward (mean of the step's samples)")
-            ax = axes[1, col]
-            ax.plot(s[xa_key], s["acc"], "o-", color=c, label=algo.upper())
-            ax.set_xlabel(label)
-            ax.set_ylabel("held-out greedy accuracy")
-            ax.set_ylim(-0.02, 1.02)
+            for run in agg["runs"]:
+                axes[0, col].plot(run[x_key], _moving(run["reward"]), color=c, alpha=0.25, linewidth=1)
+                axes[1, col].plot(run[xa_key], run["acc"], color=c, alpha=0.25, linewidth=1)
+            axes[0, col].plot(agg[x_key], _moving(agg["reward"]), color=c, linewidth=2.2,
+                              label=f"{algo.upper()} (mean of {seeds} seeds)")
+            axes[1, col].plot(agg[xa_key], agg["acc"], "o-", color=c, linewidth=2.2,
+                              label=f"{algo.upper()} (mean of {seeds} seeds)")
+            axes[0, col].set_xlabel(label)
+            axes[1, col].set_xlabel(label)
+    for ax in axes[0]:
+        ax.set_ylabel("training reward (5-step moving average)")
+    for ax in axes[1]:
+        ax.set_ylabel("held-out greedy accuracy")
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    axes[0, 0].set_title("reward against samples (faint: per step; bold: 5-step moving average)")
-    axes[0, 1].set_title("reward against training time (excludes evaluation)")
-    axes[1, 0].set_title("held-out accuracy against samples")
-    axes[1, 1].set_title("held-out accuracy against training time")
+    axes[0, 0].set_title("training reward against samples (faint: each seed)")
+    axes[0, 1].set_title("training reward against training time (evaluation left out)")
+    axes[1, 0].set_title("held-out greedy accuracy against samples")
+    axes[1, 1].set_title("held-out greedy accuracy against training time")
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=100, format="png")
     return path
 
 
-def plot_costs(summary: dict, results: dict, path: str) -> str:
+def plot_costs(summary: dict, path: str) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -291,10 +330,10 @@ def plot_costs(summary: dict, results: dict, path: str) -> str:
     fig = Figure(figsize=(15, 3.6), layout="constrained")
     axes = fig.subplots(1, 5)
     bars = [
-        ("training wall time (s)", [summary[a]["train_seconds_total"] for a in algos]),
-        ("training CPU time (s)", [results[a]["cpu_train_seconds"] for a in algos]),
-        ("peak RSS of the process (GB)", [results[a]["peak_rss_gb"] for a in algos]),
-        ("weights + grads + AdamW state (MB)", [results[a]["state_mb"] for a in algos]),
+        ("training wall time (s, mean)", [summary[a]["train_seconds_total"] for a in algos]),
+        ("training CPU time (s, mean)", [summary[a]["cpu_train_seconds"] for a in algos]),
+        ("peak RSS of a run's process (GB)", [summary[a]["peak_rss_gb"] for a in algos]),
+        ("weights + grads + AdamW state (MB)", [summary[a]["state_mb"] for a in algos]),
         ("completions that carried a gradient", [summary[a]["signal_completions"] for a in algos]),
     ]
     for ax, (title, values) in zip(axes, bars):
@@ -318,87 +357,118 @@ def _machine(options) -> dict:
 
 
 def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _model_description(cfg: dict) -> str:
+    path = cfg.get("model_name_or_path")
+    if path:
+        return f"`{path}`"
+    try:
+        from grpokit.models import starter_model_path
+
+        import hashlib
+
+        weights = os.path.join(starter_model_path(), "model.safetensors")
+        with open(weights, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        return f"the shipped starter model (model.safetensors sha256 {digest}...)"
+    except (OSError, FileNotFoundError):
+        return "the shipped starter model"
 
 
 def write_report(configs: dict, results: dict, options: dict, machine: dict, argv: list[str]) -> str:
     report_dir = options["report_dir"]
     os.makedirs(report_dir, exist_ok=True)
-    summary = summarize(configs, results)
+    summary = {}
+    for algo in options["algos"]:
+        keys = [(algo, seed) for seed in options["seeds"]]
+        summary[algo] = aggregate([summarize_run(algo, configs[k], results[k]) for k in keys],
+                                  [results[k] for k in keys])
     plot_curves(summary, os.path.join(report_dir, "curves.png"))
-    plot_costs(summary, results, os.path.join(report_dir, "cost.png"))
+    plot_costs(summary, os.path.join(report_dir, "cost.png"))
     with open(os.path.join(report_dir, "summary.json"), "w") as f:
-        json.dump({"machine": machine, "results": results,
-                   "summary": {a: {k: v for k, v in s.items() if not isinstance(v, list)} for a, s in summary.items()}},
-                  f, indent=1)
-    first = next(iter(configs.values()))
-    command = "grpokit compare" + ("".join(" " + shlex.quote(a) for a in argv) if argv else "")
-    model = first.get("model_name_or_path") or "the shipped starter model (grpokit.models.starter_model_path())"
+        json.dump({"machine": machine, "options": options,
+                   "results": {f"{a}/seed{s}": r for (a, s), r in results.items()},
+                   "summary": {a: {k: v for k, v in agg.items() if not isinstance(v, list) or k.endswith("_each")}
+                               for a, agg in summary.items()}}, f, indent=1)
+    first = configs[(options["algos"][0], options["seeds"][0])]
+    by_algo = {a: configs[(a, options["seeds"][0])] for a in options["algos"]}
+    any_result = results[(options["algos"][0], options["seeds"][0])]
+    per_step = first["per_device_train_batch_size"] * first["gradient_accumulation_steps"]
+    seeds = options["seeds"]
+    command = "grpokit compare" + "".join(" " + shlex.quote(a) for a in argv)
     lines = [
         "# GRPO vs PPO vs DPO on the same task and sample budget",
         "",
-        f"Reproduce with `{command}` (written by it; {machine['total_minutes']:.1f} minutes on this machine). "
-        "What the figures say is discussed in [docs/compare.md](../../docs/compare.md).",
+        f"Reproduce with `{command}` (this page and its figures are written by it; "
+        f"{machine['total_minutes']:.1f} minutes on this machine). What the figures say is discussed in "
+        "[docs/compare.md](../../docs/compare.md).",
         "",
         "## Budget and settings",
         "",
-        f"- task: `{first.get('task')}` (built-in; {first.get('task_num_eval')} held-out prompts, greedy decoding "
-        "for accuracy), reward: the task's reward functions (exact answer 1.0 + integer-only format 0.1)",
-        f"- model: {model}; full fine-tune; {results[next(iter(results))]['params']['params/policy_total']:,} parameters",
-        f"- every algorithm: {first['max_steps']} steps x {first['per_device_train_batch_size'] * first['gradient_accumulation_steps']}"
-        f" sampled completions ({first['per_device_train_batch_size'] * first['gradient_accumulation_steps'] // first['num_generations']}"
-        f" prompts x {first['num_generations']}) = {first['max_steps'] * first['per_device_train_batch_size'] * first['gradient_accumulation_steps']:,}"
-        f" completions, temperature {first['temperature']}, at most {first['max_completion_length']} tokens; "
-        f"AdamW lr {first['learning_rate']} ({first['lr_scheduler_type']}), seed {first['seed']}; held-out accuracy "
-        f"every {first['eval_steps']} steps",
-        f"- GRPO: GRPOConfig defaults (loss_type dapo, epsilon 0.2, beta 0: no reference, one update per batch)",
-        "- PPO: " + ", ".join(f"{k}={v}" for k, v in configs.get("ppo", {}).items() if k in ALGO_DEFAULTS["ppo"])
-        + "; value head = Linear(hidden, 1) on the policy's last hidden state",
-        "- DPO: online, each group's best vs worst completion (groups without a reward spread skipped); "
-        + ", ".join(f"{k}={v}" for k, v in configs.get("dpo", {}).items() if k in ALGO_DEFAULTS["dpo"]),
+        f"- task: `{first.get('task')}` (built-in), {first.get('task_num_eval')} held-out prompts graded by greedy "
+        "decoding; reward: the task's reward functions (exact answer 1.0, integer-only format 0.1)",
+        f"- model: {_model_description(first)}; full fine-tune of {any_result['params']['params/policy_total']:,} "
+        "parameters",
+        f"- every algorithm and seed: {first['max_steps']} steps x {per_step} sampled completions "
+        f"({per_step // first['num_generations']} prompts x {first['num_generations']}) = "
+        f"{first['max_steps'] * per_step:,} completions at temperature {first['temperature']}, at most "
+        f"{first['max_completion_length']} tokens; AdamW lr {first['learning_rate']} ({first['lr_scheduler_type']}); "
+        f"held-out accuracy every {first['eval_steps']} steps; seeds {', '.join(map(str, seeds))} (model "
+        "initialisation is the same starter; the seed sets data order and sampling)",
+        "- GRPO: GRPOConfig defaults (loss_type dapo, epsilon 0.2, group-scaled advantages, beta 0: no reference, "
+        "one update per batch)",
+        "- PPO: " + ", ".join(f"{k}={v}" for k, v in by_algo.get("ppo", {}).items() if k in ALGO_DEFAULTS["ppo"])
+        + " (TRL's defaults); critic = Linear(hidden, 1) value head on the policy's last hidden state",
+        "- DPO: online, each group's best vs worst completion (groups without a reward spread give no pair); "
+        + ", ".join(f"{k}={v}" for k, v in by_algo.get("dpo", {}).items() if k in ALGO_DEFAULTS["dpo"]),
         f"- machine: {machine['platform']}, {machine['cpus']} CPU cores, torch {machine['torch']} "
-        f"({results[next(iter(results))]['torch_threads']} threads), load average {machine['load_average_at_start']:.1f} at start "
-        "(shared machine: wall times carry that noise), "
-        + ("each algorithm in its own process, " if machine["isolated"] else
-           "all algorithms in one process (peak RSS is the largest so far, not each run's own), ")
-        + 
-        f"{machine['date']}" + (f", GPU {machine['cuda']}" if machine["cuda"] else ""),
+        f"({any_result['torch_threads']} thread(s) per run), load average {machine['load_average_at_start']:.1f} "
+        "at start (a machine shared with other jobs: wall times carry that noise), "
+        + ("each run in its own process" if machine["isolated"] else
+           "all runs in one process (peak RSS is then the largest so far, not each run's own)")
+        + f", {machine['date']}" + (f", GPU {machine['cuda']}" if machine["cuda"] else ""),
         "",
         "## Results",
         "",
-        "| | held-out accuracy: start -> end (best) | reward: first 5 -> last 5 steps | sampled completions "
-        "| completions with a gradient | optimizer steps | training time (CPU time) | total time | peak RSS | weights+grads+AdamW "
-        "| trained params (policy + extra) | reference params |",
+        f"Means over {len(seeds)} seed(s); per-seed final accuracies in brackets.",
+        "",
+        "| | held-out accuracy: start -> end [each seed] (best) | reward: first 5 -> last 5 steps "
+        "| sampled completions | completions with a gradient | optimizer steps | training time (CPU time) "
+        "| total time | peak RSS | weights+grads+AdamW | trained params (policy + extra) | reference params |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for algo, s in summary.items():
-        r = results[algo]
+    for algo, agg in summary.items():
+        r = results[(algo, seeds[0])]
         p = r["params"]
+        each = ", ".join(_pct(x) for x in agg["acc_after_each"])
         lines.append(
-            f"| {algo.upper()} | {_pct(s['acc_before'])} -> {_pct(s['acc_after'])} ({_pct(s['acc_best'])}) "
-            f"| {s['reward_first']:.3f} -> {s['reward_last']:.3f} | {s['samples_total']:,.0f} "
-            f"| {s['signal_completions']:,.0f} | {r['total_steps'] * r['optimizer_steps_per_step']} "
-            f"| {s['train_seconds_total']:.0f} s ({r['cpu_train_seconds']:.0f} s) | {r['wall_seconds']:.0f} s "
-            f"| {r['peak_rss_gb'] * 1024:.0f} MB "
-            f"| {r['state_mb']:.1f} MB | {p['params/policy_trainable']:,} + {p['params/extra_trainable']:,} "
-            f"| {p['params/reference']:,} |")
+            f"| {algo.upper()} | {_pct(agg['acc_before'])} -> {_pct(agg['acc_after'])} [{each}] "
+            f"({_pct(agg['acc_best'])}) | {agg['reward_first']:.3f} -> {agg['reward_last']:.3f} "
+            f"| {agg['samples_total']:,.0f} | {agg['signal_completions']:,.0f} "
+            f"| {r['total_steps'] * r['optimizer_steps_per_step']} "
+            f"| {agg['train_seconds_total']:.0f} s ({agg['cpu_train_seconds']:.0f} s) | {agg['wall_seconds']:.0f} s "
+            f"| {agg['peak_rss_gb'] * 1024:.0f} MB | {agg['state_mb']:.1f} MB "
+            f"| {p['params/policy_trainable']:,} + {p['params/extra_trainable']:,} | {p['params/reference']:,} |")
     lines += [
         "",
-        "Training time sums the steps' wall time (sampling, rewards, forward/backward, optimizer) and leaves out "
-        "evaluation; in brackets the process's CPU time over the same work, which other jobs on a shared machine "
-        "disturb far less than wall time; total time is the whole process (loading, evaluations, saving). "
-        "\"Completions with a gradient\": GRPO's "
-        "samples in groups whose rewards differ (an all-equal group has advantage 0), DPO's two per usable group, "
-        "all of PPO's (its value baseline makes every advantage non-zero).",
+        "\"best\" is the mean over seeds of each run's best evaluation. Training time sums the steps' wall time "
+        "(sampling, rewards, forward/backward, optimizer) and leaves out evaluation; in brackets the process's CPU "
+        "time over the same work, which other jobs on a shared machine disturb far less than wall time; total time "
+        "is the whole process (loading, evaluations, saving). \"Completions with a gradient\": GRPO's samples in "
+        "groups whose rewards differ (an all-equal group has advantage 0), DPO's two per usable group, all of "
+        "PPO's (its value baseline makes every advantage non-zero).",
         "",
         "![reward and held-out accuracy against samples and training time](curves.png)",
         "",
         "![cost: training time, memory, data use](cost.png)",
         "",
-        "<details><summary>Every setting of each run</summary>",
+        "<details><summary>Every setting of each run (seed " + str(seeds[0]) + "; the others differ only in seed "
+        "and output_dir)</summary>",
         "",
     ]
-    for algo, cfg in configs.items():
+    for algo, cfg in by_algo.items():
         lines += [f"**{algo.upper()}**", "", "```json", json.dumps(cfg, indent=1, default=str), "```", ""]
     lines += ["</details>", ""]
     path = os.path.join(report_dir, "README.md")

@@ -151,7 +151,7 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
 @pytest.mark.slow
 def test_compare_runs_the_three_and_writes_the_report(tmp_path):
     """`grpokit compare` end to end on a tiny saved model, in this process (isolate=false: fast to
-    start), then the default isolated path (one worker process per algorithm) for one algorithm."""
+    start) over two seeds, then the default isolated path (one worker process per run) once."""
     from grpokit.cli import main
     from grpokit.models import save_model
 
@@ -160,23 +160,27 @@ def test_compare_runs_the_three_and_writes_the_report(tmp_path):
     argv = [f"model_name_or_path={tmp_path / 'model'}", "max_steps=2", "eval_steps=2", "task_num_train=64",
             "task_num_eval=16", "per_device_train_batch_size=16", "gradient_accumulation_steps=1",
             f"output_dir={tmp_path / 'runs'}", f"report_dir={tmp_path / 'report'}"]
-    assert main(["compare", *argv, "ppo={num_ppo_epochs: 2}", "isolate=false"]) == 0
+    assert main(["compare", *argv, "ppo={num_ppo_epochs: 2}", "isolate=false", "seeds=[1,2]"]) == 0
     report = (tmp_path / "report" / "README.md").read_text()
     for algo in ("GRPO", "PPO", "DPO"):
         assert f"| {algo} |" in report
     assert "num_ppo_epochs=2" in report and "grpokit compare model_name_or_path=" in report
+    assert "seeds 1, 2" in report
     for png in ("curves.png", "cost.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
-    assert summary["results"]["ppo"]["params"]["params/extra_trainable"] == 33
-    assert summary["results"]["ppo"]["optimizer_steps_per_step"] == 2
-    assert summary["results"]["grpo"]["params"]["params/reference"] == 0
+    assert sorted(summary["results"]) == [f"{a}/seed{s}" for a in ("dpo", "grpo", "ppo") for s in (1, 2)]
+    assert summary["results"]["ppo/seed1"]["params"]["params/extra_trainable"] == 33
+    assert summary["results"]["ppo/seed2"]["optimizer_steps_per_step"] == 2
+    assert summary["results"]["grpo/seed1"]["params"]["params/reference"] == 0
     assert all(summary["summary"][a]["samples_total"] == 2 * 16 for a in ("grpo", "ppo", "dpo"))
-    # the default: each algorithm in its own process (peak memory is its own)
-    assert main(["compare", *argv, "algos=[dpo]", "max_steps=1", "eval_on_start=false", "eval_strategy='no'",
-                 f"report_dir={tmp_path / 'report1'}"]) == 0
+    assert len(summary["summary"]["dpo"]["acc_after_each"]) == 2
+    assert (tmp_path / "runs" / "ppo" / "seed2" / "metrics.jsonl").exists()
+    # the default: each run in its own process (peak memory is its own)
+    assert main(["compare", *argv, "algos=[dpo]", "seed=3", "max_steps=1", "eval_on_start=false",
+                 "eval_strategy='no'", f"report_dir={tmp_path / 'report1'}"]) == 0
     summary = json.loads((tmp_path / "report1" / "summary.json").read_text())
-    assert list(summary["results"]) == ["dpo"] and summary["machine"]["isolated"]
+    assert list(summary["results"]) == ["dpo/seed3"] and summary["machine"]["isolated"]
 
 
 def test_compare_checks_every_config_before_running(tmp_path):
@@ -186,9 +190,13 @@ def test_compare_checks_every_config_before_running(tmp_path):
         plan({"ppo": {"epsilon": 0.3}, "output_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="algos"):
         plan({"algos": ["grpo", "a2c"]})
-    options, configs = plan({"algos": ["grpo", "dpo"], "learning_rate": 1e-3, "dpo": {"beta": 0.5}})
-    assert list(configs) == ["grpo", "dpo"] and configs["dpo"]["beta"] == 0.5
-    assert configs["grpo"]["learning_rate"] == configs["dpo"]["learning_rate"] == 1e-3
+    with pytest.raises(ValueError, match="seeds"):
+        plan({"seeds": [1, 1]})
+    options, configs = plan({"algos": ["grpo", "dpo"], "learning_rate": 1e-3, "dpo": {"beta": 0.5},
+                             "seeds": [5, 6]})
+    assert list(configs) == [("grpo", 5), ("dpo", 5), ("grpo", 6), ("dpo", 6)]   # seed by seed
+    assert configs[("dpo", 6)]["beta"] == 0.5 and configs[("dpo", 6)]["seed"] == 6
+    assert configs[("grpo", 5)]["learning_rate"] == configs[("dpo", 5)]["learning_rate"] == 1e-3
     assert not os.path.exists(options["output_dir"])
 
 
