@@ -29,12 +29,31 @@ model qualifies, and ``batch.completion_logprobs`` falls back to the padded layo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
 
 MAX_SEGMENT_TOKENS = 4096
 """Default cap on one segment (prompt + its completions); a bigger group is split in several."""
+
+
+@dataclass
+class AttentionPlan:
+    """How `prefix_attention` computes the packed rows' attention without the dense T x T waste:
+    the S prompts as one causal batch [S, Pmax], the N completions as one batch [N, Cmax] whose
+    keys are their prompt's and their own [N, Pmax + Cmax] (mask [N, 1, Cmax, Pmax + Cmax])."""
+
+    prompt_index: torch.Tensor    # [S, Pmax] flat token index (padding repeats the last real one)
+    prompt_valid: torch.Tensor    # [S, Pmax] bool
+    comp_q_index: torch.Tensor    # [N, Cmax]
+    comp_q_valid: torch.Tensor    # [N, Cmax] bool
+    comp_k_index: torch.Tensor    # [N, Pmax + Cmax]
+    comp_mask: torch.Tensor       # [N, 1, Cmax, Pmax + Cmax] bool, True = attend
+
+    def to(self, device) -> "AttentionPlan":
+        return AttentionPlan(**{k: v.to(device) for k, v in self.__dict__.items()})
 
 
 @dataclass
@@ -51,13 +70,15 @@ class PackedLayout:
     out_rows: torch.Tensor        # [K] long: row in [B, C]
     out_cols: torch.Tensor        # [K] long: column in [B, C]
     num_prompt_tokens: int = 0    # prompt tokens computed (each shared prompt once per segment)
+    plan: AttentionPlan | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.input_ids.shape)
 
     def to(self, device) -> "PackedLayout":
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        moved = {k: (v.to(device) if isinstance(v, (torch.Tensor, AttentionPlan)) else v)
+                 for k, v in self.__dict__.items()}
         return PackedLayout(**moved)
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
@@ -136,6 +157,8 @@ def build_packed_layout(prompt_ids: list[list[int]], completion_ids: list[list[i
     seg_ids = [[-1] * width for _ in range(n_rows)]
     part_ids = [[-1] * width for _ in range(n_rows)]
     predict, targets, out_rows, out_cols = [], [], [], []
+    seg_spans: list[tuple[int, int]] = []         # (flat start, prompt length) per segment
+    comp_spans: list[tuple[int, int, int]] = []   # (segment, flat start, length) per completion
     n_prompt = 0
     for r, row in enumerate(rows):
         t = 0
@@ -149,6 +172,7 @@ def build_packed_layout(prompt_ids: list[list[int]], completion_ids: list[list[i
             seg_ids[r][t:t + p] = [local] * p
             part_ids[r][t:t + p] = [0] * p
             last_prompt = r * width + t + p - 1
+            seg_spans.append((r * width + t, p))
             t += p
             for j, b in enumerate(range(s, e), start=1):
                 comp = completion_ids[b]
@@ -160,6 +184,7 @@ def build_packed_layout(prompt_ids: list[list[int]], completion_ids: list[list[i
                 seg_ids[r][t:t + c] = [local] * c
                 part_ids[r][t:t + c] = [j] * c
                 base = r * width + t
+                comp_spans.append((len(seg_spans) - 1, base, c))
                 predict += [last_prompt] + list(range(base, base + c - 1))
                 targets += comp
                 out_rows += [b] * c
@@ -171,7 +196,38 @@ def build_packed_layout(prompt_ids: list[list[int]], completion_ids: list[list[i
         segment_ids=torch.tensor(seg_ids, **long), part_ids=torch.tensor(part_ids, **long),
         predict_index=torch.tensor(predict, **long), targets=torch.tensor(targets, **long),
         out_rows=torch.tensor(out_rows, **long), out_cols=torch.tensor(out_cols, **long),
-        num_prompt_tokens=n_prompt,
+        num_prompt_tokens=n_prompt, plan=_attention_plan(seg_spans, comp_spans),
+    )
+
+
+def _attention_plan(seg_spans: list[tuple[int, int]], comp_spans: list[tuple[int, int, int]]) -> "AttentionPlan":
+    """Gather indices (into the R*T flattened tokens) for `prefix_attention`: prompts right-padded
+    to Pmax, completions right-padded to Cmax, each completion's keys = its prompt | itself."""
+    p_max = max(p for _, p in seg_spans)
+    c_max = max([c for _, _, c in comp_spans], default=1)
+    prompt_index = [[a + min(i, p - 1) for i in range(p_max)] for a, p in seg_spans]
+    prompt_valid = [[i < p for i in range(p_max)] for _, p in seg_spans]
+    q_index, k_index, q_valid, k_len, p_len = [], [], [], [], []
+    for k, a, c in comp_spans:
+        q_index.append([a + min(i, c - 1) for i in range(c_max)])
+        q_valid.append([i < c for i in range(c_max)])
+        k_index.append(prompt_index[k] + q_index[-1])
+        k_len.append(c)
+        p_len.append(seg_spans[k][1])
+    # key j of completion n is visible from its query i when j is a real prompt token, or
+    # j = p_max + m is its own token m <= i (padded queries i >= c see the same as i = c - 1)
+    i = torch.arange(c_max)[:, None]
+    j = torch.arange(p_max + c_max)[None, :]
+    p_len_t = torch.tensor(p_len, dtype=torch.long)[:, None, None]
+    own = j - p_max
+    mask = (j < p_len_t) | ((own >= 0) & (own <= i))
+    long = dict(dtype=torch.long)
+    return AttentionPlan(
+        prompt_index=torch.tensor(prompt_index, **long), prompt_valid=torch.tensor(prompt_valid, dtype=torch.bool),
+        comp_q_index=torch.tensor(q_index, **long).reshape(-1, c_max),
+        comp_q_valid=torch.tensor(q_valid, dtype=torch.bool).reshape(-1, c_max),
+        comp_k_index=torch.tensor(k_index, **long).reshape(-1, p_max + c_max),
+        comp_mask=mask[:, None] if comp_spans else torch.zeros(0, 1, c_max, p_max + c_max, dtype=torch.bool),
     )
 
 
@@ -196,11 +252,103 @@ def supports_packed(model) -> bool:
 
 
 def packed_hidden(decoder, layout: PackedLayout, dtype: torch.dtype) -> torch.Tensor:
-    """[K, H] final hidden states that predict the K completion tokens of ``layout``."""
-    out = decoder(input_ids=layout.input_ids, attention_mask=layout.attention_mask(dtype),
-                  position_ids=layout.position_ids, use_cache=False)
+    """[K, H] final hidden states that predict the K completion tokens of ``layout``: through
+    `prefix_attention` when it applies (see `uses_prefix_attention`), else the dense 4-D mask."""
+    if uses_prefix_attention(decoder, layout):
+        with _prefix_attention_on(decoder.config, layout.plan):
+            out = decoder(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False)
+    else:
+        out = decoder(input_ids=layout.input_ids, attention_mask=layout.attention_mask(dtype),
+                      position_ids=layout.position_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.predict_index)
+
+
+# --------------------------------------------------------------------------------------------
+# attention without the dense T x T waste
+# --------------------------------------------------------------------------------------------
+
+ATTENTION_NAME = "grpokit_prefix"
+DENSE_ROW_TOKENS = 256
+"""Rows up to this many tokens take the dense masked attention (for short rows the gathers of
+`prefix_attention` cost more than the masked-out blocks they save)."""
+PREFIX_ATTENTION_MODELS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+"""Model types whose attention modules call transformers' attention interface with plain
+[B, H, T, D] queries/keys/values and nothing else (no sinks, softcap or sliding window)."""
+_ACTIVE_PLAN: contextvars.ContextVar = contextvars.ContextVar("grpokit_prefix_plan", default=None)
+_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2] if x.isdigit()) >= (2, 5)
+
+
+def prefix_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The packed rows' attention as two batched sdpa calls (transformers attention interface:
+    query [R, H, T, D], key/value [R, Hkv, T, D] -> ([R, T, H, D], None)): the prompts causal,
+    then each completion over its prompt's keys and its own. Equal to the dense masked
+    attention on every real token (padding tokens get 0)."""
+    plan = _ACTIVE_PLAN.get()
+    if plan is None:
+        raise RuntimeError("prefix_attention only runs inside grpokit's packed forward")
+    r, h, t, d = query.shape
+    hkv = key.shape[1]
+    q = query.transpose(1, 2).reshape(r * t, h, d)
+    k = key.transpose(1, 2).reshape(r * t, hkv, d)
+    v = value.transpose(1, 2).reshape(r * t, hkv, d)
+    if hkv != h and not _HAS_GQA:
+        k, v = k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1)
+    extra = {"enable_gqa": True} if k.shape[1] != h else {}
+    drop = dropout if module.training else 0.0
+
+    def gathered(x, index):  # [n, L] -> [n, heads, L, d]
+        return x[index].transpose(1, 2)
+
+    def sdpa(index_q, index_k, **kw):
+        return torch.nn.functional.scaled_dot_product_attention(
+            gathered(q, index_q), gathered(k, index_k), gathered(v, index_k), dropout_p=drop, scale=scaling,
+            **extra, **kw).transpose(1, 2)
+
+    out = query.new_zeros(r * t, h, d)
+    prompts = sdpa(plan.prompt_index, plan.prompt_index, is_causal=True)
+    out = out.index_put((plan.prompt_index[plan.prompt_valid],), prompts[plan.prompt_valid])
+    if plan.comp_q_index.numel():
+        comps = sdpa(plan.comp_q_index, plan.comp_k_index, attn_mask=plan.comp_mask)
+        out = out.index_put((plan.comp_q_index[plan.comp_q_valid],), comps[plan.comp_q_valid])
+    return out.view(r, t, h, d), None
+
+
+def uses_prefix_attention(decoder, layout: PackedLayout) -> bool:
+    """`prefix_attention` for rows longer than DENSE_ROW_TOKENS of the model types it knows,
+    except when the layers will be recomputed in backward (activation checkpointing: the
+    recomputation runs outside this module's switch, so the forward keeps the plain sdpa path)."""
+    cfg = getattr(decoder, "config", None)
+    if (layout.plan is None or layout.input_ids.shape[1] <= DENSE_ROW_TOKENS or cfg is None
+            or getattr(cfg, "model_type", None) not in PREFIX_ATTENTION_MODELS or not _REGISTERED):
+        return False
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False):
+        return False
+    if torch.is_grad_enabled() and decoder.training and any(
+            getattr(m, "gradient_checkpointing", False) for m in decoder.modules()):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _prefix_attention_on(config, plan: AttentionPlan):
+    old = config._attn_implementation
+    token = _ACTIVE_PLAN.set(plan)
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+        _ACTIVE_PLAN.reset(token)
+
+
+try:  # transformers >= 4.48: attention functions are looked up by name at every call
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, prefix_attention)
+    _REGISTERED = True
+except ImportError:  # pragma: no cover
+    _REGISTERED = False
 
 
 def scatter_to_grid(values: torch.Tensor, layout: PackedLayout, shape: tuple[int, int]) -> torch.Tensor:

@@ -5,9 +5,30 @@ prompts of different lengths, whole and cut groups, LoRA, gradient checkpointing
 import pytest
 import torch
 
+from grpokit import prefix
 from grpokit.batch import Rollout, completion_logprobs, make_micro_batches, uses_packed_forward
 from grpokit.prefix import build_packed_layout, find_segments
 from tests.helpers import make_char_tokenizer, make_tiny_model
+
+
+@pytest.fixture(params=["dense", "prefix"])
+def attention(request, monkeypatch):
+    """Run a test with the dense 4-D mask attention, and with `prefix_attention` on every row
+    (DENSE_ROW_TOKENS = 0), counting that the latter did run."""
+    calls = []
+    if request.param == "prefix":
+        from transformers import AttentionInterface
+
+        def counted(*args, **kw):
+            calls.append(1)
+            return prefix.prefix_attention(*args, **kw)
+
+        monkeypatch.setattr(prefix, "DENSE_ROW_TOKENS", 0)
+        AttentionInterface.register(prefix.ATTENTION_NAME, counted)
+        yield request.param, calls
+        AttentionInterface.register(prefix.ATTENTION_NAME, prefix.prefix_attention)
+    else:
+        yield request.param, calls
 
 
 def random_rollout(g=4, n_prompts=3, seed=0, vocab=100, max_prompt=12, max_completion=9, empty_row=None):
@@ -91,7 +112,7 @@ def test_small_segments_share_a_row_and_budget_splits_big_groups():
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
 @pytest.mark.parametrize("size", [12, 8, 3, "short"])
-def test_packed_equals_plain_fp32(arch, size):
+def test_packed_equals_plain_fp32(arch, size, attention):
     """size 12 = every group in one micro-batch, 8 = two whole groups, 3 = groups cut in pieces,
     "short" = short groups (packed below with rows of 32 tokens, so that they share rows)."""
     model = make_tiny_model(make_char_tokenizer(), arch=arch, num_layers=2)
@@ -110,9 +131,10 @@ def test_packed_equals_plain_fp32(arch, size):
             mb.layout = lambda *a, saved=mb._layout: saved  # the forward now uses the shared rows
             assert mb._layout.segment_ids.max() > 0  # several segments in one row
             assert_same(forward_and_grads(model, mb, packed=True), forward_and_grads(model, mb, packed=False))
+    assert bool(attention[1]) == (attention[0] == "prefix")
 
 
-def test_packed_equals_plain_fp64_exactly():
+def test_packed_equals_plain_fp64_exactly(attention):
     """In float64 GPT-2 (no float32 islands such as Llama's RMSNorm) the two layouts agree to
     rounding: the packed one computes exactly the same function."""
     model = make_tiny_model(make_char_tokenizer(), arch="gpt2", num_layers=3).double()
@@ -120,6 +142,7 @@ def test_packed_equals_plain_fp64_exactly():
     for mb in make_micro_batches(rollout, 10, pad_id=0, device="cpu", mask_truncated=False):
         assert_same(forward_and_grads(model, mb, packed=True), forward_and_grads(model, mb, packed=False),
                     rtol=1e-10, atol=1e-12)
+    assert bool(attention[1]) == (attention[0] == "prefix")
 
 
 def test_a_wrong_mask_is_detected():
@@ -135,7 +158,7 @@ def test_a_wrong_mask_is_detected():
     assert not torch.allclose(good[0], leaky[0], atol=1e-4)
 
 
-def test_segment_budget_and_empty_and_masked_completions():
+def test_segment_budget_and_empty_and_masked_completions(attention):
     model = make_tiny_model(make_char_tokenizer(), arch="llama")
     rollout = random_rollout(g=6, n_prompts=2, seed=7, empty_row=3)
     rollout.truncated[[1, 8]] = True
@@ -148,7 +171,7 @@ def test_segment_budget_and_empty_and_masked_completions():
         assert mb.layout(16).shape[0] > 2
 
 
-def test_lora_policy_and_reference_with_the_adapter_off():
+def test_lora_policy_and_reference_with_the_adapter_off(attention):
     from grpokit.models import apply_lora, reference_logits_context
 
     tok = make_char_tokenizer()
@@ -170,9 +193,10 @@ def test_lora_policy_and_reference_with_the_adapter_off():
         base_logps = completion_logprobs(base, mb, temperature=0.7, packed=False)[0] * mb.completion_mask
     torch.testing.assert_close(ref_logps, base_logps)
     assert not torch.allclose(ref_logps, packed[0], atol=1e-3)  # the adapter does change the policy
+    assert bool(attention[1]) == (attention[0] == "prefix")
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(attention):
     model = make_tiny_model(make_char_tokenizer(), arch="qwen2", num_layers=3)
     mb = make_micro_batches(random_rollout(g=4, n_prompts=2, seed=11), 8, pad_id=0, device="cpu",
                             mask_truncated=False)[0]
@@ -191,8 +215,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
     saved_plain, expected = saved_elements_and_result()
     model.gradient_checkpointing_enable()
+    calls = len(attention[1])
     saved_ckpt, got = saved_elements_and_result()
     assert_same(got, expected)
+    assert len(attention[1]) == calls  # under checkpointing the forward keeps the dense mask
     assert saved_ckpt < saved_plain / 3  # the layers' activations were not kept: checkpointing did happen
 
 
