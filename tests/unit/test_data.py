@@ -103,6 +103,8 @@ def test_dataset_objects_and_saved_dirs(tmp_path: Path):
     ds.to_json(str(tmp_path / "files" / "train.jsonl"))
     ds.select([1]).to_json(str(tmp_path / "files" / "test.jsonl"))
     assert load_dataset_spec(str(tmp_path / "files"), split="test")["prompt"] == ["2+3="]
+    with pytest.raises(ValueError, match="no split 'validation'"):  # the same path a hub name takes
+        load_dataset_spec(str(tmp_path / "files"), split="validation")
 
 
 def test_load_errors(tmp_path: Path):
