@@ -22,14 +22,14 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "gradient_accumulation_steps": 2,
     "num_generations": 8,
     "max_completion_length": 8,
-    "max_steps": 60,
+    "max_steps": 300,
     "temperature": 1.0,
     "lr_scheduler_type": "constant",
     "logging_steps": 10,
     "eval_strategy": "steps",
-    "eval_steps": 20,
+    "eval_steps": 50,
     "eval_on_start": True,
-    "save_steps": 30,
+    "save_steps": 100,
     "use_cpu": True,
 }
 

@@ -282,11 +282,12 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 
 def _per_function(series: Mapping, key: str) -> dict[str, dict[int, float]]:
-    """Per-function parts of ``key``: ``rewards/<name>/mean`` (TRL) or ``rewards/<name>``."""
+    """Per-function parts of ``key``: ``rewards/<name>/mean`` (TRL's names). Run-level counters
+    such as ``rewards/errors`` and the weighted ``rewards/total/mean`` are not functions."""
     prefix, parts = key + "s/", {}
     for name, values in series.items():
         rest = name[len(prefix):] if name.startswith(prefix) else None
-        if rest and (rest.endswith("/mean") or "/" not in rest):
+        if rest and rest.endswith("/mean") and rest.count("/") == 1 and rest != "total/mean":
             parts[rest.removesuffix("/mean")] = values
     return parts
 
