@@ -98,7 +98,7 @@ def plan(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple[str, int], dic
             config_cls, _ = algo_classes(algo)
             config_cls(**cfg)  # errors now, naming the field, before the first run starts
             configs[(algo, seed)] = cfg
-    options["algos"], options["seeds"] = algos, seeds
+    options["algos"], options["seeds"], options["overrides"] = algos, seeds, per_algo
     return options, configs
 
 
@@ -172,13 +172,15 @@ def _worker(algo: str, spec_path: str) -> int:
     cpu_train = time.process_time() - cpu0 - eval_cpu[0]
     wall = time.perf_counter() - t0
     cfg = trainer.args
-    updates = {"grpo": getattr(cfg, "num_iterations", 1), "dpo": 1,
-               "ppo": getattr(cfg, "num_ppo_epochs", 1) * getattr(cfg, "num_mini_batches", 1)}[algo]
+    # GRPO's steps are optimizer steps (num_iterations of them per generated batch); a PPO or DPO
+    # step is one batch, with num_ppo_epochs x num_mini_batches (PPO) or 1 (DPO) optimizer steps
+    updates = {"grpo": 1, "dpo": 1, "ppo": getattr(cfg, "num_ppo_epochs", 1) * getattr(cfg, "num_mini_batches", 1)}[algo]
     result = {
         "algo": algo, "params": params, "state_mb": _state_mb(run, extra),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss_after_setup_gb": rss_ready,
         "peak_cuda_gb": torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else None,
         "wall_seconds": wall, "setup_seconds": built, "optimizer_steps_per_step": updates,
+        "optimizer_steps": run.total_steps * updates,
         "cpu_train_seconds": cpu_train, "cpu_eval_seconds": eval_cpu[0],
         "total_steps": run.total_steps, "torch_threads": torch.get_num_threads(),
         "completions_per_step": run.prompts_per_step * cfg.num_generations,
@@ -411,18 +413,21 @@ def write_report(configs: dict, results: dict, options: dict, machine: dict, arg
         "decoding; reward: the task's reward functions (exact answer 1.0, integer-only format 0.1)",
         f"- model: {_model_description(first)}; full fine-tune of {any_result['params']['params/policy_total']:,} "
         "parameters",
-        f"- every algorithm and seed: {first['max_steps']} steps x {per_step} sampled completions "
-        f"({per_step // first['num_generations']} prompts x {first['num_generations']}) = "
-        f"{first['max_steps'] * per_step:,} completions at temperature {first['temperature']}, at most "
+        f"- every algorithm and seed: batches of {per_step} sampled completions "
+        f"({per_step // first['num_generations']} prompts x {first['num_generations']}), "
+        + ", ".join(f"{a.upper()} {agg['samples_total']:,.0f}" for a, agg in summary.items())
+        + f" completions in all, at temperature {first['temperature']}, at most "
         f"{first['max_completion_length']} tokens; AdamW lr {first['learning_rate']} ({first['lr_scheduler_type']}); "
         f"held-out accuracy every {first['eval_steps']} steps; seeds {', '.join(map(str, seeds))} (model "
         "initialisation is the same starter; the seed sets data order and sampling)",
         "- GRPO: GRPOConfig defaults (loss_type dapo, epsilon 0.2, group-scaled advantages, beta 0: no reference, "
-        "one update per batch)",
-        "- PPO: " + ", ".join(f"{k}={v}" for k, v in by_algo.get("ppo", {}).items() if k in ALGO_DEFAULTS["ppo"])
+        "one update per batch)" + "".join(f", {k}={v}" for k, v in options["overrides"].get("grpo", {}).items()),
+        "- PPO: " + ", ".join(f"{k}={v}" for k, v in by_algo.get("ppo", {}).items()
+                              if k in ALGO_DEFAULTS["ppo"] or k in options["overrides"].get("ppo", {}))
         + " (TRL's defaults); critic = Linear(hidden, 1) value head on the policy's last hidden state",
         "- DPO: online, each group's best vs worst completion (groups without a reward spread give no pair); "
-        + ", ".join(f"{k}={v}" for k, v in by_algo.get("dpo", {}).items() if k in ALGO_DEFAULTS["dpo"]),
+        + ", ".join(f"{k}={v}" for k, v in by_algo.get("dpo", {}).items()
+                    if k in ALGO_DEFAULTS["dpo"] or k in options["overrides"].get("dpo", {})),
         f"- machine: {machine['platform']}, {machine['cpus']} CPU cores, torch {machine['torch']} "
         f"({any_result['torch_threads']} thread(s) per run), load average {machine['load_average_at_start']:.1f} "
         "at start (a machine shared with other jobs: wall times carry that noise), "
@@ -447,7 +452,7 @@ def write_report(configs: dict, results: dict, options: dict, machine: dict, arg
             f"| {algo.upper()} | {_pct(agg['acc_before'])} -> {_pct(agg['acc_after'])} [{each}] "
             f"({_pct(agg['acc_best'])}) | {agg['reward_first']:.3f} -> {agg['reward_last']:.3f} "
             f"| {agg['samples_total']:,.0f} | {agg['signal_completions']:,.0f} "
-            f"| {r['total_steps'] * r['optimizer_steps_per_step']} "
+            f"| {r['optimizer_steps']} "
             f"| {agg['train_seconds_total']:.0f} s ({agg['cpu_train_seconds']:.0f} s) | {agg['wall_seconds']:.0f} s "
             f"| {agg['peak_rss_gb'] * 1024:.0f} MB | {agg['state_mb']:.1f} MB "
             f"| {p['params/policy_trainable']:,} + {p['params/extra_trainable']:,} | {p['params/reference']:,} |")
