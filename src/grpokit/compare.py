@@ -22,7 +22,8 @@ Options besides the config fields: `algos` (default [grpo, ppo, dpo]), `seeds` (
 `report_dir`, `torch_num_threads` (default 1: on a small CPU shared with other jobs, two threads
 per process made these small models up to 20x slower), `isolate` (default true; false runs the
 algorithms in this process, faster to start but peak memory is then the largest so far, not each
-run's own: the report says so).
+run's own: the report says so), `report_only` (default false; true redraws the report from the
+runs already in output_dir, e.g. after changing the plots).
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 OPTIONS = {"algos": list(ALGOS), "seeds": [42], "output_dir": "runs/compare",
-           "report_dir": "reports/compare", "torch_num_threads": 1, "isolate": True}
+           "report_dir": "reports/compare", "torch_num_threads": 1, "isolate": True, "report_only": False}
 COLORS = {"grpo": "C0", "ppo": "C1", "dpo": "C2"}
+TARGET_ACCURACY = 0.9
+"""The report counts the samples and training time each run needed to first reach this held-out accuracy."""
 
 
 def plan(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple[str, int], dict[str, Any]]]:
@@ -110,6 +113,10 @@ def run_compare(argv: list[str]) -> int:
     results = {}
     for (algo, seed), cfg in configs.items():
         out = cfg["output_dir"]
+        if options["report_only"]:  # the runs are there already: redraw the report from them
+            with open(os.path.join(out, "compare_result.json")) as f:
+                results[(algo, seed)] = json.load(f)
+            continue
         if os.path.isdir(out):
             ours = any(os.path.exists(os.path.join(out, f)) for f in ("metrics.jsonl", "compare_config.json"))
             if not ours and os.listdir(out):
@@ -129,8 +136,13 @@ def run_compare(argv: list[str]) -> int:
             return code
         with open(os.path.join(out, "compare_result.json")) as f:
             results[(algo, seed)] = json.load(f)
-    machine["total_minutes"] = (time.time() - started) / 60
-    machine["isolated"] = bool(options["isolate"])
+    if options["report_only"]:
+        with open(os.path.join(options["report_dir"], "summary.json")) as f:
+            machine = json.load(f)["machine"]   # the machine and time of the runs, not of this redraw
+        argv = [a for a in argv if not a.startswith(("report_only", "--report_only"))]
+    else:
+        machine["total_minutes"] = (time.time() - started) / 60
+        machine["isolated"] = bool(options["isolate"])
     report = write_report(configs, results, options, machine, argv)
     print(f"\ncompare: report written to {report}")
     return 0
@@ -239,7 +251,10 @@ def summarize_run(algo: str, cfg: dict, result: dict) -> dict[str, Any]:
     else:
         signal = float(per_step * len(steps))
     acc_steps = sorted(acc)
+    reached = next((k for k in acc_steps if acc[k] >= TARGET_ACCURACY), None)
     return {
+        "samples_to_target": samples.get(reached) if reached is not None else None,
+        "seconds_to_target": elapsed.get(reached) if reached is not None else None,
         "steps": steps, "reward": [s["reward"][k] for k in steps], "samples": [samples[k] for k in steps],
         "train_seconds": [elapsed[k] for k in steps], "acc_steps": acc_steps, "acc": [acc[k] for k in acc_steps],
         "acc_samples": [samples.get(k, math.nan) for k in acc_steps],
@@ -270,6 +285,9 @@ def aggregate(runs: list[dict[str, Any]], results: list[dict]) -> dict[str, Any]
     for key in ("acc_before", "acc_after", "acc_best", "samples_total", "signal_completions",
                 "train_seconds_total", "reward_first", "reward_last"):
         agg[key] = _mean([r[key] for r in runs])
+    for key in ("samples_to_target", "seconds_to_target"):  # None when a run never got there
+        values = [r[key] for r in runs]
+        agg[key] = _mean(values) if all(v is not None for v in values) else None
     agg["acc_after_each"] = [r["acc_after"] for r in runs]
     agg["acc_before_each"] = [r["acc_before"] for r in runs]
     for key in ("cpu_train_seconds", "wall_seconds", "state_mb"):
@@ -293,18 +311,17 @@ def plot_curves(summary: dict, path: str) -> str:
 
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     axes = fig.subplots(2, 2)
+    many = any(len(agg["runs"]) > 1 for agg in summary.values())
     for algo, agg in summary.items():
         c = COLORS.get(algo)
-        seeds = len(agg["runs"])
+        label = algo.upper() + (f" (mean of {len(agg['runs'])} seeds)" if len(agg["runs"]) > 1 else "")
         for col, (x_key, xa_key, label) in enumerate((("samples", "acc_samples", "sampled completions"),
                                                       ("train_seconds", "acc_seconds", "training wall time (s)"))):
-            for run in agg["runs"]:
+            for run in agg["runs"] if len(agg["runs"]) > 1 else []:
                 axes[0, col].plot(run[x_key], _moving(run["reward"]), color=c, alpha=0.25, linewidth=1)
                 axes[1, col].plot(run[xa_key], run["acc"], color=c, alpha=0.25, linewidth=1)
-            axes[0, col].plot(agg[x_key], _moving(agg["reward"]), color=c, linewidth=2.2,
-                              label=f"{algo.upper()} (mean of {seeds} seeds)")
-            axes[1, col].plot(agg[xa_key], agg["acc"], "o-", color=c, linewidth=2.2,
-                              label=f"{algo.upper()} (mean of {seeds} seeds)")
+            axes[0, col].plot(agg[x_key], _moving(agg["reward"]), color=c, linewidth=2.2, label=label)
+            axes[1, col].plot(agg[xa_key], agg["acc"], "o-", color=c, linewidth=2.2, label=label)
             axes[0, col].set_xlabel(label)
             axes[1, col].set_xlabel(label)
     for ax in axes[0]:
@@ -314,7 +331,7 @@ def plot_curves(summary: dict, path: str) -> str:
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    axes[0, 0].set_title("training reward against samples (faint: each seed)")
+    axes[0, 0].set_title("training reward against samples" + (" (faint: each seed)" if many else ""))
     axes[0, 1].set_title("training reward against training time (evaluation left out)")
     axes[1, 0].set_title("held-out greedy accuracy against samples")
     axes[1, 1].set_title("held-out greedy accuracy against training time")
@@ -419,8 +436,9 @@ def write_report(configs: dict, results: dict, options: dict, machine: dict, arg
         + ", ".join(f"{a.upper()} {agg['samples_total']:,.0f}" for a, agg in summary.items())
         + f" completions in all, at temperature {first['temperature']}, at most "
         f"{first['max_completion_length']} tokens; AdamW lr {first['learning_rate']} ({first['lr_scheduler_type']}); "
-        f"held-out accuracy every {first['eval_steps']} steps; seeds {', '.join(map(str, seeds))} (model "
-        "initialisation is the same starter; the seed sets data order and sampling)",
+        f"held-out accuracy every {first['eval_steps']} steps; "
+        + (f"seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}")
+        + " (the seed sets data order, sampling and the held-out split; every run starts from the same model)",
         "- GRPO: GRPOConfig defaults (loss_type dapo, epsilon 0.2, group-scaled advantages, beta 0: no reference, "
         "one update per batch)" + "".join(f", {k}={v}" for k, v in options["overrides"].get("grpo", {}).items()),
         "- PPO: " + ", ".join(f"{k}={v}" for k, v in by_algo.get("ppo", {}).items()
@@ -438,20 +456,25 @@ def write_report(configs: dict, results: dict, options: dict, machine: dict, arg
         "",
         "## Results",
         "",
-        f"Means over {len(seeds)} seed(s); per-seed final accuracies in brackets.",
+        (f"Means over {len(seeds)} seeds; each seed's final accuracy in square brackets." if len(seeds) > 1 else
+         f"One run per algorithm (seed {seeds[0]}); `grpokit compare seeds=[42,43,44]` gives the spread over "
+         "seeds (docs/compare.md shows it)."),
         "",
-        "| | held-out accuracy: start -> end [each seed] (best) | reward: first 5 -> last 5 steps "
+        "| | held-out accuracy: start -> end" + (" [each seed]" if len(seeds) > 1 else "") + " (best) "
+        f"| to {TARGET_ACCURACY:.0%} held-out: samples (training time) | reward: first 5 -> last 5 steps "
         "| sampled completions | completions with a gradient | optimizer steps | training time (CPU time) "
         "| total time | peak RSS | weights+grads+AdamW | trained params (policy + extra) | reference params |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for algo, agg in summary.items():
         r = results[(algo, seeds[0])]
         p = r["params"]
-        each = ", ".join(_pct(x) for x in agg["acc_after_each"])
+        each = f" [{', '.join(_pct(x) for x in agg['acc_after_each'])}]" if len(seeds) > 1 else ""
+        target = (f"{agg['samples_to_target']:,.0f} ({agg['seconds_to_target']:.0f} s)"
+                  if agg["samples_to_target"] is not None else "not reached" + (" by every seed" if len(seeds) > 1 else ""))
         lines.append(
-            f"| {algo.upper()} | {_pct(agg['acc_before'])} -> {_pct(agg['acc_after'])} [{each}] "
-            f"({_pct(agg['acc_best'])}) | {agg['reward_first']:.3f} -> {agg['reward_last']:.3f} "
+            f"| {algo.upper()} | {_pct(agg['acc_before'])} -> {_pct(agg['acc_after'])}{each} "
+            f"({_pct(agg['acc_best'])}) | {target} | {agg['reward_first']:.3f} -> {agg['reward_last']:.3f} "
             f"| {agg['samples_total']:,.0f} | {agg['signal_completions']:,.0f} "
             f"| {r['optimizer_steps']} "
             f"| {agg['train_seconds_total']:.0f} s ({agg['cpu_train_seconds']:.0f} s) | {agg['wall_seconds']:.0f} s "
@@ -459,7 +482,7 @@ def write_report(configs: dict, results: dict, options: dict, machine: dict, arg
             f"| {p['params/policy_trainable']:,} + {p['params/extra_trainable']:,} | {p['params/reference']:,} |")
     lines += [
         "",
-        "\"best\" is the mean over seeds of each run's best evaluation. Training time sums the steps' wall time "
+        "\"best\": the best evaluation of the run (mean over seeds). Training time sums the steps' wall time "
         "(sampling, rewards, forward/backward, optimizer) and leaves out evaluation; in brackets the process's CPU "
         "time over the same work, which other jobs on a shared machine disturb far less than wall time; total time "
         "is the whole process (loading, evaluations, saving). \"Completions with a gradient\": GRPO's samples in "
