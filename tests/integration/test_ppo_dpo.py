@@ -193,7 +193,7 @@ def test_compare_checks_every_config_before_running(tmp_path):
     with pytest.raises(ValueError, match="seeds"):
         plan({"seeds": [1, 1]})
     options, configs = plan({"algos": ["grpo", "dpo"], "learning_rate": 1e-3, "dpo": {"beta": 0.5},
-                             "seeds": [5, 6]})
+                             "seeds": [5, 6], "output_dir": str(tmp_path / "runs")})
     assert list(configs) == [("grpo", 5), ("dpo", 5), ("grpo", 6), ("dpo", 6)]   # seed by seed
     assert configs[("dpo", 6)]["beta"] == 0.5 and configs[("dpo", 6)]["seed"] == 6
     assert configs[("grpo", 5)]["learning_rate"] == configs[("dpo", 5)]["learning_rate"] == 1e-3
