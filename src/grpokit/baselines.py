@@ -20,7 +20,7 @@ import torch
 from grpokit.batch import Rollout
 from grpokit.config import UNSUPPORTED_TRL_FIELDS, GRPOConfig, _GRPOFields
 from grpokit.run import RunParts
-from grpokit.trainer import _format_line, _sample_rows, _step_metrics, _timed
+from grpokit.trainer import _step_metrics, _timed, end_of_step
 
 __all__ = ["ALGOS", "AlgoConfig", "StepOutput", "algo_classes", "reference_logprobs", "run_steps", "timed"]
 
@@ -115,18 +115,7 @@ def run_steps(run: RunParts, step_fn: Callable[[list[int], int, dict], StepOutpu
         else:
             metrics = _offline_metrics(run, out.step_stats, phase, state)
         metrics.update(out.extra)
-        step = state["global_step"]
-        tracker.log(step, metrics)
-        tracker.update_progress(step, metrics)
-        if out.rollout is not None and cfg.log_completions and (step % cfg.logging_steps == 0 or step == 1):
-            tracker.log_completions(step, _sample_rows(out.rollout, cfg.num_completions_to_print))
-        if step % cfg.logging_steps == 0:
-            tracker.write(_format_line(step, metrics))
-        if cfg.eval_strategy == "steps" and run.eval_dataset is not None and (
-                step % cfg.eval_steps == 0 or step >= run.total_steps):
-            metrics.update(run.log_eval(step))
-        if cfg.save_strategy == "steps" and (step % cfg.save_steps == 0 or step >= run.total_steps):
-            run.save_checkpoint(state)
+        end_of_step(run, state, metrics, out.rollout)
         final = metrics
     return final
 

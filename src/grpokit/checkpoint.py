@@ -28,6 +28,8 @@ import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
+
+from grpokit.tracking import plain as _plain
 from safetensors.torch import load_file, save_file
 
 __all__ = ["CheckpointError", "RESUME_KEYS", "check_resume_compatible", "find_latest_checkpoint",
@@ -251,13 +253,6 @@ def _save_trainer_state(state: dict, step: int, directory: str) -> None:
             ) from exc
 
 
-def _plain(value):
-    """A JSON-friendly copy of a config: dataclasses to dicts, tuples to lists, others to str."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    elif hasattr(value, "to_dict") and not isinstance(value, Mapping):
-        value = value.to_dict()
-    return json.loads(json.dumps(value, default=str))
 
 
 def _write_json(path: str, obj) -> None:

@@ -30,7 +30,7 @@ _POSTFIX_KEYS = (("reward", "reward"), ("loss", "loss"), ("accuracy", "accuracy"
                  ("eval/accuracy", "accuracy"))
 
 
-def _plain(value):
+def plain(value):
     """Plain JSON/YAML types: dataclasses to dicts, tuples to lists, unknown objects to str."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
@@ -53,7 +53,7 @@ def _jsonable(value):
     if hasattr(value, "tolist") and getattr(value, "ndim", 0) > 0:
         return value.tolist()
     if isinstance(value, (list, tuple, dict)):
-        return _plain(value)
+        return plain(value)
     return _scalar(value)
 
 
@@ -108,20 +108,20 @@ class Tracker:
 
         os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(_plain(config or {}), f, sort_keys=False, allow_unicode=True)
+            yaml.safe_dump(plain(config or {}), f, sort_keys=False, allow_unicode=True)
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")
         if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=os.path.join(self.run_dir, "tensorboard"))
-            self._tb.add_text("config", "```yaml\n" + yaml.safe_dump(_plain(config or {})) + "```")
+            self._tb.add_text("config", "```yaml\n" + yaml.safe_dump(plain(config or {})) + "```")
         if "wandb" in backends:
             import wandb
 
             self._wandb = wandb
             if wandb.run is None:  # else log into the run the user started
                 wandb.init(project=os.environ.get("WANDB_PROJECT", "grpokit"), name=run_name,
-                           config=_plain(config or {}), dir=self.run_dir)
+                           config=plain(config or {}), dir=self.run_dir)
                 self._owns_wandb_run = True
 
     # ------------------------------------------------------------------ logging

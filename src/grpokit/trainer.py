@@ -122,18 +122,7 @@ def train_loop(run: RunParts, resume_from_checkpoint: str | bool | None = None) 
 
         # 6. metrics, samples, eval, checkpoint
         metrics = _step_metrics(run, rollout, reward_out.stats, step_stats, phase, state)
-        step = state["global_step"]
-        tracker.log(step, metrics)
-        tracker.update_progress(step, metrics)
-        if cfg.log_completions and (step % cfg.logging_steps == 0 or step == 1):
-            tracker.log_completions(step, _sample_rows(rollout, cfg.num_completions_to_print))
-        if step % cfg.logging_steps == 0:
-            tracker.write(_format_line(step, metrics))
-        if cfg.eval_strategy == "steps" and run.eval_dataset is not None and (
-                step % cfg.eval_steps == 0 or step >= run.total_steps):
-            metrics.update(run.log_eval(step))
-        if cfg.save_strategy == "steps" and (step % cfg.save_steps == 0 or step >= run.total_steps):
-            run.save_checkpoint(state)
+        end_of_step(run, state, metrics, rollout)
         final = metrics
     run.finish()
     return final
@@ -146,6 +135,23 @@ def _can_merge_micro_batches(run: RunParts) -> bool:
     cfg = run.config
     return (LOSS_TYPES[cfg.loss_type][1] not in ("grpo", "bnpo") and cfg.top_entropy_quantile >= 1.0
             and uses_packed_forward(run.model))
+
+
+def end_of_step(run: RunParts, state: dict, metrics: dict[str, float], rollout: Rollout | None) -> None:
+    """What follows every step's update, for every algorithm's loop: metrics to the trackers, a
+    few samples, the console line, evaluation and checkpoint when due. Eval metrics join `metrics`."""
+    cfg, tracker, step = run.config, run.tracker, state["global_step"]
+    tracker.log(step, metrics)
+    tracker.update_progress(step, metrics)
+    if rollout is not None and cfg.log_completions and (step % cfg.logging_steps == 0 or step == 1):
+        tracker.log_completions(step, _sample_rows(rollout, cfg.num_completions_to_print))
+    if step % cfg.logging_steps == 0:
+        tracker.write(_format_line(step, metrics))
+    if cfg.eval_strategy == "steps" and run.eval_dataset is not None and (
+            step % cfg.eval_steps == 0 or step >= run.total_steps):
+        metrics.update(run.log_eval(step))
+    if cfg.save_strategy == "steps" and (step % cfg.save_steps == 0 or step >= run.total_steps):
+        run.save_checkpoint(state)
 
 
 def _add_fixed_logprobs(run: RunParts, micro_batches) -> None:
