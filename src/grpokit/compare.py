@@ -315,15 +315,15 @@ def plot_curves(summary: dict, path: str) -> str:
     for algo, agg in summary.items():
         c = COLORS.get(algo)
         label = algo.upper() + (f" (mean of {len(agg['runs'])} seeds)" if len(agg["runs"]) > 1 else "")
-        for col, (x_key, xa_key, label) in enumerate((("samples", "acc_samples", "sampled completions"),
-                                                      ("train_seconds", "acc_seconds", "training wall time (s)"))):
+        for col, (x_key, xa_key, xlabel) in enumerate((("samples", "acc_samples", "sampled completions"),
+                                                       ("train_seconds", "acc_seconds", "training wall time (s)"))):
             for run in agg["runs"] if len(agg["runs"]) > 1 else []:
                 axes[0, col].plot(run[x_key], _moving(run["reward"]), color=c, alpha=0.25, linewidth=1)
                 axes[1, col].plot(run[xa_key], run["acc"], color=c, alpha=0.25, linewidth=1)
             axes[0, col].plot(agg[x_key], _moving(agg["reward"]), color=c, linewidth=2.2, label=label)
             axes[1, col].plot(agg[xa_key], agg["acc"], "o-", color=c, linewidth=2.2, label=label)
-            axes[0, col].set_xlabel(label)
-            axes[1, col].set_xlabel(label)
+            axes[0, col].set_xlabel(xlabel)
+            axes[1, col].set_xlabel(xlabel)
     for ax in axes[0]:
         ax.set_ylabel("training reward (5-step moving average)")
     for ax in axes[1]:
@@ -423,7 +423,7 @@ def write_report(configs: dict, results: dict, options: dict, machine: dict, arg
         "",
         f"Reproduce with `{command}` (this page and its figures are written by it; "
         f"{machine['total_minutes']:.1f} minutes on this machine). What the figures say is discussed in "
-        "[docs/compare.md](../../docs/compare.md).",
+        f"[docs/compare.md]({os.path.relpath('docs/compare.md', report_dir)}).",
         "",
         "## Budget and settings",
         "",
