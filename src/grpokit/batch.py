@@ -52,6 +52,7 @@ class MicroBatch:
     sampling_logps: torch.Tensor    # [B, C] (0 where masked)
     rows: slice                     # which rows of the Rollout these are
     pad_id: int = 0
+    skip_rows: list[bool] | None = None     # rows left out of the forward (their logprobs come out 0)
     old_logps: torch.Tensor | None = None   # [B, C] when num_iterations > 1
     ref_logps: torch.Tensor | None = None   # [B, C] when beta > 0
     _padded: tuple | None = field(default=None, repr=False)
@@ -64,13 +65,15 @@ class MicroBatch:
 
     def layout(self, max_segment_tokens: int = MAX_SEGMENT_TOKENS, min_row_tokens: int = 0) -> PackedLayout:
         """The packed shared-prefix layout (grpokit.prefix), built once. Completions that are
-        wholly out of the loss (mask 0, e.g. mask_truncated_completions) are left out: their
-        logprobs stay 0 and nothing is computed for them."""
+        wholly out of the loss (mask 0, e.g. mask_truncated_completions) or in `skip_rows` are
+        left out: their logprobs stay 0 and nothing is computed for them."""
         if self._layout is None or self._layout_key != (max_segment_tokens, min_row_tokens):
             comps = self.completion_token_ids
             if self.completion_mask.numel():
                 in_loss = self.completion_mask.detach().amax(dim=1).cpu().tolist()
                 comps = [c if keep > 0 else [] for c, keep in zip(comps, in_loss)]
+            if self.skip_rows is not None:
+                comps = [[] if skip else c for c, skip in zip(comps, self.skip_rows)]
             self._layout = build_packed_layout(self.prompt_token_ids, comps, max_segment_tokens=max_segment_tokens,
                                                min_row_tokens=min_row_tokens, pad_id=self.pad_id).to(self.device)
             self._layout_key = (max_segment_tokens, min_row_tokens)
@@ -108,7 +111,7 @@ class MicroBatch:
 
 
 def make_micro_batches(rollout: Rollout, size: int, *, pad_id: int, device, mask_truncated: bool,
-                       merge: bool = False) -> list[MicroBatch]:
+                       merge: bool = False, skip_zero_advantage: bool = False) -> list[MicroBatch]:
     """Split the N samples into micro-batches of `size` consecutive rows (groups stay whole when
     size is a multiple of G; a group cut by a micro-batch boundary still shares its prompt within
     each part). Completion tensors are padded to each micro-batch's own longest completion.
@@ -117,14 +120,22 @@ def make_micro_batches(rollout: Rollout, size: int, *, pad_id: int, device, mask
     with global normalisers: dapo, dr_grpo, cispo) joins consecutive micro-batches while their
     packed tokens (each group's prompt once + completions) stay within the padded tokens of one
     micro-batch (rows x (longest prompt + longest completion): what the plain forward of one
-    micro-batch holds), so fewer, larger forwards run in no more activation memory."""
+    micro-batch holds), so fewer, larger forwards run in no more activation memory.
+
+    `skip_zero_advantage=True` (for beta = 0 and no entropy mask) leaves the completions whose
+    advantage is exactly 0 (e.g. every completion of a group whose rewards are all equal) out of
+    the packed forward: every policy loss is A times something finite, so they add 0 to the loss
+    and its gradient. They stay in the [B, C] tensors and in the masks, so the loss normalisers
+    do not change; their logprobs (and sampling logprobs, the old ones when reused) are 0, so
+    their importance ratio is 1."""
     n = len(rollout.completion_ids)
     for i, pi in enumerate(rollout.prompt_ids):
         if not pi:
             raise ValueError(f"row {i} has an empty prompt; every prompt needs at least one token.")
     spans = [(start, min(start + size, n)) for start in range(0, n, size)]
+    skip = (rollout.advantages == 0).tolist() if skip_zero_advantage else [False] * n
     if merge:
-        spans = _merge_spans(rollout, spans)
+        spans = _merge_spans(rollout, spans, skip)
     out = []
     for start, end in spans:
         rows = slice(start, end)
@@ -140,23 +151,26 @@ def make_micro_batches(rollout: Rollout, size: int, *, pad_id: int, device, mask
         comp_mask = comp_mask.float()
         if mask_truncated:
             comp_mask[rollout.truncated[rows]] = 0.0
+        if any(skip[rows]):
+            samp[torch.tensor(skip[rows])] = 0.0
         out.append(MicroBatch(
             prompt_token_ids=[list(p) for p in p_ids], completion_token_ids=[list(ci) for ci in c_ids],
             completion_ids=completion_ids.to(device), completion_mask=comp_mask.to(device),
             advantages=rollout.advantages[rows].to(device), sampling_logps=samp.to(device), rows=rows, pad_id=pad_id,
+            skip_rows=skip[rows] if any(skip[rows]) else None,
         ))
     return out
 
 
-def _merge_spans(rollout: Rollout, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Join consecutive (start, end) row spans while the packed tokens of the union fit in the
-    padded tokens of the largest single span."""
+def _merge_spans(rollout: Rollout, spans: list[tuple[int, int]], skip: list[bool]) -> list[tuple[int, int]]:
+    """Join consecutive (start, end) row spans while the packed tokens of the union (skipped rows
+    not counted) fit in the padded tokens of the largest single span."""
     def padded(s, e):
         return (e - s) * (max(len(p) for p in rollout.prompt_ids[s:e]) + max(len(c) for c in rollout.completion_ids[s:e]))
 
     def packed(s, e):
         prompts = sum(len(rollout.prompt_ids[s + a]) for a, _ in find_segments(rollout.prompt_ids[s:e]))
-        return prompts + sum(len(c) for c in rollout.completion_ids[s:e])
+        return prompts + sum(len(c) for c, sk in zip(rollout.completion_ids[s:e], skip[s:e]) if not sk)
 
     merged = [spans[0]]
     budget = padded(*spans[0])

@@ -97,7 +97,8 @@ def train_loop(run: RunParts, resume_from_checkpoint: str | bool | None = None) 
                                               scale_rewards=cfg.scale_rewards, estimator=cfg.advantage_estimator)
         micro_batches = make_micro_batches(rollout, cfg.per_device_train_batch_size, pad_id=run.pad_id,
                                            device=run.device, mask_truncated=cfg.mask_truncated_completions,
-                                           merge=_can_merge_micro_batches(run))
+                                           merge=_can_merge_micro_batches(run),
+                                           skip_zero_advantage=cfg.beta == 0 and cfg.top_entropy_quantile >= 1.0)
         # 4. old logprobs only when reused for several updates; reference only when beta > 0
         with _timed(phase, "time/logprobs"):
             _add_fixed_logprobs(run, micro_batches)

@@ -210,3 +210,74 @@ def test_phase_times_and_peak_memory_are_logged(tmp_path):
         assert 0.05 < step[f"memory/{phase}_peak_gb"] <= step["memory/peak_rss_gb"] + 1e-6
     assert step["time/step"] == pytest.approx(sum(step[f"time/{p}"] for p in
                                                   ("generate", "reward", "logprobs", "backward", "optimizer")))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
+@pytest.mark.parametrize("with_old", [False, True])
+def test_zero_advantage_rows_are_skipped_with_the_same_loss_and_gradients(loss_type, with_old):
+    """beta = 0: a completion with advantage 0 adds 0 to every policy loss and its gradient, so
+    the packed forward leaves it out (groups 1 and 3 have all-equal rewards here); the masks, and
+    so the normalisers, stay. Same loss and parameter gradients as computing every row."""
+    from grpokit.algos import policy_loss
+    from tests.unit.test_prefix import random_rollout
+
+    model = make_tiny_model(make_char_tokenizer(), arch="qwen2")
+    rollout = random_rollout(g=4, n_prompts=4, seed=4)
+    rollout.advantages[4:8] = 0.0
+    rollout.advantages[12:16] = 0.0
+    rollout.advantages[1] = 0.0  # a single zero inside a group
+    with torch.no_grad():  # "old" logprobs near the current ones: ratios near 1
+        mb = make_micro_batches(rollout, 16, pad_id=0, device="cpu", mask_truncated=False)[0]
+        now = completion_logprobs(model, mb, temperature=1.0)[0] + 0.05 * torch.randn(mb.completion_ids.shape)
+    rollout.sampling_logps = [now[i, :len(c)].tolist() for i, c in enumerate(rollout.completion_ids)]
+    num_items = float(sum(len(c) for c in rollout.completion_ids))
+
+    def run(skip):
+        model.zero_grad(set_to_none=True)
+        mbs = make_micro_batches(rollout, 8, pad_id=0, device="cpu", mask_truncated=False,
+                                 skip_zero_advantage=skip)
+        total = 0.0
+        for mb in mbs:
+            logps, _ = completion_logprobs(model, mb, temperature=1.0)
+            loss, stats = policy_loss(logps, mb.sampling_logps if with_old else None, mb.advantages,
+                                      mb.completion_mask, loss_type=loss_type, max_completion_length=9,
+                                      num_items_in_batch=num_items, num_sequences=16.0)
+            loss.backward()
+            total += float(loss)
+            assert 0.8 < float(stats["ratio_mean"]) < 1.25  # skipped rows have ratio 1, not exp(0 - old)
+        return total, {n: p.grad.clone() for n, p in model.named_parameters()}, mbs
+
+    loss_all, grads_all, _ = run(False)
+    loss_skip, grads_skip, mbs = run(True)
+    assert loss_skip == pytest.approx(loss_all, rel=1e-5, abs=1e-7)
+    for name in grads_all:
+        torch.testing.assert_close(grads_skip[name], grads_all[name], msg=lambda m, n=name: f"{n}: {m}")
+    computed = sum(int(mb.layout().targets.numel()) for mb in mbs)
+    expected = sum(len(c) for c, a in zip(rollout.completion_ids, rollout.advantages.tolist()) if a != 0)
+    assert computed == expected  # the 9 zero-advantage completions were not computed
+
+
+def test_trainer_skips_all_equal_groups_only_without_kl(tmp_path):
+    """A constant reward gives every advantage 0: with beta = 0 the training forward computes no
+    completion token (and the weights do not move); with beta > 0 the KL term needs them all."""
+    def constant(prompts, completions, **kw):
+        return [1.0] * len(completions)
+
+    for beta, expect_tokens in ((0.0, False), (0.1, True)):
+        trainer = tiny_trainer(tmp_path, reward=constant, max_steps=1, beta=beta, output_dir=str(tmp_path / f"b{beta}"))
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        seen = []
+        original = trainer.parts.train_forward
+
+        def forward(mb, **kw):
+            out = original(mb, **kw)
+            if torch.is_grad_enabled():
+                seen.append(int(mb.layout().targets.numel()))
+            return out
+
+        trainer.parts.train_forward = forward
+        trainer.train()
+        assert seen and (min(seen) > 0) == expect_tokens, seen
+        if not expect_tokens:
+            for k, v in trainer.model.state_dict().items():
+                assert torch.equal(v, before[k]), k
