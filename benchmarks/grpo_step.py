@@ -199,6 +199,8 @@ def worker(framework: str, spec: dict) -> dict:
     if framework == "grpokit":
         from grpokit import GRPOConfig, GRPOTrainer
 
+        _ablate(spec.get("ablate"))
+
         cfg = GRPOConfig(**common, plot=False, report_to="none", max_prompt_length=None)
         trainer = GRPOTrainer(model=model, reward_funcs=rec.funcs, args=cfg, train_dataset=ds, processing_class=tok)
         tracker_log = trainer.parts.tracker.log
@@ -260,6 +262,32 @@ def worker(framework: str, spec: dict) -> dict:
             "rss_peak_gb": _rss_peak_gb(framework), "rss_after_model_gb": rss_model_gb,
             "acc_before": acc_before, "acc_after": acc_after, "threads": torch.get_num_threads(),
             "versions": _versions(framework)}
+
+
+ABLATIONS = {
+    "padded": "the plain padded forward (prompt recomputed per completion, padding to the longest)",
+    "no-merge": "one forward per micro-batch (no joining of micro-batches)",
+    "dense-attention": "the dense masked attention on every packed row (no prefix_attention)",
+}
+
+
+def _ablate(name: str | None) -> None:
+    """Switch one grpokit training-forward feature off (grpokit worker only)."""
+    if not name:
+        return
+    import grpokit.batch
+    import grpokit.prefix
+    import grpokit.trainer
+
+    if name == "padded":
+        grpokit.batch.supports_packed = lambda model: False
+        grpokit.trainer.uses_packed_forward = lambda model: False
+    elif name == "no-merge":
+        grpokit.trainer._can_merge_micro_batches = lambda run: False
+    elif name == "dense-attention":
+        grpokit.prefix.DENSE_ROW_TOKENS = 1 << 30
+    else:
+        raise ValueError(f"unknown ablation {name!r}; use one of {', '.join(ABLATIONS)}")
 
 
 def _versions(framework):
@@ -362,6 +390,18 @@ def print_shape(name: str, spec: dict, summ: dict[str, dict]):
         print("  grpokit peak RSS per phase (GB): " + "  ".join(f"{p} {v:.2f}" for p, v in g["phase_memory_gb"].items()))
 
 
+def print_ablation(name: str, spec: dict, summ: dict[str, dict]):
+    full = summ["grpokit"]
+    print(f"\n== ablation, shape {name} ({spec['steps']} timed steps x {spec['repeats']} repeats): grpokit with one "
+          "training-forward feature off; backward = the training forward + backward phase")
+    print(f"{'':16s} {'s/step':>8s} {'cpu s/step':>10s} {'backward s':>10s} {'gen tok/step':>12s} {'peak RSS GB':>11s}")
+    for v, s in summ.items():
+        print(f"{v:16s} {s['s_per_step']:8.2f} {s['cpu_s_per_step']:10.2f} {s['phases'].get('backward', 0):10.2f} "
+              f"{s['completion_tokens']:12.0f} {s['rss_peak_gb']:11.2f}"
+              + ("" if v == "grpokit" else f"   ({ABLATIONS[v]}: backward phase "
+                 f"{s['phases'].get('backward', 0) / max(1e-9, full['phases'].get('backward', 0)):.2f}x)"))
+
+
 def learning_summary(results: dict[str, list[dict]], spec: dict):
     print(f"\n== learning: starter model on arithmetic, {spec['steps']} steps x "
           f"{spec['batch'] * spec['accum']} completions, lr={spec['lr']}, same settings both sides")
@@ -400,6 +440,8 @@ def main():
     ap.add_argument("--trl-python", default=TRL_PYTHON)
     ap.add_argument("--starter", default=None, help="starter model folder (default: grpokit's shipped one)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="on for both frameworks (TRL's default)")
+    ap.add_argument("--ablate", action="store_true",
+                    help="instead of TRL: grpokit with each training-forward feature off in turn (interleaved)")
     ap.add_argument("--json", default=None, help="write all results to this file")
     args = ap.parse_args()
     if args.worker:
@@ -430,13 +472,14 @@ def main():
                     starter=args.starter, gradient_checkpointing=args.gradient_checkpointing)
         if name == "learn":
             spec.update(warmup=0, eval_n=200)
-        runs = {"grpokit": [], "trl": []}
+        variants = ["grpokit", *ABLATIONS] if args.ablate else ["grpokit", "trl"]
+        runs = {v: [] for v in variants}
         for rep in range(repeats):
-            order = ("grpokit", "trl") if rep % 2 == 0 else ("trl", "grpokit")
-            for fw in order:
-                spec_r = dict(spec, seed=spec["seed"] + rep)
+            for fw in (variants if rep % 2 == 0 else variants[::-1]):
+                spec_r = dict(spec, seed=spec["seed"] + rep, ablate=fw if fw in ABLATIONS else None)
+                worker_fw = "trl" if fw == "trl" else "grpokit"
                 t = time.perf_counter()
-                res = run_worker(fw, spec_r, sys.executable if fw == "grpokit" else args.trl_python)
+                res = run_worker(worker_fw, spec_r, args.trl_python if fw == "trl" else sys.executable)
                 runs[fw].append(res)
                 walls = [round(s["wall_s"], 2) for s in res["steps"]]
                 print(f"  [{name} repeat {rep}] {fw}: {time.perf_counter() - t:.0f} s total; step seconds {walls}",
@@ -446,7 +489,9 @@ def main():
     print(f"\nfp32 matmul peak: best of {len(peaks)} measurements (before and after each shape) "
           f"{max(peaks) / 1e9:.1f} GFLOP/s (all: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})")
     for name, shape in everything["shapes"].items():
-        if name == "learn":
+        if args.ablate:
+            print_ablation(name, shape["spec"], {v: summarize(r, max(peaks)) for v, r in shape["runs"].items()})
+        elif name == "learn":
             shape["summary"] = learning_summary(shape["runs"], shape["spec"])
         else:
             shape["summary"] = {fw: summarize(r, max(peaks)) for fw, r in shape["runs"].items()}
