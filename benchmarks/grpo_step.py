@@ -268,6 +268,7 @@ ABLATIONS = {
     "padded": "the plain padded forward (prompt recomputed per completion, padding to the longest)",
     "no-merge": "one forward per micro-batch (no joining of micro-batches)",
     "dense-attention": "the dense masked attention on every packed row (no prefix_attention)",
+    "no-skip": "zero-advantage completions computed too",
 }
 
 
@@ -286,6 +287,9 @@ def _ablate(name: str | None) -> None:
         grpokit.trainer._can_merge_micro_batches = lambda run: False
     elif name == "dense-attention":
         grpokit.prefix.DENSE_ROW_TOKENS = 1 << 30
+    elif name == "no-skip":
+        make = grpokit.trainer.make_micro_batches
+        grpokit.trainer.make_micro_batches = lambda *a, **kw: make(*a, **{**kw, "skip_zero_advantage": False})
     else:
         raise ValueError(f"unknown ablation {name!r}; use one of {', '.join(ABLATIONS)}")
 
