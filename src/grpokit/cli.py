@@ -106,6 +106,7 @@ def cmd_train(argv: list[str]) -> int:
     trainer = trainer_cls(args=cfg)
     history = trainer.train()
     main_process = trainer.parts.rank == 0
+    del trainer  # its DDP/FSDP2 wrappers hold the process group: free them before it is destroyed
     distributed.cleanup()
     if main_process:
         _print_before_after(cfg.output_dir)

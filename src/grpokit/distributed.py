@@ -68,8 +68,18 @@ def init_distributed(*, use_cpu: bool = False, timeout_s: float = 1800.0) -> tup
 
 
 def cleanup() -> None:
-    """Destroy the default process group (the CLI calls it at the end of a run)."""
+    """Destroy the default process group (the CLI calls it at the end of a run).
+
+    Every rank meets at a barrier first: a rank that tears its gloo connections down while a peer
+    still has work in flight on them can make that peer abort ("terminate called without an active
+    exception") after a run that itself succeeded. Callers drop their trainer first: DDP's reducer
+    and FSDP2's sharded parameters hold the process group, and one freed only at interpreter exit
+    outlives the group's shutdown; the `gc.collect()` here frees them before the group goes."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
