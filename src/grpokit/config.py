@@ -97,7 +97,8 @@ class _GRPOFields:
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    optim: str = _f("adamw_torch", "adamw_torch | adamw_torch_fused.")
+    optim: str = _f("adamw_torch_fused", "adamw_torch_fused (torch's fused AdamW kernel; transformers' default "
+                    "for torch >= 2.8) | adamw_torch (the per-tensor loop).")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     on_nonfinite: str = _f("skip", "Non-finite loss or gradient norm: skip the step (counted) | raise.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
