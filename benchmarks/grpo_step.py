@@ -17,7 +17,7 @@ the phase split, the tokens each step sampled and trained, and its peak resident
 
 Shapes (the same settings on both sides: num_generations, per_device_train_batch_size (TRL's
 meaning: completions), gradient_accumulation_steps, max_completion_length, temperature 1, no
-top-p/top-k, loss_type, beta = 0, learning rate, constant schedule, AdamW (torch, not fused),
+top-p/top-k, loss_type, beta = 0, learning rate, constant schedule, AdamW (torch's fused kernel: both frameworks' default),
 fp32, gradient checkpointing off, no vLLM, CPU):
 
 1. "tiny": grpokit's shipped starter model (~0.8M parameters, char-level) on the built-in
@@ -191,7 +191,7 @@ def worker(framework: str, spec: dict) -> dict:
                   num_generations=spec["G"], max_completion_length=spec["max_completion"], temperature=1.0,
                   top_p=1.0, top_k=0, loss_type=spec["loss_type"], beta=0.0, learning_rate=spec["lr"],
                   lr_scheduler_type="constant", max_steps=total_steps, seed=spec["seed"], use_cpu=True, bf16=False,
-                  gradient_checkpointing=spec.get("gradient_checkpointing", False), optim="adamw_torch",
+                  gradient_checkpointing=spec.get("gradient_checkpointing", False), optim="adamw_torch_fused",
                   num_iterations=1, scale_rewards="group", epsilon=0.2, max_grad_norm=1.0, weight_decay=0.0,
                   logging_steps=10_000, save_strategy="no", disable_tqdm=True, log_completions=False,
                   output_dir=out_dir, reward_weights=weights, shuffle_dataset=True, mask_truncated_completions=False)
@@ -388,7 +388,7 @@ def print_shape(name: str, spec: dict, summ: dict[str, dict]):
           f"peak RSS {g['rss_peak_gb'] / k['rss_peak_gb']:.2f}x (after building the model: "
           f"{g['rss_after_model_gb']:.2f} / {k['rss_after_model_gb']:.2f} GB)")
     for fw, s in (("grpokit", g), ("trl", k)):
-        split = "  ".join(f"{p} {v:.2f}s" for p, v in s["phases"].items())
+        split = "  ".join(f"{p} {v:.3f}s" for p, v in s["phases"].items())
         print(f"  {fw} phases (median s/step): {split}")
     if g["phase_memory_gb"]:
         print("  grpokit peak RSS per phase (GB): " + "  ".join(f"{p} {v:.2f}" for p, v in g["phase_memory_gb"].items()))
