@@ -291,11 +291,17 @@ def test_model_mode_weights_and_grads_untouched(tok):
     model(input_ids=torch.tensor([PROMPTS[0]]), labels=torch.tensor([PROMPTS[0]])).loss.backward()
 
 
-def test_packed_cpu_lm_head_is_used_during_generation_and_removed_after(tok):
+def test_packed_cpu_lm_head_is_used_during_generation_and_removed_after(tok, monkeypatch):
+    import grpokit.rollout.hf as hf
+
     model = tiny()
     seen = []
     model.lm_head.register_forward_hook(lambda mod, args, out: seen.append("forward" in mod.__dict__))
     greedy = SamplingParams(max_tokens=5, temperature=0.0)
+    HFEngine(model, tok).generate(PROMPTS, n=1, params=greedy)
+    assert seen and not any(seen)  # a head under _PACK_MIN_ELEMENTS weights keeps F.linear (faster there)
+    seen.clear()
+    monkeypatch.setattr(hf, "_PACK_MIN_ELEMENTS", 0)
     a = HFEngine(model, tok).generate(PROMPTS, n=1, params=greedy)
     assert seen and all(seen) and "forward" not in model.lm_head.__dict__
     seen.clear()

@@ -127,6 +127,50 @@ def test_uniforms_are_uniform_and_rows_steps_seeds_independent():
     assert len(set(map(tuple, keys.tolist()))) == 2000  # 64-bit keys: no two rows share a stream
 
 
+# The torch (int64) formulation the hashing had before it moved to numpy uint32: the reference
+# that keeps every seed's samples unchanged.
+_M32 = 0xFFFFFFFF
+
+
+def _torch_mul32(x, c):
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+
+
+def _torch_mix32(x):
+    x = x ^ (x >> 16)
+    x = _torch_mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _torch_mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _torch_row_keys(seed, rows):
+    seed = int(seed) & ((1 << 64) - 1)
+    lo, hi = seed & _M32, seed >> 32
+    k1 = _torch_mix32(_torch_mix32(_torch_mix32(rows & _M32) ^ lo) ^ hi)
+    k2 = _torch_mix32(_torch_mix32(_torch_mix32((rows & _M32) ^ 0x9E3779B9) ^ hi) ^ lo)
+    k1 = _torch_mix32(k1 ^ ((rows >> 32) & _M32))
+    return torch.stack([k1, k2], dim=-1)
+
+
+def _torch_row_uniforms(keys, steps):
+    t = torch.arange(steps, dtype=torch.long)
+    s1 = _torch_mix32((t * 0x632BE5AB + 0x5BD1E995) & _M32)
+    s2 = _torch_mix32(s1 ^ 0x68E31DA4)
+    h1 = _torch_mix32(keys[:, :1] ^ s1)
+    h2 = _torch_mix32(keys[:, 1:] ^ s2)
+    return ((h1 >> 6) * (1 << 27) + (h2 >> 5)).double() * (2.0**-53)
+
+
+@pytest.mark.parametrize("seed", [0, 42, 2**32 + 7, 2**64 - 1, 123456789012345])
+def test_numpy_hashing_equals_the_torch_int64_formulation(seed):
+    rows = torch.cat([torch.arange(300), torch.tensor([2**31, 2**32 - 1, 2**32, 2**40 + 5, 2**62])])
+    keys = row_keys(seed, rows)
+    assert keys.dtype == torch.int64 and torch.equal(keys, _torch_row_keys(seed, rows))
+    assert torch.equal(row_uniforms(keys, 37), _torch_row_uniforms(keys, 37))
+
+
 def test_sampling_params_validation():
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)

@@ -82,13 +82,25 @@ class SlotCache(Cache):
         k = prefill_cache.layers[0].keys
         return cls(layers, torch.zeros((rows, 1, 1, capacity), dtype=k.dtype, device=k.device))
 
-    def write_prompt(self, rows: slice, prefill_cache, index: int, prompt_len: int):
-        """Copy (broadcast) prompt `index` of a left-padded prefill batch into `rows`, right-aligned."""
+    def write_prompts(self, rows: torch.Tensor, prefill_cache, index: torch.Tensor, prompt_lens: torch.Tensor):
+        """Copy (broadcast) the prompts of a left-padded prefill batch into the slots, right-aligned:
+        slot rows[i] gets batch row index[i], a prompt of prompt_lens[i] tokens (int64 tensors on
+        the cache's device). One gather per layer and buffer for the whole batch; the prefill's
+        pad columns are written as zeros and masked."""
         width = self.layers[0].length
+        src_width = prefill_cache.layers[0].keys.shape[2]
+        cols = torch.arange(src_width, device=rows.device)
+        pad = cols[None, :] < (src_width - prompt_lens)[:, None]                 # [n, src_width]
+        ragged = bool(pad.any())
         for layer, src in zip(self.layers, prefill_cache.layers):
-            layer.k_buf[rows, :, width - prompt_len:width] = src.keys[index:index + 1, :, -prompt_len:]
-            layer.v_buf[rows, :, width - prompt_len:width] = src.values[index:index + 1, :, -prompt_len:]
-        self.mask[rows, ..., : width - prompt_len] = torch.finfo(self.mask.dtype).min
+            for buf, t in ((layer.k_buf, src.keys), (layer.v_buf, src.values)):
+                part = t.index_select(0, index)
+                if ragged:  # where, not a product: a pad column may hold anything (even NaN)
+                    part = torch.where(pad[:, None, :, None], 0.0, part)
+                buf[rows, :, width - src_width:width] = part
+        full = torch.arange(self.mask.shape[-1], device=rows.device)
+        masked = full[None, :] < (width - prompt_lens)[:, None]                  # [n, capacity]
+        self.mask[rows] = torch.where(masked, torch.finfo(self.mask.dtype).min, 0.0).to(self.mask.dtype)[:, None, None]
 
     def step_mask(self) -> torch.Tensor:
         """Padding mask [b, 1, 1, length + 1] for the next one-token step."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -122,36 +123,42 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor 
     return tokens, chosen - log_z
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32), without int64 overflow."""
-    lo, hi = x & 0xFFFF, x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+def _mix32(x: np.ndarray) -> np.ndarray:
+    """A 32-bit integer hash (lowbias32 by C. Wellons) on uint32 arrays (products wrap mod 2**32).
 
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (lowbias32 by C. Wellons) on int64 tensors holding uint32 values."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    In numpy on the host: the keys and uniforms of a rollout are a few thousand numbers, and ~60
+    numpy ops cost ~0.1 ms where the same ops as torch tensors (int64, emulating the 32-bit
+    wrap) cost ~1 ms on CPU, or as many kernel launches on a GPU."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
 
 
 def row_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
-    """Two 32-bit keys [B, 2] per global row index (int64 tensor [B]), from a 64-bit seed."""
+    """Two 32-bit keys [B, 2] (int64 tensor on the CPU) per global row index (int64 tensor [B]),
+    from a 64-bit seed."""
     seed = int(seed) & ((1 << 64) - 1)
-    lo, hi = seed & _M32, seed >> 32
-    k1 = _mix32(_mix32(_mix32(rows & _M32) ^ lo) ^ hi)
-    k2 = _mix32(_mix32(_mix32((rows & _M32) ^ 0x9E3779B9) ^ hi) ^ lo)
-    k1 = _mix32(k1 ^ ((rows >> 32) & _M32))
-    return torch.stack([k1, k2], dim=-1)
+    lo, hi = np.uint32(seed & _M32), np.uint32(seed >> 32)
+    r = rows.detach().cpu().numpy().astype(np.int64)
+    r_lo, r_hi = (r & _M32).astype(np.uint32), ((r >> 32) & _M32).astype(np.uint32)
+    k1 = _mix32(_mix32(_mix32(r_lo) ^ lo) ^ hi)
+    k2 = _mix32(_mix32(_mix32(r_lo ^ np.uint32(0x9E3779B9)) ^ hi) ^ lo)
+    k1 = _mix32(k1 ^ r_hi)
+    return torch.from_numpy(np.stack([k1, k2], axis=-1).astype(np.int64))
 
 
 def row_uniforms(keys: torch.Tensor, steps: int) -> torch.Tensor:
-    """Uniform float64 numbers in [0, 1) with 53 random bits: [B, steps], row r's for step t at [r, t]."""
-    t = torch.arange(steps, dtype=torch.long, device=keys.device)
-    s1 = _mix32((t * 0x632BE5AB + 0x5BD1E995) & _M32)
-    s2 = _mix32(s1 ^ 0x68E31DA4)
-    h1 = _mix32(keys[:, :1] ^ s1)
-    h2 = _mix32(keys[:, 1:] ^ s2)
-    return ((h1 >> 6) * (1 << 27) + (h2 >> 5)).double() * (2.0**-53)
+    """Uniform float64 numbers in [0, 1) with 53 random bits: [B, steps], row r's for step t at
+    [r, t], on `keys`' device."""
+    k = keys.detach().cpu().numpy().astype(np.uint32)
+    with np.errstate(over="ignore"):
+        t = np.arange(steps, dtype=np.uint32)
+        s1 = _mix32(t * np.uint32(0x632BE5AB) + np.uint32(0x5BD1E995))
+    s2 = _mix32(s1 ^ np.uint32(0x68E31DA4))
+    h1 = _mix32(k[:, :1] ^ s1[None]).astype(np.uint64)
+    h2 = _mix32(k[:, 1:] ^ s2[None]).astype(np.uint64)
+    bits = (h1 >> np.uint64(6)) * np.uint64(1 << 27) + (h2 >> np.uint64(5))   # < 2**53: exact in float64
+    return torch.from_numpy(bits.astype(np.float64) * (2.0**-53)).to(keys.device)
