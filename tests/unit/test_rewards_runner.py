@@ -4,6 +4,7 @@ signature checks, stats and describe_rewards. Literal inputs, numbers worked out
 import asyncio
 import math
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -135,6 +136,42 @@ def test_timeout_stops_a_busy_python_loop_in_process():
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert threading.active_count() == before  # the abandoned thread was stopped, not left spinning
+
+
+def test_main_thread_runs_inline_and_the_alarm_interrupts_a_sleep():
+    seen = []
+
+    def where(prompts, completions, **kw):
+        seen.append(threading.current_thread() is threading.main_thread())
+        return [1.0] * len(completions)
+
+    t0 = time.monotonic()
+    out = RewardRunner([where, slow_on_ccc], timeout=0.3, on_error="none")(P, C)
+    assert seen == [True]  # inline: no watchdog thread (1.4 ms per call on a busy CPU)
+    assert time.monotonic() - t0 < 3 and out.stats["rewards/slow_on_ccc/timeouts"] == 4
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the timer is disarmed after
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL  # and the handler given back
+
+
+def test_an_armed_interval_timer_is_left_alone_and_the_thread_path_is_used():
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(True))
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        seen = []
+
+        def where(prompts, completions, **kw):
+            seen.append(threading.current_thread() is threading.main_thread())
+            return [1.0] * len(completions)
+
+        RewardRunner([where], timeout=1.0)(P, C)
+        assert seen == [False]
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 3.0 < remaining <= 5.0  # the user's timer still runs
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not fired
 
 
 def test_async_functions_run_concurrently():
@@ -271,3 +308,17 @@ def test_pool_never_reruns_an_unguarded_main_script(tmp_path):
     # the body ran once; the module's function ran in a worker; one from __main__ cannot be sent
     # (RewardRunner then runs it in this process: test_unpicklable_function_falls_back_to_this_process)
     assert done.stdout.splitlines() == ["script body ran", "ok True None"]
+
+
+@pytest.mark.parametrize("values", [[1.0, float("nan"), 3.0, 6.0], [2.0], [float("nan")] * 3, [],
+                                    [0.5, -1.25, 7.0, float("nan"), 2.0, 2.0]])
+def test_reward_stats_equal_torch_nan_reductions(values):
+    from grpokit.rewards.runner import _nan_stats
+
+    mean, std, frac = _nan_stats(values)
+    x = torch.tensor(values, dtype=torch.float64)
+    kept = x[~torch.isnan(x)]
+    # e.g. [1, nan, 3, 6]: mean 10/3, std sqrt(((1-10/3)^2 + (3-10/3)^2 + (6-10/3)^2) / 2) = 2.5166, 1/4 NaN
+    assert math.isclose(mean, kept.mean().item(), rel_tol=1e-12) if kept.numel() else math.isnan(mean)
+    assert math.isclose(std, kept.std().item(), rel_tol=1e-12) if kept.numel() > 1 else math.isnan(std)
+    assert frac == (float(torch.isnan(x).double().mean()) if values else 0.0)
