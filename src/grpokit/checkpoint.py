@@ -157,11 +157,9 @@ def _unwrap(model):
     """The model inside DDP / torch.compile wrappers, and whether it is a ``peft.PeftModel``."""
     while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
         model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return model, False
-    return model, isinstance(model, PeftModel)
+    from grpokit.models import is_peft_model
+
+    return model, is_peft_model(model)
 
 
 def _save_model(model, directory: str, full_state: Mapping | None = None) -> None:
