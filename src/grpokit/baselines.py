@@ -96,7 +96,7 @@ def run_steps(run: RunParts, step_fn: Callable[[list[int], int, dict], StepOutpu
 
     A step is one batch of prompts (one generated batch, or one batch of preference pairs);
     `max_steps` counts these steps, whatever number of optimizer steps each makes."""
-    cfg, tracker = run.config, run.tracker
+    cfg = run.config
     state = {"global_step": 0, "epoch": 0, "cursor": 0, "skipped_steps": 0, "samples_seen": 0}
     if resume_from_checkpoint:
         state.update(run.resume(resume_from_checkpoint))

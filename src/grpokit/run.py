@@ -225,7 +225,8 @@ class RunParts:
         keys = [k for k in RESUME_KEYS if k != "gradient_accumulation_steps"] + ["completions_per_step"]
         check_resume_compatible(path, self._checkpoint_config(), keys)
         if self.sharded:  # rank 0 reads the full weights and optimizer state, each rank keeps its shards
-            from grpokit.checkpoint import OPTIMIZER_FILE, _torch_load, read_model_state
+            from grpokit.checkpoint.files import OPTIMIZER_FILE
+            from grpokit.checkpoint.load import _torch_load, read_model_state
 
             model_state, optim_state = {}, {}
             if self.rank == 0:

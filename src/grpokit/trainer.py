@@ -71,7 +71,7 @@ class GRPOTrainer:
 # --------------------------------------------------------------------------------------------
 
 def train_loop(run: RunParts, resume_from_checkpoint: str | bool | None = None) -> dict:
-    cfg, model, tracker = run.config, run.model, run.tracker
+    cfg, tracker = run.config, run.tracker
     state = {"global_step": 0, "epoch": 0, "cursor": 0, "skipped_steps": 0, "samples_seen": 0}
     if resume_from_checkpoint:
         state.update(run.resume(resume_from_checkpoint))
