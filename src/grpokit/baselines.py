@@ -96,13 +96,7 @@ def run_steps(run: RunParts, step_fn: Callable[[list[int], int, dict], StepOutpu
 
     A step is one batch of prompts (one generated batch, or one batch of preference pairs);
     `max_steps` counts these steps, whatever number of optimizer steps each makes."""
-    cfg = run.config
-    state = {"global_step": 0, "epoch": 0, "cursor": 0, "skipped_steps": 0, "samples_seen": 0}
-    if resume_from_checkpoint:
-        state.update(run.resume(resume_from_checkpoint))
-    final: dict[str, float] = {}
-    if cfg.eval_on_start and run.eval_dataset is not None and state["global_step"] == 0:
-        final.update(run.log_eval(step=0))
+    state, final = run.begin(resume_from_checkpoint)
     while state["global_step"] < run.total_steps:
         phase: dict[str, float] = {}
         rows, state["epoch"], state["cursor"] = run.next_prompt_rows(state["epoch"], state["cursor"])

@@ -36,7 +36,7 @@ from grpokit.baselines import (
     timed,
 )
 from grpokit.batch import Rollout, completion_logprobs, make_micro_batches
-from grpokit.run import RunParts, build_run
+from grpokit.run import RunFacade, RunParts, build_run
 
 
 @dataclass
@@ -82,7 +82,7 @@ def _no_reward(prompts, completions, **kwargs):
                      "completions with; pass reward_funcs= (or use a built-in task) to evaluate it.")
 
 
-class DPOTrainer:
+class DPOTrainer(RunFacade):
     """`DPOTrainer(model=..., args=DPOConfig(...), train_dataset=..., eval_dataset=...,
     processing_class=..., peft_config=..., reward_funcs=...)` then `.train()`.
 
@@ -93,11 +93,7 @@ class DPOTrainer:
 
     def __init__(self, model=None, args: DPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, reward_funcs=None, optimizers=(None, None), **kwargs):
-        if kwargs:
-            raise TypeError(f"DPOTrainer got unsupported arguments: {', '.join(sorted(kwargs))}")
-        self.args = args if args is not None else DPOConfig()
-        if not isinstance(self.args, DPOConfig):
-            raise TypeError(f"DPOTrainer needs a DPOConfig, got {type(self.args).__name__}.")
+        self._take_args(DPOConfig, args, kwargs)
         cfg = self.args
         self.offline = _is_preference_data(train_dataset, cfg)
         if self.offline and cfg.remove_unused_columns:
@@ -121,14 +117,6 @@ class DPOTrainer:
                 rebuild_scheduler(run, 1)
         self.parts: RunParts = run
         self.param_counts = parameter_counts(run)
-
-    @property
-    def model(self):
-        return self.parts.model
-
-    @property
-    def processing_class(self):
-        return self.parts.tokenizer
 
     def summary(self) -> str:
         c, run = self.args, self.parts

@@ -51,7 +51,7 @@ from grpokit.baselines import (
 )
 from grpokit.batch import MicroBatch, _plain_linear_head, _unwrap, make_micro_batches, uses_packed_forward
 from grpokit.prefix import MAX_SEGMENT_TOKENS, packed_hidden, scatter_to_grid
-from grpokit.run import RunParts, build_run
+from grpokit.run import RunFacade, RunParts, build_run
 
 
 @dataclass
@@ -157,18 +157,14 @@ class _Targets:
     returns: torch.Tensor      # [B, C]
 
 
-class PPOTrainer:
+class PPOTrainer(RunFacade):
     """`PPOTrainer(model=..., reward_funcs=..., args=PPOConfig(...), train_dataset=..., eval_dataset=...,
     processing_class=..., peft_config=...)` then `.train()`; the same arguments as GRPOTrainer.
     The value head is `trainer.value_head` (saved as final/value_head.pt)."""
 
     def __init__(self, model=None, reward_funcs=None, args: PPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
-        if kwargs:
-            raise TypeError(f"PPOTrainer got unsupported arguments: {', '.join(sorted(kwargs))}")
-        self.args = args if args is not None else PPOConfig()
-        if not isinstance(self.args, PPOConfig):
-            raise TypeError(f"PPOTrainer needs a PPOConfig, got {type(self.args).__name__}.")
+        self._take_args(PPOConfig, args, kwargs)
         cfg = self.args
         run = build_run(cfg, model=model, reward_funcs=reward_funcs, train_dataset=train_dataset,
                         eval_dataset=eval_dataset, tokenizer=processing_class, peft_config=peft_config)
@@ -185,14 +181,6 @@ class PPOTrainer:
         rebuild_scheduler(run, cfg.num_ppo_epochs * cfg.num_mini_batches)
         self.parts: RunParts = run
         self.param_counts = parameter_counts(run, [self.value_head])
-
-    @property
-    def model(self):
-        return self.parts.model
-
-    @property
-    def processing_class(self):
-        return self.parts.tokenizer
 
     def summary(self) -> str:
         c, run = self.args, self.parts

@@ -21,6 +21,32 @@ from grpokit.config import GRPOConfig
 from grpokit.rollout import SamplingParams, make_engine
 
 
+class RunFacade:
+    """What the TRL-style trainer classes share over their `RunParts` (`self.parts`)."""
+
+    parts: "RunParts"
+
+    @property
+    def model(self):
+        return self.parts.model
+
+    @property
+    def processing_class(self):
+        return self.parts.tokenizer
+
+    def _take_args(self, config_cls, args, kwargs: dict) -> None:
+        """`self.args`: `args`, or `config_cls()` when None; an unknown keyword argument or a config
+        of another class is an error naming it."""
+        owner = type(self).__name__
+        if kwargs:
+            raise TypeError(f"{owner} got unsupported arguments: {', '.join(sorted(kwargs))}")
+        self.args = args if args is not None else config_cls()
+        if not isinstance(self.args, config_cls):
+            got = type(self.args)
+            raise TypeError(f"{owner} needs a grpokit.{config_cls.__name__}, got {got.__module__}.{got.__qualname__} "
+                            f"(from grpokit import {config_cls.__name__}: TRL's field names).")
+
+
 @dataclass
 class RunParts:
     config: GRPOConfig
@@ -63,6 +89,17 @@ class RunParts:
     @property
     def num_train_rows(self) -> int:
         return len(self.prompt_ids)
+
+    def begin(self, resume_from_checkpoint: str | bool | None) -> tuple[dict, dict[str, float]]:
+        """Every loop's start: its state (fresh, or from the checkpoint) and, on a fresh run with
+        `eval_on_start`, the step-0 evaluation."""
+        state = {"global_step": 0, "epoch": 0, "cursor": 0, "skipped_steps": 0, "samples_seen": 0}
+        if resume_from_checkpoint:
+            state.update(self.resume(resume_from_checkpoint))
+        first: dict[str, float] = {}
+        if self.config.eval_on_start and self.eval_dataset is not None and state["global_step"] == 0:
+            first.update(self.log_eval(step=0))
+        return state, first
 
     # ---- data order: a seeded permutation per epoch; position = (epoch, cursor) ----
     def next_prompt_rows(self, epoch: int, cursor: int) -> tuple[list[int], int, int]:

@@ -20,10 +20,10 @@ from grpokit import memory
 from grpokit.algos import LOSS_TYPES, group_advantages, policy_loss, rollout_correction_weights, top_entropy_mask
 from grpokit.batch import Rollout, make_micro_batches, sampler_logps_are_old_logps, uses_packed_forward
 from grpokit.config import GRPOConfig
-from grpokit.run import RunParts, build_run
+from grpokit.run import RunFacade, RunParts, build_run
 
 
-class GRPOTrainer:
+class GRPOTrainer(RunFacade):
     """`GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
     eval_dataset=..., processing_class=..., peft_config=...)` then `.train()`, as in TRL.
 
@@ -34,27 +34,17 @@ class GRPOTrainer:
     def __init__(self, model=None, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None, callbacks=None,
                  optimizers=(None, None), reward_processing_classes=None, **kwargs):
-        if kwargs:
-            raise TypeError(f"GRPOTrainer got unsupported arguments: {', '.join(sorted(kwargs))}")
         if callbacks:
             raise ValueError("GRPOTrainer: callbacks are not supported by grpokit; read metrics.jsonl instead.")
         if reward_processing_classes is not None:
             raise ValueError("GRPOTrainer: reward_processing_classes is not supported; pass reward models by "
                              "path to the 'reward_model' reward (see docs/rewards.md).")
-        self.args = args if args is not None else GRPOConfig()
+        self._take_args(GRPOConfig, args, kwargs)
         self.parts: RunParts = build_run(
             self.args, model=model, reward_funcs=reward_funcs, train_dataset=train_dataset,
             eval_dataset=eval_dataset, tokenizer=processing_class, peft_config=peft_config,
             optimizers=optimizers,
         )
-
-    @property
-    def model(self):
-        return self.parts.model
-
-    @property
-    def processing_class(self):
-        return self.parts.tokenizer
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict:
         """Run the loop; returns the final metrics (including eval accuracy before/after)."""
@@ -72,14 +62,8 @@ class GRPOTrainer:
 
 def train_loop(run: RunParts, resume_from_checkpoint: str | bool | None = None) -> dict:
     cfg, tracker = run.config, run.tracker
-    state = {"global_step": 0, "epoch": 0, "cursor": 0, "skipped_steps": 0, "samples_seen": 0}
-    if resume_from_checkpoint:
-        state.update(run.resume(resume_from_checkpoint))
     tracker.write(run.summary())
-
-    final: dict[str, float] = {}
-    if cfg.eval_on_start and run.eval_dataset is not None and state["global_step"] == 0:
-        final.update(run.log_eval(step=0))
+    state, final = run.begin(resume_from_checkpoint)
 
     while state["global_step"] < run.total_steps:
         phase: dict[str, float] = {}

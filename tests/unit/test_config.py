@@ -77,3 +77,14 @@ def test_yaml_style_number_strings_become_numbers():
 def test_yaml_no_means_the_string_no():
     c = GRPOConfig(save_strategy=False, eval_strategy=False)
     assert (c.save_strategy, c.eval_strategy) == ("no", "no")
+
+
+def test_trainer_refuses_a_config_of_another_class_naming_both():
+    import types
+
+    from grpokit import GRPOTrainer
+
+    with pytest.raises(TypeError, match=r"GRPOTrainer needs a grpokit.GRPOConfig, got types.SimpleNamespace"):
+        GRPOTrainer(model="unused", args=types.SimpleNamespace(learning_rate=1e-6))
+    with pytest.raises(TypeError, match="GRPOTrainer got unsupported arguments: data_collator"):
+        GRPOTrainer(model="unused", args=None, data_collator=object())

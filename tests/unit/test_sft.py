@@ -9,7 +9,8 @@ import torch
 
 from grpokit.data import get_task
 from grpokit.models import load_model, load_tokenizer, starter_model_path
-from grpokit.sft import SFTConfig, _collate, _tokenize_pairs, evaluate_on_task, run_sft
+from grpokit.sft import SFTConfig, evaluate_on_task, run_sft
+from grpokit.sft_data import _collate, _tokenize_pairs
 from tests.helpers import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_model
 
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,

@@ -338,6 +338,7 @@ class HFEngine:
         finish = ["length"] * n_rows
         window = (max(len(s) for s in stop) + _STOP_WINDOW_EXTRA) if stop else 0
         decode_batch = self._decode_batch_fn() if stop else None
+        tokens = None  # set by the first sample() below, before step 1 reads it
         for step in range(params.max_tokens):
             b = cache.b
             if step > 0:
