@@ -18,7 +18,10 @@ the phase split, the tokens each step sampled and trained, and its peak resident
 Shapes (the same settings on both sides: num_generations, per_device_train_batch_size (TRL's
 meaning: completions), gradient_accumulation_steps, max_completion_length, temperature 1, no
 top-p/top-k, loss_type, beta = 0, learning rate, constant schedule, AdamW (torch's fused kernel: both frameworks' default),
-fp32, gradient checkpointing off, no vLLM, CPU):
+fp32, gradient checkpointing off, no vLLM, CPU; the dataset in its own order, not shuffled, so that
+step k of both frameworks samples from the same prompts -- the "bench" prompts' random tokens give
+them different EOS rates, and with a shuffled order each framework drew other prompts and other
+completion lengths):
 
 1. "tiny": grpokit's shipped starter model (~0.8M parameters, char-level) on the built-in
    arithmetic task (prompts like "43+17=", answers of a few tokens): framework overhead dominates.
@@ -194,7 +197,7 @@ def worker(framework: str, spec: dict) -> dict:
                   gradient_checkpointing=spec.get("gradient_checkpointing", False), optim="adamw_torch_fused",
                   num_iterations=1, scale_rewards="group", epsilon=0.2, max_grad_norm=1.0, weight_decay=0.0,
                   logging_steps=10_000, save_strategy="no", disable_tqdm=True, log_completions=False,
-                  output_dir=out_dir, reward_weights=weights, shuffle_dataset=True, mask_truncated_completions=False)
+                  output_dir=out_dir, reward_weights=weights, shuffle_dataset=False, mask_truncated_completions=False)
     t_start = _now()
     if framework == "grpokit":
         from grpokit import GRPOConfig, GRPOTrainer
