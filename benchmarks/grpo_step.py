@@ -440,8 +440,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (bench: 1 run of 1 timed step)")
     ap.add_argument("--shapes", default="tiny,bench,learn", help="comma list of tiny, bench, learn")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="runs of each framework per shape, interleaved (default: tiny 4, bench 2, learn 2)")
-    ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default: tiny 8, bench 4)")
+                    help="runs of each framework per shape, interleaved (default: tiny 3, bench 2, learn 2)")
+    ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default: tiny 40 after 5 warm-up steps, bench 4 after 1)")
     ap.add_argument("--learn-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every process (default: torch's)")
     ap.add_argument("--trl-python", default=TRL_PYTHON)
@@ -466,8 +466,11 @@ def main():
         # one snapshot for the whole run (every worker of both frameworks loads the same files)
         args.starter = shutil.copytree(starter_model_path(), os.path.join(tempfile.mkdtemp(), "starter"))
     # (repeats, timed steps) per shape: tiny runs are short and noisy, so more of them
-    plan = {"tiny": (2, 4) if args.quick else (4, 8), "bench": (1, 1) if args.quick else (2, 4),
+    # tiny steps take ~0.05-0.1 s and the first few of a run are slower on both sides (allocator,
+    # oneDNN primitives for new shapes): 5 warm-up steps, then 40 timed ones
+    plan = {"tiny": (2, 10) if args.quick else (3, 40), "bench": (1, 1) if args.quick else (2, 4),
             "learn": (1, 12) if args.quick else (2, 40)}
+    warmups = {"tiny": 5, "bench": 1, "learn": 0}
     peaks = [matmul_peak(args.threads)]
     print(f"fp32 matmul peak (2048^3 torch.matmul loop, {args.threads or 'default'} threads): "
           f"{peaks[0] / 1e9:.1f} GFLOP/s", flush=True)
@@ -475,10 +478,10 @@ def main():
     for name in [s for s in args.shapes.split(",") if s]:
         repeats = args.repeats or plan[name][0]
         steps = (args.learn_steps if name == "learn" else args.steps) or plan[name][1]
-        spec = dict(SHAPES[name], seed=0, threads=args.threads, warmup=1, steps=steps, repeats=repeats,
+        spec = dict(SHAPES[name], seed=0, threads=args.threads, warmup=warmups[name], steps=steps, repeats=repeats,
                     starter=args.starter, gradient_checkpointing=args.gradient_checkpointing)
         if name == "learn":
-            spec.update(warmup=0, eval_n=200)
+            spec.update(eval_n=200)
         variants = ["grpokit", *ABLATIONS] if args.ablate else ["grpokit", "trl"]
         runs = {v: [] for v in variants}
         for rep in range(repeats):
