@@ -20,8 +20,8 @@ import contextlib
 import copy
 import json
 import os
-import sys
 import string
+import sys
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -283,8 +283,6 @@ def is_peft_model(model) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-_is_peft = is_peft_model
-
 
 def apply_lora(model, peft_config):
     """Wrap `model` with a LoRA adapter: base weights frozen, adapter weights trainable.
@@ -295,7 +293,7 @@ def apply_lora(model, peft_config):
     """
     from peft import LoraConfig, PeftConfig, get_peft_model
 
-    if _is_peft(model):
+    if is_peft_model(model):
         raise ValueError("model already has a PEFT adapter; pass the base model to apply_lora")
     if isinstance(peft_config, dict):
         fields = dict(peft_config)
@@ -316,7 +314,7 @@ def reference_logits_context(model):
     ValueError (use `load_reference_model` for a frozen copy); silently returning the policy's own
     logits would make the KL term zero.
     """
-    if not _is_peft(model):
+    if not is_peft_model(model):
         raise ValueError(
             "reference_logits_context needs a LoRA/PEFT model (the reference is the base model with the "
             "adapter disabled); for a full fine-tune load a frozen copy with load_reference_model()"
@@ -339,7 +337,7 @@ def load_reference_model(
     `reference_logits_context`.
     """
     if isinstance(model_or_path, torch.nn.Module):
-        if _is_peft(model_or_path):
+        if is_peft_model(model_or_path):
             raise ValueError("a LoRA model's reference is its base model: use reference_logits_context(model)")
         ref = copy.deepcopy(model_or_path)
         if dtype is not None and dtype != "auto":
@@ -370,7 +368,7 @@ def save_model(model, tokenizer, path: str | os.PathLike, merge_lora: bool = Fal
     unwrapped.save_pretrained(str(path))
     if tokenizer is not None:
         _save_tokenizer(tokenizer, path)
-    if not _is_peft(unwrapped):
+    if not is_peft_model(unwrapped):
         return path
     if not merge_lora:
         return path

@@ -328,7 +328,7 @@ class HFEngine:
         n_rows = cache.b
         global_rows = torch.tensor([i * n + s + k for i, s, c in wave for k in range(c)], dtype=torch.long)
         # uniforms[r, t] picks wave-row r's token at step t (counter-based, see sampling.py)
-        uniforms = row_uniforms(row_keys(seed, global_rows).to(device), params.max_tokens)
+        uniforms = row_uniforms(row_keys(seed, global_rows), params.max_tokens).to(device)  # hashed on the host
         row_ids = torch.arange(n_rows, device=device)  # wave row of each batch position
         positions = torch.tensor([len(prompt_ids[i]) for i, _, c in wave for _ in range(c)],
                                  dtype=torch.long, device=device)
