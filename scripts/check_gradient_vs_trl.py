@@ -1,0 +1,95 @@
+"""Cross-check: one update's gradient of grpokit's GRPOTrainer against TRL's, on identical completions.
+
+    benchmarks/.venv-trl/bin/python scripts/check_gradient_vs_trl.py
+
+(TRL lives in the benchmark venv, see benchmarks/grpo_step.py.) The shipped starter model is loaded
+twice (fp32, CPU); grpokit's engine samples 4 arithmetic prompts x G=8 and its reward functions
+score them; both trainers then compute the loss and its gradient on those same completions --
+grpokit through its training step (packed shared-prefix forward, merged micro-batches), TRL
+through `GRPOTrainer.compute_loss` on the padded batch -- for each loss type. Prints the relative
+difference of the whole gradient and of the worst tensor; float32 summation order alone gives
+~1e-6. Exit status 1 when a difference exceeds 1e-4.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+import torch
+import trl
+from transformers import AutoModelForCausalLM
+
+import grpokit.trainer as grpo_loop
+from grpokit import GRPOConfig, GRPOTrainer
+from grpokit.algos import group_advantages
+from grpokit.batch import make_micro_batches
+from grpokit.data import get_task
+from grpokit.models import load_tokenizer, starter_model_path
+
+G, PROMPTS = 8, 4
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    path = starter_model_path()
+    tok = load_tokenizer(path)
+    task = get_task("arithmetic", seed=0, num_train=64, num_eval=8)
+    worst_seen = 0.0
+    rollout = None
+    for loss_type in ("dapo", "grpo", "dr_grpo", "bnpo"):
+        ours, theirs = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) for _ in range(2))
+        common = dict(per_device_train_batch_size=G * PROMPTS, gradient_accumulation_steps=1, num_generations=G,
+                      max_completion_length=8, temperature=1.0, top_p=1.0, top_k=0, loss_type=loss_type, beta=0.0,
+                      learning_rate=1e-4, max_steps=1, seed=0, use_cpu=True, bf16=False, report_to="none",
+                      output_dir=tempfile.mkdtemp(), shuffle_dataset=False, reward_weights=list(task.reward_weights))
+        trainer = GRPOTrainer(model=ours, reward_funcs=list(task.reward_funcs), processing_class=tok,
+                              train_dataset=task.train_dataset,
+                              args=GRPOConfig(**common, plot=False, save_strategy="no", disable_tqdm=True))
+        run = trainer.parts
+        if rollout is None:  # the same completions for every loss type
+            rollout = run.sample(list(range(PROMPTS)), seed=123)
+            scored = run.score(rollout)
+            rollout.rewards_per_func, rollout.rewards = scored.per_func, scored.total
+            rollout.reward_names = list(scored.names)
+            rollout.advantages = group_advantages(rollout.rewards, G, scale_rewards="group")
+        batches = make_micro_batches(rollout, G * PROMPTS, pad_id=run.pad_id, device=run.device,
+                                     mask_truncated=False, merge=grpo_loop._can_merge_micro_batches(run),
+                                     skip_zero_advantage=True)
+        num_items = sum(mb.completion_mask.sum() for mb in batches)
+        grpo_loop._accumulate_gradients(run, batches, num_items, torch.tensor(float(G * PROMPTS)))
+        g_ours = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+
+        ref = trl.GRPOTrainer(model=theirs, reward_funcs=list(task.reward_funcs), processing_class=tok,
+                              train_dataset=task.train_dataset, args=trl.GRPOConfig(**common))
+        ref.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
+        p_len = max(len(p) for p in rollout.prompt_ids)
+        c_len = max(len(c) for c in rollout.completion_ids)
+        pad = tok.pad_token_id
+        completion_mask = torch.tensor([[1] * len(c) + [0] * (c_len - len(c)) for c in rollout.completion_ids])
+        inputs = {
+            "prompt_ids": torch.tensor([[pad] * (p_len - len(p)) + p for p in rollout.prompt_ids]),
+            "prompt_mask": torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) for p in rollout.prompt_ids]),
+            "completion_ids": torch.tensor([c + [pad] * (c_len - len(c)) for c in rollout.completion_ids]),
+            "completion_mask": completion_mask, "advantages": rollout.advantages.clone(),
+            "num_items_in_batch": completion_mask.sum().float(), "old_per_token_logps": None,
+        }
+        ref.model.train()
+        ref.compute_loss(ref.model, inputs).backward()
+        g_ref = {n: p.grad for n, p in ref.model.named_parameters() if p.grad is not None}
+        if set(g_ours) != set(g_ref):
+            print(f"{loss_type}: different parameters got gradients: {sorted(set(g_ours) ^ set(g_ref))}")
+            return 1
+        whole = (torch.sqrt(sum((g_ours[n] - g_ref[n]).pow(2).sum() for n in g_ref))
+                 / torch.sqrt(sum(g_ref[n].pow(2).sum() for n in g_ref))).item()
+        worst = max((g_ours[n] - g_ref[n]).norm().item() / max(g_ref[n].norm().item(), 1e-30) for n in g_ref)
+        worst_seen = max(worst_seen, whole, worst)
+        print(f"{loss_type:8s} relative gradient difference grpokit vs TRL: whole {whole:.2e}, worst tensor {worst:.2e} "
+              f"({len(g_ref)} tensors)")
+    print("advantages of the shared completions (per group):",
+          [[round(a, 3) for a in row] for row in rollout.advantages.view(PROMPTS, G).tolist()])
+    return 0 if worst_seen < 1e-4 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
