@@ -53,6 +53,7 @@ class MicroBatch:
     rows: slice                     # which rows of the Rollout these are
     pad_id: int = 0
     skip_rows: list[bool] | None = None     # rows left out of the forward (their logprobs come out 0)
+    keep_row: int | None = None     # a row computed even if skipped or wholly masked (see make_micro_batches)
     old_logps: torch.Tensor | None = None   # [B, C] when num_iterations > 1
     ref_logps: torch.Tensor | None = None   # [B, C] when beta > 0
     _padded: tuple | None = field(default=None, repr=False)
@@ -74,6 +75,8 @@ class MicroBatch:
                 comps = [c if keep > 0 else [] for c, keep in zip(comps, in_loss)]
             if self.skip_rows is not None:
                 comps = [[] if skip else c for c, skip in zip(comps, self.skip_rows)]
+            if self.keep_row is not None:
+                comps[self.keep_row] = self.completion_token_ids[self.keep_row]
             self._layout = build_packed_layout(self.prompt_token_ids, comps, max_segment_tokens=max_segment_tokens,
                                                min_row_tokens=min_row_tokens, pad_id=self.pad_id).to(self.device)
             self._layout_key = (max_segment_tokens, min_row_tokens)
@@ -111,7 +114,8 @@ class MicroBatch:
 
 
 def make_micro_batches(rollout: Rollout, size: int, *, pad_id: int, device, mask_truncated: bool,
-                       merge: bool = False, skip_zero_advantage: bool = False) -> list[MicroBatch]:
+                       merge: bool = False, skip_zero_advantage: bool = False,
+                       never_empty: bool = False) -> list[MicroBatch]:
     """Split the N samples into micro-batches of `size` consecutive rows (groups stay whole when
     size is a multiple of G; a group cut by a micro-batch boundary still shares its prompt within
     each part). Completion tensors are padded to each micro-batch's own longest completion.
@@ -127,7 +131,13 @@ def make_micro_batches(rollout: Rollout, size: int, *, pad_id: int, device, mask
     the packed forward: every policy loss is A times something finite, so they add 0 to the loss
     and its gradient. They stay in the [B, C] tensors and in the masks, so the loss normalisers
     do not change; their logprobs (and sampling logprobs, the old ones when reused) are 0, so
-    their importance ratio is 1."""
+    their importance ratio is 1.
+
+    `never_empty=True` (several ranks): a micro-batch whose rows would all be left out of the
+    forward (skipped, or wholly masked) keeps its shortest row in it (`MicroBatch.keep_row`). That
+    row adds exactly 0 to the loss (advantage 0, or mask 0), but the forward runs the whole model,
+    so every parameter gets a (zero) gradient and this rank takes part in the same gradient
+    reduction (DDP) and parameter gathers (FSDP2) as a rank that has something to train."""
     n = len(rollout.completion_ids)
     for i, pi in enumerate(rollout.prompt_ids):
         if not pi:
@@ -151,15 +161,38 @@ def make_micro_batches(rollout: Rollout, size: int, *, pad_id: int, device, mask
         comp_mask = comp_mask.float()
         if mask_truncated:
             comp_mask[rollout.truncated[rows]] = 0.0
-        if any(skip[rows]):
-            samp[torch.tensor(skip[rows])] = 0.0
+        keep_row = None
+        if never_empty:
+            out_of_forward = [sk or float(m.amax()) == 0.0 for sk, m in zip(skip[rows], comp_mask)]
+            if all(out_of_forward):
+                keep_row = min(range(b), key=lambda i: len(c_ids[i]))
+        row_skip = [sk and i != keep_row for i, sk in enumerate(skip[rows])]
+        if any(row_skip):
+            samp[torch.tensor(row_skip)] = 0.0
         out.append(MicroBatch(
             prompt_token_ids=[list(p) for p in p_ids], completion_token_ids=[list(ci) for ci in c_ids],
             completion_ids=completion_ids.to(device), completion_mask=comp_mask.to(device),
             advantages=rollout.advantages[rows].to(device), sampling_logps=samp.to(device), rows=rows, pad_id=pad_id,
-            skip_rows=skip[rows] if any(skip[rows]) else None,
+            skip_rows=row_skip if any(row_skip) else None, keep_row=keep_row,
         ))
     return out
+
+
+def zero_weight_micro_batch(like: MicroBatch) -> MicroBatch:
+    """One row of `like` with mask 0 and advantage 0, computed all the same (`keep_row`): a
+    forward and backward that adds exactly 0 to the loss and its gradient. `pad_micro_batches`
+    appends such micro-batches so that every rank runs as many forwards as the others."""
+    return MicroBatch(
+        prompt_token_ids=like.prompt_token_ids[:1], completion_token_ids=like.completion_token_ids[:1],
+        completion_ids=like.completion_ids[:1], completion_mask=torch.zeros_like(like.completion_mask[:1]),
+        advantages=torch.zeros_like(like.advantages[:1]), sampling_logps=torch.zeros_like(like.sampling_logps[:1]),
+        rows=slice(like.rows.start, like.rows.start), pad_id=like.pad_id, keep_row=0,
+    )
+
+
+def pad_micro_batches(micro_batches: list[MicroBatch], count: int) -> list[MicroBatch]:
+    """`micro_batches` followed by zero-weight ones up to `count` (see zero_weight_micro_batch)."""
+    return micro_batches + [zero_weight_micro_batch(micro_batches[-1]) for _ in range(count - len(micro_batches))]
 
 
 def _merge_spans(rollout: Rollout, spans: list[tuple[int, int]], skip: list[bool]) -> list[tuple[int, int]]:

@@ -203,6 +203,12 @@ class RunParts:
             torch.distributed.all_reduce(x)
         return x
 
+    def global_max(self, n: int) -> int:
+        x = torch.tensor([int(n)], dtype=torch.int64, device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+        return int(x)
+
     def reduce_metrics(self, local: dict[str, torch.Tensor]) -> dict[str, float]:
         keys = sorted(local)
         vec = torch.stack([torch.as_tensor(local[k], dtype=torch.float32).detach().cpu().reshape(()) for k in keys])

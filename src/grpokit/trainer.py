@@ -18,7 +18,7 @@ import torch
 
 from grpokit import memory
 from grpokit.algos import LOSS_TYPES, group_advantages, policy_loss, rollout_correction_weights, top_entropy_mask
-from grpokit.batch import Rollout, make_micro_batches, sampler_logps_are_old_logps, uses_packed_forward
+from grpokit.batch import Rollout, make_micro_batches, pad_micro_batches, sampler_logps_are_old_logps, uses_packed_forward
 from grpokit.config import GRPOConfig
 from grpokit.run import RunFacade, RunParts, build_run
 
@@ -82,7 +82,12 @@ def train_loop(run: RunParts, resume_from_checkpoint: str | bool | None = None) 
         micro_batches = make_micro_batches(rollout, cfg.per_device_train_batch_size, pad_id=run.pad_id,
                                            device=run.device, mask_truncated=cfg.mask_truncated_completions,
                                            merge=_can_merge_micro_batches(run),
-                                           skip_zero_advantage=cfg.beta == 0 and cfg.top_entropy_quantile >= 1.0)
+                                           skip_zero_advantage=cfg.beta == 0 and cfg.top_entropy_quantile >= 1.0,
+                                           never_empty=run.world_size > 1)
+        if run.world_size > 1:
+            # every rank runs as many forwards as the rank with the most (merging depends on the
+            # data): the same collectives everywhere, whatever each rank has to train
+            micro_batches = pad_micro_batches(micro_batches, run.global_max(len(micro_batches)))
         # 4. old logprobs only when reused for several updates; reference only when beta > 0
         with _timed(phase, "time/logprobs"):
             _add_fixed_logprobs(run, micro_batches)

@@ -9,7 +9,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dist_common import SAVE_STEPS, config, letters, model_for, prompts_ds  # noqa: E402
+from dist_common import SAVE_STEPS, config, model_for, prompts_ds, reward_for  # noqa: E402
 
 from grpokit import GRPOTrainer, distributed  # noqa: E402
 
@@ -22,7 +22,7 @@ def main(out, jobs):
         model, tok = model_for(scenario)
         cfg = config(os.path.join(out, name + ("-resume" if resume else "")), scenario,
                      world=int(os.environ["WORLD_SIZE"]), strategy=strategy)
-        trainer = GRPOTrainer(model=model, reward_funcs=letters, args=cfg, train_dataset=prompts_ds(),
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_for(scenario), args=cfg, train_dataset=prompts_ds(),
                               processing_class=tok)
         trainer.train(resume_from_checkpoint=os.path.join(out, name, f"checkpoint-{SAVE_STEPS}") if resume else None)
         print(f"[rank {trainer.parts.rank}] {job}: {time.perf_counter() - t0:.1f} s", flush=True)

@@ -26,6 +26,11 @@ SCENARIOS = {
     # activation checkpointing
     "lora": ({}, dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, loss_type="grpo", beta=0.04,
                       num_iterations=2, gradient_checkpointing=True)),
+    # TRL's defaults (beta=0, dapo), prompts in order: rank 1's groups all have equal rewards
+    # (reward `second_half_constant`), so it has nothing to train while rank 0 has; completions
+    # with advantage 0 are left out of the forward and micro-batches are merged, so the ranks'
+    # forwards differ unless every rank is made to take part in the same collectives
+    "zeroadv": ({}, dict(loss_type="dapo", beta=0.0, shuffle_dataset=False)),
 }
 
 
@@ -43,6 +48,20 @@ def prompts_ds(n=40):
 def letters(prompts, completions, **kw):
     """Fraction of letters: a continuous reward, so (nearly) every group has a non-zero advantage."""
     return [sum(ch.isalpha() for ch in c) / max(1, len(c)) for c in completions]
+
+
+def second_half_constant(prompts, completions, **kw):
+    """`letters` for the first 4 prompts of each 8 (rank 0's half of a step when the dataset is
+    taken in order), 0.5 for the last 4 (rank 1's half): every group of rank 1 has equal rewards."""
+    out = []
+    for p, c in zip(prompts, completions):
+        i = int(p[1:-1])  # "q12:" -> 12
+        out.append(0.5 if (i // 4) % 2 else letters([p], [c])[0])
+    return out
+
+
+def reward_for(scenario):
+    return second_half_constant if scenario == "zeroadv" else letters
 
 
 def config(output_dir, scenario, *, world, strategy="ddp", **over):

@@ -3,6 +3,8 @@
 - DDP and FSDP2, full fine-tune (dapo, KL to a frozen copy, tied embeddings, clipping) and LoRA
   (grpo, KL with the adapter off, mu=2): the same losses, rewards, gradient norms and final
   weights as one process (float32 summation order only).
+- TRL's defaults (beta=0, dapo) with rank 1's groups all of equal rewards while rank 0's are not:
+  rank 1 has nothing to train, yet runs the same collectives (zeroadv scenario).
 - A 2-rank checkpoint resumes on 2 ranks (the same weights as the straight run) and on 1 rank
   (the same weights as the 2-rank run: checkpoints have the one-process format).
 - Through the CLI (`torchrun -m grpokit train`): a reward function that raises on rank 1, or a
@@ -31,15 +33,15 @@ from safetensors.torch import load_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from dist_common import (MAX_STEPS, SAVE_STEPS, WORLD, as_if_ranks, config, letters,  # noqa: E402
-                    model_for, prompts_ds, tiny)
+from dist_common import (MAX_STEPS, SAVE_STEPS, WORLD, as_if_ranks, config, model_for,  # noqa: E402
+                         prompts_ds, reward_for, tiny)
 
 pytestmark = [
     pytest.mark.distributed,
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"),
 ]
 
-TRAIN_JOBS = ["full:ddp", "full:fsdp2", "lora:ddp", "lora:fsdp2"]
+TRAIN_JOBS = ["full:ddp", "full:fsdp2", "lora:ddp", "lora:fsdp2", "zeroadv:ddp", "zeroadv:fsdp2"]
 RESUME_JOBS = ["full:ddp:resume", "full:fsdp2:resume", "lora:fsdp2:resume"]
 LAUNCH_TIMEOUT = 420       # seconds; a hang fails the test instead of stalling CI
 FAULT_TO_EXIT_LIMIT = 30   # seconds from the fault on rank 1 to the end of the whole job
@@ -122,7 +124,7 @@ def launches(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(launches, one_process) -> Path:
-    for scenario in ("full", "lora"):  # the one-process references run while the ranks run
+    for scenario in ("full", "lora", "zeroadv"):  # the one-process references run while the ranks run
         one_process(scenario)
     rc, log = launches["train"].wait()
     assert rc == 0, log[-6000:]
@@ -146,7 +148,7 @@ def one_process(launches):
                 from grpokit import GRPOTrainer
 
                 model, tok = model_for(scenario)
-                trainer = GRPOTrainer(model=model, reward_funcs=letters, args=config(out, scenario, world=1),
+                trainer = GRPOTrainer(model=model, reward_funcs=reward_for(scenario), args=config(out, scenario, world=1),
                                       train_dataset=prompts_ds(), processing_class=tok)
                 as_if_ranks(trainer.parts, WORLD)
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -186,6 +188,8 @@ def test_two_ranks_give_the_losses_and_weights_of_one_process(job, two_ranks, on
     ranks, single = two_ranks / f"{scenario}-{strategy}", one_process(scenario)
     m2, m1 = _metrics(ranks), _metrics(single)
     assert m2.keys() == m1.keys() and max(m1) == MAX_STEPS
+    if scenario == "zeroadv":  # rank 1 had nothing to train (all its groups' rewards equal), rank 0 had
+        assert all(0.5 <= m1[step]["frac_reward_zero_std"] < 1.0 for step in m1), m1
     for step in m1:
         assert m2[step]["reward"] == pytest.approx(m1[step]["reward"], abs=1e-6), step  # the same samples
         assert m2[step]["loss"] == pytest.approx(m1[step]["loss"], abs=1e-6), step

@@ -281,3 +281,39 @@ def test_trainer_skips_all_equal_groups_only_without_kl(tmp_path):
         if not expect_tokens:
             for k, v in trainer.model.state_dict().items():
                 assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("why", ["zero_advantage", "truncated"])
+def test_a_micro_batch_with_nothing_to_train_still_runs_the_whole_model(why):
+    """Several ranks (never_empty=True): a micro-batch whose rows are all out of the forward
+    (advantage 0 with skipping on, or masked as truncated) keeps its shortest row in it, so every
+    parameter gets a gradient (the same DDP reduction / FSDP2 gathers as the other ranks), and
+    that gradient is exactly 0. pad_micro_batches adds zero-weight micro-batches the same way."""
+    from grpokit.algos import policy_loss
+    from grpokit.batch import pad_micro_batches
+    from tests.unit.test_prefix import random_rollout
+
+    model = make_tiny_model(make_char_tokenizer(), arch="qwen2")
+    rollout = random_rollout(g=4, n_prompts=2, seed=5)
+    if why == "zero_advantage":
+        rollout.advantages[:] = 0.0
+    else:
+        rollout.truncated[:] = True
+    kw = dict(pad_id=0, device="cpu", mask_truncated=True, skip_zero_advantage=True, merge=True)
+    alone = make_micro_batches(rollout, 4, **kw)
+    assert all(mb.layout().targets.numel() == 0 for mb in alone)  # one process: nothing computed
+    mbs = make_micro_batches(rollout, 4, never_empty=True, **kw)
+    shortest = min(len(c) for c in rollout.completion_ids[mbs[0].rows])
+    assert mbs[0].layout().targets.numel() == shortest  # one row computed: the shortest
+    mbs = pad_micro_batches(mbs, len(mbs) + 2)
+    assert mbs[-1].completion_mask.sum() == 0 and mbs[-1].layout().targets.numel() > 0
+    for mb in mbs:
+        model.zero_grad(set_to_none=True)
+        logps, _ = completion_logprobs(model, mb, temperature=1.0)
+        loss, _ = policy_loss(logps, None, mb.advantages, mb.completion_mask, loss_type="dapo",
+                              max_completion_length=9, num_items_in_batch=8.0, num_sequences=8.0)
+        loss.backward()
+        assert float(loss) == 0.0
+        for name, p in model.named_parameters():
+            assert p.grad is not None, name  # the whole model ran
+            assert float(p.grad.abs().max()) == 0.0, name
