@@ -202,10 +202,10 @@ def worker(framework: str, spec: dict) -> dict:
     if framework == "grpokit":
         from grpokit import GRPOConfig, GRPOTrainer
 
-        _ablate(spec.get("ablate"))
-
         cfg = GRPOConfig(**common, plot=False, report_to="none", max_prompt_length=None)
-        trainer = GRPOTrainer(model=model, reward_funcs=rec.funcs, args=cfg, train_dataset=ds, processing_class=tok)
+        plan = _forward_plan(spec.get("ablate"))
+        trainer = GRPOTrainer(model=model, reward_funcs=rec.funcs, args=cfg, train_dataset=ds, processing_class=tok,
+                              **({"forward_plan": plan} if plan else {}))
         tracker_log = trainer.parts.tracker.log
 
         def log(step, metrics):
@@ -273,28 +273,21 @@ ABLATIONS = {
     "dense-attention": "the dense masked attention on every packed row (no prefix_attention)",
     "no-skip": "zero-advantage completions computed too",
 }
+ABLATION_PLANS = {
+    "padded": {"packed": False, "merge": False},
+    "no-merge": {"merge": False},
+    "dense-attention": {"dense_row_tokens": 1 << 30},
+    "no-skip": {"skip_zero_advantage": False},
+}
 
 
-def _ablate(name: str | None) -> None:
-    """Switch one grpokit training-forward feature off (grpokit worker only)."""
+def _forward_plan(name: str | None) -> dict | None:
+    """The GRPOTrainer(forward_plan=...) of an ablation: one training-forward feature off."""
     if not name:
-        return
-    import grpokit.batch
-    import grpokit.prefix
-    import grpokit.trainer
-
-    if name == "padded":
-        grpokit.batch.supports_packed = lambda model: False
-        grpokit.trainer.uses_packed_forward = lambda model: False
-    elif name == "no-merge":
-        grpokit.trainer._can_merge_micro_batches = lambda run: False
-    elif name == "dense-attention":
-        grpokit.prefix.DENSE_ROW_TOKENS = 1 << 30
-    elif name == "no-skip":
-        make = grpokit.trainer.make_micro_batches
-        grpokit.trainer.make_micro_batches = lambda *a, **kw: make(*a, **{**kw, "skip_zero_advantage": False})
-    else:
+        return None
+    if name not in ABLATION_PLANS:
         raise ValueError(f"unknown ablation {name!r}; use one of {', '.join(ABLATIONS)}")
+    return ABLATION_PLANS[name]
 
 
 def _versions(framework):
@@ -332,9 +325,10 @@ def matmul_peak(threads: int | None, seconds: float = 2.0, n: int = 2048) -> flo
     return best
 
 
-def run_worker(framework: str, spec: dict, python: str) -> dict:
+def run_worker(framework: str, spec: dict, python: str, grpokit_src: str | None = None) -> dict:
+    """One worker process; `grpokit_src` (a tree's src/ folder) shadows the installed grpokit."""
     cmd = [python, os.path.abspath(__file__), "--worker", framework, "--spec", json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [grpokit_src, ROOT, os.environ.get("PYTHONPATH")])),
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -373,24 +367,28 @@ def summarize(results: list[dict], peak: float) -> dict:
 
 
 def print_shape(name: str, spec: dict, summ: dict[str, dict]):
-    g, k = summ["grpokit"], summ["trl"]
+    g = summ["grpokit"]
     print(f"\n== shape {name}: {g['n_params'] / 1e6:.2f}M params, G={spec['G']}, "
           f"per_device_train_batch_size={spec['batch']}, gradient_accumulation_steps={spec['accum']}, "
           f"max_completion_length={spec['max_completion']}, {spec['steps']} timed steps x {spec['repeats']} repeats")
-    head = (f"{'':9s} {'s/step':>8s} {'cpu s/step':>10s} {'compl/s':>8s} {'gen tok/step':>12s} "
+    head = (f"{'':12s} {'s/step':>8s} {'cpu s/step':>10s} {'compl/s':>8s} {'gen tok/step':>12s} "
             f"{'useful GFLOP/s':>14s} {'% of peak':>9s} {'peak RSS GB':>11s}")
     print(head)
-    for fw, s in (("grpokit", g), ("trl", k)):
-        print(f"{fw:9s} {s['s_per_step']:8.2f} {s['cpu_s_per_step']:10.2f} {s['completions_per_s']:8.2f} "
+    for fw, s in summ.items():
+        print(f"{fw:12s} {s['s_per_step']:8.2f} {s['cpu_s_per_step']:10.2f} {s['completions_per_s']:8.2f} "
               f"{s['completion_tokens']:12.0f} {s['useful_gflops']:14.2f} {100 * s['peak_fraction']:8.2f}% "
               f"{s['rss_peak_gb']:11.2f}")
-    print(f"ratio grpokit vs TRL: {k['s_per_step'] / g['s_per_step']:.2f}x steps/s, "
-          f"{k['cpu_s_per_step'] / g['cpu_s_per_step']:.2f}x per CPU-second, "
-          f"{g['completions_per_s'] / k['completions_per_s']:.2f}x completions/s, "
-          f"{g['useful_gflops'] / k['useful_gflops']:.2f}x useful FLOP/s, "
-          f"peak RSS {g['rss_peak_gb'] / k['rss_peak_gb']:.2f}x (after building the model: "
-          f"{g['rss_after_model_gb']:.2f} / {k['rss_after_model_gb']:.2f} GB)")
-    for fw, s in (("grpokit", g), ("trl", k)):
+    for other, k in summ.items():
+        if other == "grpokit":
+            continue
+        label = "TRL" if other == "trl" else other
+        print(f"ratio grpokit vs {label}: {k['s_per_step'] / g['s_per_step']:.2f}x steps/s, "
+              f"{k['cpu_s_per_step'] / g['cpu_s_per_step']:.2f}x per CPU-second, "
+              f"{g['completions_per_s'] / k['completions_per_s']:.2f}x completions/s, "
+              f"{g['useful_gflops'] / k['useful_gflops']:.2f}x useful FLOP/s, "
+              f"peak RSS {g['rss_peak_gb'] / k['rss_peak_gb']:.2f}x (after building the model: "
+              f"{g['rss_after_model_gb']:.2f} / {k['rss_after_model_gb']:.2f} GB)")
+    for fw, s in summ.items():
         split = "  ".join(f"{p} {v:.3f}s" for p, v in s["phases"].items())
         print(f"  {fw} phases (median s/step): {split}")
     if g["phase_memory_gb"]:
@@ -449,13 +447,16 @@ def main():
     ap.add_argument("--gradient-checkpointing", action="store_true", help="on for both frameworks (TRL's default)")
     ap.add_argument("--ablate", action="store_true",
                     help="instead of TRL: grpokit with each training-forward feature off in turn (interleaved)")
+    ap.add_argument("--baseline-src", default=None,
+                    help="instead of TRL: grpokit against another grpokit tree's src/ folder (e.g. a git worktree "
+                         "of the previous commit), variant 'grpokit-base': a hot-path change measured before/after")
     ap.add_argument("--json", default=None, help="write all results to this file")
     args = ap.parse_args()
     if args.worker:
         result = worker(args.worker, json.loads(args.spec))
         print("RESULT " + json.dumps(result))
         return
-    if not os.path.exists(args.trl_python):
+    if not os.path.exists(args.trl_python) and not (args.ablate or args.baseline_src):
         sys.exit(f"no TRL venv at {args.trl_python}; see the set-up lines at the top of this file.")
 
     if args.starter is None and any(x in args.shapes for x in ("tiny", "learn")):
@@ -482,14 +483,17 @@ def main():
                     starter=args.starter, gradient_checkpointing=args.gradient_checkpointing)
         if name == "learn":
             spec.update(eval_n=200)
-        variants = ["grpokit", *ABLATIONS] if args.ablate else ["grpokit", "trl"]
+        variants = (["grpokit", *ABLATIONS] if args.ablate else ["grpokit", "grpokit-base"] if args.baseline_src
+                    else ["grpokit", "trl"])
         runs = {v: [] for v in variants}
         for rep in range(repeats):
             for fw in (variants if rep % 2 == 0 else variants[::-1]):
                 spec_r = dict(spec, seed=spec["seed"] + rep, ablate=fw if fw in ABLATIONS else None)
                 worker_fw = "trl" if fw == "trl" else "grpokit"
                 t = time.perf_counter()
-                res = run_worker(worker_fw, spec_r, args.trl_python if fw == "trl" else sys.executable)
+                res = run_worker(worker_fw, spec_r, args.trl_python if fw == "trl" else sys.executable,
+                                 grpokit_src=os.path.join(os.path.abspath(args.baseline_src), "src")
+                                 if fw == "grpokit-base" else None)
                 runs[fw].append(res)
                 walls = [round(s["wall_s"], 2) for s in res["steps"]]
                 print(f"  [{name} repeat {rep}] {fw}: {time.perf_counter() - t:.0f} s total; step seconds {walls}",
@@ -501,7 +505,7 @@ def main():
     for name, shape in everything["shapes"].items():
         if args.ablate:
             print_ablation(name, shape["spec"], {v: summarize(r, max(peaks)) for v, r in shape["runs"].items()})
-        elif name == "learn":
+        elif name == "learn" and not args.baseline_src:
             shape["summary"] = learning_summary(shape["runs"], shape["spec"])
         else:
             shape["summary"] = {fw: summarize(r, max(peaks)) for fw, r in shape["runs"].items()}

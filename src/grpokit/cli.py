@@ -10,88 +10,7 @@ import re
 import sys
 from typing import Any
 
-import yaml
-
-# `grpokit train` with nothing said about model, data or task runs the built-in demo: the arithmetic
-# task on the shipped starter model, about two minutes on a 2-core CPU.
-DEMO_DEFAULTS: dict[str, Any] = {
-    "task": "arithmetic",
-    "output_dir": "runs/demo",
-    "learning_rate": 3e-4,
-    "per_device_train_batch_size": 64,
-    "gradient_accumulation_steps": 2,
-    "num_generations": 8,
-    "max_completion_length": 8,
-    "max_steps": 300,
-    "temperature": 1.0,
-    "lr_scheduler_type": "constant",
-    "logging_steps": 10,
-    "eval_strategy": "steps",
-    "eval_steps": 50,
-    "eval_on_start": True,
-    "save_steps": 100,
-    "use_cpu": True,
-}
-
-
-def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """['lr=1e-5', '--beta', '0.04', '--use_peft'] -> {'lr': 1e-5, 'beta': 0.04, 'use_peft': True};
-    values are read as YAML (numbers, booleans, lists, null)."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if tok.startswith("--"):
-            key = tok[2:]
-            if "=" in key:
-                key, val = key.split("=", 1)
-            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--") and not _KEY_EQ.match(tokens[i + 1]):
-                val, i = tokens[i + 1], i + 1
-            else:
-                val = "true"
-        elif "=" in tok:
-            key, val = tok.split("=", 1)
-        else:
-            raise SystemExit(f"grpokit: cannot read {tok!r}: use key=value or --key value.")
-        out[key.replace("-", "_")] = _yaml_value(val)
-        i += 1
-    return out
-
-
-_KEY_EQ = re.compile(r"^[A-Za-z_][\w-]*=")
-
-
-def _yaml_value(text: str) -> Any:
-    """YAML scalar, except that '1e-5' (a string to YAML 1.1) is read as the number it means."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value) if any(ch in value.lower() for ch in ".e") else int(value)
-        except ValueError:
-            return value
-    return value
-
-
-def load_config_dict(args: list[str]) -> dict[str, Any]:
-    """Optional YAML file first, then overrides."""
-    cfg: dict[str, Any] = {}
-    if args and not args[0].startswith("-") and "=" not in args[0]:
-        path, args = args[0], args[1:]
-        if not os.path.exists(path):
-            raise SystemExit(f"grpokit: config file {path!r} not found.")
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-        if not isinstance(cfg, dict):
-            raise SystemExit(f"grpokit: {path} must hold a mapping of config fields.")
-    cfg.update(parse_overrides(args))
-    return cfg
-
-
-def with_demo_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
-    if any(cfg.get(k) for k in ("model_name_or_path", "dataset_name", "task")):
-        return cfg
-    return {**DEMO_DEFAULTS, **cfg}
-
+from grpokit.config_file import load_config_dict, with_demo_defaults
 
 def cmd_train(argv: list[str]) -> int:
     """Also under `torchrun --nproc_per_node N -m grpokit train ...`: the trainer opens the process
@@ -251,7 +170,7 @@ def cmd_rewards(argv: list[str]) -> int:
 
 def cmd_compare(argv: list[str]) -> int:
     """GRPO, PPO and DPO on the same task and sample budget; writes reports/compare/ (docs/compare.md)."""
-    from grpokit.compare import run_compare
+    from grpokit.compare.run import run_compare
 
     return run_compare(argv)
 

@@ -24,7 +24,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 
 
 @dataclass
-class _GRPOFields:
+class GRPOFields:
     # --- model, data, task (TRL's ModelConfig / ScriptArguments names) ---
     model_name_or_path: str | None = _f(None, "Hub id or local path of the policy; None = the shipped starter model.")
     dataset_name: str | None = _f(None, "Hub dataset name or local JSON/JSONL/CSV/Parquet file or folder.")
@@ -175,11 +175,11 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
 }
 
 
-class GRPOConfig(_GRPOFields):
+class GRPOConfig(GRPOFields):
     """All settings of a GRPO run (see each field's `help`). Validated at construction."""
 
     def __init__(self, **kwargs: Any):
-        known = {f.name for f in dataclasses.fields(_GRPOFields)}
+        known = {f.name for f in dataclasses.fields(GRPOFields)}
         for name in list(kwargs):
             if name in known:
                 continue
@@ -199,7 +199,7 @@ class GRPOConfig(_GRPOFields):
         self.validate()
 
     def _normalise(self) -> None:
-        for f in dataclasses.fields(_GRPOFields):  # YAML 1.1 reads 1e-5 as a string
+        for f in dataclasses.fields(GRPOFields):  # YAML 1.1 reads 1e-5 as a string
             value = getattr(self, f.name)
             if isinstance(f.default, float) and isinstance(value, str):
                 try:
@@ -276,7 +276,7 @@ class GRPOConfig(_GRPOFields):
 
     # ---- conversions ----
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(_GRPOFields)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(GRPOFields)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "GRPOConfig":
@@ -293,4 +293,4 @@ def _is_off(value: Any, off_values: tuple) -> bool:
 
 def field_help() -> dict[str, str]:
     """Field name -> one-line help (used by `grpokit train --help-config`)."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(_GRPOFields)}
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(GRPOFields)}

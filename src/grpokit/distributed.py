@@ -3,7 +3,7 @@
 - `init_distributed` opens the default process group from torchrun's environment (RANK,
   WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL on CUDA (after
   `torch.cuda.set_device(local_rank)`), gloo on CPU, with `ddp_timeout` seconds for a collective.
-- `wrap_for_training` puts the training forward (`batch.completion_logprobs`) in a small module,
+- `wrap_for_training` puts the training forward (`core.forward.completion_logprobs`) in a small module,
   `TrainingForward`, and wraps that in DDP or FSDP2 (`fully_shard` per decoder layer, then the
   root). `completion_logprobs` calls the decoder and the lm_head weight directly, which would skip
   the forward of a DDP/FSDP wrapper around the model: going through `TrainingForward.forward`
@@ -103,7 +103,7 @@ def world_size() -> int:
 # --------------------------------------------------------------------------------------------
 
 class TrainingForward(nn.Module):
-    """`forward(mb, **kw)` = `batch.completion_logprobs(self.model, mb, **kw)` as a module, so
+    """`forward(mb, **kw)` = `core.forward.completion_logprobs(self.model, mb, **kw)` as a module, so
     that DDP's / FSDP2's forward hooks run around the real training forward."""
 
     def __init__(self, model: nn.Module):
@@ -111,7 +111,7 @@ class TrainingForward(nn.Module):
         self.model = model
 
     def forward(self, *args, **kwargs):
-        from grpokit.batch import completion_logprobs
+        from grpokit.core.forward import completion_logprobs
 
         logps, entropy = completion_logprobs(self.model, *args, **kwargs)
         # a fresh tensor, not a view: FSDP2 hooks its pre-backward on the output
@@ -163,9 +163,9 @@ def wrap_for_training(model: nn.Module, strategy: str, device: torch.device, *,
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one: the classes in the transformers model's
     `_no_split_modules` (e.g. LlamaDecoderLayer), else the decoder's `layers`."""
-    from grpokit.batch import _unwrap
+    from grpokit.core.forward import unwrap
 
-    inner = _unwrap(model)
+    inner = unwrap(model)
     names = set(getattr(inner, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers and hasattr(inner, "get_decoder") and hasattr(inner.get_decoder(), "layers"):

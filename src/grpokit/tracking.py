@@ -254,7 +254,7 @@ def _format_row(step: int, row: dict) -> str:
 # ---------------------------------------------------------------------- plot
 
 
-def _read_series(path) -> dict[str, dict[int, float]]:
+def read_series(path) -> dict[str, dict[int, float]]:
     """{key: {step: value}} from a metrics.jsonl; the last value logged for a step wins and
     unreadable lines (a line cut by a crash) and null values are skipped."""
     series: dict[str, dict[int, float]] = {}
@@ -272,7 +272,7 @@ def _read_series(path) -> dict[str, dict[int, float]]:
     return series
 
 
-def _moving_average(values: list[float], window: int) -> list[float]:
+def moving_average(values: list[float], window: int) -> list[float]:
     """Trailing mean over the last ``window`` values (fewer at the start)."""
     out, total = [], 0.0
     for i, value in enumerate(values):
@@ -299,7 +299,7 @@ def _draw(ax, key: str, values: Mapping[int, float], parts: Mapping) -> None:
     if dense:
         window = max(2, len(steps) // 20)
         ax.plot(steps, ys, color="C0", alpha=0.3, linewidth=1, label=key)
-        ax.plot(steps, _moving_average(ys, window), color="C0", linewidth=2,
+        ax.plot(steps, moving_average(ys, window), color="C0", linewidth=2,
                 label=f"{key} (moving average, {window} steps)")
     else:
         ax.plot(steps, ys, "o-", color="C0", markersize=4, label=key)
@@ -307,7 +307,7 @@ def _draw(ax, key: str, values: Mapping[int, float], parts: Mapping) -> None:
         ps = sorted(part)
         py = [part[s] for s in ps]
         if dense:
-            py = _moving_average(py, max(2, len(ps) // 20))
+            py = moving_average(py, max(2, len(ps) // 20))
         ax.plot(ps, py, "-" if dense else ".-", color=f"C{i}", linewidth=1.2,
                 label=f"{name} (moving average)" if dense else name)
     if ("accuracy" in key or "pass@" in key) and all(0.0 <= y <= 1.0 for y in ys):
@@ -359,7 +359,7 @@ def plot_metrics(metrics_jsonl_path, png_path, keys=("reward", "eval/accuracy"))
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    series = _read_series(metrics_jsonl_path)
+    series = read_series(metrics_jsonl_path)
     title = os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl_path))) or "run"
     fig = _build_figure(series, tuple(keys), title)
     FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend

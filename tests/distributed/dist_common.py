@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 
 from grpokit import GRPOConfig
-from grpokit.batch import Rollout
+from grpokit.core.trajectory import Trajectories
 from grpokit.models import load_tokenizer, new_char_tokenizer, new_model_from_config
 
 WORLD = 2          # ranks of the distributed runs
@@ -87,13 +87,12 @@ def as_if_ranks(run, world: int) -> None:
     def sample_like_ranks(rows, seed):
         k = len(rows) // world
         parts = [sample(rows[r * k:(r + 1) * k], seed + r) for r in range(world)]
-        return Rollout(
+        return Trajectories(
             row_index=sum((p.row_index for p in parts), []), prompts=sum((p.prompts for p in parts), []),
             completions=sum((p.completions for p in parts), []), prompt_ids=sum((p.prompt_ids for p in parts), []),
             completion_ids=sum((p.completion_ids for p in parts), []),
             sampling_logps=sum((p.sampling_logps for p in parts), []),
-            truncated=torch.cat([p.truncated for p in parts]), rewards_per_func=torch.empty(0),
-            rewards=torch.empty(0), advantages=torch.empty(0))
+            truncated=torch.cat([p.truncated for p in parts]))
 
     run.sample = sample_like_ranks
 

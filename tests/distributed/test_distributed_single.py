@@ -9,7 +9,9 @@ import torch
 import yaml
 
 from grpokit import GRPOConfig, distributed
-from grpokit.batch import Rollout, completion_logprobs, make_micro_batches
+from grpokit.core.batch import make_micro_batches
+from grpokit.core.forward import completion_logprobs
+from grpokit.core.trajectory import Trajectories
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,10 +50,9 @@ def test_single_process_helpers_change_nothing(monkeypatch):
     with distributed.full_parameters(forward), distributed.no_sync(forward):
         pass
     ids = [tok("q1:")["input_ids"]] * 2
-    rollout = Rollout(row_index=[0, 0], prompts=["q1:"] * 2, completions=["ab", "c"], prompt_ids=ids,
-                      completion_ids=[[5, 6], [7]], sampling_logps=[[0.0, 0.0], [0.0]],
-                      truncated=torch.zeros(2, dtype=torch.bool), rewards_per_func=torch.empty(0),
-                      rewards=torch.empty(0), advantages=torch.tensor([1.0, -1.0]))
+    rollout = Trajectories(row_index=[0, 0], prompts=["q1:"] * 2, completions=["ab", "c"], prompt_ids=ids,
+                           completion_ids=[[5, 6], [7]], sampling_logps=[[0.0, 0.0], [0.0]],
+                           truncated=torch.zeros(2, dtype=torch.bool))
     mb = make_micro_batches(rollout, 2, pad_id=tok.pad_token_id, device="cpu", mask_truncated=False)[0]
     torch.testing.assert_close(forward(mb, temperature=0.7)[0], completion_logprobs(model, mb, temperature=0.7)[0],
                                rtol=0, atol=0)

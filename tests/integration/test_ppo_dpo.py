@@ -9,8 +9,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from grpokit.dpo import DPOConfig, DPOTrainer
-from grpokit.ppo import PPOConfig, PPOTrainer
+from grpokit.baselines.dpo import DPOConfig, DPOTrainer
+from grpokit.baselines.ppo import PPOConfig, PPOTrainer
 from grpokit.rollout import SamplingParams
 
 from test_train_e2e import digit_first, prompts_ds, tiny
@@ -184,7 +184,7 @@ def test_compare_runs_the_three_and_writes_the_report(tmp_path):
 
 
 def test_compare_checks_every_config_before_running(tmp_path):
-    from grpokit.compare import plan
+    from grpokit.compare.run import plan
 
     with pytest.raises(ValueError, match="cliprange"):
         plan({"ppo": {"epsilon": 0.3}, "output_dir": str(tmp_path)})
@@ -201,11 +201,12 @@ def test_compare_checks_every_config_before_running(tmp_path):
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_ppo_forward_gives_the_training_logprobs_and_values_from_the_same_hidden_states(tmp_path, packed, monkeypatch):
-    """logprobs_and_values = batch.completion_logprobs for the logprobs (packed and padded layouts),
-    and value_head(hidden) at the position that predicts each token for the values."""
-    import grpokit.ppo as ppo_mod
-    from grpokit.batch import completion_logprobs, make_micro_batches
+def test_ppo_forward_gives_the_training_logprobs_and_values_from_the_same_hidden_states(tmp_path, packed):
+    """The one training forward with PPO's value head (core.forward.completion_logprobs(value_head=)):
+    the logprobs are those without it (packed and padded layouts), the values value_head(hidden)
+    at the position that predicts each token."""
+    from grpokit.core.batch import make_micro_batches
+    from grpokit.core.forward import completion_logprobs
 
     model, tok = tiny()
     trainer = PPOTrainer(model=model, reward_funcs=digit_first, args=PPOConfig(**base(tmp_path, max_steps=1)),
@@ -213,12 +214,11 @@ def test_ppo_forward_gives_the_training_logprobs_and_values_from_the_same_hidden
     run = trainer.parts
     rows, _, _ = run.next_prompt_rows(0, 0)
     rollout = run.sample(rows, seed=0)
-    rollout.advantages = torch.zeros(len(rollout.completion_ids))
     mb = make_micro_batches(rollout, 32, pad_id=run.pad_id, device=run.device, mask_truncated=False)[0]
     torch.nn.init.normal_(trainer.value_head.summary.weight)
-    monkeypatch.setattr(ppo_mod, "uses_packed_forward", lambda m: packed)
     with torch.no_grad():
-        logps, values = ppo_mod.logprobs_and_values(run.model, trainer.value_head, mb, temperature=0.7)
+        logps, _, values = completion_logprobs(run.model, mb, temperature=0.7, packed=packed,
+                                               value_head=trainer.value_head)
         expected = completion_logprobs(run.model, mb, temperature=0.7, packed=packed)[0]
         hidden = run.model.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                                  position_ids=mb.position_ids).last_hidden_state

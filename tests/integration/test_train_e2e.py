@@ -67,8 +67,7 @@ def test_rewards_and_advantages_stay_with_their_prompt_and_sample(tmp_path):
                           processing_class=tok)
     run = trainer.parts
     rows, _, _ = run.next_prompt_rows(0, 0)
-    rollout = run.sample(rows, seed=0)
-    out = run.score(rollout)
+    rollout = run.score(run.sample(rows, seed=0))
     g = run.config.num_generations
     assert len(rollout.completions) == len(rows) * g
     for i in range(len(rollout.completions)):
@@ -78,8 +77,8 @@ def test_rewards_and_advantages_stay_with_their_prompt_and_sample(tmp_path):
         assert tok.decode(rollout.prompt_ids[i]) == f"q{row}:"
         assert seen["ids"][i] == rollout.completion_ids[i]
         assert tok.decode(rollout.completion_ids[i], skip_special_tokens=True).startswith(seen["completions"][i])
-        assert out.total[i] == pytest.approx(row + len(seen["completions"][i]) / 10)
-    adv = group_advantages(out.total, g, scale_rewards="group")
+        assert rollout.rewards[i] == pytest.approx(row + len(seen["completions"][i]) / 10)
+    adv = group_advantages(rollout.rewards, g, scale_rewards="group")
     # within a group the row term cancels: advantages depend on completion lengths only
     lengths = torch.tensor([len(c) / 10 for c in seen["completions"]]).view(-1, g)
     expected = (lengths - lengths.mean(1, keepdim=True)) / (lengths.std(1, keepdim=True) + 1e-4)

@@ -2,6 +2,7 @@
 when num_iterations > 1, taken from the sampler when exact; reference only when beta > 0, from
 the same weights with the adapter off under LoRA), plus the per-phase time/memory metrics."""
 
+import dataclasses
 import json
 import os
 
@@ -10,21 +11,22 @@ import torch
 from datasets import Dataset
 
 from grpokit import GRPOConfig, GRPOTrainer
-from grpokit.batch import Rollout, completion_logprobs, make_micro_batches, sampler_logps_are_old_logps
+from grpokit.core.batch import make_micro_batches
+from grpokit.core.forward import completion_logprobs, sampler_logps_are_old_logps
+from grpokit.core.trajectory import Trajectories
 from tests.helpers import make_char_tokenizer, make_tiny_model
 
 
 def rollout_of(prompts, comps, truncated=None):
     n = len(prompts)
-    return Rollout(row_index=list(range(n)), prompts=[None] * n, completions=[None] * n, prompt_ids=prompts,
-                   completion_ids=comps, sampling_logps=[[-0.5 * (j + 1) for j in range(len(c))] for c in comps],
-                   truncated=torch.tensor(truncated or [False] * n), rewards_per_func=torch.empty(0),
-                   rewards=torch.empty(0), advantages=torch.arange(n, dtype=torch.float32))
+    return Trajectories(row_index=list(range(n)), prompts=[None] * n, completions=[None] * n, prompt_ids=prompts,
+                        completion_ids=comps, sampling_logps=[[-0.5 * (j + 1) for j in range(len(c))] for c in comps],
+                        truncated=torch.tensor(truncated or [False] * n))
 
 
 def test_micro_batches_pad_each_to_its_own_longest():
     ro = rollout_of([[5, 6], [5, 6], [7], [7]], [[1, 2, 3], [4], [8, 9], [10]], truncated=[False, True, False, False])
-    mbs = make_micro_batches(ro, 2, pad_id=0, device="cpu", mask_truncated=True)
+    mbs = make_micro_batches(ro, 2, pad_id=0, device="cpu", mask_truncated=True, advantages=torch.arange(4.0))
     assert [mb.rows for mb in mbs] == [slice(0, 2), slice(2, 4)]
     first, second = mbs
     assert first.completion_ids.tolist() == [[1, 2, 3], [4, 0, 0]]
@@ -66,7 +68,7 @@ def test_merged_micro_batches_fit_the_padded_budget_and_give_the_same_gradients(
         torch.testing.assert_close(a, b)
 
 
-def tiny_trainer(tmp_path, reward=None, model=None, peft_config=None, prefix="", **over):
+def tiny_trainer(tmp_path, reward=None, model=None, peft_config=None, prefix="", forward_plan=None, **over):
     tok = make_char_tokenizer()
     model = model or make_tiny_model(tok, arch="qwen2", max_positions=64)
     base = dict(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8,
@@ -76,7 +78,7 @@ def tiny_trainer(tmp_path, reward=None, model=None, peft_config=None, prefix="",
     ds = Dataset.from_dict({"prompt": [prefix + f"q{i}:" + "x" * (i % 5) for i in range(16)]})
     reward = reward or (lambda prompts, completions, **kw: [float(len(c)) for c in completions])
     return GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**{**base, **over}), train_dataset=ds,
-                       processing_class=tok, peft_config=peft_config)
+                       processing_class=tok, peft_config=peft_config, forward_plan=forward_plan)
 
 
 def test_sampler_logprobs_equal_the_trainers(tmp_path):
@@ -141,24 +143,19 @@ def test_additive_losses_merge_micro_batches_into_fewer_forwards(tmp_path):
     completions (2 groups each) packed (4 prompts once + 16 completions <= 24 + 16 * 6 tokens)
     fit one padded micro-batch's tokens (8 * (27 + 6)), so one forward per step; the same trained
     weights as without the merge (dapo is a plain sum over micro-batches)."""
-    import grpokit.trainer as trainer_module
-
     preamble = "You are a calculator. "
     trainer = tiny_trainer(tmp_path, max_steps=2, loss_type="dapo", prefix=preamble)
     calls = count_forwards(trainer.parts)
     trainer.train()
-    assert calls == [True, True]
+    assert calls == [True, True] and trainer.parts.plan.merge
+    assert "micro-batches merged" in trainer.parts.summary()
     merged = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
-    original = trainer_module._can_merge_micro_batches
-    trainer_module._can_merge_micro_batches = lambda run: False
-    try:
-        unmerged_trainer = tiny_trainer(tmp_path, max_steps=2, loss_type="dapo", output_dir=str(tmp_path / "b"),
-                                        prefix=preamble)
-        calls = count_forwards(unmerged_trainer.parts)
-        unmerged_trainer.train()
-    finally:
-        trainer_module._can_merge_micro_batches = original
+    unmerged_trainer = tiny_trainer(tmp_path, max_steps=2, loss_type="dapo", output_dir=str(tmp_path / "b"),
+                                    prefix=preamble, forward_plan={"merge": False})
+    assert "micro-batches merged" not in unmerged_trainer.parts.summary()
+    calls = count_forwards(unmerged_trainer.parts)
+    unmerged_trainer.train()
     assert calls == [True] * 4
     for k, v in unmerged_trainer.model.state_dict().items():
         torch.testing.assert_close(v, merged[k], rtol=1e-4, atol=1e-5)
@@ -184,12 +181,11 @@ def test_reference_only_when_beta_and_lora_reference_is_the_base(tmp_path):
         for name, p in run.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    from grpokit.trainer import _add_fixed_logprobs
+    from grpokit.core.loop import add_fixed_logprobs
 
     rollout = run.sample(list(range(4)), seed=1)
-    rollout.advantages = torch.zeros(len(rollout.completion_ids))
     mbs = make_micro_batches(rollout, 8, pad_id=run.pad_id, device="cpu", mask_truncated=False)
-    _add_fixed_logprobs(run, mbs)
+    add_fixed_logprobs(run, mbs)
     for mb in mbs:
         with torch.no_grad():
             expected = completion_logprobs(base, mb, temperature=1.0)[0]
@@ -223,19 +219,21 @@ def test_zero_advantage_rows_are_skipped_with_the_same_loss_and_gradients(loss_t
 
     model = make_tiny_model(make_char_tokenizer(), arch="qwen2")
     rollout = random_rollout(g=4, n_prompts=4, seed=4)
-    rollout.advantages[4:8] = 0.0
-    rollout.advantages[12:16] = 0.0
-    rollout.advantages[1] = 0.0  # a single zero inside a group
+    advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(4))
+    advantages[4:8] = 0.0
+    advantages[12:16] = 0.0
+    advantages[1] = 0.0  # a single zero inside a group
     with torch.no_grad():  # "old" logprobs near the current ones: ratios near 1
         mb = make_micro_batches(rollout, 16, pad_id=0, device="cpu", mask_truncated=False)[0]
         now = completion_logprobs(model, mb, temperature=1.0)[0] + 0.05 * torch.randn(mb.completion_ids.shape)
-    rollout.sampling_logps = [now[i, :len(c)].tolist() for i, c in enumerate(rollout.completion_ids)]
+    rollout = dataclasses.replace(rollout, sampling_logps=[now[i, :len(c)].tolist()
+                                                           for i, c in enumerate(rollout.completion_ids)])
     num_items = float(sum(len(c) for c in rollout.completion_ids))
 
     def run(skip):
         model.zero_grad(set_to_none=True)
         mbs = make_micro_batches(rollout, 8, pad_id=0, device="cpu", mask_truncated=False,
-                                 skip_zero_advantage=skip)
+                                 advantages=advantages, skip_zero_advantage=skip)
         total = 0.0
         for mb in mbs:
             logps, _ = completion_logprobs(model, mb, temperature=1.0)
@@ -253,7 +251,7 @@ def test_zero_advantage_rows_are_skipped_with_the_same_loss_and_gradients(loss_t
     for name in grads_all:
         torch.testing.assert_close(grads_skip[name], grads_all[name], msg=lambda m, n=name: f"{n}: {m}")
     computed = sum(int(mb.layout().targets.numel()) for mb in mbs)
-    expected = sum(len(c) for c, a in zip(rollout.completion_ids, rollout.advantages.tolist()) if a != 0)
+    expected = sum(len(c) for c, a in zip(rollout.completion_ids, advantages.tolist()) if a != 0)
     assert computed == expected  # the 9 zero-advantage completions were not computed
 
 
@@ -290,16 +288,17 @@ def test_a_micro_batch_with_nothing_to_train_still_runs_the_whole_model(why):
     parameter gets a gradient (the same DDP reduction / FSDP2 gathers as the other ranks), and
     that gradient is exactly 0. pad_micro_batches adds zero-weight micro-batches the same way."""
     from grpokit.algos import policy_loss
-    from grpokit.batch import pad_micro_batches
+    from grpokit.core.batch import pad_micro_batches
     from tests.unit.test_prefix import random_rollout
 
     model = make_tiny_model(make_char_tokenizer(), arch="qwen2")
     rollout = random_rollout(g=4, n_prompts=2, seed=5)
+    advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(5))
     if why == "zero_advantage":
-        rollout.advantages[:] = 0.0
+        advantages[:] = 0.0
     else:
         rollout.truncated[:] = True
-    kw = dict(pad_id=0, device="cpu", mask_truncated=True, skip_zero_advantage=True, merge=True)
+    kw = dict(pad_id=0, device="cpu", mask_truncated=True, skip_zero_advantage=True, merge=True, advantages=advantages)
     alone = make_micro_batches(rollout, 4, **kw)
     assert all(mb.layout().targets.numel() == 0 for mb in alone)  # one process: nothing computed
     mbs = make_micro_batches(rollout, 4, never_empty=True, **kw)

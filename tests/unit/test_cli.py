@@ -1,6 +1,6 @@
 import pytest
 
-from grpokit.cli import DEMO_DEFAULTS, load_config_dict, parse_overrides, with_demo_defaults
+from grpokit.config_file import DEMO_DEFAULTS, load_config_dict, parse_overrides, with_demo_defaults
 from grpokit.config import GRPOConfig
 
 

@@ -1,20 +1,23 @@
-"""Shared-prefix packed training forward (grpokit.prefix) against the plain padded forward:
+"""Shared-prefix packed training forward (grpokit.core.prefix) against the plain padded forward:
 same logprobs, entropies and parameter gradients on tiny Qwen2 / Llama / GPT-2 models, random
 prompts of different lengths, whole and cut groups, LoRA, gradient checkpointing."""
 
 import pytest
 import torch
 
-from grpokit import prefix
-from grpokit.batch import Rollout, completion_logprobs, make_micro_batches, uses_packed_forward
-from grpokit.prefix import build_packed_layout, find_segments
+from grpokit.core import prefix
+from grpokit.core.batch import make_micro_batches
+from grpokit.core.forward import completion_logprobs, uses_packed_forward
+from grpokit.core.prefix import build_packed_layout, find_segments
+from grpokit.core.trajectory import Trajectories
 from tests.helpers import make_char_tokenizer, make_tiny_model
 
 
 @pytest.fixture(params=["dense", "prefix"])
-def attention(request, monkeypatch):
+def attention(request):
     """Run a test with the dense 4-D mask attention, and with `prefix_attention` on every row
-    (DENSE_ROW_TOKENS = 0), counting that the latter did run."""
+    (the forward's argument dense_row_tokens=0), counting that the latter did run. Yields
+    (mode, calls, keyword arguments for completion_logprobs)."""
     calls = []
     if request.param == "prefix":
         from transformers import AttentionInterface
@@ -23,12 +26,11 @@ def attention(request, monkeypatch):
             calls.append(1)
             return prefix.prefix_attention(*args, **kw)
 
-        monkeypatch.setattr(prefix, "DENSE_ROW_TOKENS", 0)
         AttentionInterface.register(prefix.ATTENTION_NAME, counted)
-        yield request.param, calls
+        yield request.param, calls, {"dense_row_tokens": 0}
         AttentionInterface.register(prefix.ATTENTION_NAME, prefix.prefix_attention)
     else:
-        yield request.param, calls
+        yield request.param, calls, {}
 
 
 def random_rollout(g=4, n_prompts=3, seed=0, vocab=100, max_prompt=12, max_completion=9, empty_row=None):
@@ -47,10 +49,9 @@ def random_rollout(g=4, n_prompts=3, seed=0, vocab=100, max_prompt=12, max_compl
     if empty_row is not None:
         comps[empty_row] = []
     n = len(prompts)
-    return Rollout(row_index=[i // g for i in range(n)], prompts=[None] * n, completions=[None] * n,
-                   prompt_ids=prompts, completion_ids=comps, sampling_logps=[[0.0] * len(c) for c in comps],
-                   truncated=torch.zeros(n, dtype=torch.bool), rewards_per_func=torch.empty(0),
-                   rewards=torch.empty(0), advantages=torch.randn(n, generator=gen))
+    return Trajectories(row_index=[i // g for i in range(n)], prompts=[None] * n, completions=[None] * n,
+                        prompt_ids=prompts, completion_ids=comps, sampling_logps=[[0.0] * len(c) for c in comps],
+                        truncated=torch.zeros(n, dtype=torch.bool))
 
 
 def forward_and_grads(model, mb, packed, temperature=0.7, seed=0, **kw):
@@ -122,7 +123,7 @@ def test_packed_equals_plain_fp32(arch, size, attention):
     else:
         rollout = random_rollout(g=4, n_prompts=3, seed=sum(map(ord, arch)) + size)
     for mb in make_micro_batches(rollout, size, pad_id=0, device="cpu", mask_truncated=False):
-        assert_same(forward_and_grads(model, mb, packed=True), forward_and_grads(model, mb, packed=False))
+        assert_same(forward_and_grads(model, mb, packed=True, **attention[2]), forward_and_grads(model, mb, packed=False))
         # the packed layout computes each prompt once per piece of a group
         assert mb._layout.num_prompt_tokens == sum(len(mb.prompt_token_ids[s]) for s, _ in
                                                    find_segments(mb.prompt_token_ids))
@@ -130,7 +131,7 @@ def test_packed_equals_plain_fp32(arch, size, attention):
             mb._layout = mb.layout(min_row_tokens=32)
             mb.layout = lambda *a, saved=mb._layout: saved  # the forward now uses the shared rows
             assert mb._layout.segment_ids.max() > 0  # several segments in one row
-            assert_same(forward_and_grads(model, mb, packed=True), forward_and_grads(model, mb, packed=False))
+            assert_same(forward_and_grads(model, mb, packed=True, **attention[2]), forward_and_grads(model, mb, packed=False))
     assert bool(attention[1]) == (attention[0] == "prefix")
 
 
@@ -140,7 +141,7 @@ def test_packed_equals_plain_fp64_exactly(attention):
     model = make_tiny_model(make_char_tokenizer(), arch="gpt2", num_layers=3).double()
     rollout = random_rollout(g=5, n_prompts=3, seed=3, max_prompt=20, max_completion=15)
     for mb in make_micro_batches(rollout, 10, pad_id=0, device="cpu", mask_truncated=False):
-        assert_same(forward_and_grads(model, mb, packed=True), forward_and_grads(model, mb, packed=False),
+        assert_same(forward_and_grads(model, mb, packed=True, **attention[2]), forward_and_grads(model, mb, packed=False),
                     rtol=1e-10, atol=1e-12)
     assert bool(attention[1]) == (attention[0] == "prefix")
 
@@ -164,10 +165,10 @@ def test_segment_budget_and_empty_and_masked_completions(attention):
     rollout.truncated[[1, 8]] = True
     for mb in make_micro_batches(rollout, 12, pad_id=0, device="cpu", mask_truncated=True):
         plain = forward_and_grads(model, mb, packed=False)
-        assert_same(forward_and_grads(model, mb, packed=True), plain)
+        assert_same(forward_and_grads(model, mb, packed=True, **attention[2]), plain)
         # masked (truncated) and empty completions are not computed at all
         assert mb.layout().targets.numel() == int(mb.completion_mask.sum())
-        assert_same(forward_and_grads(model, mb, packed=True, max_segment_tokens=16), plain)
+        assert_same(forward_and_grads(model, mb, packed=True, max_segment_tokens=16, **attention[2]), plain)
         assert mb.layout(16).shape[0] > 2
 
 
@@ -184,11 +185,11 @@ def test_lora_policy_and_reference_with_the_adapter_off(attention):
     base = make_tiny_model(tok, arch="qwen2")
     mb = make_micro_batches(random_rollout(g=4, n_prompts=2, seed=9), 8, pad_id=0, device="cpu",
                             mask_truncated=False)[0]
-    packed = forward_and_grads(model, mb, packed=True)
+    packed = forward_and_grads(model, mb, packed=True, **attention[2])
     assert_same(packed, forward_and_grads(model, mb, packed=False))
     assert all("lora_" in n for n in packed[2])
     with reference_logits_context(model) as ref:
-        ref_logps = completion_logprobs(ref, mb, temperature=0.7)[0] * mb.completion_mask
+        ref_logps = completion_logprobs(ref, mb, temperature=0.7, **attention[2])[0] * mb.completion_mask
     with torch.no_grad():
         base_logps = completion_logprobs(base, mb, temperature=0.7, packed=False)[0] * mb.completion_mask
     torch.testing.assert_close(ref_logps, base_logps)
@@ -210,7 +211,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(attention):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            result = forward_and_grads(model, mb, packed=True)
+            result = forward_and_grads(model, mb, packed=True, **attention[2])
         return saved[0], result
 
     saved_plain, expected = saved_elements_and_result()

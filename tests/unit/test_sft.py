@@ -9,8 +9,8 @@ import torch
 
 from grpokit.data import get_task
 from grpokit.models import load_model, load_tokenizer, starter_model_path
-from grpokit.sft import SFTConfig, evaluate_on_task, run_sft
-from grpokit.sft_data import _collate, _tokenize_pairs
+from grpokit.sft import SFTConfig, run_sft
+from grpokit.sft.data import collate, evaluate_on_task, tokenize_pairs
 from tests.helpers import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_model
 
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -46,14 +46,14 @@ def test_same_seed_same_loss(tmp_path: Path):
 
 def test_completion_only_loss_masks_the_prompt():
     tok = make_char_tokenizer()
-    examples = _tokenize_pairs(["12+3=", "1+1="], ["15", "2"], tok, max_length=None)
+    examples = tokenize_pairs(["12+3=", "1+1="], ["15", "2"], tok, max_length=None)
     assert examples[0] == (tok("12+3=15")["input_ids"] + [tok.eos_token_id], 5)
-    ids, mask, labels = _collate(examples, tok.pad_token_id, completion_only_loss=True)
+    ids, mask, labels = collate(examples, tok.pad_token_id, completion_only_loss=True)
     # row 0: "12+3=" masked, "15<eos>" learned; row 1: "1+1=" masked, "2<eos>" learned, then padding
     assert labels[0].tolist() == [-100] * 5 + tok("15")["input_ids"] + [tok.eos_token_id]
     assert labels[1].tolist() == [-100] * 4 + tok("2")["input_ids"] + [tok.eos_token_id] + [-100] * 2
     assert mask[1].tolist() == [1] * 6 + [0] * 2
-    _, _, all_labels = _collate(examples, tok.pad_token_id, completion_only_loss=False)
+    _, _, all_labels = collate(examples, tok.pad_token_id, completion_only_loss=False)
     assert all_labels[0].tolist() == ids[0].tolist()
 
 
@@ -61,8 +61,8 @@ def test_completion_only_loss_ignores_prompt_tokens_in_the_gradient(tmp_path: Pa
     """Changing only the prompt's targets cannot change a completion-only loss; it changes the full loss."""
     tok = make_char_tokenizer()
     model = make_tiny_model(tok, arch="llama")
-    ex = _tokenize_pairs(["12+3="], ["15"], tok, max_length=None)
-    ids, mask, labels = _collate(ex, tok.pad_token_id, completion_only_loss=True)
+    ex = tokenize_pairs(["12+3="], ["15"], tok, max_length=None)
+    ids, mask, labels = collate(ex, tok.pad_token_id, completion_only_loss=True)
     logits = model(input_ids=ids, attention_mask=mask).logits
     loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
     manual = -torch.log_softmax(logits[0], -1)[torch.arange(4, 7), ids[0, 5:8]].mean()
@@ -80,7 +80,7 @@ def test_conversational_prompt_completion_dataset(tmp_path: Path):
                            save=False))
     assert metrics["train_examples"] == 16 and "eval_greedy_accuracy" not in metrics
     tok = load_tokenizer(str(tok_dir))
-    (ids, prompt_len), = _tokenize_pairs([rows[3]["prompt"]], [rows[3]["completion"]], tok, max_length=None)
+    (ids, prompt_len), = tokenize_pairs([rows[3]["prompt"]], [rows[3]["completion"]], tok, max_length=None)
     assert tok.decode(ids[:prompt_len]) == "<user>3+1=\n<assistant>"
     assert tok.decode(ids[prompt_len:]) == "4\n<eos>"  # the template put <assistant> in the prompt
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from grpokit.tracking import Tracker, _build_figure, _read_series, plot_metrics
+from grpokit.tracking import Tracker, _build_figure, read_series, plot_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -224,7 +224,7 @@ def test_plot_with_and_without_eval(tmp_path):
     assert_png(tmp_path / "a" / "with.png")
     assert_png(tmp_path / "without.png")
 
-    fig = _build_figure(_read_series(tmp_path / "with.jsonl"), ("reward", "eval/accuracy"), "run")
+    fig = _build_figure(read_series(tmp_path / "with.jsonl"), ("reward", "eval/accuracy"), "run")
     reward_ax, eval_ax = fig.axes
     labels = [line.get_label() for line in reward_ax.lines]
     assert labels == ["reward", "reward (moving average, 2 steps)",
@@ -233,7 +233,7 @@ def test_plot_with_and_without_eval(tmp_path):
     assert list(eval_ax.lines[0].get_xdata()) == [0, 20, 40]  # points where it was measured
     assert eval_ax.lines[0].get_marker() == "o"
     assert "eval/accuracy" in eval_ax.get_title() and eval_ax.get_xlabel() == "step"
-    assert len(_build_figure(_read_series(tmp_path / "without.jsonl"),
+    assert len(_build_figure(read_series(tmp_path / "without.jsonl"),
                              ("reward", "eval/accuracy"), "run").axes) == 1
 
 
@@ -243,11 +243,11 @@ def test_plot_survives_resume_duplicates_cut_lines_and_missing_keys(tmp_path):
                          {"step": 2, "reward": 0.2}, {"step": 3, "reward": None}])
     with open(path, "a") as f:
         f.write('{"step": 4, "rew')  # cut by a crash
-    assert _read_series(path) == {"reward": {1: 0.0, 2: 0.2}}
+    assert read_series(path) == {"reward": {1: 0.0, 2: 0.2}}
     assert_png(plot_metrics(path, tmp_path / "p.png"))
 
     write_metrics(path, [{"step": 5, "eval/accuracy": 0.5}])
-    assert len(_build_figure(_read_series(path), ("reward", "eval/accuracy"), "r").axes) == 1
+    assert len(_build_figure(read_series(path), ("reward", "eval/accuracy"), "r").axes) == 1
     assert_png(plot_metrics(path, tmp_path / "eval_only.png"))
 
     write_metrics(path, [])

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable, Mapping
 
 from grpokit.checkpoint.files import CONFIG_FILE, CheckpointError
-from grpokit.checkpoint.load import _check_complete
+from grpokit.checkpoint.load import check_complete
 from grpokit.tracking import plain as _plain
 
 # Fields that change the math or the data order: a resumed run must not differ in any of them.
@@ -58,7 +58,7 @@ def check_resume_compatible(path, config, keys: Iterable[str] = RESUME_KEYS) -> 
     not block resuming. The message names every differing field as ``field: old -> new``.
     """
     path = os.fspath(path)
-    _check_complete(path)
+    check_complete(path)
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
         raise CheckpointError(f"checkpoint at {path} has no {CONFIG_FILE} to check against")

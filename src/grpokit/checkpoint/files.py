@@ -20,7 +20,7 @@ RNG_FILE = "rng_state.pt"
 STATE_FILE = "trainer_state.json"
 STATE_EXTRA_FILE = "trainer_state_extra.pt"
 CONFIG_FILE = "training_config.json"
-_ALIASES_KEY = "grpokit_aliases"
+ALIASES_KEY = "grpokit_aliases"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -51,7 +51,7 @@ def find_latest_checkpoint(output_dir) -> str | None:
     return found[-1] if found else None
 
 
-def _unwrap(model):
+def unwrap_model(model):
     """The model inside DDP / torch.compile wrappers, and whether it is a ``peft.PeftModel``."""
     while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
         model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
@@ -60,7 +60,7 @@ def _unwrap(model):
     return model, is_peft_model(model)
 
 
-def _numpy():
+def as_numpy():
     try:
         import numpy
     except ImportError:
@@ -68,7 +68,7 @@ def _numpy():
     return numpy
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -85,7 +85,7 @@ def _fsync_dir(path: str) -> None:
         pass
 
 
-def _fsync_tree(directory: str) -> None:
+def fsync_tree(directory: str) -> None:
     for root, _, names in os.walk(directory):
         for name in names:
             with open(os.path.join(root, name), "rb") as f:
@@ -93,7 +93,7 @@ def _fsync_tree(directory: str) -> None:
         _fsync_dir(root)
 
 
-def _move_into_place(tmp: str, final: str, output_dir: str) -> None:
+def move_into_place(tmp: str, final: str, output_dir: str) -> None:
     """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first, then deleted."""
     old = None
     if os.path.exists(final):
@@ -110,7 +110,7 @@ def _move_into_place(tmp: str, final: str, output_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_leftovers(output_dir: str) -> None:
+def remove_leftovers(output_dir: str) -> None:
     """Clean up after a crashed save: delete ``.tmp-checkpoint-*`` directories, and put back a
     complete ``.old-checkpoint-<step>-*`` whose replacement never arrived (else delete it)."""
     for name in os.listdir(output_dir):

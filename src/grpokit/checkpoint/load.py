@@ -11,8 +11,8 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import load_file
 
-from grpokit.checkpoint.files import (_ALIASES_KEY, ADAPTER_FILE, MARKER, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE,
-                                      SCHEDULER_FILE, STATE_EXTRA_FILE, STATE_FILE, CheckpointError, _numpy, _unwrap,
+from grpokit.checkpoint.files import (ALIASES_KEY, ADAPTER_FILE, MARKER, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE,
+                                      SCHEDULER_FILE, STATE_EXTRA_FILE, STATE_FILE, CheckpointError, as_numpy, unwrap_model,
                                       find_latest_checkpoint, list_checkpoints)
 
 
@@ -27,23 +27,23 @@ def load_checkpoint(path, *, model, optimizer=None, scheduler=None,
     :class:`CheckpointError` when the checkpoint is missing, incomplete, or does not fit.
     """
     path = os.fspath(path)
-    _check_complete(path)
+    check_complete(path)
     if model is not None:
         _load_model(model, path)
     if optimizer is not None:
         _load_into(optimizer, path, OPTIMIZER_FILE, map_location, "optimizer")
     if scheduler is not None:
         _load_into(scheduler, path, SCHEDULER_FILE, map_location, "scheduler")
-    _restore_rng(_torch_load(os.path.join(path, RNG_FILE), "cpu"), generators or {}, path)
+    _restore_rng(torch_load(os.path.join(path, RNG_FILE), "cpu"), generators or {}, path)
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         state = json.load(f)
     extra = os.path.join(path, STATE_EXTRA_FILE)
     if os.path.exists(extra):
-        state.update(_torch_load(extra, map_location))
+        state.update(torch_load(extra, map_location))
     return state
 
 
-def _check_complete(path: str) -> None:
+def check_complete(path: str) -> None:
     if not os.path.isdir(path):
         parent = os.path.dirname(os.path.abspath(path))
         available = [os.path.basename(p) for p in list_checkpoints(parent)]
@@ -77,7 +77,7 @@ def _read_weights(file: str) -> dict:
     from safetensors import safe_open
 
     with safe_open(file, framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
+        aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
     tensors = load_file(file, device="cpu")
     for dropped, kept in aliases.items():
         tensors[dropped] = tensors[kept]
@@ -85,7 +85,7 @@ def _read_weights(file: str) -> dict:
 
 
 def _weights_file(model, path: str) -> tuple[str, bool]:
-    model, peft = _unwrap(model)
+    model, peft = unwrap_model(model)
     file = os.path.join(path, ADAPTER_FILE if peft else MODEL_FILE)
     if not os.path.isfile(file):
         other = MODEL_FILE if peft else ADAPTER_FILE
@@ -100,10 +100,10 @@ def read_model_state(path, model) -> dict:
     keys mapped to its module names), checked against the model's names and (global) shapes; for
     loaders that place the tensors themselves (FSDP2: ``distributed.load_full_state``)."""
     path = os.fspath(path)
-    _check_complete(path)
+    check_complete(path)
     file, peft = _weights_file(model, path)
     saved = _read_weights(file)
-    model, _ = _unwrap(model)
+    model, _ = unwrap_model(model)
     current = model.state_dict()
     names = list(current)
     if peft:
@@ -121,7 +121,7 @@ def read_model_state(path, model) -> dict:
 
 def _load_model(model, path: str) -> None:
     file, peft = _weights_file(model, path)
-    model, _ = _unwrap(model)
+    model, _ = unwrap_model(model)
     saved = _read_weights(file)
     if peft:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -155,7 +155,7 @@ def _check_weights(saved: Mapping, expected: Mapping, file: str) -> None:
         )
 
 
-def _torch_load(file: str, map_location):
+def torch_load(file: str, map_location):
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -169,7 +169,7 @@ def _load_into(obj, path: str, name: str, map_location, what: str) -> None:
     if not os.path.isfile(file):
         raise CheckpointError(f"checkpoint at {path} has no {what} state ({name})")
     try:
-        obj.load_state_dict(_torch_load(file, map_location))
+        obj.load_state_dict(torch_load(file, map_location))
     except CheckpointError:
         raise
     except Exception as exc:
@@ -185,7 +185,7 @@ def _restore_rng(state: dict, generators: Mapping, path: str) -> None:
         )
     random.setstate(_tuples(state["python"]))
     torch.set_rng_state(state["torch"])
-    np = _numpy()
+    np = as_numpy()
     if "numpy" in state and np is not None:
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import save_file
 
-from grpokit.checkpoint.files import (_ALIASES_KEY, ADAPTER_FILE, CONFIG_FILE, MARKER, MODEL_FILE, OPTIMIZER_FILE,
+from grpokit.checkpoint.files import (ALIASES_KEY, ADAPTER_FILE, CONFIG_FILE, MARKER, MODEL_FILE, OPTIMIZER_FILE,
                                       RNG_FILE, SCHEDULER_FILE, STATE_EXTRA_FILE, STATE_FILE, CheckpointError,
-                                      _fsync_tree, _move_into_place, _numpy, _remove_leftovers, _unwrap, _write_json,
+                                      fsync_tree, move_into_place, as_numpy, remove_leftovers, unwrap_model, write_json,
                                       list_checkpoints)
 from grpokit.tracking import plain as _plain
 
@@ -35,7 +35,7 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=N
     """
     step = int(step)
     os.makedirs(output_dir, exist_ok=True)
-    _remove_leftovers(output_dir)
+    remove_leftovers(output_dir)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{secrets.token_hex(4)}")
     os.makedirs(tmp)
@@ -50,15 +50,15 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=N
             torch.save(scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
         torch.save(_rng_state(generators), os.path.join(tmp, RNG_FILE))
         _save_trainer_state(state, step, tmp)
-        _write_json(os.path.join(tmp, CONFIG_FILE), _plain(config or {}))
+        write_json(os.path.join(tmp, CONFIG_FILE), _plain(config or {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         sizes = {os.path.relpath(os.path.join(root, n), tmp): os.path.getsize(os.path.join(root, n))
                  for root, _, names in os.walk(tmp) for n in names}
-        _write_json(os.path.join(tmp, MARKER), {"step": step, "files": sizes})
-        _fsync_tree(tmp)
-        _move_into_place(tmp, final, output_dir)
+        write_json(os.path.join(tmp, MARKER), {"step": step, "files": sizes})
+        fsync_tree(tmp)
+        move_into_place(tmp, final, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -71,7 +71,7 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=N
 
 def _save_model(model, directory: str, full_state: Mapping | None = None) -> None:
     """The adapter of a PeftModel (+ adapter_config.json), else the full state_dict (+ config.json)."""
-    model, peft = _unwrap(model)
+    model, peft = unwrap_model(model)
     if peft:
         from peft import get_peft_model_state_dict
 
@@ -81,7 +81,7 @@ def _save_model(model, directory: str, full_state: Mapping | None = None) -> Non
     else:
         state, file = (model.state_dict() if full_state is None else full_state), MODEL_FILE
     tensors, aliases = _dedupe(state)
-    metadata = {"format": "pt", _ALIASES_KEY: json.dumps(aliases)}
+    metadata = {"format": "pt", ALIASES_KEY: json.dumps(aliases)}
     save_file(tensors, os.path.join(directory, file), metadata=metadata)
     if peft:
         model.peft_config[model.active_adapter].save_pretrained(directory)
@@ -118,7 +118,7 @@ def _dedupe(state: Mapping) -> tuple[dict, dict]:
 
 def _rng_state(generators: Mapping) -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    np = _numpy()
+    np = as_numpy()
     if np is not None:  # stored as a tensor: torch.load(weights_only=True) refuses numpy arrays
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         state["numpy"] = (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached)
@@ -137,7 +137,7 @@ def _save_trainer_state(state: dict, step: int, directory: str) -> None:
             plain[key] = value
         except (TypeError, ValueError):
             extra[key] = value
-    _write_json(os.path.join(directory, STATE_FILE), plain)
+    write_json(os.path.join(directory, STATE_FILE), plain)
     if extra:
         file = os.path.join(directory, STATE_EXTRA_FILE)
         torch.save(extra, file)

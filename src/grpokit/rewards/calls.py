@@ -34,7 +34,7 @@ class RewardTimeout(RewardError):
 
 
 @dataclass
-class _Part:  # the outcome of one call on rows [start, stop)
+class Part:  # the outcome of one call on rows [start, stop)
     start: int
     stop: int
     status: str                           # ok | error | timeout
@@ -44,7 +44,7 @@ class _Part:  # the outcome of one call on rows [start, stop)
     seconds: float = 0.0
 
 
-def _is_async(fn: Callable) -> bool:
+def is_async_callable(fn: Callable) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
 
 
@@ -54,7 +54,7 @@ def _raise_in_thread(thread: threading.Thread, exc_type: type) -> None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
 
 
-def _call_with_timeout(fn: Callable, kwargs: dict, timeout: float | None, name: str) -> tuple[str, Any, Any]:
+def call_with_timeout(fn: Callable, kwargs: dict, timeout: float | None, name: str) -> tuple[str, Any, Any]:
     """Run `fn(**kwargs)` with a deadline -> ("ok", value, None) | ("error", msg, exc) | ("timeout", ...)."""
     if _can_use_alarm():
         return _call_with_alarm(fn, kwargs, timeout)
@@ -126,16 +126,16 @@ async def _awaitable(x):
     return await x
 
 
-def _run_async(calls: list[tuple[int, Callable, dict]], timeout: float | None) -> dict[int, _Part]:
+def run_async(calls: list[tuple[int, Callable, dict]], timeout: float | None) -> dict[int, Part]:
     async def one(fn, kw, n):
         t0 = time.perf_counter()
         try:
             value = await asyncio.wait_for(fn(**kw), timeout)
-            return _Part(0, n, "ok", value, seconds=time.perf_counter() - t0)
+            return Part(0, n, "ok", value, seconds=time.perf_counter() - t0)
         except asyncio.TimeoutError:
-            return _Part(0, n, "timeout", seconds=time.perf_counter() - t0)
+            return Part(0, n, "timeout", seconds=time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001
-            return _Part(0, n, "error", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}",
+            return Part(0, n, "error", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}",
                          cause=e, seconds=time.perf_counter() - t0)
 
     async def main():

@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from grpokit.rewards.runner import _RESERVED_COLUMNS, RewardRunner
+from grpokit.rewards.runner import RESERVED_COLUMNS, RewardRunner
 
 __all__ = ["describe_rewards"]
 
@@ -33,7 +33,7 @@ def describe_rewards(runner: RewardRunner, prompts: Sequence, completions: Seque
     for e in out.errors:
         for r in e["rows"]:
             marks[(r, e["function"])] = e["kind"]
-    shown_cols = [k for k in (columns or {}) if k not in _RESERVED_COLUMNS]
+    shown_cols = [k for k in (columns or {}) if k not in RESERVED_COLUMNS]
     header = ["#", "prompt", "completion", *shown_cols, *out.names, "total"]
     rows = []
     for i in range(len(completions)):

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from grpokit.rewards.calls import (RewardError, RewardTimeout, _call_with_timeout, _is_async, _Part,  # noqa: F401
-                                   _run_async)
+from grpokit.rewards.calls import (RewardError, RewardTimeout, call_with_timeout, is_async_callable, Part,  # noqa: F401
+                                   run_async)
 from grpokit.rewards.pool import payload_for
 from grpokit.rewards.registry import load_reward_funcs, reward_name
 
@@ -38,7 +38,7 @@ __all__ = ["RewardRunner", "RewardOutput", "RewardError", "RewardTimeout"]
 logger = logging.getLogger("grpokit.rewards")
 ON_ERROR = ("raise", "none", "zero")
 _FIXED_ARGS = ("prompts", "completions", "completion_ids")
-_RESERVED_COLUMNS = {"prompt", "completion", "completion_ids", "prompts", "completions"}
+RESERVED_COLUMNS = {"prompt", "completion", "completion_ids", "prompts", "completions"}
 
 
 @dataclass
@@ -112,7 +112,7 @@ class RewardRunner:
         self.names = self._unique_names([reward_name(f) for f in funcs])
         self._plans = []
         for name, fn in zip(self.names, self.funcs):
-            is_async = _is_async(fn)
+            is_async = is_async_callable(fn)
             in_pool = self.num_workers > 0 and not is_async and getattr(fn, "use_process_pool", True)
             payload = payload_for(fn) if in_pool else None
             if in_pool and payload is None:
@@ -138,7 +138,7 @@ class RewardRunner:
     def check_signature(self, columns: Iterable[str]) -> None:
         """Raise ValueError (naming the function and the argument) if a function cannot be called
         with the dataset's columns. `columns` may include "prompt" (it is passed as `prompts`)."""
-        cols = frozenset(columns) - _RESERVED_COLUMNS
+        cols = frozenset(columns) - RESERVED_COLUMNS
         available = set(_FIXED_ARGS) | cols
         for plan in self._plans:
             try:
@@ -177,7 +177,7 @@ class RewardRunner:
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
                  columns: Mapping[str, Sequence] | None = None) -> RewardOutput:
         n = len(completions)
-        columns = {k: v for k, v in (columns or {}).items() if k not in _RESERVED_COLUMNS}
+        columns = {k: v for k, v in (columns or {}).items() if k not in RESERVED_COLUMNS}
         if len(prompts) != n:
             raise ValueError(f"RewardRunner: {len(prompts)} prompts for {n} completions (repeat each prompt G times).")
         if completion_ids is not None and len(completion_ids) != n:
@@ -193,22 +193,22 @@ class RewardRunner:
                 **{k: list(v) for k, v in columns.items()}}
 
         t_start = time.perf_counter()
-        parts: dict[int, list[_Part]] = {}
+        parts: dict[int, list[Part]] = {}
         async_calls = [(i, p.fn, self._kwargs(p, full, 0, n), n) for i, p in enumerate(self._plans) if p.is_async]
         pool_idx = [i for i, p in enumerate(self._plans) if p.in_pool]
         helpers = []
         if async_calls:
             helpers.append(self._in_thread(lambda: {i: [part] for i, part in
-                                                    _run_async(async_calls, self.timeout).items()}, parts))
+                                                    run_async(async_calls, self.timeout).items()}, parts))
         if pool_idx:
             helpers.append(self._in_thread(lambda: self._run_pool(pool_idx, full, n), parts))
         for i, plan in enumerate(self._plans):
             if plan.is_async or plan.in_pool:
                 continue
             t0 = time.perf_counter()
-            status, value, cause = _call_with_timeout(plan.fn, self._kwargs(plan, full, 0, n), self.timeout, plan.name)
+            status, value, cause = call_with_timeout(plan.fn, self._kwargs(plan, full, 0, n), self.timeout, plan.name)
             secs = time.perf_counter() - t0
-            parts[i] = [_Part(0, n, status, value if status == "ok" else None,
+            parts[i] = [Part(0, n, status, value if status == "ok" else None,
                               value if status == "error" else "", cause, secs)]
         for t, box in helpers:
             t.join()
@@ -240,22 +240,22 @@ class RewardRunner:
             size = math.ceil(size / self.group_size) * self.group_size
         return [(s, min(n, s + size)) for s in range(0, n, size)]
 
-    def _run_pool(self, idx: list[int], full: dict, n: int) -> dict[int, list[_Part]]:
+    def _run_pool(self, idx: list[int], full: dict, n: int) -> dict[int, list[Part]]:
         from grpokit.rewards.pool import PoolTask, WorkerPool
 
         if self._pool is None:
             self._pool = WorkerPool(self.num_workers)
         tasks = [PoolTask(f"{self._uid}:{i}", self._plans[i].payload, self._kwargs(self._plans[i], full, s, e),
                           self.timeout, (i, s, e)) for i in idx for s, e in self._chunks(n)]
-        out: dict[int, list[_Part]] = {i: [] for i in idx}
+        out: dict[int, list[Part]] = {i: [] for i in idx}
         for r in self._pool.run(tasks):
             i, s, e = r.task.tag
             msg = f"{r.error}\n{r.traceback}" if r.traceback else r.error
-            out[i].append(_Part(s, e, r.status, r.value, msg, None, r.seconds))
+            out[i].append(Part(s, e, r.status, r.value, msg, None, r.seconds))
         return out
 
     # ---- checking and stacking ----
-    def _assemble(self, parts: dict[int, list[_Part]], n: int, seconds: float) -> RewardOutput:
+    def _assemble(self, parts: dict[int, list[Part]], n: int, seconds: float) -> RewardOutput:
         f = len(self._plans)
         per_func = torch.full((n, f), float("nan"), dtype=torch.float32)
         stats: dict[str, float] = {}

@@ -4,12 +4,13 @@
     engine = HFEngine(model, tokenizer)
     out = engine.generate(prompt_ids, n=8, params=SamplingParams(max_tokens=256, stop=["</answer>"]))
 
-`make_engine("hf" | "vllm", model, tokenizer, **kw)` picks an engine by name; vLLM is imported
-only when chosen.
+`make_engine("hf" | "vllm", model, tokenizer, **kw)` picks an engine by name from the registry
+(`register_engine`); the vLLM library is imported only when its engine is built.
 """
 
 from grpokit.rollout.base import Completion, Engine, make_engine, register_engine
 from grpokit.rollout.hf import HFEngine
+from grpokit.rollout.vllm import VLLMEngine
 from grpokit.rollout.sampling import SamplingParams
 
-__all__ = ["Completion", "Engine", "HFEngine", "SamplingParams", "make_engine", "register_engine"]
+__all__ = ["Completion", "Engine", "HFEngine", "SamplingParams", "VLLMEngine", "make_engine", "register_engine"]

@@ -35,33 +35,26 @@ class Engine(Protocol):
     def update_weights(self, model) -> None: ...
 
 
-_ENGINES: dict[str, Callable[..., Engine]] = {}
+ENGINES: dict[str, Callable[..., Engine]] = {}
 
 
 def register_engine(name: str):
     """Decorator registering an engine factory `(model, tokenizer, **kw) -> Engine` under `name`."""
 
     def deco(factory):
-        _ENGINES[name] = factory
+        ENGINES[name] = factory
         return factory
 
     return deco
 
 
 def make_engine(name: str, model, tokenizer, **kwargs) -> Engine:
-    """Build the engine called `name` ("hf" or "vllm"); vLLM is imported only when chosen."""
-    if name == "hf":
-        from grpokit.rollout.hf import HFEngine
-
-        return HFEngine(model, tokenizer, **kwargs)
-    if name == "vllm":
-        from grpokit.rollout.vllm import VLLMEngine
-
-        return VLLMEngine(model, tokenizer, **kwargs)
-    if name in _ENGINES:
-        return _ENGINES[name](model, tokenizer, **kwargs)
-    known = ", ".join(["hf", "vllm", *sorted(_ENGINES)])
-    raise ValueError(f"unknown rollout engine {name!r}; choose one of: {known}")
+    """Build the engine registered as `name` ("hf", "vllm", or one added with `register_engine`).
+    The registry is filled by importing the engine modules (grpokit.rollout does); the vLLM
+    library itself is imported only when its engine is built."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown rollout engine {name!r}; choose one of: {', '.join(sorted(ENGINES))}")
+    return ENGINES[name](model, tokenizer, **kwargs)
 
 
 def finish_text(text: str, stop: list[str]) -> tuple[str, bool]:

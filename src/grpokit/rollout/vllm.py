@@ -15,10 +15,11 @@ vLLM is imported when the engine is built, never at `import grpokit`. What diffe
 
 from __future__ import annotations
 
-from grpokit.rollout.base import Completion
+from grpokit.rollout.base import Completion, register_engine
 from grpokit.rollout.sampling import SamplingParams
 
 
+@register_engine("vllm")
 class VLLMEngine:
     """Args: model (a transformers model, its local path or hub id), tokenizer, and either a
     ready `vllm.LLM` as `llm=` or keyword arguments for `vllm.LLM(...)` (gpu_memory_utilization, ...).

@@ -27,7 +27,6 @@ import torch
 
 from grpokit.algos import (
     aggregate_loss,
-    chunked_logprobs,
     clipped_value_loss,
     explained_variance,
     gae_advantages,
@@ -36,22 +35,12 @@ from grpokit.algos import (
     masked_whiten,
     policy_loss,
     ppo_token_rewards,
-    selective_log_softmax,
 )
-from grpokit.baselines import (
-    AlgoConfig,
-    StepOutput,
-    own_field,
-    parameter_counts,
-    rebuild_scheduler,
-    reference_logprobs,
-    run_steps,
-    set_rows_per_step,
-    timed,
-)
-from grpokit.batch import MicroBatch, _plain_linear_head, _unwrap, make_micro_batches, uses_packed_forward
-from grpokit.prefix import MAX_SEGMENT_TOKENS, packed_hidden, scatter_to_grid
-from grpokit.run import RunFacade, RunParts, build_run
+from grpokit.baselines.common import AlgoConfig, own_field, parameter_counts, reference_logprobs
+from grpokit.core.batch import MicroBatch, make_micro_batches
+from grpokit.core.forward import completion_logprobs, unwrap
+from grpokit.core.loop import StepOutput, sample_and_score, timed, train_loop
+from grpokit.core.run import LoopState, RunFacade, RunParts, build_run
 
 
 @dataclass
@@ -116,36 +105,13 @@ class ValueHead(torch.nn.Module):
         return self.summary(hidden.float()).squeeze(-1)
 
 
-def logprobs_and_values(model, value_head: ValueHead, mb: MicroBatch, *, temperature: float):
+def logprobs_and_values(run: RunParts, value_head: ValueHead, mb: MicroBatch):
     """One forward of the policy: per-token logprobs [B, C] of the completion tokens and values
-    [B, C] of the states before them (the hidden state that predicts token t values the state
-    "prompt + t tokens"). The same forward as `batch.completion_logprobs` (the packed
-    shared-prefix layout when the model supports it, else the padded one, chunked lm_head), with
-    the value head read off the same hidden states."""
-    t = temperature if temperature > 0 else 1.0
-    inner = _unwrap(model)
-    head = _plain_linear_head(inner)
-    shape = tuple(mb.completion_ids.shape)
-    if uses_packed_forward(model):
-        layout = mb.layout(MAX_SEGMENT_TOKENS)
-        if layout.targets.numel() == 0:  # nothing in the loss
-            zeros = torch.zeros(shape, device=mb.device) + 0.0 * head.weight.sum()
-            return zeros, zeros + 0.0 * value_head.summary.weight.sum()
-        hidden = packed_hidden(inner.get_decoder(), layout, head.weight.dtype)
-        logps = chunked_logprobs(hidden, head.weight, layout.targets, temperature=t)
-        return scatter_to_grid(logps, layout, shape), scatter_to_grid(value_head(hidden), layout, shape)
-    p, c = mb.prompt_width, shape[1]
-    if head is not None and hasattr(inner, "get_decoder"):
-        hidden = inner.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                     position_ids=mb.position_ids, use_cache=False).last_hidden_state
-        hidden = hidden[:, p - 1:p - 1 + c]
-        logps = chunked_logprobs(hidden, head.weight, mb.completion_ids, temperature=t)
-    else:
-        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                    use_cache=False, output_hidden_states=True)
-        hidden = out.hidden_states[-1][:, p - 1:p - 1 + c]
-        logps = selective_log_softmax(out.logits[:, p - 1:p - 1 + c] / t, mb.completion_ids)
-    return logps, value_head(hidden)
+    [B, C] of the states before them: the training forward (core.forward.completion_logprobs, as
+    the run's plan says) with the value head read off the same hidden states."""
+    logps, _, values = completion_logprobs(run.model, mb, temperature=run.config.temperature, value_head=value_head,
+                                           **run.plan.forward_kwargs())
+    return logps, values
 
 
 @dataclass
@@ -166,19 +132,18 @@ class PPOTrainer(RunFacade):
                  eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
         self._take_args(PPOConfig, args, kwargs)
         cfg = self.args
+        # the PPO parts of the run: a value head trained with the policy, a reference for the KL in
+        # the reward, num_mini_batches x the prompts and num_ppo_epochs x num_mini_batches optimizer
+        # steps per step (the LR schedule spans them)
         run = build_run(cfg, model=model, reward_funcs=reward_funcs, train_dataset=train_dataset,
-                        eval_dataset=eval_dataset, tokenizer=processing_class, peft_config=peft_config)
+                        eval_dataset=eval_dataset, tokenizer=processing_class, peft_config=peft_config,
+                        rows_per_step_factor=cfg.num_mini_batches,
+                        optimizer_steps_per_step=cfg.num_ppo_epochs * cfg.num_mini_batches,
+                        needs_reference=cfg.kl_coef > 0,
+                        make_extra_modules=lambda policy, device: [ValueHead(unwrap(policy).config.hidden_size,
+                                                                             device=device)])
         cfg.check_single_process(run.world_size)
-        # the PPO parts on top of the GRPO run: value head (+ its parameter group), reference, schedule
-        hidden = _unwrap(run.model).config.hidden_size
-        self.value_head = ValueHead(hidden, device=run.device)
-        run.optimizer.add_param_group({"params": list(self.value_head.parameters())})
-        if cfg.kl_coef > 0 and not run.is_peft and run.ref_model is None:
-            from grpokit.models import load_reference_model
-
-            run.ref_model = load_reference_model(run.model)
-        set_rows_per_step(run, run.prompts_per_step * cfg.num_mini_batches)
-        rebuild_scheduler(run, cfg.num_ppo_epochs * cfg.num_mini_batches)
+        self.value_head: ValueHead = run.extra_modules[0]
         self.parts: RunParts = run
         self.param_counts = parameter_counts(run, [self.value_head])
 
@@ -206,10 +171,8 @@ class PPOTrainer(RunFacade):
             raise ValueError("PPOTrainer: resuming is not supported yet (checkpoints hold the policy, not the "
                              "value head); start a new run from the checkpoint's weights instead.")
         run = self.parts
-        run.tracker.write(self.summary())
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
-        final = run_steps(run, lambda rows, step, phase: ppo_step(run, self.value_head, rows, step, phase))
-        run.finish()
+        final = train_loop(run, PPO(self.value_head), summary=self.summary())
         if run.rank == 0:
             torch.save(self.value_head.state_dict(), os.path.join(self.args.output_dir, "final", "value_head.pt"))
         return final
@@ -219,21 +182,27 @@ class PPOTrainer(RunFacade):
 # One PPO step
 # --------------------------------------------------------------------------------------------
 
-def ppo_step(run: RunParts, value_head: ValueHead, rows: list[int], step: int, phase: dict) -> StepOutput:
+class PPO:
+    """PPO's step on the shared loop; `max_steps` counts steps (one generated batch each)."""
+
+    def __init__(self, value_head: ValueHead):
+        self.value_head = value_head
+
+    def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
+        return ppo_step(run, self.value_head, rows, state, phase)
+
+
+def ppo_step(run: RunParts, value_head: ValueHead, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
     cfg = run.config
-    with timed(phase, "time/generate"):
-        rollout = run.sample(rows, seed=cfg.seed + 1_000_003 * step + run.rank)
-    with timed(phase, "time/reward"):
-        reward_out = run.score(rollout)
-    rollout.rewards_per_func, rollout.rewards = reward_out.per_func, reward_out.total
-    rollout.reward_names = list(reward_out.names)
-    rollout.advantages = torch.zeros(len(rollout.completion_ids))
+    step = state.global_step
+    rollout = sample_and_score(run, rows, state, phase)
+    # the per-token advantages are PPO's own (_Targets); the micro-batches carry none
     micro_batches = make_micro_batches(rollout, cfg.per_device_train_batch_size, pad_id=run.pad_id,
                                        device=run.device, mask_truncated=cfg.mask_truncated_completions)
     with timed(phase, "time/logprobs"):
         targets, extra = _targets(run, value_head, rollout, micro_batches)
     # the sequence's mean whitened advantage, for the completions table and advantage_abs
-    rollout.advantages = torch.cat([
+    advantage = torch.cat([
         (t.advantages * mb.completion_mask).sum(-1).cpu() / mb.completion_mask.sum(-1).clamp(min=1).cpu()
         for t, mb in zip(targets, micro_batches)])
 
@@ -254,8 +223,8 @@ def ppo_step(run: RunParts, value_head: ValueHead, rows: list[int], step: int, p
                 applied, stats["grad_norm"] = run.optimizer_step()
             skipped += 0 if applied else 1
             step_stats.append(stats)
-    return StepOutput(rollout=rollout, reward_stats=reward_out.stats, step_stats=step_stats,
-                      samples=len(rollout.completion_ids), extra=extra, skipped=skipped)
+    return StepOutput(rollout=rollout, step_stats=step_stats, samples=len(rollout), extra=extra, skipped=skipped,
+                      per_sample={"advantage": advantage})
 
 
 def _pad_rows(parts: list[torch.Tensor], micro_batches: list[MicroBatch], width: int) -> torch.Tensor:
@@ -273,7 +242,7 @@ def _targets(run: RunParts, value_head: ValueHead, rollout, micro_batches) -> tu
     cfg = run.config
     old_v = []
     for mb in micro_batches:
-        mb.old_logps, values = logprobs_and_values(run.model, value_head, mb, temperature=cfg.temperature)
+        mb.old_logps, values = logprobs_and_values(run, value_head, mb)
         old_v.append(values)
         if cfg.kl_coef > 0:
             mb.ref_logps = reference_logprobs(run, mb, temperature=cfg.temperature)
@@ -316,7 +285,7 @@ def _accumulate(run: RunParts, value_head: ValueHead, micro_batches, targets) ->
     num_items = sum(mb.completion_mask.sum() for mb in micro_batches).clamp(min=1)
     totals: dict[str, torch.Tensor] = {}
     for mb, tg in zip(micro_batches, targets):
-        logps, values = logprobs_and_values(run.model, value_head, mb, temperature=cfg.temperature)
+        logps, values = logprobs_and_values(run, value_head, mb)
         pg_loss, pstats = policy_loss(logps, mb.old_logps, tg.advantages, mb.completion_mask, loss_type="dapo",
                                       epsilon=cfg.cliprange, num_items_in_batch=num_items)
         vf_tokens, vf_clipped = clipped_value_loss(values, tg.old_values, tg.returns,

@@ -251,10 +251,11 @@ def supports_packed(model) -> bool:
     return True
 
 
-def packed_hidden(decoder, layout: PackedLayout, dtype: torch.dtype) -> torch.Tensor:
+def packed_hidden(decoder, layout: PackedLayout, dtype: torch.dtype, *,
+                  dense_row_tokens: int | None = None) -> torch.Tensor:
     """[K, H] final hidden states that predict the K completion tokens of ``layout``: through
     `prefix_attention` when it applies (see `uses_prefix_attention`), else the dense 4-D mask."""
-    if uses_prefix_attention(decoder, layout):
+    if uses_prefix_attention(decoder, layout, dense_row_tokens=dense_row_tokens):
         with _prefix_attention_on(decoder.config, layout.plan):
             out = decoder(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False)
     else:
@@ -314,12 +315,14 @@ def prefix_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return out.view(r, t, h, d), None
 
 
-def uses_prefix_attention(decoder, layout: PackedLayout) -> bool:
-    """`prefix_attention` for rows longer than DENSE_ROW_TOKENS of the model types it knows,
-    except when the layers will be recomputed in backward (activation checkpointing: the
-    recomputation runs outside this module's switch, so the forward keeps the plain sdpa path)."""
+def uses_prefix_attention(decoder, layout: PackedLayout, *, dense_row_tokens: int | None = None) -> bool:
+    """`prefix_attention` for rows longer than `dense_row_tokens` (default DENSE_ROW_TOKENS) of
+    the model types it knows, except when the layers will be recomputed in backward (activation
+    checkpointing: the recomputation runs outside this module's switch, so the forward keeps the
+    plain sdpa path)."""
     cfg = getattr(decoder, "config", None)
-    if (layout.plan is None or layout.input_ids.shape[1] <= DENSE_ROW_TOKENS or cfg is None
+    dense = DENSE_ROW_TOKENS if dense_row_tokens is None else dense_row_tokens
+    if (layout.plan is None or layout.input_ids.shape[1] <= dense or cfg is None
             or getattr(cfg, "model_type", None) not in PREFIX_ATTENTION_MODELS or not _REGISTERED):
         return False
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False):

@@ -1,5 +1,5 @@
 """The report of `grpokit compare`: each run's curves and costs, the mean over seeds, two plots
-(curves.png, cost.png) and README.md with the tables and every setting (see grpokit.compare)."""
+(curves.png, cost.png) and README.md with the tables and every setting (see grpokit.compare.run)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ COLORS = {"grpo": "C0", "ppo": "C1", "dpo": "C2"}
 TARGET_ACCURACY = 0.9
 
 def _series(run_dir: str) -> dict[str, dict[int, float]]:
-    from grpokit.tracking import _read_series
+    from grpokit.tracking import read_series
 
-    return _read_series(os.path.join(run_dir, "metrics.jsonl"))
+    return read_series(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def summarize_run(algo: str, cfg: dict, result: dict) -> dict[str, Any]:
@@ -85,9 +85,9 @@ def aggregate(runs: list[dict[str, Any]], results: list[dict]) -> dict[str, Any]
 
 
 def _moving(values: list[float], window: int = 5) -> list[float]:
-    from grpokit.tracking import _moving_average
+    from grpokit.tracking import moving_average
 
-    return _moving_average(values, window)
+    return moving_average(values, window)
 
 
 def plot_curves(summary: dict, path: str) -> str:
@@ -154,7 +154,7 @@ def plot_costs(summary: dict, path: str) -> str:
     return path
 
 
-def _machine(options) -> dict:
+def machine_info(options) -> dict:
     import torch
 
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
@@ -185,7 +185,7 @@ def _model_description(cfg: dict) -> str:
 
 
 def write_report(configs: dict, results: dict, options: dict, machine: dict, argv: list[str]) -> str:
-    from grpokit.compare import ALGO_DEFAULTS  # (compare imports this module)
+    from grpokit.compare.settings import ALGO_DEFAULTS
 
     report_dir = options["report_dir"]
     os.makedirs(report_dir, exist_ok=True)

@@ -1,5 +1,8 @@
 """Everything a run needs, built and validated before the first step (`build_run`), and the small
-operations the loop in trainer.py calls on it (sample, score, optimizer step, eval, checkpoint).
+operations the loop (grpokit.core.loop) calls on it (sample and score, optimizer step, eval,
+checkpoint). Nothing here is changed after `build_run` returns: an algorithm that needs more
+rows per step, more optimizer steps per step, a reference or extra trained parameters says so to
+`build_run`.
 
 Bad input fails here, with a message naming the field and the fix: config, dataset columns,
 reward signatures, prompts longer than the context, missing chat template, empty dataset."""
@@ -7,6 +10,7 @@ reward signatures, prompts longer than the context, missing chat template, empty
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -16,9 +20,28 @@ from typing import Any
 import torch
 
 from grpokit import distributed
-from grpokit.batch import Rollout
 from grpokit.config import GRPOConfig
+from grpokit.core.forward import ForwardPlan, choose_forward_plan
+from grpokit.core.trajectory import Rollout, Trajectories
 from grpokit.rollout import SamplingParams, make_engine
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: saved in every checkpoint, restored on resume."""
+
+    global_step: int = 0        # optimizer steps made (GRPO), or steps (PPO/DPO: one batch each)
+    epoch: int = 0              # dataset position: (epoch, cursor) in the seeded order of that epoch
+    cursor: int = 0
+    skipped_steps: int = 0      # optimizer steps skipped for a non-finite gradient
+    samples_seen: int = 0       # completions (or pairs) consumed, all ranks
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoopState":
+        return cls(**{f.name: int(d[f.name]) for f in dataclasses.fields(cls) if f.name in d})
 
 
 class RunFacade:
@@ -73,31 +96,38 @@ class RunParts:
     pad_id: int = 0
     task_name: str | None = None
     model_name: str = ""
-    _notes: list[str] = field(default_factory=list)
-    # the training forward (batch.completion_logprobs) as a module: DDP- or FSDP2-wrapped under
-    # torchrun, so every logprob forward goes through it; `model` stays the user's model
+    notes: list[str] = field(default_factory=list)
+    # the training forward (core.forward.completion_logprobs) as a module: DDP- or FSDP2-wrapped
+    # under torchrun, so every logprob forward goes through it; `model` stays the user's model
     train_forward: Any = None
     ref_forward: Any = None          # the frozen reference copy's forward (beta > 0 without LoRA)
     strategy: str = "ddp"            # distributed_strategy in effect (ddp | fsdp2)
+    plan: ForwardPlan | None = None  # how the training forward runs (core.forward.choose_forward_plan)
+    extra_modules: tuple = ()        # trained with the policy (PPO's value head)
 
     def __post_init__(self):
         if self.train_forward is None:
             self.train_forward = distributed.TrainingForward(self.model)
         if self.ref_forward is None and self.ref_model is not None:
             self.ref_forward = distributed.TrainingForward(self.ref_model)
+        if self.plan is None:
+            self.plan = choose_forward_plan(self.config, self.model, self.engine, world_size=self.world_size,
+                                            is_peft=self.is_peft, needs_reference=self.config.beta > 0)
+
+    def forward(self, mb, **kw):
+        """The training forward of a micro-batch, as the plan says (logps, entropy[, values])."""
+        return self.train_forward(mb, **{"temperature": self.config.temperature, **self.plan.forward_kwargs(), **kw})
 
     @property
     def num_train_rows(self) -> int:
         return len(self.prompt_ids)
 
-    def begin(self, resume_from_checkpoint: str | bool | None) -> tuple[dict, dict[str, float]]:
-        """Every loop's start: its state (fresh, or from the checkpoint) and, on a fresh run with
+    def begin(self, resume_from_checkpoint: str | bool | None) -> tuple[LoopState, dict[str, float]]:
+        """The loop's start: its state (fresh, or from the checkpoint) and, on a fresh run with
         `eval_on_start`, the step-0 evaluation."""
-        state = {"global_step": 0, "epoch": 0, "cursor": 0, "skipped_steps": 0, "samples_seen": 0}
-        if resume_from_checkpoint:
-            state.update(self.resume(resume_from_checkpoint))
+        state = self.resume(resume_from_checkpoint) if resume_from_checkpoint else LoopState()
         first: dict[str, float] = {}
-        if self.config.eval_on_start and self.eval_dataset is not None and state["global_step"] == 0:
+        if self.config.eval_on_start and self.eval_dataset is not None and state.global_step == 0:
             first.update(self.log_eval(step=0))
         return state, first
 
@@ -131,24 +161,26 @@ class RunParts:
                               temperature=c.temperature if temperature is None else temperature,
                               top_p=c.top_p, top_k=c.top_k, min_p=c.min_p or 0.0, stop=list(c.stop), seed=seed)
 
-    def sample(self, rows: list[int], seed: int) -> Rollout:
+    def sample(self, rows: list[int], seed: int) -> Trajectories:
+        """G trajectories for each of `rows` (this rank's prompts), sampled with `seed`."""
         g = self.config.num_generations
         with self.generation_context():
             outs = self.engine.generate([self.prompt_ids[r] for r in rows], n=g, params=self.sampling_params(seed))
         row_index = [rows[o.prompt_index] for o in outs]
         completions = [[{"role": "assistant", "content": o.text}] if self.conversational else o.text for o in outs]
-        return Rollout(
+        return Trajectories(
             row_index=row_index, prompts=[self.prompts[r] for r in row_index], completions=completions,
             prompt_ids=[self.prompt_ids[r] for r in row_index], completion_ids=[list(o.token_ids) for o in outs],
             sampling_logps=[list(o.logprobs) for o in outs],
             truncated=torch.tensor([o.finish_reason == "length" for o in outs], dtype=torch.bool),
-            rewards_per_func=torch.empty(0), rewards=torch.empty(0), advantages=torch.empty(0),
         )
 
-    def score(self, rollout: Rollout):
-        cols = {k: [v[r] for r in rollout.row_index] for k, v in self.columns.items()}
-        return self.reward_runner(rollout.prompts, rollout.completions, completion_ids=rollout.completion_ids,
-                                  columns=cols)
+    def score(self, trajectories: Trajectories) -> Rollout:
+        """The trajectories with their rewards (every reward function, weighted total, statistics)."""
+        cols = {k: [v[r] for r in trajectories.row_index] for k, v in self.columns.items()}
+        out = self.reward_runner(trajectories.prompts, trajectories.completions,
+                                 completion_ids=trajectories.completion_ids, columns=cols)
+        return trajectories.scored(out.per_func, out.total, out.names, out.stats)
 
     def generation_context(self):
         """FSDP2: every parameter gathered while generating (see distributed.full_parameters)."""
@@ -232,7 +264,7 @@ class RunParts:
     def sharded(self) -> bool:
         return self.strategy == "fsdp2" and self.world_size > 1
 
-    def save_checkpoint(self, state: dict) -> str | None:
+    def save_checkpoint(self, state: LoopState) -> str | None:
         """Rank 0 writes; under FSDP2 every rank first takes part in gathering the full state, so
         the files are those of a one-process run (resumable on any number of ranks)."""
         from grpokit.checkpoint import save_checkpoint
@@ -243,8 +275,8 @@ class RunParts:
         with self.guard("saving a checkpoint"):
             if self.rank != 0:
                 return None
-            return save_checkpoint(self.config.output_dir, state["global_step"], model=self.model,
-                                   optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=dict(state),
+            return save_checkpoint(self.config.output_dir, state.global_step, model=self.model,
+                                   optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state.to_dict(),
                                    config=self._checkpoint_config(), tokenizer=self.tokenizer,
                                    save_total_limit=self.config.save_total_limit, model_state=model_state,
                                    optimizer_state=optim_state)
@@ -257,7 +289,7 @@ class RunParts:
         return {**c.to_dict(),
                 "completions_per_step": c.per_device_train_batch_size * c.gradient_accumulation_steps * self.world_size}
 
-    def resume(self, path: str | bool) -> dict:
+    def resume(self, path: str | bool) -> LoopState:
         from grpokit.checkpoint import (RESUME_KEYS, CheckpointError, check_resume_compatible, find_latest_checkpoint,
                                         load_checkpoint)
 
@@ -269,19 +301,19 @@ class RunParts:
         check_resume_compatible(path, self._checkpoint_config(), keys)
         if self.sharded:  # rank 0 reads the full weights and optimizer state, each rank keeps its shards
             from grpokit.checkpoint.files import OPTIMIZER_FILE
-            from grpokit.checkpoint.load import _torch_load, read_model_state
+            from grpokit.checkpoint.load import read_model_state, torch_load
 
             model_state, optim_state = {}, {}
             if self.rank == 0:
                 model_state = read_model_state(path, self.model)
-                optim_state = _torch_load(os.path.join(path, OPTIMIZER_FILE), "cpu")
+                optim_state = torch_load(os.path.join(path, OPTIMIZER_FILE), "cpu")
             distributed.load_full_state(self.model, self.optimizer, model_state, optim_state, strict=not self.is_peft)
             state = load_checkpoint(path, model=None, optimizer=None, scheduler=self.scheduler)
         else:
             state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.engine.update_weights(self.model)
         self.tracker.write(f"resumed from {path} at step {state['global_step']}")
-        return {k: state[k] for k in ("global_step", "epoch", "cursor", "skipped_steps", "samples_seen") if k in state}
+        return LoopState.from_dict(state)
 
     def save_final(self, path: str, merge_lora: bool = False) -> str:
         """The trained model (adapter for LoRA) and tokenizer, written by rank 0 only; under FSDP2
@@ -326,20 +358,24 @@ class RunParts:
             f"  {self.total_steps} optimizer steps; loss_type={c.loss_type}, epsilon={c.epsilon}/"
             f"{c.epsilon_high if c.epsilon_high is not None else c.epsilon}, beta={c.beta}, lr={c.learning_rate}, "
             f"scale_rewards={c.scale_rewards}",
-            "  skipped: old logprobs (num_iterations=1: they equal the current ones)" if c.num_iterations == 1
-            else f"  old logprobs computed once per batch (num_iterations={c.num_iterations})",
-            "  skipped: reference model (beta=0)" if c.beta == 0
-            else ("  reference: base model with the adapter off (LoRA)" if self.is_peft
-                  else "  reference: frozen copy of the initial model"),
-        ]
-        return "\n".join(lines + [f"  {n}" for n in self._notes])
+        ] + [f"  {line}" for line in self.plan.describe()]
+        return "\n".join(lines + [f"  {n}" for n in self.notes])
 
 
 # --------------------------------------------------------------------------------------------
 
 def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=None, eval_dataset=None,
-              tokenizer=None, peft_config=None, optimizers=(None, None)) -> RunParts:
-    """Load and check everything; nothing is trained or written before this returns."""
+              tokenizer=None, peft_config=None, optimizers=(None, None), rows_per_step_factor: int = 1,
+              optimizer_steps_per_step: int = 1, needs_reference: bool | None = None,
+              make_extra_modules=None, forward_plan: dict | None = None) -> RunParts:
+    """Load and check everything; nothing is trained or written before this returns.
+
+    For the baselines: a step takes `rows_per_step_factor` times GRPO's prompts (PPO's
+    mini-batches) and makes `optimizer_steps_per_step` optimizer steps (the LR schedule spans
+    them); `needs_reference` (default: beta > 0) loads the reference; `make_extra_modules(policy,
+    device)` makes modules trained with the policy (PPO's value head; their own optimizer parameter
+    group), in `RunParts.extra_modules`. `forward_plan`
+    overrides parts of the training forward's plan (core.forward.choose_forward_plan)."""
     from grpokit import data, models
     from grpokit.rewards import RewardRunner, load_reward_funcs
 
@@ -421,8 +457,9 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
 
     # generation engine, reference, optimizer, schedule
     engine = make_engine("vllm" if cfg.use_vllm else "hf", policy, tok, max_batch_tokens=cfg.max_batch_tokens)
+    needs_reference = cfg.beta > 0 if needs_reference is None else needs_reference
     ref_model = None
-    if cfg.beta > 0 and not is_peft:
+    if needs_reference and not is_peft:
         ref_model = models.load_reference_model(policy)
     optimizer, scheduler = optimizers
     # several ranks: the training forward wrapped in DDP or FSDP2 (which replaces the parameters
@@ -443,14 +480,19 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
                                       fused=(cfg.optim == "adamw_torch_fused" and device.type in ("cpu", "cuda")) or None)
-    prompts_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
+    extra_modules = tuple(make_extra_modules(policy, device)) if make_extra_modules is not None else ()
+    for extra in extra_modules:
+        optimizer.add_param_group({"params": list(extra.parameters())})
+    prompts_per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
+                        * rows_per_step_factor)
     total_steps = _total_steps(cfg, len(prompt_ids), prompts_per_step * world)
     if scheduler is None:
         from transformers import get_scheduler
 
-        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+        k = optimizer_steps_per_step
+        warmup = cfg.warmup_steps * k if cfg.warmup_steps else math.ceil(cfg.warmup_ratio * total_steps * k)
         scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=total_steps)
+                                  num_training_steps=total_steps * k)
 
     from grpokit.evaluation import Evaluator
     from grpokit.tracking import Tracker
@@ -467,8 +509,10 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                     prompts_per_step=prompts_per_step, eval_dataset=eval_dataset, eval_fn=eval_fn,
                     ref_model=ref_model, is_peft=is_peft, rank=rank, world_size=world,
                     pad_id=tok.pad_token_id, task_name=task.name if task else None, model_name=model_name,
-                    _notes=notes, train_forward=train_forward, ref_forward=ref_forward,
-                    strategy=cfg.distributed_strategy)
+                    notes=notes, train_forward=train_forward, ref_forward=ref_forward,
+                    strategy=cfg.distributed_strategy, extra_modules=extra_modules,
+                    plan=choose_forward_plan(cfg, policy, engine, world_size=world, is_peft=is_peft,
+                                             needs_reference=needs_reference, overrides=forward_plan))
 
 
 def _total_steps(cfg: GRPOConfig, num_rows: int, global_prompts_per_step: int) -> int:

@@ -1,7 +1,7 @@
 """`grpokit compare [config.yaml] [key=value ...]`: GRPO, PPO and DPO on the same task, model,
 reward and sample budget, and a report of what each bought with it.
 
-Each algorithm runs in its own process (`python -m grpokit.compare --worker ...`), one after the
+Each algorithm runs in its own process (`python -m grpokit.compare.run --worker ...`), one after the
 other, so that peak memory is each run's own and no run's timing overlaps another's. Every run
 uses the same shared settings (model, task, reward, sampled completions per step, steps, learning
 rate and schedule, sampling temperature, evaluation); only the algorithm's own knobs differ
@@ -38,40 +38,9 @@ import time
 from typing import Any
 
 from grpokit.baselines import ALGOS, algo_classes
-from grpokit.cli import DEMO_DEFAULTS, load_config_dict
-from grpokit.compare_report import _machine, write_report
-
-# Shared by the three runs: the demo's task, model, sampling and optimizer settings (`grpokit train`
-# with no arguments: the built-in arithmetic task on the shipped starter model, on CPU), with a
-# held-out evaluation every 20 steps and no checkpoints.
-_FROM_DEMO = ("task", "use_cpu", "learning_rate", "lr_scheduler_type", "per_device_train_batch_size",
-              "gradient_accumulation_steps", "num_generations", "max_completion_length", "temperature", "max_steps")
-COMPARE_DEFAULTS: dict[str, Any] = {
-    **{k: DEMO_DEFAULTS[k] for k in _FROM_DEMO if k in DEMO_DEFAULTS},
-    "eval_strategy": "steps",
-    "eval_steps": 20,
-    "eval_on_start": True,
-    "task_num_eval": 200,
-    "save_strategy": "no",
-    "logging_steps": 10,
-    "log_completions": False,
-    "disable_tqdm": True,
-    "plot": False,
-    "seed": 42,
-}
-
-# Each algorithm's own knobs, at TRL's defaults (GRPO's are GRPOConfig's: beta=0, one update per batch).
-ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "grpo": {},
-    "ppo": {"num_ppo_epochs": 4, "num_mini_batches": 1, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
-            "kl_coef": 0.05, "gamma": 1.0, "lam": 0.95},
-    "dpo": {"beta": 0.1, "loss_type": "sigmoid"},
-}
-
-OPTIONS = {"algos": list(ALGOS), "seeds": [42], "output_dir": "runs/compare",
-           "report_dir": "reports/compare", "torch_num_threads": 1, "isolate": True, "report_only": False}
-"""The report counts the samples and training time each run needed to first reach this held-out accuracy."""
-
+from grpokit.compare.report import machine_info, write_report
+from grpokit.compare.settings import ALGO_DEFAULTS, COMPARE_DEFAULTS, OPTIONS
+from grpokit.config_file import load_config_dict
 
 def plan(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple[str, int], dict[str, Any]]]:
     """Split the command line / YAML into options and one full config per (algorithm, seed), in the
@@ -105,7 +74,7 @@ def plan(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple[str, int], dic
 def run_compare(argv: list[str]) -> int:
     options, configs = plan(load_config_dict(argv))
     started = time.time()
-    machine = _machine(options)
+    machine = machine_info(options)
     results = {}
     for (algo, seed), cfg in configs.items():
         out = cfg["output_dir"]
@@ -124,7 +93,7 @@ def run_compare(argv: list[str]) -> int:
             json.dump({"config": cfg, "torch_num_threads": options["torch_num_threads"]}, f, indent=1)
         print(f"\n=== compare: {algo}, seed {seed} -> {out}", flush=True)
         if options["isolate"]:
-            code = subprocess.run([sys.executable, "-m", "grpokit.compare", "--worker", algo, spec]).returncode
+            code = subprocess.run([sys.executable, "-m", "grpokit.compare.run", "--worker", algo, spec]).returncode
         else:
             code = _worker(algo, spec)
         if code != 0:
@@ -151,7 +120,7 @@ def run_compare(argv: list[str]) -> int:
 def _worker(algo: str, spec_path: str) -> int:
     import torch
 
-    from grpokit.baselines import parameter_counts
+    from grpokit.baselines.common import parameter_counts
 
     with open(spec_path) as f:
         spec = json.load(f)

@@ -1,4 +1,4 @@
-"""Data and evaluation of grpokit's SFT (grpokit.sft): (prompt, completion) pairs tokenized with the
+"""Data and evaluation of grpokit's SFT (grpokit.sft.trainer): (prompt, completion) pairs tokenized with the
 prompt rendered as in GRPO, padded batches with completion-only labels, and a greedy / pass@k check
 on a task's held-out split."""
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from grpokit.sft import SFTConfig
+    from grpokit.sft.config import SFTConfig
 
 
 # --------------------------------------------------------------------------------------------
@@ -31,7 +31,7 @@ def _completion_ids(prompt, completion, prompt_text: str, tokenizer) -> list[int
     return ids
 
 
-def _tokenize_pairs(prompts, completions, tokenizer, max_length: int | None) -> list[tuple[list[int], int]]:
+def tokenize_pairs(prompts, completions, tokenizer, max_length: int | None) -> list[tuple[list[int], int]]:
     """(input_ids, prompt_length) per example, truncated to max_length."""
     from grpokit.data.loading import encode_prompt, render_prompt
 
@@ -45,7 +45,7 @@ def _tokenize_pairs(prompts, completions, tokenizer, max_length: int | None) -> 
     return examples
 
 
-def _collate(examples, pad_token_id: int, completion_only_loss: bool):
+def collate(examples, pad_token_id: int, completion_only_loss: bool):
     """Right-padded input_ids, attention_mask and labels (-100 on padding and, optionally, the prompt)."""
     longest = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
@@ -60,13 +60,13 @@ def _collate(examples, pad_token_id: int, completion_only_loss: bool):
     return input_ids, attention_mask, labels
 
 
-def _num_label_tokens(ids: list[int], prompt_len: int, completion_only_loss: bool) -> int:
-    """Tokens that carry a label after the one-position shift (matches _collate)."""
+def num_label_tokens(ids: list[int], prompt_len: int, completion_only_loss: bool) -> int:
+    """Tokens that carry a label after the one-position shift (matches collate)."""
     start = prompt_len if completion_only_loss else 0
     return len(ids) - max(start, 1)
 
 
-def _load_sft_data(cfg: SFTConfig, tokenizer):
+def load_sft_data(cfg: SFTConfig, tokenizer):
     """(prompts, completions, task or None)."""
     if cfg.task is not None:
         from grpokit.data.tasks import get_task

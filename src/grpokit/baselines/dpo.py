@@ -24,19 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from grpokit.algos import DPO_AVERAGE_LOGPS, DPO_LOSSES, best_worst_pairs, dpo_loss, sequence_logps
-from grpokit.baselines import (
-    AlgoConfig,
-    StepOutput,
-    own_field,
-    parameter_counts,
-    rebuild_scheduler,
-    reference_logprobs,
-    run_steps,
-    set_rows_per_step,
-    timed,
-)
-from grpokit.batch import Rollout, completion_logprobs, make_micro_batches
-from grpokit.run import RunFacade, RunParts, build_run
+from grpokit.baselines.common import AlgoConfig, own_field, parameter_counts, reference_logprobs
+from grpokit.core.batch import make_micro_batches
+from grpokit.core.loop import StepOutput, sample_and_score, timed, train_loop
+from grpokit.core.run import LoopState, RunFacade, RunParts, build_run
+from grpokit.core.trajectory import Trajectories
 
 
 @dataclass
@@ -103,18 +95,17 @@ class DPOTrainer(RunFacade):
                 raise ValueError("DPOTrainer: evaluating on a held-out set needs reward_funcs= to decide what is "
                                  "correct (a preference dataset has no reward function of its own).")
             reward_funcs = [_no_reward]
+        # offline: a step takes per_device_train_batch_size * gradient_accumulation_steps pairs (rows)
         run = build_run(cfg, model=model, reward_funcs=reward_funcs, train_dataset=train_dataset,
                         eval_dataset=eval_dataset, tokenizer=processing_class, peft_config=peft_config,
-                        optimizers=optimizers)
+                        optimizers=optimizers, needs_reference=True,
+                        rows_per_step_factor=cfg.num_generations if self.offline else 1)
         cfg.check_single_process(run.world_size)
         self.pairs: list[tuple[list[int], list[int]]] | None = None
         if self.offline:
             self.pairs = [tokenize_pair(run.prompts[i], run.columns["chosen"][i], run.columns["rejected"][i],
                                         run.tokenizer, cfg.max_completion_length, row=i)
                           for i in range(run.num_train_rows)]
-            set_rows_per_step(run, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps)
-            if optimizers[1] is None:
-                rebuild_scheduler(run, 1)
         self.parts: RunParts = run
         self.param_counts = parameter_counts(run)
 
@@ -137,14 +128,9 @@ class DPOTrainer(RunFacade):
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict:
         """Run the DPO loop; returns the final metrics."""
         run = self.parts
-        run.tracker.write(self.summary())
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
-        step_fn = (lambda rows, step, phase: offline_dpo_step(run, self.pairs, rows, phase)) if self.offline else \
-            (lambda rows, step, phase: online_dpo_step(run, rows, step, phase))
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
-        final = run_steps(run, step_fn, resume_from_checkpoint=resume)
-        run.finish()
-        return final
+        return train_loop(run, DPO(self.pairs), resume_from_checkpoint=resume, summary=self.summary())
 
 
 def _is_preference_data(train_dataset, cfg) -> bool:
@@ -192,56 +178,51 @@ def tokenize_pair(prompt, chosen, rejected, tokenizer, max_len: int, row: int = 
 # Steps
 # --------------------------------------------------------------------------------------------
 
-def online_dpo_step(run: RunParts, rows: list[int], step: int, phase: dict) -> StepOutput:
+class DPO:
+    """DPO's step on the shared loop: pairs from the dataset (offline) or from sampled groups."""
+
+    def __init__(self, pairs: list[tuple[list[int], list[int]]] | None):
+        self.pairs = pairs
+
+    def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
+        if self.pairs is not None:
+            return offline_dpo_step(run, self.pairs, rows, phase)
+        return online_dpo_step(run, rows, state, phase)
+
+
+def online_dpo_step(run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
     cfg = run.config
-    with timed(phase, "time/generate"):
-        rollout = run.sample(rows, seed=cfg.seed + 1_000_003 * step + run.rank)
-    with timed(phase, "time/reward"):
-        reward_out = run.score(rollout)
-    rollout.rewards_per_func, rollout.rewards = reward_out.per_func, reward_out.total
-    rollout.reward_names = list(reward_out.names)
+    rollout = sample_and_score(run, rows, state, phase)
     chosen, rejected = best_worst_pairs(rollout.rewards, cfg.num_generations)
-    # advantage as the role a sample plays: +1 chosen, -1 rejected, 0 not trained on
-    rollout.advantages = torch.zeros(len(rollout.completion_ids))
-    rollout.advantages[chosen], rollout.advantages[rejected] = 1.0, -1.0
+    # the role a sample plays, for the completions table: +1 chosen, -1 rejected, 0 not trained on
+    preference = torch.zeros(len(rollout))
+    preference[chosen], preference[rejected] = 1.0, -1.0
     order = torch.stack([chosen, rejected], 1).view(-1).tolist()   # c0, r0, c1, r1, ...
-    pairs = _select(rollout, order)
+    pairs = rollout.select(order)
     stats = _dpo_update(run, pairs, pairs_per_micro_batch=max(1, cfg.per_device_train_batch_size // 2), phase=phase)
     groups = len(rollout.completion_ids) // cfg.num_generations
     extra = {"dpo/pairs": float(len(chosen)), "dpo/frac_groups_without_pair": 1 - len(chosen) / groups}
-    return StepOutput(rollout=rollout, reward_stats=reward_out.stats, step_stats=[stats],
-                      samples=len(rollout.completion_ids), extra=extra, skipped=int(not stats.pop("_applied")))
+    return StepOutput(rollout=rollout, step_stats=[stats], samples=len(rollout), extra=extra,
+                      skipped=int(not stats.pop("_applied")), per_sample={"preference": preference})
 
 
 def offline_dpo_step(run: RunParts, pairs_ids, rows: list[int], phase: dict) -> StepOutput:
     cfg = run.config
     cols = run.columns
     n = 2 * len(rows)
-    pairs = Rollout(
+    pairs = Trajectories(
         row_index=[r for r in rows for _ in (0, 1)], prompts=[run.prompts[r] for r in rows for _ in (0, 1)],
         completions=[cols[k][r] for r in rows for k in ("chosen", "rejected")],
         prompt_ids=[run.prompt_ids[r] for r in rows for _ in (0, 1)],
         completion_ids=[pairs_ids[r][j] for r in rows for j in (0, 1)],
         sampling_logps=[[0.0] * len(pairs_ids[r][j]) for r in rows for j in (0, 1)],
-        truncated=torch.zeros(n, dtype=torch.bool), rewards_per_func=torch.empty(0), rewards=torch.empty(0),
-        advantages=torch.zeros(n))
+        truncated=torch.zeros(n, dtype=torch.bool))
     stats = _dpo_update(run, pairs, pairs_per_micro_batch=cfg.per_device_train_batch_size, phase=phase)
-    return StepOutput(rollout=None, reward_stats={}, step_stats=[stats], samples=n,
+    return StepOutput(rollout=None, step_stats=[stats], samples=n,
                       extra={"dpo/pairs": float(len(rows))}, skipped=int(not stats.pop("_applied")))
 
 
-def _select(rollout: Rollout, idx: list[int]) -> Rollout:
-    """The rows `idx` of a rollout, in that order."""
-    pick = torch.tensor(idx, dtype=torch.long)
-    return Rollout(
-        row_index=[rollout.row_index[i] for i in idx], prompts=[rollout.prompts[i] for i in idx],
-        completions=[rollout.completions[i] for i in idx], prompt_ids=[rollout.prompt_ids[i] for i in idx],
-        completion_ids=[rollout.completion_ids[i] for i in idx], sampling_logps=[rollout.sampling_logps[i] for i in idx],
-        truncated=rollout.truncated[pick], rewards_per_func=rollout.rewards_per_func[pick],
-        rewards=rollout.rewards[pick], advantages=rollout.advantages[pick], reward_names=rollout.reward_names)
-
-
-def _dpo_update(run: RunParts, pairs: Rollout, *, pairs_per_micro_batch: int, phase: dict) -> dict[str, torch.Tensor]:
+def _dpo_update(run: RunParts, pairs: Trajectories, *, pairs_per_micro_batch: int, phase: dict) -> dict[str, torch.Tensor]:
     """One optimizer step on the pairs (rows 2k chosen, 2k+1 rejected); loss = mean over pairs.
     With no pair the optimizer step changes nothing (no gradient) but the schedule advances."""
     cfg = run.config
@@ -259,8 +240,7 @@ def _dpo_update(run: RunParts, pairs: Rollout, *, pairs_per_micro_batch: int, ph
         run.model.train()
         with timed(phase, "time/backward"):
             for mb, ref_seq in zip(micro_batches, ref):
-                logps = sequence_logps(completion_logprobs(run.model, mb, temperature=1.0)[0], mb.completion_mask,
-                                       average=average)
+                logps = sequence_logps(run.forward(mb, temperature=1.0)[0], mb.completion_mask, average=average)
                 losses, r_chosen, r_rejected = dpo_loss(logps[0::2], logps[1::2], ref_seq[0::2], ref_seq[1::2],
                                                         beta=cfg.beta, loss_type=cfg.loss_type,
                                                         label_smoothing=cfg.label_smoothing)

@@ -1,0 +1,269 @@
+"""The one training forward, and the plan that says how it runs, chosen once at start-up.
+
+`completion_logprobs(model, mb, ...)` gives per-token logprobs [B, C] of a micro-batch's
+completion tokens (and entropies, and a value head's values read off the same hidden states for
+PPO). It computes each prompt of a micro-batch once for all its completions and packs the
+sequences without padding (grpokit.core.prefix); models whose attention cannot take that layout
+get the padded one (left-padded prompt | right-padded completion). External segments (tool or
+environment tokens) are in the sequence like any other token: they are context, and the
+micro-batch's `completion_mask` keeps them out of the loss.
+
+`ForwardPlan` holds every speed decision of the training forward (packed or padded, where the
+prefix-attention kernel takes over from dense masked attention, micro-batch merging, skipping
+zero-advantage completions, the lm_head chunk, reuse of the sampler's logprobs, the reference),
+made once by `choose_forward_plan`, printed in the start-up summary and passed explicitly; a
+benchmark ablation or a test selects a part of it by argument (`overrides`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from grpokit.algos import LOSS_TYPES, chunked_logprobs, entropy_from_logits, selective_log_softmax
+from grpokit.core.batch import MicroBatch
+from grpokit.core.prefix import DENSE_ROW_TOKENS, MAX_SEGMENT_TOKENS, packed_hidden, scatter_to_grid, supports_packed
+
+
+def unwrap(model):
+    """The transformers model under DDP/FSDP/PEFT wrappers (LoRA layers stay injected in it)."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def plain_linear_head(model) -> torch.nn.Linear | None:
+    """The lm_head when logits are exactly hidden @ W.T (no bias, softcap or scale); else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    cfg = getattr(model, "config", None)
+    if (type(head) is not torch.nn.Linear or head.bias is not None
+            or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)):
+        return None
+    return head
+
+
+def uses_packed_forward(model) -> bool:
+    """Whether `completion_logprobs` takes the shared-prefix packed path for this model."""
+    inner = unwrap(model)
+    return plain_linear_head(inner) is not None and supports_packed(inner)
+
+
+CPU_CHUNK_BYTES = 32 << 20
+"""On CPU, rows per lm_head chunk are sized so one float32 [rows, V] buffer is about 32 MiB: glibc
+serves such buffers from its heap after the first one (bigger ones are mmap'ed and page-faulted
+afresh every time), and two of them are the logprob pass's whole extra memory."""
+
+
+def lm_head_chunk_rows(head: torch.nn.Linear, chunk_size: int | None = None) -> int:
+    """Rows of completion positions per lm_head chunk (see CPU_CHUNK_BYTES; 1024 on GPU)."""
+    if chunk_size is not None:
+        return chunk_size
+    if head.weight.device.type == "cpu":
+        return max(16, CPU_CHUNK_BYTES // (4 * head.weight.shape[0]))
+    return 1024
+
+
+def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entropy: bool = False,
+                        chunk_size: int | None = None, packed: bool | None = None,
+                        max_segment_tokens: int = MAX_SEGMENT_TOKENS, dense_row_tokens: int = DENSE_ROW_TOKENS,
+                        value_head=None):
+    """Per-token logprobs [B, C] of the completion tokens under `model` (at `temperature`), and
+    their entropies when asked (0 on padding): `(logps, entropy or None)`, or with a
+    `value_head` (a module mapping hidden states [..., H] to values [...], PPO's critic)
+    `(logps, entropy or None, values [B, C])`: the value of the state before each token, read off
+    the same hidden states (the one that predicts token t values "prompt + t tokens").
+
+    `packed` (default: whenever the model supports it, see `uses_packed_forward`; the trainer
+    passes its ForwardPlan's choice): each prompt once per group, no padding
+    (grpokit.core.prefix; one group a row: on CPU, rows that join several short groups saved
+    padding but lost more in the masked attention), rows longer than `dense_row_tokens` through
+    the prefix-attention kernel. Otherwise the padded [B, P + C] layout. Either way only the
+    completion positions go through the lm_head, `chunk_size` rows at a time (None: ~32 MiB of
+    fp32 logits on CPU, 1024 rows on GPU), so no [B, P+C, V] (or full [K, V] fp32) logits
+    tensor is ever kept."""
+    t = temperature if temperature > 0 else 1.0
+    inner = unwrap(model)
+    head = plain_linear_head(inner)
+    if head is not None:
+        chunk_size = lm_head_chunk_rows(head, chunk_size)
+    if packed is None:
+        packed = head is not None and supports_packed(inner)
+    shape = tuple(mb.completion_ids.shape)
+
+    def done(logps, entropy, hidden_to_grid):
+        out = (logps, entropy if with_entropy else None)
+        return out if value_head is None else out + (hidden_to_grid(value_head),)
+
+    if packed:
+        if head is None or not supports_packed(inner):
+            raise ValueError(f"{type(inner).__name__} cannot take the packed shared-prefix forward "
+                             "(needs eager/sdpa full attention and a plain linear lm_head); use packed=False.")
+        layout = mb.layout(max_segment_tokens)
+        if layout.targets.numel() == 0:  # every completion empty: nothing to score
+            zeros = torch.zeros(shape, device=mb.device) + 0.0 * head.weight.sum()
+            return done(zeros, zeros, lambda vh: zeros + 0.0 * sum(p.sum() for p in vh.parameters()))
+        # the backbone call goes through the module that holds the LoRA layers (if any)
+        hidden = packed_hidden(inner.get_decoder(), layout, head.weight.dtype, dense_row_tokens=dense_row_tokens)
+        out = chunked_logprobs(hidden, head.weight, layout.targets, temperature=t, chunk_size=chunk_size,
+                               return_entropy=with_entropy)
+        logps, entropy = out if with_entropy else (out, None)
+        return done(scatter_to_grid(logps, layout, shape),
+                    scatter_to_grid(entropy, layout, shape) if with_entropy else None,
+                    lambda vh: scatter_to_grid(vh(hidden), layout, shape))
+    p, c = mb.prompt_width, shape[1]
+    if head is not None and hasattr(inner, "get_decoder"):
+        hidden = inner.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                     position_ids=mb.position_ids, use_cache=False).last_hidden_state
+        hidden = hidden[:, p - 1:p - 1 + c]  # position t predicts token t+1
+        out = chunked_logprobs(hidden, head.weight, mb.completion_ids, temperature=t,
+                               chunk_size=chunk_size, return_entropy=with_entropy)
+        logps, entropy = out if with_entropy else (out, None)
+        return done(logps, entropy, lambda vh: vh(hidden))
+    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                use_cache=False, output_hidden_states=value_head is not None,
+                **({} if value_head is not None else {"logits_to_keep": c + 1}))
+    logits = out.logits[:, -(c + 1):-1] / t
+    logps = selective_log_softmax(logits, mb.completion_ids)
+    return done(logps, entropy_from_logits(logits.detach()) if with_entropy else None,
+                lambda vh: vh(out.hidden_states[-1][:, p - 1:p - 1 + c]))
+
+
+def sampler_logps_are_old_logps(model, engine, *, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                                min_p: float | None = None, use_vllm: bool = False) -> bool:
+    """Whether the sampler's per-token logprobs can stand in for the old policy's (num_iterations > 1).
+
+    True for grpokit's HF engine sampling from the training weights in float32/float64 at
+    temperature > 0 with no top-p/top-k/min-p truncation (the sampled distribution is then the
+    trainer's softmax(logits / T)), and a model without active dropout (the engine samples in eval
+    mode). Both logprobs are then the same function of the same weights, computed in a different
+    batch layout: measured on Qwen2/Llama/GPT-2 (tiny and the ~25M benchmark model, T = 1 and
+    0.7), max |sampler - trainer| = 1e-6 to 8e-6 nats, i.e. importance ratios within 1e-5 of 1,
+    the same size as the packed-vs-padded difference of the training forward itself
+    (tests/unit/test_batch.py). bf16 is not covered by that measurement, so it keeps computing."""
+    from grpokit.rollout.hf import HFEngine
+
+    if use_vllm or not isinstance(engine, HFEngine) or temperature <= 0:
+        return False
+    if top_p < 1.0 or (top_k or 0) > 0 or (min_p or 0.0) > 0:
+        return False
+    inner = unwrap(model)
+    dtypes = {p.dtype for p in inner.parameters()}
+    if not dtypes <= {torch.float32, torch.float64}:
+        return False
+    if unwrap(engine.model) is not inner:
+        return False
+    cfg = getattr(inner, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
+        if float(getattr(cfg, name, 0.0) or 0.0) > 0:
+            return False
+    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in getattr(model, "modules", lambda: [])())
+
+
+# --------------------------------------------------------------------------------------------
+# the forward plan
+# --------------------------------------------------------------------------------------------
+
+OLD_LOGPS = ("current", "sampler", "recomputed")
+REFERENCES = ("none", "adapter_off", "frozen_copy")
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How the training forward runs, decided once (`choose_forward_plan`)."""
+
+    packed: bool                  # shared-prefix packed layout (else padded)
+    chunk_rows: int | None        # completion positions per lm_head chunk (None: no plain linear head)
+    dense_row_tokens: int = DENSE_ROW_TOKENS   # packed rows up to this many tokens: dense masked attention
+    max_segment_tokens: int = MAX_SEGMENT_TOKENS
+    merge: bool = False           # join micro-batches into fewer forwards (additive losses only)
+    skip_zero_advantage: bool = False   # leave advantage-0 completions out of the forward (beta = 0)
+    never_empty: bool = False     # several ranks: every forward runs the whole model (same collectives)
+    old_logps: str = "current"    # current (num_iterations = 1) | sampler (reused) | recomputed once per batch
+    reference: str = "none"       # none (beta = 0) | adapter_off (LoRA) | frozen_copy
+
+    def __post_init__(self):
+        if self.old_logps not in OLD_LOGPS:
+            raise ValueError(f"ForwardPlan.old_logps={self.old_logps!r}: use one of {', '.join(OLD_LOGPS)}.")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"ForwardPlan.reference={self.reference!r}: use one of {', '.join(REFERENCES)}.")
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """The arguments of `completion_logprobs` that this plan fixes."""
+        return {"packed": self.packed, "chunk_size": self.chunk_rows, "max_segment_tokens": self.max_segment_tokens,
+                "dense_row_tokens": self.dense_row_tokens}
+
+    def describe(self) -> list[str]:
+        """The summary's lines: what the training forward does, and what it skips."""
+        layout = (f"packed shared-prefix rows (each prompt once per micro-batch, no padding; prefix-attention "
+                  f"kernel on rows over {self.dense_row_tokens} tokens)" if self.packed
+                  else "padded rows (left-padded prompt | right-padded completion)")
+        lines = [f"forward: {layout}; lm_head in chunks of "
+                 + (f"{self.chunk_rows} positions" if self.chunk_rows else "full logits (no plain linear head)")]
+        extras = [("micro-batches merged while they fit one padded micro-batch" if self.merge else None),
+                  ("advantage-0 completions left out of the forward" if self.skip_zero_advantage else None),
+                  ("every rank runs as many whole-model forwards as the others" if self.never_empty else None)]
+        if any(extras):
+            lines.append("  " + "; ".join(e for e in extras if e))
+        lines.append({"current": "skipped: old logprobs (num_iterations=1: they equal the current ones)",
+                      "sampler": "old logprobs: the sampler's, reused (same weights, fp32, untruncated sampling)",
+                      "recomputed": "old logprobs: computed once per generated batch"}[self.old_logps])
+        lines.append({"none": "skipped: reference model (beta=0)",
+                      "adapter_off": "reference: base model with the adapter off (LoRA)",
+                      "frozen_copy": "reference: frozen copy of the initial model"}[self.reference])
+        return lines
+
+
+def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, needs_reference: bool,
+                        overrides: dict[str, Any] | None = None) -> ForwardPlan:
+    """Every decision of the training forward for this run's config, model and engine.
+
+    `overrides` replaces fields of the result (benchmark ablations, tests): e.g.
+    `{"packed": False}`, `{"merge": False}`, `{"skip_zero_advantage": False}`,
+    `{"dense_row_tokens": 1 << 30}`; a field that would make the run wrong (packed on a model that
+    cannot take it, merging a per-micro-batch loss) is an error."""
+    inner = unwrap(model)
+    head = plain_linear_head(inner)
+    packed = head is not None and supports_packed(inner)
+    # a loss that is not a GRPO-family policy loss (DPO's) has no plain sum over micro-batches either
+    local_means = LOSS_TYPES.get(cfg.loss_type, (None, "other"))[1] in ("grpo", "bnpo", "other")
+    entropy_mask = cfg.top_entropy_quantile < 1.0
+    old = "current"
+    if cfg.num_iterations > 1:
+        old = "sampler" if sampler_logps_are_old_logps(
+            model, engine, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+            use_vllm=cfg.use_vllm) else "recomputed"
+    fields = dict(
+        packed=packed,
+        chunk_rows=lm_head_chunk_rows(head) if head is not None else None,
+        # micro-batches may be joined when the loss is a plain sum over them (global normalisers:
+        # not grpo/bnpo/sapo's local means) and the entropy mask (a per-micro-batch quantile) is off
+        merge=packed and not local_means and not entropy_mask,
+        skip_zero_advantage=cfg.beta == 0 and not entropy_mask,
+        never_empty=world_size > 1,
+        old_logps=old,
+        reference="none" if not needs_reference else ("adapter_off" if is_peft else "frozen_copy"),
+    )
+    for key, value in (overrides or {}).items():
+        if key not in {f.name for f in dataclasses.fields(ForwardPlan)}:
+            raise ValueError(f"forward_plan: unknown field {key!r}; the fields are "
+                             f"{', '.join(f.name for f in dataclasses.fields(ForwardPlan))}.")
+        fields[key] = value
+    plan = ForwardPlan(**fields)
+    if plan.packed and not packed:
+        raise ValueError(f"forward_plan: packed=True, but {type(inner).__name__} cannot take the packed forward.")
+    if plan.merge and (local_means or entropy_mask or not plan.packed):
+        raise ValueError("forward_plan: merge=True needs the packed forward and a loss with global normalisers "
+                         "(not grpo/bnpo/sapo) without the entropy mask.")
+    if plan.skip_zero_advantage and (cfg.beta != 0 or entropy_mask):
+        raise ValueError("forward_plan: skip_zero_advantage=True needs beta=0 and no entropy mask.")
+    if plan.old_logps == "sampler" and old != "sampler":
+        raise ValueError("forward_plan: old_logps='sampler', but the sampler's logprobs are not the old policy's here.")
+    if world_size > 1 and not plan.never_empty:
+        raise ValueError("forward_plan: never_empty=False on several ranks would let their collectives differ.")
+    return plan

@@ -1,0 +1,299 @@
+"""The one training loop, for GRPO, PPO and DPO, readable top to bottom; and GRPO's step.
+
+    state = where the loop is (fresh, or from a checkpoint)
+    while steps remain:
+        rows      = this rank's prompts for the step (seeded order, groups never cross ranks)
+        out       = algorithm.step(run, rows, state, phase)   # sample and score, then what differs:
+                    GRPO: group advantages -> micro-batches -> (old/ref logprobs) -> updates
+                    PPO:  values, GAE -> epochs x mini-batches      DPO: pairs -> one update
+        state    += out (optimizer steps, samples, skipped steps)
+        metrics   = the step's metrics, reduced across ranks once
+        end_of_step: trackers, completions table, console line, eval and checkpoint when due
+    final model, plot
+
+An algorithm is an object with `step(run, rows, state, phase) -> StepOutput`; the loop does
+everything else. `sample_and_score` is the one place a step samples and scores.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from grpokit import memory
+from grpokit.algos import LOSS_TYPES, group_advantages, policy_loss, rollout_correction_weights, top_entropy_mask
+from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
+from grpokit.core.run import LoopState, RunParts
+from grpokit.core.trajectory import Rollout
+
+
+@dataclass
+class StepOutput:
+    """What one step of an algorithm produced, for the loop's bookkeeping and logging."""
+
+    rollout: Rollout | None              # what was sampled and scored (None: offline data)
+    step_stats: list[dict[str, torch.Tensor]]  # one dict per optimizer step (averaged in the log)
+    samples: int                         # completions (or pairs) consumed by this step, this rank
+    optimizer_steps: int = 1             # how far global_step advances (GRPO: one per update pass)
+    skipped: int = 0                     # optimizer steps skipped (non-finite gradient)
+    extra: dict[str, float] = field(default_factory=dict)  # once-per-step metrics
+    per_sample: dict[str, torch.Tensor] = field(default_factory=dict)  # [N] columns of the completions table
+
+
+class Algorithm(Protocol):
+    def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput: ...
+
+
+def train_loop(run: RunParts, algorithm: Algorithm, resume_from_checkpoint: str | bool | None = None,
+               summary: str | None = None) -> dict[str, float]:
+    run.tracker.write(summary if summary is not None else run.summary())
+    state, final = run.begin(resume_from_checkpoint)
+    while state.global_step < run.total_steps:
+        phase: dict[str, float] = {}
+        rows, state.epoch, state.cursor = run.next_prompt_rows(state.epoch, state.cursor)
+        out = algorithm.step(run, rows, state, phase)
+        state.global_step += out.optimizer_steps
+        state.samples_seen += run.world_size * out.samples
+        state.skipped_steps += out.skipped
+        metrics = step_metrics(run, out, phase, state)
+        end_of_step(run, state, metrics, out)
+        final = metrics
+    run.finish()
+    return final
+
+
+def sample_and_score(run: RunParts, rows: list[int], state: LoopState, phase: dict) -> Rollout:
+    """G trajectories per prompt, scored. The sampling seed of a step is
+    `seed + 1_000_003 * global_step + rank`, so a resumed run samples what the straight run did.
+    `run.guard`: an exception on one rank stops every rank now, naming it, not at a timeout."""
+    with timed(phase, "time/generate"), run.guard("generation"):
+        trajectories = run.sample(rows, seed=run.config.seed + 1_000_003 * state.global_step + run.rank)
+    with timed(phase, "time/reward"), run.guard("the reward functions"):
+        return run.score(trajectories)
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO
+# --------------------------------------------------------------------------------------------
+
+class GRPO:
+    """GRPO's step: group-relative advantages, then `num_iterations` clipped-ratio updates."""
+
+    def __init__(self, run: RunParts):
+        cfg = run.config
+        # the objective's knobs bound once from the config; called with tensors only
+        self.objective = functools.partial(
+            policy_loss, loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+            delta=cfg.delta, dual_clip=cfg.dual_clip, importance_sampling_level=cfg.importance_sampling_level,
+            beta=cfg.beta, kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_completion_length,
+            sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg)
+        self.local_means = LOSS_TYPES[cfg.loss_type][1] in ("grpo", "bnpo")
+
+    def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
+        cfg, plan = run.config, run.plan
+        rollout = sample_and_score(run, rows, state, phase)
+        advantages = group_advantages(rollout.rewards, cfg.num_generations, scale_rewards=cfg.scale_rewards,
+                                      estimator=cfg.advantage_estimator)
+        micro_batches = make_micro_batches(rollout, cfg.per_device_train_batch_size, advantages=advantages,
+                                           pad_id=run.pad_id, device=run.device,
+                                           mask_truncated=cfg.mask_truncated_completions, merge=plan.merge,
+                                           skip_zero_advantage=plan.skip_zero_advantage,
+                                           never_empty=plan.never_empty)
+        # local means (grpo, bnpo, sapo) are averaged over the micro-batches, as TRL divides by the
+        # accumulation steps (such losses never merge, so every rank has as many)
+        divisor = len(micro_batches) if self.local_means else 1
+        if run.world_size > 1:
+            # every rank runs as many forwards as the rank with the most (merging depends on the
+            # data): the same collectives everywhere, whatever each rank has to train
+            micro_batches = pad_micro_batches(micro_batches, run.global_max(len(micro_batches)))
+        with timed(phase, "time/logprobs"):
+            add_fixed_logprobs(run, micro_batches)
+        num_items = run.global_sum(sum(mb.completion_mask.sum() for mb in micro_batches))
+        num_sequences = run.global_sum(torch.tensor(float(len(rollout))))
+
+        step_stats: list[dict[str, torch.Tensor]] = []
+        skipped = 0
+        for _ in range(min(cfg.num_iterations, run.total_steps - state.global_step)):
+            with timed(phase, "time/backward"):
+                stats = self.accumulate_gradients(run, micro_batches, num_items, num_sequences, divisor)
+            with timed(phase, "time/optimizer"):
+                applied, stats["grad_norm"] = run.optimizer_step()
+            skipped += 0 if applied else 1
+            step_stats.append(stats)
+        return StepOutput(rollout=rollout, step_stats=step_stats, samples=len(rollout),
+                          optimizer_steps=len(step_stats), skipped=skipped,
+                          extra={"frac_reward_zero_std": _frac_zero_std_groups(rollout.rewards, cfg.num_generations)},
+                          per_sample={"advantage": advantages})
+
+    def accumulate_gradients(self, run: RunParts, micro_batches, num_items, num_sequences,
+                             divisor: int) -> dict[str, torch.Tensor]:
+        """Forward + backward of every micro-batch; the loss normalisers cover the whole accumulated,
+        all-rank batch, so the summed gradient equals the whole batch's (see algos.losses)."""
+        cfg = run.config
+        run.model.train()
+        totals: dict[str, torch.Tensor] = {}
+        want_entropy = cfg.top_entropy_quantile < 1.0
+        for i, mb in enumerate(micro_batches):
+            sync = run.no_sync() if i < len(micro_batches) - 1 else nullcontext()
+            with sync, run.autocast():
+                # through run.train_forward (a DDP/FSDP2-wrapped module), so the gradients are
+                # averaged over ranks exactly once, in this backward
+                logps, entropy = run.forward(mb, with_entropy=want_entropy)
+                is_weights = None
+                if cfg.use_vllm and cfg.vllm_importance_sampling_correction:
+                    level, mode = cfg.vllm_importance_sampling_mode.split("_")
+                    base = mb.old_logps if mb.old_logps is not None else logps.detach()
+                    is_weights = rollout_correction_weights(base, mb.sampling_logps, mb.completion_mask, level=level,
+                                                            mode=mode, cap=cfg.vllm_importance_sampling_cap)
+                entropy_mask = (top_entropy_mask(entropy.detach(), mb.completion_mask, cfg.top_entropy_quantile)
+                                if want_entropy else None)
+                loss, stats = self.objective(
+                    logps, mb.old_logps, mb.advantages, mb.completion_mask, ref_logps=mb.ref_logps,
+                    num_items_in_batch=num_items / run.world_size, num_sequences=num_sequences / run.world_size,
+                    is_weights=is_weights, entropy_mask=entropy_mask)
+                loss = loss / divisor
+            loss.backward()
+            weight = mb.completion_mask.sum().detach()
+            totals["loss"] = totals.get("loss", 0.0) + loss.detach()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v.detach() * weight
+            totals["_tokens"] = totals.get("_tokens", 0.0) + weight
+        tokens = totals.pop("_tokens").clamp(min=1)
+        return {k: (v if k == "loss" else v / tokens) for k, v in totals.items()}
+
+
+def add_fixed_logprobs(run: RunParts, micro_batches: list[MicroBatch]) -> None:
+    """Logprobs that stay fixed through the update passes, as the plan says: the old policy's
+    (only when num_iterations > 1; the sampler's when they are the same) and the reference's."""
+    plan = run.plan
+    if plan.old_logps == "current" and plan.reference == "none":
+        return
+    with torch.no_grad():
+        for mb in micro_batches:
+            if plan.old_logps == "sampler":
+                mb.old_logps = mb.sampling_logps
+            elif plan.old_logps == "recomputed":
+                mb.old_logps = run.forward(mb)[0]
+            if plan.reference != "none":
+                with run.reference_context() as ref_forward:
+                    mb.ref_logps = ref_forward(mb, temperature=run.config.temperature, **plan.forward_kwargs())[0]
+
+
+# --------------------------------------------------------------------------------------------
+# after every step
+# --------------------------------------------------------------------------------------------
+
+def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out: StepOutput) -> None:
+    """Metrics to the trackers, a few samples, the console line, evaluation and checkpoint when
+    due. Eval metrics join `metrics`."""
+    cfg, tracker, step = run.config, run.tracker, state.global_step
+    tracker.log(step, metrics)
+    tracker.update_progress(step, metrics)
+    if out.rollout is not None and cfg.log_completions and (step % cfg.logging_steps == 0 or step == 1):
+        tracker.log_completions(step, sample_rows(out.rollout, out.per_sample, cfg.num_completions_to_print))
+    if step % cfg.logging_steps == 0:
+        tracker.write(_format_line(step, metrics))
+    if cfg.eval_strategy == "steps" and run.eval_dataset is not None and (
+            step % cfg.eval_steps == 0 or step >= run.total_steps):
+        metrics.update(run.log_eval(step))
+    if cfg.save_strategy == "steps" and (step % cfg.save_steps == 0 or step >= run.total_steps):
+        run.save_checkpoint(state)
+
+
+def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) -> dict[str, float]:
+    """Everything logged for one step, reduced across ranks once."""
+    local: dict[str, Any] = {}
+    rollout = out.rollout
+    if rollout is not None:
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        local.update({
+            "reward": torch.nanmean(rollout.rewards), "reward_std": _nanstd(rollout.rewards),
+            "completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
+            "completions/min_length": lengths.min(), "completions/clipped_ratio": rollout.truncated.float().mean(),
+        })
+        for j, name in enumerate(rollout.reward_names):
+            local[f"rewards/{name}/mean"] = torch.nanmean(rollout.rewards_per_func[:, j])
+            local[f"rewards/{name}/std"] = _nanstd(rollout.rewards_per_func[:, j])
+    if "advantage" in out.per_sample:
+        local["advantage_abs"] = out.per_sample["advantage"].abs().mean()
+    for k in out.step_stats[-1] if out.step_stats else []:
+        local[k] = torch.stack([torch.as_tensor(s[k], dtype=torch.float32).cpu() for s in out.step_stats]).mean()
+    for k, v in out.extra.items():
+        local[k] = v
+    metrics = run.reduce_metrics(local) if local else {}
+    if rollout is not None:
+        metrics.update({k: float(v) for k, v in rollout.reward_stats.items() if k not in metrics and _is_number(v)})
+    metrics.update(phase)
+    metrics["time/step"] = sum(v for k, v in phase.items() if k.startswith("time/"))
+    metrics["memory/peak_rss_gb"] = memory.lifetime_peak_gb("rss")
+    if torch.cuda.is_available() and run.device.type == "cuda":
+        metrics["memory/peak_cuda_gb"] = memory.lifetime_peak_gb("cuda", run.device)
+    metrics["learning_rate"] = run.scheduler.get_last_lr()[0]
+    metrics["skipped_steps"] = float(state.skipped_steps)
+    metrics["samples"] = float(state.samples_seen)
+    metrics["epoch"] = state.epoch + state.cursor / max(1, run.num_train_rows)
+    return metrics
+
+
+def sample_rows(rollout: Rollout, per_sample: dict[str, torch.Tensor], limit: int | None) -> list[dict[str, Any]]:
+    """The first `limit` samples as rows of the completions table."""
+    n = len(rollout.completions) if limit is None else min(limit, len(rollout.completions))
+    rows = []
+    for i in range(n):
+        row = {"row": rollout.row_index[i], "prompt": rollout.prompts[i], "completion": rollout.completions[i],
+               "reward": _num(rollout.rewards[i])}
+        row.update({name: _num(col[i]) for name, col in per_sample.items()})
+        for j, name in enumerate(rollout.reward_names):
+            row[name] = _num(rollout.rewards_per_func[i, j])
+        rows.append(row)
+    return rows
+
+
+def _format_line(step: int, m: dict[str, float]) -> str:
+    keys = ("reward", "loss", "kl", "completions/mean_length", "grad_norm", "time/step")
+    return f"step {step}: " + "  ".join(f"{k.split('/')[-1]}={m[k]:.4g}" for k in keys if k in m)
+
+
+class timed:
+    """Adds a phase's seconds to into["time/<phase>"] and its peak memory (GiB: CUDA allocated on
+    a GPU, else resident; see grpokit.memory) to into["memory/<phase>_peak_gb"]."""
+
+    def __init__(self, into: dict, key: str):
+        self.into, self.key = into, key
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+
+    def __enter__(self):
+        memory.reset_peak(self.device)
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.into[self.key] = self.into.get(self.key, 0.0) + time.perf_counter() - self.t0
+        name = "memory/" + self.key.split("/", 1)[-1] + "_peak_gb"
+        self.into[name] = max(self.into.get(name, 0.0), memory.peak_gb(self.device))
+
+
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    x = x[~torch.isnan(x)]
+    return x.std() if x.numel() > 1 else torch.tensor(0.0)
+
+
+def _frac_zero_std_groups(rewards: torch.Tensor, g: int) -> torch.Tensor:
+    groups = rewards.view(-1, g)
+    spread = torch.nan_to_num(groups, nan=0.0).amax(1) - torch.nan_to_num(groups, nan=0.0).amin(1)
+    return (spread == 0).float().mean()
+
+
+def _num(x) -> float | None:
+    v = float(x)
+    return None if math.isnan(v) else v
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)

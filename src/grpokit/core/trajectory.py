@@ -1,0 +1,110 @@
+"""What one step sampled, as typed trajectories, and what the rewards made of it.
+
+A sample is a prompt followed by segments: model-generated ones (trained; they carry the
+sampler's logprobs) and external ones (a tool's or an environment's output: in the context,
+never trained, left out of every loss normaliser). Single-turn GRPO is one model segment per
+sample. Shapes: N = prompts * G samples per step, groups contiguous (rows g*G .. g*G+G-1 share a
+prompt).
+
+`Trajectories` is built complete by whoever samples (the engine's caller), `Rollout` by whoever
+scores them (`Trajectories.scored`); neither is filled in later, and a field never changes
+meaning: rewards stay rewards, an algorithm's advantages, values or preference pairs live in
+its own objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+MODEL = "model"
+EXTERNAL = "external"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Completion tokens [start, end) of one sample, written by the model or by something else."""
+
+    start: int
+    end: int
+    source: str = MODEL       # MODEL (trained) | EXTERNAL (tool / environment output: context only)
+
+    def __post_init__(self):
+        if self.source not in (MODEL, EXTERNAL):
+            raise ValueError(f"Segment.source={self.source!r}: use {MODEL!r} or {EXTERNAL!r}.")
+        if not 0 <= self.start <= self.end:
+            raise ValueError(f"Segment [{self.start}, {self.end}) is not a range.")
+
+    @property
+    def trained(self) -> bool:
+        return self.source == MODEL
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trajectories:
+    """N sampled trajectories: each a prompt, then completion tokens (model and external segments)."""
+
+    row_index: list[int]                 # dataset row of each sample's prompt
+    prompts: list                        # prompt as the rewards see it (str or messages)
+    completions: list                    # completion as the rewards see it (str or messages)
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]      # every token after the prompt, model and external
+    sampling_logps: list[list[float]]    # the sampler's logprob of each completion token (0 on external ones)
+    truncated: torch.Tensor              # [N] bool: stopped by the completion budget
+    segments: list[list[Segment]] | None = None   # None: each completion is one model segment
+
+    def __post_init__(self):
+        if self.segments is None:
+            return
+        if len(self.segments) != len(self.completion_ids):
+            raise ValueError(f"{len(self.segments)} segment lists for {len(self.completion_ids)} completions.")
+        for i, (segs, ids) in enumerate(zip(self.segments, self.completion_ids)):
+            at = 0
+            for s in segs:
+                if s.start != at:
+                    raise ValueError(f"sample {i}: segments must cover its completion in order (gap or overlap at {at}).")
+                at = s.end
+            if at != len(ids):
+                raise ValueError(f"sample {i}: segments cover {at} of its {len(ids)} completion tokens.")
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def trained_mask(self, i: int) -> list[bool]:
+        """Per completion token of sample i: True where the model wrote it (trained)."""
+        if self.segments is None:
+            return [True] * len(self.completion_ids[i])
+        return [s.trained for s in self.segments[i] for _ in range(s.end - s.start)]
+
+    def scored(self, rewards_per_func: torch.Tensor, rewards: torch.Tensor, reward_names: list[str],
+               reward_stats: dict[str, Any] | None = None) -> "Rollout":
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(Trajectories)}
+        return Rollout(**own, rewards_per_func=rewards_per_func, rewards=rewards, reward_names=list(reward_names),
+                       reward_stats=dict(reward_stats or {}))
+
+    def select(self, idx: list[int]):
+        """The samples `idx`, in that order (a new object of the same type)."""
+        pick = torch.tensor(idx, dtype=torch.long)
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(self):
+                out[f.name] = v[pick]
+            elif isinstance(v, list) and len(v) == len(self) and f.name != "reward_names":
+                out[f.name] = [v[i] for i in idx]
+            else:
+                out[f.name] = v
+        return type(self)(**out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rollout(Trajectories):
+    """Trajectories with their rewards."""
+
+    rewards_per_func: torch.Tensor       # [N, F] float32, NaN = function returned None
+    rewards: torch.Tensor                # [N] weighted sum over functions (NaN: no function applied)
+    reward_names: list[str] = field(default_factory=list)
+    reward_stats: dict[str, Any] = field(default_factory=dict)   # the reward runner's per-step statistics
