@@ -20,10 +20,9 @@ import torch
 import trl
 from transformers import AutoModelForCausalLM
 
-import grpokit.trainer as grpo_loop
 from grpokit import GRPOConfig, GRPOTrainer
-from grpokit.algos import group_advantages
-from grpokit.batch import make_micro_batches
+from grpokit.algos import LOSS_TYPES, group_advantages
+from grpokit.core.batch import make_micro_batches
 from grpokit.data import get_task
 from grpokit.models import load_tokenizer, starter_model_path
 
@@ -36,7 +35,7 @@ def main() -> int:
     tok = load_tokenizer(path)
     task = get_task("arithmetic", seed=0, num_train=64, num_eval=8)
     worst_seen = 0.0
-    rollout = None
+    rollout = advantages = None
     for loss_type in ("dapo", "grpo", "dr_grpo", "bnpo"):
         ours, theirs = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) for _ in range(2))
         common = dict(per_device_train_batch_size=G * PROMPTS, gradient_accumulation_steps=1, num_generations=G,
@@ -48,16 +47,15 @@ def main() -> int:
                               args=GRPOConfig(**common, plot=False, save_strategy="no", disable_tqdm=True))
         run = trainer.parts
         if rollout is None:  # the same completions for every loss type
-            rollout = run.sample(list(range(PROMPTS)), seed=123)
-            scored = run.score(rollout)
-            rollout.rewards_per_func, rollout.rewards = scored.per_func, scored.total
-            rollout.reward_names = list(scored.names)
-            rollout.advantages = group_advantages(rollout.rewards, G, scale_rewards="group")
-        batches = make_micro_batches(rollout, G * PROMPTS, pad_id=run.pad_id, device=run.device,
-                                     mask_truncated=False, merge=grpo_loop._can_merge_micro_batches(run),
-                                     skip_zero_advantage=True)
+            rollout = run.score(run.sample(list(range(PROMPTS)), seed=123))
+            advantages = group_advantages(rollout.rewards, G, scale_rewards="group")
+        batches = make_micro_batches(rollout, G * PROMPTS, advantages=advantages, pad_id=run.pad_id,
+                                     device=run.device, mask_truncated=False, merge=run.plan.merge,
+                                     skip_zero_advantage=run.plan.skip_zero_advantage)
         num_items = sum(mb.completion_mask.sum() for mb in batches)
-        grpo_loop._accumulate_gradients(run, batches, num_items, torch.tensor(float(G * PROMPTS)))
+        local_means = LOSS_TYPES[loss_type][1] in ("grpo", "bnpo")
+        trainer.algorithm.accumulate_gradients(run, batches, num_items, torch.tensor(float(G * PROMPTS)),
+                                               len(batches) if local_means else 1)
         g_ours = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
 
         ref = trl.GRPOTrainer(model=theirs, reward_funcs=list(task.reward_funcs), processing_class=tok,
@@ -71,7 +69,7 @@ def main() -> int:
             "prompt_ids": torch.tensor([[pad] * (p_len - len(p)) + p for p in rollout.prompt_ids]),
             "prompt_mask": torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) for p in rollout.prompt_ids]),
             "completion_ids": torch.tensor([c + [pad] * (c_len - len(c)) for c in rollout.completion_ids]),
-            "completion_mask": completion_mask, "advantages": rollout.advantages.clone(),
+            "completion_mask": completion_mask, "advantages": advantages.clone(),
             "num_items_in_batch": completion_mask.sum().float(), "old_per_token_logps": None,
         }
         ref.model.train()
@@ -87,7 +85,7 @@ def main() -> int:
         print(f"{loss_type:8s} relative gradient difference grpokit vs TRL: whole {whole:.2e}, worst tensor {worst:.2e} "
               f"({len(g_ref)} tensors)")
     print("advantages of the shared completions (per group):",
-          [[round(a, 3) for a in row] for row in rollout.advantages.view(PROMPTS, G).tolist()])
+          [[round(a, 3) for a in row] for row in advantages.view(PROMPTS, G).tolist()])
     return 0 if worst_seen < 1e-4 else 1
 
 
