@@ -25,6 +25,19 @@ ADD = ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]
 SECRET = "TOKEN-7f3a9c"  # exists only in the tests below and in a host file, never in the sandbox
 
 
+HASH_FLOOD = """import os, json, struct, time
+vals = [k * (2 ** 61 - 1) for k in range(1, 45001)]
+frame = json.dumps({{"ok": {{"{tag}": {values}}}}}).encode()
+def add(a, b):
+    for fd in range(3, 12):
+        try:
+            os.write(fd, struct.pack(">I", len(frame)) + frame)
+        except OSError:
+            pass
+    time.sleep(100)
+"""
+
+
 def fenced(src: str) -> str:
     return f"```python\n{src}\n```"
 
@@ -128,6 +141,15 @@ def attacks(host_dir: Path, port: int) -> dict:
         "garbage_on_channel": ("import os\nfor fd in range(3, 12):\n    try:\n"
                                "        os.write(fd, b'\\xff\\xff\\xff\\xffgarbage')\n    except OSError:\n"
                                "        pass\n" + wrong_add, ADD, 0.0),
+        # grading control flow: an exception the test's own machinery catches must not pass a test
+        "stopiteration_passes_all_map": ("def add(a, b):\n    raise StopIteration",
+                                         ["assert all(map(lambda p: add(*p) == sum(p), [(2, 3), (-1, 1)]))"], 0.0),
+        "stopiteration_passes_not_any_map": ("def add(a, b):\n    raise StopIteration",
+                                             ["assert not any(map(lambda p: add(*p) != sum(p), [(2, 3)]))"], 0.0),
+        # a reply that would stall the trainer: 45,000 distinct ints with one hash (multiples of
+        # 2**61 - 1), forged straight onto the channel as a set and as dict keys
+        "hash_collision_set_reply": (HASH_FLOOD.format(tag="$s", values="vals"), ADD, 0.0),
+        "hash_collision_dict_reply": (HASH_FLOOD.format(tag="$d", values="[[v, 0] for v in vals]"), ADD, 0.0),
         # probes: honest code reporting what it sees; these must pass
         "probe_only_loopback": ("import socket\ndef ifaces():\n    return [n for _, n in socket.if_nameindex()]",
                                 ["assert ifaces() == ['lo']"], 1.0),
@@ -188,7 +210,7 @@ def test_attack_is_contained_and_graded(results, name):
 
 def test_the_batch_was_bounded_in_time(results):
     _, seconds = results
-    # 42 solutions, 6 at a time, each at most ~ start-up + one 1.5 s timeout
+    # 46 solutions, 6 at a time, each at most ~ start-up + one 1.5 s timeout
     assert seconds < 40
 
 
@@ -298,3 +320,30 @@ def test_the_suite_detects_a_missing_sandbox(tmp_path):
                                         "probe_only_loopback": float(len(socket.if_nameindex()) == 1),
                                         "probe_unprivileged_and_alone": 0.0}
     assert (tmp_path / "escape.txt").read_text() == "pwned"
+
+
+def test_decoding_refuses_one_hash_shared_by_many_values_and_keeps_ordinary_sets():
+    """Building a hash table of n values with one hash costs n**2 comparisons in one C call (45k:
+    ~20 s) that no deadline interrupts: such a reply is refused after one linear pass; ordinary
+    large sets and dicts decode as before."""
+    from grpokit.rewards._sandbox_server import MAX_SAME_HASH, decode, encode
+
+    flood = [k * (2 ** 61 - 1) for k in range(1, 45001)]
+    for msg in ({"$s": flood}, {"$fs": flood}, {"$d": [[v, 0] for v in flood]}):
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match="share one hash"):
+            decode(msg)
+        assert time.monotonic() - t0 < 0.5
+    big = set(range(100_000)) | {"a", (1, 2)}
+    assert decode(encode(big)) == big
+    assert decode(encode({i: str(i) for i in range(50_000)})) == {i: str(i) for i in range(50_000)}
+    few = [k * (2 ** 61 - 1) for k in range(1, MAX_SAME_HASH + 1)]  # a few collisions are fine
+    assert decode({"$s": few}) == set(few)
+
+
+def test_a_hash_flood_reply_costs_one_completion_no_more_than_a_timeout(reward):
+    t0 = time.monotonic()
+    grades = reward(None, [fenced(HASH_FLOOD.format(tag="$s", values="vals"))], tests=[ADD])
+    seconds = time.monotonic() - t0
+    assert grades == [0.0]
+    assert seconds < 5, seconds  # was 18-26 s: the set was built in the trainer outside every deadline

@@ -28,6 +28,23 @@ import struct
 import sys
 
 MAX_DEPTH = 64
+MAX_SAME_HASH = 64
+"""A set, frozenset or dict arriving from the sandbox whose elements (keys) share one hash more
+often than this is refused: ints hash to themselves modulo 2**61 - 1, so a solution can send
+thousands of distinct values with one hash, and building a hash table of n of them takes n**2
+comparisons in one C call that no deadline or signal interrupts. Counting the hashes first
+costs one pass (the counts are keyed by distinct hash values, which do not collide)."""
+
+
+def _spread_hashes(items: list) -> list:
+    """`items` unchanged if hashing them stays linear; ValueError if too many share one hash."""
+    counts: dict[int, int] = {}
+    for item in items:
+        h = hash(item)  # TypeError for an unhashable element, as the set itself would raise
+        counts[h] = counts.get(h, 0) + 1
+        if counts[h] > MAX_SAME_HASH:
+            raise ValueError(f"more than {MAX_SAME_HASH} elements share one hash")
+    return items
 
 
 def encode(x, handle=None, depth=0):
@@ -91,16 +108,14 @@ def decode(x, resolve=None, depth=0):
     if tag == "$t":
         return tuple(decode(i, resolve, d) for i in v)
     if tag == "$s":
-        return {decode(i, resolve, d) for i in v}
+        return set(_spread_hashes([decode(i, resolve, d) for i in v]))
     if tag == "$fs":
-        return frozenset(decode(i, resolve, d) for i in v)
+        return frozenset(_spread_hashes([decode(i, resolve, d) for i in v]))
     if tag == "$d":
-        out = {}
-        for pair in v:
-            if type(pair) is not list or len(pair) != 2:
-                raise ValueError("malformed dict item")
-            out[decode(pair[0], resolve, d)] = decode(pair[1], resolve, d)
-        return out
+        if any(type(pair) is not list or len(pair) != 2 for pair in v):
+            raise ValueError("malformed dict item")
+        keys = _spread_hashes([decode(pair[0], resolve, d) for pair in v])
+        return dict(zip(keys, (decode(pair[1], resolve, d) for pair in v)))
     raise ValueError(f"unknown tag {tag!r}")
 
 

@@ -134,11 +134,18 @@ class RemoteError(Exception):
     """The solution raised in the sandbox (or sent something that is not a valid reply)."""
 
 
+CONTROL_FLOW_EXCEPTIONS = (StopIteration, StopAsyncIteration, GeneratorExit)
+"""Exceptions that Python's own machinery catches (map/filter/zip end at a StopIteration, so
+`assert all(map(f, xs))` would pass on a solution that only raises it): never re-raised as such."""
+
+
 def _remote_exception(type_name: str, message: str) -> Exception:
     """A builtin exception type raised in the sandbox is raised here as (a subclass of) that type,
-    so a test that expects `ValueError` sees one; anything else is a plain RemoteError."""
+    so a test that expects `ValueError` sees one; a control-flow exception (StopIteration, ...) or
+    anything else is a plain RemoteError, which nothing catches but a test's own `except`."""
     base = getattr(builtins, type_name, None)
-    if isinstance(base, type) and issubclass(base, Exception):
+    if (isinstance(base, type) and issubclass(base, Exception)
+            and not issubclass(base, CONTROL_FLOW_EXCEPTIONS)):
         try:
             return type(type_name, (base, RemoteError), {})(message)
         except TypeError:  # incompatible layout
