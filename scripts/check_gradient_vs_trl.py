@@ -21,7 +21,7 @@ import trl
 from transformers import AutoModelForCausalLM
 
 from grpokit import GRPOConfig, GRPOTrainer
-from grpokit.algos import LOSS_TYPES, group_advantages
+from grpokit.algos import group_advantages, is_local_mean
 from grpokit.core.batch import make_micro_batches
 from grpokit.data import get_task
 from grpokit.models import load_tokenizer, starter_model_path
@@ -53,9 +53,8 @@ def main() -> int:
                                      device=run.device, mask_truncated=False, merge=run.plan.merge,
                                      skip_zero_advantage=run.plan.skip_zero_advantage)
         num_items = sum(mb.completion_mask.sum() for mb in batches)
-        local_means = LOSS_TYPES[loss_type][1] in ("grpo", "bnpo")
         trainer.algorithm.accumulate_gradients(run, batches, num_items, torch.tensor(float(G * PROMPTS)),
-                                               len(batches) if local_means else 1)
+                                               len(batches) if is_local_mean(loss_type) else 1)
         g_ours = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
 
         ref = trl.GRPOTrainer(model=theirs, reward_funcs=list(task.reward_funcs), processing_class=tok,

@@ -12,6 +12,11 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+# valid values come from the registries of the pure math (grpokit.algos), the one source of truth
+from grpokit.algos.advantages import ADVANTAGE_ESTIMATORS, SCALE_REWARDS
+from grpokit.algos.kl import KL_ESTIMATORS
+from grpokit.algos.losses import LOSS_TYPES
+
 
 def _f(default: Any, help: str):
     if isinstance(default, (list, dict)):
@@ -19,8 +24,6 @@ def _f(default: Any, help: str):
     return field(default=default, metadata={"help": help})
 
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
-SCALE_REWARDS = ("group", "batch", "none")
 
 
 @dataclass
@@ -241,13 +244,16 @@ class GRPOConfig(GRPOFields):
         need(self.top_k >= 0, "top_k must be >= 0 (0 = off).")
         need(self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1].")
         need(self.beta >= 0, "beta must be >= 0.")
-        need(self.kl_estimator in ("k1", "k2", "k3"), f"kl_estimator={self.kl_estimator!r}: use k1, k2 or k3.")
+        need(self.kl_estimator in KL_ESTIMATORS,
+             f"kl_estimator={self.kl_estimator!r}: use one of {', '.join(KL_ESTIMATORS)}.")
         need(self.epsilon >= 0 and (self.epsilon_high is None or self.epsilon_high >= 0), "epsilon and epsilon_high must be >= 0.")
         need(self.delta is None or self.delta > 1, "delta must be > 1 (it caps the ratio) or None.")
         need(self.dual_clip is None or self.dual_clip > 1, "dual_clip must be > 1 or None.")
         need(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r}: use one of {', '.join(LOSS_TYPES)}.")
-        need(self.scale_rewards in SCALE_REWARDS, f"scale_rewards={self.scale_rewards!r}: use group, batch or none.")
-        need(self.advantage_estimator in ("grpo", "rloo"), "advantage_estimator must be grpo or rloo.")
+        need(self.scale_rewards in SCALE_REWARDS,
+             f"scale_rewards={self.scale_rewards!r}: use one of {', '.join(SCALE_REWARDS)}.")
+        need(self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+             f"advantage_estimator={self.advantage_estimator!r}: use one of {', '.join(ADVANTAGE_ESTIMATORS)}.")
         need(self.importance_sampling_level in ("token", "sequence"), "importance_sampling_level: token or sequence.")
         need(0 < self.top_entropy_quantile <= 1 or self.top_entropy_quantile == 0, "top_entropy_quantile in [0, 1].")
         need(self.vllm_importance_sampling_mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),

@@ -12,6 +12,8 @@ from grpokit.algos.losses import (
     LOSS_TYPES,
     POLICY_LOSSES,
     aggregate_loss,
+    is_local_mean,
+    make_policy_loss,
     policy_loss,
     rollout_correction_weights,
 )
@@ -23,6 +25,8 @@ __all__ = [
     "LOSS_TYPES",
     "POLICY_LOSSES",
     "aggregate_loss",
+    "is_local_mean",
+    "make_policy_loss",
     "chunked_logprobs",
     "entropy_from_logits",
     "group_advantages",

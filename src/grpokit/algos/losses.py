@@ -31,6 +31,7 @@ definition local means: a trainer divides them by the number of accumulation ste
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -44,80 +45,90 @@ LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-token objectives. Each maps (ratio [B,T], logps [B,T], advantages [B,T] or [B,1]) to the
-# per-token loss [B,T] and a dict of bool [B,T] flags for the clip statistics.
+# Per-token objectives. Each factory binds its own knobs once and returns a function mapping
+# (ratio [B,T], logps [B,T], advantages [B,T] or [B,1]) to the per-token loss [B,T] and a dict
+# of bool [B,T] flags for the clip statistics. Adding an objective touches this file only.
 # ---------------------------------------------------------------------------------------------
 
+TokenObjective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossOutput]
 
-def clip_loss(
-    ratio: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, *, epsilon: float,
-    epsilon_high: float | None, delta: float | None, dual_clip: float | None,
-    sapo_temperature_pos: float, sapo_temperature_neg: float,
-) -> LossOutput:
+
+def clip_loss(*, epsilon: float = 0.2, epsilon_high: float | None = None, delta: float | None = None,
+              dual_clip: float | None = None) -> TokenObjective:
     """PPO clipped surrogate with clip-higher, a two-sided ratio cap and dual-clip.
 
     ``l = -min(r' * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A)`` with ``r' = min(r, delta)``
     when ``delta`` is set (INTELLECT-2, TRL) else ``r' = r``; then, when ``dual_clip = c`` is set,
     ``l = min(l, -c * A)`` for ``A < 0`` (the loss of a negative-advantage token is capped at
-    ``c * |A|``, Ye et al. 2020). ``epsilon_high`` None means ``epsilon``. ``logps`` and the sapo
-    temperatures are unused.
+    ``c * |A|``, Ye et al. 2020). ``epsilon_high`` None means ``epsilon``.
     """
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip={dual_clip} must be > 1.")
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
-    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
-    loss = -torch.min(unclipped * advantages, clipped * advantages)
-    negative = (advantages < 0).expand_as(ratio)
-    flags = {
-        "low": (ratio < 1 - epsilon) & negative,
-        "high": (ratio > 1 + eps_high) & (advantages > 0).expand_as(ratio),
-    }
-    if dual_clip is not None:
-        cap = -dual_clip * advantages
-        flags["dual"] = negative & (loss > cap)
-        loss = torch.where(negative, torch.min(loss, cap), loss)
-    return loss, flags
+
+    def objective(ratio, logps, advantages):
+        clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+        unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+        loss = -torch.min(unclipped * advantages, clipped * advantages)
+        negative = (advantages < 0).expand_as(ratio)
+        flags = {
+            "low": (ratio < 1 - epsilon) & negative,
+            "high": (ratio > 1 + eps_high) & (advantages > 0).expand_as(ratio),
+        }
+        if dual_clip is not None:
+            cap = -dual_clip * advantages
+            flags["dual"] = negative & (loss > cap)
+            loss = torch.where(negative, torch.min(loss, cap), loss)
+        return loss, flags
+
+    return objective
 
 
-def cispo_loss(
-    ratio: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, *, epsilon: float,
-    epsilon_high: float | None, delta: float | None, dual_clip: float | None,
-    sapo_temperature_pos: float, sapo_temperature_neg: float,
-) -> LossOutput:
+def cispo_loss(*, epsilon_high: float | None = None) -> TokenObjective:
     """CISPO (MiniMax-M1; TRL's ``loss_type="cispo"``): clip the IS weight, never the gradient.
 
     ``l = -sg[min(r, epsilon_high)] * A * logp``. As in TRL, ``epsilon_high`` is here the absolute
     cap on the ratio (ScaleRL's epsilon_max, recommended 5.0), not ``1 + epsilon_high``; None means
-    ``CISPO_DEFAULT_CAP``. Every token keeps its gradient ``-sg[w] * A``. ``epsilon``, ``delta``,
-    ``dual_clip`` and the sapo temperatures are unused.
+    ``CISPO_DEFAULT_CAP``. Every token keeps its gradient ``-sg[w] * A``.
     """
     cap = CISPO_DEFAULT_CAP if epsilon_high is None else epsilon_high
-    weight = torch.clamp(ratio, max=cap).detach()
-    loss = -weight * advantages * logps
-    return loss, {"high": (ratio > cap) & (advantages > 0).expand_as(ratio)}
+
+    def objective(ratio, logps, advantages):
+        weight = torch.clamp(ratio, max=cap).detach()
+        loss = -weight * advantages * logps
+        return loss, {"high": (ratio > cap) & (advantages > 0).expand_as(ratio)}
+
+    return objective
 
 
-def sapo_loss(
-    ratio: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, *, epsilon: float,
-    epsilon_high: float | None, delta: float | None, dual_clip: float | None,
-    sapo_temperature_pos: float, sapo_temperature_neg: float,
-) -> LossOutput:
+def sapo_loss(*, sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05) -> TokenObjective:
     """SAPO (Soft Adaptive Policy Optimization; TRL's ``loss_type="sapo"``): a soft gate, no clip.
 
     ``l = -f(r; tau) * A`` with ``f(r; tau) = sigmoid(tau * (r - 1)) * 4 / tau`` and
     ``tau = sapo_temperature_pos`` where ``A > 0`` else ``sapo_temperature_neg``. At ``r = 1``
     ``f = 2 / tau`` and ``df/dr = 1``, so the gradient is the plain policy gradient; it decays
-    smoothly as ``r`` leaves 1. The clip knobs are unused.
+    smoothly as ``r`` leaves 1.
     """
-    tau = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg).to(ratio.dtype)
-    gate = torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau)
-    return -gate * advantages, {}
+    def objective(ratio, logps, advantages):
+        tau = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg).to(ratio.dtype)
+        gate = torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau)
+        return -gate * advantages, {}
+
+    return objective
 
 
-POLICY_LOSSES: dict[str, Callable[..., LossOutput]] = {
+POLICY_LOSSES: dict[str, Callable[..., TokenObjective]] = {
     "clip": clip_loss,
     "cispo": cispo_loss,
     "sapo": sapo_loss,
 }
+
+
+def token_objective(name: str, **knobs) -> TokenObjective:
+    """The per-token objective `name` with its own knobs bound (the others in `knobs` are not its)."""
+    factory = POLICY_LOSSES[name]
+    own = inspect.signature(factory).parameters
+    return factory(**{k: v for k, v in knobs.items() if k in own})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +189,17 @@ LOSS_TYPES: dict[str, tuple[str, str]] = {
     "sapo": ("sapo", "grpo"),
 }
 """loss_type -> (key of POLICY_LOSSES, key of AGGREGATIONS), as TRL pairs them."""
+
+
+LOCAL_MEAN_AGGREGATIONS = frozenset({"grpo", "bnpo"})
+"""Aggregations that are means over the local (micro-)batch, by definition (TRL's meaning): their
+losses over micro-batches are averaged (a trainer divides by the accumulation steps), and
+micro-batches must not be merged. The others carry global normalisers and sum."""
+
+
+def is_local_mean(loss_type: str) -> bool:
+    """Whether `loss_type`'s aggregation is a local mean (grpo, bnpo, sapo)."""
+    return _check_loss_type(loss_type)[1] in LOCAL_MEAN_AGGREGATIONS
 
 
 def _check_loss_type(loss_type: str) -> tuple[str, str]:
@@ -300,63 +322,93 @@ def policy_loss(
         (clip losses; cispo reports high/region = weight capped with A > 0; sapo has no clip);
         ``clip_ratio/dual_mean`` when ``dual_clip`` is set; ``kl`` when ``ref_logps`` is given.
     """
-    objective, _ = _check_loss_type(loss_type)
-    if logps.dim() != 2:
-        raise ValueError(f"logps must be [B, T], got {tuple(logps.shape)}.")
-    _check_same_shape(logps, old_logps=old_logps, mask=mask, ref_logps=ref_logps,
-                      is_weights=is_weights, entropy_mask=entropy_mask)
-    if advantages.shape not in (logps.shape[:1], logps.shape):
-        raise ValueError(f"advantages must be [B] or [B, T]; got {tuple(advantages.shape)} "
-                         f"for logps {tuple(logps.shape)}.")
-    if beta != 0.0 and ref_logps is None:
-        raise ValueError("beta != 0 needs ref_logps (the reference model's per-token log-probs).")
-    if dual_clip is not None and dual_clip <= 1:
-        raise ValueError(f"dual_clip={dual_clip} must be > 1.")
+    return make_policy_loss(
+        loss_type, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, dual_clip=dual_clip,
+        importance_sampling_level=importance_sampling_level, beta=beta, kl_estimator=kl_estimator,
+        max_completion_length=max_completion_length, sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
+    )(logps, old_logps, advantages, mask, ref_logps=ref_logps, num_items_in_batch=num_items_in_batch,
+      num_sequences=num_sequences, is_weights=is_weights, entropy_mask=entropy_mask)
 
-    active = mask.bool()
-    # Padding positions are zeroed before any exp/log so neither value nor gradient can be NaN there.
-    logps_a = torch.where(active, logps, 0.0)
-    old_a = logps_a.detach() if old_logps is None else torch.where(active, old_logps.detach(), 0.0)
-    log_ratio = logps_a - old_a
-    if importance_sampling_level == "token":
-        log_w = log_ratio
-    elif importance_sampling_level == "sequence":
-        sequence = log_ratio.sum(-1, keepdim=True) / active.sum(-1, keepdim=True).clamp(min=1)
-        log_w = logps_a - logps_a.detach() + sequence.detach()
-    else:
+
+def make_policy_loss(
+    loss_type: str = "dapo",
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    importance_sampling_level: str = "token",
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    max_completion_length: int | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+) -> Callable[..., LossOutput]:
+    """`policy_loss` with every knob bound once: returns
+    `loss_fn(logps, old_logps, advantages, mask, *, ref_logps=None, num_items_in_batch=None,
+    num_sequences=None, is_weights=None, entropy_mask=None) -> (loss, stats)`, called with tensors
+    only. The per-token objective of `loss_type` takes only its own knobs (see POLICY_LOSSES);
+    invalid values are errors here, before any tensor is seen."""
+    objective_name, _ = _check_loss_type(loss_type)
+    objective = token_objective(objective_name, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
+                                dual_clip=dual_clip, sapo_temperature_pos=sapo_temperature_pos,
+                                sapo_temperature_neg=sapo_temperature_neg)
+    if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: use 'token' or 'sequence'.")
-    ratio = torch.exp(log_w)
-    adv = (advantages[:, None] if advantages.dim() == 1 else advantages).to(ratio.dtype)
 
-    per_token, flags = POLICY_LOSSES[objective](
-        ratio, logps_a, adv,
-        epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, dual_clip=dual_clip,
-        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-    )
-    if entropy_mask is not None:
-        per_token = per_token * entropy_mask.to(per_token.dtype)
-    if is_weights is not None:
-        per_token = per_token * torch.where(active, is_weights.detach(), 0.0)
+    def loss_fn(logps, old_logps, advantages, mask, *, ref_logps=None, num_items_in_batch=None,
+                num_sequences=None, is_weights=None, entropy_mask=None) -> LossOutput:
+        if logps.dim() != 2:
+            raise ValueError(f"logps must be [B, T], got {tuple(logps.shape)}.")
+        _check_same_shape(logps, old_logps=old_logps, mask=mask, ref_logps=ref_logps,
+                          is_weights=is_weights, entropy_mask=entropy_mask)
+        if advantages.shape not in (logps.shape[:1], logps.shape):
+            raise ValueError(f"advantages must be [B] or [B, T]; got {tuple(advantages.shape)} "
+                             f"for logps {tuple(logps.shape)}.")
+        if beta != 0.0 and ref_logps is None:
+            raise ValueError("beta != 0 needs ref_logps (the reference model's per-token log-probs).")
 
-    stats = {"ratio_mean": _masked_mean(ratio, active)}
-    if ref_logps is not None:
-        kl = kl_penalty(logps_a, torch.where(active, ref_logps, 0.0), kl_estimator)
-        stats["kl"] = _masked_mean(kl, active)
-        if beta != 0.0:
-            per_token = per_token + beta * kl
-    for name, flag in flags.items():
-        stats[f"clip_ratio/{name}_mean"] = _masked_mean(flag, active)
-    if "low" in flags or "high" in flags:
-        region = flags.get("low", torch.zeros_like(active)) | flags.get("high", torch.zeros_like(active))
-        stats["clip_ratio/region_mean"] = _masked_mean(region, active)
+        active = mask.bool()
+        # Padding positions are zeroed before any exp/log so neither value nor gradient can be NaN there.
+        logps_a = torch.where(active, logps, 0.0)
+        old_a = logps_a.detach() if old_logps is None else torch.where(active, old_logps.detach(), 0.0)
+        log_ratio = logps_a - old_a
+        if importance_sampling_level == "token":
+            log_w = log_ratio
+        else:  # "sequence" (GSPO)
+            sequence = log_ratio.sum(-1, keepdim=True) / active.sum(-1, keepdim=True).clamp(min=1)
+            log_w = logps_a - logps_a.detach() + sequence.detach()
+        ratio = torch.exp(log_w)
+        adv = (advantages[:, None] if advantages.dim() == 1 else advantages).to(ratio.dtype)
 
-    loss = aggregate_loss(
-        per_token, active, loss_type,
-        max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch,
-        num_sequences=num_sequences,
-    )
-    return loss, stats
+        per_token, flags = objective(ratio, logps_a, adv)
+        if entropy_mask is not None:
+            per_token = per_token * entropy_mask.to(per_token.dtype)
+        if is_weights is not None:
+            per_token = per_token * torch.where(active, is_weights.detach(), 0.0)
+
+        stats = {"ratio_mean": _masked_mean(ratio, active)}
+        if ref_logps is not None:
+            kl = kl_penalty(logps_a, torch.where(active, ref_logps, 0.0), kl_estimator)
+            stats["kl"] = _masked_mean(kl, active)
+            if beta != 0.0:
+                per_token = per_token + beta * kl
+        for name, flag in flags.items():
+            stats[f"clip_ratio/{name}_mean"] = _masked_mean(flag, active)
+        if "low" in flags or "high" in flags:
+            region = flags.get("low", torch.zeros_like(active)) | flags.get("high", torch.zeros_like(active))
+            stats["clip_ratio/region_mean"] = _masked_mean(region, active)
+
+        loss = aggregate_loss(
+            per_token, active, loss_type,
+            max_completion_length=max_completion_length,
+            num_items_in_batch=num_items_in_batch,
+            num_sequences=num_sequences,
+        )
+        return loss, stats
+
+    return loss_fn
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from grpokit.algos import LOSS_TYPES, chunked_logprobs, entropy_from_logits, selective_log_softmax
+from grpokit.algos import LOSS_TYPES, chunked_logprobs, is_local_mean, entropy_from_logits, selective_log_softmax
 from grpokit.core.batch import MicroBatch
 from grpokit.core.prefix import DENSE_ROW_TOKENS, MAX_SEGMENT_TOKENS, packed_hidden, scatter_to_grid, supports_packed
 
@@ -231,7 +231,7 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
     head = plain_linear_head(inner)
     packed = head is not None and supports_packed(inner)
     # a loss that is not a GRPO-family policy loss (DPO's) has no plain sum over micro-batches either
-    local_means = LOSS_TYPES.get(cfg.loss_type, (None, "other"))[1] in ("grpo", "bnpo", "other")
+    local_means = cfg.loss_type not in LOSS_TYPES or is_local_mean(cfg.loss_type)
     entropy_mask = cfg.top_entropy_quantile < 1.0
     old = "current"
     if cfg.num_iterations > 1:

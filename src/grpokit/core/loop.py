@@ -17,7 +17,6 @@ everything else. `sample_and_score` is the one place a step samples and scores.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from contextlib import nullcontext
@@ -27,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from grpokit import memory
-from grpokit.algos import LOSS_TYPES, group_advantages, policy_loss, rollout_correction_weights, top_entropy_mask
+from grpokit.algos import group_advantages, is_local_mean, make_policy_loss, rollout_correction_weights, top_entropy_mask
 from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
 from grpokit.core.run import LoopState, RunParts
 from grpokit.core.trajectory import Rollout
@@ -88,12 +87,12 @@ class GRPO:
     def __init__(self, run: RunParts):
         cfg = run.config
         # the objective's knobs bound once from the config; called with tensors only
-        self.objective = functools.partial(
-            policy_loss, loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-            delta=cfg.delta, dual_clip=cfg.dual_clip, importance_sampling_level=cfg.importance_sampling_level,
-            beta=cfg.beta, kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_completion_length,
+        self.objective = make_policy_loss(
+            cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
+            dual_clip=cfg.dual_clip, importance_sampling_level=cfg.importance_sampling_level, beta=cfg.beta,
+            kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_completion_length,
             sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg)
-        self.local_means = LOSS_TYPES[cfg.loss_type][1] in ("grpo", "bnpo")
+        self.local_means = is_local_mean(cfg.loss_type)
 
     def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
         cfg, plan = run.config, run.plan
