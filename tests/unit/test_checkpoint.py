@@ -288,6 +288,38 @@ def test_truncated_file_is_reported(tmp_path):
         load_checkpoint(path, model=model, optimizer=optimizer)
 
 
+def test_weights_flipped_in_place_are_refused_naming_the_file(tmp_path):
+    """4 KiB of the weights overwritten, same size: the marker's content hash catches it at load
+    (sizes alone did not: training went on with broken weights)."""
+    model, optimizer, _, _ = build(0)
+    path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, trainer_state={}, config={})
+    marker = json.load(open(os.path.join(path, "COMPLETE")))
+    assert set(marker["files"]["model.safetensors"]) == {"size", "sha256"}
+    file = os.path.join(path, "model.safetensors")
+    size = os.path.getsize(file)
+    with open(file, "r+b") as f:
+        f.seek(size // 2)
+        block = f.read(4096)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in block))
+    assert os.path.getsize(file) == size
+    with pytest.raises(CheckpointError, match=r"model.safetensors \(its content changed since the save"):
+        load_checkpoint(path, model=model, optimizer=optimizer)
+    # the resume-compatibility check reads sizes only (it runs before the load, which verifies)
+    check_resume_compatible(path, {}, [])
+
+
+def test_a_marker_without_hashes_still_loads(tmp_path):
+    """Checkpoints written before content hashes were recorded (sizes only) still resume."""
+    model, optimizer, _, _ = build(0)
+    path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, trainer_state={}, config={})
+    marker_file = os.path.join(path, "COMPLETE")
+    marker = json.load(open(marker_file))
+    marker["files"] = {k: v["size"] for k, v in marker["files"].items()}
+    json.dump(marker, open(marker_file, "w"))
+    load_checkpoint(path, model=model, optimizer=optimizer)
+
+
 def test_mismatched_weights_name_the_keys(tmp_path):
     path = save_checkpoint(tmp_path, 1, model=tiny_llama(0), trainer_state={}, config={})
     with pytest.raises(CheckpointError, match=r"shape mismatches: .*embed_tokens.weight: "

@@ -7,7 +7,8 @@ works, or for a ``peft.PeftModel`` only ``adapter_model.safetensors`` + ``adapte
 ``rng_state.pt`` (python, numpy, torch CPU/CUDA and named ``torch.Generator`` states);
 ``trainer_state.json`` (+ ``trainer_state_extra.pt`` for entries that are not JSON, e.g. tensors);
 ``training_config.json`` for :func:`check_resume_compatible`; tokenizer files; and ``COMPLETE``,
-written last, with the step and the size of every file.
+written last, with the step and the size and sha256 of every file. Loading verifies both: a
+file that is missing, truncated or changed since the save is an error naming it.
 
 Everything is written into ``<output_dir>/.tmp-checkpoint-<step>-<random>``, fsynced, and only
 then renamed to its final name, so a crash never leaves a half-written checkpoint under a name

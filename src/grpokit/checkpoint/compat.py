@@ -58,7 +58,7 @@ def check_resume_compatible(path, config, keys: Iterable[str] = RESUME_KEYS) -> 
     not block resuming. The message names every differing field as ``field: old -> new``.
     """
     path = os.fspath(path)
-    check_complete(path)
+    check_complete(path, content=False)  # sizes here; the load verifies the content
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
         raise CheckpointError(f"checkpoint at {path} has no {CONFIG_FILE} to check against")

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from grpokit.checkpoint.files import (ALIASES_KEY, ADAPTER_FILE, MARKER, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE,
-                                      SCHEDULER_FILE, STATE_EXTRA_FILE, STATE_FILE, CheckpointError, as_numpy, unwrap_model,
+                                      SCHEDULER_FILE, STATE_EXTRA_FILE, STATE_FILE, HASH, CheckpointError, as_numpy, file_digest,
+                                      unwrap_model,
                                       find_latest_checkpoint, list_checkpoints)
 
 
@@ -43,7 +44,10 @@ def load_checkpoint(path, *, model, optimizer=None, scheduler=None,
     return state
 
 
-def check_complete(path: str) -> None:
+def check_complete(path: str, *, content: bool = True) -> None:
+    """The checkpoint at `path` is complete (its marker exists) and every file it lists is there
+    with its size and, when `content` (at load), its recorded content hash; else CheckpointError
+    naming each file that differs. Markers written before hashes were recorded hold sizes only."""
     if not os.path.isdir(path):
         parent = os.path.dirname(os.path.abspath(path))
         available = [os.path.basename(p) for p in list_checkpoints(parent)]
@@ -63,14 +67,18 @@ def check_complete(path: str) -> None:
     with open(marker, encoding="utf-8") as f:
         sizes = json.load(f).get("files", {})
     bad = []
-    for name, size in sizes.items():
+    for name, entry in sizes.items():
+        size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get(HASH))
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             bad.append(f"{name} (missing)")
         elif os.path.getsize(file) != size:
             bad.append(f"{name} ({os.path.getsize(file)} bytes, expected {size})")
+        elif content and digest is not None and file_digest(file) != digest:
+            bad.append(f"{name} (its content changed since the save: {HASH} differs)")
     if bad:
-        raise CheckpointError(f"checkpoint at {path} is incomplete or corrupt: {', '.join(bad)}")
+        raise CheckpointError(f"checkpoint at {path} is incomplete or corrupt: {', '.join(bad)}; resume from an "
+                              "earlier checkpoint (resume_from_checkpoint=<path>) or restore this one from a copy")
 
 
 def _read_weights(file: str) -> dict:

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from grpokit.checkpoint.files import (ALIASES_KEY, ADAPTER_FILE, CONFIG_FILE, MARKER, MODEL_FILE, OPTIMIZER_FILE,
                                       RNG_FILE, SCHEDULER_FILE, STATE_EXTRA_FILE, STATE_FILE, CheckpointError,
-                                      fsync_tree, move_into_place, as_numpy, remove_leftovers, unwrap_model, write_json,
+                                      fsync_tree, manifest, move_into_place, as_numpy, remove_leftovers, unwrap_model, write_json,
                                       list_checkpoints)
 from grpokit.tracking import plain as _plain
 
@@ -54,9 +54,7 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer=None, scheduler=N
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         fsync_tree(tmp)
-        sizes = {os.path.relpath(os.path.join(root, n), tmp): os.path.getsize(os.path.join(root, n))
-                 for root, _, names in os.walk(tmp) for n in names}
-        write_json(os.path.join(tmp, MARKER), {"step": step, "files": sizes})
+        write_json(os.path.join(tmp, MARKER), {"step": step, "files": manifest(tmp)})
         fsync_tree(tmp)
         move_into_place(tmp, final, output_dir)
     except BaseException:
