@@ -103,7 +103,9 @@ class GRPOFields:
     optim: str = _f("adamw_torch_fused", "adamw_torch_fused (torch's fused AdamW kernel; transformers' default "
                     "for torch >= 2.8) | adamw_torch (the per-tensor loop).")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
-    on_nonfinite: str = _f("skip", "Non-finite loss or gradient norm: skip the step (counted) | raise.")
+    on_nonfinite: str = _f("skip", "Non-finite loss or gradient norm: skip the step (counted); non-finite "
+                                   "sampling logprobs (NaN/inf logits): never train on those samples "
+                                   "(counted) | raise.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     # --- precision and device ---
     bf16: bool | None = _f(None, "bfloat16 weights/compute; None = on for CUDA with bf16, off on CPU.")

@@ -154,6 +154,9 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
         comp_mask = comp_mask.float()
         if mask_truncated:
             comp_mask[rollout.truncated[rows]] = 0.0
+        if rollout.nonfinite is not None:  # garbage from NaN/inf logits: never trained on
+            comp_mask[rollout.nonfinite[rows]] = 0.0
+            samp[rollout.nonfinite[rows]] = 0.0
         keep_row = None
         if never_empty:
             out_of_forward = [sk or float(m.amax()) == 0.0 for sk, m in zip(skip[rows], comp_mask)]

@@ -93,12 +93,17 @@ class GRPO:
             kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_completion_length,
             sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg)
         self.local_means = is_local_mean(cfg.loss_type)
+        self.warned: set[str] = set()
 
     def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
         cfg, plan = run.config, run.plan
         rollout = sample_and_score(run, rows, state, phase)
         advantages = group_advantages(rollout.rewards, cfg.num_generations, scale_rewards=cfg.scale_rewards,
                                       estimator=cfg.advantage_estimator)
+        warning = vanished_advantages(rollout.rewards, advantages, cfg.num_generations)
+        if warning and warning not in self.warned:
+            self.warned.add(warning)
+            run.tracker.write(f"warning (step {state.global_step + 1}): {warning}")
         micro_batches = make_micro_batches(rollout, cfg.per_device_train_batch_size, advantages=advantages,
                                            pad_id=run.pad_id, device=run.device,
                                            mask_truncated=cfg.mask_truncated_completions, merge=plan.merge,
@@ -188,6 +193,24 @@ def add_fixed_logprobs(run: RunParts, micro_batches: list[MicroBatch]) -> None:
 # after every step
 # --------------------------------------------------------------------------------------------
 
+def vanished_advantages(rewards: torch.Tensor, advantages: torch.Tensor, g: int) -> str | None:
+    """A warning when the step's rewards cannot give the policy a signal although they differ:
+    non-finite totals (a reward times its weight overflowed), or groups whose rewards differ but
+    whose advantages all came out 0 (rewards so large that the group statistics overflow float32)."""
+    finite = torch.isfinite(rewards) | torch.isnan(rewards)  # NaN = no reward applied (by design)
+    if not bool(finite.all()):
+        return (f"{int((~finite).sum())} weighted reward totals are +-inf (a reward times its weight overflowed "
+                "float32); scale the rewards or the reward_weights down.")
+    groups, adv = torch.nan_to_num(rewards, nan=0.0).view(-1, g), advantages.view(-1, g)
+    spread = (groups.amax(1) - groups.amin(1)) > 0
+    dead = spread & (adv.abs().amax(1) == 0)
+    if bool(dead.any()):
+        big = float(groups[dead].abs().max())
+        return (f"{int(dead.sum())} of {len(groups)} groups have differing rewards but all-zero advantages "
+                f"(rewards up to {big:.3g} overflow the group statistics in float32); scale the rewards down.")
+    return None
+
+
 def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out: StepOutput) -> None:
     """Metrics to the trackers, a few samples, the console line, evaluation and checkpoint when
     due. Eval metrics join `metrics`."""
@@ -215,6 +238,8 @@ def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) 
             "reward": torch.nanmean(rollout.rewards), "reward_std": _nanstd(rollout.rewards),
             "completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
             "completions/min_length": lengths.min(), "completions/clipped_ratio": rollout.truncated.float().mean(),
+            "completions/nonfinite_ratio": (rollout.nonfinite.float().mean() if rollout.nonfinite is not None
+                                            else torch.tensor(0.0)),
         })
         for j, name in enumerate(rollout.reward_names):
             local[f"rewards/{name}/mean"] = torch.nanmean(rollout.rewards_per_func[:, j])

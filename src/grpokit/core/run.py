@@ -168,11 +168,17 @@ class RunParts:
             outs = self.engine.generate([self.prompt_ids[r] for r in rows], n=g, params=self.sampling_params(seed))
         row_index = [rows[o.prompt_index] for o in outs]
         completions = [[{"role": "assistant", "content": o.text}] if self.conversational else o.text for o in outs]
+        nonfinite = torch.tensor([not all(map(math.isfinite, o.logprobs)) for o in outs], dtype=torch.bool)
+        if bool(nonfinite.any()) and self.config.on_nonfinite == "raise":
+            raise FloatingPointError(f"{int(nonfinite.sum())} of {len(outs)} completions were sampled from NaN/inf "
+                                     "logits (the model's weights or inputs are broken); set on_nonfinite='skip' "
+                                     "to leave such samples out of the update instead.")
         return Trajectories(
             row_index=row_index, prompts=[self.prompts[r] for r in row_index], completions=completions,
             prompt_ids=[self.prompt_ids[r] for r in row_index], completion_ids=[list(o.token_ids) for o in outs],
             sampling_logps=[list(o.logprobs) for o in outs],
             truncated=torch.tensor([o.finish_reason == "length" for o in outs], dtype=torch.bool),
+            nonfinite=nonfinite if bool(nonfinite.any()) else None,
         )
 
     def score(self, trajectories: Trajectories) -> Rollout:

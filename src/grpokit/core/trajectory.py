@@ -55,8 +55,11 @@ class Trajectories:
     sampling_logps: list[list[float]]    # the sampler's logprob of each completion token (0 on external ones)
     truncated: torch.Tensor              # [N] bool: stopped by the completion budget
     segments: list[list[Segment]] | None = None   # None: each completion is one model segment
+    nonfinite: torch.Tensor | None = None   # [N] bool: the sampler's logprobs were NaN/inf (never trained)
 
     def __post_init__(self):
+        if self.nonfinite is not None and len(self.nonfinite) != len(self.completion_ids):
+            raise ValueError(f"nonfinite has {len(self.nonfinite)} entries for {len(self.completion_ids)} completions.")
         if self.segments is None:
             return
         if len(self.segments) != len(self.completion_ids):
