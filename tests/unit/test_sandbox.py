@@ -38,6 +38,44 @@ def add(a, b):
 """
 
 
+SHM_BOMB = """import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+size = 256 << 20
+for i in range(6):  # 1.5 GiB in all, 256 MiB attached at a time
+    shm = libc.shmget(0, ctypes.c_size_t(size), 0o1600)
+    assert shm >= 0, ctypes.get_errno()
+    addr = libc.shmat(shm, None, 0)
+    ctypes.memset(ctypes.c_void_p(addr), 1, size)
+    libc.shmdt(ctypes.c_void_p(addr))
+def add(a, b):
+    return a + b
+"""
+
+
+LEAKING_DAEMON = """import os, time
+print(5, flush=True)
+if not os.path.exists('.leak'):
+    open('.leak', 'w').close()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            first = os.stat('.stdout').st_mtime_ns
+            for _ in range(20000):
+                time.sleep(0.001)
+                try:
+                    st = os.stat('.stdout')
+                except OSError:
+                    continue
+                if st.st_mtime_ns != first and st.st_size > 0:
+                    with open('.stdout', 'w') as f:
+                        f.write('6\\n')
+                    first = os.stat('.stdout').st_mtime_ns
+        os._exit(0)
+time.sleep(0.3)
+"""
+
+
 def fenced(src: str) -> str:
     return f"```python\n{src}\n```"
 
@@ -60,6 +98,12 @@ def attacks(host_dir: Path, port: int) -> dict:
         "memory_bomb_one_block": ("x = bytearray(8 * 1024 ** 3)\ndef add(a, b):\n    return a + b", ADD, 0.0),
         "memory_bomb_growing": ("xs = []\nwhile True:\n    xs.append(bytearray(10 ** 7))\n"
                                 "def add(a, b):\n    return a + b", ADD, 0.0),
+        # memory RLIMIT_AS does not count: SysV shared memory (attached, filled, detached: the pages
+        # stay resident in the segment) and memfd pages; only the sandbox's cgroup bounds them
+        "sysv_shm_bomb": (SHM_BOMB, ADD, 0.0),
+        "memfd_bomb": ("import os\nfds = []\nfor i in range(48):\n    fd = os.memfd_create('x')\n"
+                       "    for _ in range(15):\n        os.write(fd, b'x' * (1 << 20))\n    fds.append(fd)\n"
+                       "def add(a, b):\n    return a + b", ADD, 0.0),
         "huge_file": ("with open('big.bin', 'wb') as f:\n    while True:\n        f.write(b'x' * 10 ** 6)\n"
                       "def add(a, b):\n    return a + b", ADD, 0.0),
         "output_flood": ("import sys\ndef add(a, b):\n    while True:\n        sys.stderr.write('x' * 100000)\n"
@@ -210,7 +254,7 @@ def test_attack_is_contained_and_graded(results, name):
 
 def test_the_batch_was_bounded_in_time(results):
     _, seconds = results
-    # 46 solutions, 6 at a time, each at most ~ start-up + one 1.5 s timeout
+    # 48 solutions, 6 at a time, each at most ~ start-up + one 1.5 s timeout
     assert seconds < 40
 
 
@@ -255,6 +299,9 @@ def test_stdin_stdout_attacks(reward, host):
                                     "print(found[0] if found else 'nothing')", 0.0),
         "infinite_output": ("while True:\n    print('5' * 1000)", 0.0),
         "timeout": ("while True:\n    pass", 0.0),
+        # prints the right answer of test 1 only, and leaves a setsid'd daemon that rewrites the
+        # next run's output with test 2's answer: only test 1 may pass
+        "daemon_rewrites_next_output": (LEAKING_DAEMON, 0.5),
     }
     grades = reward(None, [fenced(s) for s, _ in cases.values()], tests=[tests] * len(cases))
     assert dict(zip(cases, grades)) == {k: v for k, (_, v) in cases.items()}
@@ -288,7 +335,8 @@ def test_unprivileged_user_namespace_path(tmp_path):
     src = str(Path(__file__).resolve().parents[2] / "src")
     script = (
         "from grpokit.rewards.code import CodeReward\n"
-        "r = CodeReward(timeout=1.5, max_concurrency=4)\n"
+        # an unprivileged user cannot create cgroups: the explicit opt-out to per-process limits
+        "r = CodeReward(timeout=1.5, max_concurrency=4, memory_limit='rlimit')\n"
         "f = lambda s: '```python\\n' + s + '\\n```'\n"
         "sols = ['def add(a, b):\\n    return a + b',\n"
         "        'import os\\nos.chroot(\"/work\")\\ndef add(a, b):\\n    return a + b',\n"
@@ -305,6 +353,28 @@ def test_unprivileged_user_namespace_path(tmp_path):
         pytest.skip("unprivileged user namespaces are disabled here: " + out.stderr.splitlines()[-1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[1.0, 0.0, 0.0, 0.0, 0.0, 0.0]"
+
+
+def test_shared_memory_is_bounded_by_the_cgroup_not_by_rlimits():
+    """Sensitivity: with per-process limits only (the opt-out) the SysV shared memory bomb fills
+    1.5 GiB under a 512 MiB limit and passes; the suite's 0.0 above comes from the cgroup."""
+    try:
+        unbounded = CodeReward(timeout=4, max_concurrency=1, memory_bytes=512 << 20, memory_limit="rlimit")
+    except SandboxUnavailable as e:
+        pytest.skip(f"no local sandbox: {e}")
+    assert unbounded(None, [fenced(SHM_BOMB)], tests=[ADD]) == [1.0]
+
+
+def test_without_a_cgroup_the_sandbox_fails_closed(tmp_path):
+    """An unprivileged user has no cgroup to bound the sandbox's memory: CodeReward refuses to
+    run (naming the opt-out) instead of running with per-process limits that shared memory escapes."""
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    script = "from grpokit.rewards.code import CodeReward\nCodeReward(timeout=1.5)\n"
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3.11",
+                          "-c", script], cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": src},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "cannot bound its memory" in out.stderr and "memory_limit='rlimit'" in out.stderr, out.stderr[-2000:]
 
 
 def test_the_suite_detects_a_missing_sandbox(tmp_path):

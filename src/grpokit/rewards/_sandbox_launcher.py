@@ -23,13 +23,15 @@ diagnostics. With "isolate": true:
   Both outer and init die with SIGKILL if their parent dies (PR_SET_PDEATHSIG).
 
 With "isolate": false (explicit opt-out): resource limits, a new session and a scrubbed
-environment only.
+environment only. Either way, when "cgroup_procs" are given, this process first joins the
+sandbox's cgroup(s) (memory and processes of the whole sandbox), so everything it starts is in it.
 """
 
 import ctypes
 import json
 import os
 import resource
+import select
 import signal
 import sys
 
@@ -118,9 +120,63 @@ def drop_all_capabilities():
     _check(libc.capset(ctypes.byref(Header(0x20080522, 0)), data), "capset")
 
 
-def exec_server(python, server, cfg):
-    os.closerange(3, 4096)
-    os.execve(python, [python, "-I", "-S", "-B", server], SERVER_ENV)
+REAP_FDS = (3, 4)   # the server's ends of the reaper pipes: requests to init, acknowledgements back
+
+
+def exec_server(python, server, cfg, reaper: bool = False):
+    os.closerange(REAP_FDS[-1] + 1 if reaper else 3, 4096)
+    env = dict(SERVER_ENV, **({"GRPOKIT_REAPER": ",".join(map(str, REAP_FDS))} if reaper else {}))
+    os.execve(python, [python, "-I", "-S", "-B", server], env)
+
+
+def _pids(proc_fd):
+    """Pids alive in this pid namespace (its own procfs, held open by init outside the chroot),
+    with their state letter (Z: zombie)."""
+    out = {}
+    for name in os.listdir(proc_fd):
+        if not name.isdigit():
+            continue
+        try:
+            fd = os.open(f"{name}/stat", os.O_RDONLY, dir_fd=proc_fd)
+            try:
+                stat = os.read(fd, 512).decode()
+            finally:
+                os.close(fd)
+        except OSError:
+            continue
+        out[int(name)] = stat.rsplit(")", 1)[-1].split()[0]
+    return out
+
+
+def reap_all_but(keep, proc_fd):
+    """SIGKILL every process of the namespace except init and `keep` (the server), and wait until
+    each is gone or a zombie: a run's daemons (setsid, double fork) cannot outlive it."""
+    for _ in range(1000):
+        alive = [p for p, state in _pids(proc_fd).items() if p not in (1, keep) and state != "Z"]
+        if not alive:
+            return
+        for p in alive:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _reap_zombies()
+        select.select([], [], [], 0.001)
+
+
+def _reap_zombies(block=False):
+    """waitpid every finished child (orphans of the namespace are init's); returns their pids."""
+    done = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        done.append((pid, status))
+        block = False
+    return done
 
 
 def init(cfg, as_root):
@@ -144,12 +200,21 @@ def init(cfg, as_root):
         dst.write(src.read())
     os.chmod(root + "/sandbox/server.py", 0o444)
     mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    # this pid namespace's own procfs, outside the chroot, held open by init only: it lists the
+    # sandbox's processes so that init can end a run's leftovers (reap_all_but)
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    proc_fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
+    requests_r, requests_w = os.pipe()
+    acks_r, acks_w = os.pipe()
     os.chroot(root)
     os.chdir("/")
 
     child = os.fork()
     if child == 0:
         try:
+            os.close(proc_fd)
+            os.dup2(requests_w, REAP_FDS[0])
+            os.dup2(acks_r, REAP_FDS[1])
             os.setsid()
             os.chdir("/work")
             apply_limits(lim)
@@ -160,7 +225,7 @@ def init(cfg, as_root):
             else:
                 drop_all_capabilities()
             prctl(PR_SET_NO_NEW_PRIVS, 1)
-            exec_server(cfg["python"], "/sandbox/server.py", cfg)
+            exec_server(cfg["python"], "/sandbox/server.py", cfg, reaper=True)
         except BaseException as e:  # noqa: BLE001
             os.write(2, f"sandbox: cannot start the server: {e!r}\n".encode())
         os._exit(126)
@@ -176,16 +241,24 @@ def init(cfg, as_root):
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, cfg["limits"]["wall_seconds"])
-    status = 0
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            break
-        if pid == child:
-            break
+    for fd in (requests_w, acks_r):
+        os.close(fd)
+    status, server_alive, listening = 0, True, [requests_r]
+    while server_alive:
+        # a request byte from the server: end every process but the server, then acknowledge
+        ready, _, _ = select.select(listening, [], [], 0.02)
+        if ready:
+            if not os.read(requests_r, 1):
+                listening = []  # the server closed its end
+            else:
+                reap_all_but(child, proc_fd)
+                try:
+                    os.write(acks_w, b"k")
+                except OSError:
+                    pass
+        for pid, st in _reap_zombies():
+            if pid == child:
+                status, server_alive = st, False
     signal.setitimer(signal.ITIMER_REAL, 0)
     try:
         os.kill(-1, signal.SIGKILL)  # everything the solution left behind in the namespace
@@ -204,6 +277,9 @@ def main():
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != cfg["parent_pid"]:  # the trainer died before prctl took effect
         os._exit(1)
+    for procs in cfg.get("cgroup_procs", []):  # the sandbox's cgroup, before anything else starts
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
     if not cfg["isolate"]:
         os.chdir(cfg["workdir"])
         apply_limits(cfg["limits"])

@@ -160,6 +160,18 @@ def _serve():
     def value(x):
         return {"ok": encode(x, handle)}
 
+    reaper = os.environ.get("GRPOKIT_REAPER")
+    reap_request, reap_ack = (int(fd) for fd in reaper.split(",")) if reaper else (None, None)
+
+    def reap():
+        """Ask the sandbox's init to end every process but this one, and wait until it has (a
+        LocalSandbox with isolation; elsewhere the run's own session is all that is ended)."""
+        if reap_request is None:
+            return
+        os.write(reap_request, b"r")
+        if os.read(reap_ack, 1) != b"k":
+            raise RuntimeError("the sandbox's init did not end the run's processes")
+
     def run_io(stdin, timeout, output_limit):
         with open(os.path.join(workdir, ".stdin"), "wb") as f:
             f.write(stdin.encode())
@@ -184,6 +196,7 @@ def _serve():
                 pass
             if code is None:
                 code = proc.wait()
+            reap()  # ... and in any other session (setsid daemons), before the output is read
         with open(out_path, "rb") as f:
             out = f.read(output_limit + 1)
         with open(err_path, "rb") as f:

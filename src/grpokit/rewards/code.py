@@ -273,8 +273,10 @@ class CodeReward:
     sandbox: "local" (LocalSandbox: namespaces, fails closed), "unsafe-local" (no isolation:
              explicit opt-out), or any SandboxBackend (e.g. CommandSandbox for a container).
     max_concurrency: sandboxes at once (default: the number of CPUs).
-    memory_bytes, processes, output_limit_bytes: per-sandbox limits (RLIMIT_AS per process,
-             RLIMIT_NPROC, captured stdout); a sandbox's memory is at most about processes x memory_bytes.
+    memory_bytes, processes, output_limit_bytes: per-sandbox limits: memory of the whole sandbox
+             (its cgroup; also RLIMIT_AS per process), processes, captured stdout.
+    memory_limit: "cgroup" (LocalSandbox bounds each sandbox with a cgroup and refuses to run
+             where it cannot) or "rlimit" (explicit opt-out: per-process RLIMIT_AS only).
     all_or_nothing: 1.0 only if every test passes, else 0.0.
     no_code_reward: the reward of a completion without a code block.
     """
@@ -284,13 +286,14 @@ class CodeReward:
     def __init__(self, tests_column: str = "tests", timeout: float = 2.0,
                  sandbox: str | SandboxBackend = "local", max_concurrency: int | None = None,
                  memory_bytes: int = 512 << 20, processes: int = 8, output_limit_bytes: int = 1 << 20,
-                 all_or_nothing: bool = False, no_code_reward: float = 0.0, language: str = "python"):
+                 all_or_nothing: bool = False, no_code_reward: float = 0.0, language: str = "python",
+                 memory_limit: str = "cgroup"):
         if language != "python":
             raise ValueError(f"code: language={language!r}; only python is supported.")
         if sandbox == "local":
-            sandbox = LocalSandbox()
+            sandbox = LocalSandbox(memory_limit=memory_limit)
         elif sandbox == "unsafe-local":
-            sandbox = LocalSandbox(isolation=False)
+            sandbox = LocalSandbox(isolation=False, memory_limit=memory_limit)
         elif isinstance(sandbox, str):
             raise ValueError(f"code: sandbox={sandbox!r}; use 'local', 'unsafe-local' or a SandboxBackend.")
         if hasattr(sandbox, "check"):

@@ -187,6 +187,127 @@ class SandboxBackend(Protocol):
     def start(self, limits: SandboxLimits) -> SandboxSession: ...
 
 
+CGROUP_MOUNTS = "/sys/fs/cgroup"
+MEMORY_LIMITS = ("cgroup", "rlimit")
+
+
+class SandboxCgroup:
+    """One sandbox's memory and process bound: a cgroup (v2 `memory.max` / `pids.max`, or v1's
+    memory and pids controllers) that the launcher joins before it starts anything, so the whole
+    sandbox (every process, its SysV shared memory, memfd and tmpfs pages, which RLIMIT_AS does
+    not count) is charged to it; at the limit the kernel's OOM killer ends a process of the
+    sandbox, not of the trainer. `close()` kills whatever is left in it and removes it."""
+
+    def __init__(self, name: str, memory_bytes: int, processes: int):
+        self.dirs: list[str] = []
+        layout = cgroup_layout()
+        if isinstance(layout, str):
+            raise SandboxUnavailable(layout)
+        try:
+            for controller, parent in layout.items():
+                path = os.path.join(parent, name)
+                os.mkdir(path)
+                self.dirs.append(path)
+                if controller in ("v2", "memory"):
+                    for file, value in ((("memory.max", memory_bytes), ("memory.swap.max", 0)) if controller == "v2"
+                                        else (("memory.limit_in_bytes", memory_bytes),
+                                              ("memory.memsw.limit_in_bytes", memory_bytes))):
+                        if controller == "v2" or os.path.exists(os.path.join(path, file)):
+                            _write(os.path.join(path, file), value)
+                if controller in ("v2", "pids") and processes:
+                    _write(os.path.join(path, "pids.max"), processes + 2)  # + the launcher and init
+        except OSError as e:
+            self.close()
+            raise SandboxUnavailable(f"cannot create the sandbox's cgroup: {e}") from None
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [os.path.join(d, "cgroup.procs") for d in self.dirs]
+
+    def close(self) -> None:
+        for d in reversed(self.dirs):
+            for _ in range(200):
+                try:
+                    with open(os.path.join(d, "cgroup.procs")) as f:
+                        pids = [int(x) for x in f.read().split()]
+                except OSError:
+                    pids = []
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+            else:
+                logger.error("could not remove the sandbox cgroup %s", d)
+        self.dirs = []
+
+
+def _write(path: str, value) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+def cgroup_layout() -> dict[str, str] | str:
+    """Where this machine lets us create sandbox cgroups: {"v2": parent} (a cgroup v2 hierarchy
+    with the memory and pids controllers delegated below `parent`), or {"memory": parent, "pids":
+    parent} (cgroup v1), or the reason there is none. Parents are this process's own cgroups
+    (so a sandbox stays within the trainer's own limits) when they can be written, else the
+    hierarchy's root."""
+    own = _own_cgroups()
+    reasons = []
+    for mount in (CGROUP_MOUNTS, os.path.join(CGROUP_MOUNTS, "unified")):
+        controllers = os.path.join(mount, "cgroup.controllers")
+        if not os.path.isfile(controllers):
+            continue
+        if not {"memory", "pids"} <= set(open(controllers).read().split()):
+            reasons.append(f"the cgroup v2 hierarchy at {mount} has no memory/pids controller")
+            continue
+        parent = os.path.join(mount, "grpokit-sandboxes")
+        try:
+            os.makedirs(parent, exist_ok=True)
+            _write(os.path.join(mount, "cgroup.subtree_control"), "+memory +pids")
+            _write(os.path.join(parent, "cgroup.subtree_control"), "+memory +pids")
+            return {"v2": parent}
+        except OSError as e:
+            reasons.append(f"cannot delegate memory/pids below {mount}: {e.strerror}")
+    layout = {}
+    for controller in ("memory", "pids"):
+        mount = os.path.join(CGROUP_MOUNTS, controller)
+        if not os.path.isfile(os.path.join(mount, "cgroup.procs")):
+            reasons.append(f"no cgroup v1 {controller} controller at {mount}")
+            break
+        mine = os.path.join(mount, own.get(controller, "/").lstrip("/"))
+        for parent in (mine, mount):
+            if os.path.isdir(parent) and os.access(parent, os.W_OK):
+                layout[controller] = parent
+                break
+        else:
+            reasons.append(f"no permission to create cgroups in {mount}")
+            break
+    if len(layout) == 2:
+        return layout
+    return "; ".join(reasons) or "no cgroup hierarchy found"
+
+
+def _own_cgroups() -> dict[str, str]:
+    out = {}
+    try:
+        for line in open("/proc/self/cgroup"):
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for c in controllers.split(",") if controllers else ["v2"]:
+                out[c] = path
+    except OSError:
+        pass
+    return out
+
+
 def _popen(argv: list[str], env: dict | None = None, cwd: str = "/") -> subprocess.Popen:
     # no preexec_fn (unsafe with threads): limits and isolation are applied by the launcher itself
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -202,10 +323,28 @@ class LocalSandbox:
     base_uid: start of the uid range used when running as root: base_uid + (pid % 4096) * max_sessions
     + slot, one uid per concurrent sandbox (RLIMIT_NPROC and signals are per uid). No account needs to
     exist for them. extra_binds: more host paths to expose read-only.
+    memory_limit: "cgroup" (default) bounds each sandbox's memory (`memory_bytes` for all its
+    processes, shared memory and tmpfs included) and processes with a cgroup, and fails closed
+    (SandboxUnavailable) where no cgroup can be made; "rlimit" is the explicit, logged opt-out:
+    RLIMIT_AS per process only, which shared memory (SysV shm, memfd) escapes.
     """
 
     def __init__(self, isolation: bool = True, base_uid: int = 1_300_000_000, max_sessions: int = 128,
-                 extra_binds: tuple[str, ...] = ()):
+                 extra_binds: tuple[str, ...] = (), memory_limit: str = "cgroup"):
+        if memory_limit not in MEMORY_LIMITS:
+            raise ValueError(f"LocalSandbox: memory_limit={memory_limit!r}; use one of {', '.join(MEMORY_LIMITS)}.")
+        self.memory_limit = memory_limit
+        if memory_limit == "cgroup":
+            layout = cgroup_layout()
+            if isinstance(layout, str):
+                raise SandboxUnavailable(
+                    f"the code sandbox cannot bound its memory here ({layout}). Run as root on a machine with "
+                    "cgroups (v2 with memory and pids delegated, or v1), use CommandSandbox with a container "
+                    "memory limit, or pass memory_limit='rlimit' (per-process limits only: shared memory "
+                    "escapes them) at your own risk.")
+        else:
+            logger.warning("LocalSandbox(memory_limit='rlimit'): a sandbox's memory is bounded per process only; "
+                           "SysV shared memory and memfd are not counted.")
         if sys.platform != "linux" and isolation:
             raise SandboxUnavailable("LocalSandbox isolation needs Linux namespaces; use CommandSandbox "
                                      "(a container) or LocalSandbox(isolation=False) at your own risk.")
@@ -232,13 +371,24 @@ class LocalSandbox:
         uid = self._uids.get()
         root = tempfile.mkdtemp(prefix="grpokit-sandbox-")
         os.chmod(root, 0o700)
+        cgroup = None
+        try:
+            if self.memory_limit == "cgroup":
+                cgroup = SandboxCgroup(f"grpokit-{os.getpid()}-{uid}", limits.memory_bytes, limits.processes)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            self._uids.put(uid)
+            raise
         cfg = {"isolate": self.isolation, "root": root, "workdir": root, "uid": uid, "gid": uid,
                "python": self.python, "server": str(SERVER_PATH), "binds": self.binds, "parent_pid": os.getpid(),
+               "cgroup_procs": cgroup.procs_files if cgroup else [],
                "limits": {k: (int(v) if k != "wall_seconds" else float(v)) for k, v in asdict(limits).items()}}
         if not self.isolation:
             cfg["limits"]["processes"] = 0  # a shared uid: NPROC would count the trainer's own processes
 
         def cleanup():
+            if cgroup is not None:
+                cgroup.close()
             shutil.rmtree(root, ignore_errors=True)  # empty unless isolation=False
             self._uids.put(uid)
 
