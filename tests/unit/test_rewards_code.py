@@ -1,5 +1,5 @@
 """The `code` reward on honest inputs: extraction, test formats, partial credit, stdin/stdout,
-HumanEval-style checks, None rows, and through the RewardRunner. Attacks are in test_sandbox.py."""
+HumanEval-style checks, None rows, and through the RewardRunner. Attacks are in tests/security/test_code_sandbox.py."""
 
 import json
 import sys
