@@ -51,6 +51,11 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+_GUARD: dict[str, Any] = {"group": None, "timeout": None}
+"""The gloo group the rank guard meets in (the default group on CPU; a gloo side group next to
+NCCL, so the guard needs no GPU sync and can use gloo's monitored barrier), and its timeout."""
+
+
 def init_distributed(*, use_cpu: bool = False, timeout_s: float = 1800.0) -> tuple[int, int]:
     """Open the default process group when launched by torchrun; returns (rank, world_size).
 
@@ -62,8 +67,10 @@ def init_distributed(*, use_cpu: bool = False, timeout_s: float = 1800.0) -> tup
     cuda = torch.cuda.is_available() and not use_cpu
     if cuda:
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend="nccl" if cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=float(timeout_s)))
+    timeout = datetime.timedelta(seconds=float(timeout_s))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+    _GUARD["group"] = dist.new_group(backend="gloo", timeout=timeout) if cuda else None
+    _GUARD["timeout"] = timeout
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -228,7 +235,10 @@ def rank_guard(what: str, device: torch.device | None = None):
     """Run a phase in which ranks do not talk to each other (generation, rewards, rank 0
     writing a checkpoint), then all-reduce an "ok" flag. If any rank raised, every rank raises
     `RankFailedError` naming the rank(s), the phase and the error, instead of the healthy ranks
-    waiting in their next collective until the timeout. One tiny all-reduce per phase."""
+    waiting in their next collective until the timeout. One tiny all-reduce per phase, in gloo
+    (the default group on CPU, a gloo side group beside NCCL), after gloo's monitored barrier: a
+    rank that never finishes the phase (hung in a reward function) is named by rank 0 once
+    `ddp_timeout` has passed."""
     if world_size() == 1:
         yield
         return
@@ -237,16 +247,41 @@ def rank_guard(what: str, device: torch.device | None = None):
         yield
     except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
         error = exc
-    device = device or (torch.device("cuda", torch.cuda.current_device())
-                        if dist.get_backend() == "nccl" else torch.device("cpu"))
+    group = _GUARD["group"]
+    if dist.get_backend(group) == "gloo":
+        # rank 0 waits for every rank and names the ones that do not arrive (a rank hung in a
+        # reward function), instead of every rank timing out in the next collective, unnamed
+        timeout = _GUARD["timeout"] or datetime.timedelta(minutes=30)
+        try:
+            dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
+        except RuntimeError as exc:
+            missing = _ranks_named_in(str(exc))
+            who = (f"rank(s) {', '.join(map(str, missing))}" if missing
+                   else "rank 0 did not confirm that every rank finished; a rank")
+            raise RankFailedError(
+                f"{who} did not finish {what} within ddp_timeout={timeout.total_seconds():.0f} s (hung?); "
+                f"stopping all {dist.get_world_size()} ranks") from (error or exc)
+        device = torch.device("cpu")
+    else:  # another backend without a monitored barrier: the plain all-reduce below
+        device = device or (torch.device("cuda", torch.cuda.current_device())
+                            if dist.get_backend(group) == "nccl" else torch.device("cpu"))
     flag = torch.tensor([0.0 if error is None else 1.0], device=device)
-    dist.all_reduce(flag)
+    dist.all_reduce(flag, group=group)
     if float(flag) == 0.0:
         return
     messages: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
     failed = "; ".join(f"rank {r} failed in {what}: {m}" for r, m in enumerate(messages) if m is not None)
     raise RankFailedError(f"{failed} (stopping all {len(messages)} ranks)") from error
+
+
+def _ranks_named_in(message: str) -> list[int]:
+    """The ranks gloo's monitored barrier reports as missing ("Rank 1 failed to pass
+    monitoredBarrier ..." or "Ranks 1, 3 failed to pass ...")."""
+    import re
+
+    match = re.search(r"Ranks? ([\d, ]+) failed to pass", message)
+    return [int(x) for x in re.findall(r"\d+", match.group(1))] if match else []
 
 
 # --------------------------------------------------------------------------------------------

@@ -117,6 +117,12 @@ def raise_on_rank_1_at_step_2(prompts, completions, **kw):
     return letters(prompts, completions)
 
 
+def hang_on_rank_1_at_step_2(prompts, completions, **kw):
+    if _fails_now():
+        time.sleep(3600)  # a reward server that never answers
+    return letters(prompts, completions)
+
+
 def die_on_rank_1_at_step_2(prompts, completions, **kw):
     if _fails_now():
         os._exit(17)  # as a segfault or the OOM killer would: no exception, no clean-up

@@ -45,6 +45,7 @@ TRAIN_JOBS = ["full:ddp", "full:fsdp2", "lora:ddp", "lora:fsdp2", "zeroadv:ddp",
 RESUME_JOBS = ["full:ddp:resume", "full:fsdp2:resume", "lora:fsdp2:resume"]
 LAUNCH_TIMEOUT = 420       # seconds; a hang fails the test instead of stalling CI
 FAULT_TO_EXIT_LIMIT = 30   # seconds from the fault on rank 1 to the end of the whole job
+HANG_TIMEOUT = 10          # ddp_timeout of the run whose rank 1 hangs in a reward function
 
 
 # ----------------------------------------------------------------------------- launching
@@ -104,12 +105,13 @@ def launches(tmp_path_factory):
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts_ds()["prompt"])
     out = {"train": Launch([str(HERE / "_worker.py"), str(root / "two_ranks"), *TRAIN_JOBS, *RESUME_JOBS],
                            root / "train.log")}
-    for kind in ("raise", "die"):
+    for kind in ("raise", "die", "hang"):
         cfg = {"model_name_or_path": str(root / "model"), "dataset_name": str(root / "prompts.jsonl"),
                "reward_funcs": [f"dist_common:{kind}_on_rank_1_at_step_2"], "output_dir": str(root / f"cli_{kind}"),
                "max_steps": 3, "per_device_train_batch_size": 8, "num_generations": 4,
                "max_completion_length": 4, "use_cpu": True, "disable_tqdm": True, "plot": False,
-               "save_strategy": "no", "learning_rate": 1e-2}
+               "save_strategy": "no", "learning_rate": 1e-2,
+               **({"ddp_timeout": HANG_TIMEOUT} if kind == "hang" else {})}
         (root / f"{kind}.yaml").write_text(json.dumps(cfg))  # JSON is YAML
         out[kind] = Launch(["-m", "grpokit", "train", str(root / f"{kind}.yaml")], root / f"{kind}.log",
                            GRPOKIT_FAULT_STAMP=str(root / f"{kind}.stamp"))
@@ -274,3 +276,11 @@ def test_a_rank_that_dies_stops_the_job_quickly(launches):
     # torchrun's summary names the rank that died and its exit code as the root cause
     root_cause = log[log.index("Root Cause"):]
     assert "rank      : 1" in root_cause and "exitcode  : 17" in root_cause, log[-4000:]
+
+
+def test_a_rank_that_hangs_is_named_when_ddp_timeout_has_passed(launches):
+    rc, log, seconds = _fault(launches, "hang")
+    assert rc != 0
+    assert seconds < HANG_TIMEOUT + FAULT_TO_EXIT_LIMIT, seconds
+    print(f"rank 1 hung -> job ended after {seconds:.1f} s (ddp_timeout={HANG_TIMEOUT})")
+    assert "rank(s) 1 did not finish the reward functions within ddp_timeout=10 s" in log, log[-6000:]
