@@ -1,16 +1,129 @@
-"""`grpokit train|eval|generate|sft|rewards test` — YAML config plus key=value (or --key value)
-overrides; the command line wins over the file."""
+"""`grpokit train|eval|generate|sft|rewards test|compare` — a YAML config plus key=value (or --key
+value) overrides; the command line wins over the file. `grpokit <verb> --help` lists a verb's
+options. A user error (a bad value, a missing file, a checkpoint that does not fit) is one line
+naming the field or file and the fix, exit code 2; `--debug` (or GRPOKIT_DEBUG=1) shows the
+traceback."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import sys
+import traceback
 from typing import Any
 
 from grpokit.config_file import load_config_dict, with_demo_defaults
+
+EXAMPLES = """examples:
+  grpokit train                                  # the built-in demo (arithmetic, starter model, CPU)
+  grpokit train cfg.yaml learning_rate=1e-5      # YAML config, command line overrides
+  grpokit train task=arithmetic max_steps=50     # a built-in task
+  grpokit train --algo ppo                       # the PPO (or --algo dpo: DPO) baseline, same settings
+  grpokit eval model_name_or_path=runs/demo/final
+  grpokit generate model_name_or_path=runs/demo/final prompt='12+7=' n=4
+  grpokit rewards test cfg.yaml                  # what each reward returns on a few rows
+  grpokit compare                                # GRPO vs PPO vs DPO, report in reports/compare/
+  grpokit sft configs/starter_sft.yaml           # supervised warm-start (how the starter model is made)"""
+
+COMMON = """common options:
+  --help, -h        this help
+  --debug           the traceback of an error (also GRPOKIT_DEBUG=1)"""
+
+
+def _fields_table(config_cls) -> str:
+    """Every field of a config class with its default and one-line help."""
+    from grpokit.config import field_help
+
+    defaults = config_cls().to_dict()
+    helps = field_help()
+    extra = getattr(config_cls, "_OWN", None)
+    if extra is not None:
+        import dataclasses
+
+        helps = {**helps, **{f.name: f.metadata.get("help", "") for f in dataclasses.fields(extra)}}
+    return "\n".join(f"  {name:34s} {defaults.get(name)!r:>14}  {text}" for name, text in helps.items())
+
+
+def help_train(argv: list[str]) -> str:
+    from grpokit.baselines import algo_classes
+
+    algo = "grpo"
+    if "--algo" in argv and argv.index("--algo") + 1 < len(argv):
+        algo = argv[argv.index("--algo") + 1]
+    config_cls, _ = algo_classes(algo)
+    return (f"usage: grpokit train [config.yaml] [key=value | --key value ...] [--algo grpo|ppo|dpo]\n\n"
+            "Train a model with GRPO (or the PPO / DPO baselines, --algo). With no model, dataset or task\n"
+            "the built-in demo runs: the arithmetic task on the shipped starter model, on CPU, about a\n"
+            "minute. Every field of the config is an option, with TRL's names; the command line wins over\n"
+            "the YAML file. Ctrl-C finishes the current step, saves a checkpoint and prints the resume\n"
+            f"command.\n\n{config_cls.__name__} fields (name, default, meaning):\n{_fields_table(config_cls)}\n\n"
+            f"{COMMON}\n\n{EXAMPLES}")
+
+
+EVAL_OPTIONS = """  model_name_or_path   the model to evaluate (default: the shipped starter model)
+  task                 a built-in task's held-out split (default: arithmetic) ...
+  dataset_name, split  ... or a dataset file / hub id and its split (default: the test split)
+  reward_funcs         for a dataset: the reward(s) that decide what is correct (1.0 = correct)
+  k                    pass@k for these k (default [1, 4, 8])
+  n                    samples per prompt for pass@k (default: the largest k)
+  temperature, seed    sampling of the pass@k samples (default 1.0, 42)
+  max_completion_length  tokens per completion (default: the most that fits the model's context, at most 256)
+  use_cpu              evaluate on the CPU even when a GPU is there"""
+
+GENERATE_OPTIONS = """  prompt               a prompt, or a list of prompts (required)
+  model_name_or_path   the model (default: the shipped starter model)
+  n                    completions per prompt (default 1)
+  max_tokens           new tokens per completion (default: 64, or what fits the model's context)
+  temperature, top_p, top_k, stop, seed   sampling (defaults 1.0, 1.0, 0, [], 0)
+  chat                 render the prompt with the tokenizer's chat template as a user message
+                       (default: true when the tokenizer has one)
+  system               a system message for chat prompts
+  use_cpu              generate on the CPU even when a GPU is there"""
+
+REWARDS_OPTIONS = """  num_rows             rows of the dataset or task to score (default 4)
+  completions          a list of completions to score instead of sampling them from the model
+  reward_funcs, reward_weights, reward_kwargs, dataset_name, task, model_name_or_path, ...
+                       as for grpokit train (GRPOConfig fields)"""
+
+
+def help_eval(argv):
+    return f"usage: grpokit eval [config.yaml] [key=value ...]\n\nGreedy accuracy and pass@k of a model.\n\noptions:\n{EVAL_OPTIONS}\n\n{COMMON}"
+
+
+def help_generate(argv):
+    return (f"usage: grpokit generate prompt='...' [key=value ...]\n\nSample completions from a model.\n\n"
+            f"options:\n{GENERATE_OPTIONS}\n\n{COMMON}")
+
+
+def help_sft(argv):
+    import dataclasses
+
+    from grpokit.sft import SFTConfig
+
+    rows = "\n".join(f"  {f.name:26s} {('' if f.default is dataclasses.MISSING else repr(f.default)):>14}"
+                     for f in dataclasses.fields(SFTConfig))
+    return (f"usage: grpokit sft [config.yaml] [key=value ...]\n\nSupervised fine-tuning on prompt/completion "
+            f"pairs (how the starter model is made:\nconfigs/starter_sft.yaml).\n\nSFTConfig fields:\n{rows}\n\n{COMMON}")
+
+
+def help_rewards(argv):
+    return (f"usage: grpokit rewards test [config.yaml] [key=value ...]\n\nRun the configured reward functions on a "
+            f"few rows and print what each returns.\n\noptions:\n{REWARDS_OPTIONS}\n\n{COMMON}")
+
+
+def help_compare(argv):
+    from grpokit.compare.settings import OPTIONS
+
+    rows = "\n".join(f"  {k:20s} {v!r}" for k, v in OPTIONS.items())
+    return (f"usage: grpokit compare [config.yaml] [key=value ...]\n\nGRPO, PPO and DPO on the same task and sample "
+            f"budget; writes a report with plots\n(docs/compare.md). Options (and their defaults):\n{rows}\n"
+            f"  grpo / ppo / dpo     a mapping of fields for that algorithm only\n"
+            f"  any GRPOConfig field, shared by the three runs\n\n{COMMON}")
+
+
+# --------------------------------------------------------------------------------------------
+# the verbs
+# --------------------------------------------------------------------------------------------
 
 def cmd_train(argv: list[str]) -> int:
     """Also under `torchrun --nproc_per_node N -m grpokit train ...`: the trainer opens the process
@@ -23,6 +136,7 @@ def cmd_train(argv: list[str]) -> int:
     config_cls, trainer_cls = algo_classes(raw.pop("algo", "grpo"))  # --algo grpo | ppo | dpo
     cfg = config_cls(**raw)
     trainer = trainer_cls(args=cfg)
+    trainer.resume_command = "grpokit train " + " ".join(_quote(a) for a in argv)
     history = trainer.train()
     main_process = trainer.parts.rank == 0
     del trainer  # its DDP/FSDP2 wrappers hold the process group: free them before it is destroyed
@@ -30,7 +144,15 @@ def cmd_train(argv: list[str]) -> int:
     if main_process:
         _print_before_after(cfg.output_dir)
         print(f"run folder: {cfg.output_dir}  (metrics.jsonl, completions.jsonl, plot.png, final/)")
+    if history is not None and history.get("interrupted"):
+        return 130
     return 0 if history is not None else 1
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
 
 
 def _print_before_after(run_dir: str) -> None:
@@ -54,6 +176,7 @@ def _load_for_inference(cfg: dict[str, Any]):
 
     path = cfg.pop("model_name_or_path", None) or cfg.pop("model", None) or models.starter_model_path()
     model = models.load_model(path, dtype="auto", device="cuda" if _cuda(cfg) else "cpu")
+    cfg.pop("use_cpu", None)
     return path, model, models.load_tokenizer(path)
 
 
@@ -61,6 +184,30 @@ def _cuda(cfg: dict[str, Any]) -> bool:
     import torch
 
     return torch.cuda.is_available() and not cfg.get("use_cpu", False)
+
+
+def _context(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def fitting_length(model, prompt_ids: list[list[int]], wanted: int | None, default: int, field: str) -> int:
+    """New tokens per completion: `wanted` if given (an error naming `field` if it does not fit the
+    model's context after the longest prompt), else `default` capped to what fits."""
+    ctx = _context(model)
+    longest = max(map(len, prompt_ids)) if prompt_ids else 0
+    room = None if ctx is None else ctx - longest
+    if room is not None and room < 1:
+        raise ValueError(f"the longest prompt ({longest} tokens) fills the model's context of {ctx} tokens; "
+                         "use shorter prompts.")
+    if wanted is None:
+        return default if room is None else min(default, room)
+    if room is not None and wanted > room:
+        raise ValueError(f"{field}={wanted} does not fit: the longest prompt has {longest} tokens and the model's "
+                         f"context is {ctx}; set {field}={room} or less.")
+    return int(wanted)
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -74,11 +221,13 @@ def cmd_eval(argv: list[str]) -> int:
     cfg = load_config_dict(argv)
     ks = tuple(cfg.pop("k", [1, 4, 8]) if isinstance(cfg.get("k", None), list) else [cfg.pop("k", 8)])
     n = int(cfg.pop("n", max(ks)))
+    split = cfg.pop("split", None)
+    wanted_length = cfg.pop("max_completion_length", None)
     path, model, tok = _load_for_inference(cfg)
-    conf = GRPOConfig(**{k: v for k, v in cfg.items() if k not in ("split",)})
+    conf = GRPOConfig(**cfg)
     task, runner = None, None
     if conf.dataset_name:
-        ds = data.load_dataset_spec(conf.dataset_name, split=cfg.get("split", conf.dataset_test_split or "test"),
+        ds = data.load_dataset_spec(conf.dataset_name, split=split or conf.dataset_test_split or "test",
                                     config_name=conf.dataset_config)
     else:
         task = data.get_task(conf.task or "arithmetic", seed=conf.seed, num_train=conf.task_num_train,
@@ -86,11 +235,14 @@ def cmd_eval(argv: list[str]) -> int:
         ds = task.eval_dataset
     if task is None:
         if not conf.reward_funcs:
-            raise SystemExit("grpokit eval: a dataset needs reward_funcs=[...] to decide what is correct.")
+            raise ValueError("a dataset needs reward_funcs=[...] to decide what is correct "
+                             "(a reward of 1.0 counts as correct).")
         runner = RewardRunner(load_reward_funcs(conf.reward_funcs, reward_kwargs=conf.reward_kwargs))
     ev = Evaluator.build(ds, tok, task=task, reward_runner=runner, config=conf)
+    ev.max_tokens = fitting_length(model, ev.prompt_ids, wanted_length, 256, "max_completion_length")
     engine = make_engine("hf", model, tok)
-    result = {"model": path, "prompts": len(ev.prompt_ids), **ev.greedy(engine)}
+    result = {"model": path, "prompts": len(ev.prompt_ids), "max_completion_length": ev.max_tokens,
+              **ev.greedy(engine)}
     result.update(ev.pass_at(engine, n=n, ks=ks, temperature=conf.temperature, seed=conf.seed))
     print(json.dumps(result, indent=2))
     return 0
@@ -98,21 +250,32 @@ def cmd_eval(argv: list[str]) -> int:
 
 def cmd_generate(argv: list[str]) -> int:
     """Sample completions from a checkpoint: grpokit generate model_name_or_path=... prompt='12+7=' n=4"""
+    from grpokit.data import render_prompt
     from grpokit.rollout import SamplingParams, make_engine
 
     cfg = load_config_dict(argv)
     prompts = cfg.pop("prompt", None)
     if prompts is None:
-        raise SystemExit("grpokit generate: give prompt='...' (or a list).")
+        raise ValueError("give prompt='...' (or a list: prompt=\"['a', 'b']\").")
     prompts = [str(p) for p in prompts] if isinstance(prompts, list) else [str(prompts)]
     n = int(cfg.pop("n", 1))
     _, model, tok = _load_for_inference(cfg)
-    params = SamplingParams(max_tokens=int(cfg.pop("max_tokens", 64)), temperature=float(cfg.pop("temperature", 1.0)),
+    has_template = getattr(tok, "chat_template", None) is not None
+    chat, system = cfg.pop("chat", has_template), cfg.pop("system", None)
+    if chat and not has_template:
+        raise ValueError("chat=true, but this tokenizer has no chat template; use chat=false (plain text prompts).")
+    if chat:
+        texts = [render_prompt(([{"role": "system", "content": system}] if system else [])
+                               + [{"role": "user", "content": p}], tok) for p in prompts]
+    else:
+        texts = prompts
+    ids = [tok(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    max_tokens = fitting_length(model, ids, cfg.pop("max_tokens", None), 64, "max_tokens")
+    params = SamplingParams(max_tokens=max_tokens, temperature=float(cfg.pop("temperature", 1.0)),
                             top_p=float(cfg.pop("top_p", 1.0)), top_k=int(cfg.pop("top_k", 0)),
                             stop=list(cfg.pop("stop", [])), seed=int(cfg.pop("seed", 0)))
     if cfg:
-        raise SystemExit(f"grpokit generate: unknown option(s): {', '.join(cfg)}")
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        raise ValueError(f"unknown option(s): {', '.join(cfg)} (see grpokit generate --help)")
     for out in make_engine("hf", model, tok).generate(ids, n=n, params=params):
         print(f"[{out.prompt_index}] {prompts[out.prompt_index]!r} -> {out.text!r} ({out.finish_reason})")
     return 0
@@ -121,7 +284,7 @@ def cmd_generate(argv: list[str]) -> int:
 def cmd_sft(argv: list[str]) -> int:
     from grpokit.sft import SFTConfig, run_sft
 
-    metrics = run_sft(SFTConfig(**load_config_dict(argv)))
+    metrics = run_sft(SFTConfig.from_dict(load_config_dict(argv)))
     print(json.dumps(metrics, indent=2, default=str))
     return 0
 
@@ -129,7 +292,7 @@ def cmd_sft(argv: list[str]) -> int:
 def cmd_rewards(argv: list[str]) -> int:
     """`grpokit rewards test [config.yaml] [k=v]`: run the configured rewards on a few rows."""
     if not argv or argv[0] != "test":
-        raise SystemExit("usage: grpokit rewards test [config.yaml] [key=value ...]")
+        raise ValueError("the rewards verb has one action: grpokit rewards test [config.yaml] [key=value ...]")
     from grpokit import data
     from grpokit.config import GRPOConfig
     from grpokit.rewards import RewardRunner, describe_rewards, load_reward_funcs
@@ -147,6 +310,8 @@ def cmd_rewards(argv: list[str]) -> int:
                              num_eval=conf.task_num_eval)
         ds, funcs = task.train_dataset, conf.reward_funcs or task.reward_funcs
         weights = conf.reward_weights if conf.reward_funcs else task.reward_weights
+    if not funcs:
+        raise ValueError("no reward functions: set reward_funcs=[...] (registry names or 'module:function').")
     runner = RewardRunner(load_reward_funcs(list(funcs), reward_kwargs=conf.reward_kwargs), weights=weights,
                           timeout=conf.reward_timeout, on_error=conf.reward_on_error)
     rows = [dict(ds[i]) for i in range(min(num, len(ds)))]
@@ -159,10 +324,13 @@ def cmd_rewards(argv: list[str]) -> int:
         model, tok = models.load_model(path, device="cpu"), models.load_tokenizer(path)
         ids = data.validate_prompts(ds.select(range(len(rows))), tok, max_prompt_length=conf.max_prompt_length)
         outs = make_engine("hf", model, tok).generate(ids, n=1, params=SamplingParams(
-            max_tokens=conf.max_completion_length, temperature=conf.temperature, stop=conf.stop, seed=conf.seed))
+            max_tokens=fitting_length(model, ids, None, conf.max_completion_length, "max_completion_length"),
+            temperature=conf.temperature, stop=conf.stop, seed=conf.seed))
         completions = [o.text for o in outs]
     completions = list(completions)[:len(rows)]
     rows = rows[:len(completions)]
+    if data.is_conversational(rows[0]):  # as training passes them: message lists
+        completions = [c if isinstance(c, list) else [{"role": "assistant", "content": str(c)}] for c in completions]
     cols = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
     print(describe_rewards(runner, [r["prompt"] for r in rows], completions, cols))
     return 0
@@ -175,47 +343,78 @@ def cmd_compare(argv: list[str]) -> int:
     return run_compare(argv)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sft": cmd_sft, "rewards": cmd_rewards,
-            "compare": cmd_compare}
+COMMANDS = {"train": (cmd_train, help_train), "eval": (cmd_eval, help_eval),
+            "generate": (cmd_generate, help_generate), "sft": (cmd_sft, help_sft),
+            "rewards": (cmd_rewards, help_rewards), "compare": (cmd_compare, help_compare)}
+
+SUMMARIES = {"train": "train with GRPO (or --algo ppo|dpo)", "eval": "greedy accuracy and pass@k of a model",
+             "generate": "sample completions from a model", "sft": "supervised warm-start",
+             "rewards": "rewards test: what each reward returns on a few rows",
+             "compare": "GRPO vs PPO vs DPO on one task and budget"}
+
+
+def main_help() -> str:
+    verbs = "\n".join(f"  {v:10s} {SUMMARIES[v]}" for v in COMMANDS)
+    return (f"usage: grpokit <command> [config.yaml] [key=value | --key value ...]\n\n"
+            f"GRPO training for language models.\n\ncommands:\n{verbs}\n\n"
+            f"grpokit <command> --help lists a command's options.\n\n{COMMON}\n\n{EXAMPLES}")
+
+
+def user_errors() -> tuple[type, ...]:
+    """Errors that mean the input is wrong (a value, a file, a checkpoint, a reward, the machine),
+    reported in one line; anything else is a bug and keeps its traceback."""
+    import yaml
+
+    from grpokit.checkpoint import CheckpointError
+    from grpokit.rewards.calls import RewardError
+    from grpokit.rewards.sandbox import SandboxUnavailable
+    from grpokit.tracking import MissingPackageError
+
+    return (ValueError, OSError, CheckpointError, RewardError, SandboxUnavailable, MissingPackageError,
+            yaml.YAMLError, FloatingPointError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
-        prog="grpokit", description="GRPO training for language models.",
-        epilog="grpokit train                      # the built-in demo (arithmetic, starter model, CPU)\n"
-               "grpokit train cfg.yaml lr=1e-5     # YAML config, command line overrides\n"
-               "grpokit train --help-config        # every config field\n"
-               "grpokit train --algo ppo           # the PPO (or --algo dpo: DPO) baseline, same settings\n"
-               "grpokit compare                    # GRPO vs PPO vs DPO, report in reports/compare/\n"
-               "grpokit eval model_name_or_path=runs/demo/final\n"
-               "grpokit generate prompt='12+7=' n=4\n"
-               "grpokit sft configs/starter_sft.yaml\n"
-               "grpokit rewards test cfg.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=sorted(COMMANDS))
-    parser.add_argument("args", nargs=argparse.REMAINDER)
-    if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("GRPOKIT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(main_help())
         return 0
-    ns = parser.parse_args(argv[:1])
-    rest = argv[1:]
-    if ns.command == "train" and "--help-config" in rest:
-        from grpokit.config import GRPOConfig, field_help
+    verb, rest = argv[0], argv[1:]
+    if verb not in COMMANDS:
+        import difflib
 
-        defaults = GRPOConfig().to_dict()
-        for name, text in field_help().items():
-            print(f"{name:36s} {defaults[name]!r:>14}  {text}")
-        return 0
-    try:
-        return COMMANDS[ns.command](rest)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"grpokit {ns.command}: error: {e}", file=sys.stderr)
+        close = difflib.get_close_matches(verb, list(COMMANDS), n=1)
+        print(f"grpokit: unknown command {verb!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+              + f" Commands: {', '.join(COMMANDS)} (grpokit --help).", file=sys.stderr)
         return 2
-    except RuntimeError as e:
+    run, help_of = COMMANDS[verb]
+    if "-h" in rest or "--help" in rest:
+        print(help_of(rest))
+        return 0
+    if verb == "train" and "--help-config" in rest:
+        print(help_train(rest))
+        return 0
+    if os.getcwd() not in sys.path:  # 'module:function' rewards next to the config, as TRL's CLI finds them
+        sys.path.insert(0, os.getcwd())
+    try:
+        return run(rest)
+    except KeyboardInterrupt:
+        print(f"grpokit {verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - sorted below: user errors in one line, bugs with their traceback
         from grpokit.distributed import RankFailedError
 
-        if not isinstance(e, RankFailedError):
-            raise
-        print(f"grpokit {ns.command}: error: {e}", file=sys.stderr)  # names the failing rank and its error
-        return 1
+        if isinstance(e, RankFailedError):
+            print(f"grpokit {verb}: error: {e}", file=sys.stderr)  # names the failing rank and its error
+            return 1
+        if not isinstance(e, user_errors()) or debug:
+            if debug:
+                traceback.print_exc()
+            else:
+                raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"grpokit {verb}: error: {message}" + ("" if debug else "  (--debug for the traceback)"),
+              file=sys.stderr)
+        return 2

@@ -55,6 +55,8 @@ class GRPOFields:
     lora_target_modules: list | str | None = _f(None, "Modules to adapt (None: peft's default for the architecture).")
     # --- batch and schedule ---
     output_dir: str = _f("runs/grpo", "Run folder: config, metrics, samples, plot, checkpoints.")
+    overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds one (its metrics, checkpoints "
+                                           "and final model are removed); without it that is an error, unless resuming.")
     per_device_train_batch_size: int = _f(8, "Completions per micro-batch per device (TRL's meaning).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     num_generations: int = _f(8, "G: completions sampled per prompt.")
@@ -180,6 +182,25 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
 }
 
 
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def check_scalar_type(owner: str, name: str, annotation: str, value) -> None:
+    """A value of the wrong kind for a scalar field (`int`, `float`, `bool`, `str`, or one of them
+    `| None`) is an error naming the field and the kind it takes: `max_steps=abc` from the
+    command line fails here, not as a TypeError deep in the run. Other annotations are not checked."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    optional = "None" in kinds
+    kinds = [k for k in kinds if k != "None"]
+    if len(kinds) != 1 or kinds[0] not in _SCALARS or (value is None and optional):
+        return
+    kind = kinds[0]
+    ok = isinstance(value, _SCALARS[kind]) and not (kind in ("int", "float") and isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{owner}: {name}={value!r} is not {_NAMES[kind]}" + (" (or null)" if optional else "") + ".")
+
+
 class GRPOConfig(GRPOFields):
     """All settings of a GRPO run (see each field's `help`). Validated at construction."""
 
@@ -223,6 +244,8 @@ class GRPOConfig(GRPOFields):
             self.reward_funcs = [self.reward_funcs]
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for f in dataclasses.fields(GRPOFields):
+            check_scalar_type("GRPOConfig", f.name, f.type, getattr(self, f.name))
 
     def validate(self) -> None:
         """Every check that can be made without a model or dataset; messages name field and fix."""

@@ -49,8 +49,8 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
         elif "=" in tok:
             key, val = tok.split("=", 1)
         else:
-            raise SystemExit(f"grpokit: cannot read {tok!r}: use key=value or --key value.")
-        out[key.replace("-", "_")] = _yaml_value(val)
+            raise ValueError(f"cannot read {tok!r}: give options as key=value or --key value.")
+        out[key.replace("-", "_")] = _yaml_value(val, key)
         i += 1
     return out
 
@@ -58,9 +58,13 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 _KEY_EQ = re.compile(r"^[A-Za-z_][\w-]*=")
 
 
-def _yaml_value(text: str) -> Any:
+def _yaml_value(text: str, key: str = "value") -> Any:
     """YAML scalar, except that '1e-5' (a string to YAML 1.1) is read as the number it means."""
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{key}={text!r} is not a valid YAML value ({_yaml_problem(e)}); quote it, "
+                         f"e.g. {key}='\"...\"'") from None
     if isinstance(value, str):
         try:
             return float(value) if any(ch in value.lower() for ch in ".e") else int(value)
@@ -75,13 +79,22 @@ def load_config_dict(args: list[str]) -> dict[str, Any]:
     if args and not args[0].startswith("-") and "=" not in args[0]:
         path, args = args[0], args[1:]
         if not os.path.exists(path):
-            raise SystemExit(f"grpokit: config file {path!r} not found.")
+            raise FileNotFoundError(f"config file {path!r} not found (give a YAML file, or only key=value options).")
         with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
+            try:
+                cfg = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path} is not valid YAML: {_yaml_problem(e)}.") from None
         if not isinstance(cfg, dict):
-            raise SystemExit(f"grpokit: {path} must hold a mapping of config fields.")
+            raise ValueError(f"{path} must hold a mapping of config fields (field: value per line).")
     cfg.update(parse_overrides(args))
     return cfg
+
+
+def _yaml_problem(e: Exception) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
 
 
 def with_demo_defaults(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -270,9 +270,14 @@ def load_model(
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch_dtype, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=torch_dtype, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
+            )
+        except OSError as e:  # not on the hub / no network / no such folder: one line naming the model
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OSError(f"cannot load the model {name!r}: {first} Check the hub id or the local path; "
+                          "offline (HF_HUB_OFFLINE=1) only models already in the local cache are found.") from e
     return model.to(target) if target is not None else model
 
 

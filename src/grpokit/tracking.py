@@ -19,6 +19,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shutil
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -57,6 +59,32 @@ def _jsonable(value):
     return _scalar(value)
 
 
+RUN_FILES = ("metrics.jsonl", "completions.jsonl", "plot.png", "tensorboard")
+CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+$")
+
+
+def previous_run(run_dir: str) -> list[str]:
+    """What in `run_dir` belongs to a run already made there: a non-empty metrics.jsonl,
+    checkpoints, a final model (config.yaml alone does not count)."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics):
+        with open(metrics, encoding="utf-8") as f:
+            found.append(f"metrics.jsonl with {sum(1 for _ in f)} records")
+    ckpts = sorted(n for n in os.listdir(run_dir) if CHECKPOINT_NAME.match(n))
+    if ckpts:
+        found.append(", ".join(ckpts[-2:]) + (f" and {len(ckpts) - 2} more" if len(ckpts) > 2 else ""))
+    if os.path.isdir(os.path.join(run_dir, "final")):
+        found.append("final/")
+    return found
+
+
+class MissingPackageError(ImportError):
+    """An optional integration (tensorboard, wandb) was asked for and is not installed."""
+
+
 def _backends(report_to) -> set[str]:
     """Integrations to use, raising early with the pip extra to install for a missing one."""
     import importlib.util
@@ -71,7 +99,7 @@ def _backends(report_to) -> set[str]:
         return installed
     wanted = {n for n in names if n in ("tensorboard", "wandb")}
     for name in sorted(wanted - installed):
-        raise ImportError(
+        raise MissingPackageError(
             f'report_to includes "{name}" but the {name} package is not installed: '
             f'pip install "grpokit[{name}]" (or remove "{name}" from report_to)'
         )
@@ -89,7 +117,7 @@ class Tracker:
 
     def __init__(self, run_dir, *, report_to=("jsonl",), config=None, total_steps: int,
                  is_main_process: bool = True, run_name: str | None = None,
-                 disable_progress: bool = False):
+                 disable_progress: bool = False, overwrite: bool = False):
         backends = _backends(report_to)
         self.run_dir = os.fspath(run_dir)
         self.total_steps = int(total_steps)
@@ -102,26 +130,50 @@ class Tracker:
         self._owns_wandb_run = False
         self._postfix: dict[str, float] = {}
         self._closed = not is_main_process
+        self._config, self._overwrite, self._begun = config or {}, overwrite, False
+        self._backends, self._run_name = backends, run_name
+        self.previous_run = previous_run(self.run_dir) if is_main_process else []
         if not is_main_process:
             return
+        os.makedirs(self.run_dir, exist_ok=True)
+        if not self.previous_run:  # else the folder is left as it is until begin() knows it may
+            self.begin(resuming=False)
+
+    def begin(self, resuming: bool) -> None:
+        """Start writing into the run folder: a new run there refuses a folder that holds another
+        run (its metrics, checkpoints or final model), unless `overwrite` (then they are removed);
+        a resumed run continues its files."""
+        if self._begun or not self.is_main_process:
+            return
+        if self.previous_run and not resuming:
+            if not self._overwrite:
+                raise ValueError(
+                    f"output_dir={self.run_dir} already holds a run ({', '.join(self.previous_run)}): resume it with "
+                    "resume_from_checkpoint=True, choose another output_dir, or set overwrite_output_dir=True "
+                    "to start over there")
+            for name in os.listdir(self.run_dir):
+                path = os.path.join(self.run_dir, name)
+                if name in RUN_FILES or name == "final" or CHECKPOINT_NAME.match(name):
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
         import yaml
 
-        os.makedirs(self.run_dir, exist_ok=True)
+        self._begun = True
         with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(plain(config or {}), f, sort_keys=False, allow_unicode=True)
+            yaml.safe_dump(plain(self._config), f, sort_keys=False, allow_unicode=True)
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")
-        if "tensorboard" in backends:
+        config = plain(self._config)
+        if "tensorboard" in self._backends:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=os.path.join(self.run_dir, "tensorboard"))
-            self._tb.add_text("config", "```yaml\n" + yaml.safe_dump(plain(config or {})) + "```")
-        if "wandb" in backends:
+            self._tb.add_text("config", "```yaml\n" + yaml.safe_dump(config) + "```")
+        if "wandb" in self._backends:
             import wandb
 
             self._wandb = wandb
             if wandb.run is None:  # else log into the run the user started
-                wandb.init(project=os.environ.get("WANDB_PROJECT", "grpokit"), name=run_name,
-                           config=plain(config or {}), dir=self.run_dir)
+                wandb.init(project=os.environ.get("WANDB_PROJECT", "grpokit"), name=self._run_name,
+                           config=config, dir=self.run_dir)
                 self._owns_wandb_run = True
 
     # ------------------------------------------------------------------ logging
@@ -130,6 +182,7 @@ class Tracker:
         """Append ``{"step", "time", **metrics}`` to metrics.jsonl; TensorBoard scalars; wandb.log."""
         if self._closed:
             return
+        self.begin(resuming=False)
         values = {str(k): _scalar(v) for k, v in metrics.items()}
         record = {"step": int(step), "time": round(time.time(), 3), **values}
         self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
@@ -147,6 +200,7 @@ class Tracker:
         completions.jsonl, log a W&B table / TensorBoard text, and print ``print_rows`` of them."""
         if self._closed or not rows:
             return
+        self.begin(resuming=False)
         rows = [{k: _jsonable(v) for k, v in row.items()} for row in rows]
         if self._completions is None:
             self._completions = open(self.completions_path, "a", encoding="utf-8")
@@ -217,7 +271,7 @@ class Tracker:
             self._tb.close()
         if self._wandb is not None and self._owns_wandb_run:
             self._wandb.finish()
-        if not plot or not os.path.getsize(self.metrics_path):
+        if not plot or not os.path.exists(self.metrics_path) or not os.path.getsize(self.metrics_path):
             return None
         try:
             return plot_metrics(self.metrics_path, self.plot_path)

@@ -40,7 +40,8 @@ class GRPOTrainer(RunFacade):
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict:
         """Run the loop; returns the final metrics (including eval accuracy before/after)."""
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
-        return train_loop(self.parts, self.algorithm, resume_from_checkpoint=resume)
+        return train_loop(self.parts, self.algorithm, resume_from_checkpoint=resume,
+                          resume_command=getattr(self, "resume_command", None))
 
     def save_model(self, output_dir: str | None = None, merge_lora: bool = False) -> str:
         """Writes on rank 0 only (every rank must call it under FSDP2: the weights are gathered)."""

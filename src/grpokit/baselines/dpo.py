@@ -128,9 +128,11 @@ class DPOTrainer(RunFacade):
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict:
         """Run the DPO loop; returns the final metrics."""
         run = self.parts
-        run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
-        return train_loop(run, DPO(self.pairs), resume_from_checkpoint=resume, summary=self.summary())
+        run.tracker.begin(resuming=bool(resume))
+        run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
+        return train_loop(run, DPO(self.pairs), resume_from_checkpoint=resume, summary=self.summary(),
+                          resume_command=getattr(self, "resume_command", None))
 
 
 def _is_preference_data(train_dataset, cfg) -> bool:

@@ -172,7 +172,8 @@ class PPOTrainer(RunFacade):
                              "value head); start a new run from the checkpoint's weights instead.")
         run = self.parts
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
-        final = train_loop(run, PPO(self.value_head), summary=self.summary())
+        final = train_loop(run, PPO(self.value_head), summary=self.summary(),
+                           resume_command=None)  # PPO cannot resume yet: an interrupt only saves
         if run.rank == 0:
             torch.save(self.value_head.state_dict(), os.path.join(self.args.output_dir, "final", "value_head.pt"))
         return final

@@ -50,21 +50,106 @@ class Algorithm(Protocol):
 
 
 def train_loop(run: RunParts, algorithm: Algorithm, resume_from_checkpoint: str | bool | None = None,
-               summary: str | None = None) -> dict[str, float]:
+               summary: str | None = None, resume_command: str | None = None) -> dict[str, float]:
+    """`resume_command`: the command line that started the run (the CLI's), for the resume hint
+    printed after Ctrl-C; without it the hint is the Python call."""
     run.tracker.write(summary if summary is not None else run.summary())
     state, final = run.begin(resume_from_checkpoint)
-    while state.global_step < run.total_steps:
-        phase: dict[str, float] = {}
-        rows, state.epoch, state.cursor = run.next_prompt_rows(state.epoch, state.cursor)
-        out = algorithm.step(run, rows, state, phase)
-        state.global_step += out.optimizer_steps
-        state.samples_seen += run.world_size * out.samples
-        state.skipped_steps += out.skipped
-        metrics = step_metrics(run, out, phase, state)
-        end_of_step(run, state, metrics, out)
-        final = metrics
+    totals = RunTotals(start_step=state.global_step)
+    with StopRequest(run.tracker.write) as stop:
+        while state.global_step < run.total_steps:
+            phase: dict[str, float] = {}
+            rows, state.epoch, state.cursor = run.next_prompt_rows(state.epoch, state.cursor)
+            out = algorithm.step(run, rows, state, phase)
+            state.global_step += out.optimizer_steps
+            state.samples_seen += run.world_size * out.samples
+            state.skipped_steps += out.skipped
+            metrics = step_metrics(run, out, phase, state)
+            end_of_step(run, state, metrics, out)
+            totals.add(metrics, run.world_size * out.samples)
+            final = metrics
+            if run.global_max(int(stop.requested)) and state.global_step < run.total_steps:
+                return interrupted(run, state, final, resume_command)
     run.finish()
+    run.tracker.write(totals.summary(final, state))
     return final
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) during training asks the loop to stop after the current step, which then
+    saves a checkpoint, writes the plot and prints the resume command; a second Ctrl-C stops at
+    once (KeyboardInterrupt). Installed only from the main thread; a no-op elsewhere."""
+
+    def __init__(self, write):
+        self.write, self.requested, self._previous = write, False, None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested:
+            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        self.write("interrupted: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)")
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def interrupted(run: RunParts, state: LoopState, final: dict, resume_command: str | None) -> dict[str, float]:
+    """After a Ctrl-C: a checkpoint of this step (unless one was just saved), the plot, the hint."""
+    from grpokit.checkpoint import find_latest_checkpoint
+
+    cfg = run.config
+    saved = cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0
+    path = find_latest_checkpoint(cfg.output_dir) if saved else run.save_checkpoint(state)
+    run.tracker.close(plot=cfg.plot)
+    if run.rank == 0 and path:
+        how = (f"{resume_command} resume_from_checkpoint={path}" if resume_command
+               else f"trainer.train(resume_from_checkpoint={path!r})")
+        run.tracker.write(f"stopped at step {state.global_step} of {run.total_steps}; checkpoint: {path}\n"
+                          f"resume with: {how}")
+    return {**final, "interrupted": 1.0}
+
+
+@dataclass
+class RunTotals:
+    """What the closing summary adds up over the steps of this process's run."""
+
+    start_step: int
+    started: float = field(default_factory=time.perf_counter)
+    samples: int = 0
+    tokens: float = 0.0
+    steps: int = 0
+
+    def add(self, metrics: dict[str, float], samples: int) -> None:
+        self.samples += samples
+        self.tokens += metrics.get("completions/mean_length", 0.0) * samples
+        self.steps += 1
+
+    def summary(self, final: dict[str, float], state: LoopState) -> str:
+        seconds = time.perf_counter() - self.started
+        parts = [f"done: {state.global_step - self.start_step} optimizer steps in {seconds:.1f} s",
+                 f"{self.samples:,} completions ({self.samples / max(seconds, 1e-9):.1f}/s)",
+                 f"{self.tokens:,.0f} completion tokens"]
+        if "reward" in final:
+            parts.append(f"last reward {final['reward']:.4g}")
+        if "eval/accuracy" in final:
+            parts.append(f"eval accuracy {final['eval/accuracy']:.1%}")
+        if state.skipped_steps:
+            parts.append(f"{state.skipped_steps} steps skipped (non-finite)")
+        return ", ".join(parts)
 
 
 def sample_and_score(run: RunParts, rows: list[int], state: LoopState, phase: dict) -> Rollout:

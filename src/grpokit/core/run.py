@@ -125,6 +125,7 @@ class RunParts:
     def begin(self, resume_from_checkpoint: str | bool | None) -> tuple[LoopState, dict[str, float]]:
         """The loop's start: its state (fresh, or from the checkpoint) and, on a fresh run with
         `eval_on_start`, the step-0 evaluation."""
+        self.tracker.begin(resuming=bool(resume_from_checkpoint))  # refuses to mix with another run's files
         state = self.resume(resume_from_checkpoint) if resume_from_checkpoint else LoopState()
         first: dict[str, float] = {}
         if self.config.eval_on_start and self.eval_dataset is not None and state.global_step == 0:
@@ -444,7 +445,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
         longest = max(map(len, prompt_ids))
         if longest + cfg.max_completion_length > max_ctx:
             raise ValueError(f"the longest prompt ({longest} tokens) + max_completion_length "
-                             f"({cfg.max_completion_length}) exceeds the model's context of {max_ctx} tokens.")
+                             f"({cfg.max_completion_length}) exceeds the model's context of {max_ctx} tokens: "
+                             f"set max_completion_length={max_ctx - longest} or less (or max_prompt_length).")
 
     # rewards: resolved and checked against the dataset's columns
     funcs = reward_funcs if reward_funcs is not None else (cfg.reward_funcs or (task.reward_funcs if task else None))
@@ -506,9 +508,12 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     eval_fn = None
     if eval_dataset is not None:
         eval_fn = Evaluator.build(eval_dataset, tok, task=task, reward_runner=runner, config=cfg)
+    if cfg.eval_strategy == "steps" and eval_fn is None:
+        raise ValueError("eval_strategy='steps' but there is nothing to evaluate on: pass eval_dataset= (or set "
+                         "dataset_test_split, or use a built-in task), or set eval_strategy='no'.")
     tracker = Tracker(cfg.output_dir, report_to=tuple(cfg.report_to) or ("jsonl",), config=cfg.to_dict(),
                       total_steps=total_steps, is_main_process=rank == 0, run_name=cfg.run_name,
-                      disable_progress=cfg.disable_tqdm)
+                      disable_progress=cfg.disable_tqdm, overwrite=cfg.overwrite_output_dir)
     return RunParts(config=cfg, model=policy, tokenizer=tok, device=device, prompts=prompts, prompt_ids=prompt_ids,
                     columns=columns, conversational=conversational, reward_runner=runner, engine=engine,
                     optimizer=optimizer, scheduler=scheduler, tracker=tracker, total_steps=total_steps,

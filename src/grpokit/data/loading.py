@@ -69,7 +69,19 @@ def load_dataset_spec(name_or_path: Any, split: str = "train", config_name: str 
             )
         base_split = re.match(r"[\w.-]+", split)
         base_split = base_split.group(0) if base_split else "train"
-        return datasets.load_dataset(builder, data_files={base_split: str(path)}, split=split)
+        if path.stat().st_size == 0:
+            raise ValueError(f"dataset file {name!r} is empty: it needs one row per line (JSONL) or a header "
+                             "and rows (CSV), with a 'prompt' column.")
+        try:
+            loaded = datasets.load_dataset(builder, data_files={base_split: str(path)}, split=split)
+        except (StopIteration, datasets.exceptions.DatasetGenerationError, ValueError) as e:
+            if isinstance(e, ValueError) and "corresponds to no data" not in str(e):
+                raise
+            raise ValueError(f"dataset file {name!r} has no rows: it needs a 'prompt' column with one prompt per "
+                             "row.") from None
+        if len(loaded) == 0:
+            raise ValueError(f"dataset file {name!r} has no rows: it needs a 'prompt' column with one prompt per row.")
+        return loaded
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             loaded = datasets.load_from_disk(str(path))

@@ -1,0 +1,174 @@
+"""The command line as a new user meets it: --help on every verb, one line and exit code 2 for
+every bad input, eval/generate fitting the shipped model, runs that do not mix, and Ctrl-C that
+saves a checkpoint and prints the command that resumes it exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grpokit.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["per_device_train_batch_size=16", "gradient_accumulation_steps=1", "num_generations=4",
+         "task_num_train=64", "task_num_eval=16", "eval_steps=1000", "disable_tqdm=true", "plot=true"]
+
+
+def run_main(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("verb, expect", [
+    ("train", ["learning_rate", "num_generations", "loss_type", "Ctrl-C"]),
+    ("eval", ["model_name_or_path", "pass@k", "max_completion_length"]),
+    ("generate", ["prompt", "max_tokens", "chat"]),
+    ("sft", ["model_name_or_path", "learning_rate"]),
+    ("rewards", ["num_rows", "completions"]),
+    ("compare", ["algos", "seeds"]),
+])
+def test_every_verb_has_help(capsys, verb, expect):
+    for flag in ("--help", "-h"):
+        rc, out, _ = run_main(capsys, verb, flag)
+        assert rc == 0
+        assert f"usage: grpokit {verb}" in out
+        for word in expect:
+            assert word in out, (verb, word)
+    rc, out, _ = run_main(capsys, "--help")
+    assert rc == 0 and all(v in out for v in ("train", "eval", "generate", "sft", "rewards", "compare"))
+    assert "lr=" not in out  # the examples use real field names
+
+
+def test_ppo_help_lists_its_own_fields(capsys):
+    rc, out, _ = run_main(capsys, "train", "--algo", "ppo", "--help")
+    assert rc == 0 and "PPOConfig" in out and "cliprange" in out and "vf_coef" in out
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "header.csv").write_text("prompt,answer\n")
+    (tmp_path / "bad.yaml").write_text("learning_rate: [1,\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train", "bad.yaml"], "bad.yaml is not valid YAML"),
+    (["train", "max_steps=abc"], "max_steps='abc' is not an integer"),
+    (["train", "learning_rate=fast"], "learning_rate='fast' is not a number"),
+    (["train", "nonsense_field=1"], "unknown field 'nonsense_field'"),
+    (["train", "dataset_name=empty.jsonl", "reward_funcs=[soft_format]"], "'empty.jsonl' is empty"),
+    (["train", "dataset_name=header.csv", "reward_funcs=[soft_format]"], "'header.csv' has no rows"),
+    (["train", "dataset_name=missing.jsonl", "reward_funcs=[soft_format]"], "does not exist"),
+    (["train", "max_steps=1", "resume_from_checkpoint=nowhere/checkpoint-3"], "no checkpoint at nowhere/checkpoint-3"),
+    (["train", "max_steps=1", "eval_strategy=steps", "eval_steps=5", "model_name_or_path=" + str(ROOT / "src/grpokit/assets/starter"),
+      "dataset_name=prompts.jsonl", "reward_funcs=[soft_format]", "max_completion_length=8"], "nothing to evaluate on"),
+    (["train", "model_name_or_path=./no/such/model"], "model path './no/such/model' does not exist"),
+    (["generate"], "give prompt="),
+    (["generate", "prompt=1+1=", "max_tokens=500"], "max_tokens=500 does not fit"),
+    (["eval", "max_completion_length=500", "task_num_eval=8"], "max_completion_length=500 does not fit"),
+    (["rewards", "frob"], "one action: grpokit rewards test"),
+])
+def test_a_bad_input_is_one_line_and_exit_code_2(capsys, files, argv, says):
+    (files / "prompts.jsonl").write_text(json.dumps({"prompt": "1+1="}) + "\n")
+    rc, _, err = run_main(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.startswith("grpokit")]
+    assert rc == 2, err[-3000:]
+    assert len(lines) == 1 and says in lines[0], err[-3000:]
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(capsys, files):
+    rc, _, err = run_main(capsys, "train", "max_steps=abc", "--debug")
+    assert rc == 2 and "Traceback" in err and "is not an integer" in err
+
+
+def test_unknown_verb_suggests_the_right_one(capsys):
+    rc, _, err = run_main(capsys, "trian")
+    assert rc == 2 and "did you mean 'train'" in err
+
+
+def test_eval_and_generate_work_on_the_shipped_model_with_their_defaults(capsys):
+    rc, out, _ = run_main(capsys, "eval", "task_num_eval=16", "k=[1,2]")
+    result = json.loads(out)
+    assert rc == 0 and 0 <= result["eval/accuracy"] <= 1 and "eval/pass@2" in result
+    assert result["max_completion_length"] <= 64  # the starter model's context, minus the prompt
+    rc, out, _ = run_main(capsys, "generate", "prompt=12+7=", "n=2")
+    assert rc == 0 and out.count("'12+7=' ->") == 2
+
+
+def test_runs_do_not_mix_in_one_output_dir(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "max_steps=2", "output_dir=run", "eval_strategy=no", *SMALL]
+    assert run_main(capsys, *args)[0] == 0
+    rc, _, err = run_main(capsys, *args)
+    assert rc == 2 and "output_dir=run already holds a run (metrics.jsonl with" in err
+    assert run_main(capsys, *args, "overwrite_output_dir=true")[0] == 0
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
+    assert steps == [1, 2]  # the first run's records were replaced, not appended to
+
+
+SLOW_REWARD = '''import time
+
+
+def slow(prompts, completions, **kw):
+    time.sleep(0.4)
+    return [float(len(c) % 3) for c in completions]
+'''
+
+
+def _train(tmp_path, *extra, env=None):
+    cmd = [sys.executable, "-m", "grpokit", "train", "max_steps=8", "reward_funcs=[slowreward:slow]",
+           "eval_strategy=no", "save_strategy=no", "logging_steps=1", *SMALL, *extra]
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_exactly(tmp_path):
+    """SIGINT after the first step: the step in progress finishes, a checkpoint and the plot are
+    written and the resume command is printed; running that command (the reward is a
+    'module:function' found in the current directory) ends with the weights of a run that was
+    never interrupted."""
+    (tmp_path / "slowreward.py").write_text(SLOW_REWARD)
+    straight = _train(tmp_path, "output_dir=straight")
+    out_straight, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, out_straight[-3000:]
+
+    proc = _train(tmp_path, "output_dir=stopped")
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out
+    hint = [line for line in out.splitlines() if line.startswith("resume with: ")]
+    assert len(hint) == 1, out[-3000:]
+    checkpoints = sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (tmp_path / "stopped" / "plot.png").exists()
+    stopped_at = int(checkpoints[0].split("-")[1])
+    assert 1 <= stopped_at < 8
+
+    command = shlex.split(hint[0][len("resume with: "):])  # a shell command line
+    assert command[:2] == ["grpokit", "train"] and command[-1].startswith("resume_from_checkpoint=")
+    resumed = subprocess.run([sys.executable, "-m", "grpokit", *command[1:]], cwd=tmp_path, capture_output=True,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "stopped" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
