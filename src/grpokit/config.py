@@ -132,6 +132,9 @@ class GRPOFields:
     save_steps: int = _f(500, "Checkpoint every this many steps.")
     save_total_limit: int | None = _f(None, "Keep at most this many checkpoints.")
     resume_from_checkpoint: str | bool | None = _f(None, "Checkpoint folder, or True for the latest in output_dir.")
+    resume_allow_changes: list = _f([], "Fields that may differ from the checkpoint's when resuming, e.g. "
+                                        "[learning_rate, temperature]: the run goes on with the new values and is "
+                                        "then no longer an exact continuation (said at the start).")
     plot: bool = _f(True, "Write plot.png (reward and accuracy over steps) at the end.")
 
 

@@ -117,6 +117,30 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
         t.train(resume_from_checkpoint=str(tmp_path / "nowhere"))
 
 
+def test_resume_may_change_fields_that_are_listed_and_says_so(tmp_path):
+    """resume_allow_changes: the resumed run uses the new learning rate from its first step (the
+    schedule's position kept) and prints which fields changed."""
+    import json
+
+    model, tok = tiny()
+    cfg = config(tmp_path, max_steps=2, save_steps=2, save_strategy="steps", lr_scheduler_type="constant")
+    GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
+                processing_class=tok).train()
+    model, tok = tiny()
+    t = GRPOTrainer(model=model, reward_funcs=digit_first, train_dataset=prompts_ds(), processing_class=tok,
+                    args=cfg.replace(learning_rate=0.5, temperature=0.7, max_steps=4,
+                                     resume_allow_changes=["learning_rate", "temperature"]))
+    lines = []
+    write = t.parts.tracker.write
+    t.parts.tracker.write = lambda msg: (lines.append(msg), write(msg))
+    t.train(resume_from_checkpoint=True)
+    assert any("no longer an exact continuation: " in m and "learning_rate: 0.01 -> 0.5" in m
+               and "temperature: 1.0 -> 0.7" in m
+               for m in lines), lines
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["learning_rate"] for r in rows if r["step"] > 2 and "loss" in r] == [0.5, 0.5]
+
+
 def test_lora_trains_only_the_adapter(tmp_path):
     from peft import LoraConfig
 

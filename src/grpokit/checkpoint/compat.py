@@ -49,13 +49,15 @@ def _pick(flat: dict, key: str) -> dict:
     return {k: v for k, v in flat.items() if k == key or k.endswith("." + key)}
 
 
-def check_resume_compatible(path, config, keys: Iterable[str] = RESUME_KEYS) -> None:
+def check_resume_compatible(path, config, keys: Iterable[str] = RESUME_KEYS,
+                            allowed: Iterable[str] = ()) -> list[str]:
     """Raise :class:`CheckpointError` if ``config`` differs from the checkpoint's in ``keys``.
 
     ``keys`` are the fields that change the math or the data order (default
     :data:`RESUME_KEYS`); nested configs are matched by their last name. A field is compared
     only when both configurations have it, so a field added in a newer version of grpokit does
     not block resuming. The message names every differing field as ``field: old -> new``.
+    Fields in ``allowed`` may differ: their changes are returned (``field: old -> new``).
     """
     path = os.fspath(path)
     check_complete(path, content=False)  # sizes here; the load verifies the content
@@ -65,15 +67,17 @@ def check_resume_compatible(path, config, keys: Iterable[str] = RESUME_KEYS) -> 
     with open(file, encoding="utf-8") as f:
         old = _flatten(json.load(f))
     new = _flatten(_plain(config))
-    diffs = []
+    allowed = set(allowed)
+    diffs, changed = [], []
     for key in keys:
         old_values, new_values = _pick(old, key), _pick(new, key)
         for name in sorted(old_values.keys() & new_values.keys()):
             if old_values[name] != new_values[name]:
-                diffs.append(f"{name}: {old_values[name]!r} -> {new_values[name]!r}")
+                (changed if key in allowed else diffs).append(f"{name}: {old_values[name]!r} -> {new_values[name]!r}")
     if diffs:
         raise CheckpointError(
             f"cannot resume from {path}: the configuration changed in fields that alter the "
-            f"training ({'; '.join(diffs)}). Use the original values, or start a new run in "
-            "another output_dir."
+            f"training ({'; '.join(diffs)}). Use the original values, start a new run in another "
+            "output_dir, or list the fields in resume_allow_changes (the run is then no longer exact)."
         )
+    return changed

@@ -305,7 +305,8 @@ class RunParts:
             if path is None:
                 raise CheckpointError(f"resume_from_checkpoint=True but {self.config.output_dir} has no checkpoint.")
         keys = [k for k in RESUME_KEYS if k != "gradient_accumulation_steps"] + ["completions_per_step"]
-        check_resume_compatible(path, self._checkpoint_config(), keys)
+        changed = check_resume_compatible(path, self._checkpoint_config(), keys,
+                                          allowed=self.config.resume_allow_changes)
         if self.sharded:  # rank 0 reads the full weights and optimizer state, each rank keeps its shards
             from grpokit.checkpoint.files import OPTIMIZER_FILE
             from grpokit.checkpoint.load import read_model_state, torch_load
@@ -318,9 +319,27 @@ class RunParts:
             state = load_checkpoint(path, model=None, optimizer=None, scheduler=self.scheduler)
         else:
             state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        if changed:
+            self._apply_changed_learning_rate()
+            self.tracker.write(f"resuming with changed fields, no longer an exact continuation: {'; '.join(changed)}")
         self.engine.update_weights(self.model)
         self.tracker.write(f"resumed from {path} at step {state['global_step']}")
         return LoopState.from_dict(state)
+
+    def _apply_changed_learning_rate(self) -> None:
+        """The loaded schedule holds the checkpoint's base learning rate: rebase it on this run's
+        (a no-op when it did not change), keeping the schedule's position."""
+        base = getattr(self.scheduler, "base_lrs", None)
+        if base is None or all(b == self.config.learning_rate for b in base[:1]):
+            return
+        import warnings
+
+        self.scheduler.base_lrs = [self.config.learning_rate] * len(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # get_lr outside step(): wanted here
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+                group["lr"] = lr
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def save_final(self, path: str, merge_lora: bool = False) -> str:
         """The trained model (adapter for LoRA) and tokenizer, written by rank 0 only; under FSDP2
