@@ -61,10 +61,11 @@ class GRPOFields:
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     num_generations: int = _f(8, "G: completions sampled per prompt.")
     num_generations_eval: int | None = _f(None, "Samples per prompt for pass@k at eval (None: num_generations).")
-    max_prompt_length: int | None = _f(512, "Longest prompt in tokens; longer prompts are an error before step 1.")
-    max_completion_length: int = _f(256, "Most tokens sampled per completion.")
+    max_prompt_length: int | None = _f(None, "Longest prompt in tokens (None: no limit, as TRL 1.16); longer "
+                                             "prompts are an error before step 1.")
+    max_completion_length: int = _f(512, "Most tokens sampled per completion.")
     max_steps: int = _f(-1, "Optimizer steps to run; -1 = num_train_epochs over the prompts.")
-    num_train_epochs: float = _f(1.0, "Passes over the training prompts when max_steps is -1.")
+    num_train_epochs: float = _f(3.0, "Passes over the training prompts when max_steps is -1.")
     num_iterations: int = _f(1, "mu: optimizer steps on each generated batch (>1 computes old logprobs).")
     # --- sampling ---
     temperature: float = _f(1.0, "Sampling temperature (logprobs are taken at the same temperature).")
@@ -108,7 +109,8 @@ class GRPOFields:
     on_nonfinite: str = _f("skip", "Non-finite loss or gradient norm: skip the step (counted); non-finite "
                                    "sampling logprobs (NaN/inf logits): never train on those samples "
                                    "(counted) | raise.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory (TRL's default; "
+                                            "off is faster when memory allows).")
     # --- precision and device ---
     bf16: bool | None = _f(None, "bfloat16 weights/compute; None = on for CUDA with bf16, off on CPU.")
     use_cpu: bool = _f(False, "Train on CPU even when CUDA is available.")
@@ -127,7 +129,8 @@ class GRPOFields:
     eval_strategy: str = _f("no", "no | steps: greedy evaluation every eval_steps.")
     eval_steps: int | None = _f(None, "Evaluate every this many steps (eval_strategy='steps').")
     eval_on_start: bool = _f(False, "Evaluate before the first step.")
-    per_device_eval_batch_size: int = _f(64, "Prompts per greedy evaluation batch.")
+    per_device_eval_batch_size: int = _f(8, "Prompts per generation call of the greedy evaluation (TRL's default 8; "
+                                            "larger is faster where memory allows).")
     save_strategy: str = _f("steps", "no | steps.")
     save_steps: int = _f(500, "Checkpoint every this many steps.")
     save_total_limit: int | None = _f(None, "Keep at most this many checkpoints.")
@@ -142,37 +145,42 @@ class GRPOFields:
 # that mean "off" (accepted, since nothing is ignored). Any other value is an error naming the field.
 UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
     **{name: (None,) for name in (
-        "lr_scheduler_kwargs", "optim_args", "optim_target_modules", "tf32", "activation_checkpointing",
+        "lr_scheduler_kwargs", "optim_args", "optim_target_modules", "tf32",
         "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs", "torch_compile_backend",
         "torch_compile_mode", "liger_kernel_config", "neftune_noise_alpha", "torch_empty_cache_steps",
         "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "eval_accumulation_steps",
-        "hub_token", "hub_private_repo", "hub_model_id", "hub_revision", "metric_for_best_model",
-        "greater_is_better", "data_seed", "accelerator_config", "parallelism_config",
+        "hub_private_repo", "hub_model_id", "hub_revision", "metric_for_best_model",
+        "greater_is_better", "data_seed", "parallelism_config",
         "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "label_names",
         "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
-        "ddp_backend", "fsdp", "fsdp_config", "deepspeed", "router_aux_loss_coef", "generation_batch_size",
-        "steps_per_generation", "generation_kwargs", "chat_template_kwargs", "cache_implementation",
+        "ddp_backend", "fsdp", "fsdp_config", "deepspeed", "router_aux_loss_coef", "generation_kwargs", "chat_template_kwargs", "cache_implementation",
         "vllm_structured_outputs_regex", "vllm_server_base_url", "vllm_max_model_length",
         "max_tool_calling_iterations", "vllm_importance_sampling_clip_min", "off_policy_mask_threshold",
         "log_completions_hub_repo", "transformers_continuous_batching_config", "logging_dir",
-        "vllm_importance_sampling_clip_max", "eval_delay", "local_rank", "project", "hub_strategy",
-    )},
+            )},
     **{name: (False,) for name in (
         "fp16", "bf16_full_eval", "fp16_full_eval", "torch_compile", "use_liger_kernel", "use_cache",
         "auto_find_batch_size", "logging_first_step", "prediction_loss_only", "eval_use_gather_object",
         "batch_eval_metrics", "save_only_model", "save_on_each_node", "enable_jit_checkpoint",
         "push_to_hub", "hub_always_push", "load_best_model_at_end", "ignore_data_skip",
         "restore_callback_states_from_checkpoint", "full_determinism", "dataloader_drop_last",
-        "dataloader_pin_memory", "dataloader_persistent_workers", "do_train", "do_eval", "do_predict",
+        "dataloader_persistent_workers", "do_train", "do_eval", "do_predict",
         "cast_lm_head_to_fp32", "sync_ref_model", "use_adaptive_entropy", "log_unique_prompts",
         "use_transformers_continuous_batching", "use_transformers_paged", "vllm_enable_sleep_mode",
-        "use_bias_correction_kl", "log_multimodal",
     )},
+    # TRL's own defaults, which change nothing here (a config dumped with TRL's to_dict() loads)
+    "log_multimodal": (False, True), "dataloader_pin_memory": (False, True), "eval_delay": (None, 0, 0.0),
+    "local_rank": (None, -1), "hub_strategy": (None, "every_save"), "project": (None, "huggingface"),
+    "hub_token": (None, "<HUB_TOKEN>"), "debug": ("", None, []),
+    "vllm_importance_sampling_clip_max": (None, 3.0),
+    "accelerator_config": (None, {"split_batches": False, "dispatch_batches": None, "even_batches": True,
+                                  "use_seedable_sampler": True, "non_blocking": False,
+                                  "gradient_accumulation_kwargs": None}),
     "dataloader_num_workers": (0,), "dataloader_in_order": (True,), "average_tokens_across_devices": (True,),
     "label_smoothing_factor": (0.0,), "entropy_coef": (0.0,), "repetition_penalty": (1.0,),
     "logging_strategy": ("steps",), "include_num_input_tokens_seen": ("no", False),
     "log_level": ("passive",), "log_level_replica": ("warning", "passive"), "log_on_each_node": (True,),
-    "logging_nan_inf_filter": (True,), "skip_memory_metrics": (True,), "debug": ("", None),
+    "logging_nan_inf_filter": (True,), "skip_memory_metrics": (True,),
     "train_sampling_strategy": ("random",), "length_column_name": ("length",), "include_for_metrics": ([],),
     "eval_do_concat_batches": (True,), "pad_to_multiple_of": ("auto", None), "ds3_gather_for_generation": (True,),
     "multi_objective_aggregation": ("sum_then_normalize",), "ref_model_mixup_alpha": (0.6,),
@@ -208,6 +216,7 @@ class GRPOConfig(GRPOFields):
     """All settings of a GRPO run (see each field's `help`). Validated at construction."""
 
     def __init__(self, **kwargs: Any):
+        _take_trl_aliases(kwargs)
         known = {f.name for f in dataclasses.fields(GRPOFields)}
         for name in list(kwargs):
             if name in known:
@@ -318,6 +327,36 @@ class GRPOConfig(GRPOFields):
 
     def replace(self, **changes: Any) -> "GRPOConfig":
         return GRPOConfig(**{**self.to_dict(), **changes})
+
+
+def _take_trl_aliases(kwargs: dict) -> None:
+    """TRL fields that are another name for one of ours, or that TRL derives from ours: accepted
+    when they agree (a config dumped with TRL's to_dict() loads), an error naming both otherwise."""
+    def agree(name: str, value, ours: str, expected) -> None:
+        if value is not None and value != expected:
+            raise ValueError(f"GRPOConfig: {name}={value!r} disagrees with {ours}={expected!r}; grpokit takes "
+                             f"{ours} (remove {name}).")
+
+    if "activation_checkpointing" in kwargs:  # transformers v5's name of gradient_checkpointing
+        value = kwargs.pop("activation_checkpointing")
+        if "gradient_checkpointing" in kwargs:
+            agree("activation_checkpointing", value, "gradient_checkpointing", kwargs["gradient_checkpointing"])
+        elif value is not None:
+            kwargs["gradient_checkpointing"] = bool(value)
+    accum = kwargs.get("gradient_accumulation_steps", 1)
+    per_device = kwargs.get("per_device_train_batch_size", 8)
+    # grpokit samples one generation batch per optimizer step: TRL's steps_per_generation equal to
+    # the accumulation steps, generation_batch_size equal to the completions of a step
+    agree("steps_per_generation", kwargs.pop("steps_per_generation", None), "gradient_accumulation_steps", accum)
+    agree("generation_batch_size", kwargs.pop("generation_batch_size", None),
+          "per_device_train_batch_size * gradient_accumulation_steps", per_device * accum)
+    if kwargs.get("use_bias_correction_kl") is True:  # TRL's default; the KL gradient differs only when beta > 0
+        if float(kwargs.get("beta", 0.0) or 0.0) != 0.0:
+            raise ValueError("GRPOConfig: use_bias_correction_kl=True with beta > 0 is not supported yet (grpokit's KL "
+                             "gradient is the plain k3's): set use_bias_correction_kl=False, or beta=0.")
+        kwargs.pop("use_bias_correction_kl")
+    elif kwargs.get("use_bias_correction_kl") is False:
+        kwargs.pop("use_bias_correction_kl")
 
 
 def _is_off(value: Any, off_values: tuple) -> bool:

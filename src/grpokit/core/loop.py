@@ -303,7 +303,13 @@ def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out:
     tracker.log(step, metrics)
     tracker.update_progress(step, metrics)
     if out.rollout is not None and cfg.log_completions and (step % cfg.logging_steps == 0 or step == 1):
-        tracker.log_completions(step, sample_rows(out.rollout, out.per_sample, cfg.num_completions_to_print))
+        rows = sample_rows(out.rollout, out.per_sample, cfg.num_completions_to_print)
+        # at logging steps two are printed: the first and one that scored differently, if any
+        other = next((i for i, r in enumerate(rows) if r["reward"] != rows[0]["reward"]), None)
+        if other is not None:
+            rows.insert(1, rows.pop(other))
+        tracker.log_completions(step, rows, print_rows=(2 if other is not None else 1)
+                                if step % cfg.logging_steps == 0 else 0)
     if step % cfg.logging_steps == 0:
         tracker.write(_format_line(step, metrics))
     if cfg.eval_strategy == "steps" and run.eval_dataset is not None and (
@@ -365,7 +371,7 @@ def sample_rows(rollout: Rollout, per_sample: dict[str, torch.Tensor], limit: in
 
 
 def _format_line(step: int, m: dict[str, float]) -> str:
-    keys = ("reward", "loss", "kl", "completions/mean_length", "grad_norm", "time/step")
+    keys = ("reward", "loss", "kl", "entropy", "completions/mean_length", "grad_norm", "time/step")
     return f"step {step}: " + "  ".join(f"{k.split('/')[-1]}={m[k]:.4g}" for k in keys if k in m)
 
 

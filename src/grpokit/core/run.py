@@ -262,7 +262,7 @@ class RunParts:
         if self.eval_fn is None:
             return {}
         with self.guard("evaluation"), self.generation_context():
-            metrics = self.eval_fn.greedy(self.engine)
+            metrics = self.eval_fn.greedy(self.engine, batch_size=self.config.per_device_eval_batch_size)
         self.tracker.log(step, metrics)
         self.tracker.write(f"eval @ step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
