@@ -10,6 +10,31 @@ from grpokit.core.loop import GRPO, train_loop
 from grpokit.core.run import RunFacade, RunParts, build_run
 
 
+def with_reward_tokenizers(reward_funcs, processing_classes):
+    """TRL's `reward_processing_classes`: one tokenizer (or None) per reward function; a reward
+    model with one is built with it (else it loads its own), a function must have None."""
+    from grpokit.rewards.model import RewardModelReward
+    from grpokit.rewards.registry import is_reward_model_spec, reward_model_name
+
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    procs = list(processing_classes) if isinstance(processing_classes, (list, tuple)) else [processing_classes]
+    if len(procs) != len(funcs):
+        raise ValueError(f"GRPOTrainer: {len(procs)} reward_processing_classes for {len(funcs)} reward_funcs; give "
+                         "one per reward function (None for the functions).")
+    out = []
+    for i, (fn, proc) in enumerate(zip(funcs, procs)):
+        if proc is None:
+            out.append(fn)
+        elif not is_reward_model_spec(fn):
+            raise ValueError(f"GRPOTrainer: reward_processing_classes[{i}] is given, but reward_funcs[{i}] is not a "
+                             "reward model (a model id, path or loaded sequence classifier).")
+        else:
+            reward = RewardModelReward(fn, tokenizer=proc)
+            reward.__name__ = reward_model_name(fn)
+            out.append(reward)
+    return out
+
+
 class GRPOTrainer(RunFacade):
     """`GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
     eval_dataset=..., processing_class=..., peft_config=...)` then `.train()`, as in TRL.
@@ -26,10 +51,9 @@ class GRPOTrainer(RunFacade):
                  **kwargs):
         if callbacks:
             raise ValueError("GRPOTrainer: callbacks are not supported by grpokit; read metrics.jsonl instead.")
-        if reward_processing_classes is not None:
-            raise ValueError("GRPOTrainer: reward_processing_classes is not supported; pass reward models by "
-                             "path to the 'reward_model' reward (see docs/rewards.md).")
         self._take_args(GRPOConfig, args, kwargs)
+        if reward_processing_classes is not None:
+            reward_funcs = with_reward_tokenizers(reward_funcs, reward_processing_classes)
         self.parts: RunParts = build_run(
             self.args, model=model, reward_funcs=reward_funcs, train_dataset=train_dataset,
             eval_dataset=eval_dataset, tokenizer=processing_class, peft_config=peft_config,

@@ -117,3 +117,42 @@ def test_reward_model_by_registry_name_in_the_runner(rm_path):
     out = runner(["why", "hello"], [" because", " hi"])
     assert out.names == ["reward_model"] and torch.isfinite(out.per_func).all()
     runner.close()
+
+
+def test_reward_models_as_trl_takes_them(rm_path, tmp_path):
+    """reward_funcs may name a reward model by path (or hub id), or hold a loaded sequence
+    classifier, with or without reward_processing_classes; the reward is named after the model
+    (TRL's name) and every step scores with it."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from grpokit.rewards.registry import is_reward_model_spec
+
+    assert is_reward_model_spec(rm_path) and is_reward_model_spec("org/some-reward-model")
+    assert not is_reward_model_spec("accuracy") and not is_reward_model_spec("my_rewards:exact")
+    loaded = AutoModelForSequenceClassification.from_pretrained(rm_path)
+    assert is_reward_model_spec(loaded)
+    name = rm_path.rstrip("/").split("/")[-1]
+    cases = {"path": dict(reward=[rm_path]),
+             "loaded": dict(reward=[loaded], reward_processing_classes=[AutoTokenizer.from_pretrained(rm_path)]),
+             "path+tokenizer": dict(reward=[rm_path, lambda prompts, completions, **kw: [0.0] * len(completions)],
+                                    reward_processing_classes=[AutoTokenizer.from_pretrained(rm_path), None])}
+    for label, kw in cases.items():
+        out = tmp_path / label.replace("+", "_")
+        from grpokit import GRPOConfig, GRPOTrainer
+        from tests.helpers import make_char_tokenizer, make_tiny_model
+        from datasets import Dataset
+
+        tok = make_char_tokenizer()
+        trainer = GRPOTrainer(model=make_tiny_model(tok, arch="qwen2", max_positions=64), reward_funcs=kw["reward"],
+                              reward_processing_classes=kw.get("reward_processing_classes"), processing_class=tok,
+                              train_dataset=Dataset.from_dict({"prompt": [f"q{i}:" for i in range(8)]}),
+                              args=GRPOConfig(output_dir=str(out), max_steps=1, per_device_train_batch_size=8,
+                                              num_generations=4, max_completion_length=4, use_cpu=True,
+                                              disable_tqdm=True, plot=False, save_strategy="no"))
+        trainer.train()
+        row = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line][0]
+        assert f"rewards/{name}/mean" in row and math.isfinite(row[f"rewards/{name}/mean"]), (label, row.keys())
+    with pytest.raises(ValueError, match="one per reward function"):
+        GRPOTrainer(reward_funcs=[rm_path], reward_processing_classes=[None, None])

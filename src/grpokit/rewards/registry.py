@@ -101,9 +101,39 @@ def reward_name(fn: Any) -> str:
     return type(fn).__name__
 
 
+def is_reward_model_spec(spec: Any) -> bool:
+    """TRL's way of naming a reward model in `reward_funcs`: a loaded sequence classifier, or a
+    string that is no registered name and no 'module:function' path but a local model folder or
+    a hub id ('org/name')."""
+    if isinstance(spec, str):
+        if spec in REWARD_REGISTRY or ":" in spec:
+            return False
+        from pathlib import Path
+
+        if Path(spec).expanduser().is_dir():
+            return (Path(spec).expanduser() / "config.json").is_file()
+        return spec.count("/") == 1 and not spec.startswith((".", "/"))
+    config = getattr(spec, "config", None)
+    return config is not None and hasattr(spec, "forward") and getattr(config, "num_labels", None) is not None \
+        and not hasattr(spec, "generate_reward")
+
+
+def reward_model_name(spec: Any) -> str:
+    """TRL's name for a reward model: the last part of its name or path."""
+    name = spec if isinstance(spec, str) else getattr(getattr(spec, "config", None), "_name_or_path", "") or ""
+    return str(name).rstrip("/").split("/")[-1] or type(spec).__name__
+
+
 def resolve_reward(spec: str | Callable, kwargs: Mapping[str, Any] | None = None) -> Callable:
-    """One spec (registry name, module path or callable) + its kwargs -> a reward callable with `__name__`."""
+    """One spec (registry name, module path, reward model, or callable) + its kwargs -> a reward
+    callable with `__name__`."""
     kwargs = dict(kwargs or {})
+    if is_reward_model_spec(spec):  # a sequence classifier scores prompt + completion (TRL's meaning)
+        from grpokit.rewards.model import RewardModelReward
+
+        fn = RewardModelReward(spec, **kwargs)
+        fn.__name__ = reward_model_name(spec)
+        return fn
     if isinstance(spec, str):
         entry = REWARD_REGISTRY.get(spec)
         if entry is None:
