@@ -49,8 +49,6 @@ class GRPOTrainer(RunFacade):
                  eval_dataset=None, processing_class=None, peft_config=None, callbacks=None,
                  optimizers=(None, None), reward_processing_classes=None, *, forward_plan: dict | None = None,
                  **kwargs):
-        if callbacks:
-            raise ValueError("GRPOTrainer: callbacks are not supported by grpokit; read metrics.jsonl instead.")
         self._take_args(GRPOConfig, args, kwargs)
         if reward_processing_classes is not None:
             reward_funcs = with_reward_tokenizers(reward_funcs, reward_processing_classes)
@@ -60,12 +58,15 @@ class GRPOTrainer(RunFacade):
             optimizers=optimizers, forward_plan=forward_plan,
         )
         self.algorithm = GRPO(self.parts)
+        self._init_surface(callbacks, eval_dataset)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None) -> dict:
-        """Run the loop; returns the final metrics (including eval accuracy before/after)."""
+    def train(self, resume_from_checkpoint: str | bool | None = None):
+        """Run the loop; returns transformers' `TrainOutput(global_step, training_loss, metrics)`,
+        `metrics` being the last step's (eval accuracy included) and the run's totals."""
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
-        return train_loop(self.parts, self.algorithm, resume_from_checkpoint=resume,
-                          resume_command=getattr(self, "resume_command", None))
+        final = train_loop(self.parts, self.algorithm, resume_from_checkpoint=resume,
+                           resume_command=getattr(self, "resume_command", None), hooks=self.surface)
+        return self.surface.output(final)
 
     def save_model(self, output_dir: str | None = None, merge_lora: bool = False) -> str:
         """Writes on rank 0 only (every rank must call it under FSDP2: the weights are gathered)."""

@@ -183,3 +183,51 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, kind):
     with pytest.raises(ValueError, match=msg):
         GRPOTrainer(model=model, reward_funcs=funcs, args=cfg, train_dataset=ds, processing_class=tok)
     assert not os.path.exists(cfg.output_dir)
+
+
+def test_the_trainer_surface_of_transformers(tmp_path):
+    """trainer.state (global_step, log_history), TrainerCallback events with TrainerControl (a
+    callback stops training), train() returning TrainOutput, and evaluate()."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import TrainOutput
+
+    from grpokit.data import get_task
+
+    seen = []
+
+    class Recorder(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            seen.append(("begin", state.global_step, state.max_steps))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen.append(("log", state.global_step, "loss" in logs))
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            seen.append(("evaluate", state.global_step, "eval/accuracy" in metrics))
+
+        def on_save(self, args, state, control, **kw):
+            seen.append(("save", state.global_step))
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                control.should_training_stop = True  # stop after step 3 of 6
+            return control
+
+        def on_train_end(self, args, state, control, **kw):
+            seen.append(("end", state.global_step))
+
+    model, tok = tiny()
+    task = get_task("arithmetic", seed=0, num_train=32, num_eval=8)
+    cfg = config(tmp_path, max_steps=6, logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                 save_steps=2)
+    trainer = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
+                          eval_dataset=task.eval_dataset, processing_class=tok, callbacks=[Recorder()])
+    out = trainer.train()
+    assert isinstance(out, TrainOutput) and out.global_step == 3 == trainer.state.global_step
+    assert out.metrics["train_runtime"] > 0 and "train_loss" in out.metrics
+    assert seen[0] == ("begin", 0, 6) and seen[-1] == ("end", 3)
+    assert [s for s in seen if s[0] == "log"] == [("log", 1, True), ("log", 2, True), ("log", 3, True)]
+    assert ("evaluate", 2, True) in seen and ("save", 2) in seen
+    history = trainer.state.log_history
+    assert history[0]["step"] == 1 and "loss" in history[0] and "train_loss" in history[-1]
+    assert "eval/accuracy" in trainer.evaluate() and trainer.eval_dataset is task.eval_dataset

@@ -108,6 +108,7 @@ class DPOTrainer(RunFacade):
                           for i in range(run.num_train_rows)]
         self.parts: RunParts = run
         self.param_counts = parameter_counts(run)
+        self._init_surface(None, eval_dataset)
 
     def summary(self) -> str:
         c, run = self.args, self.parts
@@ -131,8 +132,9 @@ class DPOTrainer(RunFacade):
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
         run.tracker.begin(resuming=bool(resume))
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
-        return train_loop(run, DPO(self.pairs), resume_from_checkpoint=resume, summary=self.summary(),
-                          resume_command=getattr(self, "resume_command", None))
+        final = train_loop(run, DPO(self.pairs), resume_from_checkpoint=resume, summary=self.summary(),
+                           resume_command=getattr(self, "resume_command", None), hooks=self.surface)
+        return self.surface.output(final)
 
 
 def _is_preference_data(train_dataset, cfg) -> bool:

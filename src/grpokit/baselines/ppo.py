@@ -145,6 +145,7 @@ class PPOTrainer(RunFacade):
         cfg.check_single_process(run.world_size)
         self.value_head: ValueHead = run.extra_modules[0]
         self.parts: RunParts = run
+        self._init_surface(None, eval_dataset)
         self.param_counts = parameter_counts(run, [self.value_head])
 
     def summary(self) -> str:
@@ -172,11 +173,11 @@ class PPOTrainer(RunFacade):
                              "value head); start a new run from the checkpoint's weights instead.")
         run = self.parts
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
-        final = train_loop(run, PPO(self.value_head), summary=self.summary(),
+        final = train_loop(run, PPO(self.value_head), summary=self.summary(), hooks=self.surface,
                            resume_command=None)  # PPO cannot resume yet: an interrupt only saves
         if run.rank == 0:
             torch.save(self.value_head.state_dict(), os.path.join(self.args.output_dir, "final", "value_head.pt"))
-        return final
+        return self.surface.output(final)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ everything else. `sample_and_score` is the one place a step samples and scores.
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -49,13 +50,28 @@ class Algorithm(Protocol):
     def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput: ...
 
 
+class Hooks(Protocol):
+    """What a caller (the TRL-style trainer's state and callbacks) sees of the loop."""
+
+    def train_begin(self, run: RunParts, state: LoopState) -> None: ...
+
+    def step_end(self, run: RunParts, state: LoopState, metrics: dict[str, float], events: dict) -> bool:
+        """After a step's bookkeeping; `events`: {"logged", "evaluated", "saved"}. True: stop now."""
+        ...
+
+    def train_end(self, run: RunParts, state: LoopState, final: dict[str, float]) -> None: ...
+
+
 def train_loop(run: RunParts, algorithm: Algorithm, resume_from_checkpoint: str | bool | None = None,
-               summary: str | None = None, resume_command: str | None = None) -> dict[str, float]:
+               summary: str | None = None, resume_command: str | None = None,
+               hooks: Hooks | None = None) -> dict[str, float]:
     """`resume_command`: the command line that started the run (the CLI's), for the resume hint
-    printed after Ctrl-C; without it the hint is the Python call."""
+    printed after Ctrl-C; without it the hint is the Python call. `hooks`: see Hooks."""
     run.tracker.write(summary if summary is not None else run.summary())
     state, final = run.begin(resume_from_checkpoint)
     totals = RunTotals(start_step=state.global_step)
+    if hooks is not None:
+        hooks.train_begin(run, state)
     with StopRequest(run.tracker.write) as stop:
         while state.global_step < run.total_steps:
             phase: dict[str, float] = {}
@@ -65,13 +81,19 @@ def train_loop(run: RunParts, algorithm: Algorithm, resume_from_checkpoint: str 
             state.samples_seen += run.world_size * out.samples
             state.skipped_steps += out.skipped
             metrics = step_metrics(run, out, phase, state)
-            end_of_step(run, state, metrics, out)
+            events = end_of_step(run, state, metrics, out)
             totals.add(metrics, run.world_size * out.samples)
             final = metrics
+            asked = hooks is not None and hooks.step_end(run, state, metrics, events)
             if run.global_max(int(stop.requested)) and state.global_step < run.total_steps:
                 return interrupted(run, state, final, resume_command)
+            if run.global_max(int(bool(asked))):  # a callback's should_training_stop, agreed by every rank
+                break
     run.finish()
+    final = {**final, **totals.train_metrics(state)}
     run.tracker.write(totals.summary(final, state))
+    if hooks is not None:
+        hooks.train_end(run, state, final)
     return final
 
 
@@ -132,11 +154,23 @@ class RunTotals:
     samples: int = 0
     tokens: float = 0.0
     steps: int = 0
+    loss_sum: float = 0.0
 
     def add(self, metrics: dict[str, float], samples: int) -> None:
         self.samples += samples
         self.tokens += metrics.get("completions/mean_length", 0.0) * samples
+        self.loss_sum += metrics.get("loss", 0.0)
         self.steps += 1
+
+    def train_metrics(self, state: LoopState) -> dict[str, float]:
+        """The closing metrics under the names transformers' Trainer gives them."""
+        seconds = time.perf_counter() - self.started
+        return {"train_runtime": seconds, "train_samples_per_second": self.samples / max(seconds, 1e-9),
+                "train_steps_per_second": self.steps / max(seconds, 1e-9), "train_loss": self.mean_loss}
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(1, self.steps)
 
     def summary(self, final: dict[str, float], state: LoopState) -> str:
         seconds = time.perf_counter() - self.started
@@ -296,10 +330,11 @@ def vanished_advantages(rewards: torch.Tensor, advantages: torch.Tensor, g: int)
     return None
 
 
-def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out: StepOutput) -> None:
+def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out: StepOutput) -> dict:
     """Metrics to the trackers, a few samples, the console line, evaluation and checkpoint when
-    due. Eval metrics join `metrics`."""
+    due. Eval metrics join `metrics`. Returns what happened: {"logged", "evaluated", "saved"}."""
     cfg, tracker, step = run.config, run.tracker, state.global_step
+    events = {"logged": step % cfg.logging_steps == 0, "evaluated": {}, "saved": None}
     tracker.log(step, metrics)
     tracker.update_progress(step, metrics)
     if out.rollout is not None and cfg.log_completions and (step % cfg.logging_steps == 0 or step == 1):
@@ -314,9 +349,11 @@ def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out:
         tracker.write(_format_line(step, metrics))
     if cfg.eval_strategy == "steps" and run.eval_dataset is not None and (
             step % cfg.eval_steps == 0 or step >= run.total_steps):
-        metrics.update(run.log_eval(step))
+        events["evaluated"] = run.log_eval(step)
+        metrics.update(events["evaluated"])
     if cfg.save_strategy == "steps" and (step % cfg.save_steps == 0 or step >= run.total_steps):
-        run.save_checkpoint(state)
+        events["saved"] = run.save_checkpoint(state) or os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    return events
 
 
 def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) -> dict[str, float]:

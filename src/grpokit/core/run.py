@@ -45,9 +45,34 @@ class LoopState:
 
 
 class RunFacade:
-    """What the TRL-style trainer classes share over their `RunParts` (`self.parts`)."""
+    """What the TRL-style trainer classes share over their `RunParts` (`self.parts`): the model,
+    the processing class, and transformers' Trainer surface (`state`, callbacks, `evaluate()`)."""
 
     parts: "RunParts"
+    surface: Any = None
+
+    def _init_surface(self, callbacks, eval_dataset) -> None:
+        from grpokit.core.callbacks import TrainerSurface
+
+        self.surface = TrainerSurface(self.parts, callbacks)
+        self.eval_dataset = eval_dataset if eval_dataset is not None else self.parts.eval_dataset
+
+    @property
+    def state(self):
+        """transformers' `TrainerState`: global_step, epoch, log_history, max_steps, ..."""
+        return self.surface.state
+
+    def add_callback(self, callback) -> None:
+        self.surface.add_callback(callback)
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy on the eval set now (the metrics also go to the logs and `state.log_history`)."""
+        if self.parts.eval_fn is None:
+            raise ValueError(f"{type(self).__name__}.evaluate(): there is no eval set; pass eval_dataset= (or "
+                             "set dataset_test_split, or use a built-in task).")
+        metrics = self.parts.log_eval(step=self.state.global_step)
+        self.state.log_history.append({**metrics, "step": self.state.global_step})
+        return metrics
 
     @property
     def model(self):

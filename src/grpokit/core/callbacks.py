@@ -1,0 +1,79 @@
+"""transformers' Trainer surface over the one loop: `trainer.state` (a `TrainerState`, with
+`global_step` and `log_history`), `TrainerCallback`s with a `TrainerControl` (a callback may stop
+training with `control.should_training_stop`), and `train()` returning a `TrainOutput`, as TRL's
+trainers do. The loop calls it through its `Hooks` (core.loop)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+
+class TrainerSurface:
+    """The `state`, the callbacks and their events for one trainer (GRPO, PPO or DPO)."""
+
+    def __init__(self, parts, callbacks=None):
+        from transformers import TrainerControl, TrainerState
+        from transformers.trainer_callback import CallbackHandler
+
+        self.parts = parts
+        self.state = TrainerState()
+        self.control = TrainerControl()
+        quiet = logging.getLogger("transformers.trainer_callback")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "no DefaultFlowCallback": the loop decides when to log, eval, save
+        try:
+            self.handler = CallbackHandler([], parts.model, parts.tokenizer, parts.optimizer, parts.scheduler)
+        finally:
+            quiet.setLevel(level)
+        for callback in callbacks or []:
+            self.handler.add_callback(callback)
+
+    def add_callback(self, callback) -> None:
+        self.handler.add_callback(callback)
+
+    def _event(self, name: str, **kwargs: Any) -> None:
+        self.control = getattr(self.handler, name)(self.parts.config, self.state, self.control, **kwargs)
+
+    def _sync(self, state) -> None:
+        self.state.global_step = state.global_step
+        self.state.epoch = state.epoch + state.cursor / max(1, self.parts.num_train_rows)
+
+    # ---- the loop's hooks ----
+    def train_begin(self, run, state) -> None:
+        cfg = run.config
+        self.state.max_steps = run.total_steps
+        self.state.num_train_epochs = cfg.num_train_epochs
+        self.state.logging_steps, self.state.save_steps = cfg.logging_steps, cfg.save_steps
+        self.state.eval_steps = cfg.eval_steps or cfg.logging_steps
+        self.state.train_batch_size = cfg.per_device_train_batch_size
+        self.state.is_world_process_zero = self.state.is_local_process_zero = run.rank == 0
+        self._sync(state)
+        self._event("on_train_begin")
+
+    def step_end(self, run, state, metrics: dict[str, float], events: dict) -> bool:
+        self._sync(state)
+        self._event("on_step_end")
+        if events.get("logged"):
+            logs = {k: v for k, v in metrics.items() if not k.startswith("eval/")}
+            self.state.log_history.append({**logs, "step": state.global_step})
+            self._event("on_log", logs=logs)
+        if events.get("evaluated"):
+            self.state.log_history.append({**events["evaluated"], "step": state.global_step})
+            self._event("on_evaluate", metrics=dict(events["evaluated"]))
+        if events.get("saved"):
+            self._event("on_save")
+        return bool(self.control.should_training_stop)
+
+    def train_end(self, run, state, final: dict[str, float]) -> None:
+        self._sync(state)
+        closing = {k: final[k] for k in ("train_runtime", "train_samples_per_second", "train_steps_per_second",
+                                         "train_loss") if k in final}
+        self.state.log_history.append({**closing, "epoch": self.state.epoch, "step": state.global_step})
+        self._event("on_train_end")
+
+    def output(self, final: dict[str, float]):
+        """`train()`'s return value: transformers' TrainOutput(global_step, training_loss, metrics)."""
+        from transformers.trainer_utils import TrainOutput
+
+        return TrainOutput(self.state.global_step, float(final.get("train_loss", final.get("loss", 0.0))), final)
