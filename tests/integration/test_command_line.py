@@ -172,3 +172,19 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_exactly(tmp_p
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_rewards_test_gives_conversational_completions_as_message_lists(capsys, tmp_path, monkeypatch):
+    """As training does: for conversational data a reward function receives each completion as a
+    list of messages, not as a string."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": [{"role": "user", "content": f"{a}+1="}], "answer": str(a + 1)} for a in range(3)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "chatreward.py").write_text(
+        "def exact(prompts, completions, answer, **kw):\n"
+        "    assert all(isinstance(c, list) and c[0]['role'] == 'assistant' for c in completions), completions\n"
+        "    return [float(c[0]['content'] == a) for c, a in zip(completions, answer)]\n")
+    rc, out, err = run_main(capsys, "rewards", "test", "dataset_name=chat.jsonl", "reward_funcs=[chatreward:exact]",
+                            "completions=['1', '5', '3']")
+    assert rc == 0, err[-2000:]
+    assert "exact" in out and out.count("1.0") + out.count(" 1 ") >= 2, out
