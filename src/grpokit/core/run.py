@@ -150,7 +150,8 @@ class RunParts:
     def begin(self, resume_from_checkpoint: str | bool | None) -> tuple[LoopState, dict[str, float]]:
         """The loop's start: its state (fresh, or from the checkpoint) and, on a fresh run with
         `eval_on_start`, the step-0 evaluation."""
-        self.tracker.begin(resuming=bool(resume_from_checkpoint))  # refuses to mix with another run's files
+        with self.guard("checking output_dir"):  # rank 0 refuses to mix with another run's files: every rank stops
+            self.tracker.begin(resuming=bool(resume_from_checkpoint))
         state = self.resume(resume_from_checkpoint) if resume_from_checkpoint else LoopState()
         first: dict[str, float] = {}
         if self.config.eval_on_start and self.eval_dataset is not None and state.global_step == 0:
