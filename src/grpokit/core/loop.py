@@ -379,6 +379,8 @@ def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) 
     for k, v in out.extra.items():
         local[k] = v
     metrics = run.reduce_metrics(local) if local else {}
+    if rollout is not None:  # all ranks: the mean length over ranks x every rank's completions
+        metrics["completions/tokens"] = metrics["completions/mean_length"] * len(rollout) * run.world_size
     if rollout is not None:
         metrics.update({k: float(v) for k, v in rollout.reward_stats.items() if k not in metrics and _is_number(v)})
     metrics.update(phase)
@@ -408,7 +410,8 @@ def sample_rows(rollout: Rollout, per_sample: dict[str, torch.Tensor], limit: in
 
 
 def _format_line(step: int, m: dict[str, float]) -> str:
-    keys = ("reward", "loss", "kl", "entropy", "completions/mean_length", "grad_norm", "time/step")
+    keys = ("reward", "loss", "kl", "entropy", "completions/mean_length", "completions/tokens", "grad_norm",
+            "time/step")
     return f"step {step}: " + "  ".join(f"{k.split('/')[-1]}={m[k]:.4g}" for k in keys if k in m)
 
 

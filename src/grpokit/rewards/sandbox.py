@@ -209,11 +209,11 @@ class SandboxCgroup:
                 os.mkdir(path)
                 self.dirs.append(path)
                 if controller in ("v2", "memory"):
-                    for file, value in ((("memory.max", memory_bytes), ("memory.swap.max", 0)) if controller == "v2"
-                                        else (("memory.limit_in_bytes", memory_bytes),
-                                              ("memory.memsw.limit_in_bytes", memory_bytes))):
-                        if controller == "v2" or os.path.exists(os.path.join(path, file)):
-                            _write(os.path.join(path, file), value)
+                    limit, swap = (("memory.max", memory_bytes), ("memory.swap.max", 0)) if controller == "v2" else \
+                        (("memory.limit_in_bytes", memory_bytes), ("memory.memsw.limit_in_bytes", memory_bytes))
+                    _write(os.path.join(path, limit[0]), limit[1])  # required: the bound itself
+                    if os.path.exists(os.path.join(path, swap[0])):  # present only with swap accounting
+                        _write(os.path.join(path, swap[0]), swap[1])
                 if controller in ("v2", "pids") and processes:
                     _write(os.path.join(path, "pids.max"), processes + 2)  # + the launcher and init
         except OSError as e:
