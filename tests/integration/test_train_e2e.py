@@ -231,3 +231,26 @@ def test_the_trainer_surface_of_transformers(tmp_path):
     history = trainer.state.log_history
     assert history[0]["step"] == 1 and "loss" in history[0] and "train_loss" in history[-1]
     assert "eval/accuracy" in trainer.evaluate() and trainer.eval_dataset is task.eval_dataset
+
+
+def test_reward_functions_receive_trainer_state_log_metric_and_log_extra(tmp_path):
+    """As in TRL: `trainer_state` (global_step before the step's update), `log_metric` (averaged
+    into the step's metrics) and `log_extra` (a column of completions.jsonl)."""
+    import json
+
+    steps_seen = []
+
+    def shaped(prompts, completions, trainer_state, log_metric, log_extra, **kw):
+        steps_seen.append(trainer_state.global_step)
+        log_metric("shaping/progress", trainer_state.global_step / trainer_state.max_steps)
+        log_extra("note", [f"len={len(c)}" for c in completions])
+        return [float(len(c)) for c in completions]
+
+    model, tok = tiny()
+    cfg = config(tmp_path, max_steps=3, logging_steps=1)
+    GRPOTrainer(model=model, reward_funcs=shaped, args=cfg, train_dataset=prompts_ds(), processing_class=tok).train()
+    assert steps_seen == [0, 1, 2]
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
+    assert [round(r["shaping/progress"], 4) for r in rows] == [0.0, round(1 / 3, 4), round(2 / 3, 4)]
+    samples = [json.loads(line) for line in open(tmp_path / "run" / "completions.jsonl")]
+    assert samples and all(s["note"] == f"len={len(s['completion'])}" for s in samples)

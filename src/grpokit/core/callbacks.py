@@ -28,6 +28,7 @@ class TrainerSurface:
             quiet.setLevel(level)
         for callback in callbacks or []:
             self.handler.add_callback(callback)
+        parts.reward_context.trainer_state = self.state  # reward functions see it, as in TRL
 
     def add_callback(self, callback) -> None:
         self.handler.add_callback(callback)

@@ -381,6 +381,7 @@ def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) 
     metrics = run.reduce_metrics(local) if local else {}
     if rollout is not None:  # all ranks: the mean length over ranks x every rank's completions
         metrics["completions/tokens"] = metrics["completions/mean_length"] * len(rollout) * run.world_size
+        metrics.update(run.mean_over_ranks(rollout.logged_metrics))  # a reward's log_metric(name, value)
     if rollout is not None:
         metrics.update({k: float(v) for k, v in rollout.reward_stats.items() if k not in metrics and _is_number(v)})
     metrics.update(phase)
@@ -403,6 +404,7 @@ def sample_rows(rollout: Rollout, per_sample: dict[str, torch.Tensor], limit: in
         row = {"row": rollout.row_index[i], "prompt": rollout.prompts[i], "completion": rollout.completions[i],
                "reward": _num(rollout.rewards[i])}
         row.update({name: _num(col[i]) for name, col in per_sample.items()})
+        row.update({name: col[i] for name, col in rollout.logged_columns.items()})  # a reward's log_extra
         for j, name in enumerate(rollout.reward_names):
             row[name] = _num(rollout.rewards_per_func[i, j])
         rows.append(row)

@@ -26,6 +26,34 @@ from grpokit.core.trajectory import Rollout, Trajectories
 from grpokit.rollout import SamplingParams, make_engine
 
 
+class RewardContext:
+    """What reward functions receive besides the data, as TRL gives it: `trainer_state` (the
+    trainer's TrainerState, set by the trainer facade; None without one), `log_metric(name,
+    value)` (a scalar, averaged over the step's calls, logged with the step) and
+    `log_extra(column, values)` (a column of the completions table, one value per completion)."""
+
+    def __init__(self):
+        self.trainer_state = None
+        self._metrics: dict[str, list[float]] = {}
+        self._columns: dict[str, list] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        self._metrics.setdefault(str(name), []).append(float(value))
+
+    def log_extra(self, column: str, values) -> None:
+        self._columns.setdefault(str(column), []).extend(list(values))
+
+    def extras(self) -> dict[str, Any]:
+        return {"trainer_state": self.trainer_state, "log_metric": self.log_metric, "log_extra": self.log_extra}
+
+    def take(self, n: int) -> tuple[dict[str, float], dict[str, list]]:
+        """This step's logged metrics (means) and columns (padded with None to n values); cleared."""
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
+        columns = {k: (v + [None] * n)[:n] for k, v in self._columns.items()}
+        self._metrics, self._columns = {}, {}
+        return metrics, columns
+
+
 @dataclass
 class LoopState:
     """Where the loop is: saved in every checkpoint, restored on resume."""
@@ -129,6 +157,7 @@ class RunParts:
     strategy: str = "ddp"            # distributed_strategy in effect (ddp | fsdp2)
     plan: ForwardPlan | None = None  # how the training forward runs (core.forward.choose_forward_plan)
     extra_modules: tuple = ()        # trained with the policy (PPO's value head)
+    reward_context: RewardContext = field(default_factory=RewardContext)  # trainer_state, log_metric, log_extra
 
     def __post_init__(self):
         if self.train_forward is None:
@@ -212,8 +241,10 @@ class RunParts:
         """The trajectories with their rewards (every reward function, weighted total, statistics)."""
         cols = {k: [v[r] for r in trajectories.row_index] for k, v in self.columns.items()}
         out = self.reward_runner(trajectories.prompts, trajectories.completions,
-                                 completion_ids=trajectories.completion_ids, columns=cols)
-        return trajectories.scored(out.per_func, out.total, out.names, out.stats)
+                                 completion_ids=trajectories.completion_ids, columns=cols,
+                                 extras=self.reward_context.extras())
+        metrics, columns = self.reward_context.take(len(trajectories))
+        return trajectories.scored(out.per_func, out.total, out.names, out.stats, metrics, columns)
 
     def generation_context(self):
         """FSDP2: every parameter gathered while generating (see distributed.full_parameters)."""
@@ -273,6 +304,20 @@ class RunParts:
         if self.world_size > 1:
             torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
         return int(x)
+
+    def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Means over the ranks that have each name (a reward may log a metric on some ranks only:
+        the names are gathered first, so every rank reduces the same vector)."""
+        if self.world_size == 1:
+            return dict(values)
+        names: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(names, sorted(values))
+        union = sorted({n for ns in names for n in ns})
+        if not union:
+            return {}
+        pairs = torch.tensor([[values.get(n, 0.0), 1.0 if n in values else 0.0] for n in union], device=self.device)
+        torch.distributed.all_reduce(pairs)
+        return {n: float(s / c) for n, (s, c) in zip(union, pairs.cpu().tolist()) if c}
 
     def reduce_metrics(self, local: dict[str, torch.Tensor]) -> dict[str, float]:
         keys = sorted(local)

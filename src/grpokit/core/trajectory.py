@@ -83,10 +83,12 @@ class Trajectories:
         return [s.trained for s in self.segments[i] for _ in range(s.end - s.start)]
 
     def scored(self, rewards_per_func: torch.Tensor, rewards: torch.Tensor, reward_names: list[str],
-               reward_stats: dict[str, Any] | None = None) -> "Rollout":
+               reward_stats: dict[str, Any] | None = None, logged_metrics: dict[str, float] | None = None,
+               logged_columns: dict[str, list] | None = None) -> "Rollout":
         own = {f.name: getattr(self, f.name) for f in dataclasses.fields(Trajectories)}
         return Rollout(**own, rewards_per_func=rewards_per_func, rewards=rewards, reward_names=list(reward_names),
-                       reward_stats=dict(reward_stats or {}))
+                       reward_stats=dict(reward_stats or {}), logged_metrics=dict(logged_metrics or {}),
+                       logged_columns=dict(logged_columns or {}))
 
     def select(self, idx: list[int]):
         """The samples `idx`, in that order (a new object of the same type)."""
@@ -111,3 +113,5 @@ class Rollout(Trajectories):
     rewards: torch.Tensor                # [N] weighted sum over functions (NaN: no function applied)
     reward_names: list[str] = field(default_factory=list)
     reward_stats: dict[str, Any] = field(default_factory=dict)   # the reward runner's per-step statistics
+    logged_metrics: dict[str, float] = field(default_factory=dict)   # a reward's log_metric(name, value), means
+    logged_columns: dict[str, list] = field(default_factory=dict)    # a reward's log_extra(column, values), [N]

@@ -38,6 +38,13 @@ __all__ = ["RewardRunner", "RewardOutput", "RewardError", "RewardTimeout"]
 logger = logging.getLogger("grpokit.rewards")
 ON_ERROR = ("raise", "none", "zero")
 _FIXED_ARGS = ("prompts", "completions", "completion_ids")
+EXTRA_ARGS = ("trainer_state", "log_metric", "log_extra")
+
+
+def _ignore(*args, **kwargs) -> None:
+    """log_metric / log_extra where nothing collects them (evaluation, `grpokit rewards test`)."""
+"""TRL's per-call extras: the trainer's state, and callables to log a scalar metric or a column of
+the completions table. Passed to functions run in this process (not to worker processes)."""
 RESERVED_COLUMNS = {"prompt", "completion", "completion_ids", "prompts", "completions"}
 
 
@@ -139,7 +146,7 @@ class RewardRunner:
         """Raise ValueError (naming the function and the argument) if a function cannot be called
         with the dataset's columns. `columns` may include "prompt" (it is passed as `prompts`)."""
         cols = frozenset(columns) - RESERVED_COLUMNS
-        available = set(_FIXED_ARGS) | cols
+        available = set(_FIXED_ARGS) | set(EXTRA_ARGS) | cols
         for plan in self._plans:
             try:
                 sig = inspect.signature(plan.fn)
@@ -175,7 +182,8 @@ class RewardRunner:
 
     # ---- one batch ----
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
-                 columns: Mapping[str, Sequence] | None = None) -> RewardOutput:
+                 columns: Mapping[str, Sequence] | None = None, extras: Mapping[str, Any] | None = None) -> RewardOutput:
+        """`extras` (see EXTRA_ARGS) reach the in-process and async functions that take them, as they are."""
         n = len(completions)
         columns = {k: v for k, v in (columns or {}).items() if k not in RESERVED_COLUMNS}
         if len(prompts) != n:
@@ -194,7 +202,9 @@ class RewardRunner:
 
         t_start = time.perf_counter()
         parts: dict[int, list[Part]] = {}
-        async_calls = [(i, p.fn, self._kwargs(p, full, 0, n), n) for i, p in enumerate(self._plans) if p.is_async]
+        extras = {"trainer_state": None, "log_metric": _ignore, "log_extra": _ignore, **(extras or {})}
+        async_calls = [(i, p.fn, {**self._kwargs(p, full, 0, n), **self._extras(p, extras)}, n)
+                       for i, p in enumerate(self._plans) if p.is_async]
         pool_idx = [i for i, p in enumerate(self._plans) if p.in_pool]
         helpers = []
         if async_calls:
@@ -206,7 +216,8 @@ class RewardRunner:
             if plan.is_async or plan.in_pool:
                 continue
             t0 = time.perf_counter()
-            status, value, cause = call_with_timeout(plan.fn, self._kwargs(plan, full, 0, n), self.timeout, plan.name)
+            status, value, cause = call_with_timeout(plan.fn, {**self._kwargs(plan, full, 0, n),
+                                                               **self._extras(plan, extras)}, self.timeout, plan.name)
             secs = time.perf_counter() - t0
             parts[i] = [Part(0, n, status, value if status == "ok" else None,
                               value if status == "error" else "", cause, secs)]
@@ -229,6 +240,10 @@ class RewardRunner:
         t = threading.Thread(target=target, daemon=True, name="grpokit-reward-helper")
         t.start()
         return t, box
+
+    @staticmethod
+    def _extras(plan: _Plan, extras: dict) -> dict:
+        return {k: v for k, v in extras.items() if plan.pass_all or k in plan.accepted}
 
     def _kwargs(self, plan: _Plan, full: dict, start: int, stop: int) -> dict:
         keys = full.keys() if plan.pass_all else [k for k in full if k in plan.accepted]
