@@ -250,7 +250,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 def cmd_generate(argv: list[str]) -> int:
     """Sample completions from a checkpoint: grpokit generate model_name_or_path=... prompt='12+7=' n=4"""
-    from grpokit.data import render_prompt
+    from grpokit.data import encode_prompt
     from grpokit.rollout import SamplingParams, make_engine
 
     cfg = load_config_dict(argv)
@@ -264,12 +264,10 @@ def cmd_generate(argv: list[str]) -> int:
     chat, system = cfg.pop("chat", has_template), cfg.pop("system", None)
     if chat and not has_template:
         raise ValueError("chat=true, but this tokenizer has no chat template; use chat=false (plain text prompts).")
-    if chat:
-        texts = [render_prompt(([{"role": "system", "content": system}] if system else [])
-                               + [{"role": "user", "content": p}], tok) for p in prompts]
-    else:
-        texts = prompts
-    ids = [tok(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    # encoded as training encodes prompts: a chat conversation through the template, else the text
+    messages = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+                for p in prompts]
+    ids = [encode_prompt(m if chat else p, tok) for m, p in zip(messages, prompts)]
     max_tokens = fitting_length(model, ids, cfg.pop("max_tokens", None), 64, "max_tokens")
     params = SamplingParams(max_tokens=max_tokens, temperature=float(cfg.pop("temperature", 1.0)),
                             top_p=float(cfg.pop("top_p", 1.0)), top_k=int(cfg.pop("top_k", 0)),
