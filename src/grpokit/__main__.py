@@ -1,4 +1,4 @@
-from grpokit.cli import main
+from grpokit.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

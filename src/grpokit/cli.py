@@ -416,3 +416,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grpokit {verb}: error: {message}" + ("" if debug else "  (--debug for the traceback)"),
               file=sys.stderr)
         return 2
+
+
+def entry() -> int:
+    """The `grpokit` command (and `python -m grpokit`): `main`, then exit without waiting for threads
+    that something of the run (a reward function, a library) left running: Python waits for every
+    non-daemon thread at exit, so one stuck thread would keep a finished run alive."""
+    import threading
+
+    code = main()
+    strays = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if strays:
+        names = ", ".join(sorted({t.name for t in strays}))
+        print(f"grpokit: exiting although {len(strays)} thread(s) started during the run are still running "
+              f"({names}); a reward function may have left them.", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+

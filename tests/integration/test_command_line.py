@@ -188,3 +188,27 @@ def test_rewards_test_gives_conversational_completions_as_message_lists(capsys, 
                             "completions=['1', '5', '3']")
     assert rc == 0, err[-2000:]
     assert "exact" in out and out.count("1.0") + out.count(" 1 ") >= 2, out
+
+
+STRAY_THREAD_REWARD = '''import threading, time
+
+_started = []
+
+
+def lingering(prompts, completions, **kw):
+    if not _started:  # a non-daemon thread that outlives the run by far
+        _started.append(threading.Thread(target=time.sleep, args=(600,), name="leftover-worker"))
+        _started[0].start()
+    return [float(len(c)) for c in completions]
+'''
+
+
+def test_a_thread_left_by_a_reward_does_not_keep_the_finished_run_alive(tmp_path):
+    (tmp_path / "strayreward.py").write_text(STRAY_THREAD_REWARD)
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "grpokit", "train", "max_steps=2", "reward_funcs=[strayreward:lingering]",
+                           "eval_strategy=no", "save_strategy=no", *SMALL], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.time() - started < 120  # not the thread's 600 s
+    assert "thread(s) started during the run are still running (leftover-worker)" in done.stderr
