@@ -266,24 +266,17 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    loss_type: str = "dapo",
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    dual_clip: float | None = None,
-    importance_sampling_level: str = "token",
-    beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
-    kl_estimator: str = "k3",
-    max_completion_length: int | None = None,
     num_items_in_batch: torch.Tensor | int | float | None = None,
     num_sequences: torch.Tensor | int | None = None,
     is_weights: torch.Tensor | None = None,
     entropy_mask: torch.Tensor | None = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
+    **knobs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO-family loss of one (micro-)batch: ratio, per-token objective, masks, KL, aggregation.
+
+    The knobs (`loss_type`, `epsilon`, ... below) are `make_policy_loss`'s keyword arguments, with
+    its defaults: this is `make_policy_loss(**knobs)` called once on these tensors.
 
     Per active token (``mask == 1``):
 
@@ -322,13 +315,9 @@ def policy_loss(
         (clip losses; cispo reports high/region = weight capped with A > 0; sapo has no clip);
         ``clip_ratio/dual_mean`` when ``dual_clip`` is set; ``kl`` when ``ref_logps`` is given.
     """
-    return make_policy_loss(
-        loss_type, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, dual_clip=dual_clip,
-        importance_sampling_level=importance_sampling_level, beta=beta, kl_estimator=kl_estimator,
-        max_completion_length=max_completion_length, sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg,
-    )(logps, old_logps, advantages, mask, ref_logps=ref_logps, num_items_in_batch=num_items_in_batch,
-      num_sequences=num_sequences, is_weights=is_weights, entropy_mask=entropy_mask)
+    return make_policy_loss(**knobs)(logps, old_logps, advantages, mask, ref_logps=ref_logps,
+                                     num_items_in_batch=num_items_in_batch, num_sequences=num_sequences,
+                                     is_weights=is_weights, entropy_mask=entropy_mask)
 
 
 def make_policy_loss(

@@ -159,8 +159,8 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
             samp[rollout.nonfinite[rows]] = 0.0
         keep_row = None
         if never_empty:
-            out_of_forward = [sk or float(m.amax()) == 0.0 for sk, m in zip(skip[rows], comp_mask)]
-            if all(out_of_forward):
+            wholly_masked = (comp_mask.amax(dim=1) == 0).tolist()  # as layout() leaves such rows out
+            if all(sk or masked for sk, masked in zip(skip[rows], wholly_masked)):
                 keep_row = min(range(b), key=lambda i: len(c_ids[i]))
         row_skip = [sk and i != keep_row for i, sk in enumerate(skip[rows])]
         if any(row_skip):

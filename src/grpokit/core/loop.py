@@ -85,9 +85,11 @@ def train_loop(run: RunParts, algorithm: Algorithm, resume_from_checkpoint: str 
             totals.add(metrics, run.world_size * out.samples)
             final = metrics
             asked = hooks is not None and hooks.step_end(run, state, metrics, events)
-            if run.global_max(int(stop.requested)) and state.global_step < run.total_steps:
-                return interrupted(run, state, final, resume_command)
-            if run.global_max(int(bool(asked))):  # a callback's should_training_stop, agreed by every rank
+            # one collective decides for every rank: 2 = Ctrl-C somewhere, 1 = a callback's should_training_stop
+            decision = run.global_max(2 * int(stop.requested) + int(bool(asked)))
+            if decision >= 2 and state.global_step < run.total_steps:
+                return interrupted(run, state, final, events, resume_command)
+            if decision:
                 break
     run.finish()
     final = {**final, **totals.train_metrics(state)}
@@ -129,13 +131,11 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def interrupted(run: RunParts, state: LoopState, final: dict, resume_command: str | None) -> dict[str, float]:
-    """After a Ctrl-C: a checkpoint of this step (unless one was just saved), the plot, the hint."""
-    from grpokit.checkpoint import find_latest_checkpoint
-
+def interrupted(run: RunParts, state: LoopState, final: dict, events: dict,
+                resume_command: str | None) -> dict[str, float]:
+    """After a Ctrl-C: a checkpoint of this step (unless end_of_step just saved one), the plot, the hint."""
     cfg = run.config
-    saved = cfg.save_strategy == "steps" and state.global_step % cfg.save_steps == 0
-    path = find_latest_checkpoint(cfg.output_dir) if saved else run.save_checkpoint(state)
+    path = events["saved"] or run.save_checkpoint(state)
     run.tracker.close(plot=cfg.plot)
     if run.rank == 0 and path:
         how = (f"{resume_command} resume_from_checkpoint={path}" if resume_command
@@ -158,7 +158,7 @@ class RunTotals:
 
     def add(self, metrics: dict[str, float], samples: int) -> None:
         self.samples += samples
-        self.tokens += metrics.get("completions/mean_length", 0.0) * samples
+        self.tokens += metrics.get("completions/tokens", 0.0)
         self.loss_sum += metrics.get("loss", 0.0)
         self.steps += 1
 
@@ -173,9 +173,9 @@ class RunTotals:
         return self.loss_sum / max(1, self.steps)
 
     def summary(self, final: dict[str, float], state: LoopState) -> str:
-        seconds = time.perf_counter() - self.started
-        parts = [f"done: {state.global_step - self.start_step} optimizer steps in {seconds:.1f} s",
-                 f"{self.samples:,} completions ({self.samples / max(seconds, 1e-9):.1f}/s)",
+        """One line from `final` (with train_metrics merged in) and the totals."""
+        parts = [f"done: {state.global_step - self.start_step} optimizer steps in {final['train_runtime']:.1f} s",
+                 f"{self.samples:,} completions ({final['train_samples_per_second']:.1f}/s)",
                  f"{self.tokens:,.0f} completion tokens"]
         if "reward" in final:
             parts.append(f"last reward {final['reward']:.4g}")
@@ -334,18 +334,18 @@ def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out:
     """Metrics to the trackers, a few samples, the console line, evaluation and checkpoint when
     due. Eval metrics join `metrics`. Returns what happened: {"logged", "evaluated", "saved"}."""
     cfg, tracker, step = run.config, run.tracker, state.global_step
-    events = {"logged": step % cfg.logging_steps == 0, "evaluated": {}, "saved": None}
+    logging_step = step % cfg.logging_steps == 0
+    events = {"logged": logging_step, "evaluated": {}, "saved": None}
     tracker.log(step, metrics)
     tracker.update_progress(step, metrics)
-    if out.rollout is not None and cfg.log_completions and (step % cfg.logging_steps == 0 or step == 1):
+    if out.rollout is not None and cfg.log_completions and (logging_step or step == 1):
         rows = sample_rows(out.rollout, out.per_sample, cfg.num_completions_to_print)
         # at logging steps two are printed: the first and one that scored differently, if any
         other = next((i for i, r in enumerate(rows) if r["reward"] != rows[0]["reward"]), None)
         if other is not None:
             rows.insert(1, rows.pop(other))
-        tracker.log_completions(step, rows, print_rows=(2 if other is not None else 1)
-                                if step % cfg.logging_steps == 0 else 0)
-    if step % cfg.logging_steps == 0:
+        tracker.log_completions(step, rows, print_rows=(2 if other is not None else 1) if logging_step else 0)
+    if logging_step:
         tracker.write(_format_line(step, metrics))
     if cfg.eval_strategy == "steps" and run.eval_dataset is not None and (
             step % cfg.eval_steps == 0 or step >= run.total_steps):
@@ -382,7 +382,6 @@ def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) 
     if rollout is not None:  # all ranks: the mean length over ranks x every rank's completions
         metrics["completions/tokens"] = metrics["completions/mean_length"] * len(rollout) * run.world_size
         metrics.update(run.mean_over_ranks(rollout.logged_metrics))  # a reward's log_metric(name, value)
-    if rollout is not None:
         metrics.update({k: float(v) for k, v in rollout.reward_stats.items() if k not in metrics and _is_number(v)})
     metrics.update(phase)
     metrics["time/step"] = sum(v for k, v in phase.items() if k.startswith("time/"))

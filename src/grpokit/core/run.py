@@ -155,7 +155,7 @@ class RunParts:
     train_forward: Any = None
     ref_forward: Any = None          # the frozen reference copy's forward (beta > 0 without LoRA)
     strategy: str = "ddp"            # distributed_strategy in effect (ddp | fsdp2)
-    plan: ForwardPlan | None = None  # how the training forward runs (core.forward.choose_forward_plan)
+    plan: ForwardPlan | None = None  # how the training forward runs: build_run's choose_forward_plan
     extra_modules: tuple = ()        # trained with the policy (PPO's value head)
     reward_context: RewardContext = field(default_factory=RewardContext)  # trainer_state, log_metric, log_extra
 
@@ -164,9 +164,6 @@ class RunParts:
             self.train_forward = distributed.TrainingForward(self.model)
         if self.ref_forward is None and self.ref_model is not None:
             self.ref_forward = distributed.TrainingForward(self.ref_model)
-        if self.plan is None:
-            self.plan = choose_forward_plan(self.config, self.model, self.engine, world_size=self.world_size,
-                                            is_peft=self.is_peft, needs_reference=self.config.beta > 0)
 
     def forward(self, mb, **kw):
         """The training forward of a micro-batch, as the plan says (logps, entropy[, values])."""
