@@ -419,12 +419,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The `grpokit` command (and `python -m grpokit`): `main`, then exit without waiting for threads
-    that something of the run (a reward function, a library) left running: Python waits for every
-    non-daemon thread at exit, so one stuck thread would keep a finished run alive."""
+    """The `grpokit` command (and `python -m grpokit`): `main`, then exit without waiting for what
+    something of the run (a reward function, a library) left running. Python waits for every
+    non-daemon thread at exit, and multiprocessing joins every non-daemon child process, so one
+    stuck thread or forked worker would keep a finished run alive: child processes are ended
+    (SIGTERM, then SIGKILL after 2 s), threads are left behind by exiting at once, each named."""
+    import multiprocessing
     import threading
 
     code = main()
+    children = [p for p in multiprocessing.active_children() if p.is_alive()]
+    for p in children:
+        p.terminate()
+    for p in children:
+        p.join(2)
+        if p.is_alive():
+            p.kill()
+            p.join(2)
+    if children:
+        names = ", ".join(sorted({f"{p.name} (pid {p.pid})" for p in children}))
+        print(f"grpokit: ended {len(children)} child process(es) started during the run and still running "
+              f"({names}); a reward function may have left them.", file=sys.stderr)
     strays = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
     if strays:
         names = ", ".join(sorted({t.name for t in strays}))

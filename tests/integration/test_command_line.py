@@ -190,15 +190,18 @@ def test_rewards_test_gives_conversational_completions_as_message_lists(capsys, 
     assert "exact" in out and out.count("1.0") + out.count(" 1 ") >= 2, out
 
 
-STRAY_THREAD_REWARD = '''import threading, time
+STRAY_THREAD_REWARD = '''import multiprocessing, threading, time
 
 _started = []
 
 
 def lingering(prompts, completions, **kw):
-    if not _started:  # a non-daemon thread that outlives the run by far
+    if not _started:  # a non-daemon thread and a forked non-daemon process that outlive the run by far
         _started.append(threading.Thread(target=time.sleep, args=(600,), name="leftover-worker"))
         _started[0].start()
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,), name="leftover-child")
+        child.start()
+        open("child.pid", "w").write(str(child.pid))
     return [float(len(c)) for c in completions]
 '''
 
@@ -212,3 +215,6 @@ def test_a_thread_left_by_a_reward_does_not_keep_the_finished_run_alive(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert time.time() - started < 120  # not the thread's 600 s
     assert "thread(s) started during the run are still running (leftover-worker)" in done.stderr
+    assert "ended 1 child process(es) started during the run and still running (leftover-child" in done.stderr
+    child = int((tmp_path / "child.pid").read_text())
+    assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()

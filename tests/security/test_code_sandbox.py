@@ -206,6 +206,15 @@ def attacks(host_dir: Path, port: int) -> dict:
                                          " os.path.exists('/root/.ssh'), os.environ.get('PATH'))",
                                          ["assert me() == (True, 2, False, False, False, "
                                           "'/usr/local/bin:/usr/bin:/bin')"], 1.0),
+        # the interpreter is bound at /opt/python when it lives outside the system directories: no
+        # host path of it (e.g. /root/.pyenv/...) exists inside, and no home directory at all
+        "probe_no_host_python_path": ("import os, sys\ndef where():\n    return (os.path.exists("
+                                      f"{os.path.realpath(sys.base_prefix)!r}) and not "
+                                      f"{os.path.realpath(sys.base_prefix)!r}.startswith('/usr'), "
+                                      "os.path.exists('/root'), os.path.exists('/home'),"
+                                      " sys.version_info[:2])",
+                                      [f"assert where() == (False, False, False, {tuple(sys.version_info[:2])!r})"],
+                                      1.0),
         "probe_readonly_system": ("def tries():\n    out = []\n    for p in ('/usr/x', '/sandbox/server.py', '/x'):\n"
                                   "        try:\n            open(p, 'a').close()\n            out.append('written')\n"
                                   "        except OSError:\n            out.append('refused')\n    return out",
@@ -239,21 +248,35 @@ def host(tmp_path_factory):
 def results(reward, host):
     host_dir, listener = host
     cases = attacks(host_dir, listener.getsockname()[1])
+    before = _open_descriptors()
     t0 = time.monotonic()
     grades = reward(None, [fenced(src) for src, _, _ in cases.values()], tests=[t for _, t, _ in cases.values()])
     graded = {name: (grade, expected) for name, grade, (_, _, expected) in zip(cases, grades, cases.values())}
-    return graded, time.monotonic() - t0
+    return graded, time.monotonic() - t0, before, _open_descriptors()
+
+
+def _open_descriptors() -> dict[str, int]:
+    """The trainer's open file descriptors by kind (socket, pipe, file, ...)."""
+    kinds: dict[str, int] = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        kind = target.split(":", 1)[0] if ":[" in target else "file"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 @pytest.mark.parametrize("name", list(attacks(Path("/tmp"), 1)))
 def test_attack_is_contained_and_graded(results, name):
-    grades, _ = results
+    grades = results[0]
     grade, expected = grades[name]
     assert grade == expected, f"{name}: graded {grade}, expected {expected}"
 
 
 def test_the_batch_was_bounded_in_time(results):
-    _, seconds = results
+    seconds = results[1]
     # 48 solutions, 6 at a time, each at most ~ start-up + one 1.5 s timeout
     assert seconds < 40
 
@@ -265,6 +288,13 @@ def test_nothing_escaped_to_the_host(results, host):
     assert not Path("/work/main/pwned.txt").exists() and not Path("/usr/pwned.txt").exists()
     with pytest.raises(BlockingIOError):  # nobody connected to the host's loopback listener
         listener.accept()
+
+
+def test_the_trainer_holds_no_connection_or_pipe_afterwards(results):
+    before, after = results[2], results[3]
+    # every sandbox's channel is closed once graded; no socket was opened on the trainer's side
+    assert after.get("socket", 0) <= before.get("socket", 0), (before, after)
+    assert after.get("pipe", 0) <= before.get("pipe", 0), (before, after)
 
 
 def _sandbox_processes(base_uid: int = 1_300_000_000) -> list[str]:  # LocalSandbox's uid range
@@ -417,3 +447,17 @@ def test_a_hash_flood_reply_costs_one_completion_no_more_than_a_timeout(reward):
     seconds = time.monotonic() - t0
     assert grades == [0.0]
     assert seconds < 5, seconds  # was 18-26 s: the set was built in the trainer outside every deadline
+
+
+def test_an_interpreter_outside_the_system_dirs_is_bound_at_a_neutral_path():
+    from grpokit.rewards.sandbox import sandbox_binds
+    binds, python, libs = sandbox_binds("/root/.pyenv/versions/3.11.7/bin/python3.11", "/root/.pyenv/versions/3.11.7")
+    assert ("/root/.pyenv/versions/3.11.7", "/opt/python") in binds
+    assert python == "/opt/python/bin/python3.11"
+    assert not any(inside.startswith("/root") for _, inside in binds)
+    # a system interpreter keeps its path and needs nothing more
+    binds, python, libs = sandbox_binds("/usr/bin/python3.11", "/usr")
+    assert python == "/usr/bin/python3.11" and libs == "" and all(host == inside for host, inside in binds)
+    # an executable outside its prefix (some venv layouts) gets a directory of its own
+    binds, python, _ = sandbox_binds("/srv/py/bin/python3", "/opt/conda/envs/x")
+    assert python == "/opt/python-bin/python3" and ("/srv/py/bin", "/opt/python-bin") in binds

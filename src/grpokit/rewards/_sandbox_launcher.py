@@ -8,7 +8,8 @@ diagnostics. With "isolate": true:
   outer (this process)  unshare(mount, net, pid, ipc, uts [, user when not root]); fork
   init (pid 1 of the new pid namespace, still privileged there)
       - mounts a fresh tmpfs as the new root; binds only the interpreter and system libraries into
-        it, read-only, nosuid, nodev; /dev/{null,zero,random,urandom}; a tmpfs /work (the only
+        it, read-only, nosuid, nodev (an interpreter installed outside the system directories, e.g.
+        under /root/.pyenv, appears at /opt/python: no host home path exists inside); /dev/{null,zero,random,urandom}; a tmpfs /work (the only
         place the solution may write, size-capped) and a tmpfs /tmp; the server script read-only;
         then remounts the root read-only and chroots into it. Nothing else of the host's file
         system (home directories, datasets, the trainer's code, /proc) exists inside.
@@ -72,8 +73,9 @@ def _locked_flags(path):
     return sum(ms for st, ms in table.items() if f & st)
 
 
-def bind_readonly(path, root):
-    dst = root + path
+def bind_readonly(path, root, inside=None):
+    """Bind host `path` read-only at `inside` (default: the same path) under `root`."""
+    dst = root + (inside or path)
     if os.path.islink(path):  # /lib -> usr/lib on merged-/usr systems
         os.makedirs(os.path.dirname(dst), mode=0o755, exist_ok=True)
         if not os.path.lexists(dst):
@@ -125,7 +127,8 @@ REAP_FDS = (3, 4)   # the server's ends of the reaper pipes: requests to init, a
 
 def exec_server(python, server, cfg, reaper: bool = False):
     os.closerange(REAP_FDS[-1] + 1 if reaper else 3, 4096)
-    env = dict(SERVER_ENV, **({"GRPOKIT_REAPER": ",".join(map(str, REAP_FDS))} if reaper else {}))
+    env = dict(SERVER_ENV, **({"GRPOKIT_REAPER": ",".join(map(str, REAP_FDS))} if reaper else {}),
+               **({"LD_LIBRARY_PATH": cfg["library_path"]} if cfg.get("library_path") else {}))
     os.execve(python, [python, "-I", "-S", "-B", server], env)
 
 
@@ -185,8 +188,8 @@ def init(cfg, as_root):
     root, uid, gid, lim = cfg["root"], cfg["uid"], cfg["gid"], cfg["limits"]
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=755")
-    for path in cfg["binds"]:
-        bind_readonly(path, root)
+    for path, inside in cfg["binds"]:
+        bind_readonly(path, root, inside)
     os.makedirs(root + "/dev", mode=0o755)
     for dev in ("null", "zero", "random", "urandom"):
         open(f"{root}/dev/{dev}", "a").close()

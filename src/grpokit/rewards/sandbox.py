@@ -314,6 +314,41 @@ def _popen(argv: list[str], env: dict | None = None, cwd: str = "/") -> subproce
                             start_new_session=True, close_fds=True, env=env if env is not None else {}, cwd=cwd)
 
 
+SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc/ld.so.cache")
+SANDBOX_PYTHON_HOME = "/opt/python"
+
+
+def _under(path: str, dirs) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def sandbox_binds(python: str, base_prefix: str, extra_binds=()) -> tuple[list[tuple[str, str]], str, str]:
+    """(host path, path inside) pairs to bind read-only, the interpreter's path inside, and the
+    LD_LIBRARY_PATH it needs there ("" when none).
+
+    System directories keep their paths. An interpreter installed elsewhere (pyenv, conda, a
+    uv-managed Python under /root) is bound at /opt/python, so the sandbox never shows a host
+    home path; its libpython is found through LD_LIBRARY_PATH (its RUNPATH names the host path).
+    An executable outside its prefix is bound at /opt/python-bin. extra_binds keep their paths.
+    """
+    prefix = os.path.realpath(base_prefix)
+    binds: list[tuple[str, str]] = [(d, d) for d in SYSTEM_DIRS]
+    inside_python, library_path = python, ""
+    if not _under(prefix, SYSTEM_DIRS):
+        binds.append((prefix, SANDBOX_PYTHON_HOME))
+        if os.path.isdir(os.path.join(prefix, "lib")):
+            library_path = SANDBOX_PYTHON_HOME + "/lib"
+        if _under(python, [prefix]):
+            inside_python = SANDBOX_PYTHON_HOME + python[len(prefix.rstrip("/")):]
+    if inside_python == python and not _under(python, SYSTEM_DIRS):
+        binds.append((os.path.dirname(python), "/opt/python-bin"))
+        inside_python = "/opt/python-bin/" + os.path.basename(python)
+    for p in extra_binds:
+        if not _under(p, [inside for _, inside in binds]):
+            binds.append((p, p))
+    return binds, inside_python, library_path
+
+
 class LocalSandbox:
     """Namespaced, chrooted, resource-limited local sandbox (Linux). See _sandbox_launcher.py.
 
@@ -350,12 +385,7 @@ class LocalSandbox:
                                      "(a container) or LocalSandbox(isolation=False) at your own risk.")
         self.isolation = isolation
         self.python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
-        prefix = os.path.realpath(sys.base_prefix)
-        binds = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc/ld.so.cache"]
-        for p in (prefix, os.path.dirname(self.python), *extra_binds):
-            if not any(p == b or p.startswith(b.rstrip("/") + "/") for b in binds):
-                binds.append(p)
-        self.binds = binds
+        self.binds, self.inside_python, self.library_path = sandbox_binds(self.python, sys.base_prefix, extra_binds)
         # uids unique per session, and per trainer process (several ranks may share a machine)
         first = base_uid + (os.getpid() % 4096) * max_sessions
         self._uids: queue.Queue[int] = queue.Queue()
@@ -380,7 +410,9 @@ class LocalSandbox:
             self._uids.put(uid)
             raise
         cfg = {"isolate": self.isolation, "root": root, "workdir": root, "uid": uid, "gid": uid,
-               "python": self.python, "server": str(SERVER_PATH), "binds": self.binds, "parent_pid": os.getpid(),
+               "python": self.inside_python if self.isolation else self.python, "server": str(SERVER_PATH),
+               "binds": self.binds, "library_path": self.library_path if self.isolation else "",
+               "parent_pid": os.getpid(),
                "cgroup_procs": cgroup.procs_files if cgroup else [],
                "limits": {k: (int(v) if k != "wall_seconds" else float(v)) for k, v in asdict(limits).items()}}
         if not self.isolation:
