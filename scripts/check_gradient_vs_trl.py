@@ -6,7 +6,9 @@
 twice (fp32, CPU); grpokit's engine samples 4 arithmetic prompts x G=8 and its reward functions
 score them; both trainers then compute the loss and its gradient on those same completions --
 grpokit through its training step (packed shared-prefix forward, merged micro-batches), TRL
-through `GRPOTrainer.compute_loss` on the padded batch -- for each loss type. Prints the relative
+through `GRPOTrainer.compute_loss` on the padded batch -- for each case of CASES (the loss types
+and the knobs whose math TRL defines: GSPO with the entropy mask, the bias-corrected KL, cispo's
+default cap, luspo, vespo, the entropy bonus). Prints the relative
 difference of the whole gradient and of the worst tensor; float32 summation order alone gives
 ~1e-6. Exit status 1 when a difference exceeds 1e-4.
 """
@@ -23,10 +25,25 @@ from transformers import AutoModelForCausalLM
 from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.algos import group_advantages, is_local_mean
 from grpokit.core.batch import make_micro_batches
+from grpokit.core.loop import add_fixed_logprobs
 from grpokit.data import get_task
 from grpokit.models import load_tokenizer, starter_model_path
 
 G, PROMPTS = 8, 4
+
+CASES = {
+    "dapo": {}, "grpo": {"loss_type": "grpo"}, "dr_grpo": {"loss_type": "dr_grpo"}, "bnpo": {"loss_type": "bnpo"},
+    "cispo (default cap)": {"loss_type": "cispo"},
+    "luspo (sequence)": {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+    "vespo": {"loss_type": "vespo"},
+    "gspo": {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+    "gspo + entropy mask": {"loss_type": "grpo", "importance_sampling_level": "sequence", "top_entropy_quantile": 0.5},
+    "dapo + entropy mask": {"top_entropy_quantile": 0.2},
+    "bias-corrected KL": {"beta": 0.04, "use_bias_correction_kl": True},
+    "plain KL": {"beta": 0.04, "use_bias_correction_kl": False},
+    "entropy bonus": {"entropy_coef": 0.01},
+    "grpo + entropy bonus": {"loss_type": "grpo", "entropy_coef": 0.01},
+}
 
 
 def main() -> int:
@@ -36,12 +53,14 @@ def main() -> int:
     task = get_task("arithmetic", seed=0, num_train=64, num_eval=8)
     worst_seen = 0.0
     rollout = advantages = None
-    for loss_type in ("dapo", "grpo", "dr_grpo", "bnpo"):
+    for case, knobs in CASES.items():
         ours, theirs = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) for _ in range(2))
         common = dict(per_device_train_batch_size=G * PROMPTS, gradient_accumulation_steps=1, num_generations=G,
-                      max_completion_length=8, temperature=1.0, top_p=1.0, top_k=0, loss_type=loss_type, beta=0.0,
+                      max_completion_length=8, temperature=1.0, top_p=1.0, top_k=0, loss_type="dapo", beta=0.0,
                       learning_rate=1e-4, max_steps=1, seed=0, use_cpu=True, bf16=False, report_to="none",
                       output_dir=tempfile.mkdtemp(), shuffle_dataset=False, reward_weights=list(task.reward_weights))
+        common.update(knobs)
+        loss_type = common["loss_type"]
         trainer = GRPOTrainer(model=ours, reward_funcs=list(task.reward_funcs), processing_class=tok,
                               train_dataset=task.train_dataset,
                               args=GRPOConfig(**common, plot=False, save_strategy="no", disable_tqdm=True))
@@ -52,9 +71,10 @@ def main() -> int:
         batches = make_micro_batches(rollout, G * PROMPTS, advantages=advantages, pad_id=run.pad_id,
                                      device=run.device, mask_truncated=False, merge=run.plan.merge,
                                      skip_zero_advantage=run.plan.skip_zero_advantage)
+        add_fixed_logprobs(run, batches)
         num_items = sum(mb.completion_mask.sum() for mb in batches)
         trainer.algorithm.accumulate_gradients(run, batches, num_items, torch.tensor(float(G * PROMPTS)),
-                                               len(batches) if is_local_mean(loss_type) else 1)
+                                               len(batches) if is_local_mean(loss_type) else 1, len(batches))
         g_ours = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
 
         ref = trl.GRPOTrainer(model=theirs, reward_funcs=list(task.reward_funcs), processing_class=tok,
@@ -71,17 +91,23 @@ def main() -> int:
             "completion_mask": completion_mask, "advantages": advantages.clone(),
             "num_items_in_batch": completion_mask.sum().float(), "old_per_token_logps": None,
         }
+        if common["beta"] != 0.0:
+            with torch.no_grad():
+                ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+                mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+                inputs["ref_per_token_logps"] = ref._get_per_token_logps_and_entropies(
+                    ref.ref_model, ids, mask, c_len)[0]
         ref.model.train()
         ref.compute_loss(ref.model, inputs).backward()
         g_ref = {n: p.grad for n, p in ref.model.named_parameters() if p.grad is not None}
         if set(g_ours) != set(g_ref):
-            print(f"{loss_type}: different parameters got gradients: {sorted(set(g_ours) ^ set(g_ref))}")
+            print(f"{case}: different parameters got gradients: {sorted(set(g_ours) ^ set(g_ref))}")
             return 1
         whole = (torch.sqrt(sum((g_ours[n] - g_ref[n]).pow(2).sum() for n in g_ref))
                  / torch.sqrt(sum(g_ref[n].pow(2).sum() for n in g_ref))).item()
         worst = max((g_ours[n] - g_ref[n]).norm().item() / max(g_ref[n].norm().item(), 1e-30) for n in g_ref)
         worst_seen = max(worst_seen, whole, worst)
-        print(f"{loss_type:8s} relative gradient difference grpokit vs TRL: whole {whole:.2e}, worst tensor {worst:.2e} "
+        print(f"{case:22s} relative gradient difference grpokit vs TRL: whole {whole:.2e}, worst tensor {worst:.2e} "
               f"({len(g_ref)} tensors)")
     print("advantages of the shared completions (per group):",
           [[round(a, 3) for a in row] for row in advantages.view(PROMPTS, G).tolist()])

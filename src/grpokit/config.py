@@ -73,6 +73,12 @@ class GRPOFields:
     top_k: int = _f(0, "Top-k sampling (0 = off).")
     min_p: float | None = _f(None, "Min-p sampling (None = off).")
     stop: list = _f([], "Stop strings; the completion is cut after them.")
+    repetition_penalty: float = _f(1.0, "Sampling penalty on tokens already in the prompt or completion (>1 "
+                                        "discourages them; 1 = off). Training logprobs stay the model's own.")
+    generation_kwargs: dict | None = _f(None, "Extra sampling settings by transformers' GenerationConfig names "
+                                              "(temperature, top_p, top_k, min_p, repetition_penalty, stop_strings, "
+                                              "max_new_tokens, do_sample); they win over the fields.")
+    chat_template_kwargs: dict | None = _f(None, "Extra arguments of the chat template, e.g. {enable_thinking: false}.")
     use_vllm: bool = _f(False, "Generate with vLLM (CUDA, optional install) instead of the HF engine.")
     max_batch_tokens: int | None = _f(None, "Cap on prompt+completion tokens decoded at once (None = engine default).")
     # --- objective (grpokit.algos) ---
@@ -82,12 +88,34 @@ class GRPOFields:
     epsilon_high: float | None = _f(None, "Upper clip range (clip-higher, DAPO); None = epsilon.")
     delta: float | None = _f(None, "Two-sided cap of the unclipped ratio branch.")
     dual_clip: float | None = _f(None, "Dual-clip constant c for negative advantages (None = off).")
-    loss_type: str = _f("dapo", "Aggregation: grpo | bnpo | dr_grpo | dapo | cispo | sapo.")
+    loss_type: str = _f("dapo", "Aggregation: grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo.")
     scale_rewards: str | bool = _f("group", "Advantage scaling: group | batch | none (True = group, False = none).")
     advantage_estimator: str = _f("grpo", "Baseline: grpo (group mean) | rloo (leave-one-out).")
     importance_sampling_level: str = _f("token", "token | sequence (GSPO).")
     sapo_temperature_pos: float = _f(1.0, "SAPO gate temperature for positive advantages.")
     sapo_temperature_neg: float = _f(1.05, "SAPO gate temperature for negative advantages.")
+    vespo_k_pos: float = _f(2.0, "VESPO gamma shape k for advantages >= 0.")
+    vespo_lambda_pos: float = _f(3.0, "VESPO gamma rate lambda for advantages >= 0.")
+    vespo_k_neg: float = _f(3.0, "VESPO gamma shape k for negative advantages.")
+    vespo_lambda_neg: float = _f(2.0, "VESPO gamma rate lambda for negative advantages.")
+    use_bias_correction_kl: bool = _f(True, "Weight the KL estimate by the importance ratio (TRL's default; changes "
+                                            "the KL gradient when beta > 0).")
+    off_policy_mask_threshold: float | None = _f(None, "Off-policy sequence mask (DeepSeek-V3.2): drop negative-"
+                                                       "advantage completions whose mean KL to the sampler exceeds "
+                                                       "this (None = off).")
+    multi_objective_aggregation: str = _f("sum_then_normalize", "sum_then_normalize (weighted sum, then group "
+                                          "advantages) | normalize_then_sum (GDPO: each reward normalised in its "
+                                          "group, the sum normalised over the batch).")
+    entropy_coef: float = _f(0.0, "Entropy bonus: loss - entropy_coef * mean token entropy (0 = off).")
+    use_adaptive_entropy: bool = _f(False, "Adapt entropy_coef each step: +entropy_coef_delta while the entropy is "
+                                           "at or below entropy_target, -delta above (bonus applied only at or below).")
+    entropy_coef_min: float = _f(0.0, "Lower bound of the adaptive entropy_coef.")
+    entropy_coef_max: float = _f(1.0, "Upper bound of the adaptive entropy_coef.")
+    entropy_coef_delta: float = _f(0.005, "Step of the adaptive entropy_coef.")
+    entropy_target: float = _f(0.2, "Target mean token entropy of the adaptive entropy bonus.")
+    sync_ref_model: bool = _f(False, "Move the reference towards the policy every ref_model_sync_steps (TR-DPO).")
+    ref_model_mixup_alpha: float = _f(0.6, "ref = alpha * policy + (1 - alpha) * ref at each sync.")
+    ref_model_sync_steps: int = _f(512, "Steps between reference syncs.")
     reward_weights: list | None = _f(None, "Weight of each reward function (None = all 1).")
     mask_truncated_completions: bool = _f(False, "Leave completions cut by max_completion_length out of the loss.")
     top_entropy_quantile: float = _f(1.0, "Train only on the top-rho quantile of tokens by entropy (1 = all).")
@@ -153,9 +181,9 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
         "greater_is_better", "data_seed", "parallelism_config",
         "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "label_names",
         "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
-        "ddp_backend", "fsdp", "fsdp_config", "deepspeed", "router_aux_loss_coef", "generation_kwargs", "chat_template_kwargs", "cache_implementation",
+        "ddp_backend", "fsdp", "fsdp_config", "deepspeed", "router_aux_loss_coef", "cache_implementation",
         "vllm_structured_outputs_regex", "vllm_server_base_url", "vllm_max_model_length",
-        "max_tool_calling_iterations", "vllm_importance_sampling_clip_min", "off_policy_mask_threshold",
+        "max_tool_calling_iterations", "vllm_importance_sampling_clip_min",
         "log_completions_hub_repo", "transformers_continuous_batching_config", "logging_dir",
             )},
     **{name: (False,) for name in (
@@ -165,7 +193,7 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
         "push_to_hub", "hub_always_push", "load_best_model_at_end", "ignore_data_skip",
         "restore_callback_states_from_checkpoint", "full_determinism", "dataloader_drop_last",
         "dataloader_persistent_workers", "do_train", "do_eval", "do_predict",
-        "cast_lm_head_to_fp32", "sync_ref_model", "use_adaptive_entropy", "log_unique_prompts",
+        "cast_lm_head_to_fp32", "log_unique_prompts",
         "use_transformers_continuous_batching", "use_transformers_paged", "vllm_enable_sleep_mode",
     )},
     # TRL's own defaults, which change nothing here (a config dumped with TRL's to_dict() loads)
@@ -177,20 +205,23 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
                                   "use_seedable_sampler": True, "non_blocking": False,
                                   "gradient_accumulation_kwargs": None}),
     "dataloader_num_workers": (0,), "dataloader_in_order": (True,), "average_tokens_across_devices": (True,),
-    "label_smoothing_factor": (0.0,), "entropy_coef": (0.0,), "repetition_penalty": (1.0,),
+    "label_smoothing_factor": (0.0,),
     "logging_strategy": ("steps",), "include_num_input_tokens_seen": ("no", False),
     "log_level": ("passive",), "log_level_replica": ("warning", "passive"), "log_on_each_node": (True,),
     "logging_nan_inf_filter": (True,), "skip_memory_metrics": (True,),
     "train_sampling_strategy": ("random",), "length_column_name": ("length",), "include_for_metrics": ([],),
     "eval_do_concat_batches": (True,), "pad_to_multiple_of": ("auto", None), "ds3_gather_for_generation": (True,),
-    "multi_objective_aggregation": ("sum_then_normalize",), "ref_model_mixup_alpha": (0.6,),
-    "ref_model_sync_steps": (512,), "vllm_mode": ("colocate",),
+    "vllm_mode": ("colocate",),
     "vllm_model_impl": ("vllm",), "vllm_server_host": ("0.0.0.0",), "vllm_server_port": (8000,),
     "vllm_server_timeout": (240.0,), "vllm_group_port": (51216,), "vllm_gpu_memory_utilization": (0.3,),
-    "vllm_tensor_parallel_size": (1,), "entropy_coef_min": (0.0,), "entropy_coef_max": (1.0,),
-    "entropy_coef_delta": (0.005,), "entropy_target": (0.2,), "vespo_k_pos": (2.0,), "vespo_lambda_pos": (3.0,),
-    "vespo_k_neg": (3.0,), "vespo_lambda_neg": (2.0,),
+    "vllm_tensor_parallel_size": (1,),
 }
+
+
+GENERATION_KWARGS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                     "repetition_penalty": "repetition_penalty", "stop_strings": "stop",
+                     "max_new_tokens": "max_completion_length", "do_sample": "do_sample"}
+"""generation_kwargs keys grpokit's sampler takes (transformers' GenerationConfig names) -> its own."""
 
 
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
@@ -295,6 +326,20 @@ class GRPOConfig(GRPOFields):
         need(0 < self.top_entropy_quantile <= 1 or self.top_entropy_quantile == 0, "top_entropy_quantile in [0, 1].")
         need(self.vllm_importance_sampling_mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
              f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} is not a known mode.")
+        need(self.multi_objective_aggregation in ("sum_then_normalize", "normalize_then_sum"),
+             f"multi_objective_aggregation={self.multi_objective_aggregation!r}: use sum_then_normalize or "
+             "normalize_then_sum.")
+        need(self.off_policy_mask_threshold is None or self.off_policy_mask_threshold >= 0,
+             "off_policy_mask_threshold must be >= 0 or None.")
+        need(self.entropy_coef_min <= self.entropy_coef_max, "entropy_coef_min must be <= entropy_coef_max.")
+        need(self.entropy_coef_delta >= 0, "entropy_coef_delta must be >= 0.")
+        need(not self.sync_ref_model or self.beta > 0,
+             "sync_ref_model=True needs a reference model: set beta > 0 (with beta=0 no reference is loaded).")
+        need(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha must be in [0, 1].")
+        need(self.ref_model_sync_steps >= 1, "ref_model_sync_steps must be >= 1.")
+        need(self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off).")
+        self._check_generation_kwargs()
+        self._check_chat_template_kwargs()
         need(self.reward_on_error in ("raise", "none", "zero"), "reward_on_error: raise, none or zero.")
         need(self.reward_timeout > 0, "reward_timeout must be > 0 seconds.")
         need(self.learning_rate >= 0, "learning_rate must be >= 0.")
@@ -316,6 +361,37 @@ class GRPOConfig(GRPOFields):
         if self.reward_weights is not None and self.reward_funcs:
             need(len(self.reward_weights) == len(self.reward_funcs),
                  f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs.")
+
+    def _check_generation_kwargs(self) -> None:
+        if self.generation_kwargs is None:
+            return
+        if not isinstance(self.generation_kwargs, dict):
+            raise ValueError(f"GRPOConfig: generation_kwargs={self.generation_kwargs!r} must be a mapping.")
+        unknown = sorted(set(self.generation_kwargs) - set(GENERATION_KWARGS))
+        if unknown:
+            raise ValueError(f"GRPOConfig: generation_kwargs {', '.join(map(repr, unknown))} not supported by grpokit's "
+                             f"sampler; it takes {', '.join(GENERATION_KWARGS)}.")
+        if self.generation_kwargs.get("do_sample", True) is False:
+            raise ValueError("GRPOConfig: generation_kwargs do_sample=False would make the G samples of a group identical "
+                             "(no advantage); GRPO samples. Use temperature for sharper sampling.")
+
+    def _check_chat_template_kwargs(self) -> None:
+        if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError(f"GRPOConfig: chat_template_kwargs={self.chat_template_kwargs!r} must be a mapping.")
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling settings of a rollout: the fields, overridden by generation_kwargs (TRL:
+        generation_kwargs win over the fields), by our names."""
+        out = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+               "repetition_penalty": self.repetition_penalty, "stop": list(self.stop),
+               "max_completion_length": self.max_completion_length}
+        for key, value in (self.generation_kwargs or {}).items():
+            if key == "do_sample":
+                continue
+            out[GENERATION_KWARGS[key]] = list(value) if key == "stop_strings" else value
+        if out["top_k"] is None:
+            out["top_k"] = 0
+        return out
 
     # ---- conversions ----
     def to_dict(self) -> dict:
@@ -350,13 +426,6 @@ def _take_trl_aliases(kwargs: dict) -> None:
     agree("steps_per_generation", kwargs.pop("steps_per_generation", None), "gradient_accumulation_steps", accum)
     agree("generation_batch_size", kwargs.pop("generation_batch_size", None),
           "per_device_train_batch_size * gradient_accumulation_steps", per_device * accum)
-    if kwargs.get("use_bias_correction_kl") is True:  # TRL's default; the KL gradient differs only when beta > 0
-        if float(kwargs.get("beta", 0.0) or 0.0) != 0.0:
-            raise ValueError("GRPOConfig: use_bias_correction_kl=True with beta > 0 is not supported yet (grpokit's KL "
-                             "gradient is the plain k3's): set use_bias_correction_kl=False, or beta=0.")
-        kwargs.pop("use_bias_correction_kl")
-    elif kwargs.get("use_bias_correction_kl") is False:
-        kwargs.pop("use_bias_correction_kl")
 
 
 def _is_off(value: Any, off_values: tuple) -> bool:

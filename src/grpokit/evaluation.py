@@ -40,7 +40,8 @@ class Evaluator:
         from grpokit import data
 
         max_len = config.max_prompt_length if config is not None else max_prompt_length
-        prompt_ids = data.validate_prompts(dataset, tokenizer, max_prompt_length=max_len)
+        prompt_ids = data.validate_prompts(dataset, tokenizer, max_prompt_length=max_len,
+                                           chat_template_kwargs=config.chat_template_kwargs if config is not None else None)
         rows = [dict(r) for r in dataset]
         return cls(prompts=[r["prompt"] for r in rows], prompt_ids=prompt_ids, rows=rows,
                    conversational=data.is_conversational(rows[0]),

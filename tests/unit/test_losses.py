@@ -102,7 +102,10 @@ def test_dual_clip_caps_negative_advantages():
 
 CISPO_CASES = [
     # logp = -2, so loss = -w * A * (-2) = 2 w A and grad = -w * A, w = sg[min(r, cap)].
-    (0.5, +1, None, 2 * E(0.5), -E(0.5), 0.0, "r = 1.6487 under the default cap 5: w = r"),
+    # epsilon_high unset: the cap is epsilon = 0.2 (TRL: epsilon_high defaults to epsilon), so
+    # w = min(1.6487, 0.2) = 0.2: loss 2 * 0.2 = 0.4, grad -0.2, the token counts as capped
+    (0.5, +1, None, 0.4, -0.2, 1.0, "epsilon_high unset: the cap is epsilon = 0.2 (TRL)"),
+    (0.5, +1, 5.0, 2 * E(0.5), -E(0.5), 0.0, "r = 1.6487 under ScaleRL's cap 5: w = r"),
     (0.5, +1, 1.5, 3.0, -1.5, 1.0, "epsilon_high = 1.5 is the cap (TRL): w = 1.5, gradient kept"),
     (0.5, -1, 1.5, -3.0, 1.5, 0.0, "A = -1: w = 1.5, loss 2*1.5*(-1) = -3, grad +1.5"),
     (-0.5, -1, 1.5, -2 * E(-0.5), E(-0.5), 0.0, "no low clip: w = r = 0.60653"),
@@ -157,7 +160,7 @@ def test_aggregation_normalisers_by_hand():
 
 
 def test_every_loss_type_is_wired():
-    assert set(LOSS_TYPES) == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"}
+    assert set(LOSS_TYPES) == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"}
     logps, old, adv, mask, _ = batch()
     for loss_type in LOSS_TYPES:
         loss, grad, _ = loss_and_grad(logps, old, adv, mask, loss_type=loss_type, max_completion_length=5)
@@ -195,7 +198,8 @@ def test_on_policy_every_objective_is_the_plain_policy_gradient():
     # alike; the aggregation then scales it. cispo aggregates like dapo, sapo like grpo.
     logps, _, adv, mask, _ = batch(off_policy=False)
     dapo = loss_and_grad(logps, None, adv, mask, loss_type="dapo")
-    cispo = loss_and_grad(logps, None, adv, mask, loss_type="cispo")
+    # (cispo with a cap above 1: with TRL's default cap epsilon = 0.2 the weight is 0.2, not 1)
+    cispo = loss_and_grad(logps, None, adv, mask, loss_type="cispo", epsilon_high=5.0)
     grpo = loss_and_grad(logps, None, adv, mask, loss_type="grpo")
     sapo = loss_and_grad(logps, None, adv, mask, loss_type="sapo")
     torch.testing.assert_close(dapo[1], cispo[1])
@@ -407,7 +411,7 @@ def test_a_loss_bound_once_equals_the_one_shot_call_and_checks_its_knobs_at_once
         b = policy_loss(logps, old, adv, mask, loss_type=loss_type, num_items_in_batch=10.0, **knobs)
         torch.testing.assert_close(a[0], b[0])
         assert a[1].keys() == b[1].keys()
-    assert set(POLICY_LOSSES) == {"clip", "cispo", "sapo"}
+    assert set(POLICY_LOSSES) == {"clip", "cispo", "sapo", "vespo"}
     # cispo's own knob is its cap; clip's knobs are not its
     w = torch.tensor([[10.0]])
     cispo = token_objective("cispo", epsilon_high=2.0, delta=1.1, dual_clip=5.0)

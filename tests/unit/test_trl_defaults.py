@@ -20,6 +20,13 @@ TRL_1_16 = {
     "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-08, "max_grad_norm": 1.0,
     "optim": "adamw_torch_fused", "save_steps": 500, "logging_steps": 10, "use_vllm": False,
     "shuffle_dataset": True, "remove_unused_columns": False, "disable_dropout": False,
+    "use_bias_correction_kl": True, "off_policy_mask_threshold": None,
+    "multi_objective_aggregation": "sum_then_normalize", "entropy_coef": 0.0, "use_adaptive_entropy": False,
+    "entropy_coef_min": 0.0, "entropy_coef_max": 1.0, "entropy_coef_delta": 0.005, "entropy_target": 0.2,
+    "sync_ref_model": False, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512,
+    "repetition_penalty": 1.0, "generation_kwargs": None, "chat_template_kwargs": None,
+    "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0,
+    "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05,
 }
 
 # where grpokit deliberately differs, and why (docs/from-trl.md says the same)
@@ -75,5 +82,5 @@ def test_a_config_dumped_by_trl_loads():
     assert cfg.max_completion_length == 512 and cfg.gradient_checkpointing and cfg.loss_type == "dapo"
     with pytest.raises(ValueError, match="steps_per_generation=3 disagrees with gradient_accumulation_steps=1"):
         GRPOConfig(**{**dump["config"], "steps_per_generation": 3})
-    with pytest.raises(ValueError, match="use_bias_correction_kl=True with beta > 0"):
-        GRPOConfig(**{**dump["config"], "beta": 0.04})
+    # TRL's default use_bias_correction_kl=True is grpokit's too (the KL weighted by the ratio)
+    assert GRPOConfig(**{**dump["config"], "beta": 0.04}).use_bias_correction_kl is True

@@ -4,9 +4,10 @@ No config objects, no ``.item()``, no distributed calls: every knob is an explic
 argument with TRL's name and meaning. See ``docs/objective.md`` for the formulas.
 """
 
-from grpokit.algos.advantages import ADVANTAGE_ESTIMATORS, group_advantages
+from grpokit.algos.advantages import ADVANTAGE_ESTIMATORS, batch_normalized, group_advantages, normalize_then_sum
 from grpokit.algos.kl import KL_ESTIMATORS, kl_penalty
-from grpokit.algos.logprobs import chunked_logprobs, entropy_from_logits, selective_log_softmax, top_entropy_mask
+from grpokit.algos.logprobs import (chunked_logprobs, entropy_bonus, entropy_from_logits, selective_log_softmax,
+                                    top_entropy_mask)
 from grpokit.algos.losses import (
     AGGREGATIONS,
     LOSS_TYPES,
@@ -25,7 +26,10 @@ __all__ = [
     "LOSS_TYPES",
     "POLICY_LOSSES",
     "aggregate_loss",
+    "batch_normalized",
+    "entropy_bonus",
     "is_local_mean",
+    "normalize_then_sum",
     "make_policy_loss",
     "chunked_logprobs",
     "entropy_from_logits",

@@ -14,12 +14,16 @@ Two estimators, chosen by name from ``ADVANTAGE_ESTIMATORS``, give the *centred*
 then ``scale_rewards`` (TRL's knob) divides it:
 
 - ``"group"`` (``True``): by ``std_g + 1e-4``, the unbiased (Bessel) std of the group,
-- ``"batch"``: by ``std_batch + 1e-4``, the unbiased std of every valid reward in ``rewards``
-  (pass the rewards of the whole global batch to get TRL's batch std),
+- ``"batch"``: by ``std_batch + 1e-4``, the unbiased std of every valid reward of the batch:
+  ``rewards``, or ``batch_rewards`` when given (the rewards of every rank: TRL's global batch std),
 - ``"none"`` (``False``): not at all (Dr. GRPO).
 
 A group whose valid rewards are all equal, or that has fewer than two valid rewards, carries no
 signal: all its advantages are exactly 0 under every mode.
+
+TRL's ``multi_objective_aggregation="normalize_then_sum"`` (GDPO) is ``normalize_then_sum``:
+each reward function normalised within its group first, the weighted sum then normalised over
+the batch.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ def group_advantages(
     group_size: int,
     scale_rewards: str | bool = "group",
     estimator: str = "grpo",
+    batch_rewards: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Advantages relative to each prompt's group of completions.
 
@@ -114,6 +119,8 @@ def group_advantages(
         scale_rewards: ``"group" | "batch" | "none"``, or TRL's old booleans (True = "group",
             False = "none").
         estimator: a key of ``ADVANTAGE_ESTIMATORS`` (``"grpo"`` or ``"rloo"``).
+        batch_rewards: the rewards whose std ``"batch"`` divides by (default ``rewards``): pass
+            every rank's rewards to divide by the global batch's std.
     Returns:
         [N] advantages, dtype at least float32, same device as ``rewards``.
     """
@@ -132,10 +139,60 @@ def group_advantages(
     if mode == "group":
         centred = centred / (_bessel_std(r, valid, dim=1) + STD_EPS)
     elif mode == "batch":
-        centred = centred / (_bessel_std(r, valid, dim=None) + STD_EPS)
+        pool = r if batch_rewards is None else batch_rewards.to(r.dtype).reshape(-1)
+        centred = centred / (_bessel_std(pool, ~torch.isnan(pool), dim=None) + STD_EPS)
 
     # No signal in a group with < 2 valid rewards or equal valid rewards: exactly 0, not round-off.
     high = torch.where(valid, r, -torch.inf).amax(dim=1, keepdim=True)
     low = torch.where(valid, r, torch.inf).amin(dim=1, keepdim=True)
     informative = (valid.sum(dim=1, keepdim=True) >= 2) & (high > low)
     return torch.where(valid & informative, centred, 0.0).view(-1)
+
+
+def normalize_then_sum(
+    rewards_per_func: torch.Tensor,
+    weights: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """GDPO's first half (TRL's ``multi_objective_aggregation="normalize_then_sum"``): every
+    reward function normalised within its group, then summed with its weight.
+
+    ``s_i = sum_k w_k (r_{i,k} - mean_g r_k) / (std_g r_k + 1e-4)`` (Bessel std over the group's
+    valid values; a NaN reward of function k leaves k out of ``s_i``); ``s_i`` is NaN where every
+    function returned None. The second half is ``batch_normalized(s)``.
+
+    Args:
+        rewards_per_func: [N, K] rewards, NaN = none, groups of ``group_size`` rows contiguous.
+        weights: [K] reward weights.
+        group_size: G.
+    Returns:
+        [N] summed normalised rewards (NaN where unscorable).
+    """
+    n, k = rewards_per_func.shape
+    if n % group_size:
+        raise ValueError(f"{n} rows are not a multiple of group_size={group_size}.")
+    r = rewards_per_func.to(torch.promote_types(rewards_per_func.dtype, torch.float32)).view(-1, group_size, k)
+    valid = ~torch.isnan(r)
+    count = valid.sum(dim=1, keepdim=True)
+    mean = torch.where(valid, r, 0.0).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    if group_size > 1:
+        std = torch.sqrt(torch.where(valid, (r - mean) ** 2, 0.0).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1))
+        std = torch.where(count >= 2, std, torch.nan)
+    else:
+        std = torch.zeros_like(mean)
+    normalised = ((r - mean) / (std + STD_EPS)).view(-1, k)
+    summed = torch.nansum(normalised * weights.to(normalised.dtype)[None, :], dim=1)
+    return torch.where(valid.view(-1, k).any(dim=1), summed, torch.nan)
+
+
+def batch_normalized(rewards: torch.Tensor, batch_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """``A_i = (r_i - mean) / (std + 1e-4)`` with the mean and Bessel std of every valid reward of
+    the batch (``batch_rewards`` when given: every rank's), NaN rewards giving ``A_i = 0``: GDPO's
+    second half."""
+    pool = (rewards if batch_rewards is None else batch_rewards).to(torch.promote_types(rewards.dtype, torch.float32))
+    pool = pool.reshape(-1)
+    valid = ~torch.isnan(pool)
+    mean = torch.where(valid, pool, 0.0).sum() / valid.sum().clamp(min=1)
+    std = _bessel_std(pool, valid, dim=None).reshape(())
+    out = (rewards.to(pool.dtype) - mean) / (std + STD_EPS)
+    return torch.nan_to_num(out, nan=0.0)

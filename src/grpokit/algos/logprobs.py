@@ -278,14 +278,22 @@ def chunked_logprobs(
     return (logp, entropy.view(index.shape)) if return_entropy else logp
 
 
-def top_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+def entropy_bonus(entropies: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``H = sum(entropy * kept) / max(sum kept, 1)``: the mean token entropy over the tokens the
+    policy term trains on, with its gradient (TRL's entropy bonus is ``loss - entropy_coef * H``)."""
+    kept = kept.bool()
+    return torch.where(kept, entropies, 0.0).sum() / kept.sum().clamp(min=1)
+
+
+def top_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float, gather=None) -> torch.Tensor:
     """Tokens kept by TRL's ``top_entropy_quantile = quantile``: the top ``quantile`` by entropy.
 
     ``keep = mask & (H >= Q_{1 - quantile}(H over active tokens))``, where ``Q_q`` is the
     linearly interpolated q-quantile (``torch.quantile``'s default). So ``quantile = 1.0`` keeps
     every active token, ``0.2`` keeps the 20% highest-entropy ones (the "80/20" paper), and ``0.0``
-    keeps only the tokens at the maximum. Ties at the threshold are kept. Computed over this local
-    batch, as TRL.
+    keeps only the tokens at the maximum. Ties at the threshold are kept. The quantile is over this
+    batch's active tokens, or over every rank's when ``gather`` is given (a function returning the
+    1-D values of every rank concatenated: TRL gathers them).
 
     Args:
         entropies: [B, T] per-token entropies.
@@ -298,6 +306,8 @@ def top_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: floa
         raise ValueError(f"quantile={quantile} must be in [0, 1].")
     active = mask.bool()
     values = entropies.detach()[active].float()
+    if gather is not None:
+        values = gather(values)
     if values.numel() == 0:
         return torch.zeros_like(active)
     ordered = values.sort().values

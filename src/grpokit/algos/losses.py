@@ -18,39 +18,43 @@ dr_grpo    clip         ``sum_{i,t} l_{i,t} / (num_sequences * max_completion_le
 dapo       clip         ``sum_{i,t} l_{i,t} / num_items_in_batch``  (default local count)
 cispo      cispo        as dapo
 sapo       sapo         as grpo
+luspo      clip         ``mean_i sum_t l_{i,t}``  (local mean of sequence sums; LUSPO)
+vespo      vespo        as dapo
 =========  ===========  ==============================================================
 
 ``num_items_in_batch`` is the active-token count of the whole accumulated batch over all ranks;
 with it, the losses of the parts of a batch (micro-batches, ranks) *sum* to the whole-batch loss.
 DDP averages gradients over ranks, so a trainer multiplies each rank's loss by the world size (or,
 as TRL does, passes ``num_items_in_batch / world_size``). ``dr_grpo`` splits the same way when
-``num_sequences`` is the global number of sequences. ``grpo``, ``sapo`` and ``bnpo`` are by
-definition local means: a trainer divides them by the number of accumulation steps, as TRL does
+``num_sequences`` is the global number of sequences. ``grpo``, ``sapo``, ``bnpo`` and ``luspo``
+are by definition local means: a trainer divides them by the number of accumulation steps, as TRL does
 (exact for grpo/sapo when the micro-batches hold equally many sequences).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Callable
 
 import torch
 
 from grpokit.algos.kl import kl_penalty
 
-CISPO_DEFAULT_CAP = 5.0
-"""cispo's cap on the IS weight when ``epsilon_high`` is None (ScaleRL's and TRL's recommended value)."""
-
 LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-token objectives. Each factory binds its own knobs once and returns a function mapping
-# (ratio [B,T], logps [B,T], advantages [B,T] or [B,1]) to the per-token loss [B,T] and a dict
-# of bool [B,T] flags for the clip statistics. Adding an objective touches this file only.
+# (ratio [B,T], logps [B,T], advantages [B,T] or [B,1], **context) to the per-token loss [B,T]
+# and a dict of [B,T] tensors averaged over active tokens into the stats: the clip flags by short
+# name (low, high, dual: clip_ratio/<name>_mean), anything else by its full stat name.
+# context: `active` [B,T] bool, `log_ratio` [B,T] (token-level logp - old, 0 off the mask) and
+# `is_weights` ([B,T] or None). An objective with `absorbs_is_weights = True` uses is_weights
+# itself (the caller then does not multiply by them). Adding an objective touches this file only.
 # ---------------------------------------------------------------------------------------------
 
-TokenObjective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossOutput]
+TokenObjective = Callable[..., LossOutput]
 
 
 def clip_loss(*, epsilon: float = 0.2, epsilon_high: float | None = None, delta: float | None = None,
@@ -66,7 +70,7 @@ def clip_loss(*, epsilon: float = 0.2, epsilon_high: float | None = None, delta:
         raise ValueError(f"dual_clip={dual_clip} must be > 1.")
     eps_high = epsilon if epsilon_high is None else epsilon_high
 
-    def objective(ratio, logps, advantages):
+    def objective(ratio, logps, advantages, **context):
         clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
         unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
         loss = -torch.min(unclipped * advantages, clipped * advantages)
@@ -84,16 +88,17 @@ def clip_loss(*, epsilon: float = 0.2, epsilon_high: float | None = None, delta:
     return objective
 
 
-def cispo_loss(*, epsilon_high: float | None = None) -> TokenObjective:
+def cispo_loss(*, epsilon: float = 0.2, epsilon_high: float | None = None) -> TokenObjective:
     """CISPO (MiniMax-M1; TRL's ``loss_type="cispo"``): clip the IS weight, never the gradient.
 
-    ``l = -sg[min(r, epsilon_high)] * A * logp``. As in TRL, ``epsilon_high`` is here the absolute
-    cap on the ratio (ScaleRL's epsilon_max, recommended 5.0), not ``1 + epsilon_high``; None means
-    ``CISPO_DEFAULT_CAP``. Every token keeps its gradient ``-sg[w] * A``.
+    ``l = -sg[min(r, cap)] * A * logp``. As in TRL, the cap is ``epsilon_high`` taken as the
+    absolute cap on the ratio (ScaleRL's epsilon_max, recommended 5.0), not ``1 + epsilon_high``;
+    when ``epsilon_high`` is None the cap is ``epsilon`` (TRL's meaning: its epsilon_high defaults to
+    epsilon). Every token keeps its gradient ``-sg[w] * A``.
     """
-    cap = CISPO_DEFAULT_CAP if epsilon_high is None else epsilon_high
+    cap = epsilon if epsilon_high is None else epsilon_high
 
-    def objective(ratio, logps, advantages):
+    def objective(ratio, logps, advantages, **context):
         weight = torch.clamp(ratio, max=cap).detach()
         loss = -weight * advantages * logps
         return loss, {"high": (ratio > cap) & (advantages > 0).expand_as(ratio)}
@@ -109,7 +114,7 @@ def sapo_loss(*, sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float 
     ``f = 2 / tau`` and ``df/dr = 1``, so the gradient is the plain policy gradient; it decays
     smoothly as ``r`` leaves 1.
     """
-    def objective(ratio, logps, advantages):
+    def objective(ratio, logps, advantages, **context):
         tau = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg).to(ratio.dtype)
         gate = torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau)
         return -gate * advantages, {}
@@ -117,10 +122,42 @@ def sapo_loss(*, sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float 
     return objective
 
 
+VESPO_LOG_FLOOR = math.log(1e-8)
+
+
+def vespo_loss(*, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+               vespo_lambda_neg: float = 2.0) -> TokenObjective:
+    """VESPO (TRL's ``loss_type="vespo"``): a gamma-shaped weight of the sequence ratio.
+
+    ``l = -sg[phi(w_i)] * A * logp`` with ``w_i = exp(clamp(sum_t clamp(log r_{i,t}, -20, 20)
+    + sum_t clamp(log is_{i,t}, log 1e-8, 20), log 1e-8, 20))`` (the *sum* of token log-ratios,
+    plus the sampler-mismatch log-weights when given) and ``phi(w) = exp(lam + k log w - lam w)``
+    (``phi(1) = 1``; ``k, lam`` = the ``_pos`` knobs where ``A >= 0``, else ``_neg``; ``lam >= 1e-4``).
+    Non-finite ``phi`` is 0. The sampler weights enter ``phi`` only (``absorbs_is_weights``).
+    Stats: ``vespo/phi_seq_mean``.
+    """
+    def objective(ratio, logps, advantages, *, active, log_ratio, is_weights=None, **context):
+        with torch.no_grad():
+            seq = torch.where(active, log_ratio.clamp(-20.0, 20.0), 0.0).sum(-1, keepdim=True)
+            if is_weights is not None:
+                log_is = torch.log(is_weights.float()).clamp(VESPO_LOG_FLOOR, 20.0)
+                seq = seq + torch.where(active, log_is, 0.0).sum(-1, keepdim=True)
+            log_w = seq.clamp(VESPO_LOG_FLOOR, 20.0)
+            positive = advantages >= 0
+            k = torch.where(positive, vespo_k_pos, vespo_k_neg).to(log_w.dtype)
+            lam = torch.where(positive, vespo_lambda_pos, vespo_lambda_neg).to(log_w.dtype).clamp(min=1e-4)
+            phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        return -phi * advantages * logps, {"vespo/phi_seq_mean": phi.expand_as(logps)}
+
+    objective.absorbs_is_weights = True
+    return objective
+
+
 POLICY_LOSSES: dict[str, Callable[..., TokenObjective]] = {
     "clip": clip_loss,
     "cispo": cispo_loss,
     "sapo": sapo_loss,
+    "vespo": vespo_loss,
 }
 
 
@@ -173,11 +210,17 @@ def aggregate_dapo(per_token_loss, active, *, max_completion_length, num_items_i
     return _masked_sum(per_token_loss, active) / normaliser
 
 
+def aggregate_luspo(per_token_loss, active, *, max_completion_length, num_items_in_batch, num_sequences):
+    """``mean_i sum_t l_{i,t}`` over the B local rows: mean of sequence sums (LUSPO, TRL)."""
+    return torch.where(active, per_token_loss, 0.0).sum(-1).mean()
+
+
 AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": aggregate_grpo,
     "bnpo": aggregate_bnpo,
     "dr_grpo": aggregate_dr_grpo,
     "dapo": aggregate_dapo,
+    "luspo": aggregate_luspo,
 }
 
 LOSS_TYPES: dict[str, tuple[str, str]] = {
@@ -187,18 +230,20 @@ LOSS_TYPES: dict[str, tuple[str, str]] = {
     "dapo": ("clip", "dapo"),
     "cispo": ("cispo", "dapo"),
     "sapo": ("sapo", "grpo"),
+    "luspo": ("clip", "luspo"),
+    "vespo": ("vespo", "dapo"),
 }
 """loss_type -> (key of POLICY_LOSSES, key of AGGREGATIONS), as TRL pairs them."""
 
 
-LOCAL_MEAN_AGGREGATIONS = frozenset({"grpo", "bnpo"})
+LOCAL_MEAN_AGGREGATIONS = frozenset({"grpo", "bnpo", "luspo"})
 """Aggregations that are means over the local (micro-)batch, by definition (TRL's meaning): their
 losses over micro-batches are averaged (a trainer divides by the accumulation steps), and
 micro-batches must not be merged. The others carry global normalisers and sum."""
 
 
 def is_local_mean(loss_type: str) -> bool:
-    """Whether `loss_type`'s aggregation is a local mean (grpo, bnpo, sapo)."""
+    """Whether `loss_type`'s aggregation is a local mean (grpo, bnpo, sapo, luspo)."""
     return _check_loss_type(loss_type)[1] in LOCAL_MEAN_AGGREGATIONS
 
 
@@ -271,6 +316,7 @@ def policy_loss(
     num_sequences: torch.Tensor | int | None = None,
     is_weights: torch.Tensor | None = None,
     entropy_mask: torch.Tensor | None = None,
+    sampling_logps: torch.Tensor | None = None,
     **knobs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO-family loss of one (micro-)batch: ratio, per-token objective, masks, KL, aggregation.
@@ -278,16 +324,19 @@ def policy_loss(
     The knobs (`loss_type`, `epsilon`, ... below) are `make_policy_loss`'s keyword arguments, with
     its defaults: this is `make_policy_loss(**knobs)` called once on these tensors.
 
-    Per active token (``mask == 1``):
+    Per active token (``mask == 1``), in TRL's order:
 
     1. ``log w = logp - old`` (``importance_sampling_level="token"``), or for ``"sequence"``
-       (GSPO) ``log w = logp - sg[logp] + sg[mean_t(logp - old)]``: every token carries the
-       length-normalised sequence ratio as value, and the gradient equals GSPO's.
-       ``old_logps=None`` means on-policy: ``old = sg[logp]``, so ``w = 1`` with gradient ``dlogp``.
-    2. ``l = POLICY_LOSSES[...](w, logp, A)`` (clip / cispo / sapo; see those functions).
-    3. ``l = l * entropy_mask`` (kept tokens, top_entropy_quantile), then ``l = l * is_weights``
-       (sampler/trainer mismatch correction), then ``l = l + beta * KL_est(logp, ref)``
-       (DeepSeekMath: KL in the loss, not the reward). Order and placement as TRL.
+       (GSPO) ``log w_i = mean_t(logp - old)`` given to every token of row i, with its gradient
+       (TRL's ``coef_1``). ``old_logps=None`` means on-policy: ``old = sg[logp]``, so ``w = 1``
+       with gradient ``dlogp``.
+    2. ``l = POLICY_LOSSES[...](w, logp, A)`` (clip / cispo / sapo / vespo; see those functions).
+    3. ``l = l * keep_i`` (``off_policy_mask_threshold = d``: ``keep_i = A_i >= 0 or
+       mean_t(behaviour - sg[logp]) <= d``, behaviour = ``sampling_logps`` if given, else old),
+       ``l = l * entropy_mask`` (kept tokens, top_entropy_quantile), ``l = l * is_weights``
+       (sampler/trainer mismatch correction; vespo takes them into its weight instead), then
+       ``l = l + beta * KL`` with ``KL = KL_est(logp, ref)``, times ``w`` when
+       ``use_bias_correction_kl`` (DeepSeekMath: KL in the loss, not the reward).
     4. Aggregate by ``loss_type`` with the explicit normalisers (``aggregate_loss``).
 
     Args:
@@ -295,29 +344,35 @@ def policy_loss(
         old_logps: [B, T] log-probs under the sampling-time policy, or None (on-policy).
         advantages: [B] (or [B, T]) advantages.
         mask: [B, T], 1 on completion tokens that count.
-        loss_type: ``grpo | bnpo | dr_grpo | dapo | cispo | sapo`` (TRL's meanings).
+        loss_type: ``grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo`` (TRL's meanings).
         epsilon: lower clip ``1 - epsilon``.
         epsilon_high: upper clip ``1 + epsilon_high`` (clip-higher; None = epsilon). For cispo the
-            absolute cap on the IS weight (None = 5.0), as in TRL.
+            absolute cap on the IS weight (None = epsilon), as in TRL.
         delta: cap of the unclipped ratio branch (two-sided clipping), None = off.
         dual_clip: ``c > 1`` caps the loss of ``A < 0`` tokens at ``c * |A|``, None = off.
         importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
         beta: KL coefficient; ``> 0`` requires ``ref_logps``.
         ref_logps: [B, T] reference log-probs; when given, ``stats["kl"]`` is reported.
         kl_estimator: ``k1 | k2 | k3``.
+        use_bias_correction_kl: weight the KL estimate by the importance ratio ``w`` (TRL's knob).
+        off_policy_mask_threshold: the off-policy sequence mask's KL threshold, None = off.
         max_completion_length, num_items_in_batch, num_sequences: see ``aggregate_loss``.
         is_weights: [B, T] detached per-token weights (``rollout_correction_weights``).
         entropy_mask: [B, T] bool, tokens kept for the policy term (``top_entropy_mask``).
+        sampling_logps: [B, T] the sampler's log-probs (vLLM), for the off-policy mask.
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for A > 0 / A <= 0.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma shape.
     Returns:
         ``(loss, stats)``: a 0-dim loss and detached 0-dim stats averaged over active tokens:
         ``ratio_mean``; ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``
         (clip losses; cispo reports high/region = weight capped with A > 0; sapo has no clip);
-        ``clip_ratio/dual_mean`` when ``dual_clip`` is set; ``kl`` when ``ref_logps`` is given.
+        ``clip_ratio/dual_mean`` when ``dual_clip`` is set; ``kl`` when ``ref_logps`` is given;
+        ``off_policy_mask/dropped_ratio`` with the off-policy mask; ``vespo/phi_seq_mean``.
     """
     return make_policy_loss(**knobs)(logps, old_logps, advantages, mask, ref_logps=ref_logps,
                                      num_items_in_batch=num_items_in_batch, num_sequences=num_sequences,
-                                     is_weights=is_weights, entropy_mask=entropy_mask)
+                                     is_weights=is_weights, entropy_mask=entropy_mask,
+                                     sampling_logps=sampling_logps)
 
 
 def make_policy_loss(
@@ -330,28 +385,37 @@ def make_policy_loss(
     importance_sampling_level: str = "token",
     beta: float = 0.0,
     kl_estimator: str = "k3",
+    use_bias_correction_kl: bool = False,
+    off_policy_mask_threshold: float | None = None,
     max_completion_length: int | None = None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> Callable[..., LossOutput]:
     """`policy_loss` with every knob bound once: returns
     `loss_fn(logps, old_logps, advantages, mask, *, ref_logps=None, num_items_in_batch=None,
-    num_sequences=None, is_weights=None, entropy_mask=None) -> (loss, stats)`, called with tensors
-    only. The per-token objective of `loss_type` takes only its own knobs (see POLICY_LOSSES);
-    invalid values are errors here, before any tensor is seen."""
+    num_sequences=None, is_weights=None, entropy_mask=None, sampling_logps=None) -> (loss, stats)`,
+    called with tensors only. The per-token objective of `loss_type` takes only its own knobs (see
+    POLICY_LOSSES); invalid values are errors here, before any tensor is seen."""
     objective_name, _ = _check_loss_type(loss_type)
     objective = token_objective(objective_name, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
                                 dual_clip=dual_clip, sapo_temperature_pos=sapo_temperature_pos,
-                                sapo_temperature_neg=sapo_temperature_neg)
+                                sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos,
+                                vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                                vespo_lambda_neg=vespo_lambda_neg)
+    absorbs_is_weights = getattr(objective, "absorbs_is_weights", False)
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: use 'token' or 'sequence'.")
 
     def loss_fn(logps, old_logps, advantages, mask, *, ref_logps=None, num_items_in_batch=None,
-                num_sequences=None, is_weights=None, entropy_mask=None) -> LossOutput:
+                num_sequences=None, is_weights=None, entropy_mask=None, sampling_logps=None) -> LossOutput:
         if logps.dim() != 2:
             raise ValueError(f"logps must be [B, T], got {tuple(logps.shape)}.")
         _check_same_shape(logps, old_logps=old_logps, mask=mask, ref_logps=ref_logps,
-                          is_weights=is_weights, entropy_mask=entropy_mask)
+                          is_weights=is_weights, entropy_mask=entropy_mask, sampling_logps=sampling_logps)
         if advantages.shape not in (logps.shape[:1], logps.shape):
             raise ValueError(f"advantages must be [B] or [B, T]; got {tuple(advantages.shape)} "
                              f"for logps {tuple(logps.shape)}.")
@@ -365,26 +429,37 @@ def make_policy_loss(
         log_ratio = logps_a - old_a
         if importance_sampling_level == "token":
             log_w = log_ratio
-        else:  # "sequence" (GSPO)
-            sequence = log_ratio.sum(-1, keepdim=True) / active.sum(-1, keepdim=True).clamp(min=1)
-            log_w = logps_a - logps_a.detach() + sequence.detach()
+        else:  # "sequence" (GSPO): the length-normalised sequence ratio, given to every token
+            log_w = (log_ratio.sum(-1, keepdim=True) / active.sum(-1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
         ratio = torch.exp(log_w)
         adv = (advantages[:, None] if advantages.dim() == 1 else advantages).to(ratio.dtype)
+        weights = None if is_weights is None else torch.where(active, is_weights.detach(), 1.0)
 
-        per_token, flags = objective(ratio, logps_a, adv)
+        per_token, flags = objective(ratio, logps_a, adv, active=active, log_ratio=log_ratio, is_weights=weights)
+        if off_policy_mask_threshold is not None:
+            # DeepSeek-V3.2's off-policy sequence mask: drop A < 0 sequences whose mean
+            # sampler-to-policy KL exceeds the threshold
+            behaviour = old_a if sampling_logps is None else torch.where(active, sampling_logps.detach(), 0.0)
+            drift = torch.nan_to_num(behaviour - logps_a.detach(), nan=0.0)
+            mean_drift = drift.sum(-1, keepdim=True) / active.sum(-1, keepdim=True).clamp(min=1)
+            keep = (adv >= 0) | (mean_drift <= off_policy_mask_threshold)
+            per_token = per_token * keep.to(per_token.dtype)
+            flags["off_policy_mask/dropped_ratio"] = (~keep).expand_as(active)
         if entropy_mask is not None:
             per_token = per_token * entropy_mask.to(per_token.dtype)
-        if is_weights is not None:
-            per_token = per_token * torch.where(active, is_weights.detach(), 0.0)
+        if weights is not None and not absorbs_is_weights:
+            per_token = per_token * torch.where(active, weights, 0.0)
 
         stats = {"ratio_mean": _masked_mean(ratio, active)}
         if ref_logps is not None:
             kl = kl_penalty(logps_a, torch.where(active, ref_logps, 0.0), kl_estimator)
+            if use_bias_correction_kl:  # TRL: the KL estimate weighted by the importance ratio (with its gradient)
+                kl = kl * ratio
             stats["kl"] = _masked_mean(kl, active)
             if beta != 0.0:
                 per_token = per_token + beta * kl
-        for name, flag in flags.items():
-            stats[f"clip_ratio/{name}_mean"] = _masked_mean(flag, active)
+        for name, flag in flags.items():  # clip flags by their short names, other stats by their full ones
+            stats[f"clip_ratio/{name}_mean" if name in CLIP_FLAGS else name] = _masked_mean(flag, active)
         if "low" in flags or "high" in flags:
             region = flags.get("low", torch.zeros_like(active)) | flags.get("high", torch.zeros_like(active))
             stats["clip_ratio/region_mean"] = _masked_mean(region, active)
@@ -398,6 +473,9 @@ def make_policy_loss(
         return loss, stats
 
     return loss_fn
+
+
+CLIP_FLAGS = frozenset({"low", "high", "dual"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,14 @@ __all__ = ["AlgoConfig", "own_field", "parameter_counts", "reference_logprobs"]
 _GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOFields) if f.default is not dataclasses.MISSING}
 
 
+GRPO_OBJECTIVE_ONLY = {name: "not used by {algo}." for name in (
+    "use_bias_correction_kl", "off_policy_mask_threshold", "multi_objective_aggregation", "entropy_coef",
+    "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
+    "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "vespo_k_pos", "vespo_lambda_pos",
+    "vespo_k_neg", "vespo_lambda_neg", "sapo_temperature_pos", "sapo_temperature_neg")}
+"""Knobs of GRPO's objective that no baseline reads (each baseline's _GRPO_ONLY adds its own)."""
+
+
 class AlgoConfig(GRPOConfig):
     """GRPOConfig plus the fields of the dataclass `_OWN`. Fields in `_GRPO_ONLY` (name -> hint)
     belong to the GRPO objective: setting one to anything but its default is an error naming the
@@ -54,8 +62,9 @@ class AlgoConfig(GRPOConfig):
             setattr(self, key, value)
         for key, value in self._DEFAULTS.items():
             kwargs.setdefault(key, value)
-        for key, hint in self._GRPO_ONLY.items():
+        for key, hint in {**GRPO_OBJECTIVE_ONLY, **self._GRPO_ONLY}.items():
             if key in kwargs and kwargs[key] != _GRPO_DEFAULTS.get(key):
+                hint = hint.format(algo=name[:-6])
                 raise ValueError(f"{name}: {key}={kwargs[key]!r} is a GRPO setting that {name[:-6]} does not use; {hint}")
         super().__init__(**kwargs)
 

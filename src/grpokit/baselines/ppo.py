@@ -109,7 +109,7 @@ def logprobs_and_values(run: RunParts, value_head: ValueHead, mb: MicroBatch):
     """One forward of the policy: per-token logprobs [B, C] of the completion tokens and values
     [B, C] of the states before them: the training forward (core.forward.completion_logprobs, as
     the run's plan says) with the value head read off the same hidden states."""
-    logps, _, values = completion_logprobs(run.model, mb, temperature=run.config.temperature, value_head=value_head,
+    logps, _, values = completion_logprobs(run.model, mb, temperature=run.temperature, value_head=value_head,
                                            **run.plan.forward_kwargs())
     return logps, values
 
@@ -247,7 +247,7 @@ def _targets(run: RunParts, value_head: ValueHead, rollout, micro_batches) -> tu
         mb.old_logps, values = logprobs_and_values(run, value_head, mb)
         old_v.append(values)
         if cfg.kl_coef > 0:
-            mb.ref_logps = reference_logprobs(run, mb, temperature=cfg.temperature)
+            mb.ref_logps = reference_logprobs(run, mb, temperature=run.temperature)
     width = max(mb.completion_ids.shape[1] for mb in micro_batches)
     mask = _pad_rows([mb.completion_mask for mb in micro_batches], micro_batches, width)
     values = _pad_rows(old_v, micro_batches, width)

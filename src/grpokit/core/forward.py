@@ -133,11 +133,12 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
 
 
 def sampler_logps_are_old_logps(model, engine, *, temperature: float, top_p: float = 1.0, top_k: int = 0,
-                                min_p: float | None = None, use_vllm: bool = False) -> bool:
+                                min_p: float | None = None, repetition_penalty: float = 1.0,
+                                use_vllm: bool = False) -> bool:
     """Whether the sampler's per-token logprobs can stand in for the old policy's (num_iterations > 1).
 
     True for grpokit's HF engine sampling from the training weights in float32/float64 at
-    temperature > 0 with no top-p/top-k/min-p truncation (the sampled distribution is then the
+    temperature > 0 with no top-p/top-k/min-p truncation and no repetition penalty (the sampled distribution is then the
     trainer's softmax(logits / T)), and a model without active dropout (the engine samples in eval
     mode). Both logprobs are then the same function of the same weights, computed in a different
     batch layout: measured on Qwen2/Llama/GPT-2 (tiny and the ~25M benchmark model, T = 1 and
@@ -148,7 +149,7 @@ def sampler_logps_are_old_logps(model, engine, *, temperature: float, top_p: flo
 
     if use_vllm or not isinstance(engine, HFEngine) or temperature <= 0:
         return False
-    if top_p < 1.0 or (top_k or 0) > 0 or (min_p or 0.0) > 0:
+    if top_p < 1.0 or (top_k or 0) > 0 or (min_p or 0.0) > 0 or repetition_penalty != 1.0:
         return False
     inner = unwrap(model)
     dtypes = {p.dtype for p in inner.parameters()}
@@ -232,17 +233,22 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
     packed = head is not None and supports_packed(inner)
     # a loss that is not a GRPO-family policy loss (DPO's) has no plain sum over micro-batches either
     local_means = cfg.loss_type not in LOSS_TYPES or is_local_mean(cfg.loss_type)
-    entropy_mask = cfg.top_entropy_quantile < 1.0
+    # the entropy mask (a per-micro-batch quantile) and the entropy bonus (a per-micro-batch mean,
+    # zero-advantage tokens included) are defined per micro-batch of TRL's layout
+    entropy_mask = (cfg.top_entropy_quantile < 1.0 or getattr(cfg, "entropy_coef", 0.0) != 0.0
+                    or getattr(cfg, "use_adaptive_entropy", False))
     old = "current"
     if cfg.num_iterations > 1:
+        sampling = cfg.sampling()
         old = "sampler" if sampler_logps_are_old_logps(
-            model, engine, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+            model, engine, temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"],
+            min_p=sampling["min_p"], repetition_penalty=sampling["repetition_penalty"],
             use_vllm=cfg.use_vllm) else "recomputed"
     fields = dict(
         packed=packed,
         chunk_rows=lm_head_chunk_rows(head) if head is not None else None,
         # micro-batches may be joined when the loss is a plain sum over them (global normalisers:
-        # not grpo/bnpo/sapo's local means) and the entropy mask (a per-micro-batch quantile) is off
+        # not grpo/bnpo/sapo's local means) and no entropy mask or bonus is on
         merge=packed and not local_means and not entropy_mask,
         skip_zero_advantage=cfg.beta == 0 and not entropy_mask,
         never_empty=world_size > 1,
@@ -259,9 +265,9 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
         raise ValueError(f"forward_plan: packed=True, but {type(inner).__name__} cannot take the packed forward.")
     if plan.merge and (local_means or entropy_mask or not plan.packed):
         raise ValueError("forward_plan: merge=True needs the packed forward and a loss with global normalisers "
-                         "(not grpo/bnpo/sapo) without the entropy mask.")
+                         "(not grpo/bnpo/sapo) without the entropy mask or bonus.")
     if plan.skip_zero_advantage and (cfg.beta != 0 or entropy_mask):
-        raise ValueError("forward_plan: skip_zero_advantage=True needs beta=0 and no entropy mask.")
+        raise ValueError("forward_plan: skip_zero_advantage=True needs beta=0 and no entropy mask or bonus.")
     if plan.old_logps == "sampler" and old != "sampler":
         raise ValueError("forward_plan: old_logps='sampler', but the sampler's logprobs are not the old policy's here.")
     if world_size > 1 and not plan.never_empty:

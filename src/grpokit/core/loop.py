@@ -27,7 +27,8 @@ from typing import Any, Protocol
 import torch
 
 from grpokit import memory
-from grpokit.algos import group_advantages, is_local_mean, make_policy_loss, rollout_correction_weights, top_entropy_mask
+from grpokit.algos import (batch_normalized, entropy_bonus, group_advantages, is_local_mean, make_policy_loss,
+                           normalize_then_sum, rollout_correction_weights, top_entropy_mask)
 from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
 from grpokit.core.run import LoopState, RunParts
 from grpokit.core.trajectory import Rollout
@@ -209,16 +210,35 @@ class GRPO:
         self.objective = make_policy_loss(
             cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
             dual_clip=cfg.dual_clip, importance_sampling_level=cfg.importance_sampling_level, beta=cfg.beta,
-            kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_completion_length,
-            sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg)
+            kl_estimator=cfg.kl_estimator, use_bias_correction_kl=cfg.use_bias_correction_kl,
+            off_policy_mask_threshold=cfg.off_policy_mask_threshold, max_completion_length=cfg.max_completion_length,
+            sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
+            vespo_k_pos=cfg.vespo_k_pos, vespo_lambda_pos=cfg.vespo_lambda_pos, vespo_k_neg=cfg.vespo_k_neg,
+            vespo_lambda_neg=cfg.vespo_lambda_neg)
         self.local_means = is_local_mean(cfg.loss_type)
+        self.entropy = EntropyBonus.from_config(cfg)
         self.warned: set[str] = set()
+
+    def advantages(self, run: RunParts, rollout: Rollout) -> torch.Tensor:
+        """Group-relative advantages; the batch statistics ("batch" scaling, GDPO's second half)
+        are those of every rank's rewards, as TRL's."""
+        cfg = run.config
+        if cfg.multi_objective_aggregation == "normalize_then_sum":
+            weights = torch.tensor(cfg.reward_weights or [1.0] * rollout.rewards_per_func.shape[1])
+            summed = normalize_then_sum(rollout.rewards_per_func, weights, cfg.num_generations)
+            return batch_normalized(summed, run.gather_values(summed))
+        batch = run.gather_values(rollout.rewards) if cfg.scale_rewards == "batch" else None
+        return group_advantages(rollout.rewards, cfg.num_generations, scale_rewards=cfg.scale_rewards,
+                                estimator=cfg.advantage_estimator, batch_rewards=batch)
 
     def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
         cfg, plan = run.config, run.plan
+        self.entropy.load(state)
+        if cfg.sync_ref_model and "ref_model" in state.algorithm and not getattr(self, "_ref_restored", False):
+            run.ref_model.load_state_dict(state.algorithm["ref_model"])  # resumed: the synced reference
+        self._ref_restored = True
         rollout = sample_and_score(run, rows, state, phase)
-        advantages = group_advantages(rollout.rewards, cfg.num_generations, scale_rewards=cfg.scale_rewards,
-                                      estimator=cfg.advantage_estimator)
+        advantages = self.advantages(run, rollout)
         warning = vanished_advantages(rollout.rewards, advantages, cfg.num_generations)
         if warning and warning not in self.warned:
             self.warned.add(warning)
@@ -228,9 +248,10 @@ class GRPO:
                                            mask_truncated=cfg.mask_truncated_completions, merge=plan.merge,
                                            skip_zero_advantage=plan.skip_zero_advantage,
                                            never_empty=plan.never_empty)
-        # local means (grpo, bnpo, sapo) are averaged over the micro-batches, as TRL divides by the
-        # accumulation steps (such losses never merge, so every rank has as many)
+        # local means (grpo, bnpo, sapo, luspo) are averaged over the micro-batches, as TRL divides by
+        # the accumulation steps (such losses never merge, so every rank has as many)
         divisor = len(micro_batches) if self.local_means else 1
+        accumulation = len(micro_batches)
         if run.world_size > 1:
             # every rank runs as many forwards as the rank with the most (merging depends on the
             # data): the same collectives everywhere, whatever each rank has to train
@@ -244,24 +265,42 @@ class GRPO:
         skipped = 0
         for _ in range(min(cfg.num_iterations, run.total_steps - state.global_step)):
             with timed(phase, "time/backward"):
-                stats = self.accumulate_gradients(run, micro_batches, num_items, num_sequences, divisor)
+                stats = self.accumulate_gradients(run, micro_batches, num_items, num_sequences, divisor, accumulation)
             with timed(phase, "time/optimizer"):
                 applied, stats["grad_norm"] = run.optimizer_step()
+            self.entropy.end_of_optimizer_step(run, stats)
+            self.sync_reference(run, state.global_step + len(step_stats) + 1)
             skipped += 0 if applied else 1
             step_stats.append(stats)
+        self.entropy.save(state)
+        if cfg.sync_ref_model:
+            state.algorithm["ref_model"] = {k: v.detach().cpu().clone() for k, v in run.ref_model.state_dict().items()}
         return StepOutput(rollout=rollout, step_stats=step_stats, samples=len(rollout),
                           optimizer_steps=len(step_stats), skipped=skipped,
                           extra={"frac_reward_zero_std": _frac_zero_std_groups(rollout.rewards, cfg.num_generations)},
                           per_sample={"advantage": advantages})
 
+    def sync_reference(self, run: RunParts, global_step: int) -> None:
+        """TR-DPO's reference update (TRL's sync_ref_model): every ref_model_sync_steps optimizer
+        steps, ref = alpha * policy + (1 - alpha) * ref."""
+        cfg = run.config
+        if not cfg.sync_ref_model or global_step % cfg.ref_model_sync_steps:
+            return
+        alpha = cfg.ref_model_mixup_alpha
+        with torch.no_grad():
+            mine = dict(run.model.named_parameters())
+            for name, ref in run.ref_model.named_parameters():
+                ref.mul_(1.0 - alpha).add_(mine[name].to(ref.dtype), alpha=alpha)
+
     def accumulate_gradients(self, run: RunParts, micro_batches, num_items, num_sequences,
-                             divisor: int) -> dict[str, torch.Tensor]:
+                             divisor: int, accumulation: int) -> dict[str, torch.Tensor]:
         """Forward + backward of every micro-batch; the loss normalisers cover the whole accumulated,
         all-rank batch, so the summed gradient equals the whole batch's (see algos.losses)."""
         cfg = run.config
         run.model.train()
         totals: dict[str, torch.Tensor] = {}
-        want_entropy = cfg.top_entropy_quantile < 1.0
+        want_entropy = cfg.top_entropy_quantile < 1.0 or self.entropy.enabled
+        gather = run.gather_values if run.world_size > 1 else None
         for i, mb in enumerate(micro_batches):
             sync = run.no_sync() if i < len(micro_batches) - 1 else nullcontext()
             with sync, run.autocast():
@@ -274,13 +313,20 @@ class GRPO:
                     base = mb.old_logps if mb.old_logps is not None else logps.detach()
                     is_weights = rollout_correction_weights(base, mb.sampling_logps, mb.completion_mask, level=level,
                                                             mode=mode, cap=cfg.vllm_importance_sampling_cap)
-                entropy_mask = (top_entropy_mask(entropy.detach(), mb.completion_mask, cfg.top_entropy_quantile)
-                                if want_entropy else None)
+                # the threshold over this micro-batch of every rank (TRL's)
+                entropy_mask = (top_entropy_mask(entropy.detach(), mb.completion_mask, cfg.top_entropy_quantile,
+                                                 gather=gather)
+                                if cfg.top_entropy_quantile < 1.0 else None)
                 loss, stats = self.objective(
                     logps, mb.old_logps, mb.advantages, mb.completion_mask, ref_logps=mb.ref_logps,
                     num_items_in_batch=num_items / run.world_size, num_sequences=num_sequences / run.world_size,
-                    is_weights=is_weights, entropy_mask=entropy_mask)
+                    is_weights=is_weights, entropy_mask=entropy_mask,
+                    sampling_logps=mb.sampling_logps if cfg.use_vllm else None)
                 loss = loss / divisor
+                if self.entropy.enabled:
+                    loss, bonus_stats = self.entropy.apply(loss, entropy, mb.completion_mask, entropy_mask,
+                                                           accumulation)
+                    stats.update(bonus_stats)
             loss.backward()
             weight = mb.completion_mask.sum().detach()
             totals["loss"] = totals.get("loss", 0.0) + loss.detach()
@@ -289,6 +335,61 @@ class GRPO:
             totals["_tokens"] = totals.get("_tokens", 0.0) + weight
         tokens = totals.pop("_tokens").clamp(min=1)
         return {k: (v if k == "loss" else v / tokens) for k, v in totals.items()}
+
+
+@dataclass
+class EntropyBonus:
+    """TRL's entropy bonus: ``loss - coef * H``, ``H`` the mean token entropy of a micro-batch over
+    the tokens the policy term trains on, divided by the accumulation steps. Adaptive
+    (`use_adaptive_entropy`): the bonus applies only while the last step's all-rank mean entropy is
+    at or below `entropy_target` (none before the first measurement), and after each optimizer step
+    `coef` moves by `entropy_coef_delta` (up at or below the target, down above), within
+    [entropy_coef_min, entropy_coef_max]."""
+
+    coef: float = 0.0
+    adaptive: bool = False
+    target: float = 0.2
+    delta: float = 0.005
+    low: float = 0.0
+    high: float = 1.0
+    last_entropy: float = float("inf")
+    window: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "EntropyBonus":
+        return cls(coef=cfg.entropy_coef, adaptive=cfg.use_adaptive_entropy, target=cfg.entropy_target,
+                   delta=cfg.entropy_coef_delta, low=cfg.entropy_coef_min, high=cfg.entropy_coef_max)
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef != 0.0 or self.adaptive
+
+    def apply(self, loss, entropy, mask, entropy_mask, accumulation: int):
+        kept = mask.bool() if entropy_mask is None else mask.bool() & entropy_mask
+        h = entropy_bonus(entropy, kept)
+        coef = self.coef if not self.adaptive or self.last_entropy <= self.target else 0.0
+        if self.adaptive:
+            stats = torch.stack([torch.where(kept, entropy.detach(), 0.0).sum(), kept.sum().to(entropy.dtype)])
+            self.window = stats if self.window is None else self.window + stats
+        return loss - coef * h / accumulation, {"entropy_coef": torch.tensor(float(self.coef))}
+
+    def end_of_optimizer_step(self, run: RunParts, stats: dict) -> None:
+        if not self.adaptive or self.window is None:
+            return
+        total = run.global_sum(self.window)
+        world = float(total[0] / total[1].clamp(min=1.0))
+        self.coef = (min(self.coef + self.delta, self.high) if world <= self.target
+                     else max(self.coef - self.delta, self.low))
+        self.last_entropy, self.window = world, None
+
+    def load(self, state: LoopState) -> None:
+        saved = state.algorithm.get("entropy")
+        if self.adaptive and saved is not None:
+            self.coef, self.last_entropy = float(saved["coef"]), float(saved["last_entropy"])
+
+    def save(self, state: LoopState) -> None:
+        if self.adaptive:
+            state.algorithm["entropy"] = {"coef": self.coef, "last_entropy": self.last_entropy}
 
 
 def add_fixed_logprobs(run: RunParts, micro_batches: list[MicroBatch]) -> None:
@@ -305,7 +406,7 @@ def add_fixed_logprobs(run: RunParts, micro_batches: list[MicroBatch]) -> None:
                 mb.old_logps = run.forward(mb)[0]
             if plan.reference != "none":
                 with run.reference_context() as ref_forward:
-                    mb.ref_logps = ref_forward(mb, temperature=run.config.temperature, **plan.forward_kwargs())[0]
+                    mb.ref_logps = ref_forward(mb, temperature=run.temperature, **plan.forward_kwargs())[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,13 +63,20 @@ class LoopState:
     cursor: int = 0
     skipped_steps: int = 0      # optimizer steps skipped for a non-finite gradient
     samples_seen: int = 0       # completions (or pairs) consumed, all ranks
+    algorithm: dict = dataclasses.field(default_factory=dict)
+    """The algorithm's own state across steps (GRPO: the adaptive entropy coefficient, a synced
+    reference's weights), saved with the checkpoint."""
 
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "algorithm"}
+        if self.algorithm:
+            out["algorithm"] = dict(self.algorithm)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoopState":
-        return cls(**{f.name: int(d[f.name]) for f in dataclasses.fields(cls) if f.name in d})
+        ints = {f.name: int(d[f.name]) for f in dataclasses.fields(cls) if f.name in d and f.name != "algorithm"}
+        return cls(**ints, algorithm=dict(d.get("algorithm") or {}))
 
 
 class RunFacade:
@@ -167,7 +174,7 @@ class RunParts:
 
     def forward(self, mb, **kw):
         """The training forward of a micro-batch, as the plan says (logps, entropy[, values])."""
-        return self.train_forward(mb, **{"temperature": self.config.temperature, **self.plan.forward_kwargs(), **kw})
+        return self.train_forward(mb, **{"temperature": self.temperature, **self.plan.forward_kwargs(), **kw})
 
     @property
     def num_train_rows(self) -> int:
@@ -208,11 +215,17 @@ class RunParts:
         return torch.randperm(n, generator=g).tolist()
 
     # ---- sampling and scoring ----
+    @property
+    def temperature(self) -> float:
+        """The sampling temperature (generation_kwargs' over the field's): logprobs are taken at it."""
+        return self.config.sampling()["temperature"]
+
     def sampling_params(self, seed: int | None, *, temperature: float | None = None) -> SamplingParams:
-        c = self.config
-        return SamplingParams(max_tokens=c.max_completion_length,
-                              temperature=c.temperature if temperature is None else temperature,
-                              top_p=c.top_p, top_k=c.top_k, min_p=c.min_p or 0.0, stop=list(c.stop), seed=seed)
+        s = self.config.sampling()  # the fields, with generation_kwargs over them
+        return SamplingParams(max_tokens=s["max_completion_length"],
+                              temperature=s["temperature"] if temperature is None else temperature,
+                              top_p=s["top_p"], top_k=s["top_k"], min_p=s["min_p"] or 0.0, stop=s["stop"],
+                              repetition_penalty=s["repetition_penalty"], seed=seed)
 
     def sample(self, rows: list[int], seed: int) -> Trajectories:
         """G trajectories for each of `rows` (this rank's prompts), sampled with `seed`."""
@@ -295,6 +308,20 @@ class RunParts:
         if self.world_size > 1:
             torch.distributed.all_reduce(x)
         return x
+
+    def gather_values(self, values: torch.Tensor) -> torch.Tensor:
+        """The 1-D `values` of every rank, concatenated in rank order (ranks may hold different counts)."""
+        if self.world_size == 1:
+            return values
+        values = values.detach().reshape(-1)
+        longest = self.global_max(values.numel())
+        padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+        padded[:values.numel()] = values
+        counts = [torch.zeros(1, dtype=torch.int64, device=values.device) for _ in range(self.world_size)]
+        torch.distributed.all_gather(counts, torch.tensor([values.numel()], dtype=torch.int64, device=values.device))
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, padded)
+        return torch.cat([part[:int(n)] for part, n in zip(parts, counts)])
 
     def global_max(self, n: int) -> int:
         x = torch.tensor([int(n)], dtype=torch.int64, device=self.device)
@@ -524,7 +551,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
 
     # prompts: rendered, tokenized, checked against the context
     max_ctx = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
-    prompt_ids = data.validate_prompts(train_dataset, tok, max_prompt_length=cfg.max_prompt_length)
+    prompt_ids = data.validate_prompts(train_dataset, tok, max_prompt_length=cfg.max_prompt_length,
+                                       chat_template_kwargs=cfg.chat_template_kwargs)
     conversational = data.is_conversational(train_dataset[0])
     prompts = list(train_dataset["prompt"])
     columns = {c: list(train_dataset[c]) for c in train_dataset.column_names if c != "prompt"}
@@ -553,6 +581,12 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     # generation engine, reference, optimizer, schedule
     engine = make_engine("vllm" if cfg.use_vllm else "hf", policy, tok, max_batch_tokens=cfg.max_batch_tokens)
     needs_reference = cfg.beta > 0 if needs_reference is None else needs_reference
+    if cfg.sync_ref_model and is_peft:
+        raise ValueError("sync_ref_model=True with a LoRA (PEFT) model: the reference is the base model with the "
+                         "adapter off, there is no separate copy to sync (as in TRL). Use sync_ref_model=False, or "
+                         "full fine-tuning.")
+    if cfg.sync_ref_model and world > 1 and cfg.distributed_strategy == "fsdp2":
+        raise ValueError("sync_ref_model=True is not supported with distributed_strategy=fsdp2 yet; use ddp.")
     ref_model = None
     if needs_reference and not is_peft:
         ref_model = models.load_reference_model(policy)

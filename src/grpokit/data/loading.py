@@ -155,12 +155,14 @@ def _no_chat_template_error(tokenizer) -> ValueError:
     )
 
 
-def render_prompt(prompt: str | Sequence[dict[str, Any]], tokenizer) -> str:
+def render_prompt(prompt: str | Sequence[dict[str, Any]], tokenizer,
+                  chat_template_kwargs: dict[str, Any] | None = None) -> str:
     """The text the model is prompted with.
 
     A standard prompt (str) is returned as is. A conversational prompt is rendered with the
     tokenizer's chat template: with the generation prompt when the last message is the user's
-    (or system's), continuing the final message when it is the assistant's (as TRL does).
+    (or system's), continuing the final message when it is the assistant's (as TRL does);
+    `chat_template_kwargs` (e.g. ``{"enable_thinking": False}``) reach the template.
     """
     if isinstance(prompt, str):
         return prompt
@@ -177,12 +179,15 @@ def render_prompt(prompt: str | Sequence[dict[str, Any]], tokenizer) -> str:
         tokenize=False,
         add_generation_prompt=not last_is_assistant,
         continue_final_message=last_is_assistant,
+        **(chat_template_kwargs or {}),
     )
 
 
-def encode_prompt(prompt: str | Sequence[dict[str, Any]], tokenizer) -> list[int]:
+def encode_prompt(prompt: str | Sequence[dict[str, Any]], tokenizer,
+                  chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Token ids of a prompt: rendered with `render_prompt`, tokenized without adding a second BOS."""
-    return _encode_rendered([render_prompt(prompt, tokenizer)], [not isinstance(prompt, str)], tokenizer)[0]
+    text = render_prompt(prompt, tokenizer, chat_template_kwargs)
+    return _encode_rendered([text], [not isinstance(prompt, str)], tokenizer)[0]
 
 
 def _encode_rendered(texts: list[str], templated: list[bool], tokenizer) -> list[list[int]]:
@@ -204,8 +209,10 @@ def validate_prompts(
     *,
     max_prompt_length: int | None,
     required_columns: Sequence[str] = (),
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[list[int]]:
-    """Check a prompt dataset before training and return every row's prompt token ids.
+    """Check a prompt dataset before training and return every row's prompt token ids
+    (conversational prompts rendered with `chat_template_kwargs`).
 
     Raises ValueError for: an empty dataset; no "prompt" column (the message lists the columns that
     exist); a missing required column (e.g. one a reward function reads); conversational prompts with a
@@ -232,7 +239,7 @@ def validate_prompts(
     texts = []
     for i, prompt in enumerate(prompts):
         try:
-            texts.append(render_prompt(prompt, tokenizer))
+            texts.append(render_prompt(prompt, tokenizer, chat_template_kwargs))
         except TypeError as err:
             raise ValueError(f"row {i}: {err}") from err
     ids = _encode_rendered(texts, templated, tokenizer)

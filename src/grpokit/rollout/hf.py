@@ -339,13 +339,23 @@ class HFEngine:
         window = (max(len(s) for s in stop) + _STOP_WINDOW_EXTRA) if stop else 0
         decode_batch = self._decode_batch_fn() if stop else None
         tokens = None  # set by the first sample() below, before step 1 reads it
+        seen = None  # [rows, V] tokens already in each row, for the repetition penalty
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros((n_rows, logits.shape[-1]), dtype=torch.bool, device=device)
+            first = 0
+            for i, _, c in wave:  # a wave's rows: c consecutive samples of prompt i
+                seen[first:first + c, torch.tensor(prompt_ids[i], dtype=torch.long, device=device)] = True
+                first += c
         for step in range(params.max_tokens):
             b = cache.b
             if step > 0:
                 logits = self._forward(input_ids=tokens[:b, None], position_ids=positions[:b, None],
                                        attention_mask=cache.step_mask(), cache=cache)[:, -1, :]
                 positions[:b] += 1
-            tokens, token_lp = sample(logits, params, uniforms[row_ids[:b], step])
+            tokens, token_lp = sample(logits, params, uniforms[row_ids[:b], step],
+                                      seen=None if seen is None else seen[:b])
+            if seen is not None:
+                seen[torch.arange(b, device=device), tokens] = True
             tok_list, lp_list = tokens.tolist(), token_lp.tolist()
             done, tails = [], []
             for pos, row in enumerate(active):
@@ -364,7 +374,8 @@ class HFEngine:
             if len(done) == b or step + 1 == params.max_tokens:
                 break
             if done:
-                for to, frm in cache.drop(done, extra=(tokens, positions, row_ids)):
+                moved = (tokens, positions, row_ids) if seen is None else (tokens, positions, row_ids, seen)
+                for to, frm in cache.drop(done, extra=moved):
                     active[to] = active[frm]
                 del active[cache.b:]
         return out_tokens, out_logprobs, finish

@@ -1,8 +1,10 @@
 """Sampling: parameters, logits processing and counter-based random draws, in vectorised torch.
 
-Processing order (the same as HF `generate`'s warpers): temperature, then top-k, then top-p,
-then min-p. Each step keeps HF's tie and edge semantics exactly:
+Processing order (the same as HF `generate`'s processors and warpers): the repetition penalty,
+then temperature, top-k, top-p, min-p. Each step keeps HF's tie and edge semantics exactly:
 
+- the repetition penalty ``p`` (HF's and vLLM's): every token already in the row (prompt or
+  completion so far) gets ``logit / p`` where its logit is > 0, ``logit * p`` otherwise;
 - top-k keeps every token whose logit is >= the k-th largest (ties at the boundary are kept);
 - top-p sorts ascending, removes the tokens whose cumulative probability is <= 1 - top_p, and
   always keeps the most likely token;
@@ -43,6 +45,8 @@ class SamplingParams:
     """Keep the k most likely tokens (0 or -1 = off)."""
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the most likely one's (0 = off)."""
+    repetition_penalty: float = 1.0
+    """Penalise tokens already in the prompt or the completion so far (> 1 discourages them; 1 = off)."""
     stop: list[str] | None = field(default=None)
     """Strings that end a completion; the text is cut right after the first one (kept in the text)."""
     seed: int | None = None
@@ -64,16 +68,22 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be an int >= 0 (or -1 for off), got {self.top_k!r}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-def processed_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Logits [B, V] (float32) of the distribution sampled: temperature applied, and -inf on the
-    tokens removed by top-k / top-p / min-p. For greedy these are the raw logits."""
+def processed_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, V] (float32) of the distribution sampled: the repetition penalty on the tokens
+    `seen` ([B, V] bool, given when the penalty is on), temperature applied, and -inf on the tokens
+    removed by top-k / top-p / min-p. For greedy these are the (penalised) raw logits."""
     x = logits.float()
+    if seen is not None and params.repetition_penalty != 1.0:
+        p = params.repetition_penalty
+        x = torch.where(seen, torch.where(x > 0, x / p, x * p), x)
     if params.greedy:
         return x
     if params.temperature != 1.0:
@@ -94,21 +104,23 @@ def processed_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
     return x
 
 
-def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def processed_logprobs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities [B, V] of the distribution sampled from `logits` [B, V] (-inf where removed).
 
     For greedy this is log_softmax(logits): the distribution before any processing.
     """
-    return torch.log_softmax(processed_logits(logits, params), dim=-1)
+    return torch.log_softmax(processed_logits(logits, params, seen), dim=-1)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor | None = None):
+def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor | None = None,
+           seen: torch.Tensor | None = None):
     """Draw one token per row of `logits` [B, V]: returns (token_ids [B] int64, logprobs [B] float32),
     the logprobs being those of the processed distribution (`processed_logprobs`) at the tokens.
 
     `uniforms` [B] (float64 in [0, 1)) picks the token by inverting the CDF; ignored if greedy.
+    `seen` [B, V] bool: the tokens the repetition penalty applies to (None: no penalty).
     """
-    x = processed_logits(logits, params)
+    x = processed_logits(logits, params, seen)
     top = x.amax(dim=-1, keepdim=True)
     if params.greedy:
         tokens = x.argmax(dim=-1)

@@ -1,0 +1,157 @@
+"""TRL 1.16's knobs through the whole trainer: each trains (parameters move, metrics logged), the
+stateful ones (adaptive entropy, a synced reference) resume exactly, and the sampling ones reach
+the sampler (repetition penalty as transformers' processor, generation_kwargs, chat_template_kwargs)."""
+
+import json
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from grpokit import GRPOConfig, GRPOTrainer
+from grpokit.models import load_tokenizer, new_char_tokenizer, new_model_from_config
+from grpokit.rollout.sampling import SamplingParams, processed_logits
+
+
+def tiny(seed=0, chat_template=None):
+    tok = load_tokenizer(new_char_tokenizer(chat_template=chat_template))
+    cfg = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64}
+    return new_model_from_config(cfg, tokenizer=tok, seed=seed), tok
+
+
+def digit_first(prompts, completions, **kw):
+    return [1.0 if c[:1].isdigit() else 0.0 for c in completions]
+
+
+def long_one(prompts, completions, **kw):
+    return [len(c) / 4 for c in completions]
+
+
+def prompts_ds(n=16):
+    return Dataset.from_dict({"prompt": [f"q{i}:" for i in range(n)]})
+
+
+def config(tmp_path, **over):
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=8,
+                gradient_accumulation_steps=2, num_generations=4, max_completion_length=4, learning_rate=1e-2,
+                logging_steps=100, save_strategy="no", use_cpu=True, disable_tqdm=True, plot=False, seed=1)
+    return GRPOConfig(**{**base, **over})
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"step"' in line]
+
+
+KNOBS = {
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "vespo": dict(loss_type="vespo"),
+    "cispo_default_cap": dict(loss_type="cispo"),
+    "bias_corrected_kl": dict(beta=0.1, use_bias_correction_kl=True),
+    "off_policy_mask": dict(off_policy_mask_threshold=0.0, num_iterations=2),
+    "entropy_bonus": dict(entropy_coef=0.05),
+    "adaptive_entropy": dict(use_adaptive_entropy=True, entropy_target=10.0, entropy_coef=0.01),
+    "normalize_then_sum": dict(multi_objective_aggregation="normalize_then_sum", reward_weights=[1.0, 0.5]),
+    "sync_ref_model": dict(beta=0.1, sync_ref_model=True, ref_model_sync_steps=1),
+    "repetition_penalty": dict(repetition_penalty=1.3),
+    "generation_kwargs": dict(generation_kwargs={"top_k": 20, "repetition_penalty": 1.2}),
+    "batch_scaling": dict(scale_rewards="batch"),
+}
+
+
+@pytest.mark.parametrize("name", list(KNOBS))
+def test_each_knob_trains(tmp_path, name):
+    model, tok = tiny()
+    cfg = config(tmp_path, **KNOBS[name])
+    funcs = [digit_first, long_one] if name == "normalize_then_sum" else digit_first
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=cfg, train_dataset=prompts_ds(), processing_class=tok)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
+    assert moved, f"{name}: no parameter changed"
+    rows = metrics(cfg.output_dir)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    if name == "adaptive_entropy":
+        # the entropy (~4 nats on a random char model) stays below the target 10: the coefficient
+        # rises by entropy_coef_delta every optimizer step: 0.01 -> 0.015 -> 0.02 logged at steps 2, 3
+        coefs = [r["entropy_coef"] for r in rows if "entropy_coef" in r]
+        assert coefs == pytest.approx([0.01, 0.015, 0.02])
+    if name == "vespo":
+        assert any("vespo/phi_seq_mean" in r for r in rows)
+    if name == "sync_ref_model":
+        # after syncing every step the reference has moved towards the policy
+        ref = trainer.parts.ref_model
+        assert any(not torch.equal(before[n], p) for n, p in ref.named_parameters())
+
+
+@pytest.mark.parametrize("knobs", [dict(use_adaptive_entropy=True, entropy_target=10.0, entropy_coef=0.01),
+                                   dict(beta=0.1, sync_ref_model=True, ref_model_sync_steps=2)],
+                         ids=["adaptive_entropy", "sync_ref_model"])
+def test_stateful_knobs_resume_exactly(tmp_path, knobs):
+    def run(resume=None, out="a"):
+        model, tok = tiny()
+        cfg = config(tmp_path, max_steps=4, save_steps=2, save_strategy="steps", output_dir=str(tmp_path / out),
+                     **knobs)
+        t = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
+                        processing_class=tok)
+        t.train(resume_from_checkpoint=resume)
+        ref = t.parts.ref_model
+        return ({k: v.clone() for k, v in t.model.state_dict().items()},
+                {k: v.clone() for k, v in ref.state_dict().items()} if ref is not None else {})
+
+    straight, straight_ref = run()
+    resumed, resumed_ref = run(resume=str(tmp_path / "a" / "checkpoint-2"), out="b")
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    for k in straight_ref:
+        assert torch.equal(straight_ref[k], resumed_ref[k]), f"reference {k}"
+
+
+def test_repetition_penalty_is_transformers_processor():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 11)
+    history = torch.tensor([[1, 2, 2], [0, 5, 7], [10, 3, 3]])
+    seen = torch.zeros(3, 11, dtype=torch.bool)
+    seen[torch.arange(3)[:, None], history] = True
+    want = RepetitionPenaltyLogitsProcessor(1.7)(history, logits.clone())
+    got = processed_logits(logits, SamplingParams(temperature=1.0, repetition_penalty=1.7), seen)
+    torch.testing.assert_close(got, want)
+
+
+def test_repetition_penalty_changes_what_the_engine_samples_and_its_logprobs():
+    from grpokit.rollout import make_engine
+
+    model, tok = tiny()
+    engine = make_engine("hf", model, tok)
+    prompt = [tok("ab:")["input_ids"]]
+    plain = engine.generate(prompt, n=4, params=SamplingParams(max_tokens=12, temperature=0.0, seed=0))
+    penalised = engine.generate(prompt, n=4, params=SamplingParams(max_tokens=12, temperature=0.0, seed=0,
+                                                                   repetition_penalty=5.0))
+    # greedy under a strong penalty never repeats a token of the row (while alternatives remain)
+    ids = penalised[0].token_ids
+    assert len(set(ids) - set(prompt[0])) == len(ids) or penalised[0].finish_reason == "stop"
+    assert plain[0].token_ids != ids or plain[0].logprobs != penalised[0].logprobs
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path):
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% if not enable_thinking|default(true) %}#{% endif %}"
+                "{% endif %}")
+    model, tok = tiny(chat_template=template)
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"q{i}"}] for i in range(8)]})
+    seen = {}
+    for kwargs in (None, {"enable_thinking": False}):
+        cfg = config(tmp_path, max_steps=1, chat_template_kwargs=kwargs, output_dir=str(tmp_path / str(kwargs)))
+        t = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=ds, processing_class=tok)
+        seen[str(kwargs)] = tok.decode(t.parts.prompt_ids[0])
+    assert seen["None"].endswith("<assistant>") and seen[str({"enable_thinking": False})].endswith("<assistant>#")
+
+
+def test_generation_kwargs_the_sampler_cannot_honour_are_an_error_naming_them(tmp_path):
+    with pytest.raises(ValueError, match="generation_kwargs 'num_beams' not supported"):
+        config(tmp_path, generation_kwargs={"num_beams": 2})
+    with pytest.raises(ValueError, match="sync_ref_model=True needs a reference model"):
+        config(tmp_path, sync_ref_model=True)
