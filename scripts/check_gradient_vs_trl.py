@@ -37,13 +37,32 @@ CASES = {
     "luspo (sequence)": {"loss_type": "luspo", "importance_sampling_level": "sequence"},
     "vespo": {"loss_type": "vespo"},
     "gspo": {"loss_type": "grpo", "importance_sampling_level": "sequence"},
-    "gspo + entropy mask": {"loss_type": "grpo", "importance_sampling_level": "sequence", "top_entropy_quantile": 0.5},
     "dapo + entropy mask": {"top_entropy_quantile": 0.2},
+    # (at quantile 0.5 the threshold of these completions falls on entropies that are tied across a
+    # group's rows -- equal prefixes -- and float noise of 1e-7 between the two forwards flips
+    # tokens at the tie: measured 2e-4 (dapo) and 9e-3 (gspo, where a flip rescales a sequence))
+    "gspo + entropy mask": {"loss_type": "grpo", "importance_sampling_level": "sequence", "top_entropy_quantile": 0.2},
     "bias-corrected KL": {"beta": 0.04, "use_bias_correction_kl": True},
     "plain KL": {"beta": 0.04, "use_bias_correction_kl": False},
     "entropy bonus": {"entropy_coef": 0.01},
+    # off-policy: old logprobs = the sampler's + noise (as after an update), the same for both
+    "dapo (off-policy)": {"off_policy": True},
+    "gspo (off-policy)": {"loss_type": "grpo", "importance_sampling_level": "sequence", "off_policy": True},
+    "cispo (off-policy)": {"loss_type": "cispo", "epsilon_high": 1.1, "off_policy": True},
+    "vespo (off-policy)": {"loss_type": "vespo", "off_policy": True},
+    "off-policy mask": {"off_policy_mask_threshold": 0.002, "off_policy": True},
+    "bias-corrected KL (off-policy)": {"beta": 0.04, "off_policy": True},
     "grpo + entropy bonus": {"loss_type": "grpo", "entropy_coef": 0.01},
 }
+
+
+def perturb(model) -> None:
+    """Move a policy away from its reference (copied when its trainer was built), the same way for
+    both trainers, so that the KL and its gradient are not zero."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
 
 
 def main() -> int:
@@ -60,11 +79,14 @@ def main() -> int:
                       learning_rate=1e-4, max_steps=1, seed=0, use_cpu=True, bf16=False, report_to="none",
                       output_dir=tempfile.mkdtemp(), shuffle_dataset=False, reward_weights=list(task.reward_weights))
         common.update(knobs)
+        off_policy = common.pop("off_policy", False)
         loss_type = common["loss_type"]
         trainer = GRPOTrainer(model=ours, reward_funcs=list(task.reward_funcs), processing_class=tok,
                               train_dataset=task.train_dataset,
                               args=GRPOConfig(**common, plot=False, save_strategy="no", disable_tqdm=True))
         run = trainer.parts
+        if common["beta"] != 0.0:
+            perturb(ours)
         if rollout is None:  # the same completions for every loss type
             rollout = run.score(run.sample(list(range(PROMPTS)), seed=123))
             advantages = group_advantages(rollout.rewards, G, scale_rewards="group")
@@ -72,6 +94,12 @@ def main() -> int:
                                      device=run.device, mask_truncated=False, merge=run.plan.merge,
                                      skip_zero_advantage=run.plan.skip_zero_advantage)
         add_fixed_logprobs(run, batches)
+        old = None
+        if off_policy:
+            (mb,) = batches  # one micro-batch of every row, in order: [B, C] as TRL's padded tensors
+            noise = torch.randn(mb.sampling_logps.shape, generator=torch.Generator().manual_seed(3)) * 0.05
+            old = (mb.sampling_logps + noise) * mb.completion_mask
+            mb.old_logps = old
         num_items = sum(mb.completion_mask.sum() for mb in batches)
         trainer.algorithm.accumulate_gradients(run, batches, num_items, torch.tensor(float(G * PROMPTS)),
                                                len(batches) if is_local_mean(loss_type) else 1, len(batches))
@@ -80,6 +108,8 @@ def main() -> int:
         ref = trl.GRPOTrainer(model=theirs, reward_funcs=list(task.reward_funcs), processing_class=tok,
                               train_dataset=task.train_dataset, args=trl.GRPOConfig(**common))
         ref.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
+        if common["beta"] != 0.0:
+            perturb(ref.model)
         p_len = max(len(p) for p in rollout.prompt_ids)
         c_len = max(len(c) for c in rollout.completion_ids)
         pad = tok.pad_token_id
@@ -89,7 +119,7 @@ def main() -> int:
             "prompt_mask": torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) for p in rollout.prompt_ids]),
             "completion_ids": torch.tensor([c + [pad] * (c_len - len(c)) for c in rollout.completion_ids]),
             "completion_mask": completion_mask, "advantages": advantages.clone(),
-            "num_items_in_batch": completion_mask.sum().float(), "old_per_token_logps": None,
+            "num_items_in_batch": completion_mask.sum().float(), "old_per_token_logps": old,
         }
         if common["beta"] != 0.0:
             with torch.no_grad():
