@@ -6,16 +6,19 @@ can be used on its own.
 
 __version__ = "0.1.0"
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "__version__"]
+__all__ = ["DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "__version__"]
+
+_LAZY = {
+    "GRPOConfig": "grpokit.config", "GRPOTrainer": "grpokit.trainer",
+    # TRL's other online trainers of the family, as `from trl import PPOTrainer, DPOTrainer`
+    "PPOConfig": "grpokit.baselines.ppo", "PPOTrainer": "grpokit.baselines.ppo",
+    "DPOConfig": "grpokit.baselines.dpo", "DPOTrainer": "grpokit.baselines.dpo",
+}
 
 
 def __getattr__(name):
-    if name == "GRPOConfig":
-        from grpokit.config import GRPOConfig
+    if name in _LAZY:
+        import importlib
 
-        return GRPOConfig
-    if name == "GRPOTrainer":
-        from grpokit.trainer import GRPOTrainer
-
-        return GRPOTrainer
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'grpokit' has no attribute {name!r}")

@@ -100,6 +100,10 @@ def _yaml_problem(e: Exception) -> str:
 
 
 def with_demo_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
-    if any(cfg.get(k) for k in ("model_name_or_path", "dataset_name", "task")):
+    """The command line's defaults: the demo when no model, dataset or task is named; the
+    arithmetic task when a model is named without data (the Python API asks for a dataset)."""
+    if any(cfg.get(k) for k in ("dataset_name", "task")):
         return cfg
+    if cfg.get("model_name_or_path"):
+        return {"task": "arithmetic", **cfg}
     return {**DEMO_DEFAULTS, **cfg}

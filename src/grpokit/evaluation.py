@@ -87,3 +87,31 @@ class Evaluator:
                     totals[k] += pass_at_k(n, c, k)
         m = len(self.prompt_ids)
         return {"eval/sample_accuracy": frac / m, **{f"eval/pass@{k}": v / m for k, v in totals.items()}}
+
+
+@dataclass
+class NamedEvaluators:
+    """Several eval sets (TRL's `eval_dataset={"name": ds, ...}` or a `DatasetDict`): each set's
+    metrics under `eval_<name>/...` (transformers' prefix `eval_<name>`)."""
+
+    evaluators: dict[str, Evaluator]
+
+    @classmethod
+    def build(cls, datasets: dict, tokenizer, **kwargs) -> "NamedEvaluators":
+        if not datasets:
+            raise ValueError("eval_dataset is an empty mapping; give at least one named eval set.")
+        return cls({str(name): Evaluator.build(ds, tokenizer, **kwargs) for name, ds in datasets.items()})
+
+    def greedy(self, engine, batch_size: int = 256) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, evaluator in self.evaluators.items():
+            for key, value in evaluator.greedy(engine, batch_size=batch_size).items():
+                out[key.replace("eval/", f"eval_{name}/", 1)] = value
+        return out
+
+
+def build_evaluator(eval_dataset, tokenizer, **kwargs):
+    """An `Evaluator` for one eval set, `NamedEvaluators` for a mapping of them (dict, DatasetDict)."""
+    if isinstance(eval_dataset, dict):  # datasets.DatasetDict is a dict
+        return NamedEvaluators.build(eval_dataset, tokenizer, **kwargs)
+    return Evaluator.build(eval_dataset, tokenizer, **kwargs)

@@ -155,3 +155,77 @@ def test_generation_kwargs_the_sampler_cannot_honour_are_an_error_naming_them(tm
         config(tmp_path, generation_kwargs={"num_beams": 2})
     with pytest.raises(ValueError, match="sync_ref_model=True needs a reference model"):
         config(tmp_path, sync_ref_model=True)
+
+
+# --- inputs as TRL takes them ------------------------------------------------------------------
+
+def test_no_train_dataset_is_an_error_naming_the_fix(tmp_path):
+    model, tok = tiny()
+    with pytest.raises(ValueError, match="train_dataset is required"):
+        GRPOTrainer(model=model, reward_funcs=digit_first, args=config(tmp_path), processing_class=tok)
+
+
+def test_a_loaded_model_without_processing_class_loads_the_tokenizer_of_its_name(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    trainer = GRPOTrainer(model=loaded, reward_funcs=digit_first, args=config(tmp_path, max_steps=1),
+                          train_dataset=prompts_ds())
+    assert trainer.processing_class.get_vocab() == tok.get_vocab()
+    trainer.train()
+
+
+def test_a_streaming_dataset_is_read_in_order_as_far_as_the_run_needs(tmp_path):
+    from datasets import IterableDataset
+
+    read = []
+
+    def rows():
+        for i in range(1000):
+            read.append(i)
+            yield {"prompt": f"q{i}:"}
+
+    stream = IterableDataset.from_generator(rows)
+    model, tok = tiny()
+    seen = []
+
+    def record(prompts, completions, **kw):
+        seen.extend(prompts)
+        return digit_first(prompts, completions)
+
+    cfg = config(tmp_path, max_steps=2)  # 2 steps x 4 prompts (8 x 2 completions / G = 4)
+    GRPOTrainer(model=model, reward_funcs=record, args=cfg, train_dataset=stream, processing_class=tok).train()
+    assert [p for p in dict.fromkeys(seen)] == [f"q{i}:" for i in range(8)]
+    assert max(read) < 20  # the stream was not read to its end
+    with pytest.raises(ValueError, match="streaming IterableDataset.*set max_steps"):
+        GRPOTrainer(model=model, reward_funcs=digit_first, args=config(tmp_path, max_steps=-1), processing_class=tok,
+                    train_dataset=IterableDataset.from_generator(rows))
+
+
+def test_named_eval_sets_and_evaluate_on_a_given_set(tmp_path):
+    from datasets import DatasetDict
+
+    def exact(prompts, completions, **kw):  # every greedy completion scores 1: accuracy 1.0
+        return [1.0] * len(completions)
+
+    model, tok = tiny()
+    sets = DatasetDict({"easy": prompts_ds(4), "hard": prompts_ds(6)})
+    trainer = GRPOTrainer(model=model, reward_funcs=exact, args=config(tmp_path, max_steps=1), processing_class=tok,
+                          train_dataset=prompts_ds(), eval_dataset=sets)
+    metrics = trainer.evaluate()
+    assert metrics["eval_easy/accuracy"] == 1.0 and metrics["eval_hard/accuracy"] == 1.0
+    one = trainer.evaluate(eval_dataset=prompts_ds(3), metric_key_prefix="test")
+    assert one["test/accuracy"] == 1.0 and trainer.state.log_history[-1]["test/accuracy"] == 1.0
+
+
+def test_ppo_and_dpo_are_importable_from_the_package_as_from_trl():
+    import grpokit
+    from grpokit import DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
+    from grpokit.baselines.dpo import DPOTrainer as dpo
+    from grpokit.baselines.ppo import PPOTrainer as ppo
+
+    assert PPOTrainer is ppo and DPOTrainer is dpo and PPOConfig().kl_estimator == "k1"
+    assert isinstance(DPOConfig(), grpokit.GRPOConfig)

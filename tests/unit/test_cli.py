@@ -28,5 +28,7 @@ def test_bare_word_is_rejected():
 def test_demo_defaults_only_when_nothing_is_chosen():
     assert with_demo_defaults({"max_steps": 5})["task"] == "arithmetic"
     assert with_demo_defaults({"max_steps": 5})["max_steps"] == 5
-    assert "task" not in with_demo_defaults({"model_name_or_path": "x"})
+    # a model without data trains on the arithmetic task, with the model's (TRL's) defaults otherwise
+    assert with_demo_defaults({"model_name_or_path": "x"}) == {"task": "arithmetic", "model_name_or_path": "x"}
+    assert "task" not in with_demo_defaults({"model_name_or_path": "x", "dataset_name": "d.jsonl"})
     GRPOConfig(**DEMO_DEFAULTS)  # the demo's own settings are valid

@@ -100,12 +100,18 @@ class RunFacade:
     def add_callback(self, callback) -> None:
         self.surface.add_callback(callback)
 
-    def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy on the eval set now (the metrics also go to the logs and `state.log_history`)."""
-        if self.parts.eval_fn is None:
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Greedy accuracy on the eval set now, or on `eval_dataset` (one set or a mapping of named
+        sets), as transformers' `Trainer.evaluate`: metrics named `<metric_key_prefix>/...`
+        (`eval_<name>/...` per named set); they also go to the logs and `state.log_history`."""
+        evaluator = self.parts.eval_fn if eval_dataset is None else self.parts.make_evaluator(eval_dataset)
+        if evaluator is None:
             raise ValueError(f"{type(self).__name__}.evaluate(): there is no eval set; pass eval_dataset= (or "
                              "set dataset_test_split, or use a built-in task).")
-        metrics = self.parts.log_eval(step=self.state.global_step)
+        metrics = self.parts.log_eval(step=self.state.global_step, evaluator=evaluator)
+        if metric_key_prefix != "eval":
+            metrics = {metric_key_prefix + k[len("eval"):] if k.startswith("eval") else k: v for k, v in metrics.items()}
+        metrics = {k: v for k, v in metrics.items() if not ignore_keys or k.split("/")[-1] not in ignore_keys}
         self.state.log_history.append({**metrics, "step": self.state.global_step})
         return metrics
 
@@ -148,13 +154,15 @@ class RunParts:
     total_steps: int
     prompts_per_step: int            # per rank
     eval_dataset: Any = None
-    eval_fn: Any = None              # evaluation.Evaluator or None
+    eval_fn: Any = None              # evaluation.Evaluator, NamedEvaluators (several eval sets) or None
+    make_evaluator: Any = None       # eval dataset(s) -> an evaluator like eval_fn (Trainer.evaluate(eval_dataset))
     ref_model: Any = None
     is_peft: bool = False
     rank: int = 0
     world_size: int = 1
     pad_id: int = 0
     task_name: str | None = None
+    streamed: bool = False           # the training rows came from a streaming IterableDataset
     model_name: str = ""
     notes: list[str] = field(default_factory=list)
     # the training forward (core.forward.completion_logprobs) as a module: DDP- or FSDP2-wrapped
@@ -209,7 +217,7 @@ class RunParts:
 
     def _epoch_order(self, epoch: int) -> list[int]:
         n = self.num_train_rows
-        if not self.config.shuffle_dataset:
+        if not self.config.shuffle_dataset or self.streamed:  # a stream is read in its own order
             return list(range(n))
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         return torch.randperm(n, generator=g).tolist()
@@ -353,11 +361,12 @@ class RunParts:
         return {k: float(v) for k, v in zip(keys, vec)}
 
     # ---- eval, checkpoints, end ----
-    def log_eval(self, step: int) -> dict[str, float]:
-        if self.eval_fn is None:
+    def log_eval(self, step: int, evaluator=None) -> dict[str, float]:
+        evaluator = evaluator if evaluator is not None else self.eval_fn
+        if evaluator is None:
             return {}
         with self.guard("evaluation"), self.generation_context():
-            metrics = self.eval_fn.greedy(self.engine, batch_size=self.config.per_device_eval_batch_size)
+            metrics = evaluator.greedy(self.engine, batch_size=self.config.per_device_eval_batch_size)
         self.tracker.log(step, metrics)
         self.tracker.write(f"eval @ step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
@@ -507,8 +516,12 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
 
     # data and task
     task = None
+    if train_dataset is None and cfg.dataset_name is None and cfg.task is None:
+        raise ValueError("train_dataset is required: pass train_dataset= (a datasets.Dataset with a 'prompt' column), "
+                         "or set dataset_name (a hub id or a local file) or task (a built-in task: "
+                         f"{', '.join(data.TASKS)}).")
     if train_dataset is None and cfg.dataset_name is None:
-        task = data.get_task(cfg.task or "arithmetic", seed=cfg.seed, num_train=cfg.task_num_train,
+        task = data.get_task(cfg.task, seed=cfg.seed, num_train=cfg.task_num_train,
                              num_eval=cfg.task_num_eval)
         train_dataset, eval_dataset = task.train_dataset, eval_dataset if eval_dataset is not None else task.eval_dataset
     elif cfg.task is not None:
@@ -518,13 +531,26 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
         train_dataset = data.load_dataset_spec(name, split=cfg.dataset_train_split, config_name=cfg.dataset_config)
         if eval_dataset is None and cfg.dataset_test_split:
             eval_dataset = data.load_dataset_spec(name, split=cfg.dataset_test_split, config_name=cfg.dataset_config)
+    streamed = _is_iterable_dataset(train_dataset)
+    if streamed:
+        train_dataset = _rows_of_stream(train_dataset, cfg, rows_per_step_factor, distributed.world_size())
+    if _is_iterable_dataset(eval_dataset):
+        eval_dataset = _rows_of_stream(eval_dataset, None, 1, 1)
+    elif isinstance(eval_dataset, dict):  # named eval sets (a DatasetDict is a dict): streams among them
+        eval_dataset = {name: _rows_of_stream(ds, None, 1, 1) if _is_iterable_dataset(ds) else ds
+                        for name, ds in eval_dataset.items()}
     if cfg.remove_unused_columns:
         train_dataset = train_dataset.select_columns(["prompt"])
 
     # model and tokenizer
     model_ref = model if model is not None else (cfg.model_name_or_path or models.starter_model_path())
     if not isinstance(model_ref, str) and tokenizer is None:
-        raise ValueError("GRPOTrainer: model is a loaded model, so pass its tokenizer as processing_class=.")
+        # as TRL: the processing class of the model's own name (the id or path it was loaded from)
+        tokenizer = (getattr(model_ref, "name_or_path", None)
+                     or getattr(getattr(model_ref, "config", None), "_name_or_path", None))
+        if not tokenizer:
+            raise ValueError("GRPOTrainer: model is a loaded model with no name to load its tokenizer from; pass the "
+                             "tokenizer as processing_class=.")
     model_name = model_ref if isinstance(model_ref, str) else type(model_ref).__name__
     if isinstance(model_ref, str) and model_ref == models.starter_model_path():
         model_name = "grpokit starter model"
@@ -623,12 +649,15 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
         scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=total_steps * k)
 
-    from grpokit.evaluation import Evaluator
+    from grpokit.evaluation import build_evaluator
     from grpokit.tracking import Tracker
 
-    eval_fn = None
-    if eval_dataset is not None:
-        eval_fn = Evaluator.build(eval_dataset, tok, task=task, reward_runner=runner, config=cfg)
+    def make_evaluator(dataset):
+        if _is_iterable_dataset(dataset):
+            dataset = _rows_of_stream(dataset, None, 1, 1)
+        return build_evaluator(dataset, tok, task=task, reward_runner=runner, config=cfg)
+
+    eval_fn = make_evaluator(eval_dataset) if eval_dataset is not None else None
     if cfg.eval_strategy == "steps" and eval_fn is None:
         raise ValueError("eval_strategy='steps' but there is nothing to evaluate on: pass eval_dataset= (or set "
                          "dataset_test_split, or use a built-in task), or set eval_strategy='no'.")
@@ -638,13 +667,44 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     return RunParts(config=cfg, model=policy, tokenizer=tok, device=device, prompts=prompts, prompt_ids=prompt_ids,
                     columns=columns, conversational=conversational, reward_runner=runner, engine=engine,
                     optimizer=optimizer, scheduler=scheduler, tracker=tracker, total_steps=total_steps,
-                    prompts_per_step=prompts_per_step, eval_dataset=eval_dataset, eval_fn=eval_fn,
+                    prompts_per_step=prompts_per_step, eval_dataset=eval_dataset, eval_fn=eval_fn, streamed=streamed,
+                    make_evaluator=make_evaluator,
                     ref_model=ref_model, is_peft=is_peft, rank=rank, world_size=world,
                     pad_id=tok.pad_token_id, task_name=task.name if task else None, model_name=model_name,
                     notes=notes, train_forward=train_forward, ref_forward=ref_forward,
                     strategy=cfg.distributed_strategy, extra_modules=extra_modules,
                     plan=choose_forward_plan(cfg, policy, engine, world_size=world, is_peft=is_peft,
                                              needs_reference=needs_reference, overrides=forward_plan))
+
+
+def _is_iterable_dataset(ds) -> bool:
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(ds, datasets.IterableDataset)
+
+
+def _rows_of_stream(stream, cfg: GRPOConfig | None, rows_per_step_factor: int, world: int):
+    """A streaming `datasets.IterableDataset` as the rows the run reads, in stream order: for
+    training the first `steps * prompts per step * ranks` (transformers' Trainer needs max_steps for
+    a stream, so does this), for evaluation the whole stream."""
+    from itertools import islice
+
+    import datasets
+
+    if cfg is None:
+        rows = list(stream)
+    else:
+        if cfg.max_steps <= 0:
+            raise ValueError("train_dataset is a streaming IterableDataset, whose length is unknown: set max_steps "
+                             "(as transformers' Trainer requires).")
+        prompts = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
+        batches = math.ceil(cfg.max_steps / max(cfg.num_iterations, 1))
+        rows = list(islice(iter(stream), batches * prompts * rows_per_step_factor * world))
+    if not rows:
+        raise ValueError("the streaming dataset yielded no rows.")
+    return datasets.Dataset.from_list(rows)
 
 
 def _total_steps(cfg: GRPOConfig, num_rows: int, global_prompts_per_step: int) -> int:
