@@ -34,6 +34,8 @@ class GRPOFields:
     dataset_config: str | None = _f(None, "Dataset configuration name (hub datasets).")
     dataset_train_split: str = _f("train", "Split used for training.")
     dataset_test_split: str | None = _f(None, "Split used for evaluation (None: no eval set unless the task has one).")
+    dataset_streaming: bool = _f(False, "Stream a hub dataset (TRL's script argument): read only the rows the run "
+                                        "uses (needs max_steps).")
     task: str | None = _f(None, "Built-in task (arithmetic, countdown): dataset + rewards; default when no dataset.")
     task_num_train: int = _f(2000, "Rows of the built-in task's training split.")
     task_num_eval: int = _f(200, "Rows of the built-in task's held-out split.")
@@ -57,6 +59,9 @@ class GRPOFields:
     output_dir: str = _f("runs/grpo", "Run folder: config, metrics, samples, plot, checkpoints.")
     overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds one (its metrics, checkpoints "
                                            "and final model are removed); without it that is an error, unless resuming.")
+    dataloader_num_workers: int = _f(0, "Accepted for TRL scripts: grpokit tokenizes every prompt before step 1 and "
+                                        "reads rows from memory, so there are no loader workers (a value > 0 is noted "
+                                        "in the run summary).")
     per_device_train_batch_size: int = _f(8, "Completions per micro-batch per device (TRL's meaning).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     num_generations: int = _f(8, "G: completions sampled per prompt.")
@@ -141,6 +146,8 @@ class GRPOFields:
                                             "off is faster when memory allows).")
     # --- precision and device ---
     bf16: bool | None = _f(None, "bfloat16 weights/compute; None = on for CUDA with bf16, off on CPU.")
+    cast_lm_head_to_fp32: bool = _f(False, "Keep the output projection (lm_head) and the logits in float32 while the "
+                                           "model runs in bf16 (sharper logprobs; TRL's knob).")
     use_cpu: bool = _f(False, "Train on CPU even when CUDA is available.")
     # --- several processes (torchrun; see docs/distributed.md) ---
     distributed_strategy: str = _f("ddp", "Under torchrun: ddp (a full copy per rank) | fsdp2 (weights, grads and "
@@ -193,7 +200,7 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
         "push_to_hub", "hub_always_push", "load_best_model_at_end", "ignore_data_skip",
         "restore_callback_states_from_checkpoint", "full_determinism", "dataloader_drop_last",
         "dataloader_persistent_workers", "do_train", "do_eval", "do_predict",
-        "cast_lm_head_to_fp32", "log_unique_prompts",
+        "log_unique_prompts",
         "use_transformers_continuous_batching", "use_transformers_paged", "vllm_enable_sleep_mode",
     )},
     # TRL's own defaults, which change nothing here (a config dumped with TRL's to_dict() loads)
@@ -204,7 +211,7 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
     "accelerator_config": (None, {"split_batches": False, "dispatch_batches": None, "even_batches": True,
                                   "use_seedable_sampler": True, "non_blocking": False,
                                   "gradient_accumulation_kwargs": None}),
-    "dataloader_num_workers": (0,), "dataloader_in_order": (True,), "average_tokens_across_devices": (True,),
+    "dataloader_in_order": (True,), "average_tokens_across_devices": (True,),
     "label_smoothing_factor": (0.0,),
     "logging_strategy": ("steps",), "include_num_input_tokens_seen": ("no", False),
     "log_level": ("passive",), "log_level_replica": ("warning", "passive"), "log_on_each_node": (True,),
@@ -338,6 +345,7 @@ class GRPOConfig(GRPOFields):
         need(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha must be in [0, 1].")
         need(self.ref_model_sync_steps >= 1, "ref_model_sync_steps must be >= 1.")
         need(self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off).")
+        need(self.dataloader_num_workers >= 0, "dataloader_num_workers must be >= 0.")
         self._check_generation_kwargs()
         self._check_chat_template_kwargs()
         need(self.reward_on_error in ("raise", "none", "zero"), "reward_on_error: raise, none or zero.")

@@ -35,19 +35,26 @@ DEMO_DEFAULTS: dict[str, Any] = {
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     """['lr=1e-5', '--beta', '0.04', '--use_peft'] -> {'lr': 1e-5, 'beta': 0.04, 'use_peft': True};
-    values are read as YAML (numbers, booleans, lists, null)."""
+    values are read as YAML (numbers, booleans, lists, null); `--key a b` (TRL's CLI) is [a, b]."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
         tok = tokens[i]
         if tok.startswith("--"):
             key = tok[2:]
+            values = []
             if "=" in key:
                 key, val = key.split("=", 1)
-            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--") and not _KEY_EQ.match(tokens[i + 1]):
-                val, i = tokens[i + 1], i + 1
-            else:
-                val = "true"
+                values = [val]
+            else:  # TRL's CLI: `--reward_funcs a b` is a list
+                while i + 1 < len(tokens) and not tokens[i + 1].startswith("--") and not _KEY_EQ.match(tokens[i + 1]):
+                    values.append(tokens[i + 1])
+                    i += 1
+            if len(values) > 1:
+                out[key.replace("-", "_")] = [_yaml_value(v, key) for v in values]
+                i += 1
+                continue
+            val = values[0] if values else "true"
         elif "=" in tok:
             key, val = tok.split("=", 1)
         else:
@@ -75,21 +82,55 @@ def _yaml_value(text: str, key: str = "value") -> Any:
     return value
 
 
+def _read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} not found (give a YAML file, or only key=value options).")
+    with open(path) as f:
+        try:
+            cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {_yaml_problem(e)}.") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a mapping of config fields (field: value per line).")
+    return cfg
+
+
 def load_config_dict(args: list[str]) -> dict[str, Any]:
-    """Optional YAML file first, then overrides."""
+    """Optional YAML file first (a leading path, or TRL's `--config path`), then overrides; TRL's
+    script arguments (`trl grpo ...`) become grpokit's fields (take_trl_script_arguments)."""
     cfg: dict[str, Any] = {}
     if args and not args[0].startswith("-") and "=" not in args[0]:
         path, args = args[0], args[1:]
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"config file {path!r} not found (give a YAML file, or only key=value options).")
-        with open(path) as f:
-            try:
-                cfg = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path} is not valid YAML: {_yaml_problem(e)}.") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{path} must hold a mapping of config fields (field: value per line).")
-    cfg.update(parse_overrides(args))
+        cfg = _read_yaml(path)
+    overrides = parse_overrides(args)
+    if "config" in overrides:
+        cfg = {**cfg, **_read_yaml(str(overrides.pop("config")))}
+    cfg.update(overrides)
+    return take_trl_script_arguments(cfg)
+
+
+# `trl grpo` arguments that are not GRPOConfig fields (its ScriptArguments and ModelConfig), and
+# where each goes in grpokit: model loading options into model_init_kwargs
+_MODEL_INIT_ARGS = {"dtype": "dtype", "torch_dtype": "dtype", "attn_implementation": "attn_implementation",
+                    "model_revision": "revision"}
+
+
+def take_trl_script_arguments(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`--reward_model_name_or_path m` comes first in reward_funcs (as TRL's script puts it);
+    `--dtype`, `--attn_implementation`, `--model_revision` go to model_init_kwargs."""
+    cfg = dict(cfg)
+    model = cfg.pop("reward_model_name_or_path", None)
+    if model:
+        funcs = cfg.get("reward_funcs") or []
+        cfg["reward_funcs"] = [model, *([funcs] if isinstance(funcs, str) else funcs)]
+    init = dict(cfg.get("model_init_kwargs") or {})
+    for name, target in _MODEL_INIT_ARGS.items():
+        if name in cfg:
+            value = cfg.pop(name)
+            if value is not None and value != "auto" or target != "dtype":
+                init[target] = value
+    if init:
+        cfg["model_init_kwargs"] = init
     return cfg
 
 

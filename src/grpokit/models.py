@@ -328,6 +328,33 @@ def reference_logits_context(model):
         yield model
 
 
+def cast_lm_head_to_fp32(model) -> None:
+    """TRL's `cast_lm_head_to_fp32`: the output projection in float32 (weights and matmul) while the
+    rest of the model stays in its dtype; logits come out float32. A tied input embedding keeps
+    returning the model's dtype. An lm_head with a LoRA adapter is refused (as TRL)."""
+    import torch.nn.functional as F
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError("cast_lm_head_to_fp32=True: the model has no output projection (lm_head) to cast.")
+    if hasattr(head, "base_layer"):  # a peft tuner layer
+        raise ValueError("cast_lm_head_to_fp32=True is not supported when the lm_head carries a LoRA adapter "
+                         "(target_modules includes lm_head); remove it from target_modules, or set "
+                         "cast_lm_head_to_fp32=False.")
+    original = head.weight.dtype
+    head.float()
+
+    def forward(hidden_states):
+        bias = None if head.bias is None else head.bias.float()
+        return F.linear(hidden_states.float(), head.weight, bias)
+
+    head.forward = forward
+    embed = inner.get_input_embeddings()
+    if embed is not None and embed.weight is head.weight and original != torch.float32:
+        embed.register_forward_hook(lambda module, args, output: output.to(original))
+
+
 def load_reference_model(
     model_or_path: Any,
     dtype: str | torch.dtype | None = "auto",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from grpokit.cli import main
@@ -218,3 +219,26 @@ def test_a_thread_left_by_a_reward_does_not_keep_the_finished_run_alive(tmp_path
     assert "ended 1 child process(es) started during the run and still running (leftover-child" in done.stderr
     child = int((tmp_path / "child.pid").read_text())
     assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
+
+
+def test_trl_grpo_script_flags_work_on_grpokit_train(capsys, tmp_path, monkeypatch):
+    """The flags of `trl grpo` (TrlParser: `--key value`, lists as `--key a b`, `--config`,
+    ScriptArguments/ModelConfig names) run `grpokit train` unchanged."""
+    from grpokit.models import starter_model_path
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": f"<think>{i}", "solution": str(i)} for i in range(32)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "recipe.yaml").write_text("learning_rate: 1.0e-4\nlogging_steps: 1\n")
+    rc, out, err = run_main(
+        capsys, "train", "--config", "recipe.yaml", "--model_name_or_path", starter_model_path(),
+        "--dataset_name", "data.jsonl", "--reward_funcs", "think_format_reward", "accuracy_reward",
+        "--dtype", "float32", "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4",
+        "--max_completion_length", "8", "--output_dir", str(tmp_path / "run"), "--save_strategy", "no",
+        "--report_to", "none", "--disable_tqdm", "--plot", "false", "--use_cpu")
+    assert rc == 0, err
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["reward_funcs"] == ["think_format_reward", "accuracy_reward"] and saved["learning_rate"] == 1e-4
+    assert saved["model_init_kwargs"] == {"dtype": "float32"}
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert any("rewards/think_format_reward/mean" in m for m in metrics)

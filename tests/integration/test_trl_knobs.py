@@ -229,3 +229,19 @@ def test_ppo_and_dpo_are_importable_from_the_package_as_from_trl():
 
     assert PPOTrainer is ppo and DPOTrainer is dpo and PPOConfig().kl_estimator == "k1"
     assert isinstance(DPOConfig(), grpokit.GRPOConfig)
+
+
+def test_cast_lm_head_to_fp32_trains_a_bf16_model_with_float32_logits(tmp_path):
+    model, tok = tiny()
+    model = model.to(torch.bfloat16)
+    cfg = config(tmp_path, max_steps=1, bf16=True, cast_lm_head_to_fp32=True, beta=0.1)
+    trainer = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
+                          processing_class=tok)
+    head, ref_head = trainer.model.get_output_embeddings(), trainer.parts.ref_model.get_output_embeddings()
+    assert head.weight.dtype == torch.float32 and trainer.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    ids = torch.tensor([tok("q1:")["input_ids"]])
+    assert trainer.model(ids).logits.dtype == torch.float32
+    before = ref_head.weight.clone()
+    trainer.train()
+    assert torch.equal(ref_head.weight, before)  # the reference's head is its own, untouched by training
+    assert not torch.equal(head.weight, before)

@@ -26,7 +26,8 @@ TRL_1_16 = {
     "sync_ref_model": False, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512,
     "repetition_penalty": 1.0, "generation_kwargs": None, "chat_template_kwargs": None,
     "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0,
-    "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05,
+    "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05, "dataloader_num_workers": 0,
+    "cast_lm_head_to_fp32": False,
 }
 
 # where grpokit deliberately differs, and why (docs/from-trl.md says the same)

@@ -107,7 +107,10 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
             zeros = torch.zeros(shape, device=mb.device) + 0.0 * head.weight.sum()
             return done(zeros, zeros, lambda vh: zeros + 0.0 * sum(p.sum() for p in vh.parameters()))
         # the backbone call goes through the module that holds the LoRA layers (if any)
-        hidden = packed_hidden(inner.get_decoder(), layout, head.weight.dtype, dense_row_tokens=dense_row_tokens)
+        decoder = inner.get_decoder()
+        hidden = packed_hidden(decoder, layout, next(decoder.parameters()).dtype, dense_row_tokens=dense_row_tokens)
+        if hidden.dtype != head.weight.dtype:  # cast_lm_head_to_fp32: the head's matmul in float32
+            hidden = hidden.to(head.weight.dtype)
         out = chunked_logprobs(hidden, head.weight, layout.targets, temperature=t, chunk_size=chunk_size,
                                return_entropy=with_entropy)
         logps, entropy = out if with_entropy else (out, None)

@@ -528,9 +528,11 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
         raise ValueError("GRPOConfig: set either task (a built-in dataset) or dataset_name/train_dataset, not both.")
     if isinstance(train_dataset, str) or (train_dataset is None and cfg.dataset_name):
         name = train_dataset if isinstance(train_dataset, str) else cfg.dataset_name
-        train_dataset = data.load_dataset_spec(name, split=cfg.dataset_train_split, config_name=cfg.dataset_config)
+        train_dataset = data.load_dataset_spec(name, split=cfg.dataset_train_split, config_name=cfg.dataset_config,
+                                               streaming=cfg.dataset_streaming)
         if eval_dataset is None and cfg.dataset_test_split:
-            eval_dataset = data.load_dataset_spec(name, split=cfg.dataset_test_split, config_name=cfg.dataset_config)
+            eval_dataset = data.load_dataset_spec(name, split=cfg.dataset_test_split, config_name=cfg.dataset_config,
+                                                  streaming=cfg.dataset_streaming)
     streamed = _is_iterable_dataset(train_dataset)
     if streamed:
         train_dataset = _rows_of_stream(train_dataset, cfg, rows_per_step_factor, distributed.world_size())
@@ -554,10 +556,17 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     model_name = model_ref if isinstance(model_ref, str) else type(model_ref).__name__
     if isinstance(model_ref, str) and model_ref == models.starter_model_path():
         model_name = "grpokit starter model"
-    dtype = _pick_dtype(cfg, device, notes)
+    init_kwargs = dict(cfg.model_init_kwargs or {})
+    # TRL's model_init_kwargs dtype (e.g. `--dtype bfloat16`) wins over the bf16 default
+    dtype = init_kwargs.pop("dtype", None) or init_kwargs.pop("torch_dtype", None) or _pick_dtype(cfg, device, notes)
     policy = models.load_model(model_ref, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
-                               **(cfg.model_init_kwargs or {}))
+                               **init_kwargs)
     tok = models.load_tokenizer(tokenizer if tokenizer is not None else model_ref)
+    if cfg.dataloader_num_workers:
+        notes.append(f"note: dataloader_num_workers={cfg.dataloader_num_workers} has nothing to parallelise here: every "
+                     "prompt is tokenized before step 1 and read from memory.")
+    if cfg.cast_lm_head_to_fp32:
+        models.cast_lm_head_to_fp32(policy)
     if cfg.disable_dropout:
         for m in policy.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -616,6 +625,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     ref_model = None
     if needs_reference and not is_peft:
         ref_model = models.load_reference_model(policy)
+        if cfg.cast_lm_head_to_fp32:  # the copied head's forward must use the copy's weights
+            models.cast_lm_head_to_fp32(ref_model)
     optimizer, scheduler = optimizers
     # several ranks: the training forward wrapped in DDP or FSDP2 (which replaces the parameters
     # by shards, so the optimizer is made after it)

@@ -36,8 +36,10 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).suffix.lower() in _BUILDERS
 
 
-def load_dataset_spec(name_or_path: Any, split: str = "train", config_name: str | None = None):
-    """Load one split of a dataset as a `datasets.Dataset`.
+def load_dataset_spec(name_or_path: Any, split: str = "train", config_name: str | None = None,
+                      streaming: bool = False):
+    """Load one split of a dataset as a `datasets.Dataset` (`streaming=True`: a hub dataset or a
+    data-files folder as a `datasets.IterableDataset`, read as far as the run needs).
 
     name_or_path:
         - a `datasets.Dataset` (returned as is) or `DatasetDict` (its `split` is taken);
@@ -61,6 +63,10 @@ def load_dataset_spec(name_or_path: Any, split: str = "train", config_name: str 
 
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
+    if streaming and not path.is_file() and not (path / "dataset_info.json").exists():
+        if _looks_like_path(name) and not path.exists():
+            raise FileNotFoundError(f"dataset file {name!r} does not exist")
+        return datasets.load_dataset(name, name=config_name, split=split, streaming=True)
     if path.is_file():
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:

@@ -88,3 +88,13 @@ class RegexReward:
 
 think_answer_format = ThinkAnswerFormat()
 soft_think_answer_format = SoftThinkAnswerFormat()
+
+
+def think_format_reward(**kwargs) -> RegexReward:
+    """TRL's `think_format_reward`: 1 when the completion starts with one `<think>...</think>`
+    block (and has no second `<think>`), else 0 (TRL's pattern, DOTALL | MULTILINE, matched at the start)."""
+    return RegexReward(r"^<think>(?!.*<think>)(.*?)</think>.*$", flags="sm", how="match",
+                       name="think_format_reward", **kwargs)
+
+
+think_format_reward.__reward_factory__ = True

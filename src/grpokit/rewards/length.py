@@ -94,3 +94,13 @@ class CosineLengthReward:
             length = len(completion_ids[i]) if tokens else len(completion_text(c))
             out.append(None if ok is None else self.value(length, ok == self.accuracy.correct))
         return out
+
+
+def trl_soft_overlong_punishment(max_completion_len: int = 1280, soft_punish_cache: int = 256):
+    """TRL's CLI entry `get_soft_overlong_punishment`: DAPO's length penalty with the values TRL's
+    grpo script uses (max_completion_len=1280, soft_punish_cache=256)."""
+    reward = SoftOverlongPunishment(max_completion_len=max_completion_len, soft_punish_cache=soft_punish_cache)
+    return reward
+
+
+trl_soft_overlong_punishment.__reward_factory__ = True

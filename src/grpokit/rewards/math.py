@@ -244,3 +244,19 @@ class AccuracyReward:
 
 
 accuracy_reward = AccuracyReward()
+
+
+class ReasoningAccuracyReward(AccuracyReward):
+    """TRL's `reasoning_accuracy_reward`: `accuracy` on the text after the last reasoning delimiter
+    (default `</think>`); a completion without one scores `incorrect` (its reasoning never ended)."""
+
+    def __init__(self, reasoning_delimiters: Sequence[str] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.__name__ = "reasoning_accuracy_reward"
+        self.delimiters = list(reasoning_delimiters or ["</think>"])
+
+    def score(self, text: str, gold) -> float | None:
+        cut = max((text.rfind(d) + len(d) for d in self.delimiters if d in text), default=-1)
+        if cut < 0:
+            return self.incorrect if extract_gold(gold) is not None else None
+        return super().score(text[cut:], gold)

@@ -34,6 +34,11 @@ REWARD_REGISTRY: dict[str, Any] = {
     "reward_model": "grpokit.rewards.model:RewardModelReward",
     "preference": "grpokit.rewards.model:PreferenceReward",
     "code": "grpokit.rewards.code:CodeReward",
+    # TRL's built-in rewards (trl.rewards), by TRL's names, for `trl grpo --reward_funcs ...` scripts
+    "accuracy_reward": "grpokit.rewards.math:AccuracyReward",
+    "reasoning_accuracy_reward": "grpokit.rewards.math:ReasoningAccuracyReward",
+    "think_format_reward": "grpokit.rewards.format:think_format_reward",
+    "get_soft_overlong_punishment": "grpokit.rewards.length:trl_soft_overlong_punishment",
 }
 
 
