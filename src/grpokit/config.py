@@ -72,6 +72,10 @@ class GRPOFields:
     max_steps: int = _f(-1, "Optimizer steps to run; -1 = num_train_epochs over the prompts.")
     num_train_epochs: float = _f(3.0, "Passes over the training prompts when max_steps is -1.")
     num_iterations: int = _f(1, "mu: optimizer steps on each generated batch (>1 computes old logprobs).")
+    dynamic_sampling: bool = _f(False, "DAPO's dynamic sampling: leave out groups whose rewards are all equal and "
+                                       "sample more prompts until the step is full of groups with signal.")
+    dynamic_sampling_max_rounds: int = _f(4, "Extra sampling rounds a step may make for dynamic sampling; then the "
+                                             "remaining places keep signal-less groups.")
     # --- sampling ---
     temperature: float = _f(1.0, "Sampling temperature (logprobs are taken at the same temperature).")
     top_p: float = _f(1.0, "Nucleus sampling mass.")
@@ -346,6 +350,7 @@ class GRPOConfig(GRPOFields):
         need(self.ref_model_sync_steps >= 1, "ref_model_sync_steps must be >= 1.")
         need(self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off).")
         need(self.dataloader_num_workers >= 0, "dataloader_num_workers must be >= 0.")
+        need(self.dynamic_sampling_max_rounds >= 0, "dynamic_sampling_max_rounds must be >= 0.")
         self._check_generation_kwargs()
         self._check_chat_template_kwargs()
         need(self.reward_on_error in ("raise", "none", "zero"), "reward_on_error: raise, none or zero.")

@@ -86,8 +86,9 @@ def test_each_knob_trains(tmp_path, name):
 
 
 @pytest.mark.parametrize("knobs", [dict(use_adaptive_entropy=True, entropy_target=10.0, entropy_coef=0.01),
-                                   dict(beta=0.1, sync_ref_model=True, ref_model_sync_steps=2)],
-                         ids=["adaptive_entropy", "sync_ref_model"])
+                                   dict(beta=0.1, sync_ref_model=True, ref_model_sync_steps=2),
+                                   dict(dynamic_sampling=True)],
+                         ids=["adaptive_entropy", "sync_ref_model", "dynamic_sampling"])
 def test_stateful_knobs_resume_exactly(tmp_path, knobs):
     def run(resume=None, out="a"):
         model, tok = tiny()
@@ -245,3 +246,45 @@ def test_cast_lm_head_to_fp32_trains_a_bf16_model_with_float32_logits(tmp_path):
     trainer.train()
     assert torch.equal(ref_head.weight, before)  # the reference's head is its own, untouched by training
     assert not torch.equal(head.weight, before)
+
+
+# --- beyond TRL: DAPO's dynamic sampling ---------------------------------------------------------
+
+def test_dynamic_sampling_fills_the_step_with_groups_that_carry_signal(tmp_path):
+    from grpokit.core.loop import groups_with_signal
+
+    model, tok = tiny()
+    trained = []
+
+    def sparse(prompts, completions, **kw):  # prompts q0..q3 always score 0 (no signal); others ~50/50
+        return [0.0 if p in ("q0:", "q1:", "q2:", "q3:") else float(ord(c[:1] or "a") % 2)
+                for p, c in zip(prompts, completions)]
+
+    cfg = config(tmp_path, max_steps=2, dynamic_sampling=True, shuffle_dataset=False, logging_steps=1)
+    trainer = GRPOTrainer(model=model, reward_funcs=sparse, args=cfg, train_dataset=prompts_ds(), processing_class=tok)
+    original = trainer.algorithm.sample_batch
+
+    def spy(run, rows, state, phase):
+        batch, stats = original(run, rows, state, phase)
+        trained.append((batch, stats))
+        return batch, stats
+
+    trainer.algorithm.sample_batch = spy
+    trainer.train()
+    batch, stats = trained[0]
+    assert len(batch) == 16  # the batch size never changes (4 prompts x G = 4)
+    assert not {"q0:", "q1:", "q2:", "q3:"} & set(batch.prompts)  # no signal: replaced by later prompts
+    assert stats["dynamic_sampling/rounds"] >= 1 and stats["dynamic_sampling/groups_dropped"] >= 4
+    assert stats["dynamic_sampling/filled_ratio"] == float(groups_with_signal(batch.rewards, 4).float().mean())
+    rows = metrics(cfg.output_dir)
+    assert all("dynamic_sampling/rounds" in r for r in rows if "loss" in r)
+
+
+def test_dynamic_sampling_stops_after_its_rounds_and_keeps_the_batch_size(tmp_path):
+    model, tok = tiny()
+    flat = lambda prompts, completions, **kw: [1.0] * len(completions)  # noqa: E731 - never any signal
+    cfg = config(tmp_path, max_steps=1, dynamic_sampling=True, dynamic_sampling_max_rounds=2, logging_steps=1)
+    GRPOTrainer(model=model, reward_funcs=flat, args=cfg, train_dataset=prompts_ds(64), processing_class=tok).train()
+    (row,) = [r for r in metrics(cfg.output_dir) if "loss" in r]
+    assert row["dynamic_sampling/rounds"] == 2 and row["dynamic_sampling/filled_ratio"] == 0.0
+    assert row["dynamic_sampling/groups_sampled"] == 12

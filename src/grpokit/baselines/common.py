@@ -29,7 +29,8 @@ GRPO_OBJECTIVE_ONLY = {name: "not used by {algo}." for name in (
     "use_bias_correction_kl", "off_policy_mask_threshold", "multi_objective_aggregation", "entropy_coef",
     "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
     "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "vespo_k_pos", "vespo_lambda_pos",
-    "vespo_k_neg", "vespo_lambda_neg", "sapo_temperature_pos", "sapo_temperature_neg")}
+    "vespo_k_neg", "vespo_lambda_neg", "sapo_temperature_pos", "sapo_temperature_neg", "dynamic_sampling",
+    "dynamic_sampling_max_rounds")}
 """Knobs of GRPO's objective that no baseline reads (each baseline's _GRPO_ONLY adds its own)."""
 
 

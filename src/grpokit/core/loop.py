@@ -31,7 +31,7 @@ from grpokit.algos import (batch_normalized, entropy_bonus, group_advantages, is
                            normalize_then_sum, rollout_correction_weights, top_entropy_mask)
 from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
 from grpokit.core.run import LoopState, RunParts
-from grpokit.core.trajectory import Rollout
+from grpokit.core.trajectory import Rollout, concat_rollouts
 
 
 @dataclass
@@ -187,12 +187,14 @@ class RunTotals:
         return ", ".join(parts)
 
 
-def sample_and_score(run: RunParts, rows: list[int], state: LoopState, phase: dict) -> Rollout:
+def sample_and_score(run: RunParts, rows: list[int], state: LoopState, phase: dict, round_: int = 0) -> Rollout:
     """G trajectories per prompt, scored. The sampling seed of a step is
-    `seed + 1_000_003 * global_step + rank`, so a resumed run samples what the straight run did.
+    `seed + 1_000_003 * global_step + world_size * round_ + rank` (round_: dynamic sampling's extra
+    rounds), so a resumed run samples what the straight run did.
     `run.guard`: an exception on one rank stops every rank now, naming it, not at a timeout."""
+    seed = run.config.seed + 1_000_003 * state.global_step + run.world_size * round_ + run.rank
     with timed(phase, "time/generate"), run.guard("generation"):
-        trajectories = run.sample(rows, seed=run.config.seed + 1_000_003 * state.global_step + run.rank)
+        trajectories = run.sample(rows, seed=seed)
     with timed(phase, "time/reward"), run.guard("the reward functions"):
         return run.score(trajectories)
 
@@ -237,7 +239,7 @@ class GRPO:
         if cfg.sync_ref_model and "ref_model" in state.algorithm and not getattr(self, "_ref_restored", False):
             run.ref_model.load_state_dict(state.algorithm["ref_model"])  # resumed: the synced reference
         self._ref_restored = True
-        rollout = sample_and_score(run, rows, state, phase)
+        rollout, sampling_stats = self.sample_batch(run, rows, state, phase)
         advantages = self.advantages(run, rollout)
         warning = vanished_advantages(rollout.rewards, advantages, cfg.num_generations)
         if warning and warning not in self.warned:
@@ -277,8 +279,41 @@ class GRPO:
             state.algorithm["ref_model"] = {k: v.detach().cpu().clone() for k, v in run.ref_model.state_dict().items()}
         return StepOutput(rollout=rollout, step_stats=step_stats, samples=len(rollout),
                           optimizer_steps=len(step_stats), skipped=skipped,
-                          extra={"frac_reward_zero_std": _frac_zero_std_groups(rollout.rewards, cfg.num_generations)},
+                          extra={"frac_reward_zero_std": _frac_zero_std_groups(rollout.rewards, cfg.num_generations),
+                                 **sampling_stats},
                           per_sample={"advantage": advantages})
+
+    def sample_batch(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> tuple[Rollout, dict]:
+        """The step's scored groups. With DAPO's dynamic sampling, groups whose rewards are all
+        equal (no signal) are left out and more prompts are sampled, the next ones of the data
+        order, until the step holds as many groups with signal as prompts per step, or
+        `dynamic_sampling_max_rounds` extra rounds were made (then the remaining places keep
+        signal-less groups, so the batch size never changes). Every rank makes as many rounds as
+        the rank that needs the most (one collective per round)."""
+        cfg, g = run.config, run.config.num_generations
+        rollout = sample_and_score(run, rows, state, phase)
+        if not cfg.dynamic_sampling:
+            return rollout, {}
+        target = len(rows)
+        parts, rounds = [rollout], 0
+        while True:
+            signal = sum(int(v) for p in parts for v in groups_with_signal(p.rewards, g))
+            if not run.global_max(int(signal < target)) or rounds >= cfg.dynamic_sampling_max_rounds:
+                break
+            rounds += 1
+            more, state.epoch, state.cursor = run.next_prompt_rows(state.epoch, state.cursor)
+            parts.append(sample_and_score(run, more, state, phase, round_=rounds))
+        whole = concat_rollouts(parts)
+        informative = groups_with_signal(whole.rewards, g).tolist()
+        chosen = [i for i, ok in enumerate(informative) if ok][:target]
+        filled = len(chosen)
+        chosen += [i for i, ok in enumerate(informative) if not ok][:target - filled]
+        chosen.sort()  # data order
+        batch = whole.select([i * g + k for i in chosen for k in range(g)])
+        return batch, {"dynamic_sampling/rounds": float(rounds),
+                       "dynamic_sampling/groups_sampled": float(len(informative)),
+                       "dynamic_sampling/groups_dropped": float(len(informative) - target),
+                       "dynamic_sampling/filled_ratio": filled / max(target, 1)}
 
     def sync_reference(self, run: RunParts, global_step: int) -> None:
         """TR-DPO's reference update (TRL's sync_ref_model): every ref_model_sync_steps optimizer
@@ -539,6 +574,16 @@ class timed:
 def _nanstd(x: torch.Tensor) -> torch.Tensor:
     x = x[~torch.isnan(x)]
     return x.std() if x.numel() > 1 else torch.tensor(0.0)
+
+
+def groups_with_signal(rewards: torch.Tensor, g: int) -> torch.Tensor:
+    """[groups] bool: at least two valid (non-NaN) rewards that differ, i.e. a group whose
+    advantages are not all 0 (DAPO's dynamic sampling keeps these)."""
+    groups = rewards.view(-1, g)
+    valid = ~torch.isnan(groups)
+    high = torch.where(valid, groups, -torch.inf).amax(1)
+    low = torch.where(valid, groups, torch.inf).amin(1)
+    return (valid.sum(1) >= 2) & (high > low)
 
 
 def _frac_zero_std_groups(rewards: torch.Tensor, g: int) -> torch.Tensor:

@@ -115,3 +115,46 @@ class Rollout(Trajectories):
     reward_stats: dict[str, Any] = field(default_factory=dict)   # the reward runner's per-step statistics
     logged_metrics: dict[str, float] = field(default_factory=dict)   # a reward's log_metric(name, value), means
     logged_columns: dict[str, list] = field(default_factory=dict)    # a reward's log_extra(column, values), [N]
+
+
+COUNTERS = ("/errors", "/timeouts", "/seconds")
+
+
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """Several scored rollouts of one step (dynamic sampling's rounds) as one, in order: per-sample
+    fields concatenated, the reward runner's counters (errors, timeouts, seconds) summed and its
+    per-batch statistics left out (the loop computes the rewards' means from the samples), a
+    reward's logged metrics averaged over the parts that logged them."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if any(p.reward_names != first.reward_names for p in parts):
+        raise ValueError("concat_rollouts: the parts were scored by different reward functions.")
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(first):
+        values = [getattr(p, f.name) for p in parts]
+        if f.name == "segments":
+            out[f.name] = None if all(v is None for v in values) else [
+                s for p, v in zip(parts, values)
+                for s in (v if v is not None else [[Segment(0, len(ids))] for ids in p.completion_ids])]
+        elif f.name == "reward_names":
+            out[f.name] = list(first.reward_names)
+        elif isinstance(values[0], torch.Tensor):
+            out[f.name] = torch.cat(values)
+        elif values[0] is None:
+            out[f.name] = None if all(v is None for v in values) else torch.cat(
+                [v if v is not None else torch.zeros(len(p), dtype=torch.bool) for p, v in zip(parts, values)])
+        elif isinstance(values[0], list):
+            out[f.name] = [x for v in values for x in v]
+        elif f.name == "reward_stats":
+            out[f.name] = {k: sum(v.get(k, 0) for v in values) for k in first.reward_stats
+                           if k.endswith(COUNTERS)}
+        elif f.name == "logged_metrics":
+            names = {k for v in values for k in v}
+            out[f.name] = {k: sum(v[k] for v in values if k in v) / sum(k in v for v in values) for k in names}
+        elif f.name == "logged_columns":
+            names = {k for v in values for k in v}
+            out[f.name] = {k: [x for p, v in zip(parts, values) for x in v.get(k, [None] * len(p))] for k in names}
+        else:
+            out[f.name] = values[0]
+    return Rollout(**out)
