@@ -15,7 +15,7 @@ from typing import Any
 # valid values come from the registries of the pure math (grpokit.algos), the one source of truth
 from grpokit.algos.advantages import ADVANTAGE_ESTIMATORS, SCALE_REWARDS
 from grpokit.algos.kl import KL_ESTIMATORS
-from grpokit.algos.losses import LOSS_TYPES
+from grpokit.algos.losses import LOSS_TYPES, is_local_mean
 
 
 def _f(default: Any, help: str):
@@ -64,6 +64,9 @@ class GRPOFields:
                                         "in the run summary).")
     per_device_train_batch_size: int = _f(8, "Completions per micro-batch per device (TRL's meaning).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    token_budget: int | None = _f(None, "Cut the training micro-batches by tokens (at most this many per forward, "
+                                        "rows packed across groups) instead of per_device_train_batch_size rows; "
+                                        "for losses with global normalisers (dapo, dr_grpo, cispo, vespo).")
     num_generations: int = _f(8, "G: completions sampled per prompt.")
     num_generations_eval: int | None = _f(None, "Samples per prompt for pass@k at eval (None: num_generations).")
     max_prompt_length: int | None = _f(None, "Longest prompt in tokens (None: no limit, as TRL 1.16); longer "
@@ -351,6 +354,13 @@ class GRPOConfig(GRPOFields):
         need(self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off).")
         need(self.dataloader_num_workers >= 0, "dataloader_num_workers must be >= 0.")
         need(self.dynamic_sampling_max_rounds >= 0, "dynamic_sampling_max_rounds must be >= 0.")
+        need(self.token_budget is None or self.token_budget >= 1, "token_budget must be >= 1 tokens or None.")
+        if self.token_budget is not None and self.loss_type in LOSS_TYPES:
+            need(not is_local_mean(self.loss_type),
+                 f"token_budget with loss_type={self.loss_type!r}: its loss is a mean per micro-batch (TRL's meaning), "
+                 "so cutting micro-batches by tokens would change it; use dapo, dr_grpo, cispo or vespo.")
+            need(self.top_entropy_quantile == 1.0 and self.entropy_coef == 0.0 and not self.use_adaptive_entropy,
+                 "token_budget with the entropy mask or bonus (defined per micro-batch of rows) is not supported.")
         self._check_generation_kwargs()
         self._check_chat_template_kwargs()
         need(self.reward_on_error in ("raise", "none", "zero"), "reward_on_error: raise, none or zero.")

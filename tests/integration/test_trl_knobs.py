@@ -288,3 +288,58 @@ def test_dynamic_sampling_stops_after_its_rounds_and_keeps_the_batch_size(tmp_pa
     (row,) = [r for r in metrics(cfg.output_dir) if "loss" in r]
     assert row["dynamic_sampling/rounds"] == 2 and row["dynamic_sampling/filled_ratio"] == 0.0
     assert row["dynamic_sampling/groups_sampled"] == 12
+
+
+# --- beyond TRL: token-budget micro-batches ------------------------------------------------------
+
+@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo"])
+def test_token_budget_micro_batches_give_the_row_micro_batches_update(tmp_path, loss_type):
+    """Cutting the step into micro-batches by tokens (across groups) instead of rows changes how
+    the forwards are laid out, not the update: with global normalisers the gradient is the same."""
+    grads, counts = {}, {}
+    for budget in (None, 12, 200):
+        model, tok = tiny()
+        cfg = config(tmp_path, max_steps=1, loss_type=loss_type, token_budget=budget, output_dir=str(tmp_path / str(budget)),
+                     per_device_train_batch_size=4, gradient_accumulation_steps=4)
+        trainer = GRPOTrainer(model=model, reward_funcs=long_one, args=cfg, train_dataset=prompts_ds(),
+                              processing_class=tok)
+        run, step = trainer.parts, trainer.parts.optimizer_step
+        forward = run.forward
+
+        def counted(mb, _forward=forward, **kw):
+            counts[budget] = counts.get(budget, 0) + 1
+            return _forward(mb, **kw)
+
+        def capture(_step=step, _budget=budget, _model=trainer.model):
+            grads[_budget] = {n: p.grad.clone() for n, p in _model.named_parameters() if p.grad is not None}
+            return _step()
+
+        run.optimizer_step, run.forward = capture, counted
+        trainer.train()
+    assert counts[12] > counts[None] > counts[200] == 1, counts  # the layouts differ: more forwards, then one
+    for budget in (12, 200):
+        for n, g in grads[None].items():
+            torch.testing.assert_close(grads[budget][n], g, rtol=1e-4, atol=1e-7)
+
+
+def test_token_budget_spans_stay_within_the_budget():
+    from grpokit.core.batch import make_micro_batches
+    from grpokit.core.trajectory import Trajectories
+
+    prompts = [[1, 2, 3]] * 4 + [[4, 5]] * 4
+    comps = [[7] * n for n in (5, 1, 4, 2, 6, 6, 1, 3)]
+    t = Trajectories(row_index=[0] * 4 + [1] * 4, prompts=["a"] * 4 + ["b"] * 4, completions=[""] * 8,
+                     prompt_ids=prompts, completion_ids=comps, sampling_logps=[[0.0] * len(c) for c in comps],
+                     truncated=torch.zeros(8, dtype=torch.bool))
+    mbs = make_micro_batches(t, 4, pad_id=0, device="cpu", mask_truncated=False, token_budget=12)
+    # packed tokens (a prompt once per span and group): rows 0-1: 3 + 5 + 1 = 9 (row 2 would make
+    # 13); rows 2-3: 3 + 4 + 2 = 9 (row 4, a new prompt, 17); row 4: 2 + 6 = 8 (row 5: 14);
+    # rows 5-7: 2 + 6 + 1 + 3 = 12, exactly the budget
+    spans = [(mb.rows.start, mb.rows.stop) for mb in mbs]
+    assert spans == [(0, 2), (2, 4), (4, 5), (5, 8)]
+    for s, e in spans:
+        cost = sum(len(prompts[i]) for i in range(s, e) if i == s or prompts[i] != prompts[i - 1])
+        cost += sum(len(comps[i]) for i in range(s, e))
+        assert cost <= 12 or e - s == 1
+    with pytest.raises(ValueError, match="token_budget with loss_type='grpo'"):
+        GRPOConfig(token_budget=100, loss_type="grpo")

@@ -99,7 +99,8 @@ class MicroBatch:
 
 def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device, mask_truncated: bool,
                        advantages: torch.Tensor | None = None, merge: bool = False,
-                       skip_zero_advantage: bool = False, never_empty: bool = False) -> list[MicroBatch]:
+                       skip_zero_advantage: bool = False, never_empty: bool = False,
+                       token_budget: int | None = None, packed: bool = True) -> list[MicroBatch]:
     """Split the N samples into micro-batches of `size` consecutive rows (groups stay whole when
     size is a multiple of G; a group cut by a micro-batch boundary still shares its prompt within
     each part). Completion tensors are padded to each micro-batch's own longest completion.
@@ -120,6 +121,11 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
     do not change; their logprobs (and sampling logprobs, the old ones when reused) are 0, so
     their importance ratio is 1.
 
+    `token_budget=T` (a loss with global normalisers) cuts micro-batches by tokens instead of rows:
+    consecutive rows, across groups, as many as fit in T tokens of the forward (`packed`: each
+    group's prompt once plus the completions, skipped rows not counted; else rows x (longest prompt
+    + longest completion)); a row longer than T alone is one micro-batch. `size` is then unused.
+
     `never_empty=True` (several ranks): a micro-batch whose rows would all be left out of the
     forward (skipped, or wholly masked) keeps its shortest row in it (`MicroBatch.keep_row`). That
     row adds exactly 0 to the loss (advantage 0, or mask 0), but the forward runs the whole model,
@@ -132,10 +138,13 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
     for i, pi in enumerate(rollout.prompt_ids):
         if not pi:
             raise ValueError(f"row {i} has an empty prompt; every prompt needs at least one token.")
-    spans = [(start, min(start + size, n)) for start in range(0, n, size)]
     skip = (advantages == 0).tolist() if skip_zero_advantage else [False] * n
-    if merge:
-        spans = _merge_spans(rollout, spans, skip)
+    if token_budget is not None:
+        spans = _token_budget_spans(rollout, token_budget, skip, packed)
+    else:
+        spans = [(start, min(start + size, n)) for start in range(0, n, size)]
+        if merge:
+            spans = _merge_spans(rollout, spans, skip)
     out = []
     for start, end in spans:
         rows = slice(start, end)
@@ -189,6 +198,25 @@ def zero_weight_micro_batch(like: MicroBatch) -> MicroBatch:
 def pad_micro_batches(micro_batches: list[MicroBatch], count: int) -> list[MicroBatch]:
     """`micro_batches` followed by zero-weight ones up to `count` (see zero_weight_micro_batch)."""
     return micro_batches + [zero_weight_micro_batch(micro_batches[-1]) for _ in range(count - len(micro_batches))]
+
+
+def _token_budget_spans(rollout: Trajectories, budget: int, skip: list[bool], packed: bool) -> list[tuple[int, int]]:
+    """Consecutive row spans of at most `budget` forward tokens each (see make_micro_batches)."""
+    spans: list[tuple[int, int]] = []
+    start, used, longest_p, longest_c = 0, 0, 0, 0
+    for i, (p, c) in enumerate(zip(rollout.prompt_ids, rollout.completion_ids)):
+        if packed:
+            new_prompt = i == start or p != rollout.prompt_ids[i - 1]
+            cost = used + (len(p) if new_prompt else 0) + (0 if skip[i] else len(c))
+        else:
+            cost = (i - start + 1) * (max(longest_p, len(p)) + max(longest_c, len(c)))
+        if i > start and cost > budget:
+            spans.append((start, i))
+            start, used, longest_p, longest_c = i, 0, 0, 0
+            cost = (len(p) + (0 if skip[i] else len(c))) if packed else len(p) + len(c)
+        used, longest_p, longest_c = cost, max(longest_p, len(p)), max(longest_c, len(c))
+    spans.append((start, len(rollout.prompt_ids)))
+    return spans
 
 
 def _merge_spans(rollout: Trajectories, spans: list[tuple[int, int]], skip: list[bool]) -> list[tuple[int, int]]:

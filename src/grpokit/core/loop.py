@@ -249,7 +249,8 @@ class GRPO:
                                            pad_id=run.pad_id, device=run.device,
                                            mask_truncated=cfg.mask_truncated_completions, merge=plan.merge,
                                            skip_zero_advantage=plan.skip_zero_advantage,
-                                           never_empty=plan.never_empty)
+                                           never_empty=plan.never_empty, token_budget=cfg.token_budget,
+                                           packed=plan.packed)
         # local means (grpo, bnpo, sapo, luspo) are averaged over the micro-batches, as TRL divides by
         # the accumulation steps (such losses never merge, so every rank has as many)
         divisor = len(micro_batches) if self.local_means else 1
