@@ -87,9 +87,10 @@ class GRPOFields:
     stop: list = _f([], "Stop strings; the completion is cut after them.")
     repetition_penalty: float = _f(1.0, "Sampling penalty on tokens already in the prompt or completion (>1 "
                                         "discourages them; 1 = off). Training logprobs stay the model's own.")
-    generation_kwargs: dict | None = _f(None, "Extra sampling settings by transformers' GenerationConfig names "
-                                              "(temperature, top_p, top_k, min_p, repetition_penalty, stop_strings, "
-                                              "max_new_tokens, do_sample); they win over the fields.")
+    generation_kwargs: dict | None = _f(None, "Extra sampling settings by transformers' GenerationConfig names; they "
+                                              "win over the fields. temperature, top_p, top_k, min_p, "
+                                              "repetition_penalty, stop_strings, max_new_tokens keep grpokit's engine; "
+                                              "others (num_beams, ...) run transformers' generate.")
     chat_template_kwargs: dict | None = _f(None, "Extra arguments of the chat template, e.g. {enable_thinking: false}.")
     use_vllm: bool = _f(False, "Generate with vLLM (CUDA, optional install) instead of the HF engine.")
     max_batch_tokens: int | None = _f(None, "Cap on prompt+completion tokens decoded at once (None = engine default).")
@@ -125,6 +126,8 @@ class GRPOFields:
     entropy_coef_max: float = _f(1.0, "Upper bound of the adaptive entropy_coef.")
     entropy_coef_delta: float = _f(0.005, "Step of the adaptive entropy_coef.")
     entropy_target: float = _f(0.2, "Target mean token entropy of the adaptive entropy bonus.")
+    router_aux_loss_coef: float | None = _f(None, "Weight of a mixture-of-experts model's load-balancing loss (its "
+                                                  "config has output_router_logits); None = the model config's.")
     sync_ref_model: bool = _f(False, "Move the reference towards the policy every ref_model_sync_steps (TR-DPO).")
     ref_model_mixup_alpha: float = _f(0.6, "ref = alpha * policy + (1 - alpha) * ref at each sync.")
     ref_model_sync_steps: int = _f(512, "Steps between reference syncs.")
@@ -195,7 +198,7 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
         "greater_is_better", "data_seed", "parallelism_config",
         "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "label_names",
         "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
-        "ddp_backend", "fsdp", "fsdp_config", "deepspeed", "router_aux_loss_coef", "cache_implementation",
+        "ddp_backend", "fsdp", "fsdp_config", "deepspeed", "cache_implementation",
         "vllm_structured_outputs_regex", "vllm_server_base_url", "vllm_max_model_length",
         "max_tool_calling_iterations", "vllm_importance_sampling_clip_min",
         "log_completions_hub_repo", "transformers_continuous_batching_config", "logging_dir",
@@ -390,10 +393,13 @@ class GRPOConfig(GRPOFields):
             return
         if not isinstance(self.generation_kwargs, dict):
             raise ValueError(f"GRPOConfig: generation_kwargs={self.generation_kwargs!r} must be a mapping.")
-        unknown = sorted(set(self.generation_kwargs) - set(GENERATION_KWARGS))
-        if unknown:
-            raise ValueError(f"GRPOConfig: generation_kwargs {', '.join(map(repr, unknown))} not supported by grpokit's "
-                             f"sampler; it takes {', '.join(GENERATION_KWARGS)}.")
+        from transformers import GenerationConfig
+
+        known = GenerationConfig().to_dict()
+        unknown = sorted(k for k in self.generation_kwargs if k not in GENERATION_KWARGS and k not in known)
+        if unknown and not self.use_vllm:
+            raise ValueError(f"GRPOConfig: generation_kwargs {', '.join(map(repr, unknown))} are not transformers "
+                             "GenerationConfig settings (with use_vllm=True they go to vllm.SamplingParams).")
         if self.generation_kwargs.get("do_sample", True) is False:
             raise ValueError("GRPOConfig: generation_kwargs do_sample=False would make the G samples of a group identical "
                              "(no advantage); GRPO samples. Use temperature for sharper sampling.")
@@ -409,12 +415,17 @@ class GRPOConfig(GRPOFields):
                "repetition_penalty": self.repetition_penalty, "stop": list(self.stop),
                "max_completion_length": self.max_completion_length}
         for key, value in (self.generation_kwargs or {}).items():
-            if key == "do_sample":
+            if key == "do_sample" or key not in GENERATION_KWARGS:
                 continue
             out[GENERATION_KWARGS[key]] = list(value) if key == "stop_strings" else value
         if out["top_k"] is None:
             out["top_k"] = 0
         return out
+
+    def extra_generation_kwargs(self) -> dict[str, Any]:
+        """generation_kwargs beyond grpokit's sampler (num_beams, length_penalty, ...): they make
+        the rollout run through transformers' generate (or go to vLLM's SamplingParams)."""
+        return {k: v for k, v in (self.generation_kwargs or {}).items() if k not in GENERATION_KWARGS}
 
     # ---- conversions ----
     def to_dict(self) -> dict:

@@ -120,9 +120,9 @@ class TrainingForward(nn.Module):
     def forward(self, *args, **kwargs):
         from grpokit.core.forward import completion_logprobs
 
-        logps, entropy = completion_logprobs(self.model, *args, **kwargs)
+        logps, *rest = completion_logprobs(self.model, *args, **kwargs)
         # a fresh tensor, not a view: FSDP2 hooks its pre-backward on the output
-        return logps.clone() if logps._base is not None else logps, entropy
+        return (logps.clone() if logps._base is not None else logps, *rest)
 
 
 def wrap_for_training(model: nn.Module, strategy: str, device: torch.device, *,

@@ -29,6 +29,10 @@ def long_one(prompts, completions, **kw):
     return [len(c) / 4 for c in completions]
 
 
+def parity(prompts, completions, **kw):  # ~50/50 on a random model: almost every group has signal
+    return [float(ord(c[:1] or "a") % 2) for c in completions]
+
+
 def prompts_ds(n=16):
     return Dataset.from_dict({"prompt": [f"q{i}:" for i in range(n)]})
 
@@ -151,9 +155,11 @@ def test_chat_template_kwargs_reach_the_template(tmp_path):
     assert seen["None"].endswith("<assistant>") and seen[str({"enable_thinking": False})].endswith("<assistant>#")
 
 
-def test_generation_kwargs_the_sampler_cannot_honour_are_an_error_naming_them(tmp_path):
-    with pytest.raises(ValueError, match="generation_kwargs 'num_beams' not supported"):
-        config(tmp_path, generation_kwargs={"num_beams": 2})
+def test_generation_kwargs_that_are_no_generation_setting_are_an_error_naming_them(tmp_path):
+    with pytest.raises(ValueError, match="generation_kwargs 'num_beam' are not transformers GenerationConfig settings"):
+        config(tmp_path, generation_kwargs={"num_beam": 2})
+    with pytest.raises(ValueError, match="do_sample=False"):
+        config(tmp_path, generation_kwargs={"do_sample": False})
     with pytest.raises(ValueError, match="sync_ref_model=True needs a reference model"):
         config(tmp_path, sync_ref_model=True)
 
@@ -343,3 +349,105 @@ def test_token_budget_spans_stay_within_the_budget():
         assert cost <= 12 or e - s == 1
     with pytest.raises(ValueError, match="token_budget with loss_type='grpo'"):
         GRPOConfig(token_budget=100, loss_type="grpo")
+
+
+# --- mixture-of-experts models ---------------------------------------------------------------------
+
+def tiny_moe():
+    tok = load_tokenizer(new_char_tokenizer())
+    cfg = {"model_type": "qwen3_moe", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64, "moe_intermediate_size": 16,
+           "num_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 64, "output_router_logits": True,
+           "router_aux_loss_coef": 0.01, "decoder_sparse_step": 1, "mlp_only_layers": []}
+    return new_model_from_config(cfg, tokenizer=tok, seed=0), tok
+
+
+def test_a_moe_model_with_router_logits_samples_and_adds_its_load_balancing_loss(tmp_path):
+    model, tok = tiny_moe()
+    cfg = config(tmp_path, max_steps=2, logging_steps=1)
+    trainer = GRPOTrainer(model=model, reward_funcs=long_one, args=cfg, train_dataset=prompts_ds(), processing_class=tok)
+    assert trainer.algorithm.router_aux_coef == 0.01  # the model config's, as TRL with router_aux_loss_coef=None
+    gate = trainer.model.model.layers[0].mlp.gate.weight
+    before = gate.detach().clone()
+    trainer.train()
+    rows = [r for r in metrics(cfg.output_dir) if "loss" in r]
+    assert all(r["aux_loss"] > 0 for r in rows)  # near its minimum 1.0 for a balanced router, never 0
+    assert not torch.equal(before, gate)
+
+
+def test_the_padded_forward_aux_loss_is_the_models_own():
+    from grpokit.core.batch import make_micro_batches
+    from grpokit.core.forward import completion_logprobs
+    from grpokit.core.trajectory import Trajectories
+
+    model, tok = tiny_moe()
+    prompts = [tok("q1:")["input_ids"]] * 2 + [tok("q22:")["input_ids"]] * 2
+    comps = [[5, 6, 7], [8], [9, 10], [11, 12, 13]]
+    t = Trajectories(row_index=[0, 0, 1, 1], prompts=["a"] * 4, completions=[""] * 4, prompt_ids=prompts,
+                     completion_ids=comps, sampling_logps=[[0.0] * len(c) for c in comps],
+                     truncated=torch.zeros(4, dtype=torch.bool))
+    (mb,) = make_micro_batches(t, 4, pad_id=tok.pad_token_id, device="cpu", mask_truncated=False)
+    *_, aux = completion_logprobs(model, mb, temperature=1.0, packed=False, router_aux=True)
+    own = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                output_router_logits=True).aux_loss
+    torch.testing.assert_close(aux, own)
+    *_, packed_aux = completion_logprobs(model, mb, temperature=1.0, packed=True, router_aux=True)
+    assert torch.isfinite(packed_aux) and packed_aux > 0  # over each prompt once per group, not per row
+
+
+# --- transformers' generate for what grpokit's engine does not cover ----------------------------------
+
+def test_the_generate_engine_agrees_with_grpokit_engine_and_its_logprobs_are_the_models():
+    from grpokit.core.batch import make_micro_batches
+    from grpokit.core.forward import completion_logprobs
+    from grpokit.core.trajectory import Trajectories
+    from grpokit.rollout import make_engine
+
+    model, tok = tiny()
+    prompts = [tok("q1:")["input_ids"], tok("q22:")["input_ids"]]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    ours = make_engine("hf", model, tok).generate(prompts, n=1, params=greedy)
+    theirs = make_engine("hf-generate", model, tok).generate(prompts, n=1, params=greedy)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    sampled = make_engine("hf-generate", model, tok).generate(prompts, n=3, params=SamplingParams(max_tokens=6, seed=1))
+    assert [c.prompt_index for c in sampled] == [0, 0, 0, 1, 1, 1]
+    t = Trajectories(row_index=[c.prompt_index for c in sampled], prompts=[""] * 6, completions=[""] * 6,
+                     prompt_ids=[prompts[c.prompt_index] for c in sampled],
+                     completion_ids=[c.token_ids for c in sampled], sampling_logps=[c.logprobs for c in sampled],
+                     truncated=torch.zeros(6, dtype=torch.bool))
+    (mb,) = make_micro_batches(t, 6, pad_id=tok.pad_token_id, device="cpu", mask_truncated=False)
+    logps, _ = completion_logprobs(model, mb, temperature=1.0)
+    # at temperature 1 without truncation the sampled distribution is the model's softmax
+    torch.testing.assert_close(logps * mb.completion_mask, mb.sampling_logps, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_kwargs_beyond_grpokit_sampler_train_through_transformers_generate(tmp_path):
+    model, tok = tiny()
+    cfg = config(tmp_path, max_steps=1, generation_kwargs={"do_sample": True, "top_k": 50, "num_beams": 2,
+                                                           "length_penalty": -0.1})
+    trainer = GRPOTrainer(model=model, reward_funcs=long_one, args=cfg, train_dataset=prompts_ds(), processing_class=tok)
+    assert type(trainer.parts.engine).__name__ == "GenerateEngine"
+    assert any("transformers' generate" in note for note in trainer.parts.notes)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_a_hybrid_mamba_model_trains(tmp_path):
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    tok = load_tokenizer(new_char_tokenizer())
+    config_ = NemotronHConfig(vocab_size=len(tok), hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=32, layers_block_type=["mamba", "attention", "moe"], mamba_num_heads=8,
+                              mamba_head_dim=4, mamba_n_groups=1, ssm_state_size=16, mamba_d_conv=4, mamba_expand=2,
+                              n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                              moe_shared_expert_intermediate_size=32, use_mamba_kernels=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    model = NemotronHForCausalLM(config_)
+    trainer = GRPOTrainer(model=model, reward_funcs=parity, args=config(tmp_path, max_steps=1), processing_class=tok,
+                          train_dataset=prompts_ds())
+    assert type(trainer.parts.engine).__name__ == "GenerateEngine"
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())

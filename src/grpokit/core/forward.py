@@ -46,6 +46,30 @@ def plain_linear_head(model) -> torch.nn.Linear | None:
     return head
 
 
+def has_router_aux_loss(model) -> bool:
+    """Whether the model is a mixture of experts that returns router logits (TRL then adds its
+    load-balancing loss, times router_aux_loss_coef, to the loss)."""
+    cfg = getattr(unwrap(model), "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    return bool(getattr(cfg, "output_router_logits", False))
+
+
+def router_balance_loss(model, router_logits, attention_mask=None) -> torch.Tensor:
+    """The model family's own load-balancing loss (transformers' `load_balancing_loss_func` of its
+    modeling module) over `router_logits` (one [tokens, experts] tensor per MoE layer)."""
+    import sys
+
+    inner = unwrap(model)
+    fn = getattr(sys.modules.get(type(inner).__module__), "load_balancing_loss_func", None)
+    if fn is None:
+        raise ValueError(f"{type(inner).__name__} returns router logits but its module has no "
+                         "load_balancing_loss_func; set output_router_logits=False in its config.")
+    cfg = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or getattr(cfg, "n_routed_experts")
+    return fn(tuple(router_logits), experts, cfg.num_experts_per_tok, attention_mask)
+
+
 def uses_packed_forward(model) -> bool:
     """Whether `completion_logprobs` takes the shared-prefix packed path for this model."""
     inner = unwrap(model)
@@ -70,7 +94,7 @@ def lm_head_chunk_rows(head: torch.nn.Linear, chunk_size: int | None = None) -> 
 def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entropy: bool = False,
                         chunk_size: int | None = None, packed: bool | None = None,
                         max_segment_tokens: int = MAX_SEGMENT_TOKENS, dense_row_tokens: int = DENSE_ROW_TOKENS,
-                        value_head=None):
+                        value_head=None, router_aux: bool = False):
     """Per-token logprobs [B, C] of the completion tokens under `model` (at `temperature`), and
     their entropies when asked (0 on padding): `(logps, entropy or None)`, or with a
     `value_head` (a module mapping hidden states [..., H] to values [...], PPO's critic)
@@ -84,7 +108,8 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
     the prefix-attention kernel. Otherwise the padded [B, P + C] layout. Either way only the
     completion positions go through the lm_head, `chunk_size` rows at a time (None: ~32 MiB of
     fp32 logits on CPU, 1024 rows on GPU), so no [B, P+C, V] (or full [K, V] fp32) logits
-    tensor is ever kept."""
+    tensor is ever kept. `router_aux=True` (a mixture-of-experts model): the model's own
+    load-balancing loss over the tokens of the forward is appended to the returned tuple."""
     t = temperature if temperature > 0 else 1.0
     inner = unwrap(model)
     head = plain_linear_head(inner)
@@ -94,9 +119,12 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
         packed = head is not None and supports_packed(inner)
     shape = tuple(mb.completion_ids.shape)
 
+    aux: list = []  # the router's load-balancing loss, when asked
+
     def done(logps, entropy, hidden_to_grid):
         out = (logps, entropy if with_entropy else None)
-        return out if value_head is None else out + (hidden_to_grid(value_head),)
+        out = out if value_head is None else out + (hidden_to_grid(value_head),)
+        return out + (aux[0] if aux else torch.zeros((), device=logps.device),) if router_aux else out
 
     if packed:
         if head is None or not supports_packed(inner):
@@ -108,7 +136,11 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
             return done(zeros, zeros, lambda vh: zeros + 0.0 * sum(p.sum() for p in vh.parameters()))
         # the backbone call goes through the module that holds the LoRA layers (if any)
         decoder = inner.get_decoder()
-        hidden = packed_hidden(decoder, layout, next(decoder.parameters()).dtype, dense_row_tokens=dense_row_tokens)
+        hidden = packed_hidden(decoder, layout, next(decoder.parameters()).dtype, dense_row_tokens=dense_row_tokens,
+                               router_logits=router_aux)
+        if router_aux:
+            hidden, routed = hidden
+            aux.append(router_balance_loss(inner, routed))
         if hidden.dtype != head.weight.dtype:  # cast_lm_head_to_fp32: the head's matmul in float32
             hidden = hidden.to(head.weight.dtype)
         out = chunked_logprobs(hidden, head.weight, layout.targets, temperature=t, chunk_size=chunk_size,
@@ -119,8 +151,12 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
                     lambda vh: scatter_to_grid(vh(hidden), layout, shape))
     p, c = mb.prompt_width, shape[1]
     if head is not None and hasattr(inner, "get_decoder"):
-        hidden = inner.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                     position_ids=mb.position_ids, use_cache=False).last_hidden_state
+        decoded = inner.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                      position_ids=mb.position_ids, use_cache=False,
+                                      **({"output_router_logits": True} if router_aux else {}))
+        if router_aux:
+            aux.append(router_balance_loss(inner, decoded.router_logits, mb.attention_mask))
+        hidden = decoded.last_hidden_state
         hidden = hidden[:, p - 1:p - 1 + c]  # position t predicts token t+1
         out = chunked_logprobs(hidden, head.weight, mb.completion_ids, temperature=t,
                                chunk_size=chunk_size, return_entropy=with_entropy)
@@ -128,7 +164,10 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
         return done(logps, entropy, lambda vh: vh(hidden))
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
                 use_cache=False, output_hidden_states=value_head is not None,
-                **({} if value_head is not None else {"logits_to_keep": c + 1}))
+                **({} if value_head is not None else {"logits_to_keep": c + 1}),
+                **({"output_router_logits": True} if router_aux else {}))
+    if router_aux:
+        aux.append(out.aux_loss)
     logits = out.logits[:, -(c + 1):-1] / t
     logps = selective_log_softmax(logits, mb.completion_ids)
     return done(logps, entropy_from_logits(logits.detach()) if with_entropy else None,
@@ -238,8 +277,9 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
     local_means = cfg.loss_type not in LOSS_TYPES or is_local_mean(cfg.loss_type)
     # the entropy mask (a per-micro-batch quantile) and the entropy bonus (a per-micro-batch mean,
     # zero-advantage tokens included) are defined per micro-batch of TRL's layout
+    # (so is a MoE router's load-balancing loss: a mean over each micro-batch's tokens, all rows)
     entropy_mask = (cfg.top_entropy_quantile < 1.0 or getattr(cfg, "entropy_coef", 0.0) != 0.0
-                    or getattr(cfg, "use_adaptive_entropy", False))
+                    or getattr(cfg, "use_adaptive_entropy", False) or has_router_aux_loss(model))
     old = "current"
     if cfg.num_iterations > 1:
         sampling = cfg.sampling()

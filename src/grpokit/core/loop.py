@@ -30,6 +30,7 @@ from grpokit import memory
 from grpokit.algos import (batch_normalized, entropy_bonus, group_advantages, is_local_mean, make_policy_loss,
                            normalize_then_sum, rollout_correction_weights, top_entropy_mask)
 from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
+from grpokit.core.forward import has_router_aux_loss, unwrap
 from grpokit.core.run import LoopState, RunParts
 from grpokit.core.trajectory import Rollout, concat_rollouts
 
@@ -219,6 +220,11 @@ class GRPO:
             vespo_lambda_neg=cfg.vespo_lambda_neg)
         self.local_means = is_local_mean(cfg.loss_type)
         self.entropy = EntropyBonus.from_config(cfg)
+        # a MoE model's load-balancing loss (TRL: router_aux_loss_coef, None = the model config's)
+        model_cfg = getattr(unwrap(run.model), "config", None)
+        self.router_aux_coef = ((cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None
+                                 else float(getattr(model_cfg, "router_aux_loss_coef", 0.001)))
+                                if has_router_aux_loss(run.model) else None)
         self.warned: set[str] = set()
 
     def advantages(self, run: RunParts, rollout: Rollout) -> torch.Tensor:
@@ -342,7 +348,9 @@ class GRPO:
             with sync, run.autocast():
                 # through run.train_forward (a DDP/FSDP2-wrapped module), so the gradients are
                 # averaged over ranks exactly once, in this backward
-                logps, entropy = run.forward(mb, with_entropy=want_entropy)
+                out = run.forward(mb, with_entropy=want_entropy,
+                                  **({"router_aux": True} if self.router_aux_coef is not None else {}))
+                logps, entropy = out[0], out[1]
                 is_weights = None
                 if cfg.use_vllm and cfg.vllm_importance_sampling_correction:
                     level, mode = cfg.vllm_importance_sampling_mode.split("_")
@@ -363,6 +371,10 @@ class GRPO:
                     loss, bonus_stats = self.entropy.apply(loss, entropy, mb.completion_mask, entropy_mask,
                                                            accumulation)
                     stats.update(bonus_stats)
+                if self.router_aux_coef is not None:  # (0 on the other ranks' padding micro-batches)
+                    aux = out[-1] * (1.0 if i < accumulation else 0.0)
+                    loss = loss + self.router_aux_coef * aux / accumulation
+                    stats["aux_loss"] = aux.detach()
             loss.backward()
             weight = mb.completion_mask.sum().detach()
             totals["loss"] = totals.get("loss", 0.0) + loss.detach()

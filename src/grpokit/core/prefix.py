@@ -252,17 +252,23 @@ def supports_packed(model) -> bool:
 
 
 def packed_hidden(decoder, layout: PackedLayout, dtype: torch.dtype, *,
-                  dense_row_tokens: int | None = None) -> torch.Tensor:
+                  dense_row_tokens: int | None = None, router_logits: bool = False):
     """[K, H] final hidden states that predict the K completion tokens of ``layout``: through
-    `prefix_attention` when it applies (see `uses_prefix_attention`), else the dense 4-D mask."""
+    `prefix_attention` when it applies (see `uses_prefix_attention`), else the dense 4-D mask.
+    `router_logits=True` (MoE): `(hidden, per-layer router logits of the real tokens)`."""
+    extra = {"output_router_logits": True} if router_logits else {}
     if uses_prefix_attention(decoder, layout, dense_row_tokens=dense_row_tokens):
         with _prefix_attention_on(decoder.config, layout.plan):
-            out = decoder(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False)
+            out = decoder(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False, **extra)
     else:
         out = decoder(input_ids=layout.input_ids, attention_mask=layout.attention_mask(dtype),
-                      position_ids=layout.position_ids, use_cache=False)
+                      position_ids=layout.position_ids, use_cache=False, **extra)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.predict_index)
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.predict_index)
+    if not router_logits:
+        return hidden
+    real = (layout.segment_ids >= 0).reshape(-1)
+    return hidden, tuple(layer[real] for layer in out.router_logits)
 
 
 # --------------------------------------------------------------------------------------------

@@ -614,7 +614,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     runner.check_signature(columns=set(train_dataset.column_names))
 
     # generation engine, reference, optimizer, schedule
-    engine = make_engine("vllm" if cfg.use_vllm else "hf", policy, tok, max_batch_tokens=cfg.max_batch_tokens)
+    engine = _make_rollout_engine(cfg, policy, tok, notes)
     needs_reference = cfg.beta > 0 if needs_reference is None else needs_reference
     if cfg.sync_ref_model and is_peft:
         raise ValueError("sync_ref_model=True with a LoRA (PEFT) model: the reference is the base model with the "
@@ -686,6 +686,22 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                     strategy=cfg.distributed_strategy, extra_modules=extra_modules,
                     plan=choose_forward_plan(cfg, policy, engine, world_size=world, is_peft=is_peft,
                                              needs_reference=needs_reference, overrides=forward_plan))
+
+
+def _make_rollout_engine(cfg: GRPOConfig, policy, tok, notes: list[str]):
+    """vLLM when asked; grpokit's HFEngine when it can hold the model's state and honour every
+    sampling setting; else transformers' generate (said in the summary)."""
+    from grpokit.rollout import needs_generate
+
+    extra = cfg.extra_generation_kwargs()
+    if cfg.use_vllm:
+        return make_engine("vllm", policy, tok, max_batch_tokens=cfg.max_batch_tokens, generation_kwargs=extra)
+    why = needs_generate(policy) or (f"generation_kwargs {', '.join(sorted(extra))} need transformers' generate"
+                                     if extra else None)
+    if why:
+        notes.append(f"rollout: transformers' generate ({why}); slower than grpokit's engine.")
+        return make_engine("hf-generate", policy, tok, generation_kwargs=extra)
+    return make_engine("hf", policy, tok, max_batch_tokens=cfg.max_batch_tokens)
 
 
 def _is_iterable_dataset(ds) -> bool:

@@ -4,13 +4,15 @@
     engine = HFEngine(model, tokenizer)
     out = engine.generate(prompt_ids, n=8, params=SamplingParams(max_tokens=256, stop=["</answer>"]))
 
-`make_engine("hf" | "vllm", model, tokenizer, **kw)` picks an engine by name from the registry
-(`register_engine`); the vLLM library is imported only when its engine is built.
+`make_engine("hf" | "hf-generate" | "vllm", model, tokenizer, **kw)` picks an engine by name from
+the registry (`register_engine`); the vLLM library is imported only when its engine is built.
+`hf-generate` is transformers' own `generate`, for models and settings HFEngine does not cover.
 """
 
 from grpokit.rollout.base import Completion, Engine, make_engine, register_engine
+from grpokit.rollout.generate import GenerateEngine, needs_generate
 from grpokit.rollout.hf import HFEngine
 from grpokit.rollout.vllm import VLLMEngine
 from grpokit.rollout.sampling import SamplingParams
 
-__all__ = ["Completion", "Engine", "HFEngine", "SamplingParams", "VLLMEngine", "make_engine", "register_engine"]
+__all__ = ["Completion", "Engine", "GenerateEngine", "HFEngine", "needs_generate", "SamplingParams", "VLLMEngine", "make_engine", "register_engine"]

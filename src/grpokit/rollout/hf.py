@@ -123,6 +123,7 @@ class HFEngine:
         self.stats: dict[str, float] = {}
         """Phase split of the last `generate` call: prefill_s, decode_s, steps, waves, tokens."""
         self._check_model()
+        self._router_logits = bool(getattr(_base_model(model).config, "output_router_logits", False))
 
     # ------------------------------------------------------------------ public API
     def update_weights(self, model) -> None:
@@ -257,6 +258,8 @@ class HFEngine:
     def _forward(self, **kw):
         cache = kw.pop("cache")
         kw[self._cache_kw] = cache
+        if self._router_logits:  # MoE with output_router_logits: no load-balancing loss while sampling
+            kw["output_router_logits"] = False
         return self.model(use_cache=True, **kw).logits
 
     def _run_wave(self, wave, prompt_ids, n, params, seed, results):

@@ -26,10 +26,12 @@ class VLLMEngine:
     `max_batch_tokens` is accepted for parity with HFEngine and not used: vLLM bounds its KV
     memory itself (gpu_memory_utilization) and schedules the requests in pages."""
 
-    def __init__(self, model, tokenizer, *, llm=None, max_batch_tokens: int | None = None, **llm_kwargs):
+    def __init__(self, model, tokenizer, *, llm=None, max_batch_tokens: int | None = None,
+                 generation_kwargs: dict | None = None, **llm_kwargs):
         import vllm
 
         self._vllm = vllm
+        self.generation_kwargs = dict(generation_kwargs or {})  # more vllm.SamplingParams fields (TRL's)
         self.tokenizer = tokenizer
         if llm is None:
             path = model if isinstance(model, str) else getattr(model, "name_or_path", None)
@@ -51,7 +53,7 @@ class VLLMEngine:
             top_k=params.top_k if params.top_k > 0 else -1, min_p=params.min_p, seed=params.seed,
             repetition_penalty=params.repetition_penalty,
             stop=list(params.stop) or None, include_stop_str_in_output=True, skip_special_tokens=True,
-            logprobs=0,
+            logprobs=0, **self.generation_kwargs,
         )
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
         outputs = self.llm.generate(prompts, sp, use_tqdm=False)
