@@ -136,7 +136,9 @@ class GRPOFields:
     top_entropy_quantile: float = _f(1.0, "Train only on the top-rho quantile of tokens by entropy (1 = all).")
     vllm_importance_sampling_correction: bool = _f(True, "Correct sampler/trainer logprob mismatch (vLLM).")
     vllm_importance_sampling_mode: str = _f("sequence_mask", "token_truncate | token_mask | sequence_truncate | sequence_mask.")
-    vllm_importance_sampling_cap: float | None = _f(3.0, "Cap C of the importance-sampling correction.")
+    vllm_importance_sampling_clip_max: float | None = _f(3.0, "Upper bound C_max of the importance-sampling "
+                                                              "correction (truncate: clip; mask: drop above).")
+    vllm_importance_sampling_clip_min: float | None = _f(None, "Lower bound C_min of the correction (None: none).")
     # --- optimizer ---
     learning_rate: float = _f(1e-6, "AdamW learning rate.")
     lr_scheduler_type: str = _f("linear", "linear | cosine | constant | constant_with_warmup.")
@@ -200,7 +202,7 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
         "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
         "ddp_backend", "fsdp", "fsdp_config", "deepspeed", "cache_implementation",
         "vllm_structured_outputs_regex", "vllm_server_base_url", "vllm_max_model_length",
-        "max_tool_calling_iterations", "vllm_importance_sampling_clip_min",
+        "max_tool_calling_iterations",
         "log_completions_hub_repo", "transformers_continuous_batching_config", "logging_dir",
             )},
     **{name: (False,) for name in (
@@ -217,7 +219,6 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
     "log_multimodal": (False, True), "dataloader_pin_memory": (False, True), "eval_delay": (None, 0, 0.0),
     "local_rank": (None, -1), "hub_strategy": (None, "every_save"), "project": (None, "huggingface"),
     "hub_token": (None, "<HUB_TOKEN>"), "debug": ("", None, []),
-    "vllm_importance_sampling_clip_max": (None, 3.0),
     "accelerator_config": (None, {"split_batches": False, "dispatch_batches": None, "even_batches": True,
                                   "use_seedable_sampler": True, "non_blocking": False,
                                   "gradient_accumulation_kwargs": None}),
@@ -453,6 +454,13 @@ def _take_trl_aliases(kwargs: dict) -> None:
             agree("activation_checkpointing", value, "gradient_checkpointing", kwargs["gradient_checkpointing"])
         elif value is not None:
             kwargs["gradient_checkpointing"] = bool(value)
+    if "vllm_importance_sampling_cap" in kwargs:  # the name of TRL < 1.x (and of grpokit before)
+        cap = kwargs.pop("vllm_importance_sampling_cap")
+        if "vllm_importance_sampling_clip_max" in kwargs:
+            agree("vllm_importance_sampling_cap", cap, "vllm_importance_sampling_clip_max",
+                  kwargs["vllm_importance_sampling_clip_max"])
+        else:
+            kwargs["vllm_importance_sampling_clip_max"] = cap
     accum = kwargs.get("gradient_accumulation_steps", 1)
     per_device = kwargs.get("per_device_train_batch_size", 8)
     # grpokit samples one generation batch per optimizer step: TRL's steps_per_generation equal to

@@ -27,7 +27,8 @@ TRL_1_16 = {
     "repetition_penalty": 1.0, "generation_kwargs": None, "chat_template_kwargs": None,
     "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0,
     "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05, "dataloader_num_workers": 0,
-    "cast_lm_head_to_fp32": False,
+    "cast_lm_head_to_fp32": False, "vllm_importance_sampling_clip_max": 3.0,
+    "vllm_importance_sampling_clip_min": None, "router_aux_loss_coef": None,
 }
 
 # where grpokit deliberately differs, and why (docs/from-trl.md says the same)
@@ -37,7 +38,6 @@ DIFFERENT = {
     "disable_tqdm": "TRL's None decides by log level; grpokit shows the bar unless disabled",
     "log_completions": "grpokit writes samples to completions.jsonl by default (TRL prints a table when True)",
     "num_completions_to_print": "how many of them grpokit writes per logging step",
-    "vllm_importance_sampling_cap": "TRL 1.16 has no cap field of this name (None)",
 }
 
 

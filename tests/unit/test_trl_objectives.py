@@ -208,3 +208,18 @@ def test_normalize_then_sum_skips_none_rewards_and_marks_unscorable_rows():
     s = normalize_then_sum(rpf, torch.ones(2), 2)
     assert s[0] > 0 > s[1] and torch.isnan(s[2:]).all()
     assert torch.equal(batch_normalized(s)[2:], torch.zeros(2))
+
+
+def test_sampler_correction_bounds_clip_min_and_clip_max():
+    from grpokit.algos import rollout_correction_weights
+
+    # rho = exp(trainer - sampler) = [e^-2, 1, e^2] = [0.1353, 1, 7.389]; bounds [0.5, 3]
+    trainer = torch.tensor([[-3.0, -1.0, 1.0]])
+    sampler = torch.tensor([[-1.0, -1.0, -1.0]])
+    mask = torch.ones(1, 3)
+    truncated = rollout_correction_weights(trainer, sampler, mask, mode="truncate", cap=3.0, floor=0.5)
+    torch.testing.assert_close(truncated, torch.tensor([[0.5, 1.0, 3.0]]))
+    masked = rollout_correction_weights(trainer, sampler, mask, mode="mask", cap=3.0, floor=0.5)
+    torch.testing.assert_close(masked, torch.tensor([[0.0, 1.0, 0.0]]))
+    only_floor = rollout_correction_weights(trainer, sampler, mask, mode="mask", cap=None, floor=0.5)
+    torch.testing.assert_close(only_floor, torch.tensor([[0.0, 1.0, math.exp(2.0)]]))

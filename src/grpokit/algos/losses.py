@@ -492,6 +492,7 @@ def rollout_correction_weights(
     level: str = "token",
     mode: str = "truncate",
     cap: float | None = 2.0,
+    floor: float | None = None,
 ) -> torch.Tensor:
     """Importance weights ``pi_trainer / pi_sampler`` for tokens sampled by a different engine.
 
@@ -499,9 +500,12 @@ def rollout_correction_weights(
     ``log rho_i = sum_t (trainer - sampler)`` (``level="sequence"``: the product of the token
     ratios) given to every token of ``i``. Then, as TRL's ``vllm_importance_sampling_mode``:
 
-    - ``mode="truncate"`` (``*_truncate``, truncated IS): ``w = min(rho, cap)``;
-    - ``mode="mask"`` (``*_mask``, masked IS): ``w = rho`` where ``rho <= cap``, else 0 (the token
-      or whole sequence is dropped from the loss; kept ones keep their ratio, not 1).
+    - ``mode="truncate"`` (``*_truncate``, truncated IS): ``w = clamp(rho, floor, cap)``;
+    - ``mode="mask"`` (``*_mask``, masked IS): ``w = rho`` where ``floor <= rho <= cap``, else 0 (the
+      token or whole sequence is dropped from the loss; kept ones keep their ratio, not 1).
+
+    ``cap`` and ``floor`` are TRL's ``vllm_importance_sampling_clip_max`` / ``_clip_min`` (None: no
+    bound on that side).
 
     TRL's mode names map as ``token_truncate = (level="token", mode="truncate")`` etc.
 
@@ -512,7 +516,8 @@ def rollout_correction_weights(
         mask: [B, T], 1 on completion tokens.
         level: ``"token" | "sequence"``.
         mode: ``"truncate" | "mask"``.
-        cap: C, the truncation / rejection threshold; None = no cap (plain IS ratio).
+        cap: C_max, the upper truncation / rejection threshold; None = no upper bound.
+        floor: C_min, the lower one; None = no lower bound.
     Returns:
         [B, T] detached float weights, 0 on padding; pass as ``policy_loss(is_weights=...)``.
     """
@@ -527,10 +532,13 @@ def rollout_correction_weights(
     rho = torch.exp(log_rho)
     if mode not in ("truncate", "mask"):
         raise ValueError(f"mode={mode!r}: use 'truncate' or 'mask'.")
-    if cap is None:
-        weights = rho
-    elif mode == "truncate":
-        weights = torch.clamp(rho, max=cap)
+    if mode == "truncate":
+        weights = torch.clamp(rho, min=floor, max=cap) if (cap is not None or floor is not None) else rho
     else:
-        weights = torch.where(rho <= cap, rho, 0.0)
+        keep = torch.ones_like(rho, dtype=torch.bool)
+        if cap is not None:
+            keep &= rho <= cap
+        if floor is not None:
+            keep &= rho >= floor
+        weights = torch.where(keep, rho, 0.0)
     return torch.where(active, weights, 0.0)

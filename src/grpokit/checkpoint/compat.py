@@ -27,8 +27,13 @@ RESUME_KEYS = (
     "sapo_temperature_pos", "sapo_temperature_neg", "scale_rewards", "advantage_estimator",
     "reward_funcs", "reward_kwargs", "reward_weights", "reward_on_error", "kl_estimator",
     "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
-    "vllm_importance_sampling_cap",
+    "vllm_importance_sampling_cap", "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
     "mask_truncated_completions", "top_entropy_quantile",
+    "use_bias_correction_kl", "off_policy_mask_threshold", "multi_objective_aggregation", "entropy_coef",
+    "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
+    "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "vespo_k_pos", "vespo_lambda_pos",
+    "vespo_k_neg", "vespo_lambda_neg", "generation_kwargs", "chat_template_kwargs", "dynamic_sampling",
+    "dynamic_sampling_max_rounds", "router_aux_loss_coef", "cast_lm_head_to_fp32", "dataset_streaming",
     "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
 )
 

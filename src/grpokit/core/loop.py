@@ -356,7 +356,8 @@ class GRPO:
                     level, mode = cfg.vllm_importance_sampling_mode.split("_")
                     base = mb.old_logps if mb.old_logps is not None else logps.detach()
                     is_weights = rollout_correction_weights(base, mb.sampling_logps, mb.completion_mask, level=level,
-                                                            mode=mode, cap=cfg.vllm_importance_sampling_cap)
+                                                            mode=mode, cap=cfg.vllm_importance_sampling_clip_max,
+                                                            floor=cfg.vllm_importance_sampling_clip_min)
                 # the threshold over this micro-batch of every rank (TRL's)
                 entropy_mask = (top_entropy_mask(entropy.detach(), mb.completion_mask, cfg.top_entropy_quantile,
                                                  gather=gather)
