@@ -64,6 +64,9 @@ class GRPOFields:
                                         "in the run summary).")
     per_device_train_batch_size: int = _f(8, "Completions per micro-batch per device (TRL's meaning).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    pad_to_multiple_of: int | None = _f(None, "Round the training tensors' prompt and completion widths up to a "
+                                              "multiple of this (fixed shapes for accelerators; the padded forward "
+                                              "then runs). None = no padding beyond the longest.")
     token_budget: int | None = _f(None, "Cut the training micro-batches by tokens (at most this many per forward, "
                                         "rows packed across groups) instead of per_device_train_batch_size rows; "
                                         "for losses with global normalisers (dapo, dr_grpo, cispo, vespo).")
@@ -228,7 +231,7 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
     "log_level": ("passive",), "log_level_replica": ("warning", "passive"), "log_on_each_node": (True,),
     "logging_nan_inf_filter": (True,), "skip_memory_metrics": (True,),
     "train_sampling_strategy": ("random",), "length_column_name": ("length",), "include_for_metrics": ([],),
-    "eval_do_concat_batches": (True,), "pad_to_multiple_of": ("auto", None), "ds3_gather_for_generation": (True,),
+    "eval_do_concat_batches": (True,), "ds3_gather_for_generation": (True,),
     "vllm_mode": ("colocate",),
     "vllm_model_impl": ("vllm",), "vllm_server_host": ("0.0.0.0",), "vllm_server_port": (8000,),
     "vllm_server_timeout": (240.0,), "vllm_group_port": (51216,), "vllm_gpu_memory_utilization": (0.3,),
@@ -359,6 +362,7 @@ class GRPOConfig(GRPOFields):
         need(self.dataloader_num_workers >= 0, "dataloader_num_workers must be >= 0.")
         need(self.dynamic_sampling_max_rounds >= 0, "dynamic_sampling_max_rounds must be >= 0.")
         need(self.token_budget is None or self.token_budget >= 1, "token_budget must be >= 1 tokens or None.")
+        need(self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1, "pad_to_multiple_of must be >= 1 or None.")
         if self.token_budget is not None and self.loss_type in LOSS_TYPES:
             need(not is_local_mean(self.loss_type),
                  f"token_budget with loss_type={self.loss_type!r}: its loss is a mean per micro-batch (TRL's meaning), "
@@ -461,6 +465,9 @@ def _take_trl_aliases(kwargs: dict) -> None:
                   kwargs["vllm_importance_sampling_clip_max"])
         else:
             kwargs["vllm_importance_sampling_clip_max"] = cap
+    if isinstance(kwargs.get("pad_to_multiple_of"), str):  # TRL's "auto": None off Neuron devices
+        value = kwargs["pad_to_multiple_of"]
+        kwargs["pad_to_multiple_of"] = None if value.lower() in ("auto", "none", "null") else int(value)
     accum = kwargs.get("gradient_accumulation_steps", 1)
     per_device = kwargs.get("per_device_train_batch_size", 8)
     # grpokit samples one generation batch per optimizer step: TRL's steps_per_generation equal to

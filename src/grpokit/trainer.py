@@ -39,7 +39,9 @@ class GRPOTrainer(RunFacade):
     """`GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
     eval_dataset=..., processing_class=..., peft_config=...)` then `.train()`, as in TRL.
 
-    `model` is a hub id, a local path or a loaded model; `reward_funcs` one or a list of
+    `model` is a hub id, a local path or a loaded model (`quantization_config`: a
+    transformers quantization config such as BitsAndBytesConfig for QLoRA, applied when `model` is
+    loaded here); `reward_funcs` one or a list of
     callables / registry names / "module:function" paths. Everything is validated here, before
     the first step; afterwards `trainer.model` is the trained model. `forward_plan` (grpokit's
     own) overrides parts of the training forward's plan, e.g. `{"packed": False}` (see
@@ -47,15 +49,15 @@ class GRPOTrainer(RunFacade):
 
     def __init__(self, model=None, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None, callbacks=None,
-                 optimizers=(None, None), reward_processing_classes=None, *, forward_plan: dict | None = None,
-                 **kwargs):
+                 optimizers=(None, None), reward_processing_classes=None, quantization_config=None, *,
+                 forward_plan: dict | None = None, **kwargs):
         self._take_args(GRPOConfig, args, kwargs)
         if reward_processing_classes is not None:
             reward_funcs = with_reward_tokenizers(reward_funcs, reward_processing_classes)
         self.parts: RunParts = build_run(
             self.args, model=model, reward_funcs=reward_funcs, train_dataset=train_dataset,
             eval_dataset=eval_dataset, tokenizer=processing_class, peft_config=peft_config,
-            optimizers=optimizers, forward_plan=forward_plan,
+            optimizers=optimizers, forward_plan=forward_plan, quantization_config=quantization_config,
         )
         self.algorithm = GRPO(self.parts)
         self._init_surface(callbacks, eval_dataset)

@@ -451,3 +451,44 @@ def test_a_hybrid_mamba_model_trains(tmp_path):
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_pad_to_multiple_of_pads_the_training_tensors_and_keeps_the_logprobs(tmp_path):
+    from grpokit.core.batch import make_micro_batches
+    from grpokit.core.forward import completion_logprobs
+    from grpokit.core.trajectory import Trajectories
+
+    model, tok = tiny()
+    prompts = [tok("q1:")["input_ids"], tok("q22:")["input_ids"]]
+    comps = [[5, 6, 7], [8]]
+    t = Trajectories(row_index=[0, 1], prompts=["a", "b"], completions=["", ""], prompt_ids=prompts,
+                     completion_ids=comps, sampling_logps=[[0.0] * 3, [0.0]], truncated=torch.zeros(2, dtype=torch.bool))
+    plain, = make_micro_batches(t, 2, pad_id=tok.pad_token_id, device="cpu", mask_truncated=False)
+    padded, = make_micro_batches(t, 2, pad_id=tok.pad_token_id, device="cpu", mask_truncated=False, pad_to_multiple_of=8)
+    assert padded.input_ids.shape[1] == 16 and padded.prompt_width == 8
+    torch.testing.assert_close(completion_logprobs(model, padded, temperature=1.0, packed=False)[0],
+                               completion_logprobs(model, plain, temperature=1.0, packed=False)[0])
+    cfg = config(tmp_path, max_steps=1, pad_to_multiple_of="auto")
+    assert cfg.pad_to_multiple_of is None
+    trainer = GRPOTrainer(model=model, reward_funcs=parity, args=config(tmp_path, max_steps=1, pad_to_multiple_of=8),
+                          train_dataset=prompts_ds(), processing_class=tok)
+    assert trainer.parts.plan.packed is False
+    trainer.train()
+
+
+def test_quantization_config_errors_name_what_is_missing(tmp_path):
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    model, tok = tiny()
+    q = BitsAndBytesConfig(load_in_4bit=True)
+    with pytest.raises(ValueError, match="pass the model's id or path"):
+        GRPOTrainer(model=model, reward_funcs=parity, args=config(tmp_path), train_dataset=prompts_ds(),
+                    processing_class=tok, quantization_config=q)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    want = "needs the bitsandbytes package" if importlib.util.find_spec("bitsandbytes") is None else "peft_config"
+    with pytest.raises(ValueError, match=want):
+        GRPOTrainer(model=str(tmp_path / "m"), reward_funcs=parity, args=config(tmp_path), train_dataset=prompts_ds(),
+                    quantization_config=q)

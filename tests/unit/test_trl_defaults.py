@@ -28,7 +28,7 @@ TRL_1_16 = {
     "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0,
     "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05, "dataloader_num_workers": 0,
     "cast_lm_head_to_fp32": False, "vllm_importance_sampling_clip_max": 3.0,
-    "vllm_importance_sampling_clip_min": None, "router_aux_loss_coef": None,
+    "vllm_importance_sampling_clip_min": None, "router_aux_loss_coef": None, "pad_to_multiple_of": None,
 }
 
 # where grpokit deliberately differs, and why (docs/from-trl.md says the same)

@@ -38,6 +38,7 @@ class MicroBatch:
     pad_id: int = 0
     skip_rows: list[bool] | None = None     # rows left out of the forward (their logprobs come out 0)
     keep_row: int | None = None     # a row computed even if skipped or wholly masked (see make_micro_batches)
+    pad_to_multiple_of: int | None = None   # the padded layout's prompt and completion widths (TRL's knob)
     old_logps: torch.Tensor | None = None   # [B, C] when num_iterations > 1
     ref_logps: torch.Tensor | None = None   # [B, C] when beta > 0
     _padded: tuple | None = field(default=None, repr=False)
@@ -69,9 +70,10 @@ class MicroBatch:
     def _padded_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._padded is None:
             p_ids, c_ids = self.prompt_token_ids, self.completion_token_ids
-            b, p, c = len(p_ids), max(map(len, p_ids)), self.completion_ids.shape[1]
-            input_ids = torch.full((b, p + c), self.pad_id, dtype=torch.long)
-            attention = torch.zeros((b, p + c), dtype=torch.long)
+            b, p, c = len(p_ids), self.prompt_width, self.completion_ids.shape[1]
+            width = p + _round_up(c, self.pad_to_multiple_of)
+            input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+            attention = torch.zeros((b, width), dtype=torch.long)
             for i, (pi, ci) in enumerate(zip(p_ids, c_ids)):
                 input_ids[i, p - len(pi):p] = torch.tensor(pi, dtype=torch.long)
                 input_ids[i, p:p + len(ci)] = torch.tensor(ci, dtype=torch.long)
@@ -94,13 +96,18 @@ class MicroBatch:
 
     @property
     def prompt_width(self) -> int:
-        return max(map(len, self.prompt_token_ids))
+        return _round_up(max(map(len, self.prompt_token_ids)), self.pad_to_multiple_of)
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if not multiple else -(-n // multiple) * multiple
 
 
 def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device, mask_truncated: bool,
                        advantages: torch.Tensor | None = None, merge: bool = False,
                        skip_zero_advantage: bool = False, never_empty: bool = False,
-                       token_budget: int | None = None, packed: bool = True) -> list[MicroBatch]:
+                       token_budget: int | None = None, packed: bool = True,
+                       pad_to_multiple_of: int | None = None) -> list[MicroBatch]:
     """Split the N samples into micro-batches of `size` consecutive rows (groups stay whole when
     size is a multiple of G; a group cut by a micro-batch boundary still shares its prompt within
     each part). Completion tensors are padded to each micro-batch's own longest completion.
@@ -125,6 +132,10 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
     consecutive rows, across groups, as many as fit in T tokens of the forward (`packed`: each
     group's prompt once plus the completions, skipped rows not counted; else rows x (longest prompt
     + longest completion)); a row longer than T alone is one micro-batch. `size` is then unused.
+
+    `pad_to_multiple_of=m`: the padded layout's prompt and completion widths are rounded up to
+    multiples of m (TRL's knob, for accelerators that want fixed shapes; the trainer then runs
+    the padded forward).
 
     `never_empty=True` (several ranks): a micro-batch whose rows would all be left out of the
     forward (skipped, or wholly masked) keeps its shortest row in it (`MicroBatch.keep_row`). That
@@ -178,7 +189,7 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
             prompt_token_ids=[list(p) for p in p_ids], completion_token_ids=[list(ci) for ci in c_ids],
             completion_ids=completion_ids.to(device), completion_mask=comp_mask.to(device),
             advantages=advantages[rows].to(device), sampling_logps=samp.to(device), rows=rows, pad_id=pad_id,
-            skip_rows=row_skip if any(row_skip) else None, keep_row=keep_row,
+            skip_rows=row_skip if any(row_skip) else None, keep_row=keep_row, pad_to_multiple_of=pad_to_multiple_of,
         ))
     return out
 
@@ -192,6 +203,7 @@ def zero_weight_micro_batch(like: MicroBatch) -> MicroBatch:
         completion_ids=like.completion_ids[:1], completion_mask=torch.zeros_like(like.completion_mask[:1]),
         advantages=torch.zeros_like(like.advantages[:1]), sampling_logps=torch.zeros_like(like.sampling_logps[:1]),
         rows=slice(like.rows.start, like.rows.start), pad_id=like.pad_id, keep_row=0,
+        pad_to_multiple_of=like.pad_to_multiple_of,
     )
 
 

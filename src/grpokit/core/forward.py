@@ -272,7 +272,8 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
     cannot take it, merging a per-micro-batch loss) is an error."""
     inner = unwrap(model)
     head = plain_linear_head(inner)
-    packed = head is not None and supports_packed(inner)
+    # pad_to_multiple_of asks for fixed padded shapes: the padded layout (the packed one has no padding)
+    packed = head is not None and supports_packed(inner) and not getattr(cfg, "pad_to_multiple_of", None)
     # a loss that is not a GRPO-family policy loss (DPO's) has no plain sum over micro-batches either
     local_means = cfg.loss_type not in LOSS_TYPES or is_local_mean(cfg.loss_type)
     # the entropy mask (a per-micro-batch quantile) and the entropy bonus (a per-micro-batch mean,

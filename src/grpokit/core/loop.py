@@ -256,7 +256,7 @@ class GRPO:
                                            mask_truncated=cfg.mask_truncated_completions, merge=plan.merge,
                                            skip_zero_advantage=plan.skip_zero_advantage,
                                            never_empty=plan.never_empty, token_budget=cfg.token_budget,
-                                           packed=plan.packed)
+                                           packed=plan.packed, pad_to_multiple_of=cfg.pad_to_multiple_of)
         # local means (grpo, bnpo, sapo, luspo) are averaged over the micro-batches, as TRL divides by
         # the accumulation steps (such losses never merge, so every rank has as many)
         divisor = len(micro_batches) if self.local_means else 1

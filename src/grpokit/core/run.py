@@ -495,7 +495,8 @@ class RunParts:
 # --------------------------------------------------------------------------------------------
 
 def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=None, eval_dataset=None,
-              tokenizer=None, peft_config=None, optimizers=(None, None), rows_per_step_factor: int = 1,
+              tokenizer=None, peft_config=None, optimizers=(None, None), quantization_config=None,
+              rows_per_step_factor: int = 1,
               optimizer_steps_per_step: int = 1, needs_reference: bool | None = None,
               make_extra_modules=None, forward_plan: dict | None = None) -> RunParts:
     """Load and check everything; nothing is trained or written before this returns.
@@ -557,6 +558,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     if isinstance(model_ref, str) and model_ref == models.starter_model_path():
         model_name = "grpokit starter model"
     init_kwargs = dict(cfg.model_init_kwargs or {})
+    if quantization_config is not None:
+        init_kwargs["quantization_config"] = _checked_quantization(quantization_config, model_ref, peft_config, cfg)
     # TRL's model_init_kwargs dtype (e.g. `--dtype bfloat16`) wins over the bf16 default
     dtype = init_kwargs.pop("dtype", None) or init_kwargs.pop("torch_dtype", None) or _pick_dtype(cfg, device, notes)
     policy = models.load_model(model_ref, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
@@ -686,6 +689,25 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                     strategy=cfg.distributed_strategy, extra_modules=extra_modules,
                     plan=choose_forward_plan(cfg, policy, engine, world_size=world, is_peft=is_peft,
                                              needs_reference=needs_reference, overrides=forward_plan))
+
+
+def _checked_quantization(quantization_config, model_ref, peft_config, cfg):
+    """TRL's `quantization_config` (QLoRA): the model is loaded quantized here, so it must be a
+    name; the quantized weights are frozen, so a LoRA adapter must be trained on them."""
+    import importlib.util
+
+    if not isinstance(model_ref, str):
+        raise ValueError("quantization_config is applied when the model is loaded: pass the model's id or path, "
+                         "not a loaded model (or quantize it yourself).")
+    method = getattr(quantization_config, "quant_method", "")
+    method = str(getattr(method, "value", method)).lower()
+    if "bitsandbytes" in method and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("quantization_config (bitsandbytes) needs the bitsandbytes package and, for 4/8-bit "
+                         "training, a CUDA GPU: pip install bitsandbytes.")
+    if peft_config is None and not cfg.use_peft:
+        raise ValueError("quantization_config: quantized weights cannot be trained; pass peft_config= (a LoRA "
+                         "config) or use_peft=True to train an adapter on them (QLoRA).")
+    return quantization_config
 
 
 def _make_rollout_engine(cfg: GRPOConfig, policy, tok, notes: list[str]):
