@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,10 @@ class GRPOFields:
                                         "in the run summary).")
     per_device_train_batch_size: int = _f(8, "Completions per micro-batch per device (TRL's meaning).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    steps_per_generation: int | None = _f(None, "Micro-batches sampled at once (TRL's): a multiple of "
+                                                "gradient_accumulation_steps; each generation then feeds "
+                                                "steps_per_generation / gradient_accumulation_steps optimizer steps "
+                                                "(off-policy after the first). None = gradient_accumulation_steps.")
     pad_to_multiple_of: int | None = _f(None, "Round the training tensors' prompt and completion widths up to a "
                                               "multiple of this (fixed shapes for accelerators; the padded forward "
                                               "then runs). None = no padding beyond the longest.")
@@ -325,6 +330,10 @@ class GRPOConfig(GRPOFields):
              f"per_device_train_batch_size * gradient_accumulation_steps = {completions} completions per step "
              f"must be a multiple of num_generations={self.num_generations} (whole groups per step).")
         need(self.max_completion_length >= 1, "max_completion_length must be >= 1.")
+        need(self.steps_per_generation is None or (self.steps_per_generation >= 1 and
+                                                   self.steps_per_generation % self.gradient_accumulation_steps == 0),
+             f"steps_per_generation={self.steps_per_generation} must be a multiple of gradient_accumulation_steps="
+             f"{self.gradient_accumulation_steps} (each optimizer step takes that many micro-batches).")
         need(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length must be >= 1 or None.")
         need(self.max_steps > 0 or self.num_train_epochs > 0, "set max_steps > 0 or num_train_epochs > 0.")
         need(self.num_iterations >= 1, "num_iterations must be >= 1.")
@@ -427,6 +436,11 @@ class GRPOConfig(GRPOFields):
             out["top_k"] = 0
         return out
 
+    def updates_per_generation(self) -> int:
+        """Optimizer steps each generated batch feeds (per update pass): TRL's steps_per_generation
+        / gradient_accumulation_steps (1 by default)."""
+        return (self.steps_per_generation or self.gradient_accumulation_steps) // self.gradient_accumulation_steps
+
     def extra_generation_kwargs(self) -> dict[str, Any]:
         """generation_kwargs beyond grpokit's sampler (num_beams, length_penalty, ...): they make
         the rollout run through transformers' generate (or go to vLLM's SamplingParams)."""
@@ -468,13 +482,20 @@ def _take_trl_aliases(kwargs: dict) -> None:
     if isinstance(kwargs.get("pad_to_multiple_of"), str):  # TRL's "auto": None off Neuron devices
         value = kwargs["pad_to_multiple_of"]
         kwargs["pad_to_multiple_of"] = None if value.lower() in ("auto", "none", "null") else int(value)
-    accum = kwargs.get("gradient_accumulation_steps", 1)
+    # TRL's generation_batch_size (all processes) = per_device_train_batch_size * processes *
+    # steps_per_generation: one is derived from the other
     per_device = kwargs.get("per_device_train_batch_size", 8)
-    # grpokit samples one generation batch per optimizer step: TRL's steps_per_generation equal to
-    # the accumulation steps, generation_batch_size equal to the completions of a step
-    agree("steps_per_generation", kwargs.pop("steps_per_generation", None), "gradient_accumulation_steps", accum)
-    agree("generation_batch_size", kwargs.pop("generation_batch_size", None),
-          "per_device_train_batch_size * gradient_accumulation_steps", per_device * accum)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; 1 in a single process
+    size = kwargs.pop("generation_batch_size", None)
+    if size is not None:
+        if kwargs.get("steps_per_generation") is not None:
+            agree("generation_batch_size", size, "per_device_train_batch_size * processes * steps_per_generation",
+                  per_device * world * kwargs["steps_per_generation"])
+        elif size % (per_device * world):
+            raise ValueError(f"GRPOConfig: generation_batch_size={size} must be a multiple of "
+                             f"per_device_train_batch_size * processes = {per_device * world}.")
+        else:
+            kwargs["steps_per_generation"] = size // (per_device * world)
 
 
 def _is_off(value: Any, off_values: tuple) -> bool:

@@ -58,6 +58,9 @@ class GRPOTrainer(RunFacade):
             self.args, model=model, reward_funcs=reward_funcs, train_dataset=train_dataset,
             eval_dataset=eval_dataset, tokenizer=processing_class, peft_config=peft_config,
             optimizers=optimizers, forward_plan=forward_plan, quantization_config=quantization_config,
+            # TRL's steps_per_generation: one generation feeds this many optimizer steps
+            rows_per_step_factor=self.args.updates_per_generation(),
+            updates_per_batch=self.args.updates_per_generation(),
         )
         self.algorithm = GRPO(self.parts)
         self._init_surface(callbacks, eval_dataset)

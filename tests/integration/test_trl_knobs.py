@@ -492,3 +492,45 @@ def test_quantization_config_errors_name_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match=want):
         GRPOTrainer(model=str(tmp_path / "m"), reward_funcs=parity, args=config(tmp_path), train_dataset=prompts_ds(),
                     quantization_config=q)
+
+
+# --- steps_per_generation: one generation, several optimizer steps ------------------------------------
+
+def _capture_grads(trainer):
+    grads, step = [], trainer.parts.optimizer_step
+
+    def capture():
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        return step()
+
+    trainer.parts.optimizer_step = capture
+    return grads
+
+
+def test_steps_per_generation_feeds_several_optimizer_steps_from_one_generation(tmp_path):
+    calls = []
+
+    def counting(prompts, completions, **kw):
+        calls.append(len(completions))
+        return parity(prompts, completions)
+
+    runs = {}
+    for spg in (1, 2):
+        model, tok = tiny()
+        cfg = config(tmp_path, max_steps=4, loss_type="grpo", per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                     steps_per_generation=spg, shuffle_dataset=False, logging_steps=1, output_dir=str(tmp_path / str(spg)))
+        trainer = GRPOTrainer(model=model, reward_funcs=counting, args=cfg, train_dataset=prompts_ds(),
+                              processing_class=tok)
+        grads = _capture_grads(trainer)
+        calls.clear()
+        out = trainer.train()
+        runs[spg] = (grads, list(calls), metrics(cfg.output_dir))
+        assert out.global_step == 4
+    # spg=2: two generations of 16 completions (4 prompts) for 4 optimizer steps; spg=1: four of 8
+    assert runs[2][1] == [16, 16] and runs[1][1] == [8, 8, 8, 8]
+    # the first optimizer step trains on the same first 2 groups (the same samples: counter-based
+    # sampling, same seed) with the same per-micro-batch mean (grpo): the same gradient
+    for n, g in runs[1][0][0].items():
+        torch.testing.assert_close(runs[2][0][0][n], g, rtol=1e-5, atol=1e-7)
+    # the second step of a generation is off-policy: its ratios moved away from 1
+    assert runs[2][2][0]["ratio_mean"] != 1.0 or runs[2][2][0]["clip_ratio/region_mean"] > 0

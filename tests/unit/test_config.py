@@ -17,8 +17,8 @@ def test_trl_field_that_is_off_is_accepted_and_on_is_an_error():
         GRPOConfig(push_to_hub=True)
     with pytest.raises(ValueError, match="use_liger_kernel=True is a TRL setting"):
         GRPOConfig(use_liger_kernel=True)
-    with pytest.raises(ValueError, match="steps_per_generation"):
-        GRPOConfig(steps_per_generation=4)
+    with pytest.raises(ValueError, match="steps_per_generation=3 must be a multiple of gradient_accumulation_steps=2"):
+        GRPOConfig(steps_per_generation=3, gradient_accumulation_steps=2, per_device_train_batch_size=4)
 
 
 def test_bool_is_not_taken_for_a_number():

@@ -81,7 +81,8 @@ def test_a_config_dumped_by_trl_loads():
     assert dump["trl_version"] == "1.16.0"
     cfg = GRPOConfig(**dump["config"])
     assert cfg.max_completion_length == 512 and cfg.gradient_checkpointing and cfg.loss_type == "dapo"
-    with pytest.raises(ValueError, match="steps_per_generation=3 disagrees with gradient_accumulation_steps=1"):
-        GRPOConfig(**{**dump["config"], "steps_per_generation": 3})
+    with pytest.raises(ValueError, match="generation_batch_size=8 disagrees with per_device_train_batch_size"):
+        GRPOConfig(**{**dump["config"], "steps_per_generation": 3})  # TRL derives one from the other
+    assert GRPOConfig(**{**dump["config"], "steps_per_generation": 3, "generation_batch_size": 24}).updates_per_generation() == 3
     # TRL's default use_bias_correction_kl=True is grpokit's too (the KL weighted by the ratio)
     assert GRPOConfig(**{**dump["config"], "beta": 0.04}).use_bias_correction_kl is True

@@ -30,7 +30,7 @@ GRPO_OBJECTIVE_ONLY = {name: "not used by {algo}." for name in (
     "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
     "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "vespo_k_pos", "vespo_lambda_pos",
     "vespo_k_neg", "vespo_lambda_neg", "sapo_temperature_pos", "sapo_temperature_neg", "dynamic_sampling",
-    "dynamic_sampling_max_rounds")}
+    "dynamic_sampling_max_rounds", "steps_per_generation")}
 """Knobs of GRPO's objective that no baseline reads (each baseline's _GRPO_ONLY adds its own)."""
 
 

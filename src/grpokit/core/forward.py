@@ -282,7 +282,9 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
     entropy_mask = (cfg.top_entropy_quantile < 1.0 or getattr(cfg, "entropy_coef", 0.0) != 0.0
                     or getattr(cfg, "use_adaptive_entropy", False) or has_router_aux_loss(model))
     old = "current"
-    if cfg.num_iterations > 1:
+    # off-policy updates on one generation: num_iterations passes, or steps_per_generation chunks
+    reused = cfg.num_iterations > 1 or (hasattr(cfg, "updates_per_generation") and cfg.updates_per_generation() > 1)
+    if reused:
         sampling = cfg.sampling()
         old = "sampler" if sampler_logps_are_old_logps(
             model, engine, temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"],

@@ -251,30 +251,41 @@ class GRPO:
         if warning and warning not in self.warned:
             self.warned.add(warning)
             run.tracker.write(f"warning (step {state.global_step + 1}): {warning}")
-        micro_batches = make_micro_batches(rollout, cfg.per_device_train_batch_size, advantages=advantages,
-                                           pad_id=run.pad_id, device=run.device,
-                                           mask_truncated=cfg.mask_truncated_completions, merge=plan.merge,
-                                           skip_zero_advantage=plan.skip_zero_advantage,
-                                           never_empty=plan.never_empty, token_budget=cfg.token_budget,
-                                           packed=plan.packed, pad_to_multiple_of=cfg.pad_to_multiple_of)
-        # local means (grpo, bnpo, sapo, luspo) are averaged over the micro-batches, as TRL divides by
-        # the accumulation steps (such losses never merge, so every rank has as many)
-        divisor = len(micro_batches) if self.local_means else 1
-        accumulation = len(micro_batches)
-        if run.world_size > 1:
-            # every rank runs as many forwards as the rank with the most (merging depends on the
-            # data): the same collectives everywhere, whatever each rank has to train
-            micro_batches = pad_micro_batches(micro_batches, run.global_max(len(micro_batches)))
+        # one generation feeds k optimizer steps (TRL's steps_per_generation), each on its own
+        # chunk of the groups (in data order), every chunk cut into its micro-batches
+        k = cfg.updates_per_generation()
+        per_chunk = len(rollout) // k
+        chunks = []
+        for j in range(k):
+            rows_j = slice(j * per_chunk, (j + 1) * per_chunk)
+            mbs = make_micro_batches(rollout.select(list(range(rows_j.start, rows_j.stop))) if k > 1 else rollout,
+                                     cfg.per_device_train_batch_size, advantages=advantages[rows_j],
+                                     pad_id=run.pad_id, device=run.device,
+                                     mask_truncated=cfg.mask_truncated_completions, merge=plan.merge,
+                                     skip_zero_advantage=plan.skip_zero_advantage,
+                                     never_empty=plan.never_empty, token_budget=cfg.token_budget,
+                                     packed=plan.packed, pad_to_multiple_of=cfg.pad_to_multiple_of)
+            # local means (grpo, bnpo, sapo, luspo) are averaged over the micro-batches, as TRL divides
+            # by the accumulation steps (such losses never merge, so every rank has as many)
+            accumulation = len(mbs)
+            if run.world_size > 1:
+                # every rank runs as many forwards as the rank with the most (merging depends on the
+                # data): the same collectives everywhere, whatever each rank has to train
+                mbs = pad_micro_batches(mbs, run.global_max(len(mbs)))
+            chunks.append((mbs, accumulation))
         with timed(phase, "time/logprobs"):
-            add_fixed_logprobs(run, micro_batches)
-        num_items = run.global_sum(sum(mb.completion_mask.sum() for mb in micro_batches))
-        num_sequences = run.global_sum(torch.tensor(float(len(rollout))))
+            add_fixed_logprobs(run, [mb for mbs, _ in chunks for mb in mbs])
+        # the normalisers of one optimizer step: the generation's totals over its k steps (TRL's)
+        num_items = run.global_sum(sum(mb.completion_mask.sum() for mbs, _ in chunks for mb in mbs)) / k
+        num_sequences = run.global_sum(torch.tensor(float(len(rollout)))) / k
 
         step_stats: list[dict[str, torch.Tensor]] = []
         skipped = 0
-        for _ in range(min(cfg.num_iterations, run.total_steps - state.global_step)):
+        updates = [chunk for _ in range(cfg.num_iterations) for chunk in chunks]
+        for mbs, accumulation in updates[:run.total_steps - state.global_step]:
+            divisor = accumulation if self.local_means else 1
             with timed(phase, "time/backward"):
-                stats = self.accumulate_gradients(run, micro_batches, num_items, num_sequences, divisor, accumulation)
+                stats = self.accumulate_gradients(run, mbs, num_items, num_sequences, divisor, accumulation)
             with timed(phase, "time/optimizer"):
                 applied, stats["grad_norm"] = run.optimizer_step()
             self.entropy.end_of_optimizer_step(run, stats)

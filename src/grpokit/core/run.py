@@ -496,11 +496,14 @@ class RunParts:
 
 def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=None, eval_dataset=None,
               tokenizer=None, peft_config=None, optimizers=(None, None), quantization_config=None,
-              rows_per_step_factor: int = 1,
+              rows_per_step_factor: int = 1, updates_per_batch: int = 1,
               optimizer_steps_per_step: int = 1, needs_reference: bool | None = None,
               make_extra_modules=None, forward_plan: dict | None = None) -> RunParts:
     """Load and check everything; nothing is trained or written before this returns.
 
+    GRPO with TRL's steps_per_generation: a step samples `rows_per_step_factor` generation
+    batches' worth of prompts at once and makes `updates_per_batch` optimizer steps on them (per
+    update pass); `total_steps` counts those optimizer steps.
     For the baselines: a step takes `rows_per_step_factor` times GRPO's prompts (PPO's
     mini-batches) and makes `optimizer_steps_per_step` optimizer steps (the LR schedule spans
     them); `needs_reference` (default: beta > 0) loads the reference; `make_extra_modules(policy,
@@ -536,7 +539,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                                                   streaming=cfg.dataset_streaming)
     streamed = _is_iterable_dataset(train_dataset)
     if streamed:
-        train_dataset = _rows_of_stream(train_dataset, cfg, rows_per_step_factor, distributed.world_size())
+        train_dataset = _rows_of_stream(train_dataset, cfg, rows_per_step_factor, distributed.world_size(),
+                                        updates_per_batch)
     if _is_iterable_dataset(eval_dataset):
         eval_dataset = _rows_of_stream(eval_dataset, None, 1, 1)
     elif isinstance(eval_dataset, dict):  # named eval sets (a DatasetDict is a dict): streams among them
@@ -654,7 +658,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
         optimizer.add_param_group({"params": list(extra.parameters())})
     prompts_per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
                         * rows_per_step_factor)
-    total_steps = _total_steps(cfg, len(prompt_ids), prompts_per_step * world)
+    total_steps = _total_steps(cfg, len(prompt_ids), prompts_per_step * world, updates_per_batch)
     if scheduler is None:
         from transformers import get_scheduler
 
@@ -734,7 +738,7 @@ def _is_iterable_dataset(ds) -> bool:
     return isinstance(ds, datasets.IterableDataset)
 
 
-def _rows_of_stream(stream, cfg: GRPOConfig | None, rows_per_step_factor: int, world: int):
+def _rows_of_stream(stream, cfg: GRPOConfig | None, rows_per_step_factor: int, world: int, updates_per_batch: int = 1):
     """A streaming `datasets.IterableDataset` as the rows the run reads, in stream order: for
     training the first `steps * prompts per step * ranks` (transformers' Trainer needs max_steps for
     a stream, so does this), for evaluation the whole stream."""
@@ -749,18 +753,18 @@ def _rows_of_stream(stream, cfg: GRPOConfig | None, rows_per_step_factor: int, w
             raise ValueError("train_dataset is a streaming IterableDataset, whose length is unknown: set max_steps "
                              "(as transformers' Trainer requires).")
         prompts = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
-        batches = math.ceil(cfg.max_steps / max(cfg.num_iterations, 1))
+        batches = math.ceil(cfg.max_steps / (max(cfg.num_iterations, 1) * updates_per_batch))
         rows = list(islice(iter(stream), batches * prompts * rows_per_step_factor * world))
     if not rows:
         raise ValueError("the streaming dataset yielded no rows.")
     return datasets.Dataset.from_list(rows)
 
 
-def _total_steps(cfg: GRPOConfig, num_rows: int, global_prompts_per_step: int) -> int:
+def _total_steps(cfg: GRPOConfig, num_rows: int, global_prompts_per_step: int, updates_per_batch: int = 1) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
     rounds = math.ceil(cfg.num_train_epochs * num_rows / global_prompts_per_step)
-    return max(1, rounds * cfg.num_iterations)
+    return max(1, rounds * cfg.num_iterations * updates_per_batch)
 
 
 def _pick_dtype(cfg: GRPOConfig, device: torch.device, notes: list[str]) -> torch.dtype:
