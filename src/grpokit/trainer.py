@@ -19,8 +19,8 @@ def with_reward_tokenizers(reward_funcs, processing_classes):
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     procs = list(processing_classes) if isinstance(processing_classes, (list, tuple)) else [processing_classes]
     if len(procs) != len(funcs):
-        raise ValueError(f"GRPOTrainer: {len(procs)} reward_processing_classes for {len(funcs)} reward_funcs; give "
-                         "one per reward function (None for the functions).")
+        raise ValueError(f"GRPOTrainer: the number of reward_processing_classes ({len(procs)}) must match the number "
+                         f"of reward_funcs ({len(funcs)}); give one per reward function (None for the functions).")
     out = []
     for i, (fn, proc) in enumerate(zip(funcs, procs)):
         if proc is None:
@@ -64,6 +64,46 @@ class GRPOTrainer(RunFacade):
         )
         self.algorithm = GRPO(self.parts)
         self._init_surface(callbacks, eval_dataset)
+
+    # ---- TRL's GRPOTrainer attributes ----
+    @property
+    def ref_model(self):
+        """The frozen reference (beta > 0 without LoRA; None otherwise, as in TRL)."""
+        return self.parts.ref_model
+
+    @property
+    def reward_funcs(self) -> list:
+        return list(self.parts.reward_runner.funcs)
+
+    @property
+    def reward_processing_classes(self) -> list:
+        """One per reward function: a reward model's tokenizer, None for a function (TRL's list)."""
+        return [getattr(f, "tokenizer", None) for f in self.reward_funcs]
+
+    @property
+    def aux_loss_enabled(self) -> bool:
+        """Whether a mixture-of-experts router's load-balancing loss is added (output_router_logits)."""
+        return self.algorithm.router_aux_coef is not None
+
+    @property
+    def entropy_coef(self) -> float:
+        """The entropy bonus's coefficient now (it moves with use_adaptive_entropy)."""
+        return self.algorithm.entropy.coef
+
+    def get_high_entropy_mask(self, entropies, mask, threshold: float):
+        """TRL's helper: tokens whose entropy is at or above the `threshold` quantile of the active
+        tokens' (threshold = 1 - top_entropy_quantile), as a bool mask."""
+        from grpokit.algos import top_entropy_mask
+
+        return top_entropy_mask(entropies, mask, 1.0 - threshold)
+
+    @staticmethod
+    def get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold):
+        """TRL's helper: the off-policy sequence mask as a float [B, 1] (1 keep, 0 drop)."""
+        from grpokit.algos import off_policy_keep
+
+        return off_policy_keep(advantages, per_token_logps, sampling_per_token_logps, mask,
+                               off_policy_threshold).to(mask.dtype)
 
     def train(self, resume_from_checkpoint: str | bool | None = None):
         """Run the loop; returns transformers' `TrainOutput(global_step, training_loss, metrics)`,

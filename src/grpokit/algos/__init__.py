@@ -15,6 +15,7 @@ from grpokit.algos.losses import (
     aggregate_loss,
     is_local_mean,
     make_policy_loss,
+    off_policy_keep,
     policy_loss,
     rollout_correction_weights,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "entropy_bonus",
     "is_local_mean",
     "normalize_then_sum",
+    "off_policy_keep",
     "make_policy_loss",
     "chunked_logprobs",
     "entropy_from_logits",

@@ -439,10 +439,8 @@ def make_policy_loss(
         if off_policy_mask_threshold is not None:
             # DeepSeek-V3.2's off-policy sequence mask: drop A < 0 sequences whose mean
             # sampler-to-policy KL exceeds the threshold
-            behaviour = old_a if sampling_logps is None else torch.where(active, sampling_logps.detach(), 0.0)
-            drift = torch.nan_to_num(behaviour - logps_a.detach(), nan=0.0)
-            mean_drift = drift.sum(-1, keepdim=True) / active.sum(-1, keepdim=True).clamp(min=1)
-            keep = (adv >= 0) | (mean_drift <= off_policy_mask_threshold)
+            behaviour = old_a if sampling_logps is None else sampling_logps
+            keep = off_policy_keep(adv, logps_a, behaviour, active, off_policy_mask_threshold)
             per_token = per_token * keep.to(per_token.dtype)
             flags["off_policy_mask/dropped_ratio"] = (~keep).expand_as(active)
         if entropy_mask is not None:
@@ -476,6 +474,19 @@ def make_policy_loss(
 
 
 CLIP_FLAGS = frozenset({"low", "high", "dual"})
+
+
+@torch.no_grad()
+def off_policy_keep(advantages: torch.Tensor, logps: torch.Tensor, behaviour_logps: torch.Tensor,
+                    mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (TRL's `off_policy_mask_threshold`): [B, 1] bool,
+    keep row i when ``A_i >= 0`` or ``mean_t(behaviour - logp) <= threshold`` over its active
+    tokens (the mean KL from the behaviour policy; NaN behaviour logprobs count 0)."""
+    active = mask.bool()
+    drift = torch.where(active, torch.nan_to_num(behaviour_logps.detach() - logps.detach(), nan=0.0), 0.0)
+    mean_drift = drift.sum(-1, keepdim=True) / active.sum(-1, keepdim=True).clamp(min=1)
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages[:, :1]
+    return (adv >= 0) | (mean_drift <= threshold)
 
 
 # ---------------------------------------------------------------------------------------------

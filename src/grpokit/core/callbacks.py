@@ -28,6 +28,7 @@ class TrainerSurface:
             quiet.setLevel(level)
         for callback in callbacks or []:
             self.handler.add_callback(callback)
+        self._pending: dict[str, list[float]] = {}  # the steps' metrics since the last logged entry
         parts.reward_context.trainer_state = self.state  # reward functions see it, as in TRL
 
     def add_callback(self, callback) -> None:
@@ -55,9 +56,13 @@ class TrainerSurface:
     def step_end(self, run, state, metrics: dict[str, float], events: dict) -> bool:
         self._sync(state)
         self._event("on_step_end")
+        for k, v in metrics.items():
+            if not k.startswith("eval") and isinstance(v, (int, float)):
+                self._pending.setdefault(k, []).append(float(v))
         if events.get("logged"):
-            logs = {k: v for k, v in metrics.items() if not k.startswith("eval/")}
+            logs = {k: v for k, v in metrics.items() if not k.startswith("eval")}
             self.state.log_history.append({**logs, "step": state.global_step})
+            self._pending = {}
             self._event("on_log", logs=logs)
         if events.get("evaluated"):
             self.state.log_history.append({**events["evaluated"], "step": state.global_step})
@@ -70,7 +75,10 @@ class TrainerSurface:
         self._sync(state)
         closing = {k: final[k] for k in ("train_runtime", "train_samples_per_second", "train_steps_per_second",
                                          "train_loss") if k in final}
-        self.state.log_history.append({**closing, "epoch": self.state.epoch, "step": state.global_step})
+        # as TRL's log(): the closing entry carries the means of the steps since the last logged one
+        since = {k: sum(v) / len(v) for k, v in self._pending.items()}
+        self._pending = {}
+        self.state.log_history.append({**since, **closing, "epoch": self.state.epoch, "step": state.global_step})
         self._event("on_train_end")
 
     def output(self, final: dict[str, float]):

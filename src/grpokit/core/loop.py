@@ -431,7 +431,8 @@ class EntropyBonus:
         if self.adaptive:
             stats = torch.stack([torch.where(kept, entropy.detach(), 0.0).sum(), kept.sum().to(entropy.dtype)])
             self.window = stats if self.window is None else self.window + stats
-        return loss - coef * h / accumulation, {"entropy_coef": torch.tensor(float(self.coef))}
+        return loss - coef * h / accumulation, {"entropy_coef": torch.tensor(float(self.coef)),
+                                                 "policy_loss": loss.detach()}
 
     def end_of_optimizer_step(self, run: RunParts, stats: dict) -> None:
         if not self.adaptive or self.window is None:

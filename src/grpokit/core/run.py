@@ -521,7 +521,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     # data and task
     task = None
     if train_dataset is None and cfg.dataset_name is None and cfg.task is None:
-        raise ValueError("train_dataset is required: pass train_dataset= (a datasets.Dataset with a 'prompt' column), "
+        raise ValueError("`train_dataset` is required: pass train_dataset= (a datasets.Dataset with a 'prompt' column), "
                          "or set dataset_name (a hub id or a local file) or task (a built-in task: "
                          f"{', '.join(data.TASKS)}).")
     if train_dataset is None and cfg.dataset_name is None:
@@ -608,8 +608,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     # rewards: resolved and checked against the dataset's columns
     funcs = reward_funcs if reward_funcs is not None else (cfg.reward_funcs or (task.reward_funcs if task else None))
     if not funcs:
-        raise ValueError("no reward functions: pass reward_funcs= (callables, registry names or "
-                         "'module:function') or set reward_funcs in the config.")
+        raise ValueError("No reward source provided: pass reward_funcs= (callables, reward model ids or paths, "
+                         "registry names or 'module:function') or set reward_funcs in the config.")
     funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
     weights = cfg.reward_weights if cfg.reward_weights is not None else (
         task.reward_weights if task is not None and funcs is task.reward_funcs else None)
