@@ -380,6 +380,10 @@ class GRPOConfig(GRPOFields):
                  "token_budget with the entropy mask or bonus (defined per micro-batch of rows) is not supported.")
         self._check_generation_kwargs()
         self._check_chat_template_kwargs()
+        need(not (self.loss_type == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction
+                  and not self.vllm_importance_sampling_mode.startswith("token_")),
+             f"loss_type='vespo' takes the sampler correction into its sequence weight per token: set "
+             f"vllm_importance_sampling_mode to token_truncate or token_mask (got {self.vllm_importance_sampling_mode!r}).")
         need(self.reward_on_error in ("raise", "none", "zero"), "reward_on_error: raise, none or zero.")
         need(self.reward_timeout > 0, "reward_timeout must be > 0 seconds.")
         need(self.learning_rate >= 0, "learning_rate must be >= 0.")

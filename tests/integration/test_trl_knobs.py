@@ -534,3 +534,14 @@ def test_steps_per_generation_feeds_several_optimizer_steps_from_one_generation(
         torch.testing.assert_close(runs[2][0][0][n], g, rtol=1e-5, atol=1e-7)
     # the second step of a generation is off-policy: its ratios moved away from 1
     assert runs[2][2][0]["ratio_mean"] != 1.0 or runs[2][2][0]["clip_ratio/region_mean"] > 0
+
+
+def test_combinations_trl_warns_about_are_said_before_step_1(tmp_path):
+    model, tok = tiny()
+    for loss_type, said in (("dapo", True), ("grpo", False)):
+        cfg = config(tmp_path, importance_sampling_level="sequence", loss_type=loss_type)
+        trainer = GRPOTrainer(model=model, reward_funcs=parity, args=cfg, train_dataset=prompts_ds(),
+                              processing_class=tok)
+        assert any("weights each sequence by its completion length" in n for n in trainer.parts.notes) == said
+    with pytest.raises(ValueError, match="vespo.*token_truncate or token_mask"):
+        GRPOConfig(loss_type="vespo", use_vllm=True)

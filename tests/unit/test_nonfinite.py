@@ -62,6 +62,9 @@ def test_rewards_that_overflow_the_group_statistics_are_warned_about(tmp_path):
     assert bool((adv == 0).all())
     assert "overflow the group statistics" in vanished_advantages(rewards, adv, 4)
     assert "+-inf" in vanished_advantages(torch.tensor([float("inf"), 0.0]), torch.zeros(2), 2)
+    nan = float("nan")
+    assert "returned None for every completion" in vanished_advantages(torch.tensor([nan] * 4), torch.zeros(4), 2)
+    assert vanished_advantages(torch.tensor([nan, 1.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, -0.7, 0.7]), 2) is None
     ordinary = torch.tensor([1.0, 0.0, 1.0, 0.0])
     assert vanished_advantages(ordinary, group_advantages(ordinary, 2), 2) is None
     assert vanished_advantages(torch.ones(4), torch.zeros(4), 2) is None  # equal rewards: no signal by design

@@ -475,15 +475,19 @@ def add_fixed_logprobs(run: RunParts, micro_batches: list[MicroBatch]) -> None:
 # --------------------------------------------------------------------------------------------
 
 def vanished_advantages(rewards: torch.Tensor, advantages: torch.Tensor, g: int) -> str | None:
-    """A warning when the step's rewards cannot give the policy a signal although they differ:
-    non-finite totals (a reward times its weight overflowed), or groups whose rewards differ but
-    whose advantages all came out 0 (rewards so large that the group statistics overflow float32)."""
+    """A warning when the step's rewards cannot give the policy a signal: none at all (every
+    function returned None), non-finite totals (a reward times its weight overflowed), or groups
+    whose rewards differ but whose advantages all came out 0 (rewards so large that the group
+    statistics overflow float32)."""
+    if rewards.numel() and bool(torch.isnan(rewards).all()):
+        return ("every reward function returned None for every completion of this step: no advantage, nothing to "
+                "learn from. Check what the reward functions receive (`grpokit rewards test`).")
     finite = torch.isfinite(rewards) | torch.isnan(rewards)  # NaN = no reward applied (by design)
     if not bool(finite.all()):
         return (f"{int((~finite).sum())} weighted reward totals are +-inf (a reward times its weight overflowed "
                 "float32); scale the rewards or the reward_weights down.")
     groups, adv = torch.nan_to_num(rewards, nan=0.0).view(-1, g), advantages.view(-1, g)
-    spread = (groups.amax(1) - groups.amin(1)) > 0
+    spread = groups_with_signal(rewards, g)  # at least two valid rewards that differ
     dead = spread & (adv.abs().amax(1) == 0)
     if bool(dead.any()):
         big = float(groups[dead].abs().max())

@@ -569,6 +569,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     policy = models.load_model(model_ref, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                                **init_kwargs)
     tok = models.load_tokenizer(tokenizer if tokenizer is not None else model_ref)
+    notes.extend(_objective_warnings(cfg))
     if cfg.dataloader_num_workers:
         notes.append(f"note: dataloader_num_workers={cfg.dataloader_num_workers} has nothing to parallelise here: every "
                      "prompt is tokenized before step 1 and read from memory.")
@@ -693,6 +694,24 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                     strategy=cfg.distributed_strategy, extra_modules=extra_modules,
                     plan=choose_forward_plan(cfg, policy, engine, world_size=world, is_peft=is_peft,
                                              needs_reference=needs_reference, overrides=forward_plan))
+
+
+def _objective_warnings(cfg: GRPOConfig) -> list[str]:
+    """Combinations TRL warns about, said in the summary before step 1."""
+    out = []
+    if cfg.importance_sampling_level == "sequence" and cfg.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+        out.append(f"warning: importance_sampling_level='sequence' with loss_type='{cfg.loss_type}' sums per-token "
+                   "contributions, which weights each sequence by its completion length instead of optimizing "
+                   "GSPO's per-sequence objective; loss_type='grpo' gives the GSPO paper's setup.")
+    if cfg.loss_type == "luspo" and cfg.importance_sampling_level != "sequence":
+        out.append("warning: loss_type='luspo' is meant with importance_sampling_level='sequence' (the paper's setup).")
+    if cfg.loss_type == "vespo" and cfg.importance_sampling_level != "token":
+        out.append("warning: loss_type='vespo' computes its sequence weights itself; importance_sampling_level "
+                   "should be 'token' (the default).")
+    if cfg.loss_type == "cispo" and cfg.epsilon_high is None:
+        out.append(f"note: loss_type='cispo' caps the importance weight at epsilon={cfg.epsilon} when epsilon_high is "
+                   "unset (TRL's meaning); ScaleRL's recipe sets epsilon_high=5.0.")
+    return out
 
 
 def _checked_quantization(quantization_config, model_ref, peft_config, cfg):
