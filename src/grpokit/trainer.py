@@ -78,7 +78,7 @@ class GRPOTrainer(RunFacade):
     @property
     def reward_processing_classes(self) -> list:
         """One per reward function: a reward model's tokenizer, None for a function (TRL's list)."""
-        return [getattr(f, "tokenizer", None) for f in self.reward_funcs]
+        return [getattr(getattr(f, "scorer", None), "tokenizer", None) for f in self.reward_funcs]
 
     @property
     def aux_loss_enabled(self) -> bool:

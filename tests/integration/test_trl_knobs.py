@@ -545,3 +545,16 @@ def test_combinations_trl_warns_about_are_said_before_step_1(tmp_path):
         assert any("weights each sequence by its completion length" in n for n in trainer.parts.notes) == said
     with pytest.raises(ValueError, match="vespo.*token_truncate or token_mask"):
         GRPOConfig(loss_type="vespo", use_vllm=True)
+
+
+def test_evaluate_reports_transformers_eval_loss_per_set(tmp_path):
+    from datasets import IterableDataset
+
+    model, tok = tiny()
+    trainer = GRPOTrainer(model=model, reward_funcs=parity, args=config(tmp_path, max_steps=1), processing_class=tok,
+                          train_dataset=prompts_ds())
+    one = trainer.evaluate(eval_dataset=prompts_ds(4))
+    assert isinstance(one["eval_loss"], float) and "eval/accuracy" in one
+    stream = IterableDataset.from_generator(lambda: ({"prompt": f"s{i}:"} for i in range(3)))
+    named = trainer.evaluate(eval_dataset={"a": prompts_ds(2), "b": stream})
+    assert {"eval_a_loss", "eval_b_loss", "eval_a/accuracy", "eval_b/accuracy"} <= set(named)

@@ -333,6 +333,36 @@ class GRPO:
                        "dynamic_sampling/groups_dropped": float(len(informative) - target),
                        "dynamic_sampling/filled_ratio": filled / max(target, 1)}
 
+    @torch.no_grad()
+    def eval_loss(self, run: RunParts, evaluator) -> float:
+        """The objective on an eval set, as transformers' eval_loss: `num_generations_eval` (else G)
+        samples of every eval prompt, scored, group-relative advantages, the loss without a
+        gradient (on-policy, so every ratio is 1; the KL term when beta > 0)."""
+        cfg = run.config
+        g = cfg.num_generations_eval or cfg.num_generations
+        rows = list(range(len(evaluator.prompt_ids)))
+        with run.guard("evaluation"):
+            rollout = run.score(run.sample(rows, seed=cfg.seed + 7_919, data=evaluator, n=g), data=evaluator)
+        advantages = group_advantages(rollout.rewards, g, scale_rewards=cfg.scale_rewards,
+                                      estimator=cfg.advantage_estimator) if g > 1 else torch.zeros(len(rollout))
+        mbs = make_micro_batches(rollout, cfg.per_device_eval_batch_size * g, advantages=advantages,
+                                 pad_id=run.pad_id, device=run.device, mask_truncated=cfg.mask_truncated_completions,
+                                 packed=run.plan.packed)
+        add_fixed_logprobs(run, mbs)
+        num_items = sum(mb.completion_mask.sum() for mb in mbs)
+        was_training = run.model.training
+        run.model.eval()
+        try:
+            total = 0.0
+            for mb in mbs:
+                logps = run.forward(mb)[0]
+                loss, _ = self.objective(logps, None, mb.advantages, mb.completion_mask, ref_logps=mb.ref_logps,
+                                         num_items_in_batch=num_items, num_sequences=float(len(rollout)))
+                total += float(loss) / (len(mbs) if self.local_means else 1)
+        finally:
+            run.model.train(was_training)
+        return total
+
     def sync_reference(self, run: RunParts, global_step: int) -> None:
         """TR-DPO's reference update (TRL's sync_ref_model): every ref_model_sync_steps optimizer
         steps, ref = alpha * policy + (1 - alpha) * ref."""
@@ -379,6 +409,8 @@ class GRPO:
                     is_weights=is_weights, entropy_mask=entropy_mask,
                     sampling_logps=mb.sampling_logps if cfg.use_vllm else None)
                 loss = loss / divisor
+                if entropy is not None:  # computed for the entropy mask or bonus: logged as TRL does
+                    stats["entropy"] = (entropy.detach() * mb.completion_mask).sum() / mb.completion_mask.sum().clamp(min=1)
                 if self.entropy.enabled:
                     loss, bonus_stats = self.entropy.apply(loss, entropy, mb.completion_mask, entropy_mask,
                                                            accumulation)

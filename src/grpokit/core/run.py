@@ -103,12 +103,19 @@ class RunFacade:
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Greedy accuracy on the eval set now, or on `eval_dataset` (one set or a mapping of named
         sets), as transformers' `Trainer.evaluate`: metrics named `<metric_key_prefix>/...`
-        (`eval_<name>/...` per named set); they also go to the logs and `state.log_history`."""
+        (`eval_<name>/...` per named set), and for GRPO `eval_loss` (`eval_<name>_loss`), the
+        objective on G fresh samples of each eval prompt; they also go to the logs and
+        `state.log_history`."""
         evaluator = self.parts.eval_fn if eval_dataset is None else self.parts.make_evaluator(eval_dataset)
         if evaluator is None:
             raise ValueError(f"{type(self).__name__}.evaluate(): there is no eval set; pass eval_dataset= (or "
                              "set dataset_test_split, or use a built-in task).")
         metrics = self.parts.log_eval(step=self.state.global_step, evaluator=evaluator)
+        eval_loss = getattr(getattr(self, "algorithm", None), "eval_loss", None)
+        if eval_loss is not None:  # transformers' eval_loss (eval_<name>_loss per named set): GRPO's loss there
+            named = getattr(evaluator, "evaluators", None)
+            for name, one in (named.items() if named else [(None, evaluator)]):
+                metrics["eval_loss" if name is None else f"eval_{name}_loss"] = eval_loss(self.parts, one)
         if metric_key_prefix != "eval":
             metrics = {metric_key_prefix + k[len("eval"):] if k.startswith("eval") else k: v for k, v in metrics.items()}
         metrics = {k: v for k, v in metrics.items() if not ignore_keys or k.split("/")[-1] not in ignore_keys}
@@ -235,29 +242,35 @@ class RunParts:
                               top_p=s["top_p"], top_k=s["top_k"], min_p=s["min_p"] or 0.0, stop=s["stop"],
                               repetition_penalty=s["repetition_penalty"], seed=seed)
 
-    def sample(self, rows: list[int], seed: int) -> Trajectories:
-        """G trajectories for each of `rows` (this rank's prompts), sampled with `seed`."""
-        g = self.config.num_generations
+    def sample(self, rows: list[int], seed: int, data=None, n: int | None = None) -> Trajectories:
+        """G (or `n`) trajectories for each of `rows` (this rank's prompts; of `data`, an eval set's
+        Evaluator, when given), sampled with `seed`."""
+        g = n or self.config.num_generations
+        src = data if data is not None else self
         with self.generation_context():
-            outs = self.engine.generate([self.prompt_ids[r] for r in rows], n=g, params=self.sampling_params(seed))
+            outs = self.engine.generate([src.prompt_ids[r] for r in rows], n=g, params=self.sampling_params(seed))
         row_index = [rows[o.prompt_index] for o in outs]
-        completions = [[{"role": "assistant", "content": o.text}] if self.conversational else o.text for o in outs]
+        completions = [[{"role": "assistant", "content": o.text}] if src.conversational else o.text for o in outs]
         nonfinite = torch.tensor([not all(map(math.isfinite, o.logprobs)) for o in outs], dtype=torch.bool)
         if bool(nonfinite.any()) and self.config.on_nonfinite == "raise":
             raise FloatingPointError(f"{int(nonfinite.sum())} of {len(outs)} completions were sampled from NaN/inf "
                                      "logits (the model's weights or inputs are broken); set on_nonfinite='skip' "
                                      "to leave such samples out of the update instead.")
         return Trajectories(
-            row_index=row_index, prompts=[self.prompts[r] for r in row_index], completions=completions,
-            prompt_ids=[self.prompt_ids[r] for r in row_index], completion_ids=[list(o.token_ids) for o in outs],
+            row_index=row_index, prompts=[src.prompts[r] for r in row_index], completions=completions,
+            prompt_ids=[src.prompt_ids[r] for r in row_index], completion_ids=[list(o.token_ids) for o in outs],
             sampling_logps=[list(o.logprobs) for o in outs],
             truncated=torch.tensor([o.finish_reason == "length" for o in outs], dtype=torch.bool),
             nonfinite=nonfinite if bool(nonfinite.any()) else None,
         )
 
-    def score(self, trajectories: Trajectories) -> Rollout:
-        """The trajectories with their rewards (every reward function, weighted total, statistics)."""
-        cols = {k: [v[r] for r in trajectories.row_index] for k, v in self.columns.items()}
+    def score(self, trajectories: Trajectories, data=None) -> Rollout:
+        """The trajectories with their rewards (every reward function, weighted total, statistics);
+        `data`: the eval set (an Evaluator) the trajectories' rows index."""
+        if data is None:
+            cols = {k: [v[r] for r in trajectories.row_index] for k, v in self.columns.items()}
+        else:
+            cols = {k: [data.rows[r][k] for r in trajectories.row_index] for k in data.rows[0] if k != "prompt"}
         out = self.reward_runner(trajectories.prompts, trajectories.completions,
                                  completion_ids=trajectories.completion_ids, columns=cols,
                                  extras=self.reward_context.extras())
@@ -674,6 +687,9 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     def make_evaluator(dataset):
         if _is_iterable_dataset(dataset):
             dataset = _rows_of_stream(dataset, None, 1, 1)
+        elif isinstance(dataset, dict):
+            dataset = {name: _rows_of_stream(ds, None, 1, 1) if _is_iterable_dataset(ds) else ds
+                       for name, ds in dataset.items()}
         return build_evaluator(dataset, tok, task=task, reward_runner=runner, config=cfg)
 
     eval_fn = make_evaluator(eval_dataset) if eval_dataset is not None else None
