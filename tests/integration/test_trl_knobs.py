@@ -168,7 +168,7 @@ def test_generation_kwargs_that_are_no_generation_setting_are_an_error_naming_th
 
 def test_no_train_dataset_is_an_error_naming_the_fix(tmp_path):
     model, tok = tiny()
-    with pytest.raises(ValueError, match="train_dataset is required"):
+    with pytest.raises(ValueError, match="`train_dataset` is required"):
         GRPOTrainer(model=model, reward_funcs=digit_first, args=config(tmp_path), processing_class=tok)
 
 
