@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -582,7 +583,13 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     policy = models.load_model(model_ref, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                                **init_kwargs)
     tok = models.load_tokenizer(tokenizer if tokenizer is not None else model_ref)
-    notes.extend(_objective_warnings(cfg))
+    for warning in _objective_warnings(cfg):  # in the summary, and logged now (before step 1), as TRL warns
+        notes.append(warning)
+        logging.getLogger(__name__).warning(warning)
+    if cfg.dataloader_num_workers and streamed:  # as TRL: a stream is read by one worker (groups stay whole)
+        logging.getLogger(__name__).warning(f"a streaming train_dataset is read in order by one reader: "
+                                            f"dataloader_num_workers={cfg.dataloader_num_workers} is set to 0.")
+        cfg.dataloader_num_workers = 0
     if cfg.dataloader_num_workers:
         notes.append(f"note: dataloader_num_workers={cfg.dataloader_num_workers} has nothing to parallelise here: every "
                      "prompt is tokenized before step 1 and read from memory.")

@@ -1,0 +1,1 @@
+"""TRL's own tests, ported to run against grpokit offline (see README.md)."""
