@@ -220,6 +220,7 @@ class GRPO:
             vespo_lambda_neg=cfg.vespo_lambda_neg)
         self.local_means = is_local_mean(cfg.loss_type)
         self.entropy = EntropyBonus.from_config(cfg)
+        self.ref_restored = False  # a resumed run's synced reference is loaded at its first step
         # a MoE model's load-balancing loss (TRL: router_aux_loss_coef, None = the model config's)
         model_cfg = getattr(unwrap(run.model), "config", None)
         self.router_aux_coef = ((cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None
@@ -242,9 +243,9 @@ class GRPO:
     def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
         cfg, plan = run.config, run.plan
         self.entropy.load(state)
-        if cfg.sync_ref_model and "ref_model" in state.algorithm and not getattr(self, "_ref_restored", False):
+        if cfg.sync_ref_model and not self.ref_restored and "ref_model" in state.algorithm:
             run.ref_model.load_state_dict(state.algorithm["ref_model"])  # resumed: the synced reference
-        self._ref_restored = True
+        self.ref_restored = True
         rollout, sampling_stats = self.sample_batch(run, rows, state, phase)
         advantages = self.advantages(run, rollout)
         warning = vanished_advantages(rollout.rewards, advantages, cfg.num_generations)
@@ -293,8 +294,8 @@ class GRPO:
             skipped += 0 if applied else 1
             step_stats.append(stats)
         self.entropy.save(state)
-        if cfg.sync_ref_model:
-            state.algorithm["ref_model"] = {k: v.detach().cpu().clone() for k, v in run.ref_model.state_dict().items()}
+        if cfg.sync_ref_model:  # the live tensors (no copy per step): a checkpoint writes their values then
+            state.algorithm["ref_model"] = run.ref_model.state_dict()
         return StepOutput(rollout=rollout, step_stats=step_stats, samples=len(rollout),
                           optimizer_steps=len(step_stats), skipped=skipped,
                           extra={"frac_reward_zero_std": _frac_zero_std_groups(rollout.rewards, cfg.num_generations),

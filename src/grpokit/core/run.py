@@ -555,11 +555,6 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     if streamed:
         train_dataset = _rows_of_stream(train_dataset, cfg, rows_per_step_factor, distributed.world_size(),
                                         updates_per_batch)
-    if _is_iterable_dataset(eval_dataset):
-        eval_dataset = _rows_of_stream(eval_dataset, None, 1, 1)
-    elif isinstance(eval_dataset, dict):  # named eval sets (a DatasetDict is a dict): streams among them
-        eval_dataset = {name: _rows_of_stream(ds, None, 1, 1) if _is_iterable_dataset(ds) else ds
-                        for name, ds in eval_dataset.items()}
     if cfg.remove_unused_columns:
         train_dataset = train_dataset.select_columns(["prompt"])
 
@@ -691,7 +686,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     from grpokit.evaluation import build_evaluator
     from grpokit.tracking import Tracker
 
-    def make_evaluator(dataset):
+    def make_evaluator(dataset):  # one eval set or named ones (a DatasetDict is a dict); streams read whole
         if _is_iterable_dataset(dataset):
             dataset = _rows_of_stream(dataset, None, 1, 1)
         elif isinstance(dataset, dict):
