@@ -46,13 +46,17 @@ def plain_linear_head(model) -> torch.nn.Linear | None:
     return head
 
 
+def text_config(model):
+    """The (unwrapped) model's text config: its language model's, for a multimodal config; None
+    without one."""
+    cfg = getattr(unwrap(model), "config", None)
+    return cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+
+
 def has_router_aux_loss(model) -> bool:
     """Whether the model is a mixture of experts that returns router logits (TRL then adds its
     load-balancing loss, times router_aux_loss_coef, to the loss)."""
-    cfg = getattr(unwrap(model), "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    return bool(getattr(cfg, "output_router_logits", False))
+    return bool(getattr(text_config(model), "output_router_logits", False))
 
 
 def router_balance_loss(model, router_logits, attention_mask=None) -> torch.Tensor:
@@ -65,7 +69,7 @@ def router_balance_loss(model, router_logits, attention_mask=None) -> torch.Tens
     if fn is None:
         raise ValueError(f"{type(inner).__name__} returns router logits but its module has no "
                          "load_balancing_loss_func; set output_router_logits=False in its config.")
-    cfg = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+    cfg = text_config(inner)
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or getattr(cfg, "n_routed_experts")
     return fn(tuple(router_logits), experts, cfg.num_experts_per_tok, attention_mask)
 
@@ -199,9 +203,7 @@ def sampler_logps_are_old_logps(model, engine, *, temperature: float, top_p: flo
         return False
     if unwrap(engine.model) is not inner:
         return False
-    cfg = getattr(inner, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
+    cfg = text_config(inner)
     for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
         if float(getattr(cfg, name, 0.0) or 0.0) > 0:
             return False

@@ -30,7 +30,7 @@ from grpokit import memory
 from grpokit.algos import (batch_normalized, entropy_bonus, group_advantages, is_local_mean, make_policy_loss,
                            normalize_then_sum, rollout_correction_weights, top_entropy_mask)
 from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
-from grpokit.core.forward import has_router_aux_loss, unwrap
+from grpokit.core.forward import has_router_aux_loss, text_config
 from grpokit.core.run import LoopState, RunParts
 from grpokit.core.trajectory import Rollout, concat_rollouts
 
@@ -222,7 +222,7 @@ class GRPO:
         self.entropy = EntropyBonus.from_config(cfg)
         self.ref_restored = False  # a resumed run's synced reference is loaded at its first step
         # a MoE model's load-balancing loss (TRL: router_aux_loss_coef, None = the model config's)
-        model_cfg = getattr(unwrap(run.model), "config", None)
+        model_cfg = text_config(run.model)
         self.router_aux_coef = ((cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None
                                  else float(getattr(model_cfg, "router_aux_loss_coef", 0.001)))
                                 if has_router_aux_loss(run.model) else None)
