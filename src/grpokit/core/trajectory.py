@@ -56,6 +56,8 @@ class Trajectories:
     truncated: torch.Tensor              # [N] bool: stopped by the completion budget
     segments: list[list[Segment]] | None = None   # None: each completion is one model segment
     nonfinite: torch.Tensor | None = None   # [N] bool: the sampler's logprobs were NaN/inf (never trained)
+    tool_stats: torch.Tensor | None = None  # [N, 5] long, multi-turn: turns, tool calls, failures, timeouts,
+                                            # malformed calls (grpokit.envs.TOOL_STATS); None: single-turn
 
     def __post_init__(self):
         if self.nonfinite is not None and len(self.nonfinite) != len(self.completion_ids):
@@ -139,6 +141,9 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
                 for s in (v if v is not None else [[Segment(0, len(ids))] for ids in p.completion_ids])]
         elif f.name == "reward_names":
             out[f.name] = list(first.reward_names)
+        elif f.name == "tool_stats":
+            out[f.name] = None if all(v is None for v in values) else torch.cat(
+                [v if v is not None else torch.zeros((len(p), 5), dtype=torch.long) for p, v in zip(parts, values)])
         elif isinstance(values[0], torch.Tensor):
             out[f.name] = torch.cat(values)
         elif values[0] is None:

@@ -48,7 +48,7 @@ def is_async_callable(fn: Callable) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
 
 
-def _raise_in_thread(thread: threading.Thread, exc_type: type) -> None:
+def raise_in_thread(thread: threading.Thread, exc_type: type) -> None:
     """Best effort: make `thread` raise `exc_type` at its next bytecode (CPython)."""
     if thread.ident is not None and thread.is_alive():
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
@@ -114,7 +114,7 @@ def _call_in_thread(fn: Callable, kwargs: dict, timeout: float | None, name: str
     thread = threading.Thread(target=target, name=f"grpokit-reward-{name}", daemon=True)
     thread.start()
     if not done.wait(timeout):
-        _raise_in_thread(thread, RewardTimeout)
+        raise_in_thread(thread, RewardTimeout)
         return "timeout", None, None
     if "error" in box:
         e = box["error"]

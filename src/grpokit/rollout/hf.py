@@ -136,9 +136,35 @@ class HFEngine:
                  params: SamplingParams | None = None) -> list[Completion]:
         """n completions per prompt, grouped by prompt (prompt 0's n completions first, ...)."""
         params = params or SamplingParams()
+        results: list[Completion | None] = [None] * (len(prompt_ids) * n)
+        with self._session(prompt_ids, n, params) as seed:
+            for wave in self._plan_waves(prompt_ids, n, params.max_tokens):
+                self._run_wave(wave, prompt_ids, n, params, seed, results)
+                self.stats["waves"] += 1
+        return results  # type: ignore[return-value]
+
+    def generate_multiturn(self, prompt_ids: list[list[int]], n: int, params: SamplingParams | None,
+                           driver) -> None:
+        """Multi-turn rollouts (grpokit.envs.TurnDriver): n conversations per prompt, numbered as
+        `generate`'s output. A sample whose turn ends (EOS, stop string, budget) is reported to
+        `driver.turn_ended(sample, token_ids, logprobs, finish_reason)` at once and keeps its KV
+        cache, parked at the back of the batch; when every sample of the wave has ended its turn,
+        those in `driver.continuations()` get only their new tokens (the turn's last token, the tool
+        results, the next turn's header) prefilled into their own cache and go on. The conversation
+        is never re-encoded. `params.max_tokens` bounds each sample's whole completion (model and
+        tool tokens); token t of a sample's completion is drawn with the same uniform as in
+        `generate`, so a conversation does not depend on the others in its batch."""
+        params = params or SamplingParams()
+        with self._session(prompt_ids, n, params) as seed:
+            for wave in self._plan_waves(prompt_ids, n, params.max_tokens):
+                self._run_wave_multiturn(wave, prompt_ids, n, params, seed, driver)
+                self.stats["waves"] += 1
+
+    @contextlib.contextmanager
+    def _session(self, prompt_ids, n, params):
+        """Checks, the seed, eval mode, no grad, SDPA and the packed output projection for one call."""
         self._check_inputs(prompt_ids, n, params)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        results: list[Completion | None] = [None] * (len(prompt_ids) * n)
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "waves": 0,
                       "generated_tokens": 0}
         model = self.model
@@ -153,14 +179,11 @@ class HFEngine:
         model.eval()
         try:
             with torch.no_grad(), _packed_cpu_lm_head(_base_model(model), self.cpu_packed_lm_head):
-                for wave in self._plan_waves(prompt_ids, n, params.max_tokens):
-                    self._run_wave(wave, prompt_ids, n, params, seed, results)
-                    self.stats["waves"] += 1
+                yield seed
         finally:
             model.train(was_training)
             if attn not in (None, "sdpa", "eager"):
                 cfg._attn_implementation = attn
-        return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ checks and planning
     def _check_model(self):
@@ -283,7 +306,7 @@ class HFEngine:
                                                     finish_reason=finish[row], text=text)
                 self.stats["generated_tokens"] += len(toks)
 
-    def _prefill(self, wave, prompt_ids, max_tokens):
+    def _prefill(self, wave, prompt_ids, max_tokens, zeroed: bool = False):
         """Each prompt of the wave once (length-bucketed batches), its KV broadcast to its rows.
 
         Returns the decode cache, the logits [rows, V] of each row's first token, and the first
@@ -311,7 +334,7 @@ class HFEngine:
             prefill_cache = DynamicCache()
             logits = self._forward(input_ids=ids.to(self.device), cache=prefill_cache, **kw)[:, -1, :]
             if cache is None:
-                cache = SlotCache.like(prefill_cache, n_rows, width + max_tokens, width)
+                cache = SlotCache.like(prefill_cache, n_rows, width + max_tokens, width, zeroed=zeroed)
                 first_logits = logits.new_empty((n_rows, logits.shape[-1]))
             slots = [rows_of[j] + k for j in batch for k in range(wave[j][2])]
             index = [r for r, j in enumerate(batch) for _ in range(wave[j][2])]
@@ -383,8 +406,158 @@ class HFEngine:
                 del active[cache.b:]
         return out_tokens, out_logprobs, finish
 
+    # ------------------------------------------------------------------ multi-turn
+    def _run_wave_multiturn(self, wave, prompt_ids, n, params, seed, driver):
+        """One wave of conversations: prefill, then turns until no sample goes on (see
+        generate_multiturn). Per wave row r: `fed[r]` completion tokens are in its KV cache, its
+        next position is prompt length + fed[r]; the last sampled token of a turn is fed with the
+        next turn's new tokens."""
+        t0 = time.perf_counter()
+        cache, logits, _ = self._prefill(wave, prompt_ids, params.max_tokens, zeroed=True)
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        device = self.device
+        sample_of = [i * n + s + k for i, s, c in wave for k in range(c)]
+        rows = _TurnRows(
+            sample_of=sample_of, prompt_len=[len(prompt_ids[i]) for i, _, c in wave for _ in range(c)],
+            uniforms=row_uniforms(row_keys(seed, torch.tensor(sample_of, dtype=torch.long)),
+                                  params.max_tokens).to(device))
+        if params.repetition_penalty != 1.0:
+            rows.seen = torch.zeros((len(sample_of), logits.shape[-1]), dtype=torch.bool, device=device)
+            first = 0
+            for i, _, c in wave:
+                rows.seen[first:first + c, torch.tensor(prompt_ids[i], dtype=torch.long, device=device)] = True
+                first += c
+        while True:
+            t1 = time.perf_counter()
+            self._decode_turn(cache, logits, rows, params, driver)
+            self.stats["decode_s"] += time.perf_counter() - t1
+            going = driver.continuations()
+            conts = [r for r in range(len(sample_of)) if sample_of[r] in going]
+            if not conts:
+                return
+            t2 = time.perf_counter()
+            logits = self._extend(cache, rows, conts, [going[sample_of[r]] for r in conts], params.max_tokens)
+            self.stats["prefill_s"] += time.perf_counter() - t2
+
+    def _decode_turn(self, cache: SlotCache, logits, rows: "_TurnRows", params, driver):
+        """Sample the active rows (batch positions [0, cache.b)) to the end of their turn; a row that
+        ends is reported to the driver and parked (cache.park keeps its KV)."""
+        device, eos, stop = self.device, self.eos_ids, params.stop
+        b = cache.b
+        active = rows.at[:b]
+        row_ids = torch.tensor(active, dtype=torch.long, device=device)
+        positions = torch.tensor([rows.prompt_len[r] + rows.fed[r] for r in active], dtype=torch.long, device=device)
+        counts = torch.tensor([rows.count[r] for r in active], dtype=torch.long, device=device)
+        turn_tokens = {r: [] for r in active}
+        turn_logps = {r: [] for r in active}
+        limit = {r: params.max_tokens - rows.count[r] for r in active}
+        window = (max(len(s) for s in stop) + _STOP_WINDOW_EXTRA) if stop else 0
+        decode_batch = self._decode_batch_fn() if stop else None
+        tokens, step = None, 0
+        while cache.b > 0:
+            b = cache.b
+            if step > 0:
+                logits = self._forward(input_ids=tokens[:b, None], position_ids=positions[:b, None],
+                                       attention_mask=cache.step_mask(), cache=cache)[:, -1, :]
+                positions[:b] += 1
+                for r in rows.at[:b]:
+                    rows.fed[r] += 1
+            seen = None if rows.seen is None else rows.seen[row_ids[:b]]
+            tokens, token_lp = sample(logits, params, rows.uniforms[row_ids[:b], counts[:b]], seen=seen)
+            if rows.seen is not None:
+                rows.seen[row_ids[:b], tokens] = True
+            counts[:b] += 1
+            tok_list, lp_list = tokens.tolist(), token_lp.tolist()
+            done, reasons, tails = [], {}, []
+            for pos in range(b):
+                r = rows.at[pos]
+                turn_tokens[r].append(tok_list[pos])
+                turn_logps[r].append(lp_list[pos])
+                rows.count[r] += 1
+                if tok_list[pos] in eos:
+                    done.append(pos)
+                    reasons[pos] = "stop"
+                elif len(turn_tokens[r]) >= limit[r]:
+                    done.append(pos)
+                    reasons[pos] = "length"
+                elif stop:
+                    tails.append(pos)
+            if tails:
+                texts = decode_batch([turn_tokens[rows.at[pos]][-window:] for pos in tails])
+                for pos, text in zip(tails, texts):
+                    if any(s in text for s in stop):
+                        done.append(pos)
+                        reasons[pos] = "stop"
+            self.stats["steps"] += 1
+            step += 1
+            for pos in done:
+                r = rows.at[pos]
+                rows.last[r] = tok_list[pos]
+                rows.parked_at[r] = cache.layers[0].length
+                self.stats["generated_tokens"] += len(turn_tokens[r])
+                driver.turn_ended(rows.sample_of[r], turn_tokens[r], turn_logps[r], reasons[pos])
+            if done:
+                for to, frm in cache.park(done, extra=(tokens, positions, row_ids, counts)):
+                    rows.at[to], rows.at[frm] = rows.at[frm], rows.at[to]
+
+    def _extend(self, cache: SlotCache, rows: "_TurnRows", conts: list[int], exts: list[list[int]],
+                max_tokens: int):
+        """Bring the rows `conts` back to the front of the batch and prefill, into each one's own
+        cache, its last sampled token and its new tokens `exts` (left-padded to the longest; the
+        pad columns and the columns written while it was parked are masked). Returns the logits of
+        each row's next token [len(conts), V]."""
+        device = self.device
+        where = {r: p for p, r in enumerate(rows.at)}
+        keep = set(conts)
+        order = [where[r] for r in conts] + [p for p, r in enumerate(rows.at) if r not in keep]
+        cache.reorder(order)
+        rows.at = [rows.at[p] for p in order]
+        inputs = [[rows.last[r]] + list(ext) for r, ext in zip(conts, exts)]
+        k, width, length = len(conts), max(map(len, inputs)), cache.layers[0].length
+        need = length + width + max(max_tokens - rows.count[r] - len(ext) for r, ext in zip(conts, exts))
+        cache.ensure_capacity(need)
+        low = torch.finfo(cache.mask.dtype).min
+        for j, r in enumerate(conts):  # columns other rows wrote while r was parked hold nothing of r's
+            cache.mask[j, :, :, rows.parked_at[r]:length] = low
+        pads = torch.tensor([width - len(x) for x in inputs], device=device)
+        ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in inputs], dtype=torch.long, device=device)
+        start = torch.tensor([rows.prompt_len[r] + rows.fed[r] for r in conts], device=device)
+        cols = torch.arange(width, device=device)
+        position_ids = (start[:, None] - pads[:, None] + cols[None, :]).clamp_(min=0)
+        real = cols[None, :] >= pads[:, None]                                      # [k, width] key is a real token
+        causal = cols[None, :, None] >= cols[None, None, :]                         # [1, q, key]
+        allowed = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
+        new = torch.where(allowed, 0.0, low).to(cache.mask.dtype)[:, None]          # [k, 1, width, width]
+        old = cache.mask[:k, :, :, :length].expand(k, 1, width, length)
+        cache.set_batch(k)
+        kw = {self._logits_kw: 1} if self._logits_kw else {}
+        logits = self._forward(input_ids=ids, position_ids=position_ids, attention_mask=torch.cat([old, new], dim=-1),
+                               cache=cache, **kw)[:, -1, :]
+        cache.mask[:k, 0, 0, length:length + width] = torch.where(real, 0.0, low).to(cache.mask.dtype)
+        for r, x in zip(conts, inputs):
+            rows.fed[r] += len(x)
+            rows.count[r] += len(x) - 1
+        if rows.seen is not None:
+            for r, x in zip(conts, exts):
+                if x:
+                    rows.seen[r, torch.tensor(x, dtype=torch.long, device=device)] = True
+        return logits
+
     def _decode_batch_fn(self):
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:
             return lambda seqs: backend.decode_batch(seqs, skip_special_tokens=True)
         return lambda seqs: [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
+
+
+class _TurnRows:
+    """Per wave row of a multi-turn wave: its sample, prompt length, completion tokens so far
+    (`count`), those in its KV cache (`fed`), its last sampled token, the cache length when it was
+    parked; `at[p]` is the row at batch position p (a permutation of the rows)."""
+
+    def __init__(self, sample_of: list[int], prompt_len: list[int], uniforms: torch.Tensor):
+        n = len(sample_of)
+        self.sample_of, self.prompt_len, self.uniforms = sample_of, prompt_len, uniforms
+        self.count, self.fed, self.last, self.parked_at = [0] * n, [0] * n, [0] * n, [0] * n
+        self.at = list(range(n))
+        self.seen: torch.Tensor | None = None

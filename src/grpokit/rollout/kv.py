@@ -67,8 +67,9 @@ class SlotCache(Cache):
         self.b = mask.shape[0]
 
     @classmethod
-    def like(cls, prefill_cache, rows: int, capacity: int, width: int) -> "SlotCache":
-        """Empty slots shaped like the layers of a prefill `DynamicCache` (zeros up to `width`)."""
+    def like(cls, prefill_cache, rows: int, capacity: int, width: int, zeroed: bool = False) -> "SlotCache":
+        """Empty slots shaped like the layers of a prefill `DynamicCache` (zeros up to `width`, or
+        everywhere with `zeroed`: multi-turn rows leave unwritten columns behind, masked)."""
         layers = []
         for src in prefill_cache.layers:
             if type(src).__name__ != "DynamicLayer":
@@ -76,7 +77,7 @@ class SlotCache(Cache):
             bufs = []
             for t in (src.keys, src.values):
                 buf = torch.empty((rows, t.shape[1], capacity, t.shape[3]), dtype=t.dtype, device=t.device)
-                buf[:, :, :width].zero_()
+                (buf if zeroed else buf[:, :, :width]).zero_()
                 bufs.append(buf)
             layers.append(SlotLayer(bufs[0], bufs[1], width))
         k = prefill_cache.layers[0].keys
@@ -126,3 +127,53 @@ class SlotCache(Cache):
         for layer in self.layers:
             layer.b = new_b
         return list(zip(holes, movers))
+
+    # ---- multi-turn (HFEngine.generate_multiturn): rows keep their contents while parked ----
+    def set_batch(self, b: int) -> None:
+        """The first b rows are the batch the model sees."""
+        self.b = b
+        for layer in self.layers:
+            layer.b = b
+
+    def park(self, done: list[int], extra: tuple[torch.Tensor, ...] = ()) -> list[tuple[int, int]]:
+        """Like `drop`, but the rows leaving keep their KV: each is swapped with the active row that
+        takes its slot (both rows copied), so it lies beyond the batch, intact. Returns the swaps."""
+        done_set = set(done)
+        new_b = self.b - len(done_set)
+        holes = sorted(p for p in done_set if p < new_b)
+        movers = [p for p in range(new_b, self.b) if p not in done_set]
+        if holes:
+            dst = torch.tensor(holes + movers, device=self.mask.device)
+            src = torch.tensor(movers + holes, device=self.mask.device)
+            for layer in self.layers:
+                for buf in (layer.k_buf, layer.v_buf):
+                    buf[dst, :, : layer.length] = buf[src, :, : layer.length]
+            for t in (self.mask, *extra):
+                t[dst] = t[src]
+        self.set_batch(new_b)
+        return list(zip(holes, movers))
+
+    def reorder(self, order: list[int]) -> None:
+        """Row p of the slots becomes row order[p] of before (the first len(order) rows)."""
+        idx = torch.tensor(order, device=self.mask.device)
+        m = len(order)
+        for layer in self.layers:
+            for buf in (layer.k_buf, layer.v_buf):
+                buf[:m, :, : layer.length] = buf[idx, :, : layer.length]
+        self.mask[:m] = self.mask[idx]
+
+    def ensure_capacity(self, columns: int) -> None:
+        """At least `columns` columns per row (new columns zero and unmasked; 1.5x growth)."""
+        cap = self.mask.shape[-1]
+        if columns <= cap:
+            return
+        new_cap = max(columns, cap + cap // 2)
+        for layer in self.layers:
+            for name in ("k_buf", "v_buf"):
+                old = getattr(layer, name)
+                buf = old.new_zeros((old.shape[0], old.shape[1], new_cap, old.shape[3]))
+                buf[:, :, : layer.length] = old[:, :, : layer.length]
+                setattr(layer, name, buf)
+        mask = self.mask.new_zeros((*self.mask.shape[:-1], new_cap))
+        mask[..., :cap] = self.mask
+        self.mask = mask
