@@ -87,6 +87,11 @@ class GRPOFields:
                                        "sample more prompts until the step is full of groups with signal.")
     dynamic_sampling_max_rounds: int = _f(4, "Extra sampling rounds a step may make for dynamic sampling; then the "
                                              "remaining places keep signal-less groups.")
+    max_tool_calling_iterations: int | None = _f(None, "Tool rounds per conversation (tools / environment_factory): "
+                                                       "None = until a turn has no tool call or the completion "
+                                                       "budget (model and tool tokens) is spent.")
+    tool_timeout: float | None = _f(60.0, "Wall-clock seconds allowed for one tool call; a late call's result is "
+                                          "a timeout error (counted in tools/timeout_frequency).")
     # --- sampling ---
     temperature: float = _f(1.0, "Sampling temperature (logprobs are taken at the same temperature).")
     top_p: float = _f(1.0, "Nucleus sampling mass.")
@@ -210,7 +215,6 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
         "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
         "ddp_backend", "fsdp", "fsdp_config", "deepspeed", "cache_implementation",
         "vllm_structured_outputs_regex", "vllm_server_base_url", "vllm_max_model_length",
-        "max_tool_calling_iterations",
         "log_completions_hub_repo", "transformers_continuous_batching_config", "logging_dir",
             )},
     **{name: (False,) for name in (
@@ -322,6 +326,9 @@ class GRPOConfig(GRPOFields):
             if not cond:
                 raise ValueError(f"GRPOConfig: {msg}")
 
+        need(self.max_tool_calling_iterations is None or self.max_tool_calling_iterations >= 0,
+             "max_tool_calling_iterations must be None or >= 0.")
+        need(self.tool_timeout is None or self.tool_timeout > 0, "tool_timeout must be None or > 0 seconds.")
         need(self.num_generations >= 2, f"num_generations={self.num_generations}: a group needs at least 2 samples.")
         need(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1.")
         need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1.")

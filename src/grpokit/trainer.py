@@ -49,7 +49,8 @@ class GRPOTrainer(RunFacade):
 
     def __init__(self, model=None, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None, callbacks=None,
-                 optimizers=(None, None), reward_processing_classes=None, quantization_config=None, *,
+                 optimizers=(None, None), reward_processing_classes=None, quantization_config=None,
+                 tools=None, rollout_func=None, environment_factory=None, *,
                  forward_plan: dict | None = None, **kwargs):
         self._take_args(GRPOConfig, args, kwargs)
         if reward_processing_classes is not None:
@@ -61,11 +62,48 @@ class GRPOTrainer(RunFacade):
             # TRL's steps_per_generation: one generation feeds this many optimizer steps
             rows_per_step_factor=self.args.updates_per_generation(),
             updates_per_batch=self.args.updates_per_generation(),
+            tools=tools, environment_factory=environment_factory,
+            rollout_func=(lambda prompts: self.rollout_func(prompts, self)) if rollout_func is not None else None,
         )
+        self.rollout_func = rollout_func
         self.algorithm = GRPO(self.parts)
         self._init_surface(callbacks, eval_dataset)
 
     # ---- TRL's GRPOTrainer attributes ----
+    @property
+    def tools(self) -> list:
+        """Every tool the model may call: the standalone `tools` and every environment's methods."""
+        mt = self.parts.multiturn
+        return list(mt.tools) if mt is not None else []
+
+    @property
+    def environments(self) -> list | None:
+        """The environment of each completion of the last step (None without environment_factory)."""
+        mt = self.parts.multiturn
+        return mt.last_environments if mt is not None and mt.environments is not None else None
+
+    @property
+    def _env_tools(self) -> dict:
+        """{environment name: its tools} (TRL's attribute; None is the single factory's name)."""
+        mt = self.parts.multiturn
+        return dict(mt.environments.tools) if mt is not None and mt.environments is not None else {}
+
+    @property
+    def _environment_pool(self) -> dict:
+        """{environment name: its reusable instances} (TRL's attribute)."""
+        mt = self.parts.multiturn
+        return mt.environments.pool if mt is not None and mt.environments is not None else {}
+
+    @property
+    def reward_func_names(self) -> list[str]:
+        return list(self.parts.reward_runner.names)
+
+    @property
+    def reward_weights(self):
+        import torch
+
+        return torch.tensor(self.parts.reward_runner.weights, dtype=torch.float32)
+
     @property
     def ref_model(self):
         """The frozen reference (beta > 0 without LoRA; None otherwise, as in TRL)."""

@@ -54,18 +54,6 @@ MARKS: dict[str, tuple[str, str]] = {
     G + "test_warning_raised_all_rewards_none": (
         "skip", "expects TRL's wording 'All reward functions returned None for the following kwargs:' (grpokit warns "
                 "'every reward function returned None for every completion of this step' in its log)"),
-    # --- tools / environments (issue 13) ---
-    G + "test_train_with_tools": ("skip", MULTI_TURN),
-    G + "test_train_with_multiple_environments": ("skip", MULTI_TURN),
-    G + "test_train_with_unknown_environment_raises": ("skip", MULTI_TURN),
-    G + "test_train_with_environment_factory": ("skip", MULTI_TURN),
-    G + "test_train_with_environment_owned_reward": ("skip", MULTI_TURN),
-    G + "test_environment_owned_reward_coexists_with_reward_funcs": ("skip", MULTI_TURN),
-    G + "test_environment_owned_reward_mixed_environments": ("skip", MULTI_TURN),
-    G + "test_environment_owned_data_requires_max_steps": ("skip", MULTI_TURN),
-    G + "test_multiple_environments_without_dataset_raises": ("skip", MULTI_TURN),
-    G + "test_train_with_environment_owned_data": ("skip", MULTI_TURN),
-    G + "test_train_with_malformed_tool_calls": ("skip", MULTI_TURN),
     # --- vision (issue 16) ---
     "test_grpo_trainer.py::TestGRPOTrainerVLM": ("skip", VISION),
     # --- fails on grpokit today (strict xfail: remove the entry when it passes) ---

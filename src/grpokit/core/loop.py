@@ -560,7 +560,9 @@ def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) 
     local: dict[str, Any] = {}
     rollout = out.rollout
     if rollout is not None:
-        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        # model-written tokens only (tool and environment output is not the model's length), as TRL
+        lengths = torch.tensor([len(c) if rollout.segments is None else sum(rollout.trained_mask(i))
+                                for i, c in enumerate(rollout.completion_ids)], dtype=torch.float32)
         local.update({
             "reward": torch.nanmean(rollout.rewards), "reward_std": _nanstd(rollout.rewards),
             "completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
@@ -582,6 +584,8 @@ def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) 
         metrics["completions/tokens"] = metrics["completions/mean_length"] * len(rollout) * run.world_size
         metrics.update(run.mean_over_ranks(rollout.logged_metrics))  # a reward's log_metric(name, value)
         metrics.update({k: float(v) for k, v in rollout.reward_stats.items() if k not in metrics and _is_number(v)})
+    if rollout is not None and rollout.tool_stats is not None:
+        metrics.update(tool_metrics(run, rollout.tool_stats))
     metrics.update(phase)
     metrics["time/step"] = sum(v for k, v in phase.items() if k.startswith("time/"))
     metrics["memory/peak_rss_gb"] = memory.lifetime_peak_gb("rss")
@@ -592,6 +596,17 @@ def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) 
     metrics["samples"] = float(state.samples_seen)
     metrics["epoch"] = state.epoch + state.cursor / max(1, run.num_train_rows)
     return metrics
+
+
+def tool_metrics(run: RunParts, stats: torch.Tensor) -> dict[str, float]:
+    """Multi-turn metrics over every rank (TRL's tools/call_frequency: calls per completion;
+    tools/failure_frequency: failed calls per call), and grpokit's: timeouts and malformed calls
+    (per call and per completion), model turns per completion."""
+    turns, calls, failures, timeouts, malformed, n = run.global_sum(
+        torch.cat([stats.sum(0).float(), torch.tensor([float(len(stats))])])).tolist()
+    return {"tools/call_frequency": calls / n, "tools/failure_frequency": failures / calls if calls else 0.0,
+            "tools/timeout_frequency": timeouts / calls if calls else 0.0, "tools/malformed_frequency": malformed / n,
+            "turns/mean": turns / n}
 
 
 def sample_rows(rollout: Rollout, per_sample: dict[str, torch.Tensor], limit: int | None) -> list[dict[str, Any]]:

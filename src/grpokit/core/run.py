@@ -181,6 +181,9 @@ class RunParts:
     plan: ForwardPlan | None = None  # how the training forward runs: build_run's choose_forward_plan
     extra_modules: tuple = ()        # trained with the policy (PPO's value head)
     reward_context: RewardContext = field(default_factory=RewardContext)  # trainer_state, log_metric, log_extra
+    multiturn: Any = None            # grpokit.envs.MultiTurn: tools / environments (None: single-turn)
+    rollout_func: Any = None         # TRL's rollout_func bound to its trainer: prompts -> dict (replaces sampling)
+    _generate_engine: Any = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.train_forward is None:
@@ -199,6 +202,8 @@ class RunParts:
     def begin(self, resume_from_checkpoint: str | bool | None) -> tuple[LoopState, dict[str, float]]:
         """The loop's start: its state (fresh, or from the checkpoint) and, on a fresh run with
         `eval_on_start`, the step-0 evaluation."""
+        if self.multiturn is not None and self.multiturn.environments is not None:  # every row's environment exists
+            self.multiturn.environments.check_rows(self.columns.get("environment", [None] * self.num_train_rows))
         with self.guard("checking output_dir"):  # rank 0 refuses to mix with another run's files: every rank stops
             self.tracker.begin(resuming=bool(resume_from_checkpoint))
         state = self.resume(resume_from_checkpoint) if resume_from_checkpoint else LoopState()
@@ -245,25 +250,88 @@ class RunParts:
 
     def sample(self, rows: list[int], seed: int, data=None, n: int | None = None) -> Trajectories:
         """G (or `n`) trajectories for each of `rows` (this rank's prompts; of `data`, an eval set's
-        Evaluator, when given), sampled with `seed`."""
+        Evaluator, when given), sampled with `seed`: one completion each, or whole conversations
+        with tools / environments (grpokit.envs), or what rollout_func returns."""
         g = n or self.config.num_generations
         src = data if data is not None else self
+        params = self.sampling_params(seed)
+        engine = self.rollout_engine()
         with self.generation_context():
-            outs = self.engine.generate([src.prompt_ids[r] for r in rows], n=g, params=self.sampling_params(seed))
-        row_index = [rows[o.prompt_index] for o in outs]
-        completions = [[{"role": "assistant", "content": o.text}] if src.conversational else o.text for o in outs]
-        nonfinite = torch.tensor([not all(map(math.isfinite, o.logprobs)) for o in outs], dtype=torch.bool)
+            if self.rollout_func is not None and data is None:
+                traj = self._sample_with_rollout_func(rows, g)
+            elif self.multiturn is not None:
+                row_dicts = [self.row(r) if data is None else data.rows[r] for r in rows]
+                from grpokit.data import encode_prompt
+
+                traj, _ = self.multiturn.rollout(
+                    engine, row_dicts, g, params, max_tokens=params.max_tokens, eos_ids=engine.eos_ids,
+                    encode=lambda prompt, kw: encode_prompt(prompt, self.tokenizer, kw))
+                traj = dataclasses.replace(traj, row_index=[rows[i] for i in traj.row_index])
+            else:
+                outs = engine.generate([src.prompt_ids[r] for r in rows], n=g, params=params)
+                row_index = [rows[o.prompt_index] for o in outs]
+                traj = Trajectories(
+                    row_index=row_index, prompts=[src.prompts[r] for r in row_index],
+                    completions=[[{"role": "assistant", "content": o.text}] if src.conversational else o.text
+                                 for o in outs],
+                    prompt_ids=[src.prompt_ids[r] for r in row_index],
+                    completion_ids=[list(o.token_ids) for o in outs], sampling_logps=[list(o.logprobs) for o in outs],
+                    truncated=torch.tensor([o.finish_reason == "length" for o in outs], dtype=torch.bool))
+        nonfinite = torch.tensor([not all(map(math.isfinite, lps)) for lps in traj.sampling_logps], dtype=torch.bool)
         if bool(nonfinite.any()) and self.config.on_nonfinite == "raise":
-            raise FloatingPointError(f"{int(nonfinite.sum())} of {len(outs)} completions were sampled from NaN/inf "
+            raise FloatingPointError(f"{int(nonfinite.sum())} of {len(traj)} completions were sampled from NaN/inf "
                                      "logits (the model's weights or inputs are broken); set on_nonfinite='skip' "
                                      "to leave such samples out of the update instead.")
+        return dataclasses.replace(traj, nonfinite=nonfinite) if bool(nonfinite.any()) else traj
+
+    def row(self, r: int) -> dict:
+        """Dataset row r as a dict (prompt and every other column)."""
+        return {"prompt": self.prompts[r], **{k: v[r] for k, v in self.columns.items()}}
+
+    def rollout_engine(self):
+        """The engine. A model whose `generate` was replaced on the instance (a wrapper of yours, a
+        mock) is sampled through that `generate`, as TRL always samples through model.generate."""
+        if type(self.engine).__name__ != "HFEngine" or not _overrides_generate(self.model):
+            return self.engine
+        if self._generate_engine is None:
+            logging.getLogger(__name__).info("the model's own generate() was replaced: sampling through it "
+                                             "(transformers' generate path) instead of grpokit's engine.")
+            self._generate_engine = make_engine("hf-generate", self.model, self.tokenizer,
+                                                generation_kwargs=self.config.extra_generation_kwargs())
+        return self._generate_engine
+
+    def _sample_with_rollout_func(self, rows: list[int], g: int) -> Trajectories:
+        """TRL's rollout_func: called with the step's prompts (each G times); returns prompt_ids,
+        completion_ids and logprobs per completion, optionally env_mask (1 model token, 0 external)
+        and extra fields, which reach the reward functions as columns."""
+        row_index = [r for r in rows for _ in range(g)]
+        prompts = [self.prompts[r] for r in row_index]
+        out = self.rollout_func(prompts)
+        required = {"prompt_ids", "completion_ids", "logprobs"}
+        if not isinstance(out, dict) or required - set(out):
+            missing = sorted(required - set(out)) if isinstance(out, dict) else sorted(required)
+            raise ValueError(f"rollout_func must return keys {missing} in its output dict.")
+        n = len(prompts)
+        for key in required | ({"env_mask"} & set(out)):
+            if out[key] is not None and len(out[key]) != n:
+                raise ValueError(f"rollout_func returned {len(out[key])} {key} for {n} prompts (one per completion: "
+                                 "each prompt comes G times).")
+        completion_ids = [list(map(int, c)) for c in out["completion_ids"]]
+        logps = out["logprobs"] or [[0.0] * len(c) for c in completion_ids]
+        segments = None
+        if out.get("env_mask") is not None:
+            segments = [_segments_of_mask(list(m), len(c), i) for i, (m, c) in enumerate(zip(out["env_mask"],
+                                                                                            completion_ids))]
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        eos = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} | set(getattr(self.engine, "eos_ids", ()))
+        extra = {k: list(v) for k, v in out.items() if k not in required | {"env_mask"}}
         return Trajectories(
-            row_index=row_index, prompts=[src.prompts[r] for r in row_index], completions=completions,
-            prompt_ids=[src.prompt_ids[r] for r in row_index], completion_ids=[list(o.token_ids) for o in outs],
-            sampling_logps=[list(o.logprobs) for o in outs],
-            truncated=torch.tensor([o.finish_reason == "length" for o in outs], dtype=torch.bool),
-            nonfinite=nonfinite if bool(nonfinite.any()) else None,
-        )
+            row_index=row_index, prompts=prompts,
+            completions=[[{"role": "assistant", "content": t}] if self.conversational else t for t in texts],
+            prompt_ids=[list(map(int, p)) for p in out["prompt_ids"]], completion_ids=completion_ids,
+            sampling_logps=[[float(x) for x in lp] for lp in logps],
+            truncated=torch.tensor([not c or c[-1] not in eos for c in completion_ids], dtype=torch.bool),
+            segments=segments, extra_columns=extra or None)
 
     def score(self, trajectories: Trajectories, data=None) -> Rollout:
         """The trajectories with their rewards (every reward function, weighted total, statistics);
@@ -272,9 +340,13 @@ class RunParts:
             cols = {k: [v[r] for r in trajectories.row_index] for k, v in self.columns.items()}
         else:
             cols = {k: [data.rows[r][k] for r in trajectories.row_index] for k in data.rows[0] if k != "prompt"}
+        cols.update(trajectories.extra_columns or {})
+        extras = self.reward_context.extras()
+        envs = self.multiturn.last_environments if self.multiturn is not None else None
+        if envs:
+            extras["environments"] = envs
         out = self.reward_runner(trajectories.prompts, trajectories.completions,
-                                 completion_ids=trajectories.completion_ids, columns=cols,
-                                 extras=self.reward_context.extras())
+                                 completion_ids=trajectories.completion_ids, columns=cols, extras=extras)
         metrics, columns = self.reward_context.take(len(trajectories))
         return trajectories.scored(out.per_func, out.total, out.names, out.stats, metrics, columns)
 
@@ -512,7 +584,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
               tokenizer=None, peft_config=None, optimizers=(None, None), quantization_config=None,
               rows_per_step_factor: int = 1, updates_per_batch: int = 1,
               optimizer_steps_per_step: int = 1, needs_reference: bool | None = None,
-              make_extra_modules=None, forward_plan: dict | None = None) -> RunParts:
+              make_extra_modules=None, forward_plan: dict | None = None, tools=None, environment_factory=None,
+              rollout_func=None) -> RunParts:
     """Load and check everything; nothing is trained or written before this returns.
 
     GRPO with TRL's steps_per_generation: a step samples `rows_per_step_factor` generation
@@ -523,7 +596,9 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     them); `needs_reference` (default: beta > 0) loads the reference; `make_extra_modules(policy,
     device)` makes modules trained with the policy (PPO's value head; their own optimizer parameter
     group), in `RunParts.extra_modules`. `forward_plan`
-    overrides parts of the training forward's plan (core.forward.choose_forward_plan)."""
+    overrides parts of the training forward's plan (core.forward.choose_forward_plan).
+    `tools`, `environment_factory` (TRL's): multi-turn rollouts (grpokit.envs); `rollout_func(prompts)`
+    -> TRL's dict (prompt_ids, completion_ids, logprobs, [env_mask], extra columns) replaces sampling."""
     from grpokit import data, models
     from grpokit.rewards import RewardRunner, load_reward_funcs
 
@@ -534,6 +609,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
 
     # data and task
     task = None
+    if train_dataset is None and cfg.dataset_name is None and cfg.task is None and environment_factory is not None:
+        train_dataset = _environment_placeholder(cfg, environment_factory, rows_per_step_factor)
     if train_dataset is None and cfg.dataset_name is None and cfg.task is None:
         raise ValueError("`train_dataset` is required: pass train_dataset= (a datasets.Dataset with a 'prompt' column), "
                          "or set dataset_name (a hub id or a local file) or task (a built-in task: "
@@ -555,6 +632,9 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     if streamed:
         train_dataset = _rows_of_stream(train_dataset, cfg, rows_per_step_factor, distributed.world_size(),
                                         updates_per_batch)
+    if environment_factory is not None and "prompt" not in train_dataset.column_names:
+        # as TRL: rows that only pick an environment get an empty user turn; reset() supplies the prompt
+        train_dataset = train_dataset.add_column("prompt", [[{"role": "user", "content": ""}]] * len(train_dataset))
     if cfg.remove_unused_columns:
         train_dataset = train_dataset.select_columns(["prompt"])
 
@@ -578,6 +658,17 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     policy = models.load_model(model_ref, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                                **init_kwargs)
     tok = models.load_tokenizer(tokenizer if tokenizer is not None else model_ref)
+    multiturn = None
+    if tools or environment_factory is not None:
+        from grpokit.envs import MultiTurn
+
+        if rollout_func is not None:
+            raise ValueError("GRPOTrainer: rollout_func drives generation itself; it cannot be combined with tools= or "
+                             "environment_factory= (call your tools inside rollout_func).")
+        multiturn = MultiTurn(tools=tools, environment_factory=environment_factory, tokenizer=tok,
+                              max_iterations=cfg.max_tool_calling_iterations, tool_timeout=cfg.tool_timeout,
+                              chat_template_kwargs=cfg.chat_template_kwargs)
+        notes.append(multiturn.describe())
     for warning in _objective_warnings(cfg):  # in the summary, and logged now (before step 1), as TRL warns
         notes.append(warning)
         logging.getLogger(__name__).warning(warning)
@@ -609,9 +700,16 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
 
     # prompts: rendered, tokenized, checked against the context
     max_ctx = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
-    prompt_ids = data.validate_prompts(train_dataset, tok, max_prompt_length=cfg.max_prompt_length,
-                                       chat_template_kwargs=cfg.chat_template_kwargs)
     conversational = data.is_conversational(train_dataset[0])
+    if multiturn is not None and not conversational:
+        raise ValueError("tools / environment_factory need conversational prompts (a list of {'role', 'content'} "
+                         "messages per row), so that tool calls and results are turns of a conversation.")
+    tools_of_row = None
+    if multiturn is not None:
+        envs_col = train_dataset["environment"] if "environment" in train_dataset.column_names else None
+        tools_of_row = lambda i: multiturn.row_tools({"environment": envs_col[i] if envs_col else None})  # noqa: E731
+    prompt_ids = data.validate_prompts(train_dataset, tok, max_prompt_length=cfg.max_prompt_length,
+                                       chat_template_kwargs=cfg.chat_template_kwargs, tools_of_row=tools_of_row)
     prompts = list(train_dataset["prompt"])
     columns = {c: list(train_dataset[c]) for c in train_dataset.column_names if c != "prompt"}
     if max_ctx:
@@ -623,18 +721,25 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
 
     # rewards: resolved and checked against the dataset's columns
     funcs = reward_funcs if reward_funcs is not None else (cfg.reward_funcs or (task.reward_funcs if task else None))
-    if not funcs:
+    env_funcs = multiturn.reward_funcs() if multiturn is not None else []
+    if not funcs and not env_funcs:
         raise ValueError("No reward source provided: pass reward_funcs= (callables, reward model ids or paths, "
-                         "registry names or 'module:function') or set reward_funcs in the config.")
-    funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
-    weights = cfg.reward_weights if cfg.reward_weights is not None else (
-        task.reward_weights if task is not None and funcs is task.reward_funcs else None)
+                         "registry names or 'module:function'), set reward_funcs in the config, or give an "
+                         "environment_factory whose environment defines a `get_reward` method.")
+    task_funcs = task is not None and funcs is task.reward_funcs
+    funcs = [] if not funcs else (list(funcs) if isinstance(funcs, (list, tuple)) else [funcs])
+    weights = cfg.reward_weights if cfg.reward_weights is not None else (task.reward_weights if task_funcs else None)
     if weights is not None and len(weights) != len(funcs):
         raise ValueError(f"reward_weights has {len(weights)} values for {len(funcs)} reward functions.")
+    if env_funcs:  # an environment's get_reward: an extra reward, weight 1, after the trainer's (as TRL)
+        weights = (list(weights) if weights is not None else [1.0] * len(funcs)) + [1.0] * len(env_funcs)
+        funcs = funcs + env_funcs
     runner = RewardRunner(load_reward_funcs(list(funcs), reward_kwargs=cfg.reward_kwargs), weights=weights,
                           timeout=cfg.reward_timeout, on_error=cfg.reward_on_error,
                           num_workers=cfg.reward_num_workers)
     runner.check_signature(columns=set(train_dataset.column_names))
+    if rollout_func is not None:
+        notes.append("rollout: rollout_func (yours) samples the completions.")
 
     # generation engine, reference, optimizer, schedule
     engine = _make_rollout_engine(cfg, policy, tok, notes)
@@ -708,10 +813,49 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                     make_evaluator=make_evaluator,
                     ref_model=ref_model, is_peft=is_peft, rank=rank, world_size=world,
                     pad_id=tok.pad_token_id, task_name=task.name if task else None, model_name=model_name,
-                    notes=notes, train_forward=train_forward, ref_forward=ref_forward,
+                    notes=notes, train_forward=train_forward, ref_forward=ref_forward, multiturn=multiturn,
+                    rollout_func=rollout_func,
                     strategy=cfg.distributed_strategy, extra_modules=extra_modules,
                     plan=choose_forward_plan(cfg, policy, engine, world_size=world, is_peft=is_peft,
                                              needs_reference=needs_reference, overrides=forward_plan))
+
+
+def _overrides_generate(model) -> bool:
+    """Whether `generate` is set on the model instance itself (or its PEFT base model's)."""
+    models = [model] + ([model.get_base_model()] if hasattr(model, "get_base_model") else [])
+    return any("generate" in vars(m) for m in models)
+
+
+def _segments_of_mask(mask: list, length: int, i: int) -> list:
+    """rollout_func's env_mask (1 = model token, 0 = tool / environment) as segments."""
+    from grpokit.core.trajectory import EXTERNAL, MODEL, Segment
+
+    if len(mask) != length:
+        raise ValueError(f"rollout_func: env_mask[{i}] has {len(mask)} values for {length} completion tokens.")
+    out, start = [], 0
+    for t in range(1, length + 1):
+        if t == length or bool(mask[t]) != bool(mask[start]):
+            out.append(Segment(start, t, MODEL if mask[start] else EXTERNAL))
+            start = t
+    return out
+
+
+def _environment_placeholder(cfg: GRPOConfig, environment_factory, rows_per_step_factor: int):
+    """TRL's environment-owned data: no train_dataset, reset() gives each prompt, max_steps the
+    length; the rows are one step's worth of empty user turns."""
+    import datasets
+
+    if isinstance(environment_factory, dict):
+        raise ValueError("A `dict` `environment_factory` (multiple environments) requires a `train_dataset` with an "
+                         "`environment` column to route each example to its environment. Provide a dataset, or "
+                         "pass a single environment factory.")
+    if cfg.max_steps <= 0:
+        raise ValueError("When training without a `train_dataset` (the environment owns the data and returns the "
+                         "prompt from `reset()`), `max_steps` must be set to a positive value to define the training "
+                         "length. Set it via `GRPOConfig(max_steps=...)`.")
+    rows = max(1, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
+               * rows_per_step_factor)
+    return datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": ""}]] * rows})
 
 
 def _objective_warnings(cfg: GRPOConfig) -> list[str]:

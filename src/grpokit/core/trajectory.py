@@ -58,6 +58,7 @@ class Trajectories:
     nonfinite: torch.Tensor | None = None   # [N] bool: the sampler's logprobs were NaN/inf (never trained)
     tool_stats: torch.Tensor | None = None  # [N, 5] long, multi-turn: turns, tool calls, failures, timeouts,
                                             # malformed calls (grpokit.envs.TOOL_STATS); None: single-turn
+    extra_columns: dict[str, list] | None = None  # per-sample columns for the rewards (rollout_func's extra fields)
 
     def __post_init__(self):
         if self.nonfinite is not None and len(self.nonfinite) != len(self.completion_ids):
@@ -100,6 +101,8 @@ class Trajectories:
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(self):
                 out[f.name] = v[pick]
+            elif f.name == "extra_columns" and v is not None:
+                out[f.name] = {k: [col[i] for i in idx] for k, col in v.items()}
             elif isinstance(v, list) and len(v) == len(self) and f.name != "reward_names":
                 out[f.name] = [v[i] for i in idx]
             else:
@@ -141,6 +144,10 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
                 for s in (v if v is not None else [[Segment(0, len(ids))] for ids in p.completion_ids])]
         elif f.name == "reward_names":
             out[f.name] = list(first.reward_names)
+        elif f.name == "extra_columns":
+            names = {k for v in values if v for k in v}
+            out[f.name] = {k: [x for p, v in zip(parts, values) for x in ((v or {}).get(k) or [None] * len(p))]
+                           for k in names} or None
         elif f.name == "tool_stats":
             out[f.name] = None if all(v is None for v in values) else torch.cat(
                 [v if v is not None else torch.zeros((len(p), 5), dtype=torch.long) for p, v in zip(parts, values)])

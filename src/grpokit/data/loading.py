@@ -216,9 +216,11 @@ def validate_prompts(
     max_prompt_length: int | None,
     required_columns: Sequence[str] = (),
     chat_template_kwargs: dict[str, Any] | None = None,
+    tools_of_row=None,
 ) -> list[list[int]]:
     """Check a prompt dataset before training and return every row's prompt token ids
-    (conversational prompts rendered with `chat_template_kwargs`).
+    (conversational prompts rendered with `chat_template_kwargs`, and with the tools
+    `tools_of_row(i)` in the template's `tools=` when given).
 
     Raises ValueError for: an empty dataset; no "prompt" column (the message lists the columns that
     exist); a missing required column (e.g. one a reward function reads); conversational prompts with a
@@ -244,8 +246,11 @@ def validate_prompts(
         raise _no_chat_template_error(tokenizer)
     texts = []
     for i, prompt in enumerate(prompts):
+        kwargs = chat_template_kwargs
+        if tools_of_row is not None:
+            kwargs = {**(chat_template_kwargs or {}), "tools": tools_of_row(i) or None}
         try:
-            texts.append(render_prompt(prompt, tokenizer, chat_template_kwargs))
+            texts.append(render_prompt(prompt, tokenizer, kwargs))
         except TypeError as err:
             raise ValueError(f"row {i}: {err}") from err
     ids = _encode_rendered(texts, templated, tokenizer)

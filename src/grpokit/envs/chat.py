@@ -115,7 +115,8 @@ def _ids(out) -> list[int]:
 def tool_suffix_ids(tokenizer, tool_messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
     """The tokens that follow a model turn ending in its EOS when `tool_messages` answer it: the
     tool results and the header of the next assistant turn, as the chat template renders them
-    (measured on a one-call conversation, so the model's own turn is never re-encoded)."""
+    (measured on a one-call conversation, so the model's own turn is never re-encoded): what the
+    template renders after the assistant turn's EOS."""
     kw = dict(chat_template_kwargs or {})
     call = [{"type": "function", "function": {"name": tool_messages[0].get("name", "tool"), "arguments": {}}}]
     head = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "", "tool_calls": call}]
@@ -123,12 +124,15 @@ def tool_suffix_ids(tokenizer, tool_messages: list[dict], chat_template_kwargs: 
     full = _ids(tokenizer.apply_chat_template(head + list(tool_messages), tokenize=True, add_generation_prompt=True,
                                               **kw))
     eos = tokenizer.eos_token_id
-    ends = [i for i, t in enumerate(prefix) if t == eos]
-    if ends:  # the model's turn ends at its EOS; what the template adds after it belongs to the suffix
-        prefix = prefix[:ends[-1] + 1]
+    turn_ends = sum(t == eos for t in prefix)
+    full_ends = [i for i, t in enumerate(full) if t == eos]
+    if turn_ends and len(full_ends) > turn_ends:
+        # the assistant turn ends at its EOS, the k-th of the conversation however the template renders
+        # that turn's content (Qwen3 drops an empty think block once a tool message follows)
+        return full[full_ends[turn_ends - 1] + 1:]
     if full[:len(prefix)] != prefix:
         raise ValueError("the chat template renders an assistant turn differently once a tool message follows it "
-                         "(not prefix-preserving), so tool results cannot be appended token by token.")
+                         "and ends turns without the EOS token, so tool results cannot be appended token by token.")
     return full[len(prefix):]
 
 

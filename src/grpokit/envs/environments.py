@@ -35,6 +35,7 @@ def env_reward_func(env_type: type) -> Callable:
             return [e.get_reward() if type(e) is env_type else None for e in environments]
     get_reward.__name__ = env_type.__name__
     get_reward.__qualname__ = env_type.__name__
+    get_reward.use_process_pool = False  # it reads this process's environment instances
     return get_reward
 
 

@@ -196,7 +196,7 @@ class MultiTurn:
         """The tools rendered in a row's prompt before any environment is reset."""
         if self.environments is None:
             return self.tools
-        return self.environments.tools[self.environments.name_of(row)]
+        return self.environments.tools.get(self.environments.name_of(row), self.standalone)
 
     def rollout(self, engine, rows: list[dict], n: int, params, *, max_tokens: int, eos_ids: set[int],
                 encode: Callable) -> tuple[Trajectories, list]:

@@ -38,13 +38,14 @@ __all__ = ["RewardRunner", "RewardOutput", "RewardError", "RewardTimeout"]
 logger = logging.getLogger("grpokit.rewards")
 ON_ERROR = ("raise", "none", "zero")
 _FIXED_ARGS = ("prompts", "completions", "completion_ids")
-EXTRA_ARGS = ("trainer_state", "log_metric", "log_extra")
+EXTRA_ARGS = ("trainer_state", "log_metric", "log_extra", "environments")
 
 
 def _ignore(*args, **kwargs) -> None:
     """log_metric / log_extra where nothing collects them (evaluation, `grpokit rewards test`)."""
-"""TRL's per-call extras: the trainer's state, and callables to log a scalar metric or a column of
-the completions table. Passed to functions run in this process (not to worker processes)."""
+"""TRL's per-call extras: the trainer's state, callables to log a scalar metric or a column of the
+completions table, and (with environment_factory) each completion's environment. Passed to
+functions run in this process (not to worker processes); `environments` only when there are some."""
 RESERVED_COLUMNS = {"prompt", "completion", "completion_ids", "prompts", "completions"}
 
 

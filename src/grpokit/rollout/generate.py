@@ -82,11 +82,16 @@ class GenerateEngine:
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
                                      **{**sampling, **self.generation_kwargs})
-                scores = model.compute_transition_scores(out.sequences, out.scores,
-                                                         getattr(out, "beam_indices", None), normalize_logits=True)
+                if isinstance(out, torch.Tensor):  # a generate that returns the sequences only (a wrapper, a mock)
+                    sequences = out
+                    scores = self._scored(sequences, mask.to(device), width, params)
+                else:
+                    sequences = out.sequences
+                    scores = model.compute_transition_scores(out.sequences, out.scores,
+                                                             getattr(out, "beam_indices", None), normalize_logits=True)
         finally:
             model.train(was_training)
-        generated = out.sequences[:, width:].cpu()
+        generated = sequences[:, width:].cpu()
         scores = scores.float().cpu()
         results = []
         for row in range(generated.shape[0]):
@@ -106,3 +111,17 @@ class GenerateEngine:
             results.append(Completion(prompt_index=row // n, token_ids=tokens[:end],
                                       logprobs=scores[row, :end].tolist(), finish_reason=reason, text=text))
         return results
+
+    def _scored(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, width: int, params: SamplingParams):
+        """Logprobs [rows, generated] of generated tokens under the model at the sampling
+        temperature, by one forward (when generate returned no scores)."""
+        from grpokit.rollout.sampling import processed_logprobs
+
+        gen = sequences[:, width:]
+        mask = torch.cat([prompt_mask, torch.ones_like(gen)], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits
+        logits = logits[:, width - 1:-1].float()
+        flat = processed_logprobs(logits.reshape(-1, logits.shape[-1]),
+                                  SamplingParams(max_tokens=1, temperature=params.temperature or 1.0))
+        return flat.view(*gen.shape, -1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
