@@ -34,39 +34,60 @@ class Evaluator:
     is_correct: Callable[..., bool] | None = None
     reward_runner: Any = None
     correct_threshold: float = 1.0
+    multiturn: Any = None               # grpokit.envs.MultiTurn: conversations with tools / environments
+    encode: Callable | None = None      # (prompt, chat_template_kwargs) -> ids, for multi-turn prompts
 
     @classmethod
-    def build(cls, dataset, tokenizer, *, task=None, reward_runner=None, config=None, max_prompt_length=None):
+    def build(cls, dataset, tokenizer, *, task=None, reward_runner=None, config=None, max_prompt_length=None,
+              multiturn=None):
         from grpokit import data
 
         max_len = config.max_prompt_length if config is not None else max_prompt_length
-        prompt_ids = data.validate_prompts(dataset, tokenizer, max_prompt_length=max_len,
-                                           chat_template_kwargs=config.chat_template_kwargs if config is not None else None)
+        kwargs = config.chat_template_kwargs if config is not None else None
+        tools_of_row = None
+        if multiturn is not None:
+            tools_of_row = lambda i: multiturn.row_tools(dict(dataset[i]))  # noqa: E731
+        prompt_ids = data.validate_prompts(dataset, tokenizer, max_prompt_length=max_len, chat_template_kwargs=kwargs,
+                                           tools_of_row=tools_of_row)
         rows = [dict(r) for r in dataset]
         return cls(prompts=[r["prompt"] for r in rows], prompt_ids=prompt_ids, rows=rows,
                    conversational=data.is_conversational(rows[0]),
                    max_tokens=config.max_completion_length if config is not None else 256,
                    stop=list(config.stop) if config is not None else [],
-                   is_correct=task.is_correct if task is not None else None, reward_runner=reward_runner)
+                   is_correct=task.is_correct if task is not None else None, reward_runner=reward_runner,
+                   multiturn=multiturn, encode=lambda p, kw: data.encode_prompt(p, tokenizer, kw))
 
-    def _correct(self, row_ids: list[int], texts: list[str]) -> list[bool]:
+    def _correct(self, row_ids: list[int], completions: list, extras: dict | None = None) -> list[bool]:
         if self.is_correct is not None:
-            return [bool(self.is_correct(t, **{k: v for k, v in self.rows[r].items() if k != "prompt"}))
-                    for r, t in zip(row_ids, texts)]
-        completions = [[{"role": "assistant", "content": t}] if self.conversational else t for t in texts]
+            return [bool(self.is_correct(c, **{k: v for k, v in self.rows[r].items() if k != "prompt"}))
+                    for r, c in zip(row_ids, completions)]
+        completions = [[{"role": "assistant", "content": c}] if self.conversational and isinstance(c, str) else c
+                       for c in completions]
         cols = {k: [self.rows[r][k] for r in row_ids] for k in self.rows[0] if k != "prompt"}
-        out = self.reward_runner([self.prompts[r] for r in row_ids], completions, completion_ids=None, columns=cols)
+        out = self.reward_runner([self.prompts[r] for r in row_ids], completions, completion_ids=None, columns=cols,
+                                 extras=extras)
         return [bool(v >= self.correct_threshold) for v in torch.nan_to_num(out.total, nan=0.0).tolist()]
 
+    def _sample(self, engine, ids: list[int], n: int, params) -> tuple[list[int], list, list[int], dict]:
+        """(row of each completion, completions, lengths in model tokens, extras for the rewards)."""
+        if self.multiturn is None:
+            outs = engine.generate([self.prompt_ids[i] for i in ids], n=n, params=params)
+            return [ids[o.prompt_index] for o in outs], [o.text for o in outs], [len(o.token_ids) for o in outs], {}
+        traj, envs = self.multiturn.rollout(engine, [self.rows[i] for i in ids], n, params, max_tokens=self.max_tokens,
+                                            eos_ids=engine.eos_ids, encode=self.encode)
+        lengths = [sum(traj.trained_mask(j)) for j in range(len(traj))]
+        return [ids[i] for i in traj.row_index], traj.completions, lengths, ({"environments": envs} if envs else {})
+
     def greedy(self, engine, batch_size: int = 256) -> dict[str, float]:
-        """Greedy decoding of every prompt: eval/accuracy and eval/mean_length."""
+        """Greedy decoding of every prompt (whole conversations with tools): eval/accuracy and
+        eval/mean_length (model tokens)."""
         params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0, stop=self.stop, seed=0)
         correct, lengths = [], []
         for start in range(0, len(self.prompt_ids), batch_size):
             ids = list(range(start, min(start + batch_size, len(self.prompt_ids))))
-            outs = engine.generate([self.prompt_ids[i] for i in ids], n=1, params=params)
-            correct += self._correct(ids, [o.text for o in outs])
-            lengths += [len(o.token_ids) for o in outs]
+            rows, completions, lens, extras = self._sample(engine, ids, 1, params)
+            correct += self._correct(rows, completions, extras)
+            lengths += lens
         return {"eval/accuracy": sum(correct) / len(correct), "eval/mean_length": sum(lengths) / len(lengths)}
 
     def pass_at(self, engine, *, n: int, ks: tuple[int, ...], temperature: float = 1.0, seed: int = 0,
@@ -78,8 +99,8 @@ class Evaluator:
         frac = 0.0
         for start in range(0, len(self.prompt_ids), batch_size):
             ids = list(range(start, min(start + batch_size, len(self.prompt_ids))))
-            outs = engine.generate([self.prompt_ids[i] for i in ids], n=n, params=params)
-            ok = self._correct([ids[o.prompt_index] for o in outs], [o.text for o in outs])
+            rows, completions, _, extras = self._sample(engine, ids, n, params)
+            ok = self._correct(rows, completions, extras)
             for j in range(len(ids)):
                 c = sum(ok[j * n:(j + 1) * n])
                 frac += c / n

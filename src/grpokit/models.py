@@ -37,6 +37,7 @@ __all__ = [
     "load_reference_model",
     "load_tokenizer",
     "new_char_tokenizer",
+    "new_chat_tokenizer",
     "new_model_from_config",
     "reference_logits_context",
     "resolve_device",
@@ -130,6 +131,44 @@ def new_char_tokenizer(chat_template: str | None = None):
     return tokenizer
 
 
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+CHAT_TEMPLATE = (
+    "{%- if tools %}{{ '<|im_start|>system\\ntools:' }}{%- for t in tools %}{%- set f = t.function if t.function is "
+    "defined else t %}{{ ' ' + f.name + '(' + (f.parameters.properties | list | join(', ')) + ')' }}{%- endfor %}"
+    "{{ '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' + (m.content or '') }}"
+    "{%- for tc in (m.tool_calls or []) %}{%- set f = tc.function if tc.function is defined else tc %}"
+    "{{ '<tool_call>\\n{\"name\": \"' + f.name + '\", \"arguments\": ' + (f.arguments if f.arguments is string "
+    "else f.arguments | tojson) + '}\\n</tool_call>' }}{%- endfor %}{{ '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'tool' %}{{ '<|im_start|>user\\n<tool_response>\\n' + (m.content | string) + "
+    "'\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + (m.content | string) + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+"""The chat template of `new_chat_tokenizer`: Qwen's turn markers and tool-call format (JSON in
+<tool_call> tags, results in <tool_response> tags as a user turn), with the tools listed in one
+short system line (`tools: multiply(a, b)`) instead of their whole JSON schema."""
+
+
+def new_chat_tokenizer():
+    """The character-level tokenizer with chat and tool-calling tokens: `<|im_start|>` and
+    `<|im_end|>` (the EOS: a turn ends on it) as special tokens, the four tool tags as single
+    tokens, `CHAT_TEMPLATE`, and transformers' `response_template` for parsing tool calls (saved
+    with the tokenizer). The built-in tool tasks' starter model uses it."""
+    from grpokit.envs.chat import QWEN_JSON
+
+    tokenizer = new_char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
+    tokenizer.add_tokens(list(TOOL_TOKENS))
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.response_template = QWEN_JSON
+    return tokenizer
+
+
 def load_tokenizer(name_or_path_or_tokenizer: Any, padding_side: str = "left", trust_remote_code: bool = False):
     """Load a tokenizer (hub id, local dir, or pass an object through) ready for batched generation.
 
@@ -142,6 +181,8 @@ def load_tokenizer(name_or_path_or_tokenizer: Any, padding_side: str = "left", t
     if isinstance(name_or_path_or_tokenizer, str | os.PathLike):
         if str(name_or_path_or_tokenizer) == "char":
             tokenizer = new_char_tokenizer()
+        elif str(name_or_path_or_tokenizer) == "char-chat":
+            tokenizer = new_chat_tokenizer()
         elif _declares_generic_fast_tokenizer(Path(name_or_path_or_tokenizer)):
             from transformers import PreTrainedTokenizerFast
 
@@ -424,17 +465,26 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
             config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def starter_model_path() -> str:
-    """Directory of the tiny starter model shipped with the package (src/grpokit/assets/starter).
+STARTER_MODELS = {"multiply": "starter-multiply"}
+"""Built-in tasks with a starter model of their own (src/grpokit/assets/<dir>); the others use `starter`."""
 
-    It is a ~1M-parameter Llama-shaped model with a character-level tokenizer, warm-started with a
-    short SFT on the built-in `arithmetic` task (see configs/starter_sft.yaml, made by
+
+def starter_model_path(task: str | None = None) -> str:
+    """Directory of a tiny starter model shipped with the package (src/grpokit/assets/starter, or
+    the task's own, `STARTER_MODELS`).
+
+    `starter` is a ~1M-parameter Llama-shaped model with a character-level tokenizer, warm-started
+    with a short SFT on the built-in `arithmetic` task (see configs/starter_sft.yaml, made by
     scripts/make_starter_model.sh). `grpokit train` with no arguments starts from it.
+    `starter-multiply` has the chat tokenizer (`new_chat_tokenizer`) and calls the multiply tool
+    (configs/starter_multiply_sft.yaml).
     """
-    path = resources.files("grpokit") / "assets" / "starter"
+    name = STARTER_MODELS.get(task or "", "starter")
+    path = resources.files("grpokit") / "assets" / name
     path = Path(str(path))
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"the starter model is missing at {path}; rebuild it with scripts/make_starter_model.sh"
+            + (f" configs/starter_{task}_sft.yaml" if name != "starter" else "")
         )
     return str(path)

@@ -639,7 +639,10 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
         train_dataset = train_dataset.select_columns(["prompt"])
 
     # model and tokenizer
-    model_ref = model if model is not None else (cfg.model_name_or_path or models.starter_model_path())
+    if task is not None and tools is None and environment_factory is None:  # a tool task's own
+        tools, environment_factory = task.tools, task.environment_factory
+    starter = models.starter_model_path(task.name if task is not None else None)
+    model_ref = model if model is not None else (cfg.model_name_or_path or starter)
     if not isinstance(model_ref, str) and tokenizer is None:
         # as TRL: the processing class of the model's own name (the id or path it was loaded from)
         tokenizer = (getattr(model_ref, "name_or_path", None)
@@ -648,8 +651,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
             raise ValueError("GRPOTrainer: model is a loaded model with no name to load its tokenizer from; pass the "
                              "tokenizer as processing_class=.")
     model_name = model_ref if isinstance(model_ref, str) else type(model_ref).__name__
-    if isinstance(model_ref, str) and model_ref == models.starter_model_path():
-        model_name = "grpokit starter model"
+    if isinstance(model_ref, str) and model_ref == starter:
+        model_name = f"grpokit starter model ({os.path.basename(starter)})"
     init_kwargs = dict(cfg.model_init_kwargs or {})
     if quantization_config is not None:
         init_kwargs["quantization_config"] = _checked_quantization(quantization_config, model_ref, peft_config, cfg)
@@ -797,7 +800,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
         elif isinstance(dataset, dict):
             dataset = {name: _rows_of_stream(ds, None, 1, 1) if _is_iterable_dataset(ds) else ds
                        for name, ds in dataset.items()}
-        return build_evaluator(dataset, tok, task=task, reward_runner=runner, config=cfg)
+        return build_evaluator(dataset, tok, task=task, reward_runner=runner, config=cfg, multiturn=multiturn)
 
     eval_fn = make_evaluator(eval_dataset) if eval_dataset is not None else None
     if cfg.eval_strategy == "steps" and eval_fn is None:

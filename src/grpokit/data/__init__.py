@@ -17,6 +17,9 @@ from grpokit.data.tasks import (
     countdown_reward,
     get_task,
 )
+from grpokit.data.tool_tasks import make_multiply_task, multiply, multiply_reward
+
+TASKS["multiply"] = make_multiply_task  # the tool tasks (their module builds on the tasks module)
 
 __all__ = [
     "TASKS",
@@ -30,6 +33,9 @@ __all__ = [
     "get_task",
     "is_conversational",
     "load_dataset_spec",
+    "make_multiply_task",
+    "multiply",
+    "multiply_reward",
     "render_prompt",
     "validate_prompts",
 ]

@@ -56,8 +56,11 @@ class Task:
     stop: stop strings for generation; a completion may end right after one (the string is kept in
         the text, as HF `generate(stop_strings=...)` does). EOS always stops.
     max_completion_length: a suggested generation budget, in tokens.
-    reference_completion: `fn(row) -> str`, a correct completion (without EOS) for SFT warm-starts.
+    reference_completion: `fn(row) -> str` (or a message list for a conversation with tools), a
+        reference completion (without EOS) for SFT warm-starts.
     description: one line for logs and `--help`.
+    tools / environment_factory: what the model may call (TRL's `tools=` / `environment_factory=`),
+        for the tool tasks (grpokit.data.tool_tasks).
     """
 
     name: str
@@ -69,11 +72,13 @@ class Task:
     is_correct: Callable[..., bool]
     stop: list[str] = field(default_factory=list)
     max_completion_length: int = 64
-    reference_completion: Callable[[dict[str, Any]], str] | None = None
+    reference_completion: Callable[[dict[str, Any]], Any] | None = None
     description: str = ""
+    tools: list[Callable] | None = None
+    environment_factory: Any = None
 
 
-def _completion_text(completion: Any) -> str:
+def completion_text(completion: Any) -> str:
     """The text of a completion: a string, or the content of the last message of a message list."""
     if isinstance(completion, str):
         return completion
@@ -85,7 +90,7 @@ def _completion_text(completion: Any) -> str:
     return ""
 
 
-def _in_eval_split(key: str, eval_fraction: int = 10) -> bool:
+def in_eval_split(key: str, eval_fraction: int = 10) -> bool:
     """Whether a problem may ever be an eval problem: a stable hash of the problem alone.
 
     It depends on neither the seed nor the split sizes, so no seed's train split ever holds another
@@ -119,7 +124,7 @@ _ONLY_INT = re.compile(r"\s*-?\d+\s*")
 
 def extract_integer_answer(completion: Any) -> str | None:
     """The integer the completion starts with ("85" from " 85<eos>" or "85 is it"), else None."""
-    match = _LEADING_INT.match(_completion_text(completion))
+    match = _LEADING_INT.match(completion_text(completion))
     return match.group(1) if match else None
 
 
@@ -142,7 +147,7 @@ def arithmetic_reward(prompts, completions, completion_ids=None, answer=None, **
 
 def arithmetic_format_reward(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
     """1.0 when the completion is just an integer (surrounding whitespace allowed), else 0.0."""
-    return [1.0 if _ONLY_INT.fullmatch(_completion_text(c)) else 0.0 for c in completions]
+    return [1.0 if _ONLY_INT.fullmatch(completion_text(c)) else 0.0 for c in completions]
 
 
 def _arithmetic_is_correct(completion: Any, answer: Any = None, **row) -> bool:
@@ -169,7 +174,7 @@ def _carry_slip_answer(a: int, op: str, b: int) -> int:
     return _OPS[op](a, b)
 
 
-def _fraction_hash(key: str) -> float:
+def fraction_hash(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2**64
 
 
@@ -189,7 +194,7 @@ def make_arithmetic_task(
 
     Every (a, op, b) with 0 <= a, b <= max_operand and op in `ops` is a problem ("-" keeps a >= b
     unless allow_negative). About a tenth of them (chosen by a hash of the problem alone, see
-    _in_eval_split) form the eval pool; `num_eval` are taken from it and `num_train` (None: all)
+    in_eval_split) form the eval pool; `num_eval` are taken from it and `num_train` (None: all)
     from the rest, each in a seeded random order. `chat=True` makes conversational prompts (one
     user message) for chat models. Rewards: exact integer at the start of the completion
     (weight 1.0) and "only an integer" (weight 0.1).
@@ -218,7 +223,7 @@ def make_arithmetic_task(
     random.Random(seed).shuffle(problems)
     eval_pool, train_pool = [], []
     for a, op, b in problems:
-        (eval_pool if _in_eval_split(f"{a}{op}{b}") else train_pool).append((a, op, b))
+        (eval_pool if in_eval_split(f"{a}{op}{b}") else train_pool).append((a, op, b))
     if num_eval > len(eval_pool):
         raise ValueError(f"num_eval={num_eval} but this arithmetic space has only {len(eval_pool)} eval problems")
     if num_train is not None and num_train > len(train_pool):
@@ -236,7 +241,7 @@ def make_arithmetic_task(
     slips = {
         template.format(a=a, op=op, b=b): _carry_slip_answer(a, op, b)
         for a, op, b in train_rows + eval_pool[:num_eval]
-        if reference_slip_rate > 0 and _fraction_hash(f"slip:{seed}:{a}{op}{b}") < reference_slip_rate
+        if reference_slip_rate > 0 and fraction_hash(f"slip:{seed}:{a}{op}{b}") < reference_slip_rate
     }
 
     def reference_completion(row: dict[str, Any]) -> str:
@@ -276,7 +281,7 @@ _COUNTDOWN_TEMPLATE = (
 
 def extract_countdown_answer(completion: Any) -> str | None:
     """The content of the last <answer>...</answer> block (or of a final unclosed <answer>), stripped."""
-    text = _completion_text(completion)
+    text = completion_text(completion)
     matches = _ANSWER_TAG.findall(text)
     if matches:
         return matches[-1].strip()
@@ -354,7 +359,7 @@ def countdown_reward(prompts, completions, completion_ids=None, numbers=None, ta
 
 def countdown_format_reward(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
     """1.0 when the completion holds exactly one <answer>...</answer> block, else 0.0."""
-    return [1.0 if len(_ANSWER_TAG.findall(_completion_text(c))) == 1 else 0.0 for c in completions]
+    return [1.0 if len(_ANSWER_TAG.findall(completion_text(c))) == 1 else 0.0 for c in completions]
 
 
 def _countdown_is_correct(completion: Any, numbers: Sequence[int] = (), target: Any = None, **row) -> bool:
@@ -415,7 +420,7 @@ def make_countdown_task(
         if key in seen:
             continue
         seen.add(key)
-        bucket, limit = (evals, num_eval) if _in_eval_split(key) else (train, num_train)
+        bucket, limit = (evals, num_eval) if in_eval_split(key) else (train, num_train)
         if len(bucket) < limit:
             bucket.append((numbers, int(value), solution))
 

@@ -120,8 +120,9 @@ class GenerateEngine:
         gen = sequences[:, width:]
         mask = torch.cat([prompt_mask, torch.ones_like(gen)], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits
-        logits = logits[:, width - 1:-1].float()
+        keep = gen.shape[1] + 1  # the output projection on the generated positions only (not the prompt's)
+        logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions,
+                            logits_to_keep=keep).logits[:, :-1].float()
         flat = processed_logprobs(logits.reshape(-1, logits.shape[-1]),
                                   SamplingParams(max_tokens=1, temperature=params.temperature or 1.0))
         return flat.view(*gen.shape, -1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)

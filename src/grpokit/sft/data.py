@@ -17,28 +17,35 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------------
 
 
-def _completion_ids(prompt, completion, prompt_text: str, tokenizer) -> list[int]:
-    """Token ids of the completion, ending with EOS."""
+def _completion_ids(prompt, completion, prompt_text: str, tokenizer, chat_template_kwargs=None) -> list[int]:
+    """Token ids of the completion, ending with EOS (a conversational one: at its last EOS)."""
     if isinstance(completion, str):
         ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     else:  # conversational: render prompt + completion and keep what follows the prompt (as TRL)
-        full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+        full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False,
+                                             **(chat_template_kwargs or {}))
         if not full.startswith(prompt_text):
             raise ValueError("the chat template of prompt + completion does not start with the prompt's rendering")
         ids = tokenizer(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        ends = [i for i, t in enumerate(ids) if t == tokenizer.eos_token_id]
+        if ends:  # what the template writes after the last turn's EOS is not the model's
+            ids = ids[: ends[-1] + 1]
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids = [*ids, tokenizer.eos_token_id]
     return ids
 
 
-def tokenize_pairs(prompts, completions, tokenizer, max_length: int | None) -> list[tuple[list[int], int]]:
-    """(input_ids, prompt_length) per example, truncated to max_length."""
+def tokenize_pairs(prompts, completions, tokenizer, max_length: int | None,
+                   chat_template_kwargs: dict | None = None) -> list[tuple[list[int], int]]:
+    """(input_ids, prompt_length) per example, truncated to max_length; `chat_template_kwargs`
+    (e.g. a tool task's `tools`) reach the chat template."""
     from grpokit.data.loading import encode_prompt, render_prompt
 
     examples = []
+    kw = chat_template_kwargs
     for prompt, completion in zip(prompts, completions, strict=True):
-        prompt_ids = encode_prompt(prompt, tokenizer)
-        ids = prompt_ids + _completion_ids(prompt, completion, render_prompt(prompt, tokenizer), tokenizer)
+        prompt_ids = encode_prompt(prompt, tokenizer, kw)
+        ids = prompt_ids + _completion_ids(prompt, completion, render_prompt(prompt, tokenizer, kw), tokenizer, kw)
         if max_length is not None:
             ids = ids[:max_length]
         examples.append((ids, min(len(prompt_ids), len(ids))))

@@ -101,7 +101,9 @@ def _train_stage(cfg: SFTConfig, model, tokenizer, device, save: bool) -> dict[s
     dtype = next(model.parameters()).dtype
     tokenizer.padding_side = "right"
     prompts, completions, task = load_sft_data(cfg, tokenizer)
-    examples = tokenize_pairs(prompts, completions, tokenizer, cfg.max_length)
+    tools = getattr(task, "tools", None) if task is not None else None
+    examples = tokenize_pairs(prompts, completions, tokenizer, cfg.max_length,
+                              chat_template_kwargs={"tools": tools} if tools else None)
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(examples) / batch)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
@@ -129,7 +131,8 @@ def _train_stage(cfg: SFTConfig, model, tokenizer, device, save: bool) -> dict[s
     order: list[int] = []
 
     eval_set = None
-    if task is not None and cfg.eval_num_prompts != 0:
+    if task is not None and cfg.eval_num_prompts != 0 and not getattr(task, "tools", None):
+        # (a tool task's accuracy needs whole conversations: grpokit.evaluation with its tools)
         eval_set = task.eval_dataset
         if cfg.eval_num_prompts is not None:
             eval_set = eval_set.select(range(min(cfg.eval_num_prompts, len(eval_set))))
