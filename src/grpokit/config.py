@@ -90,6 +90,10 @@ class GRPOFields:
     max_tool_calling_iterations: int | None = _f(None, "Tool rounds per conversation (tools / environment_factory): "
                                                        "None = until a turn has no tool call or the completion "
                                                        "budget (model and tool tokens) is spent.")
+    tools: list = _f([], "Tools the model may call, as 'package.module:function' paths (the command line's "
+                         "form of GRPOTrainer(tools=...); a built-in tool task brings its own).")
+    environment_factory: str | None = _f(None, "An environment class or factory as a 'package.module:Class' path "
+                                               "(the command line's form of GRPOTrainer(environment_factory=...)).")
     tool_timeout: float | None = _f(60.0, "Wall-clock seconds allowed for one tool call; a late call's result is "
                                           "a timeout error (counted in tools/timeout_frequency).")
     # --- sampling ---

@@ -33,6 +33,19 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    # the tool task on its starter model: a few minutes on a 2-core CPU (docs/multiturn.md)
+    "multiply": {
+        "output_dir": "runs/multiply", "learning_rate": 3e-4, "per_device_train_batch_size": 64,
+        "num_generations": 8, "max_completion_length": 96, "max_steps": 60, "temperature": 1.0,
+        "lr_scheduler_type": "constant", "logging_steps": 5, "eval_strategy": "steps", "eval_steps": 20,
+        "eval_on_start": True, "save_steps": 60, "use_cpu": True, "gradient_checkpointing": False,
+        "per_device_eval_batch_size": 200, "task_num_eval": 200,
+    },
+}
+"""The command line's defaults for a built-in task run on its starter model (no model named)."""
+
+
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     """['lr=1e-5', '--beta', '0.04', '--use_peft'] -> {'lr': 1e-5, 'beta': 0.04, 'use_peft': True};
     values are read as YAML (numbers, booleans, lists, null); `--key a b` (TRL's CLI) is [a, b]."""
@@ -143,6 +156,8 @@ def _yaml_problem(e: Exception) -> str:
 def with_demo_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
     """The command line's defaults: the demo when no model, dataset or task is named; the
     arithmetic task when a model is named without data (the Python API asks for a dataset)."""
+    if cfg.get("task") in TASK_DEFAULTS and not cfg.get("model_name_or_path"):
+        return {**TASK_DEFAULTS[cfg["task"]], **cfg}
     if any(cfg.get(k) for k in ("dataset_name", "task")):
         return cfg
     if cfg.get("model_name_or_path"):

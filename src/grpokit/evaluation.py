@@ -36,6 +36,7 @@ class Evaluator:
     correct_threshold: float = 1.0
     multiturn: Any = None               # grpokit.envs.MultiTurn: conversations with tools / environments
     encode: Callable | None = None      # (prompt, chat_template_kwargs) -> ids, for multi-turn prompts
+    without_tools: "Evaluator | None" = None   # the same prompts with no tools offered (eval/accuracy_without_tools)
 
     @classmethod
     def build(cls, dataset, tokenizer, *, task=None, reward_runner=None, config=None, max_prompt_length=None,
@@ -50,7 +51,11 @@ class Evaluator:
         prompt_ids = data.validate_prompts(dataset, tokenizer, max_prompt_length=max_len, chat_template_kwargs=kwargs,
                                            tools_of_row=tools_of_row)
         rows = [dict(r) for r in dataset]
-        return cls(prompts=[r["prompt"] for r in rows], prompt_ids=prompt_ids, rows=rows,
+        without = None
+        if multiturn is not None and multiturn.environments is None and task is not None:  # a built-in tool task
+            without = cls.build(dataset, tokenizer, task=task, reward_runner=reward_runner, config=config,
+                                max_prompt_length=max_prompt_length)
+        return cls(prompts=[r["prompt"] for r in rows], prompt_ids=prompt_ids, rows=rows, without_tools=without,
                    conversational=data.is_conversational(rows[0]),
                    max_tokens=config.max_completion_length if config is not None else 256,
                    stop=list(config.stop) if config is not None else [],
@@ -88,7 +93,10 @@ class Evaluator:
             rows, completions, lens, extras = self._sample(engine, ids, 1, params)
             correct += self._correct(rows, completions, extras)
             lengths += lens
-        return {"eval/accuracy": sum(correct) / len(correct), "eval/mean_length": sum(lengths) / len(lengths)}
+        out = {"eval/accuracy": sum(correct) / len(correct), "eval/mean_length": sum(lengths) / len(lengths)}
+        if self.without_tools is not None:  # the contrast: the same model, no tool offered
+            out["eval/accuracy_without_tools"] = self.without_tools.greedy(engine, batch_size)["eval/accuracy"]
+        return out
 
     def pass_at(self, engine, *, n: int, ks: tuple[int, ...], temperature: float = 1.0, seed: int = 0,
                 batch_size: int = 32, top_p: float = 1.0, top_k: int = 0) -> dict[str, float]:

@@ -555,6 +555,8 @@ class RunParts:
     def finish(self) -> None:
         self.save_final(os.path.join(self.config.output_dir, "final"))
         self.tracker.close(plot=self.config.plot)
+        if self.multiturn is not None:
+            self.multiturn.close()
 
     def summary(self) -> str:
         c = self.config
@@ -609,6 +611,14 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
 
     # data and task
     task = None
+    if tools is None and cfg.tools:  # the command line's 'module:function' paths
+        from grpokit.rewards.registry import import_path
+
+        tools = [t if callable(t) else import_path(str(t), "tool") for t in cfg.tools]
+    if environment_factory is None and cfg.environment_factory:
+        from grpokit.rewards.registry import import_path
+
+        environment_factory = import_path(str(cfg.environment_factory), "environment_factory")
     if train_dataset is None and cfg.dataset_name is None and cfg.task is None and environment_factory is not None:
         train_dataset = _environment_placeholder(cfg, environment_factory, rows_per_step_factor)
     if train_dataset is None and cfg.dataset_name is None and cfg.task is None:
@@ -740,7 +750,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     runner = RewardRunner(load_reward_funcs(list(funcs), reward_kwargs=cfg.reward_kwargs), weights=weights,
                           timeout=cfg.reward_timeout, on_error=cfg.reward_on_error,
                           num_workers=cfg.reward_num_workers)
-    runner.check_signature(columns=set(train_dataset.column_names))
+    runner.check_signature(columns=set(train_dataset.column_names), more_columns_later=rollout_func is not None)
     if rollout_func is not None:
         notes.append("rollout: rollout_func (yours) samples the completions.")
 

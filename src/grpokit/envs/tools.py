@@ -42,9 +42,15 @@ class ToolRunner:
 
     def __init__(self, timeout: float | None = 60.0, max_workers: int = 32):
         self.timeout = timeout
-        self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpokit-tool")
+        self.max_workers = max_workers
+        self._pool: cf.ThreadPoolExecutor | None = None   # made on first use (again after close)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
+
+    def _workers(self) -> cf.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="grpokit-tool")
+        return self._pool
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -79,7 +85,7 @@ class ToolRunner:
             holder["thread"] = threading.current_thread()
             return fn(**args)
 
-        return PendingCall(name, future=self._pool.submit(run), started=started, holder=holder)
+        return PendingCall(name, future=self._workers().submit(run), started=started, holder=holder)
 
     def result(self, pending: "PendingCall") -> ToolResult:
         if pending.done is not None:
@@ -99,10 +105,19 @@ class ToolRunner:
             return value
         return ToolResult(pending.name, value, OK)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def close(self, wait: float = 1.0) -> None:
+        """Stop the workers: idle ones exit at once; a tool still running past its deadline is
+        left behind after `wait` seconds (a thread cannot be killed)."""
+        threads = list(getattr(self._pool, "_threads", ()))
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
+            threads.append(self._loop_thread)
+        self._pool, self._loop, self._loop_thread = None, None, None
+        end = time.perf_counter() + wait
+        for t in threads:
+            t.join(max(0.0, end - time.perf_counter()))
 
 
 async def _awaiting(fn, args):

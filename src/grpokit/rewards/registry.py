@@ -71,24 +71,24 @@ def register_reward(name: str | Callable | None = None, fn: Callable | None = No
     return add if fn is None else add(fn)
 
 
-def _import_path(path: str) -> Any:
-    """'pkg.mod:attr.sub' (or TRL's dotted 'pkg.mod.attr') -> the object."""
+def import_path(path: str, kind: str = "reward") -> Any:
+    """'pkg.mod:attr.sub' (or TRL's dotted 'pkg.mod.attr') -> the object; errors name `kind`."""
     if ":" in path:
         module_name, _, attr = path.partition(":")
     else:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(f"reward {path!r}: not a registered name ({', '.join(sorted(REWARD_REGISTRY))}) "
-                         "nor a 'package.module:function' path.")
+        known = f"not a registered name ({', '.join(sorted(REWARD_REGISTRY))}) nor" if kind == "reward" else "not"
+        raise ValueError(f"{kind} {path!r}: {known} a 'package.module:function' path.")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"reward {path!r}: cannot import module {module_name!r}: {e}") from e
+        raise ValueError(f"{kind} {path!r}: cannot import module {module_name!r}: {e}") from e
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ValueError(f"reward {path!r}: module {module_name!r} has no attribute {attr!r}.") from None
+            raise ValueError(f"{kind} {path!r}: module {module_name!r} has no attribute {attr!r}.") from None
     return obj
 
 
@@ -142,12 +142,12 @@ def resolve_reward(spec: str | Callable, kwargs: Mapping[str, Any] | None = None
     if isinstance(spec, str):
         entry = REWARD_REGISTRY.get(spec)
         if entry is None:
-            entry = _import_path(spec)
+            entry = import_path(spec)
             name = None
         else:
             name = spec
         if isinstance(entry, str):  # lazy built-in
-            entry = _import_path(entry)
+            entry = import_path(entry)
     elif callable(spec):
         entry, name = spec, None
     else:

@@ -143,9 +143,11 @@ class RewardRunner:
         return out
 
     # ---- checks before the first step ----
-    def check_signature(self, columns: Iterable[str]) -> None:
+    def check_signature(self, columns: Iterable[str], more_columns_later: bool = False) -> None:
         """Raise ValueError (naming the function and the argument) if a function cannot be called
-        with the dataset's columns. `columns` may include "prompt" (it is passed as `prompts`)."""
+        with the dataset's columns. `columns` may include "prompt" (it is passed as `prompts`).
+        `more_columns_later`: other columns come at call time (rollout_func's extra fields), so an
+        argument no column names yet is checked then."""
         cols = frozenset(columns) - RESERVED_COLUMNS
         available = set(_FIXED_ARGS) | set(EXTRA_ARGS) | cols
         for plan in self._plans:
@@ -165,7 +167,7 @@ class RewardRunner:
                         raise ValueError(f"reward function {plan.name!r}: parameter {p.name!r} is positional-only; "
                                          f"reward functions are called with keyword arguments "
                                          f"({', '.join(_FIXED_ARGS)}, and one per dataset column).")
-                elif p.name in available:
+                elif p.name in available or more_columns_later:
                     accepted.add(p.name)
                 elif p.default is p.empty:
                     raise ValueError(
@@ -179,7 +181,7 @@ class RewardRunner:
                     check(set(cols))
                 except ValueError as e:
                     raise ValueError(f"reward function {plan.name!r}: {e}") from None
-        self._checked = cols
+        self._checked = None if more_columns_later else cols
 
     # ---- one batch ----
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,

@@ -1,0 +1,165 @@
+"""Multi-turn GRPO with a tool: grpokit's GRPOTrainer vs TRL's (its `tools=` path), side by side.
+
+    .venv/bin/python benchmarks/multiturn.py            # 2 repeats of 24 steps per framework
+    .venv/bin/python benchmarks/multiturn.py --quick    # 1 repeat of 10 steps
+
+TRL runs in benchmarks/.venv-trl (see benchmarks/grpo_step.py for its setup). Each framework runs
+in its own subprocess (alternating which goes first), on the same model, data and settings:
+
+- the built-in `multiply` task ("What is 347*86?", a `multiply(a, b)` tool) and its shipped
+  starter model (src/grpokit/assets/starter-multiply: ~0.27M parameters, character tokenizer with
+  Qwen's chat and tool-call format), fp32 on CPU, one thread;
+- G = 8, 8 prompts per step (64 conversations), max_completion_length 96 (model and tool tokens),
+  temperature 1, loss_type dapo, beta 0, lr 3e-4 constant, AdamW, the dataset in its own order;
+- the conversation: the model's turn, the tool's result, the model's answer (TRL: generate all,
+  run the tools, generate again for the samples that called one, from the whole re-encoded
+  conversation; grpokit: each sample's KV cache is kept and only the result tokens are prefilled).
+
+Reported: seconds per step (median of the measured steps, after `--warmup`), the ratio, and
+learning at an equal number of samples: the training reward per step (exact product), the
+fraction of conversations that called the tool, and the held-out greedy accuracy with tools
+before and after (the same check for both final models: grpokit's multi-turn evaluator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TRL_PYTHON = os.path.join(HERE, ".venv-trl", "bin", "python")
+
+
+def _accuracy_with_tools(model, tok, task, n: int) -> float:
+    from grpokit.envs import MultiTurn
+    from grpokit.evaluation import Evaluator
+    from grpokit.rollout import HFEngine
+
+    evaluator = Evaluator.build(task.eval_dataset.select(range(n)), tok, task=task, max_prompt_length=None,
+                                multiturn=MultiTurn(tools=task.tools, tokenizer=tok))
+    evaluator.max_tokens = 96
+    return evaluator.greedy(HFEngine(model, tok))["eval/accuracy"]
+
+
+def worker(framework: str, spec: dict) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from grpokit.data import get_task
+    from grpokit.data.tool_tasks import multiply_reward, used_tool
+    from grpokit.models import load_model, load_tokenizer, starter_model_path
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    path = starter_model_path("multiply")
+    model = load_model(path, dtype=torch.float32, device=torch.device("cpu"))
+    tok = load_tokenizer(path)
+    task = get_task("multiply", seed=42, num_eval=spec["eval_n"])
+    per_step = spec["prompts"]
+    total = spec["warmup"] + spec["steps"]
+    ds = task.train_dataset.select(range(total * per_step))
+    record: list[dict] = []
+
+    def exact_product(prompts, completions, answer, **kwargs):
+        rewards = multiply_reward(prompts, completions, answer=answer)
+        record.append({"reward": sum(rewards) / len(rewards),
+                       "tool_use": sum(map(used_tool, completions)) / len(completions)})
+        return rewards
+
+    acc_before = _accuracy_with_tools(model, tok, task, spec["eval_n"])
+    marks: list[float] = []
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(time.perf_counter())
+
+    common = dict(per_device_train_batch_size=per_step * 8, gradient_accumulation_steps=1, num_generations=8,
+                  max_completion_length=96, temperature=1.0, top_p=1.0, top_k=0, loss_type="dapo", beta=0.0,
+                  learning_rate=spec["lr"], lr_scheduler_type="constant", max_steps=total, seed=0, use_cpu=True,
+                  bf16=False, optim="adamw_torch_fused", num_iterations=1, scale_rewards="group", epsilon=0.2,
+                  max_grad_norm=1.0, weight_decay=0.0, logging_steps=10_000, save_strategy="no", disable_tqdm=True,
+                  log_completions=False, output_dir=tempfile.mkdtemp(prefix=f"mt_bench_{framework}_"),
+                  shuffle_dataset=False, report_to="none")
+    if framework == "grpokit":
+        from grpokit import GRPOConfig, GRPOTrainer
+
+        trainer = GRPOTrainer(model=model, reward_funcs=[exact_product], args=GRPOConfig(**common, plot=False),
+                              train_dataset=ds, processing_class=tok, tools=task.tools, callbacks=[Marks()])
+    else:
+        import trl
+
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=[exact_product],
+                                  args=trl.GRPOConfig(**common, dataloader_num_workers=0), train_dataset=ds,
+                                  processing_class=tok, tools=task.tools, callbacks=[Marks()])
+    start = time.perf_counter()
+    trainer.train()
+    seconds = [b - a for a, b in zip([start] + marks[:-1], marks)]
+    acc_after = _accuracy_with_tools(trainer.model, tok, task, spec["eval_n"])
+    import importlib.metadata as md
+
+    return {"framework": framework, "seconds": seconds, "record": record, "acc_before": acc_before,
+            "acc_after": acc_after, "version": md.version("trl" if framework == "trl" else "grpokit")}
+
+
+def run_worker(framework: str, spec: dict) -> dict:
+    python = sys.executable if framework == "grpokit" else TRL_PYTHON
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TRL_EXPERIMENTAL_SILENCE": "1",
+           "PYTHONPATH": os.path.join(ROOT, "src")}
+    out = subprocess.run([python, __file__, "--worker", framework, "--spec", json.dumps(spec)], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{framework} worker failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", choices=["grpokit", "trl"])
+    ap.add_argument("--spec")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, json.loads(args.spec))))
+        return
+    if not os.path.exists(TRL_PYTHON):
+        sys.exit(f"TRL's venv is missing ({TRL_PYTHON}); see benchmarks/grpo_step.py for how to make it.")
+    spec = {"threads": args.threads, "prompts": 8, "warmup": 2, "steps": args.steps or (10 if args.quick else 24),
+            "lr": 3e-4, "eval_n": 100}
+    repeats = args.repeats or (1 if args.quick else 2)
+    results: dict[str, list[dict]] = {"grpokit": [], "trl": []}
+    for r in range(repeats):
+        for fw in (("grpokit", "trl") if r % 2 == 0 else ("trl", "grpokit")):
+            t0 = time.perf_counter()
+            results[fw].append(run_worker(fw, spec))
+            print(f"  repeat {r + 1}: {fw} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"\nmulti-turn GRPO, task multiply (starter-multiply), G=8 x {spec['prompts']} prompts, "
+          f"{spec['steps']} measured steps after {spec['warmup']}, {args.threads} thread(s), {repeats} repeat(s); "
+          f"grpokit {results['grpokit'][0]['version']}, TRL {results['trl'][0]['version']}")
+    med = {}
+    for fw, runs in results.items():
+        secs = [s for run in runs for s in run["seconds"][spec["warmup"]:]]
+        med[fw] = statistics.median(secs)
+        rewards = [statistics.mean(x["reward"] for x in run["record"][spec["warmup"]:]) for run in runs]
+        first = [statistics.mean(x["reward"] for x in run["record"][:3]) for run in runs]
+        last = [statistics.mean(x["reward"] for x in run["record"][-3:]) for run in runs]
+        tools = [statistics.mean(x["tool_use"] for x in run["record"][-3:]) for run in runs]
+        print(f"  {fw:8s} {med[fw]:6.3f} s/step   train reward first 3 steps {statistics.mean(first):.3f} -> last 3 "
+              f"{statistics.mean(last):.3f} (mean {statistics.mean(rewards):.3f}); tool use in the last 3 steps "
+              f"{statistics.mean(tools):.0%}; held-out greedy accuracy with tools "
+              f"{statistics.mean(r['acc_before'] for r in runs):.1%} -> "
+              f"{statistics.mean(r['acc_after'] for r in runs):.1%}")
+    print(f"  grpokit / TRL steps per second: {med['trl'] / med['grpokit']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

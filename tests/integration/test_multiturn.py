@@ -1,0 +1,159 @@
+"""Multi-turn GRPO end to end: the built-in `multiply` tool task on its shipped starter model through
+grpokit's engine (KV reuse across turns), an environment with its own reward, rollout_func, and
+the command line's `task=multiply` / `tools=module:function`."""
+
+import json
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from grpokit import GRPOConfig, GRPOTrainer
+from grpokit.core.batch import make_micro_batches
+from grpokit.models import load_tokenizer, starter_model_path
+
+
+def config(tmp_path, **over):
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=16, num_generations=8,
+                max_completion_length=96, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
+                use_cpu=True, disable_tqdm=True, plot=False, seed=0, task="multiply", task_num_eval=16)
+    base.update(over)
+    return GRPOConfig(**base)
+
+
+def test_the_multiply_task_trains_on_conversations_with_the_tool(tmp_path):
+    trainer = GRPOTrainer(args=config(tmp_path, eval_strategy="steps", eval_steps=2))
+    assert trainer.parts.model_name.endswith("(starter-multiply)")
+    assert [t.__name__ for t in trainer.tools] == ["multiply"]
+    assert "multi-turn: tools multiply" in trainer.parts.summary()
+    sampled = []
+    sample = trainer.parts.sample
+    trainer.parts.sample = lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1]
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    log = trainer.state.log_history
+    assert all(0 < e["tools/call_frequency"] <= 1 for e in log if "tools/call_frequency" in e)
+    assert any(e.get("tools/failure_frequency") == 0.0 for e in log)
+    traj = sampled[0]
+    called = [i for i in range(len(traj)) if traj.tool_stats[i, 1] > 0]
+    assert called, "the starter model calls the tool"
+    i = called[0]
+    roles = [m["role"] for m in traj.completions[i]]
+    assert roles[:2] == ["assistant", "tool"] and traj.completions[i][0]["tool_calls"][0]["function"]["name"] == \
+        "multiply"
+    a, b = traj.completions[i][0]["tool_calls"][0]["function"]["arguments"].values()
+    assert traj.completions[i][1]["content"] == str(a * b)
+    # the tool's tokens are in the sequence, out of the loss
+    mb = make_micro_batches(traj, len(traj), pad_id=0, device="cpu", mask_truncated=False)[0]
+    external = [not m for m in traj.trained_mask(i)]
+    assert any(external) and mb.completion_mask[i, :len(external)].tolist() == [0.0 if e else 1.0 for e in external]
+    evals = [e for e in log if "eval/accuracy" in e]
+    assert evals and "eval/accuracy_without_tools" in evals[-1]
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_a_mock_generate_and_the_engine_see_the_same_protocol(tmp_path):
+    """Replacing model.generate on the instance routes sampling through it (TRL's tests rely on
+    this); without it grpokit's engine samples."""
+    trainer = GRPOTrainer(args=config(tmp_path, max_steps=1))
+    assert trainer.parts.rollout_engine() is trainer.parts.engine
+    trainer.model.generate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("mock called"))
+    with pytest.raises(RuntimeError, match="mock called"):
+        trainer.train()
+
+
+class GuessEnv:
+    """A two-number game: reset picks the row's secret, `guess` answers higher/lower/correct."""
+
+    def reset(self, secret, **row):
+        self.secret, self.guesses, self.solved = int(secret), 0, False
+        return f" (between 0 and 9)"
+
+    def guess(self, number: int) -> str:
+        """Guess the secret number.
+
+        Args:
+            number: The guess.
+        """
+        self.guesses += 1
+        self.solved = int(number) == self.secret
+        return "correct" if self.solved else ("higher" if int(number) < self.secret else "lower")
+
+    def get_reward(self) -> float:
+        return 1.0 if self.solved else 0.0
+
+
+def test_an_environment_with_its_own_reward(tmp_path):
+    path = starter_model_path("multiply")
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "Guess"}]] * 4, "secret": [3, 5, 7, 1]})
+    cfg = config(tmp_path, task=None, max_steps=1, per_device_train_batch_size=8, num_generations=4)
+    seen = []
+
+    def sees_environments(completions, environments, **kw):
+        seen.append([type(e).__name__ for e in environments])
+        return [0.0] * len(completions)
+
+    trainer = GRPOTrainer(model=path, reward_funcs=[sees_environments], args=cfg, train_dataset=ds,
+                          environment_factory=GuessEnv)
+    assert trainer.reward_func_names == ["sees_environments", "GuessEnv"]
+    trainer.train()
+    assert seen and seen[0] == ["GuessEnv"] * 8
+    assert [e.secret for e in trainer.environments] == [3] * 4 + [5] * 4
+    assert any("rewards/GuessEnv/mean" in e for e in trainer.state.log_history)
+
+
+def test_rollout_func_with_an_env_mask(tmp_path):
+    path = starter_model_path("multiply")
+    tok = load_tokenizer(path)
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "Say 12"}]] * 4})
+    calls = []
+
+    def rollout(prompts, trainer):
+        calls.append(len(prompts))
+        ids = tok("12<|im_end|>", add_special_tokens=False)["input_ids"]
+        tool = tok("\n<|im_start|>user\nok<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        comp = ids + tool + ids
+        p = tok.apply_chat_template(prompts[0], tokenize=False, add_generation_prompt=True)
+        p = tok(p, add_special_tokens=False)["input_ids"]
+        return {"prompt_ids": [p] * len(prompts), "completion_ids": [comp] * len(prompts),
+                "logprobs": [[-1.0] * len(comp)] * len(prompts),
+                "env_mask": [[1] * len(ids) + [0] * len(tool) + [1] * len(ids)] * len(prompts),
+                "score": [float(i % 2) for i in range(len(prompts))]}
+
+    def from_rollout(completions, score, **kw):
+        return score
+
+    cfg = config(tmp_path, task=None, max_steps=1, per_device_train_batch_size=8, num_generations=4)
+    trainer = GRPOTrainer(model=path, reward_funcs=[from_rollout], args=cfg, train_dataset=ds, rollout_func=rollout)
+    trainer.train()
+    assert calls == [8]
+    assert [e["rewards/from_rollout/mean"] for e in trainer.state.log_history if "rewards/from_rollout/mean" in e][0] == pytest.approx(0.5)
+
+    def missing(prompts, trainer):
+        return {"prompt_ids": [[1]] * len(prompts), "completion_ids": [[2]] * len(prompts)}
+
+    trainer = GRPOTrainer(model=path, reward_funcs=[from_rollout], args=config(tmp_path / "b", task=None, max_steps=1,
+                                                                               per_device_train_batch_size=8,
+                                                                               num_generations=4),
+                          train_dataset=ds, rollout_func=missing)
+    with pytest.raises(ValueError, match="rollout_func must return keys"):
+        trainer.train()
+
+
+def test_the_command_line_runs_the_tool_task_and_takes_tools_by_path(tmp_path):
+    from grpokit.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train", "task=multiply", "max_steps=1", f"output_dir={out}", "eval_strategy=no",
+                 "eval_on_start=false", "report_to=[]", "plot=false", "disable_tqdm=true"]) == 0
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert any("tools/call_frequency" in r for r in rows)
+    cfg = config(tmp_path, task=None, tools=["grpokit.data.tool_tasks:multiply"], max_steps=1)
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is 123*45?"}]] * 2, "answer": [5535] * 2})
+    trainer = GRPOTrainer(model=starter_model_path("multiply"), reward_funcs=["grpokit.data.tool_tasks:multiply_reward"],
+                          args=cfg, train_dataset=ds)
+    assert [t.__name__ for t in trainer.tools] == ["multiply"]
+    with pytest.raises(ValueError, match="tool 'nowhere:thing'"):
+        GRPOTrainer(model=starter_model_path("multiply"), reward_funcs=[lambda completions, **k: [0.0]],
+                    args=config(tmp_path / "c", task=None, tools=["nowhere:thing"]), train_dataset=ds)
