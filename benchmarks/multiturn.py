@@ -44,7 +44,7 @@ def _accuracy_with_tools(model, tok, task, n: int) -> float:
 
     evaluator = Evaluator.build(task.eval_dataset.select(range(n)), tok, task=task, max_prompt_length=None,
                                 multiturn=MultiTurn(tools=task.tools, tokenizer=tok))
-    evaluator.max_tokens = 96
+    evaluator.max_tokens = evaluator.without_tools.max_tokens = 96
     return evaluator.greedy(HFEngine(model, tok))["eval/accuracy"]
 
 

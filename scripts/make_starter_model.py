@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
                 f"pass@8 {metrics[prefix + 'eval_pass@8']:.1%}, "
                 f"sample accuracy {metrics[prefix + 'eval_sample_accuracy']:.1%}"
             )
-    if values.get("task") in ("multiply",):
+    if values.get("task") in ("multiply", "guess"):
         report_tool_task(values["task"], out)
     return 0
 
@@ -63,15 +63,20 @@ def report_tool_task(task_name: str, path: Path, n: int = 200) -> None:
     torch.set_num_threads(1)
     model = load_model(str(path), dtype=torch.float32, device=torch.device("cpu"))
     tok = load_tokenizer(str(path))
-    task = get_task(task_name, seed=42, num_eval=n)
-    evaluator = Evaluator.build(task.eval_dataset, tok, task=task, multiturn=MultiTurn(tools=task.tools, tokenizer=tok))
-    evaluator.max_tokens = evaluator.without_tools.max_tokens = task.max_completion_length
+    task = get_task(task_name, seed=42, num_eval=n if task_name == "multiply" else 70)
+    multiturn = MultiTurn(tools=task.tools, environment_factory=task.environment_factory, tokenizer=tok)
+    evaluator = Evaluator.build(task.eval_dataset, tok, task=task, multiturn=multiturn)
+    evaluator.max_tokens = task.max_completion_length
+    if evaluator.without_tools is not None:
+        evaluator.without_tools.max_tokens = task.max_completion_length
     engine = HFEngine(model, tok)
     greedy = evaluator.greedy(engine)
     sampled = evaluator.pass_at(engine, n=8, ks=(1, 8))
-    print(f"held-out ({task_name}, seed 42, {n} problems): greedy accuracy with tools {greedy['eval/accuracy']:.1%}, "
-          f"pass@8 {sampled['eval/pass@8']:.1%}, sample accuracy {sampled['eval/sample_accuracy']:.1%}; "
-          f"greedy without tools {greedy['eval/accuracy_without_tools']:.1%}")
+    without = (f"; greedy without tools {greedy['eval/accuracy_without_tools']:.1%}"
+               if "eval/accuracy_without_tools" in greedy else "")
+    print(f"held-out ({task_name}, seed 42, {len(evaluator.rows)} problems): greedy accuracy with tools "
+          f"{greedy['eval/accuracy']:.1%} (mean length {greedy['eval/mean_length']:.1f} model tokens), "
+          f"pass@8 {sampled['eval/pass@8']:.1%}, sample accuracy {sampled['eval/sample_accuracy']:.1%}{without}")
 
 
 if __name__ == "__main__":

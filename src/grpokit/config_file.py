@@ -42,6 +42,14 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "eval_on_start": True, "save_steps": 60, "use_cpu": True, "gradient_checkpointing": False,
         "per_device_eval_batch_size": 200, "task_num_eval": 200,
     },
+    # the environment task: guess a number in 1..7 in few guesses (docs/multiturn.md)
+    "guess": {
+        "output_dir": "runs/guess", "learning_rate": 3e-4, "per_device_train_batch_size": 64,
+        "num_generations": 8, "max_completion_length": 320, "max_steps": 60, "temperature": 1.0,
+        "lr_scheduler_type": "constant", "logging_steps": 5, "eval_strategy": "steps", "eval_steps": 20,
+        "eval_on_start": True, "save_steps": 60, "use_cpu": True, "gradient_checkpointing": False,
+        "per_device_eval_batch_size": 70, "task_num_eval": 70,
+    },
 }
 """The command line's defaults for a built-in task run on its starter model (no model named)."""
 

@@ -79,7 +79,7 @@ class Evaluator:
             outs = engine.generate([self.prompt_ids[i] for i in ids], n=n, params=params)
             return [ids[o.prompt_index] for o in outs], [o.text for o in outs], [len(o.token_ids) for o in outs], {}
         traj, envs = self.multiturn.rollout(engine, [self.rows[i] for i in ids], n, params, max_tokens=self.max_tokens,
-                                            eos_ids=engine.eos_ids, encode=self.encode)
+                                            encode=self.encode)
         lengths = [sum(traj.trained_mask(j)) for j in range(len(traj))]
         return [ids[i] for i in traj.row_index], traj.completions, lengths, ({"environments": envs} if envs else {})
 

@@ -465,7 +465,7 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
             config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-STARTER_MODELS = {"multiply": "starter-multiply"}
+STARTER_MODELS = {"multiply": "starter-multiply", "guess": "starter-guess"}
 """Built-in tasks with a starter model of their own (src/grpokit/assets/<dir>); the others use `starter`."""
 
 

@@ -157,3 +157,22 @@ def test_the_command_line_runs_the_tool_task_and_takes_tools_by_path(tmp_path):
     with pytest.raises(ValueError, match="tool 'nowhere:thing'"):
         GRPOTrainer(model=starter_model_path("multiply"), reward_funcs=[lambda completions, **k: [0.0]],
                     args=config(tmp_path / "c", task=None, tools=["nowhere:thing"]), train_dataset=ds)
+
+
+def test_the_guess_environment_task_trains_on_its_own_reward(tmp_path):
+    """The built-in environment task: GuessTheNumber's `guess` tool answers higher/lower/correct,
+    its get_reward() is the reward (fewer guesses, more reward); every conversation of a group
+    plays the same secret."""
+    trainer = GRPOTrainer(args=config(tmp_path, task="guess", max_steps=1, max_completion_length=320,
+                                      task_num_eval=7))
+    assert trainer.parts.model_name.endswith("(starter-guess)")
+    assert trainer.reward_func_names == ["GuessTheNumber"] and [t.__name__ for t in trainer.tools] == ["guess"]
+    trainer.train()
+    envs = trainer.environments
+    assert len(envs) == 16 and len({e.secret for e in envs[:8]}) == 1 and len({e.secret for e in envs[8:]}) == 1
+    assert all(e.guesses >= 1 for e in envs)
+    rewards = [e.get_reward() for e in envs]
+    assert all(r == (max(0.2, 1.0 - 0.2 * (e.guesses - 1)) if e.solved else 0.0) for r, e in zip(rewards, envs))
+    log = [e for e in trainer.state.log_history if "rewards/GuessTheNumber/mean" in e]
+    assert log and log[0]["rewards/GuessTheNumber/mean"] == pytest.approx(sum(rewards) / len(rewards))
+    assert log[0]["turns/mean"] > 1.5  # several guesses per game

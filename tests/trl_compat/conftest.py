@@ -29,7 +29,6 @@ IMPL = os.environ.get("GRPOKIT_TRL_COMPAT_IMPL", "grpokit")
 APPLY_MARKS = IMPL != "trl" and os.environ.get("GRPOKIT_TRL_COMPAT_MARKS", "1") != "0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-MULTI_TURN = "multi-turn issue 13 (tools/environments) not landed yet"
 VISION = "vision issue 16 not landed yet"
 
 G = "test_grpo_trainer.py::TestGRPOTrainer::"

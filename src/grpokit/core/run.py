@@ -264,7 +264,7 @@ class RunParts:
                 from grpokit.data import encode_prompt
 
                 traj, _ = self.multiturn.rollout(
-                    engine, row_dicts, g, params, max_tokens=params.max_tokens, eos_ids=engine.eos_ids,
+                    engine, row_dicts, g, params, max_tokens=params.max_tokens,
                     encode=lambda prompt, kw: encode_prompt(prompt, self.tokenizer, kw))
                 traj = dataclasses.replace(traj, row_index=[rows[i] for i in traj.row_index])
             else:
@@ -713,16 +713,16 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
 
     # prompts: rendered, tokenized, checked against the context
     max_ctx = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
-    conversational = data.is_conversational(train_dataset[0])
-    if multiturn is not None and not conversational:
-        raise ValueError("tools / environment_factory need conversational prompts (a list of {'role', 'content'} "
-                         "messages per row), so that tool calls and results are turns of a conversation.")
     tools_of_row = None
     if multiturn is not None:
         envs_col = train_dataset["environment"] if "environment" in train_dataset.column_names else None
         tools_of_row = lambda i: multiturn.row_tools({"environment": envs_col[i] if envs_col else None})  # noqa: E731
     prompt_ids = data.validate_prompts(train_dataset, tok, max_prompt_length=cfg.max_prompt_length,
                                        chat_template_kwargs=cfg.chat_template_kwargs, tools_of_row=tools_of_row)
+    conversational = data.is_conversational(train_dataset[0])
+    if multiturn is not None and not conversational:
+        raise ValueError("tools / environment_factory need conversational prompts (a list of {'role', 'content'} "
+                         "messages per row), so that tool calls and results are turns of a conversation.")
     prompts = list(train_dataset["prompt"])
     columns = {c: list(train_dataset[c]) for c in train_dataset.column_names if c != "prompt"}
     if max_ctx:

@@ -17,9 +17,10 @@ from grpokit.data.tasks import (
     countdown_reward,
     get_task,
 )
-from grpokit.data.tool_tasks import make_multiply_task, multiply, multiply_reward
+from grpokit.data.tool_tasks import GuessTheNumber, make_guess_task, make_multiply_task, multiply, multiply_reward
 
 TASKS["multiply"] = make_multiply_task  # the tool tasks (their module builds on the tasks module)
+TASKS["guess"] = make_guess_task
 
 __all__ = [
     "TASKS",
@@ -33,6 +34,8 @@ __all__ = [
     "get_task",
     "is_conversational",
     "load_dataset_spec",
+    "GuessTheNumber",
+    "make_guess_task",
     "make_multiply_task",
     "multiply",
     "multiply_reward",

@@ -106,3 +106,103 @@ def make_multiply_task(seed: int = 0, num_train: int | None = 20000, num_eval: i
         description="3-digit x 2-digit multiplication with a multiply tool; reward: exact product",
         tools=[multiply],
     )
+
+
+# --------------------------------------------------------------------------------------------
+# guess the number: a multi-turn environment with feedback
+# --------------------------------------------------------------------------------------------
+
+GUESS_LOW, GUESS_HIGH = 1, 7
+
+
+class GuessTheNumber:
+    """TRL-style environment: `reset(secret=...)` takes the row's secret (so the G conversations of a
+    prompt play the same game), the tool `guess(n)` answers "higher", "lower" or "correct", and
+    `get_reward()` is 1.0 for solving it in one guess, 0.2 less for each extra guess (at least 0.2),
+    0.0 when unsolved. Bisection solves 1..7 in at most 3 guesses (mean reward 0.71); scanning
+    upwards from 1 needs up to 7."""
+
+    def reset(self, secret: int = 4, **row) -> None:
+        self.secret, self.guesses, self.solved = int(secret), 0, False
+
+    def guess(self, n: int) -> str:
+        """Guess the secret number.
+
+        Args:
+            n: The number guessed.
+        """
+        if self.solved:
+            return "already solved"
+        self.guesses += 1
+        if int(n) == self.secret:
+            self.solved = True
+            return "correct"
+        return "higher" if int(n) < self.secret else "lower"
+
+    def get_reward(self) -> float:
+        return max(0.2, 1.0 - 0.2 * (self.guesses - 1)) if self.solved else 0.0
+
+
+def _guess_is_correct(completion: Any, secret: Any = None, **row) -> bool:
+    """Solved: a tool message says "correct"."""
+    return isinstance(completion, list) and any(
+        isinstance(m, dict) and m.get("role") == "tool" and m.get("content") == "correct" for m in completion)
+
+
+def _bisection(secret: int, low: int, high: int) -> list[int]:
+    out = []
+    while True:
+        mid = (low + high) // 2
+        out.append(mid)
+        if mid == secret:
+            return out
+        low, high = (mid + 1, high) if mid < secret else (low, mid - 1)
+
+
+def make_guess_task(seed: int = 0, num_train: int | None = 2000, num_eval: int = 70, *,
+                    reference_scan_rate: float = 0.0) -> Task:
+    """Guess a number between 1 and 7 with the `guess` tool of the GuessTheNumber environment; the
+    reward is the environment's (fewer guesses, more reward). Rows: the prompt and the `secret`.
+    There are only 7 games, so the eval split is the same games, seeded differently (it measures
+    the strategy, not memory). reference_scan_rate: the fraction of SFT transcripts in which the
+    teacher scans upwards from 1 instead of bisecting (chosen by a hash of row and seed)."""
+    import datasets
+
+    rng = random.Random(seed)
+    prompt = [{"role": "user", "content": f"Guess my number between {GUESS_LOW} and {GUESS_HIGH}."}]
+
+    def rows(n, salt):
+        secrets = [rng.randint(GUESS_LOW, GUESS_HIGH) for _ in range(n)]
+        return datasets.Dataset.from_dict({"prompt": [prompt] * n, "secret": secrets,
+                                           "game": [f"{salt}{i}" for i in range(n)]})
+
+    eval_ds = datasets.Dataset.from_dict({"prompt": [prompt] * num_eval,
+                                          "secret": [GUESS_LOW + i % (GUESS_HIGH - GUESS_LOW + 1)
+                                                     for i in range(num_eval)],
+                                          "game": [f"e{i}" for i in range(num_eval)]})
+
+    def reference_completion(row: dict[str, Any]) -> list[dict]:
+        secret = int(row["secret"])
+        scan = fraction_hash(f"scan:{seed}:{row['game']}") < reference_scan_rate
+        guesses = list(range(GUESS_LOW, secret + 1)) if scan else _bisection(secret, GUESS_LOW, GUESS_HIGH)
+        out: list[dict] = []
+        for g in guesses:
+            call = {"type": "function", "function": {"name": "guess", "arguments": {"n": g}}}
+            reply = "correct" if g == secret else ("higher" if g < secret else "lower")
+            out += [{"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "name": "guess", "content": reply}]
+        return out + [{"role": "assistant", "content": str(secret)}]
+
+    return Task(
+        name="guess",
+        train_dataset=rows(num_train or 2000, "t"),
+        eval_dataset=eval_ds,
+        reward_funcs=[],
+        reward_weights=None,
+        extract_answer=lambda text: text.strip() or None,
+        is_correct=_guess_is_correct,
+        max_completion_length=320,
+        reference_completion=reference_completion,
+        description="guess a number in 1..7 with higher/lower feedback; reward: solved in few guesses",
+        environment_factory=GuessTheNumber,
+    )

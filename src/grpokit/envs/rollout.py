@@ -198,11 +198,13 @@ class MultiTurn:
             return self.tools
         return self.environments.tools.get(self.environments.name_of(row), self.standalone)
 
-    def rollout(self, engine, rows: list[dict], n: int, params, *, max_tokens: int, eos_ids: set[int],
-                encode: Callable) -> tuple[Trajectories, list]:
+    def rollout(self, engine, rows: list[dict], n: int, params, *, max_tokens: int, encode: Callable,
+                eos_ids: set[int] | None = None) -> tuple[Trajectories, list]:
         """n conversations for each of `rows` (dicts with 'prompt' and the other columns);
         `encode(prompt, chat_template_kwargs)` tokenizes a prompt. Returns the trajectories (without
-        row_index: the caller's) and the environments (one per sample, or [])."""
+        row_index: the caller's) and the environments (one per sample, or []). A turn ends on one of
+        `eos_ids` (default: the engine's, else the tokenizer's EOS)."""
+        eos_ids = eos_ids or getattr(engine, "eos_ids", None) or {self.tokenizer.eos_token_id}
         prompts, tool_lists, envs = [], [], []
         if self.environments is not None:
             names = [self.environments.name_of(r) for r in rows for _ in range(n)]

@@ -102,6 +102,10 @@ def _train_stage(cfg: SFTConfig, model, tokenizer, device, save: bool) -> dict[s
     tokenizer.padding_side = "right"
     prompts, completions, task = load_sft_data(cfg, tokenizer)
     tools = getattr(task, "tools", None) if task is not None else None
+    if task is not None and getattr(task, "environment_factory", None) is not None:  # its methods are the tools
+        from grpokit.envs import environment_tools
+
+        tools = (tools or []) + environment_tools(task.environment_factory())
     examples = tokenize_pairs(prompts, completions, tokenizer, cfg.max_length,
                               chat_template_kwargs={"tools": tools} if tools else None)
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
@@ -131,7 +135,7 @@ def _train_stage(cfg: SFTConfig, model, tokenizer, device, save: bool) -> dict[s
     order: list[int] = []
 
     eval_set = None
-    if task is not None and cfg.eval_num_prompts != 0 and not getattr(task, "tools", None):
+    if task is not None and cfg.eval_num_prompts != 0 and not tools:
         # (a tool task's accuracy needs whole conversations: grpokit.evaluation with its tools)
         eval_set = task.eval_dataset
         if cfg.eval_num_prompts is not None:
