@@ -33,23 +33,18 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
+_TOOL_TASK_RUN: dict[str, Any] = {
+    "learning_rate": 3e-4, "per_device_train_batch_size": 64, "num_generations": 8, "max_steps": 60,
+    "temperature": 1.0, "lr_scheduler_type": "constant", "logging_steps": 5, "eval_strategy": "steps",
+    "eval_steps": 20, "eval_on_start": True, "save_steps": 60, "use_cpu": True, "gradient_checkpointing": False,
+}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    # the tool task on its starter model: a few minutes on a 2-core CPU (docs/multiturn.md)
-    "multiply": {
-        "output_dir": "runs/multiply", "learning_rate": 3e-4, "per_device_train_batch_size": 64,
-        "num_generations": 8, "max_completion_length": 96, "max_steps": 60, "temperature": 1.0,
-        "lr_scheduler_type": "constant", "logging_steps": 5, "eval_strategy": "steps", "eval_steps": 20,
-        "eval_on_start": True, "save_steps": 60, "use_cpu": True, "gradient_checkpointing": False,
-        "per_device_eval_batch_size": 200, "task_num_eval": 200,
-    },
-    # the environment task: guess a number in 1..7 in few guesses (docs/multiturn.md)
-    "guess": {
-        "output_dir": "runs/guess", "learning_rate": 3e-4, "per_device_train_batch_size": 64,
-        "num_generations": 8, "max_completion_length": 320, "max_steps": 60, "temperature": 1.0,
-        "lr_scheduler_type": "constant", "logging_steps": 5, "eval_strategy": "steps", "eval_steps": 20,
-        "eval_on_start": True, "save_steps": 60, "use_cpu": True, "gradient_checkpointing": False,
-        "per_device_eval_batch_size": 70, "task_num_eval": 70,
-    },
+    # the tool task and the environment task on their starter models: a minute or two on a 2-core CPU
+    # (docs/multiturn.md)
+    "multiply": {**_TOOL_TASK_RUN, "output_dir": "runs/multiply", "max_completion_length": 96,
+                 "per_device_eval_batch_size": 200, "task_num_eval": 200},
+    "guess": {**_TOOL_TASK_RUN, "output_dir": "runs/guess", "max_completion_length": 320,
+              "per_device_eval_batch_size": 70, "task_num_eval": 70},
 }
 """The command line's defaults for a built-in task run on its starter model (no model named)."""
 

@@ -16,6 +16,7 @@ import torch
 from grpokit.envs import run_turns
 from grpokit.rollout import HFEngine, SamplingParams
 from grpokit.rollout.sampling import row_keys, row_uniforms, sample
+from tests.unit.test_rollout import one_thread  # noqa: F401 - the module's autouse fixture: one torch thread
 
 _spec = importlib.util.spec_from_file_location(
     "grpokit_bench_models", Path(__file__).resolve().parents[2] / "benchmarks" / "_models.py")
@@ -25,14 +26,6 @@ _spec.loader.exec_module(models)
 VOCAB = 256
 PROMPTS = [[5, 40, 77, 100, 3, 9, 31], [60, 61], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
 END = set(range(20, 45))  # "end of turn" ids: about 10% of the vocabulary, so turns end after a few tokens
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 class ScriptedDriver:
