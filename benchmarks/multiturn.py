@@ -10,7 +10,8 @@ in its own subprocess (alternating which goes first), on the same model, data an
   starter model (src/grpokit/assets/starter-multiply: ~0.27M parameters, character tokenizer with
   Qwen's chat and tool-call format), fp32 on CPU, one thread;
 - G = 8, 8 prompts per step (64 conversations), max_completion_length 96 (model and tool tokens),
-  temperature 1, loss_type dapo, beta 0, lr 3e-4 constant, AdamW, the dataset in its own order;
+  temperature 1, loss_type dapo, beta 0, lr 3e-4 constant, AdamW, gradient checkpointing off (as in
+  benchmarks/grpo_step.py: a 0.27M model needs no memory saving), the dataset in its own order;
 - the conversation: the model's turn, the tool's result, the model's answer (TRL: generate all,
   run the tools, generate again for the samples that called one, from the whole re-encoded
   conversation; grpokit: each sample's KV cache is kept and only the result tokens are prefilled).
@@ -83,7 +84,7 @@ def worker(framework: str, spec: dict) -> dict:
     common = dict(per_device_train_batch_size=per_step * 8, gradient_accumulation_steps=1, num_generations=8,
                   max_completion_length=96, temperature=1.0, top_p=1.0, top_k=0, loss_type="dapo", beta=0.0,
                   learning_rate=spec["lr"], lr_scheduler_type="constant", max_steps=total, seed=0, use_cpu=True,
-                  bf16=False, optim="adamw_torch_fused", num_iterations=1, scale_rewards="group", epsilon=0.2,
+                  bf16=False, gradient_checkpointing=False, optim="adamw_torch_fused", num_iterations=1, scale_rewards="group", epsilon=0.2,
                   max_grad_norm=1.0, weight_decay=0.0, logging_steps=10_000, save_strategy="no", disable_tqdm=True,
                   log_completions=False, output_dir=tempfile.mkdtemp(prefix=f"mt_bench_{framework}_"),
                   shuffle_dataset=False, report_to="none")

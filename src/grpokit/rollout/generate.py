@@ -115,14 +115,18 @@ class GenerateEngine:
     def _scored(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, width: int, params: SamplingParams):
         """Logprobs [rows, generated] of generated tokens under the model at the sampling
         temperature, by one forward (when generate returned no scores)."""
+        import inspect
+
         from grpokit.rollout.sampling import processed_logprobs
 
         gen = sequences[:, width:]
         mask = torch.cat([prompt_mask, torch.ones_like(gen)], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        keep = gen.shape[1] + 1  # the output projection on the generated positions only (not the prompt's)
-        logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions,
-                            logits_to_keep=keep).logits[:, :-1].float()
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        keep = {"logits_to_keep": gen.shape[1] + 1} if "logits_to_keep" in inspect.signature(base.forward).parameters \
+            else {}  # the output projection on the generated positions only (not the prompt's)
+        logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions, **keep).logits
+        logits = logits[:, -(gen.shape[1] + 1):-1].float()
         flat = processed_logprobs(logits.reshape(-1, logits.shape[-1]),
                                   SamplingParams(max_tokens=1, temperature=params.temperature or 1.0))
         return flat.view(*gen.shape, -1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
