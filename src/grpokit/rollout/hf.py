@@ -367,11 +367,7 @@ class HFEngine:
         tokens = None  # set by the first sample() below, before step 1 reads it
         seen = None  # [rows, V] tokens already in each row, for the repetition penalty
         if params.repetition_penalty != 1.0:
-            seen = torch.zeros((n_rows, logits.shape[-1]), dtype=torch.bool, device=device)
-            first = 0
-            for i, _, c in wave:  # a wave's rows: c consecutive samples of prompt i
-                seen[first:first + c, torch.tensor(prompt_ids[i], dtype=torch.long, device=device)] = True
-                first += c
+            seen = self._prompt_seen(wave, prompt_ids, logits.shape[-1])
         for step in range(params.max_tokens):
             b = cache.b
             if step > 0:
@@ -406,12 +402,21 @@ class HFEngine:
                 del active[cache.b:]
         return out_tokens, out_logprobs, finish
 
+    def _prompt_seen(self, wave, prompt_ids, vocab: int) -> torch.Tensor:
+        """[wave rows, V] bool: the tokens of each row's prompt (the repetition penalty's start)."""
+        seen = torch.zeros((sum(c for _, _, c in wave), vocab), dtype=torch.bool, device=self.device)
+        first = 0
+        for i, _, c in wave:  # a wave's rows: c consecutive samples of prompt i
+            seen[first:first + c, torch.tensor(prompt_ids[i], dtype=torch.long, device=self.device)] = True
+            first += c
+        return seen
+
     # ------------------------------------------------------------------ multi-turn
     def _run_wave_multiturn(self, wave, prompt_ids, n, params, seed, driver):
         """One wave of conversations: prefill, then turns until no sample goes on (see
-        generate_multiturn). Per wave row r: `fed[r]` completion tokens are in its KV cache, its
-        next position is prompt length + fed[r]; the last sampled token of a turn is fed with the
-        next turn's new tokens."""
+        generate_multiturn). Per wave row r, `count[r]` completion tokens so far: at the start of a
+        turn all are in its KV cache (next position: prompt length + count[r]); at its end all but
+        the last sampled one, which is fed with the next turn's new tokens."""
         t0 = time.perf_counter()
         cache, logits, _ = self._prefill(wave, prompt_ids, params.max_tokens, zeroed=True)
         self.stats["prefill_s"] += time.perf_counter() - t0
@@ -422,11 +427,7 @@ class HFEngine:
             uniforms=row_uniforms(row_keys(seed, torch.tensor(sample_of, dtype=torch.long)),
                                   params.max_tokens).to(device))
         if params.repetition_penalty != 1.0:
-            rows.seen = torch.zeros((len(sample_of), logits.shape[-1]), dtype=torch.bool, device=device)
-            first = 0
-            for i, _, c in wave:
-                rows.seen[first:first + c, torch.tensor(prompt_ids[i], dtype=torch.long, device=device)] = True
-                first += c
+            rows.seen = self._prompt_seen(wave, prompt_ids, logits.shape[-1])
         while True:
             t1 = time.perf_counter()
             self._decode_turn(cache, logits, rows, params, driver)
@@ -446,7 +447,7 @@ class HFEngine:
         b = cache.b
         active = rows.at[:b]
         row_ids = torch.tensor(active, dtype=torch.long, device=device)
-        positions = torch.tensor([rows.prompt_len[r] + rows.fed[r] for r in active], dtype=torch.long, device=device)
+        positions = torch.tensor([rows.prompt_len[r] + rows.count[r] for r in active], dtype=torch.long, device=device)
         counts = torch.tensor([rows.count[r] for r in active], dtype=torch.long, device=device)
         turn_tokens = {r: [] for r in active}
         turn_logps = {r: [] for r in active}
@@ -460,8 +461,6 @@ class HFEngine:
                 logits = self._forward(input_ids=tokens[:b, None], position_ids=positions[:b, None],
                                        attention_mask=cache.step_mask(), cache=cache)[:, -1, :]
                 positions[:b] += 1
-                for r in rows.at[:b]:
-                    rows.fed[r] += 1
             seen = None if rows.seen is None else rows.seen[row_ids[:b]]
             tokens, token_lp = sample(logits, params, rows.uniforms[row_ids[:b], counts[:b]], seen=seen)
             if rows.seen is not None:
@@ -473,7 +472,6 @@ class HFEngine:
                 r = rows.at[pos]
                 turn_tokens[r].append(tok_list[pos])
                 turn_logps[r].append(lp_list[pos])
-                rows.count[r] += 1
                 if tok_list[pos] in eos:
                     done.append(pos)
                     reasons[pos] = "stop"
@@ -493,6 +491,7 @@ class HFEngine:
             for pos in done:
                 r = rows.at[pos]
                 rows.last[r] = tok_list[pos]
+                rows.count[r] += len(turn_tokens[r])
                 rows.parked_at[r] = cache.layers[0].length
                 self.stats["generated_tokens"] += len(turn_tokens[r])
                 driver.turn_ended(rows.sample_of[r], turn_tokens[r], turn_logps[r], reasons[pos])
@@ -521,7 +520,7 @@ class HFEngine:
             cache.mask[j, :, :, rows.parked_at[r]:length] = low
         pads = torch.tensor([width - len(x) for x in inputs], device=device)
         ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in inputs], dtype=torch.long, device=device)
-        start = torch.tensor([rows.prompt_len[r] + rows.fed[r] for r in conts], device=device)
+        start = torch.tensor([rows.prompt_len[r] + rows.count[r] - 1 for r in conts], device=device)  # the last token
         cols = torch.arange(width, device=device)
         position_ids = (start[:, None] - pads[:, None] + cols[None, :]).clamp_(min=0)
         real = cols[None, :] >= pads[:, None]                                      # [k, width] key is a real token
@@ -534,9 +533,8 @@ class HFEngine:
         logits = self._forward(input_ids=ids, position_ids=position_ids, attention_mask=torch.cat([old, new], dim=-1),
                                cache=cache, **kw)[:, -1, :]
         cache.mask[:k, 0, 0, length:length + width] = torch.where(real, 0.0, low).to(cache.mask.dtype)
-        for r, x in zip(conts, inputs):
-            rows.fed[r] += len(x)
-            rows.count[r] += len(x) - 1
+        for r, ext in zip(conts, exts):
+            rows.count[r] += len(ext)
         if rows.seen is not None:
             for r, x in zip(conts, exts):
                 if x:
@@ -552,12 +550,12 @@ class HFEngine:
 
 class _TurnRows:
     """Per wave row of a multi-turn wave: its sample, prompt length, completion tokens so far
-    (`count`), those in its KV cache (`fed`), its last sampled token, the cache length when it was
-    parked; `at[p]` is the row at batch position p (a permutation of the rows)."""
+    (`count`, updated when a turn ends or is extended), its last sampled token, the cache length when
+    it was parked; `at[p]` is the row at batch position p (a permutation of the rows)."""
 
     def __init__(self, sample_of: list[int], prompt_len: list[int], uniforms: torch.Tensor):
         n = len(sample_of)
         self.sample_of, self.prompt_len, self.uniforms = sample_of, prompt_len, uniforms
-        self.count, self.fed, self.last, self.parked_at = [0] * n, [0] * n, [0] * n, [0] * n
+        self.count, self.last, self.parked_at = [0] * n, [0] * n, [0] * n
         self.at = list(range(n))
         self.seen: torch.Tensor | None = None
