@@ -23,7 +23,7 @@ import torch
 from grpokit import distributed
 from grpokit.config import GRPOConfig
 from grpokit.core.forward import ForwardPlan, choose_forward_plan
-from grpokit.core.trajectory import Rollout, Trajectories
+from grpokit.core.trajectory import EXTERNAL, MODEL, Rollout, Segment, Trajectories
 from grpokit.rollout import SamplingParams, make_engine
 
 
@@ -790,8 +790,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     extra_modules = tuple(make_extra_modules(policy, device)) if make_extra_modules is not None else ()
     for extra in extra_modules:
         optimizer.add_param_group({"params": list(extra.parameters())})
-    prompts_per_step = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
-                        * rows_per_step_factor)
+    prompts_per_step = _prompts_per_step(cfg, rows_per_step_factor)
     total_steps = _total_steps(cfg, len(prompt_ids), prompts_per_step * world, updates_per_batch)
     if scheduler is None:
         from transformers import get_scheduler
@@ -833,6 +832,12 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                                              needs_reference=needs_reference, overrides=forward_plan))
 
 
+def _prompts_per_step(cfg: GRPOConfig, rows_per_step_factor: int) -> int:
+    """Prompts one rank samples per step: its completions per step over G, times the algorithm's factor."""
+    completions = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    return completions // cfg.num_generations * rows_per_step_factor
+
+
 def _overrides_generate(model) -> bool:
     """Whether `generate` is set on the model instance itself (or its PEFT base model's)."""
     models = [model] + ([model.get_base_model()] if hasattr(model, "get_base_model") else [])
@@ -841,8 +846,6 @@ def _overrides_generate(model) -> bool:
 
 def _segments_of_mask(mask: list, length: int, i: int) -> list:
     """rollout_func's env_mask (1 = model token, 0 = tool / environment) as segments."""
-    from grpokit.core.trajectory import EXTERNAL, MODEL, Segment
-
     if len(mask) != length:
         raise ValueError(f"rollout_func: env_mask[{i}] has {len(mask)} values for {length} completion tokens.")
     out, start = [], 0
@@ -866,8 +869,7 @@ def _environment_placeholder(cfg: GRPOConfig, environment_factory, rows_per_step
         raise ValueError("When training without a `train_dataset` (the environment owns the data and returns the "
                          "prompt from `reset()`), `max_steps` must be set to a positive value to define the training "
                          "length. Set it via `GRPOConfig(max_steps=...)`.")
-    rows = max(1, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
-               * rows_per_step_factor)
+    rows = max(1, _prompts_per_step(cfg, rows_per_step_factor))
     return datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": ""}]] * rows})
 
 
@@ -946,9 +948,9 @@ def _rows_of_stream(stream, cfg: GRPOConfig | None, rows_per_step_factor: int, w
         if cfg.max_steps <= 0:
             raise ValueError("train_dataset is a streaming IterableDataset, whose length is unknown: set max_steps "
                              "(as transformers' Trainer requires).")
-        prompts = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
+        prompts = _prompts_per_step(cfg, rows_per_step_factor)
         batches = math.ceil(cfg.max_steps / (max(cfg.num_iterations, 1) * updates_per_batch))
-        rows = list(islice(iter(stream), batches * prompts * rows_per_step_factor * world))
+        rows = list(islice(iter(stream), batches * prompts * world))
     if not rows:
         raise ValueError("the streaming dataset yielded no rows.")
     return datasets.Dataset.from_list(rows)

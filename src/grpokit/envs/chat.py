@@ -140,18 +140,21 @@ def parse_turn(tokenizer, turn_ids: list[int], prefix_ids: list[int], tools: lis
     """One model turn as a message (transformers' `parse_response`), and whether its tool calls
     were malformed (unparseable, or a call without a function name): then the message is the
     turn's text with no tool calls, and the conversation ends there."""
-    text = tokenizer.decode(turn_ids, skip_special_tokens=True)
+    def as_text() -> dict:  # the turn's text, no tool calls (decoded only when the parse is not used)
+        return {"role": "assistant", "content": tokenizer.decode(turn_ids, skip_special_tokens=True)}
+
     try:
         message = tokenizer.parse_response(turn_ids, prefix=prefix_ids[-64:], tools=tools or None)
     except Exception:  # noqa: BLE001 - any parser failure is a malformed turn
-        return {"role": "assistant", "content": text}, _looks_like_call(text)
+        fallback = as_text()
+        return fallback, _looks_like_call(fallback["content"])
     if not isinstance(message, dict):
-        return {"role": "assistant", "content": text}, True
+        return as_text(), True
     calls = message.get("tool_calls")
     if calls is None:
         return {"role": "assistant", **{k: v for k, v in message.items() if k != "role"}}, False
     if not isinstance(calls, list) or not all(_valid_call(c) for c in calls):
-        return {"role": "assistant", "content": text}, True
+        return as_text(), True
     for c in calls:
         fn = c.get("function", c)
         if fn.get("arguments") is None:

@@ -67,8 +67,9 @@ class Environments:
     def reward_funcs(self) -> list[Callable]:
         return [env_reward_func(t) for t in self.reward_types]
 
-    def all_tools(self, standalone: list[Callable]) -> list[Callable]:
-        out = list(standalone)
+    def all_tools(self) -> list[Callable]:
+        """The standalone tools, then every environment's methods (each tool once)."""
+        out = list(self.standalone)
         for tools in self.tools.values():
             out += [t for t in tools if t not in out]
         return out

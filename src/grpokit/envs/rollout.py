@@ -166,7 +166,7 @@ class MultiTurn:
         for i, fn in enumerate(self.standalone):
             check_tool(fn, f"tools[{i}]")
         self.environments = Environments(environment_factory, self.standalone) if environment_factory else None
-        self.tools = self.environments.all_tools(self.standalone) if self.environments else list(self.standalone)
+        self.tools = self.environments.all_tools() if self.environments else list(self.standalone)
         for fn in self.tools[len(self.standalone):]:
             check_tool(fn, f"environment method {tool_name(fn)}")
         self.parser = check_tool_template(tokenizer) if self.tools else None
