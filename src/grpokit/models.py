@@ -39,6 +39,8 @@ __all__ = [
     "new_char_tokenizer",
     "new_chat_tokenizer",
     "new_model_from_config",
+    "new_vision_model",
+    "new_vision_processor",
     "reference_logits_context",
     "resolve_device",
     "resolve_dtype",
@@ -167,6 +169,99 @@ def new_chat_tokenizer():
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.response_template = QWEN_JSON
     return tokenizer
+
+
+VISION_FAMILIES = {
+    # family: (processor class, image processor class, image placeholder tokens, model config kwargs)
+    "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLImageProcessorPil", ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")),
+    "llava": ("LlavaProcessor", "CLIPImageProcessorPil", ("<image>",)),
+}
+"""The vision-language families `new_vision_processor` / `new_vision_model` build from scratch."""
+
+
+def vision_chat_template(placeholder: str) -> str:
+    """`CHAT_TEMPLATE` for messages whose content is a string or a list of parts: an image part
+    becomes `placeholder` (which the processor expands into the image's tokens), a text part its text."""
+    content = ("{%- if m.content is string %}{{ m.content }}{%- else %}{%- for part in m.content %}"
+               "{%- if part.type == 'image' %}{{ '" + placeholder + "' }}{%- elif part.type == 'text' %}"
+               "{{ part.text }}{%- endif %}{%- endfor %}{%- endif %}")
+    return ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}" + content + "{{ '<|im_end|>\\n' }}"
+            "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def new_vision_processor(family: str = "qwen2_vl", image_size: int = 56):
+    """A processor for a from-scratch vision-language model of `family` ("qwen2_vl" or "llava"):
+    the chat tokenizer (`new_chat_tokenizer`, with the family's image tokens), the family's image
+    processor (PIL backend; images resized to about `image_size` pixels a side) and
+    `vision_chat_template`. The built-in vision task's starter model and the tests use it."""
+    import transformers.models.auto.image_processing_auto  # noqa: F401  (registers the image processors)
+    import importlib
+
+    from grpokit.data.vision import make_processor
+
+    if family not in VISION_FAMILIES:
+        raise ValueError(f"unknown vision family {family!r}; use one of {', '.join(VISION_FAMILIES)}")
+    processor_name, image_name, tokens = VISION_FAMILIES[family]
+    tokenizer = new_chat_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS) + list(tokens)})
+    tokenizer.chat_template = vision_chat_template("".join(tokens))
+    transformers = importlib.import_module("transformers")
+    if family == "qwen2_vl":
+        image_processor = getattr(transformers, image_name)(min_pixels=image_size * image_size,
+                                                             max_pixels=image_size * image_size)
+        extra = {}
+    else:
+        image_processor = getattr(transformers, image_name)(size={"shortest_edge": image_size},
+                                                             crop_size={"height": image_size, "width": image_size})
+        extra = {"patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    processor = make_processor(processor_name, image_processor, tokenizer, chat_template=tokenizer.chat_template)
+    for key, value in extra.items():
+        setattr(processor, key, value)
+    return processor
+
+
+def new_vision_model(processor, family: str = "qwen2_vl", hidden_size: int = 32, layers: int = 2,
+                     vision_hidden_size: int = 32, vision_layers: int = 2, seed: int | None = None):
+    """A freshly initialised tiny vision-language model of `family` for `processor`
+    (`new_vision_processor`), float32."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    tok = processor.tokenizer
+    heads = max(1, hidden_size // 8)
+    text = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=heads, vocab_size=len(tok),
+                max_position_embeddings=2048, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id)
+    if family == "qwen2_vl":
+        ids = tok.convert_tokens_to_ids(list(VISION_FAMILIES[family][2]))
+        head_dim = hidden_size // heads
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [head_dim // 8, head_dim // 8,
+                                                                             head_dim // 2 - head_dim // 4],
+                                   "rope_theta": 10000.0}
+        config = AutoConfig.for_model(
+            "qwen2_vl", text_config=text,
+            vision_config=dict(depth=vision_layers, embed_dim=vision_hidden_size, hidden_size=hidden_size,
+                               num_heads=max(1, vision_hidden_size // 8), mlp_ratio=2, patch_size=14,
+                               spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+            image_token_id=ids[1], vision_start_token_id=ids[0], vision_end_token_id=ids[2])
+    elif family == "llava":
+        size = processor.image_processor.crop_size["height"]
+        config = AutoConfig.for_model(
+            "llava", text_config=dict(text, model_type="llama"),
+            vision_config=dict(model_type="clip_vision_model", hidden_size=vision_hidden_size,
+                               intermediate_size=2 * vision_hidden_size, num_hidden_layers=vision_layers,
+                               num_attention_heads=max(1, vision_hidden_size // 8), image_size=size, patch_size=14,
+                               projection_dim=vision_hidden_size),
+            image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+            vision_feature_layer=-1, projector_hidden_act="gelu")
+    else:
+        raise ValueError(f"unknown vision family {family!r}; use one of {', '.join(VISION_FAMILIES)}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
 
 
 def load_tokenizer(name_or_path_or_tokenizer: Any, padding_side: str = "left", trust_remote_code: bool = False):

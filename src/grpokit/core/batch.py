@@ -12,6 +12,7 @@ or the padded one (left-padded prompt | right-padded completion), see grpokit.co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,8 @@ class MicroBatch:
     pad_to_multiple_of: int | None = None   # the padded layout's prompt and completion widths (TRL's knob)
     old_logps: torch.Tensor | None = None   # [B, C] when num_iterations > 1
     ref_logps: torch.Tensor | None = None   # [B, C] when beta > 0
+    vision: list | None = None      # per row: its prompt's images (VisionInputs, shared by a group) or None
+    image_features: Any = None      # grpokit.core.vision.ImageFeatures of the step (frozen tower: computed once)
     _padded: tuple | None = field(default=None, repr=False)
     _layout: PackedLayout | None = field(default=None, repr=False)
     _layout_key: tuple = field(default=(), repr=False)
@@ -62,8 +65,10 @@ class MicroBatch:
                 comps = [[] if skip else c for c, skip in zip(comps, self.skip_rows)]
             if self.keep_row is not None:
                 comps[self.keep_row] = self.completion_token_ids[self.keep_row]
+            keys = None if self.vision is None else [id(v) if v is not None else None for v in self.vision]
             self._layout = build_packed_layout(self.prompt_token_ids, comps, max_segment_tokens=max_segment_tokens,
-                                               min_row_tokens=min_row_tokens, pad_id=self.pad_id).to(self.device)
+                                               min_row_tokens=min_row_tokens, pad_id=self.pad_id,
+                                               keys=keys).to(self.device)
             self._layout_key = (max_segment_tokens, min_row_tokens)
         return self._layout
 
@@ -107,7 +112,7 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
                        advantages: torch.Tensor | None = None, merge: bool = False,
                        skip_zero_advantage: bool = False, never_empty: bool = False,
                        token_budget: int | None = None, packed: bool = True,
-                       pad_to_multiple_of: int | None = None) -> list[MicroBatch]:
+                       pad_to_multiple_of: int | None = None, image_features: Any = None) -> list[MicroBatch]:
     """Split the N samples into micro-batches of `size` consecutive rows (groups stay whole when
     size is a multiple of G; a group cut by a micro-batch boundary still shares its prompt within
     each part). Completion tensors are padded to each micro-batch's own longest completion.
@@ -136,6 +141,10 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
     `pad_to_multiple_of=m`: the padded layout's prompt and completion widths are rounded up to
     multiples of m (TRL's knob, for accelerators that want fixed shapes; the trainer then runs
     the padded forward).
+
+    Prompts with images (`rollout.images`): each micro-batch carries its rows' VisionInputs and
+    the step's `image_features` (grpokit.core.vision.ImageFeatures), so the forward encodes each
+    distinct prompt's images once.
 
     `never_empty=True` (several ranks): a micro-batch whose rows would all be left out of the
     forward (skipped, or wholly masked) keeps its shortest row in it (`MicroBatch.keep_row`). That
@@ -190,6 +199,7 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
             completion_ids=completion_ids.to(device), completion_mask=comp_mask.to(device),
             advantages=advantages[rows].to(device), sampling_logps=samp.to(device), rows=rows, pad_id=pad_id,
             skip_rows=row_skip if any(row_skip) else None, keep_row=keep_row, pad_to_multiple_of=pad_to_multiple_of,
+            vision=rollout.images[rows] if rollout.images is not None else None, image_features=image_features,
         ))
     return out
 
@@ -203,7 +213,8 @@ def zero_weight_micro_batch(like: MicroBatch) -> MicroBatch:
         completion_ids=like.completion_ids[:1], completion_mask=torch.zeros_like(like.completion_mask[:1]),
         advantages=torch.zeros_like(like.advantages[:1]), sampling_logps=torch.zeros_like(like.sampling_logps[:1]),
         rows=slice(like.rows.start, like.rows.start), pad_id=like.pad_id, keep_row=0,
-        pad_to_multiple_of=like.pad_to_multiple_of,
+        pad_to_multiple_of=like.pad_to_multiple_of, vision=like.vision[:1] if like.vision is not None else None,
+        image_features=like.image_features,
     )
 
 

@@ -26,6 +26,7 @@ import torch
 from grpokit.algos import LOSS_TYPES, chunked_logprobs, is_local_mean, entropy_from_logits, selective_log_softmax
 from grpokit.core.batch import MicroBatch
 from grpokit.core.prefix import DENSE_ROW_TOKENS, MAX_SEGMENT_TOKENS, packed_hidden, scatter_to_grid, supports_packed
+from grpokit.core.vision import multimodal_base, packed_inputs, padded_inputs, vision_tower_trained
 
 
 def unwrap(model):
@@ -40,6 +41,7 @@ def plain_linear_head(model) -> torch.nn.Linear | None:
     """The lm_head when logits are exactly hidden @ W.T (no bias, softcap or scale); else None."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
     if (type(head) is not torch.nn.Linear or head.bias is not None
             or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)):
         return None
@@ -122,6 +124,10 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
     if packed is None:
         packed = head is not None and supports_packed(inner)
     shape = tuple(mb.completion_ids.shape)
+    # prompts with images: features once per distinct prompt (grpokit.core.vision), with gradients
+    # only when the vision tower is trained
+    vision = mb.vision is not None and any(v is not None for v in mb.vision)
+    vision_grad = vision and vision_tower_trained(inner)
 
     aux: list = []  # the router's load-balancing loss, when asked
 
@@ -138,10 +144,16 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
         if layout.targets.numel() == 0:  # every completion empty: nothing to score
             zeros = torch.zeros(shape, device=mb.device) + 0.0 * head.weight.sum()
             return done(zeros, zeros, lambda vh: zeros + 0.0 * sum(p.sum() for p in vh.parameters()))
-        # the backbone call goes through the module that holds the LoRA layers (if any)
-        decoder = inner.get_decoder()
+        # the backbone call goes through the module that holds the LoRA layers (if any); with images,
+        # the multimodal base model (vision tower + language model) with the features once per group
+        extra = None
+        if vision:
+            decoder = multimodal_base(inner)
+            extra = packed_inputs(inner, mb, layout, mb.image_features, grad=vision_grad)
+        else:
+            decoder = inner.get_decoder()
         hidden = packed_hidden(decoder, layout, next(decoder.parameters()).dtype, dense_row_tokens=dense_row_tokens,
-                               router_logits=router_aux)
+                               router_logits=router_aux, extra=extra)
         if router_aux:
             hidden, routed = hidden
             aux.append(router_balance_loss(inner, routed))
@@ -154,10 +166,11 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
                     scatter_to_grid(entropy, layout, shape) if with_entropy else None,
                     lambda vh: scatter_to_grid(vh(hidden), layout, shape))
     p, c = mb.prompt_width, shape[1]
+    inputs = (padded_inputs(inner, mb, mb.image_features, grad=vision_grad) if vision else
+              {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask, "position_ids": mb.position_ids})
     if head is not None and hasattr(inner, "get_decoder"):
-        decoded = inner.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                      position_ids=mb.position_ids, use_cache=False,
-                                      **({"output_router_logits": True} if router_aux else {}))
+        backbone = multimodal_base(inner) if vision else inner.get_decoder()
+        decoded = backbone(**inputs, use_cache=False, **({"output_router_logits": True} if router_aux else {}))
         if router_aux:
             aux.append(router_balance_loss(inner, decoded.router_logits, mb.attention_mask))
         hidden = decoded.last_hidden_state
@@ -166,8 +179,7 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
                                chunk_size=chunk_size, return_entropy=with_entropy)
         logps, entropy = out if with_entropy else (out, None)
         return done(logps, entropy, lambda vh: vh(hidden))
-    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                use_cache=False, output_hidden_states=value_head is not None,
+    out = model(**inputs, use_cache=False, output_hidden_states=value_head is not None,
                 **({} if value_head is not None else {"logits_to_keep": c + 1}),
                 **({"output_router_logits": True} if router_aux else {}))
     if router_aux:

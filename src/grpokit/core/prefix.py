@@ -71,6 +71,7 @@ class PackedLayout:
     out_cols: torch.Tensor        # [K] long: column in [B, C]
     num_prompt_tokens: int = 0    # prompt tokens computed (each shared prompt once per segment)
     plan: AttentionPlan | None = None
+    segments: tuple = ()          # per segment, in flat order: (flat start, prompt length, length, first batch row)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -98,13 +99,15 @@ class PackedLayout:
         return mask[:, None]
 
 
-def find_segments(prompt_ids: list[list[int]]) -> list[tuple[int, int]]:
+def find_segments(prompt_ids: list[list[int]], keys: list | None = None) -> list[tuple[int, int]]:
     """(start, end) runs of consecutive rows with the same prompt (a group, or the part of a
-    group that falls in this micro-batch)."""
+    group that falls in this micro-batch); with `keys`, rows whose keys differ (their images)
+    never share a run, whatever their token ids."""
     runs: list[tuple[int, int]] = []
     start = 0
     for i in range(1, len(prompt_ids) + 1):
-        if i == len(prompt_ids) or prompt_ids[i] != prompt_ids[start]:
+        if (i == len(prompt_ids) or prompt_ids[i] != prompt_ids[start]
+                or (keys is not None and keys[i] != keys[start])):
             runs.append((start, i))
             start = i
     return runs
@@ -125,15 +128,15 @@ def _split_run(start: int, end: int, prompt_len: int, lengths: list[int], budget
 
 def build_packed_layout(prompt_ids: list[list[int]], completion_ids: list[list[int]], *,
                         max_segment_tokens: int = MAX_SEGMENT_TOKENS, min_row_tokens: int = 0,
-                        pad_id: int = 0) -> PackedLayout:
+                        pad_id: int = 0, keys: list | None = None) -> PackedLayout:
     """Pack B (prompt, completion) rows: one segment per run of equal prompts (split when longer
     than ``max_segment_tokens``), segments placed first-fit-decreasing into rows as long as the
     longest segment, or ``min_row_tokens`` when that is longer (short segments then share rows:
     fewer padding tokens for a little more masked attention). Empty completions contribute no
-    token (and no logprob)."""
+    token (and no logprob). `keys` (one per row, e.g. its images): see `find_segments`."""
     lengths = [len(c) for c in completion_ids]
     segments: list[tuple[int, int]] = []
-    for start, end in find_segments(prompt_ids):
+    for start, end in find_segments(prompt_ids, keys):
         segments += _split_run(start, end, len(prompt_ids[start]), lengths, max_segment_tokens)
     seg_len = [len(prompt_ids[s]) + sum(lengths[s:e]) for s, e in segments]
     width = max(max(seg_len), min(min_row_tokens, sum(seg_len)))
@@ -158,6 +161,7 @@ def build_packed_layout(prompt_ids: list[list[int]], completion_ids: list[list[i
     part_ids = [[-1] * width for _ in range(n_rows)]
     predict, targets, out_rows, out_cols = [], [], [], []
     seg_spans: list[tuple[int, int]] = []         # (flat start, prompt length) per segment
+    placed: list[tuple[int, int, int, int]] = []  # (flat start, prompt length, length, first row) per segment
     comp_spans: list[tuple[int, int, int]] = []   # (segment, flat start, length) per completion
     n_prompt = 0
     for r, row in enumerate(rows):
@@ -173,6 +177,7 @@ def build_packed_layout(prompt_ids: list[list[int]], completion_ids: list[list[i
             part_ids[r][t:t + p] = [0] * p
             last_prompt = r * width + t + p - 1
             seg_spans.append((r * width + t, p))
+            placed.append((r * width + t, p, seg_len[k], s))
             t += p
             for j, b in enumerate(range(s, e), start=1):
                 comp = completion_ids[b]
@@ -196,7 +201,7 @@ def build_packed_layout(prompt_ids: list[list[int]], completion_ids: list[list[i
         segment_ids=torch.tensor(seg_ids, **long), part_ids=torch.tensor(part_ids, **long),
         predict_index=torch.tensor(predict, **long), targets=torch.tensor(targets, **long),
         out_rows=torch.tensor(out_rows, **long), out_cols=torch.tensor(out_cols, **long),
-        num_prompt_tokens=n_prompt, plan=_attention_plan(seg_spans, comp_spans),
+        num_prompt_tokens=n_prompt, plan=_attention_plan(seg_spans, comp_spans), segments=tuple(placed),
     )
 
 
@@ -252,17 +257,20 @@ def supports_packed(model) -> bool:
 
 
 def packed_hidden(decoder, layout: PackedLayout, dtype: torch.dtype, *,
-                  dense_row_tokens: int | None = None, router_logits: bool = False):
+                  dense_row_tokens: int | None = None, router_logits: bool = False, extra: dict | None = None):
     """[K, H] final hidden states that predict the K completion tokens of ``layout``: through
     `prefix_attention` when it applies (see `uses_prefix_attention`), else the dense 4-D mask.
-    `router_logits=True` (MoE): `(hidden, per-layer router logits of the real tokens)`."""
-    extra = {"output_router_logits": True} if router_logits else {}
+    `router_logits=True` (MoE): `(hidden, per-layer router logits of the real tokens)`. `extra`:
+    the decoder's inputs besides the mask (input_ids, position_ids, a multimodal model's image
+    features); default the layout's ids and positions."""
+    kw = dict(extra) if extra is not None else {"input_ids": layout.input_ids, "position_ids": layout.position_ids}
+    if router_logits:
+        kw["output_router_logits"] = True
     if uses_prefix_attention(decoder, layout, dense_row_tokens=dense_row_tokens):
         with _prefix_attention_on(decoder.config, layout.plan):
-            out = decoder(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False, **extra)
+            out = decoder(use_cache=False, **kw)
     else:
-        out = decoder(input_ids=layout.input_ids, attention_mask=layout.attention_mask(dtype),
-                      position_ids=layout.position_ids, use_cache=False, **extra)
+        out = decoder(attention_mask=layout.attention_mask(dtype), use_cache=False, **kw)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.predict_index)
     if not router_logits:

@@ -1,0 +1,227 @@
+"""Vision-language models in the rollout and the training forward: image features once per group.
+
+A transformers vision-language model (`AutoModelForImageTextToText`: Qwen2-VL, Qwen2.5-VL,
+LLaVA, LLaVA-NeXT, Gemma 3, ...) encodes a prompt's images with its vision tower (and projector)
+into features that replace the prompt's image tokens. The G completions of a group share the
+prompt, so its features are computed once (`ImageFeatures.of`) and handed to the model for every
+row that holds the prompt, through transformers' precomputed `mm_encoder_outputs` argument: the
+model then merges them and does everything else of its family itself (Qwen's 3-D M-RoPE
+positions, Gemma 3's bidirectional attention over image tokens). With the vision tower frozen
+(no trainable parameter in it), the features of a step are computed once, without gradients,
+and serve the rollout's prefill and every training forward of the step; with it trained, once per
+group in each training forward, with gradients (the rows' copies are one tensor indexed, so the
+tower gets the sum of their gradients).
+
+The packed shared-prefix layout (grpokit.core.prefix) carries the image tokens in each segment's
+prompt; the multimodal base model takes the packed rows with the features in row order, the
+4-D mask and explicit positions: for M-RoPE families, each prompt's 3-D positions
+(`rope_positions`, the model's own `get_rope_index`) and, for its completions, the text positions
+shifted by the prompt's delta, as in the plain layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from grpokit.data.vision import VisionInputs
+
+
+def is_vision_model(model) -> bool:
+    """Whether the (unwrapped) model encodes images (has the multimodal `get_image_features`)."""
+    return callable(getattr(model, "get_image_features", None)) and hasattr(getattr(model, "config", None),
+                                                                           "vision_config")
+
+
+def multimodal_base(model):
+    """The multimodal base model (vision tower + language model, no lm_head): `model.model`."""
+    base = getattr(model, "model", None)
+    if base is None or not callable(getattr(base, "get_image_features", None)):
+        raise TypeError(f"{type(model).__name__} has no multimodal base model (.model with get_image_features).")
+    return base
+
+
+def uses_mrope(model) -> bool:
+    """Whether positions are the 3-D M-RoPE of the Qwen-VL families (`get_rope_index`)."""
+    return callable(getattr(getattr(model, "model", None), "get_rope_index", None))
+
+
+def language_model_names(model) -> list[str]:
+    """Module-name prefixes of the language model inside a vision-language model (LoRA's default
+    targets are restricted to them, so the vision tower stays as it is)."""
+    base = getattr(model, "model", None)
+    lm = getattr(base, "language_model", None)
+    for name, module in model.named_modules():
+        if module is lm:
+            return [name]
+    return []
+
+
+def vision_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The vision tower's and projector's parameters: those outside the language model and lm_head."""
+    lm = set(language_model_names(model))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    out = []
+    for name, p in model.named_parameters():
+        if id(p) in head_ids or any(name == n or name.startswith(n + ".") for n in lm):
+            continue
+        out.append((name, p))
+    return out
+
+
+def vision_tower_trained(model) -> bool:
+    """Whether any vision parameter is trained (then features are recomputed with gradients)."""
+    return any(p.requires_grad for _, p in vision_parameters(model))
+
+
+class ImageFeatures:
+    """Image features of the prompts of a step, one vision-tower call per distinct prompt.
+
+    `of(model, v)` computes (and, when the tower is frozen, caches for the step) the pooled
+    output of `get_image_features` for VisionInputs `v`; `calls` counts the tower's calls."""
+
+    def __init__(self):
+        self._cache: dict[int, tuple[VisionInputs, Any]] = {}
+        self.calls = 0
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def of(self, model, v: VisionInputs, *, grad: bool):
+        if not grad and id(v) in self._cache:
+            return self._cache[id(v)][1]
+        base = multimodal_base(model)
+        device = next(model.parameters()).device
+        kwargs = {k: t.to(device) for k, t in v.tensors.items()}
+        pixel_values = kwargs.pop("pixel_values")
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            out = base.get_image_features(pixel_values, **kwargs, return_dict=True)
+        self.calls += 1
+        pooled = out.pooler_output
+        if not grad:
+            self._cache[id(v)] = (v, pooled)  # v kept alive: its id stays its own
+        return pooled
+
+
+def join_features(pooled: list) -> Any:
+    """The features of several prompts' images in the form the family's forward takes: a tuple of
+    per-image tensors where `get_image_features` gives a sequence, else one tensor (concatenated)."""
+    if isinstance(pooled[0], (list, tuple)):
+        return tuple(t for p in pooled for t in p)
+    return torch.cat(list(pooled), dim=0)
+
+
+def encoder_outputs(pooled: list) -> dict:
+    """transformers' `mm_encoder_outputs` for the images of `pooled` (in token order)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"image": BaseModelOutputWithPooling(pooler_output=join_features(pooled))}
+
+
+def image_kwargs(visions: list[VisionInputs]) -> dict[str, torch.Tensor]:
+    """The per-image tensors besides pixel values (image_grid_thw, image_sizes, ...), of
+    `visions`' images in order (the model reads them next to precomputed features)."""
+    keys = [k for k in visions[0].tensors if "pixel" not in k] if visions else []
+    return {k: torch.cat([v.tensors[k] for v in visions], dim=0) for k in keys}
+
+
+def rope_positions(model, v: VisionInputs, prompt_ids: list[int]) -> tuple[torch.Tensor, int]:
+    """M-RoPE: the prompt's [3, P] positions and its delta (text positions after the prompt are
+    `index + delta` on all three axes), from the model's own `get_rope_index`; cached on `v`."""
+    key = ("rope", id(model))
+    if key not in v.cache:
+        base = multimodal_base(model)
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        kw = {k: t for k, t in v.tensors.items() if k in ("image_grid_thw",)}
+        if "mm_token_type_ids" in v.token_tensors:
+            kw["mm_token_type_ids"] = v.token_tensors["mm_token_type_ids"]
+        pos, delta = base.get_rope_index(ids, **kw)
+        v.cache[key] = (pos[:, 0], int(delta.reshape(-1)[0]))
+    return v.cache[key]
+
+
+def position_offset(model, v: VisionInputs | None, prompt_ids: list[int]) -> int:
+    """What a prompt's images add to the position of each token after it (M-RoPE's delta; 0 else)."""
+    if v is None or not uses_mrope(model):
+        return 0
+    return rope_positions(model, v, prompt_ids)[1]
+
+
+def distinct(visions: list[VisionInputs | None]) -> tuple[list[VisionInputs], list[int]]:
+    """The distinct VisionInputs of `visions` (by identity, first-seen order) and, per entry, its
+    index among them (-1 for None)."""
+    seen: dict[int, int] = {}
+    out: list[VisionInputs] = []
+    index = []
+    for v in visions:
+        if v is None:
+            index.append(-1)
+            continue
+        if id(v) not in seen:
+            seen[id(v)] = len(out)
+            out.append(v)
+        index.append(seen[id(v)])
+    return out, index
+
+
+# --------------------------------------------------------------------------------------------
+# the training forward's model inputs
+# --------------------------------------------------------------------------------------------
+
+def _features(model, visions: list[VisionInputs], features: ImageFeatures | None, grad: bool) -> list:
+    features = features if features is not None else ImageFeatures()
+    return [features.of(model, v, grad=grad) for v in visions]
+
+
+def padded_inputs(model, mb, features: ImageFeatures | None, *, grad: bool) -> dict[str, Any]:
+    """Keyword arguments for the multimodal model on the padded [B, P + C] layout of `mb`: the
+    features of each distinct prompt (computed once) repeated for its rows, the per-image tensors
+    of the rows' images, the per-token tensors laid out as the tokens (left-padded prompt, 0 on
+    completion tokens), and the positions (M-RoPE: left to the model, from the attention mask)."""
+    visions, index = distinct(mb.vision)
+    pooled = _features(model, visions, features, grad)
+    rows = [b for b, i in enumerate(index) if i >= 0]
+    kw: dict[str, Any] = {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask}
+    if rows:
+        kw["mm_encoder_outputs"] = encoder_outputs([pooled[index[b]] for b in rows])
+        kw.update({k: t.to(mb.device) for k, t in image_kwargs([mb.vision[b] for b in rows]).items()})
+    p = mb.prompt_width
+    token_keys = {k for v in visions for k in v.token_tensors}
+    for key in token_keys:
+        grid = torch.zeros(mb.input_ids.shape, dtype=torch.long)
+        for b in rows:
+            v = mb.vision[b]
+            if key in v.token_tensors:
+                values = v.token_tensors[key][0]
+                grid[b, p - values.shape[0]:p] = values
+        kw[key] = grid.to(mb.device)
+    if not uses_mrope(model):
+        kw["position_ids"] = mb.position_ids
+    return kw
+
+
+def packed_inputs(model, mb, layout, features: ImageFeatures | None, *, grad: bool) -> dict[str, Any]:
+    """Keyword arguments for the multimodal base model on the packed rows of `layout` (besides
+    its 4-D mask): the features of each segment's prompt in row order, the per-image tensors in
+    the same order, and the positions (M-RoPE: each prompt's 3-D positions, its completions'
+    text positions shifted by the prompt's delta)."""
+    visions, index = distinct(mb.vision)
+    pooled = _features(model, visions, features, grad)
+    segs = [(start, p, length, b) for start, p, length, b in layout.segments if index[b] >= 0]
+    kw: dict[str, Any] = {"input_ids": layout.input_ids}
+    if segs:
+        kw["mm_encoder_outputs"] = encoder_outputs([pooled[index[b]] for *_, b in segs])
+        kw.update({k: t.to(mb.device) for k, t in image_kwargs([mb.vision[b] for *_, b in segs]).items()})
+    positions = layout.position_ids
+    if uses_mrope(model):
+        width = positions.shape[1]
+        positions = positions[None].repeat(3, 1, 1)
+        for start, p, length, b in segs:
+            p3, delta = rope_positions(model, mb.vision[b], mb.prompt_token_ids[b])
+            r, t0 = divmod(start, width)
+            positions[:, r, t0:t0 + p] = p3.to(positions.device)
+            positions[:, r, t0 + p:t0 + length] += delta
+    kw["position_ids"] = positions
+    return kw

@@ -1,0 +1,289 @@
+"""Images in prompts: the dataset's image columns, TRL's multimodal messages, the processor.
+
+A row's images come from its `images` column (a list: several images per prompt) or its `image`
+column (one image); a row with none (None or []) is a text prompt, in the same dataset. An image
+is a PIL image, a path to an image file, a `datasets` Image value (decoded: a PIL image; not
+decoded: {"bytes", "path"}) or an HWC uint8 array. Prompts take TRL's two forms:
+
+- conversational: the images go in as `{"type": "image"}` content parts, before the text of the
+  first user message (TRL's `prepare_multimodal_messages`), unless the messages already carry
+  their own image parts (then each empty part takes the next image, in order);
+- standard (a string): the text holds one image placeholder of the processor per image
+  (`processor.image_token`, Gemma's `<start_of_image>`, ...), or none, and then one is put in front
+  of the text for each image.
+
+`encode_vision_prompt` renders the prompt with the processor's chat template and runs the
+processor: token ids with every image's tokens expanded, and the processor's tensors
+(`VisionInputs`) that the rollout and the training forward hand to the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+IMAGE_COLUMNS = ("images", "image")
+
+
+@dataclass(eq=False)
+class VisionInputs:
+    """The processor's output for one prompt with images (besides input_ids / attention_mask).
+
+    `tensors`: what the model's forward takes for these images (pixel_values, image_grid_thw,
+    image_sizes, ...); `token_tensors`: those with one value per prompt token, [1, P]
+    (token_type_ids, mm_token_type_ids), which the training forward lays out with the tokens.
+    Compared by identity: the G samples of a group share one object, which is how the rollout
+    and the training forward know that their images are the same."""
+
+    tensors: dict[str, torch.Tensor]
+    token_tensors: dict[str, torch.Tensor]
+    num_images: int
+    num_image_tokens: int
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)   # per-model derived values (positions)
+
+    def to(self, device) -> "VisionInputs":
+        return VisionInputs({k: v.to(device) for k, v in self.tensors.items()},
+                            {k: v.to(device) for k, v in self.token_tensors.items()},
+                            self.num_images, self.num_image_tokens)
+
+
+def is_processor(obj) -> bool:
+    """Whether `obj` is a multimodal processor (an image processor and a tokenizer)."""
+    return getattr(obj, "image_processor", None) is not None and getattr(obj, "tokenizer", None) is not None
+
+
+def tokenizer_of(processing_class):
+    """The text tokenizer of a processing class (a processor's, or the tokenizer itself)."""
+    return processing_class.tokenizer if is_processor(processing_class) else processing_class
+
+
+def image_token(processor) -> str | None:
+    """The placeholder a prompt's text holds for one image (before the processor expands it)."""
+    for name in ("boi_token", "image_token"):
+        tok = getattr(processor, name, None)
+        if isinstance(tok, str) and tok:
+            return tok
+    return None
+
+
+def image_token_ids(processor) -> set[int]:
+    """Ids of the tokens that stand for image features in the expanded prompt."""
+    tok = tokenizer_of(processor)
+    ids = set()
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(processor, name, None)
+        if isinstance(value, int):
+            ids.add(value)
+    token = getattr(processor, "image_token", None)
+    if not ids and isinstance(token, str):
+        value = tok.convert_tokens_to_ids(token)
+        if isinstance(value, int) and value != getattr(tok, "unk_token_id", None):
+            ids.add(value)
+    return ids
+
+
+def load_processor(name_or_path: str, trust_remote_code: bool = False, **kwargs):
+    """`AutoProcessor.from_pretrained`, also where torchvision is not installed: transformers
+    then has no video processor for the families that declare one (Qwen2-VL, Qwen2.5-VL,
+    Qwen3.5, ...) and refuses to build their processor at all; grpokit takes images only, so the
+    processor is built with a video processor that says what is missing if it is ever called."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    except ImportError as err:
+        if "torchvision" not in str(err).lower():
+            raise
+        return _processor_without_video(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def _processor_without_video(name_or_path: str, **kwargs):
+    import json
+
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.utils.hub import cached_file
+
+    name = None
+    for filename in ("processor_config.json", "preprocessor_config.json"):
+        path = cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False)
+        if path:
+            name = json.loads(open(path).read()).get("processor_class")
+            if name:
+                break
+    if name is None:
+        name = getattr(AutoConfig.from_pretrained(name_or_path, **kwargs), "processor_class", None)
+    if name is None:
+        raise ImportError(f"cannot build the processor of {name_or_path!r} without torchvision (its class is not "
+                          "named in processor_config.json); install torchvision.")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    chat_template = getattr(tokenizer, "chat_template", None)
+    path = cached_file(name_or_path, "chat_template.jinja", _raise_exceptions_for_missing_entries=False)
+    if path:
+        chat_template = open(path).read()
+    return make_processor(name, AutoImageProcessor.from_pretrained(name_or_path, **kwargs), tokenizer,
+                          chat_template=chat_template)
+
+
+def make_processor(processor_class, image_processor, tokenizer, chat_template: str | None = None):
+    """`processor_class(image_processor=..., tokenizer=..., chat_template=...)` (a class or its
+    name), also without torchvision: a family that declares a video processor gets a stand-in
+    that says videos are not supported if it is ever called (transformers otherwise refuses to
+    build the processor without torchvision, or without a video processor)."""
+    import transformers.processing_utils as processing_utils
+    from transformers.models.auto.processing_auto import processor_class_from_name
+
+    cls = processor_class_from_name(processor_class) if isinstance(processor_class, str) else processor_class
+    parts = {"image_processor": image_processor, "tokenizer": tokenizer}
+    module = processing_utils.transformers_module
+    had = hasattr(module, "VideoProcessorMixin")
+    if "video_processor" in cls.get_attributes():  # images only: a stand-in that fails if ever called
+        parts["video_processor"] = _video_unavailable(getattr(image_processor, "merge_size", 2))
+    if not had:  # the class check looks the name up on transformers, which leaves it out without torchvision
+        from transformers.video_processing_utils import VideoProcessorMixin
+
+        module.VideoProcessorMixin = VideoProcessorMixin
+    try:
+        return cls(**parts, chat_template=chat_template)
+    finally:
+        if not had:
+            del module.VideoProcessorMixin
+
+
+def _video_unavailable(merge_size: int):
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    class VideoProcessingUnavailable(VideoProcessorMixin):
+        """Stands in for a video processor where torchvision is missing; fails if called."""
+
+        def __init__(self, merge_size: int = 2):
+            self.merge_size = merge_size
+
+        def __call__(self, *args, **kw):
+            raise ImportError("this processor's video processor needs torchvision, which is not installed; "
+                              "grpokit trains on images, not videos.")
+
+        def to_dict(self):
+            return {}
+
+    return VideoProcessingUnavailable(merge_size)
+
+
+# --------------------------------------------------------------------------------------------
+# a row's images
+# --------------------------------------------------------------------------------------------
+
+def images_of_row(row: dict) -> list | None:
+    """The row's images as a list (from `images`, else `image`), or None when it has none."""
+    if row.get("images") is not None:
+        value = row["images"]
+        images = list(value) if isinstance(value, (list, tuple)) else [value]
+    elif row.get("image") is not None:
+        images = [row["image"]]
+    else:
+        return None
+    return images or None
+
+
+def open_image(value, where: str):
+    """A PIL RGB image from a PIL image, a file path, a datasets Image value or an HWC array;
+    ValueError naming `where` (the row) and the fix otherwise."""
+    from PIL import Image
+
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (str, os.PathLike)):
+            image = Image.open(os.fspath(value))
+        elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
+            import io
+
+            image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"])
+        elif hasattr(value, "__array__"):
+            import numpy as np
+
+            image = Image.fromarray(np.asarray(value))
+        else:
+            raise TypeError(f"a {type(value).__name__} is not an image")
+        image.load()
+    except Exception as err:  # noqa: BLE001 - every way an image fails to open is the same error for the user
+        shown = value if isinstance(value, (str, os.PathLike)) else type(value).__name__
+        raise ValueError(f"{where}: cannot open the image {shown!r} ({err}). Give a PIL image, the path of an image "
+                         "file, or a datasets Image column.") from None
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def multimodal_messages(messages: list[dict], n_images: int) -> list[dict]:
+    """The messages with structured content: the images' `{"type": "image"}` parts before the
+    first user message's text (unless the messages already hold their own image parts; then
+    they must be `n_images`), every string content wrapped as a text part."""
+    own = sum(1 for m in messages if isinstance(m.get("content"), list)
+              for part in m["content"] if isinstance(part, dict) and part.get("type") == "image")
+    out, placed = [], own > 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+            if message.get("role") == "user" and not placed:
+                parts = [{"type": "image"} for _ in range(n_images)] + parts
+                placed = True
+            message = {**message, "content": parts}
+        out.append(message)
+    if own and own != n_images:
+        raise ValueError(f"the prompt's messages hold {own} image parts for {n_images} images in the row.")
+    if not placed and n_images:
+        raise ValueError("the prompt has no user message with text content to put its images in.")
+    return out
+
+
+def encode_vision_prompt(prompt, images: list | None, processor, *, where: str,
+                         chat_template_kwargs: dict | None = None) -> tuple[list[int], VisionInputs | None]:
+    """(token ids, VisionInputs or None) of one prompt and its images, through the processor."""
+    opened = [open_image(img, f"{where}, image {k}") for k, img in enumerate(images or [])]
+    if isinstance(prompt, str):
+        text = prompt
+        token = image_token(processor)
+        if opened and token and token not in text:
+            text = "".join(token + "\n" for _ in opened) + text
+        templated = False
+    else:
+        messages = multimodal_messages(list(prompt), len(opened)) if opened else list(prompt)
+        template = getattr(processor, "chat_template", None) or getattr(tokenizer_of(processor), "chat_template", None)
+        if template is None:
+            raise ValueError(f"{where}: conversational prompts need a chat template, and the processor has none.")
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **(chat_template_kwargs or {}))
+        templated = True
+    if not opened:
+        ids = tokenizer_of(processor)(text, add_special_tokens=not templated)["input_ids"]
+        return list(ids), None
+    out = processor(text=[text], images=opened, return_tensors="pt", add_special_tokens=not templated)
+    ids = out["input_ids"][0].tolist()
+    length = len(ids)
+    token_ids = image_token_ids(processor)
+    n_tokens = sum(1 for t in ids if t in token_ids)
+    if n_tokens == 0:
+        raise ValueError(f"{where}: the prompt has {len(opened)} image(s) but no image token after processing; "
+                         "the prompt's text or the chat template has no image placeholder the processor expands "
+                         f"({image_token(processor)!r}).")
+    tensors, per_token = {}, {}
+    for key, value in out.items():
+        if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
+            continue
+        if value.dim() == 2 and value.shape == (1, length) and "pixel" not in key:
+            per_token[key] = value
+        else:
+            tensors[key] = value
+    return ids, VisionInputs(tensors, per_token, len(opened), n_tokens)
+
+
+def check_processor(processor, model_name: str) -> None:
+    """A processor that cannot put images in a prompt: one line saying so, before step 1."""
+    if not is_processor(processor):
+        raise ValueError(f"the dataset has images, but the processing class of {model_name} is a tokenizer: pass the "
+                         "model's processor (AutoProcessor.from_pretrained(...)) as processing_class.")
+    if not image_token_ids(processor):
+        raise ValueError(f"the processor of {model_name} ({type(processor).__name__}) has no image token "
+                         "(processor.image_token / image_token_id), so images cannot be placed in the prompt.")

@@ -1,0 +1,171 @@
+"""Vision-language models in the training forward (grpokit.core.vision): the packed shared-prefix
+layout and the padded one with image features computed once per prompt give the logprobs and the
+gradients of the model's own forward run row by row with its pixel values (TRL's way), on tiny
+Qwen2-VL (M-RoPE positions) and LLaVA models built here; the vision tower runs once per group."""
+
+import pytest
+import torch
+from PIL import Image
+
+from grpokit.core.batch import make_micro_batches
+from grpokit.core.forward import completion_logprobs, uses_packed_forward
+from grpokit.core.trajectory import Trajectories
+from grpokit.core.vision import ImageFeatures, vision_parameters
+from grpokit.data.vision import encode_vision_prompt, multimodal_messages, open_image
+from grpokit.models import new_vision_model, new_vision_processor
+
+FAMILIES = ["qwen2_vl", "llava"]
+
+
+def picture(seed: int, size=(56, 56)) -> Image.Image:
+    gen = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8).numpy())
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def vlm(request):
+    processor = new_vision_processor(request.param)
+    model = new_vision_model(processor, request.param, seed=0)
+    return request.param, processor, model
+
+
+def vision_rollout(processor, g=3, seed=0):
+    """Four groups: one image; the same text with another image (same token ids, other features);
+    two images; a text-only prompt. Random completions of 1-6 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    question = [{"role": "user", "content": "what is it?"}]
+    specs = [(question, [picture(1)]), (question, [picture(2)]), (question, [picture(3), picture(4)]),
+             ([{"role": "user", "content": "no picture here"}], None)]
+    prompt_ids, visions, comps = [], [], []
+    vocab = len(processor.tokenizer)
+    for k, (messages, images) in enumerate(specs):
+        ids, v = encode_vision_prompt(messages, images, processor, where=f"row {k}")
+        for _ in range(g):
+            prompt_ids.append(ids)
+            visions.append(v)
+            n = int(torch.randint(1, 7, (1,), generator=gen))
+            comps.append(torch.randint(4, vocab - 8, (n,), generator=gen).tolist())
+    n = len(prompt_ids)
+    assert prompt_ids[0] == prompt_ids[g] and visions[0] is not visions[g]
+    return Trajectories(row_index=[i // g for i in range(n)], prompts=[None] * n, completions=[None] * n,
+                        prompt_ids=prompt_ids, completion_ids=comps, sampling_logps=[[0.0] * len(c) for c in comps],
+                        truncated=torch.zeros(n, dtype=torch.bool), images=visions)
+
+
+def reference_logprobs(model, traj, temperature):
+    """The model's own forward, one row at a time, with the row's pixel values (as TRL runs it)."""
+    out = []
+    for p, c, v in zip(traj.prompt_ids, traj.completion_ids, traj.images):
+        ids = torch.tensor([p + c])
+        kw = {}
+        if v is not None:
+            kw.update(v.tensors)
+            for key, t in v.token_tensors.items():
+                kw[key] = torch.cat([t, torch.zeros((1, len(c)), dtype=t.dtype)], dim=1)
+        logits = model(input_ids=ids, **kw).logits[0, len(p) - 1:-1] / temperature
+        out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0])
+    return out
+
+
+def weighted(logps_rows):
+    return sum((lp * torch.linspace(0.5, 1.5, lp.numel())).sum() for lp in logps_rows)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_forward_equals_the_models_own_per_row_forward(vlm, packed):
+    family, processor, model = vlm
+    traj = vision_rollout(processor)
+    t = 0.7
+    model.zero_grad(set_to_none=True)
+    ref = reference_logprobs(model, traj, t)
+    weighted(ref).backward()
+    ref_grads = grads(model)
+    assert any(n for n, _ in vision_parameters(model) if n in ref_grads)  # the tower is trained here
+
+    model.zero_grad(set_to_none=True)
+    features = ImageFeatures()
+    (mb,) = make_micro_batches(traj, len(traj), pad_id=processor.tokenizer.pad_token_id, device="cpu",
+                               mask_truncated=False, image_features=features)
+    if packed:
+        assert uses_packed_forward(model)
+    logps, _ = completion_logprobs(model, mb, temperature=t, packed=packed)
+    rows = [logps[b, :len(c)] for b, c in enumerate(traj.completion_ids)]
+    for got, want in zip(rows, ref):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    weighted(rows).backward()
+    got_grads = grads(model)
+    assert set(got_grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], g, atol=2e-5, rtol=1e-3, msg=name)
+    # three prompts with images, three samples each: the tower ran three times, not nine
+    assert features.calls == 3
+
+
+def test_frozen_vision_tower_features_are_computed_once_per_step(vlm):
+    family, processor, model = vlm
+    traj = vision_rollout(processor)
+    frozen = [p for _, p in vision_parameters(model)]
+    for p in frozen:
+        p.requires_grad_(False)
+    calls = []
+    tower = model.model.visual if family == "qwen2_vl" else model.model.vision_tower
+    handle = tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        features = ImageFeatures()
+        mbs = make_micro_batches(traj, 2, pad_id=processor.tokenizer.pad_token_id, device="cpu",
+                                 mask_truncated=False, image_features=features)
+        assert len(mbs) == 6  # groups of 3 cut by micro-batches of 2: a prompt in two micro-batches
+        for _ in range(2):  # two passes (num_iterations = 2)
+            for mb in mbs:
+                logps, _ = completion_logprobs(model, mb, temperature=1.0)
+                logps.sum().backward()
+        assert len(calls) == 3 and features.calls == 3
+    finally:
+        handle.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+
+
+def test_images_of_a_row_are_opened_from_every_form(tmp_path):
+    img = picture(5)
+    path = tmp_path / "x.png"
+    img.save(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    for value in (img, str(path), path, {"bytes": raw, "path": None}, {"bytes": None, "path": str(path)},
+                  img.convert("L"), torch.zeros(4, 4, 3, dtype=torch.uint8).numpy()):
+        out = open_image(value, "row 3")
+        assert out.mode == "RGB"
+    with pytest.raises(ValueError, match=r"row 3: cannot open the image '.*missing.png'"):
+        open_image(str(tmp_path / "missing.png"), "row 3")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="row 3: cannot open the image"):
+        open_image(str(bad), "row 3")
+
+
+def test_multimodal_messages_put_images_before_the_first_user_text():
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what?"},
+            {"role": "user", "content": "and?"}]
+    out = multimodal_messages(msgs, 2)
+    assert out[0]["content"] == [{"type": "text", "text": "be brief"}]
+    assert out[1]["content"] == [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "what?"}]
+    assert out[2]["content"] == [{"type": "text", "text": "and?"}]
+    assert msgs[1]["content"] == "what?"  # the row is left as it was
+    own = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image"}]}]
+    assert multimodal_messages(own, 1) == own
+    with pytest.raises(ValueError, match="2 image parts for 1 images"):
+        multimodal_messages([{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}], 1)
+
+
+def test_standard_prompt_gets_one_placeholder_per_image(vlm):
+    family, processor, _ = vlm
+    ids, v = encode_vision_prompt("count them:", [picture(1), picture(2)], processor, where="row 0")
+    assert v.num_images == 2
+    plain, none = encode_vision_prompt("count them:", None, processor, where="row 0")
+    assert none is None and len(ids) > len(plain)
