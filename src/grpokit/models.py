@@ -407,7 +407,8 @@ def load_model(
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            auto = _vision_auto_class(name, trust_remote_code) or AutoModelForCausalLM
+            model = auto.from_pretrained(
                 name, dtype=torch_dtype, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
             )
         except OSError as e:  # not on the hub / no network / no such folder: one line naming the model
@@ -415,6 +416,23 @@ def load_model(
             raise OSError(f"cannot load the model {name!r}: {first} Check the hub id or the local path; "
                           "offline (HF_HUB_OFFLINE=1) only models already in the local cache are found.") from e
     return model.to(target) if target is not None else model
+
+
+def _vision_auto_class(name: str, trust_remote_code: bool):
+    """AutoModelForImageTextToText when `name`'s config is a vision-language model's (as TRL
+    loads them), else None (a causal LM)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None  # the causal-LM path says what is wrong with the name
+    if getattr(config, "vision_config", None) is None:
+        return None
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return AutoModelForImageTextToText if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES else None
 
 
 def is_peft_model(model) -> bool:

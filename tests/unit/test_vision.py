@@ -169,3 +169,38 @@ def test_standard_prompt_gets_one_placeholder_per_image(vlm):
     assert v.num_images == 2
     plain, none = encode_vision_prompt("count them:", None, processor, where="row 0")
     assert none is None and len(ids) > len(plain)
+
+
+def test_engine_prefills_each_image_prompt_once_and_decodes_as_the_full_forward(vlm):
+    """Greedy rollouts of the HF engine (prompt prefilled once per group with its image features,
+    KV cache shared by the G samples, M-RoPE positions shifted) equal greedy decoding by the
+    model's own forward re-encoding the whole sequence with its pixel values at every token."""
+    from grpokit.rollout.hf import HFEngine
+    from grpokit.rollout.sampling import SamplingParams
+
+    family, processor, model = vlm
+    traj = vision_rollout(processor, g=1)
+    prompts, visions = traj.prompt_ids, traj.images
+    features = ImageFeatures()
+    engine = HFEngine(model, processor.tokenizer)
+    outs = engine.generate(prompts, n=2, params=SamplingParams(max_tokens=6, temperature=0.0, seed=0),
+                           images=visions, image_features=features)
+    assert features.calls == 3  # one vision-tower call per prompt with images, for its 2 samples
+    model.eval()
+    with torch.no_grad():
+        for i, (p, v) in enumerate(zip(prompts, visions)):
+            seq = list(p)
+            for _ in range(6):
+                kw = {}
+                if v is not None:
+                    kw.update(v.tensors)
+                    kw.update({k: torch.cat([t, torch.zeros((1, len(seq) - len(p)), dtype=t.dtype)], 1)
+                               for k, t in v.token_tensors.items()})
+                nxt = int(model(input_ids=torch.tensor([seq]), **kw).logits[0, -1].argmax())
+                seq.append(nxt)
+                if nxt in engine.eos_ids:
+                    break
+            want = seq[len(p):]
+            for k in range(2):
+                assert outs[2 * i + k].token_ids == want, (family, i)
+    model.train()

@@ -22,8 +22,9 @@ import torch
 
 from grpokit import distributed
 from grpokit.config import GRPOConfig
-from grpokit.core.forward import ForwardPlan, choose_forward_plan
+from grpokit.core.forward import ForwardPlan, choose_forward_plan, unwrap
 from grpokit.core.trajectory import EXTERNAL, MODEL, Rollout, Segment, Trajectories
+from grpokit.core.vision import ImageFeatures
 from grpokit.rollout import SamplingParams, make_engine
 
 
@@ -129,7 +130,7 @@ class RunFacade:
 
     @property
     def processing_class(self):
-        return self.parts.tokenizer
+        return self.parts.processor if self.parts.processor is not None else self.parts.tokenizer
 
     def _take_args(self, config_cls, args, kwargs: dict) -> None:
         """`self.args`: `args`, or `config_cls()` when None; an unknown keyword argument or a config
@@ -183,6 +184,9 @@ class RunParts:
     reward_context: RewardContext = field(default_factory=RewardContext)  # trainer_state, log_metric, log_extra
     multiturn: Any = None            # grpokit.envs.MultiTurn: tools / environments (None: single-turn)
     rollout_func: Any = None         # TRL's rollout_func bound to its trainer: prompts -> dict (replaces sampling)
+    vision: list | None = None       # per dataset row: its images' processor tensors (VisionInputs) or None
+    image_features: Any = None       # grpokit.core.vision.ImageFeatures: each prompt's images encoded once a step
+    processor: Any = None            # a vision-language model's processor (processing_class); tokenizer = its text part
     _generate_engine: Any = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -268,7 +272,12 @@ class RunParts:
                     encode=lambda prompt, kw: encode_prompt(prompt, self.tokenizer, kw))
                 traj = dataclasses.replace(traj, row_index=[rows[i] for i in traj.row_index])
             else:
-                outs = engine.generate([src.prompt_ids[r] for r in rows], n=g, params=params)
+                vision = self.vision if data is None else getattr(data, "vision", None)
+                images = {}
+                if vision is not None:
+                    self.image_features.clear()  # new weights since the last step
+                    images = {"images": [vision[r] for r in rows], "image_features": self.image_features}
+                outs = engine.generate([src.prompt_ids[r] for r in rows], n=g, params=params, **images)
                 row_index = [rows[o.prompt_index] for o in outs]
                 traj = Trajectories(
                     row_index=row_index, prompts=[src.prompts[r] for r in row_index],
@@ -276,7 +285,8 @@ class RunParts:
                                  for o in outs],
                     prompt_ids=[src.prompt_ids[r] for r in row_index],
                     completion_ids=[list(o.token_ids) for o in outs], sampling_logps=[list(o.logprobs) for o in outs],
-                    truncated=torch.tensor([o.finish_reason == "length" for o in outs], dtype=torch.bool))
+                    truncated=torch.tensor([o.finish_reason == "length" for o in outs], dtype=torch.bool),
+                    images=[vision[r] for r in row_index] if vision is not None else None)
         nonfinite = torch.tensor([not all(map(math.isfinite, lps)) for lps in traj.sampling_logps], dtype=torch.bool)
         if bool(nonfinite.any()) and self.config.on_nonfinite == "raise":
             raise FloatingPointError(f"{int(nonfinite.sum())} of {len(traj)} completions were sampled from NaN/inf "
@@ -645,8 +655,9 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     if environment_factory is not None and "prompt" not in train_dataset.column_names:
         # as TRL: rows that only pick an environment get an empty user turn; reset() supplies the prompt
         train_dataset = train_dataset.add_column("prompt", [[{"role": "user", "content": ""}]] * len(train_dataset))
-    if cfg.remove_unused_columns:
-        train_dataset = train_dataset.select_columns(["prompt"])
+    if cfg.remove_unused_columns:  # as TRL: the prompt and its images
+        train_dataset = train_dataset.select_columns(
+            ["prompt"] + [c for c in ("image", "images") if c in train_dataset.column_names])
 
     # model and tokenizer
     if task is not None and tools is None and environment_factory is None:  # a tool task's own
@@ -670,7 +681,24 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     dtype = init_kwargs.pop("dtype", None) or init_kwargs.pop("torch_dtype", None) or _pick_dtype(cfg, device, notes)
     policy = models.load_model(model_ref, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                                **init_kwargs)
-    tok = models.load_tokenizer(tokenizer if tokenizer is not None else model_ref)
+    from grpokit.core.vision import is_vision_model
+    from grpokit.data import vision as data_vision
+
+    has_images = any(c in train_dataset.column_names for c in data_vision.IMAGE_COLUMNS)
+    vlm = is_vision_model(unwrap(policy))
+    processor = None
+    source = tokenizer if tokenizer is not None else model_ref
+    if vlm and isinstance(source, str | os.PathLike) and str(source) not in ("char", "char-chat"):
+        processor = data_vision.load_processor(str(source), trust_remote_code=cfg.trust_remote_code)
+    elif data_vision.is_processor(source):
+        processor = source
+    if has_images and not vlm:
+        raise ValueError(f"the dataset has images (column {'images' if 'images' in train_dataset.column_names else 'image'}"
+                         f"), but {model_name} is a text-only model ({type(unwrap(policy)).__name__}): use a "
+                         "vision-language model (AutoModelForImageTextToText), or drop the image column.")
+    if has_images:
+        data_vision.check_processor(processor if processor is not None else source, model_name)
+    tok = models.load_tokenizer(processor.tokenizer if processor is not None else source)
     multiturn = None
     if tools or environment_factory is not None:
         from grpokit.envs import MultiTurn
@@ -717,8 +745,18 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     if multiturn is not None:
         envs_col = train_dataset["environment"] if "environment" in train_dataset.column_names else None
         tools_of_row = lambda i: multiturn.row_tools({"environment": envs_col[i] if envs_col else None})  # noqa: E731
-    prompt_ids = data.validate_prompts(train_dataset, tok, max_prompt_length=cfg.max_prompt_length,
-                                       chat_template_kwargs=cfg.chat_template_kwargs, tools_of_row=tools_of_row)
+    vision = None
+    if has_images:
+        if multiturn is not None or rollout_func is not None or cfg.use_vllm:
+            what = "tools / environment_factory" if multiturn is not None else (
+                "rollout_func" if rollout_func is not None else "use_vllm=True")
+            raise ValueError(f"images with {what} are not supported yet: train on images with grpokit's own "
+                             "single-turn rollout.")
+        prompt_ids, vision = data_vision.encode_rows(train_dataset, processor, max_prompt_length=cfg.max_prompt_length,
+                                                     chat_template_kwargs=cfg.chat_template_kwargs)
+    else:
+        prompt_ids = data.validate_prompts(train_dataset, tok, max_prompt_length=cfg.max_prompt_length,
+                                           chat_template_kwargs=cfg.chat_template_kwargs, tools_of_row=tools_of_row)
     conversational = data.is_conversational(train_dataset[0])
     if multiturn is not None and not conversational:
         raise ValueError("tools / environment_factory need conversational prompts (a list of {'role', 'content'} "
@@ -826,7 +864,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                     ref_model=ref_model, is_peft=is_peft, rank=rank, world_size=world,
                     pad_id=tok.pad_token_id, task_name=task.name if task else None, model_name=model_name,
                     notes=notes, train_forward=train_forward, ref_forward=ref_forward, multiturn=multiturn,
-                    rollout_func=rollout_func,
+                    rollout_func=rollout_func, vision=vision, processor=processor,
+                    image_features=ImageFeatures() if vision is not None else None,
                     strategy=cfg.distributed_strategy, extra_modules=extra_modules,
                     plan=choose_forward_plan(cfg, policy, engine, world_size=world, is_peft=is_peft,
                                              needs_reference=needs_reference, overrides=forward_plan))

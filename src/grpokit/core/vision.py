@@ -83,15 +83,16 @@ class ImageFeatures:
     output of `get_image_features` for VisionInputs `v`; `calls` counts the tower's calls."""
 
     def __init__(self):
-        self._cache: dict[int, tuple[VisionInputs, Any]] = {}
+        self._cache: dict[tuple[int, int], tuple[VisionInputs, Any]] = {}
         self.calls = 0
 
     def clear(self) -> None:
         self._cache.clear()
 
     def of(self, model, v: VisionInputs, *, grad: bool):
-        if not grad and id(v) in self._cache:
-            return self._cache[id(v)][1]
+        key = (id(model), id(v))  # the policy's and a frozen reference copy's towers differ
+        if not grad and key in self._cache:
+            return self._cache[key][1]
         base = multimodal_base(model)
         device = next(model.parameters()).device
         kwargs = {k: t.to(device) for k, t in v.tensors.items()}
@@ -101,7 +102,7 @@ class ImageFeatures:
         self.calls += 1
         pooled = out.pooler_output
         if not grad:
-            self._cache[id(v)] = (v, pooled)  # v kept alive: its id stays its own
+            self._cache[key] = (v, pooled)  # v kept alive: its id stays its own
         return pooled
 
 
@@ -175,20 +176,53 @@ def _features(model, visions: list[VisionInputs], features: ImageFeatures | None
     return [features.of(model, v, grad=grad) for v in visions]
 
 
+def image_token_id(model) -> int:
+    """The id of the token that stands for image features in the model's prompts."""
+    cfg = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"{type(model).__name__}'s config names no image token (image_token_id / image_token_index).")
+
+
+def _embeds(model, input_ids, prompt_image_mask, pooled: list):
+    """Token embeddings with the prompts' image tokens replaced by their features. Only the image
+    tokens of prompts are: one the model sampled in a completion is an ordinary token, embedded as
+    the rollout's decode step embedded it (the model's own merge would take it for a placeholder)."""
+    embeds = multimodal_base(model).get_input_embeddings()(input_ids)
+    if pooled:
+        joined = join_features(pooled)
+        flat = (torch.cat([t.reshape(-1, embeds.shape[-1]) for t in joined]) if isinstance(joined, tuple)
+                else joined.reshape(-1, embeds.shape[-1]))
+        n = int(prompt_image_mask.sum())
+        if n != flat.shape[0]:
+            raise ValueError(f"the prompts hold {n} image tokens for {flat.shape[0]} image features.")
+        embeds = embeds.masked_scatter(prompt_image_mask[..., None].to(embeds.device), flat.to(embeds.dtype))
+    return embeds
+
+
 def padded_inputs(model, mb, features: ImageFeatures | None, *, grad: bool) -> dict[str, Any]:
-    """Keyword arguments for the multimodal model on the padded [B, P + C] layout of `mb`: the
-    features of each distinct prompt (computed once) repeated for its rows, the per-image tensors
-    of the rows' images, the per-token tensors laid out as the tokens (left-padded prompt, 0 on
-    completion tokens), and the positions (M-RoPE: left to the model, from the attention mask)."""
+    """Keyword arguments for the multimodal base model on the padded [B, P + C] layout of `mb`:
+    the embeddings with each distinct prompt's image features (computed once) in its rows' image
+    tokens, the per-image tensors of the rows' images, the per-token tensors laid out as the
+    tokens (left-padded prompt, 0 on completion tokens), and the positions (M-RoPE: the model's
+    own `get_rope_index` over the batch)."""
     visions, index = distinct(mb.vision)
     pooled = _features(model, visions, features, grad)
     rows = [b for b, i in enumerate(index) if i >= 0]
-    kw: dict[str, Any] = {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask}
-    if rows:
-        kw["mm_encoder_outputs"] = encoder_outputs([pooled[index[b]] for b in rows])
-        kw.update({k: t.to(mb.device) for k, t in image_kwargs([mb.vision[b] for b in rows]).items()})
     p = mb.prompt_width
+    image_mask = torch.zeros(mb.input_ids.shape, dtype=torch.bool, device=mb.device)
+    image_mask[:, :p] = mb.input_ids[:, :p] == image_token_id(model)
+    keep = torch.zeros(mb.input_ids.shape[0], dtype=torch.bool, device=mb.device)
+    keep[rows] = True
+    image_mask &= keep[:, None]
+    kw: dict[str, Any] = {"attention_mask": mb.attention_mask,
+                          "inputs_embeds": _embeds(model, mb.input_ids, image_mask, [pooled[index[b]] for b in rows])}
+    per_image = {k: t.to(mb.device) for k, t in image_kwargs([mb.vision[b] for b in rows]).items()} if rows else {}
+    kw.update({k: t for k, t in per_image.items() if k != "image_grid_thw"})
     token_keys = {k for v in visions for k in v.token_tensors}
+    tokens = {}
     for key in token_keys:
         grid = torch.zeros(mb.input_ids.shape, dtype=torch.long)
         for b in rows:
@@ -196,27 +230,35 @@ def padded_inputs(model, mb, features: ImageFeatures | None, *, grad: bool) -> d
             if key in v.token_tensors:
                 values = v.token_tensors[key][0]
                 grid[b, p - values.shape[0]:p] = values
-        kw[key] = grid.to(mb.device)
-    if not uses_mrope(model):
+        tokens[key] = grid.to(mb.device)
+    if uses_mrope(model):
+        kw["position_ids"], _ = multimodal_base(model).get_rope_index(
+            mb.input_ids, mm_token_type_ids=tokens.get("mm_token_type_ids", torch.zeros_like(mb.input_ids)),
+            image_grid_thw=per_image.get("image_grid_thw"), attention_mask=mb.attention_mask)
+    else:
         kw["position_ids"] = mb.position_ids
+    kw.update({k: t for k, t in tokens.items() if k != "mm_token_type_ids"})
     return kw
 
 
 def packed_inputs(model, mb, layout, features: ImageFeatures | None, *, grad: bool) -> dict[str, Any]:
     """Keyword arguments for the multimodal base model on the packed rows of `layout` (besides
-    its 4-D mask): the features of each segment's prompt in row order, the per-image tensors in
-    the same order, and the positions (M-RoPE: each prompt's 3-D positions, its completions'
-    text positions shifted by the prompt's delta)."""
+    its 4-D mask): the embeddings with each segment's prompt image features (once per distinct
+    prompt) in its image tokens, and the positions (M-RoPE: each prompt's 3-D positions, its
+    completions' text positions shifted by the prompt's delta)."""
     visions, index = distinct(mb.vision)
     pooled = _features(model, visions, features, grad)
     segs = [(start, p, length, b) for start, p, length, b in layout.segments if index[b] >= 0]
-    kw: dict[str, Any] = {"input_ids": layout.input_ids}
-    if segs:
-        kw["mm_encoder_outputs"] = encoder_outputs([pooled[index[b]] for *_, b in segs])
-        kw.update({k: t.to(mb.device) for k, t in image_kwargs([mb.vision[b] for *_, b in segs]).items()})
+    width = layout.input_ids.shape[1]
+    flat_ids = layout.input_ids.reshape(-1)
+    image_mask = torch.zeros(flat_ids.shape, dtype=torch.bool, device=flat_ids.device)
+    token = image_token_id(model)
+    for start, p, _, _ in segs:
+        image_mask[start:start + p] = flat_ids[start:start + p] == token
+    kw: dict[str, Any] = {"inputs_embeds": _embeds(model, layout.input_ids, image_mask.view(layout.input_ids.shape),
+                                                   [pooled[index[b]] for *_, b in segs])}
     positions = layout.position_ids
     if uses_mrope(model):
-        width = positions.shape[1]
         positions = positions[None].repeat(3, 1, 1)
         for start, p, length, b in segs:
             p3, delta = rope_positions(model, mb.vision[b], mb.prompt_token_ids[b])

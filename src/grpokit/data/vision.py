@@ -94,7 +94,7 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False, **kwargs)
 
     try:
         return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
-    except ImportError as err:
+    except (ImportError, ValueError) as err:  # transformers raises either, naming torchvision
         if "torchvision" not in str(err).lower():
             raise
         return _processor_without_video(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
@@ -287,3 +287,31 @@ def check_processor(processor, model_name: str) -> None:
     if not image_token_ids(processor):
         raise ValueError(f"the processor of {model_name} ({type(processor).__name__}) has no image token "
                          "(processor.image_token / image_token_id), so images cannot be placed in the prompt.")
+
+
+def encode_rows(dataset, processor, *, max_prompt_length: int | None,
+                chat_template_kwargs: dict | None = None) -> tuple[list[list[int]], list[VisionInputs | None]]:
+    """Every row's prompt token ids (image tokens expanded) and VisionInputs (None for a row
+    without images), checked before step 1: an image that does not open (row named), a prompt
+    over `max_prompt_length` (with its count of image tokens)."""
+    columns = set(dataset.column_names)
+    if "prompt" not in columns:
+        raise ValueError(f"the dataset has no 'prompt' column; its columns are {sorted(columns)}.")
+    ids_out, vision_out = [], []
+    for i in range(len(dataset)):
+        try:  # a datasets Image column opens its images when a row is read
+            row = dataset[i]
+        except (OSError, ValueError) as err:
+            raise ValueError(f"row {i}: cannot open its image ({err}). Give a PIL image, the path of an image file, or "
+                             "a datasets Image column.") from None
+        ids, vision = encode_vision_prompt(row["prompt"], images_of_row(row), processor, where=f"row {i}",
+                                           chat_template_kwargs=chat_template_kwargs)
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            n_img = vision.num_image_tokens if vision is not None else 0
+            raise ValueError(f"prompt of row {i} is {len(ids)} tokens long ({n_img} of them for its "
+                             f"{vision.num_images if vision else 0} image(s)), over max_prompt_length="
+                             f"{max_prompt_length}. Raise max_prompt_length, or give smaller images (the processor's "
+                             "max_pixels / size) or fewer per prompt.")
+        ids_out.append(ids)
+        vision_out.append(vision)
+    return ids_out, vision_out

@@ -121,6 +121,7 @@ class HFEngine:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
         self.stats: dict[str, float] = {}
+        self._images = self._image_features = None  # the images of the prompts of the current generate call
         """Phase split of the last `generate` call: prefill_s, decode_s, steps, waves, tokens."""
         self._check_model()
         self._router_logits = bool(getattr(_base_model(model).config, "output_router_logits", False))
@@ -133,10 +134,18 @@ class HFEngine:
         self.model.load_state_dict(model.state_dict())
 
     def generate(self, prompt_ids: list[list[int]], n: int = 1,
-                 params: SamplingParams | None = None) -> list[Completion]:
-        """n completions per prompt, grouped by prompt (prompt 0's n completions first, ...)."""
+                 params: SamplingParams | None = None, images: list | None = None,
+                 image_features=None) -> list[Completion]:
+        """n completions per prompt, grouped by prompt (prompt 0's n completions first, ...).
+
+        `images` (a vision-language model): per prompt, its images' processor tensors
+        (grpokit.data.vision.VisionInputs) or None; a prompt with images is prefilled alone,
+        once for its n samples, with its image features (`image_features`, a
+        grpokit.core.vision.ImageFeatures: computed once per step when the vision tower is
+        frozen), and its samples decode at the positions the images shift (M-RoPE)."""
         params = params or SamplingParams()
         results: list[Completion | None] = [None] * (len(prompt_ids) * n)
+        self._images, self._image_features = images, image_features
         with self._session(prompt_ids, n, params) as seed:
             for wave in self._plan_waves(prompt_ids, n, params.max_tokens):
                 self._run_wave(wave, prompt_ids, n, params, seed, results)
@@ -155,6 +164,7 @@ class HFEngine:
         tool tokens); token t of a sample's completion is drawn with the same uniform as in
         `generate`, so a conversation does not depend on the others in its batch."""
         params = params or SamplingParams()
+        self._images = self._image_features = None  # multi-turn rollouts take text prompts
         with self._session(prompt_ids, n, params) as seed:
             for wave in self._plan_waves(prompt_ids, n, params.max_tokens):
                 self._run_wave_multiturn(wave, prompt_ids, n, params, seed, driver)
@@ -261,10 +271,17 @@ class HFEngine:
             waves.append(wave)
         return waves
 
-    def _prefill_batches(self, prompts: list[list[int]]):
-        """Group prompt indices (already sorted by length, longest first) into prefill batches."""
+    def _prefill_batches(self, prompts: list[list[int]], alone: list[bool] | None = None):
+        """Group prompt indices (already sorted by length, longest first) into prefill batches;
+        a prompt marked in `alone` (it has images) is a batch of its own."""
         batches, cur = [], []
         for i, p in enumerate(prompts):
+            if alone is not None and alone[i]:
+                if cur:
+                    batches.append(cur)
+                    cur = []
+                batches.append([i])
+                continue
             if cur:
                 width = len(prompts[cur[0]])
                 real = sum(len(prompts[j]) for j in cur) + len(p)
@@ -319,7 +336,8 @@ class HFEngine:
             n_rows += count
         width = max(len(p) for p in prompts)
         cache = first_logits = None
-        for batch in self._prefill_batches(prompts):
+        visions = [self._vision_of(i) for i, _, _ in wave]
+        for batch in self._prefill_batches(prompts, [v is not None for v in visions]):
             b_width = len(prompts[batch[0]])
             ids = torch.tensor([[self.pad_id] * (b_width - len(prompts[j])) + list(prompts[j]) for j in batch],
                                dtype=torch.long)
@@ -331,6 +349,8 @@ class HFEngine:
                 kw["position_ids"] = (att.cumsum(-1) - 1).clamp_(min=0).to(self.device)
             if self._logits_kw:
                 kw[self._logits_kw] = 1
+            if visions[batch[0]] is not None:  # alone in its batch: the model places its image features
+                kw.update(self._image_inputs(visions[batch[0]]))
             prefill_cache = DynamicCache()
             logits = self._forward(input_ids=ids.to(self.device), cache=prefill_cache, **kw)[:, -1, :]
             if cache is None:
@@ -356,8 +376,8 @@ class HFEngine:
         # uniforms[r, t] picks wave-row r's token at step t (counter-based, see sampling.py)
         uniforms = row_uniforms(row_keys(seed, global_rows), params.max_tokens).to(device)  # hashed on the host
         row_ids = torch.arange(n_rows, device=device)  # wave row of each batch position
-        positions = torch.tensor([len(prompt_ids[i]) for i, _, c in wave for _ in range(c)],
-                                 dtype=torch.long, device=device)
+        positions = torch.tensor([len(prompt_ids[i]) + self._position_offset(i, prompt_ids) for i, _, c in wave
+                                  for _ in range(c)], dtype=torch.long, device=device)
         active = list(range(n_rows))  # the same, as a Python list
         out_tokens: list[list[int]] = [[] for _ in range(n_rows)]
         out_logprobs: list[list[float]] = [[] for _ in range(n_rows)]
@@ -401,6 +421,29 @@ class HFEngine:
                     active[to] = active[frm]
                 del active[cache.b:]
         return out_tokens, out_logprobs, finish
+
+    def _vision_of(self, i: int):
+        return self._images[i] if self._images is not None else None
+
+    def _image_inputs(self, v) -> dict:
+        """The model's image arguments for one prompt: its features (once per prompt; see
+        grpokit.core.vision) and per-image / per-token tensors."""
+        from grpokit.core.vision import ImageFeatures, encoder_outputs
+
+        base = _base_model(self.model)
+        features = self._image_features if self._image_features is not None else ImageFeatures()
+        kw = {"mm_encoder_outputs": encoder_outputs([features.of(base, v, grad=False)])}
+        kw.update({k: t.to(self.device) for k, t in v.tensors.items() if "pixel" not in k})
+        kw.update({k: t.to(self.device) for k, t in v.token_tensors.items()})
+        return kw
+
+    def _position_offset(self, i: int, prompt_ids) -> int:
+        v = self._vision_of(i)
+        if v is None:
+            return 0
+        from grpokit.core.vision import position_offset
+
+        return position_offset(_base_model(self.model), v, prompt_ids[i])
 
     def _prompt_seen(self, wave, prompt_ids, vocab: int) -> torch.Tensor:
         """[wave rows, V] bool: the tokens of each row's prompt (the repetition penalty's start)."""
