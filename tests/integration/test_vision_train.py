@@ -77,3 +77,21 @@ def test_bad_image_and_long_prompt_are_errors_naming_the_row(tmp_path):
     with pytest.raises(ValueError, match=r"prompt of row 0 is \d+ tokens long \(\d+ of them for its 1 image\(s\)\), "
                                          r"over max_prompt_length=20"):
         GRPOTrainer(model=model_path, reward_funcs=fn, args=config(tmp_path, max_prompt_length=20), train_dataset=ds)
+
+
+def test_lora_on_a_vlm_adapts_the_language_model_and_leaves_the_vision_tower_frozen(tmp_path):
+    from grpokit.core.vision import vision_parameters, vision_tower_trained
+
+    model_path = saved_vlm(tmp_path, "qwen2_vl")
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "colour?"}]] * 2,
+                            "image": [colour((255, 0, 0)), colour((0, 0, 255))]})
+    trainer = GRPOTrainer(model=model_path, reward_funcs=lambda completions, **k: [float(len(c[0]["content"]))
+                                                                                  for c in completions],
+                          args=config(tmp_path, use_peft=True, lora_target_modules="all-linear", max_steps=2),
+                          train_dataset=ds)
+    inner = trainer.model.get_base_model()
+    lora = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert lora and all("language_model" in n and "lora_" in n for n in lora)
+    assert not vision_tower_trained(inner) and vision_parameters(inner)
+    trainer.train()
+    assert trainer.parts.image_features.calls == 2  # frozen tower: once per prompt for the whole step

@@ -547,8 +547,8 @@ class RunParts:
         from grpokit.models import save_model
 
         if not self.sharded:
-            if self.rank == 0:
-                save_model(self.model, self.tokenizer, path, merge_lora=merge_lora)
+            if self.rank == 0:  # a vision-language model's processor (its tokenizer included), else the tokenizer
+                save_model(self.model, self.processor or self.tokenizer, path, merge_lora=merge_lora)
             return path
         if merge_lora:
             raise ValueError("merge_lora=True is not supported on a sharded (FSDP2) model: save without it, then "
@@ -559,7 +559,7 @@ class RunParts:
             if self.rank == 0:
                 os.makedirs(path, exist_ok=True)
                 self.model.save_pretrained(path, state_dict=full)
-                self.tokenizer.save_pretrained(path)
+                (self.processor or self.tokenizer).save_pretrained(path)
         return path
 
     def finish(self) -> None:
@@ -729,8 +729,13 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     if peft_config is None and cfg.use_peft:
         from peft import LoraConfig
 
+        targets = cfg.lora_target_modules
+        if vlm:  # the adapter in the language model; the vision tower stays frozen
+            from grpokit.core.vision import language_model_lora_targets
+
+            targets = language_model_lora_targets(unwrap(policy), targets)
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+                                 target_modules=targets, task_type="CAUSAL_LM")
     is_peft = peft_config is not None or hasattr(policy, "disable_adapter")
     if peft_config is not None:
         policy = models.apply_lora(policy, peft_config)
@@ -794,6 +799,10 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
 
     # generation engine, reference, optimizer, schedule
     engine = _make_rollout_engine(cfg, policy, tok, notes)
+    if vision is not None and type(engine).__name__ != "HFEngine":
+        raise ValueError(f"images are sampled by grpokit's own engine, which this model cannot use "
+                         f"({'; '.join(n for n in notes if n.startswith('rollout:')) or type(engine).__name__}); "
+                         "images with transformers' generate are not supported yet.")
     needs_reference = cfg.beta > 0 if needs_reference is None else needs_reference
     if cfg.sync_ref_model and is_peft:
         raise ValueError("sync_ref_model=True with a LoRA (PEFT) model: the reference is the base model with the "
@@ -842,6 +851,10 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     from grpokit.tracking import Tracker
 
     def make_evaluator(dataset):  # one eval set or named ones (a DatasetDict is a dict); streams read whole
+        for ds in (dataset.values() if isinstance(dataset, dict) else [dataset]):
+            if any(c in (getattr(ds, "column_names", None) or []) for c in data_vision.IMAGE_COLUMNS):
+                raise ValueError("eval_dataset has an image column: evaluation with images is not supported yet "
+                                 "(train_dataset can have images); pass an eval set without images, or none.")
         if _is_iterable_dataset(dataset):
             dataset = _rows_of_stream(dataset, None, 1, 1)
         elif isinstance(dataset, dict):

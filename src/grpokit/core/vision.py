@@ -58,6 +58,25 @@ def language_model_names(model) -> list[str]:
     return []
 
 
+def language_model_lora_targets(model, target_modules=None) -> str:
+    """LoRA's target modules of a vision-language model, kept to its language model (a regex for
+    peft): `target_modules` None or "all-linear" means every linear layer of the language model,
+    a list of names those of its layers with one of the names."""
+    import re
+
+    prefixes = language_model_names(model)
+    if not prefixes:
+        raise ValueError(f"{type(model).__name__}: cannot find the language model to put the LoRA adapter in.")
+    inside = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and any(name.startswith(p + ".") for p in prefixes)]
+    if target_modules in (None, "all-linear"):
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in inside})
+    else:
+        leaves = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    alternatives = "|".join(re.escape(p) for p in prefixes)
+    return rf"^(?:{alternatives})\..*\.(?:{'|'.join(re.escape(x) for x in leaves)})$"
+
+
 def vision_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     """The vision tower's and projector's parameters: those outside the language model and lm_head."""
     lm = set(language_model_names(model))
