@@ -37,19 +37,29 @@ class Evaluator:
     multiturn: Any = None               # grpokit.envs.MultiTurn: conversations with tools / environments
     encode: Callable | None = None      # (prompt, chat_template_kwargs) -> ids, for multi-turn prompts
     without_tools: "Evaluator | None" = None   # the same prompts with no tools offered (eval/accuracy_without_tools)
+    vision: list | None = None          # per row: its images' processor tensors (VisionInputs) or None
 
     @classmethod
     def build(cls, dataset, tokenizer, *, task=None, reward_runner=None, config=None, max_prompt_length=None,
-              multiturn=None):
+              multiturn=None, processor=None):
         from grpokit import data
+        from grpokit.data import vision as data_vision
 
         max_len = config.max_prompt_length if config is not None else max_prompt_length
         kwargs = config.chat_template_kwargs if config is not None else None
         tools_of_row = None
         if multiturn is not None:
             tools_of_row = lambda i: multiturn.row_tools(dict(dataset[i]))  # noqa: E731
-        prompt_ids = data.validate_prompts(dataset, tokenizer, max_prompt_length=max_len, chat_template_kwargs=kwargs,
-                                           tools_of_row=tools_of_row)
+        vision = None
+        if any(c in dataset.column_names for c in data_vision.IMAGE_COLUMNS):
+            if processor is None:
+                raise ValueError("eval_dataset has an image column, but the model is not a vision-language model "
+                                 "(it has no processor to put images in its prompts).")
+            prompt_ids, vision = data_vision.encode_rows(dataset, processor, max_prompt_length=max_len,
+                                                         chat_template_kwargs=kwargs)
+        else:
+            prompt_ids = data.validate_prompts(dataset, tokenizer, max_prompt_length=max_len,
+                                               chat_template_kwargs=kwargs, tools_of_row=tools_of_row)
         rows = [dict(r) for r in dataset]
         without = None
         if multiturn is not None and multiturn.environments is None and task is not None:  # a built-in tool task
@@ -60,7 +70,7 @@ class Evaluator:
                    max_tokens=config.max_completion_length if config is not None else 256,
                    stop=list(config.stop) if config is not None else [],
                    is_correct=task.is_correct if task is not None else None, reward_runner=reward_runner,
-                   multiturn=multiturn, encode=lambda p, kw: data.encode_prompt(p, tokenizer, kw))
+                   multiturn=multiturn, encode=lambda p, kw: data.encode_prompt(p, tokenizer, kw), vision=vision)
 
     def _correct(self, row_ids: list[int], completions: list, extras: dict | None = None) -> list[bool]:
         if self.is_correct is not None:
@@ -76,7 +86,8 @@ class Evaluator:
     def _sample(self, engine, ids: list[int], n: int, params) -> tuple[list[int], list, list[int], dict]:
         """(row of each completion, completions, lengths in model tokens, extras for the rewards)."""
         if self.multiturn is None:
-            outs = engine.generate([self.prompt_ids[i] for i in ids], n=n, params=params)
+            images = {"images": [self.vision[i] for i in ids]} if self.vision is not None else {}
+            outs = engine.generate([self.prompt_ids[i] for i in ids], n=n, params=params, **images)
             return [ids[o.prompt_index] for o in outs], [o.text for o in outs], [len(o.token_ids) for o in outs], {}
         traj, envs = self.multiturn.rollout(engine, [self.rows[i] for i in ids], n, params, max_tokens=self.max_tokens,
                                             encode=self.encode)

@@ -95,3 +95,20 @@ def test_lora_on_a_vlm_adapts_the_language_model_and_leaves_the_vision_tower_fro
     assert not vision_tower_trained(inner) and vision_parameters(inner)
     trainer.train()
     assert trainer.parts.image_features.calls == 2  # frozen tower: once per prompt for the whole step
+
+
+def test_eval_set_with_images(tmp_path):
+    model_path = saved_vlm(tmp_path, "llava")
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "colour?"}]] * 2,
+                            "image": [colour((255, 0, 0)), None], "answer": ["red", "none"]})
+    looked = []
+
+    def reward(completions, image, answer, **kw):
+        looked.extend(x is not None for x in image)
+        return [float(c[0]["content"].strip() == a) for c, a in zip(completions, answer)]
+
+    trainer = GRPOTrainer(model=model_path, reward_funcs=reward, args=config(tmp_path, max_steps=1),
+                          train_dataset=ds, eval_dataset=ds)
+    assert trainer.parts.eval_fn.vision[0] is not None and trainer.parts.eval_fn.vision[1] is None
+    metrics = trainer.evaluate()
+    assert any(k.startswith("eval") for k in metrics) and True in looked and False in looked

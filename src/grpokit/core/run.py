@@ -274,7 +274,7 @@ class RunParts:
             else:
                 vision = self.vision if data is None else getattr(data, "vision", None)
                 images = {}
-                if vision is not None:
+                if vision is not None and self.image_features is not None:
                     self.image_features.clear()  # new weights since the last step
                     images = {"images": [vision[r] for r in rows], "image_features": self.image_features}
                 outs = engine.generate([src.prompt_ids[r] for r in rows], n=g, params=params, **images)
@@ -851,16 +851,13 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     from grpokit.tracking import Tracker
 
     def make_evaluator(dataset):  # one eval set or named ones (a DatasetDict is a dict); streams read whole
-        for ds in (dataset.values() if isinstance(dataset, dict) else [dataset]):
-            if any(c in (getattr(ds, "column_names", None) or []) for c in data_vision.IMAGE_COLUMNS):
-                raise ValueError("eval_dataset has an image column: evaluation with images is not supported yet "
-                                 "(train_dataset can have images); pass an eval set without images, or none.")
         if _is_iterable_dataset(dataset):
             dataset = _rows_of_stream(dataset, None, 1, 1)
         elif isinstance(dataset, dict):
             dataset = {name: _rows_of_stream(ds, None, 1, 1) if _is_iterable_dataset(ds) else ds
                        for name, ds in dataset.items()}
-        return build_evaluator(dataset, tok, task=task, reward_runner=runner, config=cfg, multiturn=multiturn)
+        return build_evaluator(dataset, tok, task=task, reward_runner=runner, config=cfg, multiturn=multiturn,
+                               processor=processor)
 
     eval_fn = make_evaluator(eval_dataset) if eval_dataset is not None else None
     if cfg.eval_strategy == "steps" and eval_fn is None:
@@ -878,7 +875,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                     pad_id=tok.pad_token_id, task_name=task.name if task else None, model_name=model_name,
                     notes=notes, train_forward=train_forward, ref_forward=ref_forward, multiturn=multiturn,
                     rollout_func=rollout_func, vision=vision, processor=processor,
-                    image_features=ImageFeatures() if vision is not None else None,
+                    image_features=ImageFeatures() if vlm else None,
                     strategy=cfg.distributed_strategy, extra_modules=extra_modules,
                     plan=choose_forward_plan(cfg, policy, engine, world_size=world, is_peft=is_peft,
                                              needs_reference=needs_reference, overrides=forward_plan))
