@@ -112,3 +112,22 @@ def test_eval_set_with_images(tmp_path):
     assert trainer.parts.eval_fn.vision[0] is not None and trainer.parts.eval_fn.vision[1] is None
     metrics = trainer.evaluate()
     assert any(k.startswith("eval") for k in metrics) and True in looked and False in looked
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dpo"])
+def test_ppo_and_dpo_baselines_train_on_images(tmp_path, algo):
+    from grpokit.baselines.dpo import DPOConfig, DPOTrainer
+    from grpokit.baselines.ppo import PPOConfig, PPOTrainer
+
+    model_path = saved_vlm(tmp_path, "qwen2_vl")
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "colour?"}]] * 2,
+                            "image": [colour((255, 0, 0)), colour((0, 0, 255))]})
+    cfg_cls, trainer_cls = (PPOConfig, PPOTrainer) if algo == "ppo" else (DPOConfig, DPOTrainer)
+    fields = dict(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
+                  max_completion_length=4, learning_rate=5e-2, logging_steps=1, save_strategy="no", use_cpu=True,
+                  disable_tqdm=True, plot=False, seed=1, report_to=[])
+    trainer = trainer_cls(model=model_path, args=cfg_cls(**fields), train_dataset=ds,
+                          reward_funcs=lambda completions, **k: [float(len(c[0]["content"])) for c in completions])
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())

@@ -220,7 +220,8 @@ def offline_dpo_step(run: RunParts, pairs_ids, rows: list[int], phase: dict) -> 
         prompt_ids=[run.prompt_ids[r] for r in rows for _ in (0, 1)],
         completion_ids=[pairs_ids[r][j] for r in rows for j in (0, 1)],
         sampling_logps=[[0.0] * len(pairs_ids[r][j]) for r in rows for j in (0, 1)],
-        truncated=torch.zeros(n, dtype=torch.bool))
+        truncated=torch.zeros(n, dtype=torch.bool),
+        images=[run.vision[r] for r in rows for _ in (0, 1)] if run.vision is not None else None)
     stats = _dpo_update(run, pairs, pairs_per_micro_batch=cfg.per_device_train_batch_size, phase=phase)
     return StepOutput(rollout=None, step_stats=[stats], samples=n,
                       extra={"dpo/pairs": float(len(rows))}, skipped=int(not stats.pop("_applied")))
@@ -234,7 +235,8 @@ def _dpo_update(run: RunParts, pairs: Trajectories, *, pairs_per_micro_batch: in
     totals: dict[str, torch.Tensor] = {}
     if num_pairs:
         micro_batches = make_micro_batches(pairs, 2 * pairs_per_micro_batch, pad_id=run.pad_id, device=run.device,
-                                           mask_truncated=cfg.mask_truncated_completions)
+                                           mask_truncated=cfg.mask_truncated_completions,
+                                           image_features=run.image_features)
         average = DPO_AVERAGE_LOGPS[cfg.loss_type]
         with timed(phase, "time/logprobs"), torch.no_grad():
             ref = []

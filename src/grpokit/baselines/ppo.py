@@ -38,7 +38,7 @@ from grpokit.algos import (
 )
 from grpokit.baselines.common import AlgoConfig, own_field, parameter_counts, reference_logprobs
 from grpokit.core.batch import MicroBatch, make_micro_batches
-from grpokit.core.forward import completion_logprobs, unwrap
+from grpokit.core.forward import completion_logprobs, text_config, unwrap
 from grpokit.core.loop import StepOutput, sample_and_score, timed, train_loop
 from grpokit.core.run import LoopState, RunFacade, RunParts, build_run
 
@@ -140,7 +140,7 @@ class PPOTrainer(RunFacade):
                         rows_per_step_factor=cfg.num_mini_batches,
                         optimizer_steps_per_step=cfg.num_ppo_epochs * cfg.num_mini_batches,
                         needs_reference=cfg.kl_coef > 0,
-                        make_extra_modules=lambda policy, device: [ValueHead(unwrap(policy).config.hidden_size,
+                        make_extra_modules=lambda policy, device: [ValueHead(text_config(policy).hidden_size,
                                                                              device=device)])
         cfg.check_single_process(run.world_size)
         self.value_head: ValueHead = run.extra_modules[0]
@@ -200,7 +200,8 @@ def ppo_step(run: RunParts, value_head: ValueHead, rows: list[int], state: LoopS
     rollout = sample_and_score(run, rows, state, phase)
     # the per-token advantages are PPO's own (_Targets); the micro-batches carry none
     micro_batches = make_micro_batches(rollout, cfg.per_device_train_batch_size, pad_id=run.pad_id,
-                                       device=run.device, mask_truncated=cfg.mask_truncated_completions)
+                                       device=run.device, mask_truncated=cfg.mask_truncated_completions,
+                                       image_features=run.image_features)
     with timed(phase, "time/logprobs"):
         targets, extra = _targets(run, value_head, rollout, micro_batches)
     # the sequence's mean whitened advantage, for the completions table and advantage_abs
