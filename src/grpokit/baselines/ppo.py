@@ -38,7 +38,7 @@ from grpokit.algos import (
 )
 from grpokit.baselines.common import AlgoConfig, own_field, parameter_counts, reference_logprobs
 from grpokit.core.batch import MicroBatch, make_micro_batches
-from grpokit.core.forward import completion_logprobs, text_config, unwrap
+from grpokit.core.forward import completion_logprobs, text_config
 from grpokit.core.loop import StepOutput, sample_and_score, timed, train_loop
 from grpokit.core.run import LoopState, RunFacade, RunParts, build_run
 
