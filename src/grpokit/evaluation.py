@@ -51,12 +51,13 @@ class Evaluator:
         if multiturn is not None:
             tools_of_row = lambda i: multiturn.row_tools(dict(dataset[i]))  # noqa: E731
         vision = None
-        if any(c in dataset.column_names for c in data_vision.IMAGE_COLUMNS):
-            if processor is None:
-                raise ValueError("eval_dataset has an image column, but the model is not a vision-language model "
-                                 "(it has no processor to put images in its prompts).")
+        if any(c in dataset.column_names for c in data_vision.IMAGE_COLUMNS) and processor is None:
+            raise ValueError("eval_dataset has an image column, but the model is not a vision-language model "
+                             "(it has no processor to put images in its prompts).")
+        if processor is not None and multiturn is None:  # a VLM's prompts through its processor, as in training
             prompt_ids, vision = data_vision.encode_rows(dataset, processor, max_prompt_length=max_len,
                                                          chat_template_kwargs=kwargs)
+            vision = vision if any(v is not None for v in vision) else None
         else:
             prompt_ids = data.validate_prompts(dataset, tokenizer, max_prompt_length=max_len,
                                                chat_template_kwargs=kwargs, tools_of_row=tools_of_row)

@@ -131,3 +131,12 @@ def test_ppo_and_dpo_baselines_train_on_images(tmp_path, algo):
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_a_vlm_trains_on_text_prompts_through_its_processor(tmp_path):
+    model_path = saved_vlm(tmp_path, "qwen2_vl")
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "say something"}], [{"role": "user", "content": "hi"}]]})
+    trainer = GRPOTrainer(model=model_path, reward_funcs=lambda completions, **k: [0.0] * len(completions),
+                          args=config(tmp_path, max_steps=1), train_dataset=ds)
+    assert trainer.parts.vision is None
+    trainer.train()

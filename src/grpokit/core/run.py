@@ -757,8 +757,10 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                 "rollout_func" if rollout_func is not None else "use_vllm=True")
             raise ValueError(f"images with {what} are not supported yet: train on images with grpokit's own "
                              "single-turn rollout.")
+    if processor is not None and multiturn is None:  # a VLM's prompts through its processor (its chat template)
         prompt_ids, vision = data_vision.encode_rows(train_dataset, processor, max_prompt_length=cfg.max_prompt_length,
                                                      chat_template_kwargs=cfg.chat_template_kwargs)
+        vision = vision if any(v is not None for v in vision) else None
     else:
         prompt_ids = data.validate_prompts(train_dataset, tok, max_prompt_length=cfg.max_prompt_length,
                                            chat_template_kwargs=cfg.chat_template_kwargs, tools_of_row=tools_of_row)

@@ -249,7 +249,7 @@ def encode_vision_prompt(prompt, images: list | None, processor, *, where: str,
             text = "".join(token + "\n" for _ in opened) + text
         templated = False
     else:
-        messages = multimodal_messages(list(prompt), len(opened)) if opened else list(prompt)
+        messages = multimodal_messages(list(prompt), len(opened))  # content as parts, as TRL gives a VLM
         template = getattr(processor, "chat_template", None) or getattr(tokenizer_of(processor), "chat_template", None)
         if template is None:
             raise ValueError(f"{where}: conversational prompts need a chat template, and the processor has none.")
@@ -307,11 +307,13 @@ def encode_rows(dataset, processor, *, max_prompt_length: int | None,
         ids, vision = encode_vision_prompt(row["prompt"], images_of_row(row), processor, where=f"row {i}",
                                            chat_template_kwargs=chat_template_kwargs)
         if max_prompt_length is not None and len(ids) > max_prompt_length:
-            n_img = vision.num_image_tokens if vision is not None else 0
-            raise ValueError(f"prompt of row {i} is {len(ids)} tokens long ({n_img} of them for its "
-                             f"{vision.num_images if vision else 0} image(s)), over max_prompt_length="
-                             f"{max_prompt_length}. Raise max_prompt_length, or give smaller images (the processor's "
-                             "max_pixels / size) or fewer per prompt.")
+            if vision is None:
+                raise ValueError(f"prompt of row {i} is {len(ids)} tokens long, over max_prompt_length="
+                                 f"{max_prompt_length}. Raise max_prompt_length or filter/shorten the long prompts.")
+            raise ValueError(f"prompt of row {i} is {len(ids)} tokens long ({vision.num_image_tokens} of them for its "
+                             f"{vision.num_images} image(s)), over max_prompt_length={max_prompt_length}. Raise "
+                             "max_prompt_length, or give smaller images (the processor's max_pixels / size) or fewer "
+                             "per prompt.")
         ids_out.append(ids)
         vision_out.append(vision)
     return ids_out, vision_out
