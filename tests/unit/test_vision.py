@@ -171,18 +171,21 @@ def test_standard_prompt_gets_one_placeholder_per_image(vlm):
     assert none is None and len(ids) > len(plain)
 
 
-def test_engine_prefills_each_image_prompt_once_and_decodes_as_the_full_forward(vlm):
+@pytest.mark.parametrize("engine_name", ["hf", "hf-generate"])
+def test_engine_prefills_each_image_prompt_once_and_decodes_as_the_full_forward(vlm, engine_name):
     """Greedy rollouts of the HF engine (prompt prefilled once per group with its image features,
-    KV cache shared by the G samples, M-RoPE positions shifted) equal greedy decoding by the
-    model's own forward re-encoding the whole sequence with its pixel values at every token."""
-    from grpokit.rollout.hf import HFEngine
+    KV cache shared by the G samples, M-RoPE positions shifted) and of transformers' generate
+    (features computed once per prompt, given as mm_encoder_outputs to every sample row of a
+    left-padded batch) equal greedy decoding by the model's own forward re-encoding the whole
+    sequence with its pixel values at every token."""
+    from grpokit.rollout import make_engine
     from grpokit.rollout.sampling import SamplingParams
 
     family, processor, model = vlm
     traj = vision_rollout(processor, g=1)
     prompts, visions = traj.prompt_ids, traj.images
     features = ImageFeatures()
-    engine = HFEngine(model, processor.tokenizer)
+    engine = make_engine(engine_name, model, processor.tokenizer)
     outs = engine.generate(prompts, n=2, params=SamplingParams(max_tokens=6, temperature=0.0, seed=0),
                            images=visions, image_features=features)
     assert features.calls == 3  # one vision-tower call per prompt with images, for its 2 samples

@@ -187,6 +187,7 @@ class RunParts:
     vision: list | None = None       # per dataset row: its images' processor tensors (VisionInputs) or None
     image_features: Any = None       # grpokit.core.vision.ImageFeatures: each prompt's images encoded once a step
     processor: Any = None            # a vision-language model's processor (processing_class); tokenizer = its text part
+    latest_logs: dict | None = None  # TRL's trainer._logs: the latest step's samples (core.loop.generation_logs)
     _generate_engine: Any = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -801,10 +802,9 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
 
     # generation engine, reference, optimizer, schedule
     engine = _make_rollout_engine(cfg, policy, tok, notes)
-    if vision is not None and type(engine).__name__ != "HFEngine":
-        raise ValueError(f"images are sampled by grpokit's own engine, which this model cannot use "
-                         f"({'; '.join(n for n in notes if n.startswith('rollout:')) or type(engine).__name__}); "
-                         "images with transformers' generate are not supported yet.")
+    if vision is not None and type(engine).__name__ not in ("HFEngine", "GenerateEngine"):
+        raise ValueError(f"images are sampled by grpokit's engine or transformers' generate, not by "
+                         f"{type(engine).__name__}; use the default engine.")
     needs_reference = cfg.beta > 0 if needs_reference is None else needs_reference
     if cfg.sync_ref_model and is_peft:
         raise ValueError("sync_ref_model=True with a LoRA (PEFT) model: the reference is the base model with the "

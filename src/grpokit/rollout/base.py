@@ -65,3 +65,14 @@ def finish_text(text: str, stop: list[str]) -> tuple[str, bool]:
         if i >= 0 and (best < 0 or i + len(s) < best):
             best = i + len(s)
     return (text[:best], True) if best >= 0 else (text, False)
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """EOS ids from the generation config, the model config and the tokenizer (all of them)."""
+    ids: set[int] = set()
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                getattr(getattr(model, "config", None), "eos_token_id", None),
+                getattr(tokenizer, "eos_token_id", None)):
+        if src is not None:
+            ids.update([src] if isinstance(src, int) else [int(i) for i in src])
+    return ids

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from grpokit.rollout.base import Completion, finish_text, register_engine
+from grpokit.rollout.base import Completion, eos_ids, finish_text, register_engine
 from grpokit.rollout.sampling import SamplingParams
 
 HYBRID_LAYER_WORDS = ("mamba", "linear", "ssm", "conv", "recurrent", "rwkv")
@@ -45,9 +45,9 @@ class GenerateEngine:
         self.model, self.tokenizer = model, tokenizer
         self.generation_kwargs = dict(generation_kwargs or {})
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = eos if eos is not None else tokenizer.eos_token_id
-        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        # a turn ends on any of them, as in TRL (the tokenizer's EOS too: a model whose generation
+        # config names only <|endoftext|> still ends its chat turns on <|im_end|>)
+        self.eos_ids = eos_ids(model, tokenizer)
         self.stats: dict[str, float] = {}
 
     def update_weights(self, model) -> None:
@@ -55,7 +55,14 @@ class GenerateEngine:
             self.model.load_state_dict(model.state_dict())
 
     def generate(self, prompt_ids: list[list[int]], n: int = 1,
-                 params: SamplingParams | None = None) -> list[Completion]:
+                 params: SamplingParams | None = None, images: list | None = None,
+                 image_features=None) -> list[Completion]:
+        """`images` (a vision-language model): per prompt, its images' processor tensors
+        (grpokit.data.vision.VisionInputs) or None. Each prompt's features are computed once
+        (`image_features`, a grpokit.core.vision.ImageFeatures, shared with the training forward
+        when the tower is frozen) and given to `generate` as its `mm_encoder_outputs`, one copy per
+        sample row, with the per-image and per-token tensors (image_grid_thw, mm_token_type_ids,
+        ...) of every row; the model places them and computes its own positions (M-RoPE)."""
         params = params or SamplingParams()
         model = self.model
         device = next(model.parameters()).device
@@ -66,8 +73,12 @@ class GenerateEngine:
         for i, p in enumerate(rows):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
+        row_images = [v for v in (images or [None] * len(prompt_ids)) for _ in range(n)]
+        self._row_images = row_images
+        vision = self._vision_kwargs(row_images, width, device, image_features) \
+            if any(v is not None for v in row_images) else {}
         sampling = dict(do_sample=not params.greedy, max_new_tokens=params.max_tokens,
-                        repetition_penalty=params.repetition_penalty)
+                        repetition_penalty=params.repetition_penalty, eos_token_id=sorted(self.eos_ids))
         if not params.greedy:
             sampling.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None,
                             min_p=params.min_p or None)
@@ -81,10 +92,10 @@ class GenerateEngine:
                     torch.manual_seed(params.seed)
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
-                                     **{**sampling, **self.generation_kwargs})
+                                     **vision, **{**sampling, **self.generation_kwargs})
                 if isinstance(out, torch.Tensor):  # a generate that returns the sequences only (a wrapper, a mock)
                     sequences = out
-                    scores = self._scored(sequences, mask.to(device), width, params)
+                    scores = self._scored(sequences, mask.to(device), width, params, vision)
                 else:
                     sequences = out.sequences
                     scores = model.compute_transition_scores(out.sequences, out.scores,
@@ -102,7 +113,7 @@ class GenerateEngine:
                     end, reason = t + 1, "stop"
                     break
             else:  # a stop string ends the row early: generate pads what follows
-                while end > 0 and tokens[end - 1] == self.pad_id:
+                while params.stop and end > 0 and tokens[end - 1] == self.pad_id:
                     end -= 1
             text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
             text, cut = finish_text(text, params.stop)
@@ -112,20 +123,49 @@ class GenerateEngine:
                                       logprobs=scores[row, :end].tolist(), finish_reason=reason, text=text))
         return results
 
-    def _scored(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, width: int, params: SamplingParams):
+    def _vision_kwargs(self, row_images: list, width: int, device, image_features) -> dict:
+        """generate's image arguments for the left-padded [rows, width] prompts: the features of
+        each row's images (computed once per prompt) in row order, the per-image tensors of those
+        rows, and the per-token tensors left-padded with 0 (text) to the width."""
+        from grpokit.core.vision import ImageFeatures, encoder_outputs, image_kwargs
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        features = image_features if image_features is not None else ImageFeatures()
+        with_images = [v for v in row_images if v is not None]
+        kw = {"mm_encoder_outputs": encoder_outputs([features.of(base, v, grad=False) for v in with_images])}
+        kw.update({k: t.to(device) for k, t in image_kwargs(with_images).items()})
+        names = sorted({k for v in with_images for k in v.token_tensors})
+        for name in names:
+            grid = torch.zeros((len(row_images), width), dtype=torch.long)
+            for r, v in enumerate(row_images):
+                if v is not None and name in v.token_tensors:
+                    t = v.token_tensors[name].reshape(-1)
+                    grid[r, width - t.numel():] = t.to(torch.long)
+            kw[name] = grid.to(device)
+        return kw
+
+    def _scored(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, width: int, params: SamplingParams,
+                vision: dict | None = None):
         """Logprobs [rows, generated] of generated tokens under the model at the sampling
-        temperature, by one forward (when generate returned no scores)."""
+        temperature, by one forward (when generate returned no scores). With images, the forward
+        gets them as generate did (per-token tensors extended with text over the generated part)
+        and positions from the model itself."""
         import inspect
 
         from grpokit.rollout.sampling import processed_logprobs
 
         gen = sequences[:, width:]
         mask = torch.cat([prompt_mask, torch.ones_like(gen)], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         keep = {"logits_to_keep": gen.shape[1] + 1} if "logits_to_keep" in inspect.signature(base.forward).parameters \
             else {}  # the output projection on the generated positions only (not the prompt's)
-        logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions, **keep).logits
+        if vision:
+            tokens = {k for v in self._row_images if v is not None for k in v.token_tensors}
+            extra = {k: torch.cat([t, torch.zeros_like(gen)], dim=1) if k in tokens else t for k, t in vision.items()}
+            logits = self.model(input_ids=sequences, attention_mask=mask, **extra, **keep).logits
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions, **keep).logits
         logits = logits[:, -(gen.shape[1] + 1):-1].float()
         flat = processed_logprobs(logits.reshape(-1, logits.shape[-1]),
                                   SamplingParams(max_tokens=1, temperature=params.temperature or 1.0))

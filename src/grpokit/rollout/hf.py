@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from grpokit.rollout.base import Completion, finish_text, register_engine
+from grpokit.rollout.base import Completion, eos_ids, finish_text, register_engine
 from grpokit.rollout.kv import SlotCache
 from grpokit.rollout.sampling import SamplingParams, row_keys, row_uniforms, sample
 
@@ -73,15 +73,22 @@ def _packed_cpu_lm_head(model, enabled: bool):
         del head.forward
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    """EOS ids from the generation config, the model config and the tokenizer (all of them)."""
-    ids: set[int] = set()
-    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                getattr(getattr(model, "config", None), "eos_token_id", None),
-                getattr(tokenizer, "eos_token_id", None)):
-        if src is not None:
-            ids.update([src] if isinstance(src, int) else [int(i) for i in src])
-    return ids
+def _layer_kv_shapes(cfg) -> list[tuple[int, int]]:
+    """(key/value heads, head dim) of each layer: from the per-layer configs where the model has
+    them (transformers' heterogeneous configs, e.g. Gemma 4: the global head_dim is ambiguous)."""
+    def shape(c):
+        heads = c.num_attention_heads
+        return (getattr(c, "num_key_value_heads", None) or heads,
+                getattr(c, "head_dim", None) or c.hidden_size // heads)
+
+    layers = None
+    try:
+        layers = getattr(cfg, "per_layer_config", None)
+    except Exception:  # noqa: BLE001 - a config class that raises on unknown attributes
+        layers = None
+    if layers:
+        return [shape(layers[i]) for i in range(len(layers))]
+    return [shape(cfg)] * cfg.num_hidden_layers
 
 
 def _base_model(model):
@@ -117,7 +124,7 @@ class HFEngine:
         self.prefill_batch_tokens = prefill_batch_tokens
         self.prefill_max_padding = prefill_max_padding
         self.cpu_packed_lm_head = cpu_packed_lm_head
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
         self.stats: dict[str, float] = {}
@@ -210,10 +217,9 @@ class HFEngine:
         self.device = next(base.parameters()).device
         cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
         self._max_positions = getattr(cfg, "max_position_embeddings", None)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         dtype_size = next(base.parameters()).element_size()
-        self._kv_bytes_per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * dtype_size
+        self._kv_bytes_per_token = 2 * dtype_size * sum(
+            kv_heads * head_dim for kv_heads, head_dim in _layer_kv_shapes(cfg))
         types = getattr(cfg, "layer_types", None)
         self._sliding_window = getattr(cfg, "sliding_window", None) if (
             types and any("sliding" in t for t in types)) else None
