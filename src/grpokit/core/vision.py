@@ -221,6 +221,18 @@ def _embeds(model, input_ids, prompt_image_mask, pooled: list):
     return embeds
 
 
+def _per_layer_inputs(model, input_ids, image_mask) -> dict[str, Any]:
+    """Models with per-layer token embeddings (Gemma 3n / Gemma 4: `per_layer_inputs`) read them
+    off the token ids, which a forward from `inputs_embeds` does not give: computed here from the
+    ids with the prompt image tokens as padding, as the model's own forward does."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    lm = getattr(multimodal_base(model), "language_model", None)
+    if not getattr(text, "hidden_size_per_layer_input", None) or not hasattr(lm, "get_per_layer_inputs"):
+        return {}
+    pad = getattr(text, "pad_token_id", None) or 0
+    return {"per_layer_inputs": lm.get_per_layer_inputs(torch.where(image_mask, pad, input_ids))}
+
+
 def padded_inputs(model, mb, features: ImageFeatures | None, *, grad: bool) -> dict[str, Any]:
     """Keyword arguments for the multimodal base model on the padded [B, P + C] layout of `mb`:
     the embeddings with each distinct prompt's image features (computed once) in its rows' image
@@ -237,7 +249,8 @@ def padded_inputs(model, mb, features: ImageFeatures | None, *, grad: bool) -> d
     keep[rows] = True
     image_mask &= keep[:, None]
     kw: dict[str, Any] = {"attention_mask": mb.attention_mask,
-                          "inputs_embeds": _embeds(model, mb.input_ids, image_mask, [pooled[index[b]] for b in rows])}
+                          "inputs_embeds": _embeds(model, mb.input_ids, image_mask, [pooled[index[b]] for b in rows]),
+                          **_per_layer_inputs(model, mb.input_ids, image_mask)}
     per_image = {k: t.to(mb.device) for k, t in image_kwargs([mb.vision[b] for b in rows]).items()} if rows else {}
     kw.update({k: t for k, t in per_image.items() if k != "image_grid_thw"})
     token_keys = {k for v in visions for k in v.token_tensors}
@@ -274,8 +287,10 @@ def packed_inputs(model, mb, layout, features: ImageFeatures | None, *, grad: bo
     token = image_token_id(model)
     for start, p, _, _ in segs:
         image_mask[start:start + p] = flat_ids[start:start + p] == token
-    kw: dict[str, Any] = {"inputs_embeds": _embeds(model, layout.input_ids, image_mask.view(layout.input_ids.shape),
-                                                   [pooled[index[b]] for *_, b in segs])}
+    grid_mask = image_mask.view(layout.input_ids.shape)
+    kw: dict[str, Any] = {"inputs_embeds": _embeds(model, layout.input_ids, grid_mask,
+                                                   [pooled[index[b]] for *_, b in segs]),
+                          **_per_layer_inputs(model, layout.input_ids, grid_mask)}
     positions = layout.position_ids
     if uses_mrope(model):
         positions = positions[None].repeat(3, 1, 1)

@@ -19,6 +19,7 @@ processor: token ids with every image's tokens expanded, and the processor's ten
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,30 +102,54 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False, **kwargs)
 
 
 def _processor_without_video(name_or_path: str, **kwargs):
-    import json
+    """`AutoProcessor.from_pretrained` with `AutoVideoProcessor.from_pretrained` answering, for the
+    video processor it cannot build without torchvision, a stand-in that keeps the saved config and
+    fails if called; every other part (image processor, tokenizer, audio feature extractor, the
+    processor's own settings, its chat template) loads as usual."""
+    import importlib
 
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-    from transformers.utils.hub import cached_file
+    from transformers import AutoProcessor
+    from transformers.video_processing_utils import VideoProcessorMixin
 
-    name = None
-    for filename in ("processor_config.json", "preprocessor_config.json"):
-        path = cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False)
-        if path:
-            name = json.loads(open(path).read()).get("processor_class")
-            if name:
-                break
-    if name is None:
-        name = getattr(AutoConfig.from_pretrained(name_or_path, **kwargs), "processor_class", None)
-    if name is None:
-        raise ImportError(f"cannot build the processor of {name_or_path!r} without torchvision (its class is not "
-                          "named in processor_config.json); install torchvision.")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    chat_template = getattr(tokenizer, "chat_template", None)
-    path = cached_file(name_or_path, "chat_template.jinja", _raise_exceptions_for_missing_entries=False)
-    if path:
-        chat_template = open(path).read()
-    return make_processor(name, AutoImageProcessor.from_pretrained(name_or_path, **kwargs), tokenizer,
-                          chat_template=chat_template)
+    auto = importlib.import_module("transformers.models.auto.video_processing_auto").AutoVideoProcessor
+    original = auto.__dict__["from_pretrained"]
+
+    def from_pretrained(cls, path, *args, **kw):
+        try:
+            return original.__func__(cls, path, *args, **kw)
+        except (ImportError, ValueError) as err:
+            if "torchvision" not in str(err).lower():
+                raise
+            try:
+                config, _ = VideoProcessorMixin.get_video_processor_dict(path, **kw)
+            except Exception:  # no saved video processor config
+                config = {}
+            return _video_unavailable(config.get("merge_size", 2), config)
+
+    auto.from_pretrained = classmethod(from_pretrained)
+    try:
+        with _video_mixin_visible():
+            return AutoProcessor.from_pretrained(name_or_path, **kwargs)
+    finally:
+        auto.from_pretrained = original
+
+
+@contextlib.contextmanager
+def _video_mixin_visible():
+    """ProcessorMixin checks a sub-processor's class by its name on the transformers module, which
+    leaves VideoProcessorMixin out without torchvision: make it visible for the duration."""
+    import transformers.processing_utils as processing_utils
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    module = processing_utils.transformers_module
+    had = hasattr(module, "VideoProcessorMixin")
+    if not had:
+        module.VideoProcessorMixin = VideoProcessorMixin
+    try:
+        yield
+    finally:
+        if not had:
+            del module.VideoProcessorMixin
 
 
 def make_processor(processor_class, image_processor, tokenizer, chat_template: str | None = None):
@@ -132,43 +157,37 @@ def make_processor(processor_class, image_processor, tokenizer, chat_template: s
     name), also without torchvision: a family that declares a video processor gets a stand-in
     that says videos are not supported if it is ever called (transformers otherwise refuses to
     build the processor without torchvision, or without a video processor)."""
-    import transformers.processing_utils as processing_utils
     from transformers.models.auto.processing_auto import processor_class_from_name
 
     cls = processor_class_from_name(processor_class) if isinstance(processor_class, str) else processor_class
     parts = {"image_processor": image_processor, "tokenizer": tokenizer}
-    module = processing_utils.transformers_module
-    had = hasattr(module, "VideoProcessorMixin")
     if "video_processor" in cls.get_attributes():  # images only: a stand-in that fails if ever called
         parts["video_processor"] = _video_unavailable(getattr(image_processor, "merge_size", 2))
-    if not had:  # the class check looks the name up on transformers, which leaves it out without torchvision
-        from transformers.video_processing_utils import VideoProcessorMixin
-
-        module.VideoProcessorMixin = VideoProcessorMixin
-    try:
+    with _video_mixin_visible():
         return cls(**parts, chat_template=chat_template)
-    finally:
-        if not had:
-            del module.VideoProcessorMixin
 
 
-def _video_unavailable(merge_size: int):
+def _video_unavailable(merge_size: int, config: dict | None = None):
     from transformers.video_processing_utils import VideoProcessorMixin
 
     class VideoProcessingUnavailable(VideoProcessorMixin):
         """Stands in for a video processor where torchvision is missing; fails if called."""
 
-        def __init__(self, merge_size: int = 2):
+        def __init__(self, merge_size: int = 2, config: dict | None = None):
             self.merge_size = merge_size
+            self.config = dict(config or {})
+            for key in ("patch_size", "temporal_patch_size"):  # some processors read these at init
+                if key in self.config:
+                    setattr(self, key, self.config[key])
 
         def __call__(self, *args, **kw):
             raise ImportError("this processor's video processor needs torchvision, which is not installed; "
                               "grpokit trains on images, not videos.")
 
         def to_dict(self):
-            return {}
+            return dict(self.config)
 
-    return VideoProcessingUnavailable(merge_size)
+    return VideoProcessingUnavailable(merge_size, config)
 
 
 # --------------------------------------------------------------------------------------------
