@@ -281,6 +281,30 @@ def test_trainer_skips_all_equal_groups_only_without_kl(tmp_path):
                 assert torch.equal(v, before[k]), k
 
 
+def test_a_micro_batch_with_every_row_skipped_under_lora_has_a_graph():
+    """LoRA (the lm_head frozen), one rank: a micro-batch whose completions all have advantage 0
+    computes nothing, and its zero logprobs are tied to a trained parameter, so the loss's
+    backward runs (and gives the adapter a zero gradient) instead of raising."""
+    from peft import LoraConfig, get_peft_model
+
+    from grpokit.algos import policy_loss
+    from tests.unit.test_prefix import random_rollout
+
+    model = get_peft_model(make_tiny_model(make_char_tokenizer(), arch="qwen2"),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    rollout = random_rollout(g=4, n_prompts=1, seed=6)
+    mb = make_micro_batches(rollout, 4, pad_id=0, device="cpu", mask_truncated=False,
+                            advantages=torch.zeros(4), skip_zero_advantage=True)[0]
+    assert mb.layout().targets.numel() == 0
+    logps, _ = completion_logprobs(model, mb, temperature=1.0)
+    loss, _ = policy_loss(logps, None, mb.advantages, mb.completion_mask, loss_type="dapo",
+                          max_completion_length=9, num_items_in_batch=float(mb.completion_mask.sum()),
+                          num_sequences=4.0)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.any() for g in grads[:1])
+
+
 @pytest.mark.parametrize("why", ["zero_advantage", "truncated"])
 def test_a_micro_batch_with_nothing_to_train_still_runs_the_whole_model(why):
     """Several ranks (never_empty=True): a micro-batch whose rows are all out of the forward

@@ -142,7 +142,9 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
                              "(needs eager/sdpa full attention and a plain linear lm_head); use packed=False.")
         layout = mb.layout(max_segment_tokens)
         if layout.targets.numel() == 0:  # every completion empty: nothing to score
-            zeros = torch.zeros(shape, device=mb.device) + 0.0 * head.weight.sum()
+            # (0 times a trained parameter, so that backward runs: with LoRA the head is frozen)
+            trained = next((q for q in inner.parameters() if q.requires_grad), head.weight)
+            zeros = torch.zeros(shape, device=mb.device) + 0.0 * trained.sum()
             return done(zeros, zeros, lambda vh: zeros + 0.0 * sum(p.sum() for p in vh.parameters()))
         # the backbone call goes through the module that holds the LoRA layers (if any); with images,
         # the multimodal base model (vision tower + language model) with the features once per group
