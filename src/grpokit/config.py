@@ -190,6 +190,8 @@ class GRPOFields:
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
     log_completions: bool = _f(True, "Write samples of (prompt, completion, reward) to completions.jsonl.")
     num_completions_to_print: int | None = _f(4, "Completions written per logging step (None = all).")
+    log_multimodal: bool = _f(True, "Keep the images of the latest step's prompts with its logged completions "
+                                    "(trainer._logs['images'], as TRL).")
     eval_strategy: str = _f("no", "no | steps: greedy evaluation every eval_steps.")
     eval_steps: int | None = _f(None, "Evaluate every this many steps (eval_strategy='steps').")
     eval_on_start: bool = _f(False, "Evaluate before the first step.")
@@ -232,7 +234,7 @@ UNSUPPORTED_TRL_FIELDS: dict[str, tuple] = {
         "use_transformers_continuous_batching", "use_transformers_paged", "vllm_enable_sleep_mode",
     )},
     # TRL's own defaults, which change nothing here (a config dumped with TRL's to_dict() loads)
-    "log_multimodal": (False, True), "dataloader_pin_memory": (False, True), "eval_delay": (None, 0, 0.0),
+    "dataloader_pin_memory": (False, True), "eval_delay": (None, 0, 0.0),
     "local_rank": (None, -1), "hub_strategy": (None, "every_save"), "project": (None, "huggingface"),
     "hub_token": (None, "<HUB_TOKEN>"), "debug": ("", None, []),
     "accelerator_config": (None, {"split_batches": False, "dispatch_batches": None, "even_batches": True,

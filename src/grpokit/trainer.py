@@ -83,6 +83,14 @@ class GRPOTrainer(RunFacade):
         return mt.last_environments if mt is not None and mt.environments is not None else None
 
     @property
+    def _logs(self) -> dict:
+        """TRL's record of the latest step's samples: {"images", "prompt", "completion", "rewards"
+        {function: values}, "advantages", "extra" (log_extra columns)} (see core.loop.generation_logs)."""
+        logs = self.parts.latest_logs
+        return logs if logs is not None else {"images": [], "prompt": [], "completion": [], "rewards": {},
+                                              "advantages": [], "extra": {}}
+
+    @property
     def _env_tools(self) -> dict:
         """{environment name: its tools} (TRL's attribute; None is the single factory's name)."""
         mt = self.parts.multiturn

@@ -538,6 +538,8 @@ def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out:
     events = {"logged": logging_step, "evaluated": {}, "saved": None}
     tracker.log(step, metrics)
     tracker.update_progress(step, metrics)
+    if out.rollout is not None:
+        run.latest_logs = generation_logs(run, out.rollout, out.per_sample)
     if out.rollout is not None and cfg.log_completions and (logging_step or step == 1):
         rows = sample_rows(out.rollout, out.per_sample, cfg.num_completions_to_print)
         # at logging steps two are printed: the first and one that scored differently, if any
@@ -608,6 +610,32 @@ def tool_metrics(run: RunParts, stats: torch.Tensor) -> dict[str, float]:
     return {"tools/call_frequency": calls / n, "tools/failure_frequency": failures / calls if calls else 0.0,
             "tools/timeout_frequency": timeouts / calls if calls else 0.0, "tools/malformed_frequency": malformed / n,
             "turns/mean": turns / n}
+
+
+def generation_logs(run: RunParts, rollout: Rollout, per_sample: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The latest step's samples on this rank, shaped as TRL's `trainer._logs`: "prompt",
+    "completion" (as the rewards saw them), "rewards" {function: [N]}, "advantages", "extra"
+    (the rewards' log_extra columns) and "images" (each completion's prompt images, when the step
+    had images and log_multimodal is on)."""
+    n = len(rollout.completions)
+    images: list = []
+    if run.config.log_multimodal and rollout.images is not None and any(v is not None for v in rollout.images):
+        column = run.columns.get("images") or run.columns.get("image")
+        if column is not None:
+            images = [_as_list(column[r]) for r in rollout.row_index]
+    advantages = per_sample.get("advantage")
+    return {
+        "images": images,
+        "prompt": list(rollout.prompts),
+        "completion": list(rollout.completions),
+        "rewards": {name: rollout.rewards_per_func[:, j].tolist() for j, name in enumerate(rollout.reward_names)},
+        "advantages": advantages.tolist() if advantages is not None else [0.0] * n,
+        "extra": {name: list(col) for name, col in rollout.logged_columns.items()},
+    }
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else ([] if value is None else [value])
 
 
 def sample_rows(rollout: Rollout, per_sample: dict[str, torch.Tensor], limit: int | None) -> list[dict[str, Any]]:
