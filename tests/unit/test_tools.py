@@ -96,6 +96,22 @@ def test_a_tool_result_comes_back_as_the_templates_tool_turn():
     assert c.logps[-len(going[0]):] == [0.0] * len(going[0])
 
 
+def screenshot() -> list:
+    """Returns an image and a caption."""
+    from PIL import Image
+
+    return [{"type": "image", "image": Image.new("RGB", (8, 8))}, {"type": "text", "text": "a screenshot"}]
+
+
+def test_a_tool_that_returns_an_image_is_refused_by_name():
+    """Images in tool results are not given to the model yet: rather than rendering a bare image
+    placeholder the model cannot see, the conversation stops with an error naming the tool."""
+    d = driver_for([screenshot])
+    d.turn_ended(0, call("screenshot"), [0.0] * len(call("screenshot")), "stop")
+    with pytest.raises(ValueError, match="tool 'screenshot' returned an image"):
+        d.continuations()
+
+
 @pytest.mark.parametrize("tool, args, status", [(explode, {"x": 1}, "failed"), ("nope", {"x": 1}, "failed"),
                                                 (multiply, {"a": 1, "c": 2}, "failed")])
 def test_a_failing_call_gives_its_error_as_the_result_and_is_counted(tool, args, status):

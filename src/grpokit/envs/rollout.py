@@ -109,6 +109,11 @@ class TurnDriver:
             c.stats[3] += sum(r.status == TIMEOUT for r in results)
             messages = [{"role": "tool", "name": r.name,
                          "content": r.content if isinstance(r.content, list) else str(r.content)} for r in results]
+            for m in messages:  # never rendered as a bare placeholder the model cannot see
+                if isinstance(m["content"], list) and any(isinstance(part, dict) and part.get("type") == "image"
+                                                          for part in m["content"]):
+                    raise ValueError(f"tool {m['name']!r} returned an image; images in tool results are not given "
+                                     "to the model yet (only prompt images are). Return text from the tool.")
             suffix = self._suffix(messages)
             if len(c.ids) + len(suffix) >= self.max_tokens:  # no room for the results and a model token
                 c.truncated = True
