@@ -5,7 +5,8 @@
 - `hub/models--trl-internal-testing--<name>/{refs/main, snapshots/<sha>/...}`: every text model
   of `model_repos.REPOS` with its tokenizer, laid out as `huggingface_hub` caches a download, so
   `AutoModelForCausalLM.from_pretrained("trl-internal-testing/tiny-Qwen2ForCausalLM-2.5")` and
-  `AutoTokenizer.from_pretrained(...)` resolve the unchanged hub id offline;
+  `AutoTokenizer.from_pretrained(...)` resolve the unchanged hub id offline; with image_datasets,
+  also every vision-language model of `vision_repos.REPOS` with its processor;
 - `datasets/trl-internal-testing___zen/<config>/0.0.0/<sha>/` (and zen-image, zen-multi-image):
   every configuration of the zen datasets as `datasets` caches a prepared Hub dataset, so that
   `load_dataset("trl-internal-testing/zen", "standard_prompt_only", split="train")` (streaming
@@ -25,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import model_repos, tokenizer_families
+from . import model_repos, tokenizer_families, vision_repos
 
 # repo id -> the module (in this package) whose build() makes its configurations; imported when
 # built (zen-multi-image needs datasets' `List` feature, new in datasets 4)
@@ -73,6 +74,16 @@ def build_models(hub: Path, staging: Path) -> None:
         model_repos.build_model(repo_id, tokenizers[family], snapshot)
 
 
+def build_vision_models(hub: Path) -> None:
+    """The vision-language models of `vision_repos.REPOS`, each with its processor and tokenizer."""
+    tokenizers = {}
+    for repo_id, spec in vision_repos.REPOS.items():
+        family = spec["family"]
+        if family not in tokenizers:
+            tokenizers[family] = tokenizer_families.build_tokenizer(family)
+        vision_repos.build_model(repo_id, tokenizers[family], snapshot_dir(hub, repo_id), seed=model_repos._seed(repo_id))
+
+
 def build_datasets(datasets_cache: Path, image_datasets: bool = True) -> None:
     from datasets import DatasetInfo, SplitDict, SplitInfo
     from datasets.arrow_writer import ArrowWriter
@@ -98,12 +109,14 @@ def build_datasets(datasets_cache: Path, image_datasets: bool = True) -> None:
 def build(root: Path, image_datasets: bool = True) -> dict:
     """Write every stand-in under root; returns the paths ({"home", "hub", "datasets", "modules"}).
 
-    image_datasets=False leaves out zen-image and zen-multi-image (2 s to build; only the
-    vision tests read them)."""
+    image_datasets=False leaves out what only the vision tests read: zen-image and
+    zen-multi-image, and the vision-language models of `vision_repos` (2 s and 10 s to build)."""
     paths = {key: root / key for key in ("home", "hub", "datasets", "modules", "staging")}
     for path in paths.values():
         path.mkdir(parents=True, exist_ok=True)
     build_models(paths["hub"], paths["staging"])
+    if image_datasets:
+        build_vision_models(paths["hub"])
     build_datasets(paths["datasets"], image_datasets)
     return paths
 

@@ -12,7 +12,7 @@ One deviation from TRL's recipe: a small vocabulary would make a random model sa
 tokens every few completions, where the real ones (128k-262k ids) practically never do, so the
 untied small-vocabulary causal LMs get `make_eos_rare`.
 
-Vision-language models are not rebuilt (their tests are skipped; see conftest.py).
+The vision-language models are in vision_repos.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,75 @@
+"""grpokit's training forward on every vision-language stand-in of TRL's test file (Gemma 3 with
+its token_type_ids, Gemma 4 with its per-layer inputs, LLaVA-NeXT's anyres tiles, Qwen2-VL /
+Qwen2.5-VL / Qwen3.5 M-RoPE, Qwen3.5's linear-attention layers): the logprobs and every parameter's
+gradient equal the model's own forward run row by row with its pixel values (TRL's way), in the
+padded layout and, where the model takes it, the packed shared-prefix one; each prompt's images go
+through the vision tower once. (grpokit's own tiny Qwen2-VL and LLaVA: tests/unit/test_vision.py.)"""
+
+import pytest
+import torch
+
+from grpokit.core.batch import make_micro_batches
+from grpokit.core.forward import completion_logprobs, uses_packed_forward
+from grpokit.core.trajectory import Trajectories
+from grpokit.core.vision import ImageFeatures
+from grpokit.data.vision import encode_vision_prompt, load_processor
+from tests.unit.test_vision import grads, picture, reference_logprobs, weighted
+
+ORG = "trl-internal-testing"
+MODELS = ["tiny-Gemma3ForConditionalGeneration", "tiny-Gemma4ForConditionalGeneration",
+          "tiny-LlavaNextForConditionalGeneration", "tiny-Qwen2_5_VLForConditionalGeneration",
+          "tiny-Qwen2VLForConditionalGeneration", "tiny-Qwen3_5ForConditionalGeneration-NoThink",
+          "tiny-Qwen3_5MoeForConditionalGeneration-3.6"]
+
+
+def standin_rollout(processor, g=2, seed=0):
+    """Three groups: one image, the same text with another image, a text-only prompt; completions
+    of 1-5 ordinary text tokens (an image token sampled in a completion is text for grpokit and a
+    placeholder for the model's own forward, so none is drawn here)."""
+    gen = torch.Generator().manual_seed(seed)
+    words = processor.tokenizer("a small red cat sat on the mat and looked at the blue sky",
+                                add_special_tokens=False)["input_ids"]
+    question = [{"role": "user", "content": "what is it?"}]
+    specs = [(question, [picture(1)]), (question, [picture(2)]), ([{"role": "user", "content": "no picture"}], None)]
+    prompt_ids, visions, comps = [], [], []
+    for k, (messages, images) in enumerate(specs):
+        ids, v = encode_vision_prompt(messages, images, processor, where=f"row {k}")
+        for _ in range(g):
+            prompt_ids.append(ids)
+            visions.append(v)
+            n = int(torch.randint(1, 6, (1,), generator=gen))
+            comps.append([words[int(i)] for i in torch.randint(0, len(words), (n,), generator=gen)])
+    n = len(prompt_ids)
+    return Trajectories(row_index=[i // g for i in range(n)], prompts=[None] * n, completions=[None] * n,
+                        prompt_ids=prompt_ids, completion_ids=comps, sampling_logps=[[0.0] * len(c) for c in comps],
+                        truncated=torch.zeros(n, dtype=torch.bool), images=visions)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_VLM_standin_forward_equals_the_models_own(name):
+    from transformers import AutoModelForImageTextToText
+
+    processor = load_processor(f"{ORG}/{name}")
+    model = AutoModelForImageTextToText.from_pretrained(f"{ORG}/{name}", dtype=torch.float32)
+    traj = standin_rollout(processor)
+    t = 0.9
+    model.zero_grad(set_to_none=True)
+    ref = reference_logprobs(model, traj, t)
+    weighted(ref).backward()
+    ref_grads = grads(model)
+    layouts = [False] + ([True] if uses_packed_forward(model) else [])
+    for packed in layouts:
+        model.zero_grad(set_to_none=True)
+        features = ImageFeatures()
+        (mb,) = make_micro_batches(traj, len(traj), pad_id=processor.tokenizer.pad_token_id, device="cpu",
+                                   mask_truncated=False, image_features=features)
+        logps, _ = completion_logprobs(model, mb, temperature=t, packed=packed)
+        rows = [logps[b, :len(c)] for b, c in enumerate(traj.completion_ids)]
+        for got, want in zip(rows, ref):
+            torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+        weighted(rows).backward()
+        got_grads = grads(model)
+        assert set(got_grads) == set(ref_grads), (packed, set(got_grads) ^ set(ref_grads))
+        for key, g in ref_grads.items():
+            torch.testing.assert_close(got_grads[key], g, atol=3e-5, rtol=1e-3, msg=lambda m, k=key: f"{k}: {m}")
+        assert features.calls == 2  # two prompts with images, two samples each
