@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   grpokit train                                  # the built-in demo (arithmetic, starter model, CPU)
   grpokit train cfg.yaml learning_rate=1e-5      # YAML config, command line overrides
   grpokit train task=arithmetic max_steps=50     # a built-in task
+  grpokit train task=colors                      # the vision task on its starter vision-language model
   grpokit train --algo ppo                       # the PPO (or --algo dpo: DPO) baseline, same settings
   grpokit eval model_name_or_path=runs/demo/final
   grpokit generate model_name_or_path=runs/demo/final prompt='12+7=' n=4
@@ -238,7 +239,14 @@ def cmd_eval(argv: list[str]) -> int:
             raise ValueError("a dataset needs reward_funcs=[...] to decide what is correct "
                              "(a reward of 1.0 counts as correct).")
         runner = RewardRunner(load_reward_funcs(conf.reward_funcs, reward_kwargs=conf.reward_kwargs))
-    ev = Evaluator.build(ds, tok, task=task, reward_runner=runner, config=conf)
+    processor = None
+    from grpokit.core.vision import is_vision_model
+
+    if is_vision_model(model):  # a vision-language model: its processor puts the images in the prompts
+        from grpokit.data.vision import load_processor
+
+        processor = load_processor(path)
+    ev = Evaluator.build(ds, tok, task=task, reward_runner=runner, config=conf, processor=processor)
     ev.max_tokens = fitting_length(model, ev.prompt_ids, wanted_length, 256, "max_completion_length")
     engine = make_engine("hf", model, tok)
     result = {"model": path, "prompts": len(ev.prompt_ids), "max_completion_length": ev.max_tokens,

@@ -578,7 +578,7 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
             config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-STARTER_MODELS = {"multiply": "starter-multiply", "guess": "starter-guess"}
+STARTER_MODELS = {"multiply": "starter-multiply", "guess": "starter-guess", "colors": "starter-colors"}
 """Built-in tasks with a starter model of their own (src/grpokit/assets/<dir>); the others use `starter`."""
 
 
@@ -590,14 +590,16 @@ def starter_model_path(task: str | None = None) -> str:
     with a short SFT on the built-in `arithmetic` task (see configs/starter_sft.yaml, made by
     scripts/make_starter_model.sh). `grpokit train` with no arguments starts from it.
     `starter-multiply` has the chat tokenizer (`new_chat_tokenizer`) and calls the multiply tool
-    (configs/starter_multiply_sft.yaml).
+    (configs/starter_multiply_sft.yaml). `starter-colors` is a tiny Qwen2-VL-shaped
+    vision-language model with its processor, for the `colors` task (scripts/make_vision_starter.py).
     """
     name = STARTER_MODELS.get(task or "", "starter")
     path = resources.files("grpokit") / "assets" / name
     path = Path(str(path))
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"the starter model is missing at {path}; rebuild it with scripts/make_starter_model.sh"
-            + (f" configs/starter_{task}_sft.yaml" if name != "starter" else "")
+            f"the starter model is missing at {path}; rebuild it with "
+            + ("scripts/make_vision_starter.py" if task == "colors" else "scripts/make_starter_model.sh"
+               + (f" configs/starter_{task}_sft.yaml" if name != "starter" else ""))
         )
     return str(path)

@@ -18,9 +18,11 @@ from grpokit.data.tasks import (
     get_task,
 )
 from grpokit.data.tool_tasks import GuessTheNumber, make_guess_task, make_multiply_task, multiply, multiply_reward
+from grpokit.data.vision_tasks import color_reward, make_colors_task
 
 TASKS["multiply"] = make_multiply_task  # the tool tasks (their module builds on the tasks module)
 TASKS["guess"] = make_guess_task
+TASKS["colors"] = make_colors_task  # the vision task (images drawn by the program)
 
 __all__ = [
     "TASKS",
@@ -28,6 +30,7 @@ __all__ = [
     "arithmetic_format_reward",
     "arithmetic_reward",
     "check_countdown_equation",
+    "color_reward",
     "countdown_format_reward",
     "countdown_reward",
     "encode_prompt",
@@ -35,6 +38,7 @@ __all__ = [
     "is_conversational",
     "load_dataset_spec",
     "GuessTheNumber",
+    "make_colors_task",
     "make_guess_task",
     "make_multiply_task",
     "multiply",
