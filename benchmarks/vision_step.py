@@ -1,0 +1,168 @@
+"""GRPO on images: grpokit's GRPOTrainer vs TRL's (its vision-language path), side by side.
+
+    .venv/bin/python benchmarks/vision_step.py            # 3 repeats (seeds 0-2) of 120 measured steps each
+    .venv/bin/python benchmarks/vision_step.py --quick    # 1 repeat of 15 steps
+
+TRL runs in benchmarks/.venv-trl (see benchmarks/grpo_step.py for its setup). Each framework runs
+in its own subprocess (alternating which goes first), on the same model, data and settings:
+
+- the built-in `colors` task (56-px drawn pictures, "What colour is the shape?", one colour word)
+  and its shipped starter model (src/grpokit/assets/starter-colors: a ~0.26M-parameter
+  Qwen2-VL-shaped model, 4 image tokens a picture) with its processor, passed to both trainers as
+  `processing_class` (built by grpokit.data.vision.load_processor: transformers needs torchvision
+  for the Qwen2-VL processor's video part, which neither run uses); fp32 on CPU, one thread;
+- G = 8, 16 prompts per step (128 completions), max_completion_length 8, temperature 1, loss_type
+  dapo, beta 0, lr 1e-3 constant, AdamW, full fine-tuning (vision tower included, as TRL does by
+  default), gradient checkpointing off, the dataset in its own order; repeat r samples with seed r
+  (both frameworks), so the repeats are three learning runs each.
+
+Reported: seconds per step (median of the measured steps, after `--warmup`), the ratio, the peak
+resident memory of each worker, and learning at an equal number of samples: the training reward
+per step and the held-out greedy accuracy before and after (200 pictures of the eval split, the
+same check for both final models: grpokit's evaluator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TRL_PYTHON = os.path.join(HERE, ".venv-trl", "bin", "python")
+
+
+def _held_out_accuracy(model, processor, task) -> float:
+    from grpokit.evaluation import Evaluator
+    from grpokit.rollout import HFEngine
+
+    evaluator = Evaluator.build(task.eval_dataset, processor.tokenizer, task=task, processor=processor)
+    evaluator.max_tokens = 8
+    return evaluator.greedy(HFEngine(model, processor.tokenizer))["eval/accuracy"]
+
+
+def worker(framework: str, spec: dict) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from grpokit.data import get_task
+    from grpokit.data.vision import load_processor
+    from grpokit.data.vision_tasks import color_reward
+    from grpokit.models import load_model, starter_model_path
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    path = starter_model_path("colors")
+    model = load_model(path, dtype=torch.float32, device=torch.device("cpu"))
+    processor = load_processor(path)
+    task = get_task("colors", seed=42, num_eval=spec["eval_n"])
+    per_step = spec["prompts"]
+    total = spec["warmup"] + spec["steps"]
+    ds = task.train_dataset.select(range(total * per_step))
+    record: list[dict] = []
+
+    def colour(prompts, completions, answer, **kwargs):
+        rewards = color_reward(prompts, completions, answer=answer)
+        empty = sum(not c[0]["content"].strip() for c in completions) / len(completions)
+        record.append({"reward": sum(rewards) / len(rewards), "empty": empty})
+        return rewards
+
+    acc_before = _held_out_accuracy(model, processor, task)
+    marks: list[float] = []
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(time.perf_counter())
+
+    common = dict(per_device_train_batch_size=per_step * 8, gradient_accumulation_steps=1, num_generations=8,
+                  max_completion_length=8, temperature=1.0, top_p=1.0, top_k=0, loss_type="dapo", beta=0.0,
+                  learning_rate=spec["lr"], lr_scheduler_type="constant", max_steps=total, seed=spec["seed"], use_cpu=True,
+                  bf16=False, gradient_checkpointing=False, optim="adamw_torch_fused", num_iterations=1,
+                  scale_rewards="group", epsilon=0.2, max_grad_norm=1.0, weight_decay=0.0, logging_steps=10_000,
+                  save_strategy="no", disable_tqdm=True, log_completions=False,
+                  output_dir=tempfile.mkdtemp(prefix=f"vl_bench_{framework}_"), shuffle_dataset=False,
+                  report_to="none")
+    if framework == "grpokit":
+        from grpokit import GRPOConfig, GRPOTrainer
+
+        trainer = GRPOTrainer(model=model, reward_funcs=[colour], args=GRPOConfig(**common, plot=False),
+                              train_dataset=ds, processing_class=processor, callbacks=[Marks()])
+    else:
+        import trl
+
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=[colour],
+                                  args=trl.GRPOConfig(**common, dataloader_num_workers=0), train_dataset=ds,
+                                  processing_class=processor, callbacks=[Marks()])
+    start = time.perf_counter()
+    trainer.train()
+    seconds = [b - a for a, b in zip([start] + marks[:-1], marks)]
+    acc_after = _held_out_accuracy(trainer.model, processor, task)
+    import importlib.metadata as md
+
+    return {"framework": framework, "seconds": seconds, "record": record, "acc_before": acc_before,
+            "acc_after": acc_after, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "version": md.version("trl" if framework == "trl" else "grpokit")}
+
+
+def run_worker(framework: str, spec: dict) -> dict:
+    python = sys.executable if framework == "grpokit" else TRL_PYTHON
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TRL_EXPERIMENTAL_SILENCE": "1",
+           "PYTHONPATH": os.path.join(ROOT, "src")}
+    out = subprocess.run([python, __file__, "--worker", framework, "--spec", json.dumps(spec)], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{framework} worker failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", choices=["grpokit", "trl"])
+    ap.add_argument("--spec")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, json.loads(args.spec))))
+        return
+    if not os.path.exists(TRL_PYTHON):
+        sys.exit(f"TRL's venv is missing ({TRL_PYTHON}); see benchmarks/grpo_step.py for how to make it.")
+    spec = {"threads": args.threads, "prompts": 16, "warmup": 3, "steps": args.steps or (15 if args.quick else 120),
+            "lr": 1e-3, "eval_n": 200}
+    repeats = args.repeats or (1 if args.quick else 3)
+    results: dict[str, list[dict]] = {"grpokit": [], "trl": []}
+    for r in range(repeats):
+        for fw in (("grpokit", "trl") if r % 2 == 0 else ("trl", "grpokit")):
+            t0 = time.perf_counter()
+            results[fw].append(run_worker(fw, {**spec, "seed": r}))  # repeat r: sampling seed r for both
+            print(f"  repeat {r + 1}: {fw} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"\nvision-language GRPO, task colors (starter-colors), G=8 x {spec['prompts']} prompts, "
+          f"{spec['steps']} measured steps after {spec['warmup']}, {args.threads} thread(s), {repeats} repeat(s); "
+          f"grpokit {results['grpokit'][0]['version']}, TRL {results['trl'][0]['version']}")
+    med = {}
+    for fw, runs in results.items():
+        secs = [s for run in runs for s in run["seconds"][spec["warmup"]:]]
+        med[fw] = statistics.median(secs)
+        first = [statistics.mean(x["reward"] for x in run["record"][:5]) for run in runs]
+        last = [statistics.mean(x["reward"] for x in run["record"][-5:]) for run in runs]
+        empty = [statistics.mean(x["empty"] for x in run["record"][-5:]) for run in runs]
+        per_repeat = ", ".join(f"{r['acc_after']:.1%}" for r in runs)
+        print(f"  {fw:8s} {med[fw]:6.3f} s/step   peak RSS {max(r['peak_rss_mb'] for r in runs):6.0f} MB   "
+              f"train reward first 5 steps {statistics.mean(first):.3f} -> last 5 {statistics.mean(last):.3f} "
+              f"(empty answers in the last 5: {statistics.mean(empty):.0%}); held-out greedy accuracy "
+              f"{statistics.mean(r['acc_before'] for r in runs):.1%} -> {statistics.mean(r['acc_after'] for r in runs):.1%} "
+              f"(per repeat: {per_repeat})")
+    print(f"  grpokit / TRL steps per second: {med['trl'] / med['grpokit']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
