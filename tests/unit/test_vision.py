@@ -207,3 +207,29 @@ def test_engine_prefills_each_image_prompt_once_and_decodes_as_the_full_forward(
             for k in range(2):
                 assert outs[2 * i + k].token_ids == want, (family, i)
     model.train()
+
+
+def test_generate_returning_only_sequences_is_scored_with_the_images(vlm):
+    """A `generate` that returns the sequences only (a wrapper, TRL tests' mocks): the hf-generate
+    engine scores the sampled tokens by one forward with the prompts' images, and gets the logprobs
+    generate's own scores give."""
+    from unittest.mock import patch
+
+    from grpokit.rollout import make_engine
+    from grpokit.rollout.sampling import SamplingParams
+
+    family, processor, model = vlm
+    traj = vision_rollout(processor, g=1)
+    engine = make_engine("hf-generate", model, processor.tokenizer)
+    params = SamplingParams(max_tokens=5, temperature=1.0, seed=3)
+    scored = engine.generate(traj.prompt_ids, n=2, params=params, images=traj.images)
+    real = model.generate
+
+    def sequences_only(*args, **kwargs):
+        return real(*args, **kwargs).sequences
+
+    with patch.object(model, "generate", side_effect=sequences_only):
+        forward = engine.generate(traj.prompt_ids, n=2, params=params, images=traj.images)
+    assert [o.token_ids for o in forward] == [o.token_ids for o in scored]
+    for a, b in zip(forward, scored):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)

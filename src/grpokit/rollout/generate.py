@@ -74,7 +74,6 @@ class GenerateEngine:
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         row_images = [v for v in (images or [None] * len(prompt_ids)) for _ in range(n)]
-        self._row_images = row_images
         vision = self._vision_kwargs(row_images, width, device, image_features) \
             if any(v is not None for v in row_images) else {}
         sampling = dict(do_sample=not params.greedy, max_new_tokens=params.max_tokens,
@@ -95,7 +94,8 @@ class GenerateEngine:
                                      **vision, **{**sampling, **self.generation_kwargs})
                 if isinstance(out, torch.Tensor):  # a generate that returns the sequences only (a wrapper, a mock)
                     sequences = out
-                    scores = self._scored(sequences, mask.to(device), width, params, vision)
+                    scores = (self._scored_with_images(sequences, rows, row_images, width, params, image_features)
+                              if vision else self._scored(sequences, mask.to(device), width, params))
                 else:
                     sequences = out.sequences
                     scores = model.compute_transition_scores(out.sequences, out.scores,
@@ -144,29 +144,41 @@ class GenerateEngine:
             kw[name] = grid.to(device)
         return kw
 
-    def _scored(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, width: int, params: SamplingParams,
-                vision: dict | None = None):
+    def _scored(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, width: int, params: SamplingParams):
         """Logprobs [rows, generated] of generated tokens under the model at the sampling
-        temperature, by one forward (when generate returned no scores). With images, the forward
-        gets them as generate did (per-token tensors extended with text over the generated part)
-        and positions from the model itself."""
+        temperature, by one forward (when generate returned no scores)."""
         import inspect
 
         from grpokit.rollout.sampling import processed_logprobs
 
         gen = sequences[:, width:]
         mask = torch.cat([prompt_mask, torch.ones_like(gen)], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         keep = {"logits_to_keep": gen.shape[1] + 1} if "logits_to_keep" in inspect.signature(base.forward).parameters \
             else {}  # the output projection on the generated positions only (not the prompt's)
-        if vision:
-            tokens = {k for v in self._row_images if v is not None for k in v.token_tensors}
-            extra = {k: torch.cat([t, torch.zeros_like(gen)], dim=1) if k in tokens else t for k, t in vision.items()}
-            logits = self.model(input_ids=sequences, attention_mask=mask, **extra, **keep).logits
-        else:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions, **keep).logits
+        logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions, **keep).logits
         logits = logits[:, -(gen.shape[1] + 1):-1].float()
         flat = processed_logprobs(logits.reshape(-1, logits.shape[-1]),
                                   SamplingParams(max_tokens=1, temperature=params.temperature or 1.0))
         return flat.view(*gen.shape, -1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
+
+    def _scored_with_images(self, sequences: torch.Tensor, rows: list[list[int]], row_images: list, width: int,
+                            params: SamplingParams, image_features) -> torch.Tensor:
+        """`_scored` for prompts with images: the training forward itself (padded layout, each
+        prompt's features once, only prompt image tokens take features: an image token sampled in
+        a completion is text there, as in training), at the sampling temperature."""
+        from grpokit.core.batch import make_micro_batches
+        from grpokit.core.forward import completion_logprobs
+        from grpokit.core.trajectory import Trajectories
+
+        gen = sequences[:, width:].cpu().tolist()
+        n = len(rows)
+        traj = Trajectories(row_index=list(range(n)), prompts=[None] * n, completions=[None] * n,
+                            prompt_ids=[list(p) for p in rows], completion_ids=gen,
+                            sampling_logps=[[0.0] * len(g) for g in gen], truncated=torch.zeros(n, dtype=torch.bool),
+                            images=list(row_images))
+        (mb,) = make_micro_batches(traj, n, pad_id=self.pad_id, device=sequences.device, mask_truncated=False,
+                                   image_features=image_features)
+        logps, _ = completion_logprobs(self.model, mb, temperature=params.temperature or 1.0, packed=False)
+        return logps
