@@ -24,19 +24,15 @@ same check for both final models: grpokit's evaluator).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-TRL_PYTHON = os.path.join(HERE, ".venv-trl", "bin", "python")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _workers import alternate, command_line  # noqa: E402
 
 
 def _held_out_accuracy(model, processor, task) -> float:
@@ -111,40 +107,15 @@ def worker(framework: str, spec: dict) -> dict:
             "version": md.version("trl" if framework == "trl" else "grpokit")}
 
 
-def run_worker(framework: str, spec: dict) -> dict:
-    python = sys.executable if framework == "grpokit" else TRL_PYTHON
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TRL_EXPERIMENTAL_SILENCE": "1",
-           "PYTHONPATH": os.path.join(ROOT, "src")}
-    out = subprocess.run([python, __file__, "--worker", framework, "--spec", json.dumps(spec)], env=env,
-                         capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise RuntimeError(f"{framework} worker failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", choices=["grpokit", "trl"])
-    ap.add_argument("--spec")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, json.loads(args.spec))))
+    args = command_line(__doc__, worker)
+    if args is None:  # this process was a worker
         return
-    if not os.path.exists(TRL_PYTHON):
-        sys.exit(f"TRL's venv is missing ({TRL_PYTHON}); see benchmarks/grpo_step.py for how to make it.")
     spec = {"threads": args.threads, "prompts": 16, "warmup": 3, "steps": args.steps or (15 if args.quick else 120),
             "lr": 1e-3, "eval_n": 200}
     repeats = args.repeats or (1 if args.quick else 3)
-    results: dict[str, list[dict]] = {"grpokit": [], "trl": []}
-    for r in range(repeats):
-        for fw in (("grpokit", "trl") if r % 2 == 0 else ("trl", "grpokit")):
-            t0 = time.perf_counter()
-            results[fw].append(run_worker(fw, {**spec, "seed": r}))  # repeat r: sampling seed r for both
-            print(f"  repeat {r + 1}: {fw} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    # repeat r samples with seed r, in both frameworks
+    results = alternate(__file__, repeats, lambda r: {**spec, "seed": r})
     print(f"\nvision-language GRPO, task colors (starter-colors), G=8 x {spec['prompts']} prompts, "
           f"{spec['steps']} measured steps after {spec['warmup']}, {args.threads} thread(s), {repeats} repeat(s); "
           f"grpokit {results['grpokit'][0]['version']}, TRL {results['trl'][0]['version']}")

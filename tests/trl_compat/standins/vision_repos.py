@@ -221,6 +221,16 @@ _LLAVA_NEXT_TILE = 112
 _LLAVA_NEXT_PINPOINTS = [[h * _LLAVA_NEXT_TILE // 336, w * _LLAVA_NEXT_TILE // 336]
                          for h, w in LLAVA_V1_6_MISTRAL_7B["image_grid_pinpoints"]]
 
+# Qwen3.5 and Qwen3.6 share their processor (Qwen/Qwen3.5-0.8B's preprocessor and video configs)
+_QWEN3_5_PROCESSOR = ("Qwen3VLProcessor", "Qwen2VLImageProcessorPil",
+                      dict(size={"shortest_edge": 65536, "longest_edge": 16777216}, patch_size=16,
+                           temporal_patch_size=2, merge_size=2, image_mean=_HALF, image_std=_HALF),
+                      {},
+                      dict(video_processor_type="Qwen3VLVideoProcessor", patch_size=16, temporal_patch_size=2,
+                           merge_size=2, size={"shortest_edge": 4096, "longest_edge": 25165824}, fps=2,
+                           do_sample_frames=True, image_mean=_HALF, image_std=_HALF),
+                      None)
+
 # Generation configs of the source models (token strings, mapped per tokenizer)
 _QWEN_VL_GEN = dict(bos="<|endoftext|>", pad="<|endoftext|>", eos=["<|im_end|>", "<|endoftext|>"], do_sample=True,
                     repetition_penalty=1.05, temperature=0.1, top_k=1, top_p=0.001)
@@ -329,14 +339,7 @@ REPOS = {
         overrides=dict(
             text_config=dict(_TINY_TEXT, layer_types=["linear_attention", "full_attention"], full_attention_interval=2),
             vision_config=dict(hidden_size=16, depth=2, num_heads=4, intermediate_size=32, out_hidden_size=16)),
-        processor=("Qwen3VLProcessor", "Qwen2VLImageProcessorPil",
-                   dict(size={"shortest_edge": 65536, "longest_edge": 16777216}, patch_size=16, temporal_patch_size=2,
-                        merge_size=2, image_mean=_HALF, image_std=_HALF),
-                   {},
-                   dict(video_processor_type="Qwen3VLVideoProcessor", patch_size=16, temporal_patch_size=2,
-                        merge_size=2, size={"shortest_edge": 4096, "longest_edge": 25165824}, fps=2,
-                        do_sample_frames=True, image_mean=_HALF, image_std=_HALF),
-                   None),
+        processor=_QWEN3_5_PROCESSOR,
         gen=None,
         fp32_linear_attn=True,
         dtype="bfloat16"),
@@ -348,14 +351,7 @@ REPOS = {
                              num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                              shared_expert_intermediate_size=32),
             vision_config=dict(hidden_size=16, depth=2, num_heads=4, intermediate_size=32, out_hidden_size=16)),
-        processor=("Qwen3VLProcessor", "Qwen2VLImageProcessorPil",
-                   dict(size={"shortest_edge": 65536, "longest_edge": 16777216}, patch_size=16, temporal_patch_size=2,
-                        merge_size=2, image_mean=_HALF, image_std=_HALF),
-                   {},
-                   dict(video_processor_type="Qwen3VLVideoProcessor", patch_size=16, temporal_patch_size=2,
-                        merge_size=2, size={"shortest_edge": 4096, "longest_edge": 25165824}, fps=2,
-                        do_sample_frames=True, image_mean=_HALF, image_std=_HALF),
-                   None),
+        processor=_QWEN3_5_PROCESSOR,
         gen=dict(bos="<|endoftext|>", pad="<|endoftext|>", eos=["<|im_end|>", "<|endoftext|>"], do_sample=True,
                  temperature=1.0, top_k=20, top_p=0.95),
         dtype="bfloat16"),
