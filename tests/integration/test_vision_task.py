@@ -87,3 +87,26 @@ def test_grpo_on_the_colors_task_from_the_command_line(tmp_path, capsys):
     assert main(["eval", f"model_name_or_path={out / 'final'}", "task=colors", "task_num_eval=16", "n=2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["prompts"] == 16 and 0.0 <= result["eval/accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("log_multimodal", [True, False])
+def test_the_latest_steps_samples_keep_their_pictures(tmp_path, log_multimodal):
+    """trainer._logs (TRL's record of the latest generation batch) holds each completion's prompt,
+    rewards, advantage and, with log_multimodal (TRL's default), its pictures."""
+    from PIL import Image
+
+    from grpokit import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), task="colors", task_num_train=8, task_num_eval=4, max_steps=1,
+                      per_device_train_batch_size=8, num_generations=4, max_completion_length=4, save_strategy="no",
+                      report_to=[], use_cpu=True, disable_tqdm=True, plot=False, log_multimodal=log_multimodal)
+    trainer = GRPOTrainer(model=starter_model_path("colors"), args=args)
+    assert trainer._logs["prompt"] == []
+    trainer.train()
+    logs = trainer._logs
+    assert len(logs["prompt"]) == len(logs["completion"]) == len(logs["advantages"]) == 8
+    assert list(logs["rewards"]) == ["color_reward"] and len(logs["rewards"]["color_reward"]) == 8
+    if log_multimodal:
+        assert len(logs["images"]) == 8 and all(len(x) == 1 and isinstance(x[0], Image.Image) for x in logs["images"])
+    else:
+        assert logs["images"] == []
