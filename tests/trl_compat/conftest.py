@@ -62,9 +62,6 @@ MARKS: dict[str, tuple[str, str]] = {
     G + "test_liger_kernel_with_peft_non_lm_head_target_allowed": ("xfail", LIGER),
     G + "test_liger_kernel_with_peft_modules_to_save_lm_head_allowed": ("xfail", LIGER),
     G + "test_liger_kernel_with_peft_prompt_learning_raises": ("xfail", LIGER),
-    "test_grpo_trainer.py::TestGRPOTrainerVLM::test_train_with_tools_multimodal_response": (
-        "xfail", "its tool returns an image: grpokit does not give images in tool results to the model yet (it "
-                 "raises, naming the tool, instead of rendering a placeholder the model cannot see)"),
 }
 
 

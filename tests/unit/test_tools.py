@@ -103,9 +103,10 @@ def screenshot() -> list:
     return [{"type": "image", "image": Image.new("RGB", (8, 8))}, {"type": "text", "text": "a screenshot"}]
 
 
-def test_a_tool_that_returns_an_image_is_refused_by_name():
-    """Images in tool results are not given to the model yet: rather than rendering a bare image
-    placeholder the model cannot see, the conversation stops with an error naming the tool."""
+def test_a_text_models_tool_that_returns_an_image_is_refused_by_name():
+    """A text-only model (no processor) cannot see an image a tool returns: rather than rendering a
+    bare image placeholder, the conversation stops with an error naming the tool. (A
+    vision-language model's tool images: tests/unit/test_vision.py, TRL's multimodal tool test.)"""
     d = driver_for([screenshot])
     d.turn_ended(0, call("screenshot"), [0.0] * len(call("screenshot")), "stop")
     with pytest.raises(ValueError, match="tool 'screenshot' returned an image"):

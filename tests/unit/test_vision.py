@@ -233,3 +233,62 @@ def test_generate_returning_only_sequences_is_scored_with_the_images(vlm):
     assert [o.token_ids for o in forward] == [o.token_ids for o in scored]
     for a, b in zip(forward, scored):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_images_in_completions_tool_results_train_as_the_models_own_forward(vlm):
+    """A tool result with an image inside a completion (model tokens, the result's turn with the
+    image expanded by the processor, model tokens): the padded training forward puts the image's
+    features in its slots (M-RoPE over the whole sequence) and gives the logprobs and gradients
+    of the model's own forward on the whole sequence with every image's pixel values. A
+    micro-batch with such rows never takes the packed layout."""
+    from grpokit.data.vision import encode_text_with_images, join_vision
+
+    family, processor, model = vlm
+    tok = processor.tokenizer
+    turn = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                           "text": "seen"}]}],
+                                         tokenize=False)
+    raw = tok(turn, add_special_tokens=False)["input_ids"]
+    gen = torch.Generator().manual_seed(7)
+    words = tok("the cat sat", add_special_tokens=False)["input_ids"]
+    rows = []
+    for k, (messages, prompt_images) in enumerate([([{"role": "user", "content": "look"}], [picture(11)]),
+                                                   ([{"role": "user", "content": "no picture"}], None)]):
+        prompt, v = encode_vision_prompt(messages, prompt_images, processor, where=f"row {k}")
+        result, tool_v = encode_text_with_images(raw, [picture(20 + k)], processor, where="tool")
+        before = [words[int(i)] for i in torch.randint(0, len(words), (2,), generator=gen)]
+        after = [words[int(i)] for i in torch.randint(0, len(words), (3,), generator=gen)]
+        completion = before + result + after
+        rows.append((prompt, v, completion, join_vision(len(completion), [(len(before), tool_v)]), tool_v))
+    n = len(rows)
+    traj = Trajectories(row_index=list(range(n)), prompts=[None] * n, completions=[None] * n,
+                        prompt_ids=[r[0] for r in rows], completion_ids=[r[2] for r in rows],
+                        sampling_logps=[[0.0] * len(r[2]) for r in rows], truncated=torch.zeros(n, dtype=torch.bool),
+                        images=[r[1] for r in rows], completion_images=[r[3] for r in rows])
+    t = 0.8
+    model.zero_grad(set_to_none=True)
+    ref = []
+    for prompt, v, completion, cv, tool_v in rows:
+        kw = {}
+        parts = [x for x in (v, tool_v) if x is not None]
+        for key in parts[0].tensors:
+            kw[key] = torch.cat([x.tensors[key] for x in parts])
+        for key, grid in cv.token_tensors.items():
+            head = v.token_tensors[key] if v is not None else torch.zeros((1, len(prompt)), dtype=grid.dtype)
+            kw[key] = torch.cat([head, grid], dim=1)
+        logits = model(input_ids=torch.tensor([prompt + completion]), **kw).logits[0, len(prompt) - 1:-1] / t
+        ref.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0])
+    weighted(ref).backward()
+    ref_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    (mb,) = make_micro_batches(traj, n, pad_id=tok.pad_token_id, device="cpu", mask_truncated=False,
+                               image_features=ImageFeatures())
+    logps, _ = completion_logprobs(model, mb, temperature=t, packed=True)  # asked packed: takes padded
+    got = [logps[b, :len(r[2])] for b, r in enumerate(rows)]
+    for g, want in zip(got, ref):
+        torch.testing.assert_close(g, want, atol=2e-5, rtol=1e-4)
+    weighted(got).backward()
+    got_grads = grads(model)
+    assert set(got_grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], g, atol=2e-5, rtol=1e-3, msg=name)

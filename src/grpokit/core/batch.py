@@ -44,6 +44,7 @@ class MicroBatch:
     ref_logps: torch.Tensor | None = None   # [B, C] when beta > 0
     vision: list | None = None      # per row: its prompt's images (VisionInputs, shared by a group) or None
     image_features: Any = None      # grpokit.core.vision.ImageFeatures of the step (frozen tower: computed once)
+    completion_vision: list | None = None  # per row: the images in its completion (tool results) or None
     _padded: tuple | None = field(default=None, repr=False)
     _layout: PackedLayout | None = field(default=None, repr=False)
     _layout_key: tuple = field(default=(), repr=False)
@@ -200,6 +201,7 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
             advantages=advantages[rows].to(device), sampling_logps=samp.to(device), rows=rows, pad_id=pad_id,
             skip_rows=row_skip if any(row_skip) else None, keep_row=keep_row, pad_to_multiple_of=pad_to_multiple_of,
             vision=rollout.images[rows] if rollout.images is not None else None, image_features=image_features,
+            completion_vision=(rollout.completion_images[rows] if rollout.completion_images is not None else None),
         ))
     return out
 
@@ -215,6 +217,7 @@ def zero_weight_micro_batch(like: MicroBatch) -> MicroBatch:
         rows=slice(like.rows.start, like.rows.start), pad_id=like.pad_id, keep_row=0,
         pad_to_multiple_of=like.pad_to_multiple_of, vision=like.vision[:1] if like.vision is not None else None,
         image_features=like.image_features,
+        completion_vision=like.completion_vision[:1] if like.completion_vision is not None else None,
     )
 
 

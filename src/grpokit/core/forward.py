@@ -126,8 +126,11 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
     shape = tuple(mb.completion_ids.shape)
     # prompts with images: features once per distinct prompt (grpokit.core.vision), with gradients
     # only when the vision tower is trained
-    vision = mb.vision is not None and any(v is not None for v in mb.vision)
+    tool_images = mb.completion_vision is not None and any(v is not None for v in mb.completion_vision)
+    vision = tool_images or (mb.vision is not None and any(v is not None for v in mb.vision))
     vision_grad = vision and vision_tower_trained(inner)
+    if tool_images:  # images inside completions (tool results): the padded layout places them
+        packed = False
 
     aux: list = []  # the router's load-balancing loss, when asked
 

@@ -709,7 +709,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                              "environment_factory= (call your tools inside rollout_func).")
         multiturn = MultiTurn(tools=tools, environment_factory=environment_factory, tokenizer=tok,
                               max_iterations=cfg.max_tool_calling_iterations, tool_timeout=cfg.tool_timeout,
-                              chat_template_kwargs=cfg.chat_template_kwargs)
+                              chat_template_kwargs=cfg.chat_template_kwargs, processor=processor)
         notes.append(multiturn.describe())
     for warning in _objective_warnings(cfg):  # in the summary, and logged now (before step 1), as TRL warns
         notes.append(warning)

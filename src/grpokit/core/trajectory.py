@@ -61,6 +61,8 @@ class Trajectories:
     extra_columns: dict[str, list] | None = None  # per-sample columns for the rewards (rollout_func's extra fields)
     images: list | None = None           # per sample: its prompt's images (grpokit.data.vision.VisionInputs, one
                                          # object shared by the group; None for a text prompt); None: no images
+    completion_images: list | None = None  # per sample: the images in its completion (tool results;
+                                           # VisionInputs over the completion tokens, with slots) or None
 
     def __post_init__(self):
         if self.nonfinite is not None and len(self.nonfinite) != len(self.completion_ids):
@@ -150,7 +152,7 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
             names = {k for v in values if v for k in v}
             out[f.name] = {k: [x for p, v in zip(parts, values) for x in ((v or {}).get(k) or [None] * len(p))]
                            for k in names} or None
-        elif f.name == "images":
+        elif f.name in ("images", "completion_images"):
             out[f.name] = None if all(v is None for v in values) else [
                 x for p, v in zip(parts, values) for x in (v if v is not None else [None] * len(p))]
         elif f.name == "tool_stats":

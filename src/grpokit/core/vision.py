@@ -206,9 +206,10 @@ def image_token_id(model) -> int:
 
 
 def _embeds(model, input_ids, prompt_image_mask, pooled: list):
-    """Token embeddings with the prompts' image tokens replaced by their features. Only the image
-    tokens of prompts are: one the model sampled in a completion is an ordinary token, embedded as
-    the rollout's decode step embedded it (the model's own merge would take it for a placeholder)."""
+    """Token embeddings with the image slots (`prompt_image_mask`: the prompts' image tokens and
+    the images of tool results) replaced by their features. An image token the model sampled in a
+    completion is an ordinary token, embedded as the rollout's decode step embedded it (the
+    model's own merge would take it for a placeholder)."""
     embeds = multimodal_base(model).get_input_embeddings()(input_ids)
     if pooled:
         joined = join_features(pooled)
@@ -236,32 +237,45 @@ def _per_layer_inputs(model, input_ids, image_mask) -> dict[str, Any]:
 def padded_inputs(model, mb, features: ImageFeatures | None, *, grad: bool) -> dict[str, Any]:
     """Keyword arguments for the multimodal base model on the padded [B, P + C] layout of `mb`:
     the embeddings with each distinct prompt's image features (computed once) in its rows' image
-    tokens, the per-image tensors of the rows' images, the per-token tensors laid out as the
-    tokens (left-padded prompt, 0 on completion tokens), and the positions (M-RoPE: the model's
-    own `get_rope_index` over the batch)."""
-    visions, index = distinct(mb.vision)
+    tokens, and each row's completion images (tool results, `mb.completion_vision`) in their slots;
+    the per-image tensors of those images in token order; the per-token tensors laid out as the
+    tokens (left-padded prompt, the completion's own, 0 elsewhere); and the positions (M-RoPE: the
+    model's own `get_rope_index` over the batch)."""
+    n_rows = mb.input_ids.shape[0]
+    visions, index = distinct(mb.vision if mb.vision is not None else [None] * n_rows)
     pooled = _features(model, visions, features, grad)
-    rows = [b for b, i in enumerate(index) if i >= 0]
+    completion = mb.completion_vision if mb.completion_vision is not None else [None] * n_rows
     p = mb.prompt_width
     image_mask = torch.zeros(mb.input_ids.shape, dtype=torch.bool, device=mb.device)
-    image_mask[:, :p] = mb.input_ids[:, :p] == image_token_id(model)
-    keep = torch.zeros(mb.input_ids.shape[0], dtype=torch.bool, device=mb.device)
-    keep[rows] = True
-    image_mask &= keep[:, None]
+    token = image_token_id(model)
+    ordered, feats = [], []  # every image's VisionInputs and features, in token order (row by row)
+    for b in range(n_rows):
+        if index[b] >= 0:
+            image_mask[b, :p] = mb.input_ids[b, :p] == token
+            ordered.append(mb.vision[b])
+            feats.append(pooled[index[b]])
+        cv = completion[b]
+        if cv is not None:
+            image_mask[b, p:p + cv.slots.numel()] = cv.slots.to(mb.device)
+            ordered.append(cv)
+            feats.append(_features(model, [cv], features, grad)[0])
     kw: dict[str, Any] = {"attention_mask": mb.attention_mask,
-                          "inputs_embeds": _embeds(model, mb.input_ids, image_mask, [pooled[index[b]] for b in rows]),
+                          "inputs_embeds": _embeds(model, mb.input_ids, image_mask, feats),
                           **_per_layer_inputs(model, mb.input_ids, image_mask)}
-    per_image = {k: t.to(mb.device) for k, t in image_kwargs([mb.vision[b] for b in rows]).items()} if rows else {}
+    per_image = {k: t.to(mb.device) for k, t in image_kwargs(ordered).items()} if ordered else {}
     kw.update({k: t for k, t in per_image.items() if k != "image_grid_thw"})
-    token_keys = {k for v in visions for k in v.token_tensors}
+    token_keys = {k for v in ordered for k in v.token_tensors}
     tokens = {}
     for key in token_keys:
         grid = torch.zeros(mb.input_ids.shape, dtype=torch.long)
-        for b in rows:
-            v = mb.vision[b]
-            if key in v.token_tensors:
-                values = v.token_tensors[key][0]
+        for b in range(n_rows):
+            if index[b] >= 0 and key in mb.vision[b].token_tensors:
+                values = mb.vision[b].token_tensors[key][0]
                 grid[b, p - values.shape[0]:p] = values
+            cv = completion[b]
+            if cv is not None and key in cv.token_tensors:
+                values = cv.token_tensors[key][0]
+                grid[b, p:p + values.shape[0]] = values
         tokens[key] = grid.to(mb.device)
     if uses_mrope(model):
         kw["position_ids"], _ = multimodal_base(model).get_rope_index(

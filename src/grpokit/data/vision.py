@@ -44,11 +44,14 @@ class VisionInputs:
     num_images: int
     num_image_tokens: int
     cache: dict[str, Any] = field(default_factory=dict, repr=False)   # per-model derived values (positions)
+    # [L] bool: the tokens that take the features (None: every image token, as in a prompt). Set for a
+    # completion's images (tool results), where an image token the model sampled stays text.
+    slots: torch.Tensor | None = None
 
     def to(self, device) -> "VisionInputs":
         return VisionInputs({k: v.to(device) for k, v in self.tensors.items()},
                             {k: v.to(device) for k, v in self.token_tensors.items()},
-                            self.num_images, self.num_image_tokens)
+                            self.num_images, self.num_image_tokens, slots=self.slots)
 
 
 def is_processor(obj) -> bool:
@@ -278,14 +281,19 @@ def encode_vision_prompt(prompt, images: list | None, processor, *, where: str,
     if not opened:
         ids = tokenizer_of(processor)(text, add_special_tokens=not templated)["input_ids"]
         return list(ids), None
-    out = processor(text=[text], images=opened, return_tensors="pt", add_special_tokens=not templated)
+    return _processed(text, opened, processor, where=where, add_special_tokens=not templated)
+
+
+def _processed(text: str, opened: list, processor, *, where: str, add_special_tokens: bool):
+    """The processor's token ids (image tokens expanded) and VisionInputs for `text` and its images."""
+    out = processor(text=[text], images=opened, return_tensors="pt", add_special_tokens=add_special_tokens)
     ids = out["input_ids"][0].tolist()
     length = len(ids)
     token_ids = image_token_ids(processor)
     n_tokens = sum(1 for t in ids if t in token_ids)
     if n_tokens == 0:
-        raise ValueError(f"{where}: the prompt has {len(opened)} image(s) but no image token after processing; "
-                         "the prompt's text or the chat template has no image placeholder the processor expands "
+        raise ValueError(f"{where}: {len(opened)} image(s) but no image token after processing; the text or the "
+                         "chat template has no image placeholder the processor expands "
                          f"({image_token(processor)!r}).")
     tensors, per_token = {}, {}
     for key, value in out.items():
@@ -296,6 +304,38 @@ def encode_vision_prompt(prompt, images: list | None, processor, *, where: str,
         else:
             tensors[key] = value
     return ids, VisionInputs(tensors, per_token, len(opened), n_tokens)
+
+
+def encode_text_with_images(token_ids: list[int], images: list, processor, *, where: str):
+    """Tokens rendered elsewhere (a tool result's turn, by the chat template: one placeholder per
+    image) with their images put in by the processor: (the expanded ids, VisionInputs whose
+    `slots` are all the image tokens of these ids)."""
+    opened = [open_image(img, f"{where}, image {k}") for k, img in enumerate(images)]
+    text = tokenizer_of(processor).decode(token_ids, skip_special_tokens=False)
+    ids, v = _processed(text, opened, processor, where=where, add_special_tokens=False)
+    token_ids_set = image_token_ids(processor)
+    v.slots = torch.tensor([t in token_ids_set for t in ids], dtype=torch.bool)
+    return ids, v
+
+
+def join_vision(length: int, chunks: list[tuple[int, VisionInputs]]) -> VisionInputs | None:
+    """One VisionInputs for a token span of `length` holding `chunks` ((offset, VisionInputs) with
+    slots, in order): their per-image tensors concatenated, their per-token tensors and slots laid
+    out at their offsets (0 / False elsewhere)."""
+    if not chunks:
+        return None
+    keys = list(chunks[0][1].tensors)
+    tensors = {k: torch.cat([v.tensors[k] for _, v in chunks], dim=0) for k in keys}
+    per_token: dict[str, torch.Tensor] = {}
+    slots = torch.zeros(length, dtype=torch.bool)
+    for offset, v in chunks:
+        n = v.slots.numel()
+        slots[offset:offset + n] = v.slots
+        for k, t in v.token_tensors.items():
+            grid = per_token.setdefault(k, torch.zeros((1, length), dtype=t.dtype))
+            grid[0, offset:offset + n] = t[0]
+    return VisionInputs(tensors, per_token, sum(v.num_images for _, v in chunks),
+                        sum(v.num_image_tokens for _, v in chunks), slots=slots)
 
 
 def check_processor(processor, model_name: str) -> None:

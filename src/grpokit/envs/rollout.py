@@ -8,7 +8,10 @@ asked, when every running sample has ended its turn, which samples go on and wit
 (`continuations`: the tool results and the next turn's header, as the chat template renders
 them). HFEngine keeps each sample's KV cache across turns and prefills only those tokens
 (`HFEngine.generate_multiturn`); any other engine gets the whole conversation again each turn
-(`run_turns`' fallback, e.g. transformers' generate, or vLLM with its prefix cache).
+(`run_turns`' fallback, e.g. transformers' generate, or vLLM with its prefix cache). A
+vision-language model's conversations take the fallback too: a tool result may hold images, which
+the processor expands into their tokens (`Conversation.images`), and each turn is given the
+conversation's images so far; the trajectories carry them (`completion_images`) for training.
 
 A sample's completion is every token after its prompt: model segments (trained) and external
 ones (tool output: context only, out of the loss and of every normaliser).
@@ -48,15 +51,18 @@ class Conversation:
     truncated: bool = False
     iterations: int = 0
     stats: list[int] = field(default_factory=lambda: [0] * len(TOOL_STATS))
+    images: list = field(default_factory=list)   # (offset in ids, VisionInputs): images of tool results
 
 
 class TurnDriver:
     """What happens between the turns of a batch of conversations (see the module docstring)."""
 
     def __init__(self, conversations: list[Conversation], tokenizer, runner: ToolRunner, *, max_tokens: int,
-                 max_iterations: int | None, eos_ids: set[int], chat_template_kwargs: dict | None = None):
+                 max_iterations: int | None, eos_ids: set[int], chat_template_kwargs: dict | None = None,
+                 processor=None):
         self.conv = conversations
         self.tok = tokenizer
+        self.processor = processor  # a vision-language model's: tool results may hold images
         self.runner = runner
         self.max_tokens = max_tokens
         self.max_iterations = max_iterations
@@ -71,6 +77,20 @@ class TurnDriver:
     def context_ids(self, sample: int) -> list[int]:
         c = self.conv[sample]
         return c.prompt_ids + c.ids
+
+    def context_images(self, sample: int):
+        """The images of a sample's conversation so far (VisionInputs over prompt + completion), or None."""
+        from grpokit.data.vision import join_vision
+
+        c = self.conv[sample]
+        return join_vision(len(c.prompt_ids) + len(c.ids), [(len(c.prompt_ids) + o, v) for o, v in c.images])
+
+    def completion_images(self, sample: int):
+        """The images in a sample's completion (VisionInputs over its completion tokens), or None."""
+        from grpokit.data.vision import join_vision
+
+        c = self.conv[sample]
+        return join_vision(len(c.ids), c.images)
 
     def turn_ended(self, sample: int, token_ids: list[int], logprobs: list[float], finish_reason: str) -> None:
         """Sample `sample` ended a turn with `token_ids`: record it, parse it, start its tool calls."""
@@ -109,17 +129,28 @@ class TurnDriver:
             c.stats[3] += sum(r.status == TIMEOUT for r in results)
             messages = [{"role": "tool", "name": r.name,
                          "content": r.content if isinstance(r.content, list) else str(r.content)} for r in results]
-            for m in messages:  # never rendered as a bare placeholder the model cannot see
-                if isinstance(m["content"], list) and any(isinstance(part, dict) and part.get("type") == "image"
-                                                          for part in m["content"]):
-                    raise ValueError(f"tool {m['name']!r} returned an image; images in tool results are not given "
-                                     "to the model yet (only prompt images are). Return text from the tool.")
-            suffix = self._suffix(messages)
+            images = [part.get("image") for m in messages if isinstance(m["content"], list)
+                      for part in m["content"] if isinstance(part, dict) and part.get("type") == "image"]
+            vision = None
+            if images:
+                if self.processor is None:  # never rendered as a bare placeholder the model cannot see
+                    name = next(m["name"] for m in messages if isinstance(m["content"], list))
+                    raise ValueError(f"tool {name!r} returned an image, and the model is not a vision-language "
+                                     "model (no processor to give it the image). Return text from the tool.")
+                from grpokit.data.vision import encode_text_with_images
+
+                suffix, vision = encode_text_with_images(
+                    tool_suffix_ids(self.tok, messages, self.kwargs), images, self.processor,
+                    where=f"the result of tool {messages[0]['name']!r}")
+            else:
+                suffix = self._suffix(messages)
             if len(c.ids) + len(suffix) >= self.max_tokens:  # no room for the results and a model token
                 c.truncated = True
                 continue
             c.messages += messages
             start = len(c.ids)
+            if vision is not None:
+                c.images.append((start, vision))
             c.ids += suffix
             c.logps += [0.0] * len(suffix)
             c.segments.append(Segment(start, len(c.ids), EXTERNAL))
@@ -136,9 +167,13 @@ class TurnDriver:
 
 def run_turns(engine, prompt_ids: list[list[int]], n: int, params, driver: TurnDriver) -> None:
     """Every conversation to its end. Samples are numbered as the engine's output (prompt 0's n
-    samples first). HFEngine reuses each sample's KV cache; other engines are given the whole
-    conversation again at each turn, with the turn's remaining budget."""
-    if hasattr(engine, "generate_multiturn"):
+    samples first). HFEngine reuses each sample's KV cache; other engines, and a vision-language
+    model's conversations (their tool results may hold images), are given the whole conversation
+    again at each turn, with its images and the turn's remaining budget."""
+    # a vision-language model's conversations are re-encoded each turn, with the images of their tool
+    # results (the KV-reuse path prefills text only)
+    vlm = getattr(driver, "processor", None) is not None
+    if hasattr(engine, "generate_multiturn") and not vlm:
         engine.generate_multiturn(prompt_ids, n, params, driver)
         return
     for s, out in enumerate(engine.generate(prompt_ids, n=n, params=params)):
@@ -152,8 +187,10 @@ def run_turns(engine, prompt_ids: list[list[int]], n: int, params, driver: TurnD
         order = sorted(going)
         budget = max(driver.remaining(s) for s in order)
         seed = None if params.seed is None else params.seed + 7919 * turn
+        images = [driver.context_images(s) for s in order] if vlm else []
         outs = engine.generate([driver.context_ids(s) for s in order], n=1,
-                               params=dataclasses.replace(params, max_tokens=budget, seed=seed))
+                               params=dataclasses.replace(params, max_tokens=budget, seed=seed),
+                               **({"images": images} if any(v is not None for v in images) else {}))
         for s, out in zip(order, outs):
             room = driver.remaining(s)
             cut = len(out.token_ids) > room
@@ -166,7 +203,7 @@ class MultiTurn:
     `rollout` samples one step's conversations."""
 
     def __init__(self, *, tools=None, environment_factory=None, tokenizer, max_iterations: int | None = None,
-                 tool_timeout: float | None = 60.0, chat_template_kwargs: dict | None = None):
+                 tool_timeout: float | None = 60.0, chat_template_kwargs: dict | None = None, processor=None):
         self.standalone = list(tools or [])
         for i, fn in enumerate(self.standalone):
             check_tool(fn, f"tools[{i}]")
@@ -176,6 +213,7 @@ class MultiTurn:
             check_tool(fn, f"environment method {tool_name(fn)}")
         self.parser = check_tool_template(tokenizer) if self.tools else None
         self.tokenizer = tokenizer
+        self.processor = processor  # a vision-language model's: images in tool results reach the model
         self.max_iterations = max_iterations
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.runner = ToolRunner(tool_timeout)
@@ -237,7 +275,7 @@ class MultiTurn:
                          for p, t in zip(prompt_ids, tool_lists)]
         driver = TurnDriver(conversations, self.tokenizer, self.runner, max_tokens=max_tokens,
                             max_iterations=self.max_iterations, eos_ids=eos_ids,
-                            chat_template_kwargs=self.chat_template_kwargs)
+                            chat_template_kwargs=self.chat_template_kwargs, processor=self.processor)
         uniform = all(prompt_ids[i * n + k] == prompt_ids[i * n] for i in range(len(rows)) for k in range(n))
         if uniform:  # the G samples of a prompt share its prefill
             run_turns(engine, [prompt_ids[i * n] for i in range(len(rows))], n, params, driver)
@@ -250,7 +288,9 @@ class MultiTurn:
             completion_ids=[c.ids for c in conversations], sampling_logps=[c.logps for c in conversations],
             truncated=torch.tensor([c.truncated for c in conversations], dtype=torch.bool),
             segments=[c.segments for c in conversations],
-            tool_stats=torch.tensor([c.stats for c in conversations], dtype=torch.long))
+            tool_stats=torch.tensor([c.stats for c in conversations], dtype=torch.long),
+            completion_images=([driver.completion_images(i) for i in range(len(conversations))]
+                               if any(c.images for c in conversations) else None))
         return traj, envs
 
     def close(self) -> None:
