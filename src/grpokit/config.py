@@ -56,6 +56,9 @@ class GRPOFields:
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_dropout: float = _f(0.05, "LoRA dropout.")
     lora_target_modules: list | str | None = _f(None, "Modules to adapt (None: peft's default for the architecture).")
+    freeze_vision_tower: bool = _f(False, "A vision-language model's vision tower and projector stay frozen in full "
+                                          "fine-tuning (their features then computed once per step); LoRA, in the "
+                                          "language model only, leaves them frozen anyway. False trains them, as TRL.")
     # --- batch and schedule ---
     output_dir: str = _f("runs/grpo", "Run folder: config, metrics, samples, plot, checkpoints.")
     overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds one (its metrics, checkpoints "

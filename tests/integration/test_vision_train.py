@@ -9,6 +9,7 @@ from PIL import Image
 
 from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.models import new_vision_model, new_vision_processor
+from tests.helpers import make_char_tokenizer, make_tiny_model
 
 
 def colour(rgb):
@@ -95,6 +96,36 @@ def test_lora_on_a_vlm_adapts_the_language_model_and_leaves_the_vision_tower_fro
     assert not vision_tower_trained(inner) and vision_parameters(inner)
     trainer.train()
     assert trainer.parts.image_features.calls == 2  # frozen tower: once per prompt for the whole step
+
+
+def test_freeze_vision_tower_in_full_fine_tuning(tmp_path):
+    """freeze_vision_tower=True: full fine-tuning trains the language model only; the tower and
+    projector do not move and their features are computed once per prompt for the step. On a text
+    model the field is an error naming it."""
+    from grpokit.core.vision import vision_parameters
+
+    model_path = saved_vlm(tmp_path, "qwen2_vl")
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "colour?"}]] * 2,
+                            "image": [colour((255, 0, 0)), colour((0, 0, 255))]})
+
+    def reward(completions, **k):
+        return [float(len(c[0]["content"])) for c in completions]
+
+    trainer = GRPOTrainer(model=model_path, reward_funcs=reward, train_dataset=ds,
+                          args=config(tmp_path, freeze_vision_tower=True, max_steps=2, learning_rate=1e-2))
+    tower = {n: p.detach().clone() for n, p in vision_parameters(trainer.model)}
+    text = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n not in tower}
+    assert tower and "vision tower and projector frozen" in trainer.parts.summary()
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in tower.items())
+    assert any(not torch.equal(params[n], v) for n, v in text.items())
+    assert trainer.parts.image_features.calls == 2  # frozen: once per prompt for the whole step
+    with pytest.raises(ValueError, match="freeze_vision_tower=True, but .* is not a vision-language model"):
+        tok = make_char_tokenizer()
+        GRPOTrainer(model=make_tiny_model(tok), reward_funcs=reward, processing_class=tok,
+                    train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}),
+                    args=config(tmp_path / "text", freeze_vision_tower=True))
 
 
 def test_eval_set_with_images(tmp_path):

@@ -737,6 +737,15 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
             targets = language_model_lora_targets(unwrap(policy), targets)
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=targets, task_type="CAUSAL_LM")
+    if cfg.freeze_vision_tower:
+        if not vlm:
+            raise ValueError(f"GRPOConfig: freeze_vision_tower=True, but {model_name} is not a vision-language model "
+                             "(it has no vision tower); leave freeze_vision_tower=False.")
+        from grpokit.core.vision import vision_parameters
+
+        for _, p in vision_parameters(unwrap(policy)):
+            p.requires_grad_(False)
+        notes.append("vision tower and projector frozen (freeze_vision_tower): image features once per step")
     is_peft = peft_config is not None or hasattr(policy, "disable_adapter")
     if peft_config is not None:
         policy = models.apply_lora(policy, peft_config)
