@@ -8,12 +8,11 @@ through the vision tower once. (grpokit's own tiny Qwen2-VL and LLaVA: tests/uni
 import pytest
 import torch
 
-from grpokit.core.batch import make_micro_batches
-from grpokit.core.forward import completion_logprobs, uses_packed_forward
+from grpokit.core.forward import uses_packed_forward
 from grpokit.core.trajectory import Trajectories
 from grpokit.core.vision import ImageFeatures
 from grpokit.data.vision import encode_vision_prompt, load_processor
-from tests.unit.test_vision import grads, picture, reference_logprobs, weighted
+from tests.unit.test_vision import assert_matches_reference, grads, picture, reference_logprobs, weighted
 
 ORG = "trl-internal-testing"
 MODELS = ["tiny-Gemma3ForConditionalGeneration", "tiny-Gemma4ForConditionalGeneration",
@@ -59,17 +58,7 @@ def test_VLM_standin_forward_equals_the_models_own(name):
     ref_grads = grads(model)
     layouts = [False] + ([True] if uses_packed_forward(model) else [])
     for packed in layouts:
-        model.zero_grad(set_to_none=True)
         features = ImageFeatures()
-        (mb,) = make_micro_batches(traj, len(traj), pad_id=processor.tokenizer.pad_token_id, device="cpu",
-                                   mask_truncated=False, image_features=features)
-        logps, _ = completion_logprobs(model, mb, temperature=t, packed=packed)
-        rows = [logps[b, :len(c)] for b, c in enumerate(traj.completion_ids)]
-        for got, want in zip(rows, ref):
-            torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
-        weighted(rows).backward()
-        got_grads = grads(model)
-        assert set(got_grads) == set(ref_grads), (packed, set(got_grads) ^ set(ref_grads))
-        for key, g in ref_grads.items():
-            torch.testing.assert_close(got_grads[key], g, atol=3e-5, rtol=1e-3, msg=lambda m, k=key: f"{k}: {m}")
+        assert_matches_reference(model, traj, ref, ref_grads, temperature=t, packed=packed, features=features,
+                                 pad_id=processor.tokenizer.pad_token_id, atol=3e-5)
         assert features.calls == 2  # two prompts with images, two samples each

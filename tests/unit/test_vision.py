@@ -75,6 +75,23 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_matches_reference(model, traj, ref, ref_grads, *, temperature, packed, features, pad_id, atol=2e-5):
+    """grpokit's training forward of `traj` (one micro-batch) gives the reference logprobs `ref`
+    (per row) and, through the same weighted sum, the reference gradients of every parameter."""
+    model.zero_grad(set_to_none=True)
+    (mb,) = make_micro_batches(traj, len(traj), pad_id=pad_id, device="cpu", mask_truncated=False,
+                               image_features=features)
+    logps, _ = completion_logprobs(model, mb, temperature=temperature, packed=packed)
+    rows = [logps[b, :len(c)] for b, c in enumerate(traj.completion_ids)]
+    for got, want in zip(rows, ref):
+        torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
+    weighted(rows).backward()
+    got_grads = grads(model)
+    assert set(got_grads) == set(ref_grads), (packed, set(got_grads) ^ set(ref_grads))
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], g, atol=atol, rtol=1e-3, msg=lambda m, k=name: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_forward_equals_the_models_own_per_row_forward(vlm, packed):
     family, processor, model = vlm
@@ -86,21 +103,11 @@ def test_forward_equals_the_models_own_per_row_forward(vlm, packed):
     ref_grads = grads(model)
     assert any(n for n, _ in vision_parameters(model) if n in ref_grads)  # the tower is trained here
 
-    model.zero_grad(set_to_none=True)
-    features = ImageFeatures()
-    (mb,) = make_micro_batches(traj, len(traj), pad_id=processor.tokenizer.pad_token_id, device="cpu",
-                               mask_truncated=False, image_features=features)
     if packed:
         assert uses_packed_forward(model)
-    logps, _ = completion_logprobs(model, mb, temperature=t, packed=packed)
-    rows = [logps[b, :len(c)] for b, c in enumerate(traj.completion_ids)]
-    for got, want in zip(rows, ref):
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-    weighted(rows).backward()
-    got_grads = grads(model)
-    assert set(got_grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(got_grads[name], g, atol=2e-5, rtol=1e-3, msg=name)
+    features = ImageFeatures()
+    assert_matches_reference(model, traj, ref, ref_grads, temperature=t, packed=packed, features=features,
+                             pad_id=processor.tokenizer.pad_token_id)
     # three prompts with images, three samples each: the tower ran three times, not nine
     assert features.calls == 3
 
@@ -279,16 +286,6 @@ def test_images_in_completions_tool_results_train_as_the_models_own_forward(vlm)
         logits = model(input_ids=torch.tensor([prompt + completion]), **kw).logits[0, len(prompt) - 1:-1] / t
         ref.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0])
     weighted(ref).backward()
-    ref_grads = grads(model)
-    model.zero_grad(set_to_none=True)
-    (mb,) = make_micro_batches(traj, n, pad_id=tok.pad_token_id, device="cpu", mask_truncated=False,
-                               image_features=ImageFeatures())
-    logps, _ = completion_logprobs(model, mb, temperature=t, packed=True)  # asked packed: takes padded
-    got = [logps[b, :len(r[2])] for b, r in enumerate(rows)]
-    for g, want in zip(got, ref):
-        torch.testing.assert_close(g, want, atol=2e-5, rtol=1e-4)
-    weighted(got).backward()
-    got_grads = grads(model)
-    assert set(got_grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(got_grads[name], g, atol=2e-5, rtol=1e-3, msg=name)
+    # asked for the packed layout, the forward takes the padded one for these rows
+    assert_matches_reference(model, traj, ref, grads(model), temperature=t, packed=True, features=ImageFeatures(),
+                             pad_id=tok.pad_token_id)
