@@ -20,6 +20,7 @@ ones (tool output: context only, out of the loss and of every normaliser).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -188,6 +189,9 @@ def run_turns(engine, prompt_ids: list[list[int]], n: int, params, driver: TurnD
         budget = max(driver.remaining(s) for s in order)
         seed = None if params.seed is None else params.seed + 7919 * turn
         images = [driver.context_images(s) for s in order] if vlm else []
+        if any(v is not None for v in images) and "images" not in inspect.signature(engine.generate).parameters:
+            raise ValueError(f"a tool returned an image, which {type(engine).__name__} cannot give the model; sample "
+                             "with grpokit's engine (use_vllm=False) to train on images in tool results.")
         outs = engine.generate([driver.context_ids(s) for s in order], n=1,
                                params=dataclasses.replace(params, max_tokens=budget, seed=seed),
                                **({"images": images} if any(v is not None for v in images) else {}))
