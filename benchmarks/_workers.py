@@ -59,3 +59,45 @@ def command_line(doc: str, worker: Callable[[str, dict], dict]):
         print(json.dumps(worker(args.worker, json.loads(args.spec))))
         return None
     return args
+
+
+def train_timed(framework: str, model, reward, train_dataset, processing_class, *, prompts: int,
+                max_completion_length: int, learning_rate: float, max_steps: int, seed: int, prefix: str,
+                **trainer_kwargs) -> tuple[object, list[float]]:
+    """Train `model` with `framework`'s GRPOTrainer (grpokit's, or TRL's in its venv) under the
+    benchmarks' shared settings: G = 8 x `prompts` a step, temperature 1 without top-k/top-p, dapo,
+    beta 0, constant lr, fused AdamW, clipping at 1, no gradient checkpointing, the dataset in its
+    own order, nothing logged or saved. Returns the trainer and the seconds of each step."""
+    from transformers import TrainerCallback
+
+    marks: list[float] = []
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(time.perf_counter())
+
+    import tempfile
+
+    common = dict(per_device_train_batch_size=prompts * 8, gradient_accumulation_steps=1, num_generations=8,
+                  max_completion_length=max_completion_length, temperature=1.0, top_p=1.0, top_k=0,
+                  loss_type="dapo", beta=0.0, learning_rate=learning_rate, lr_scheduler_type="constant",
+                  max_steps=max_steps, seed=seed, use_cpu=True, bf16=False, gradient_checkpointing=False,
+                  optim="adamw_torch_fused", num_iterations=1, scale_rewards="group", epsilon=0.2, max_grad_norm=1.0,
+                  weight_decay=0.0, logging_steps=10_000, save_strategy="no", disable_tqdm=True, log_completions=False,
+                  output_dir=tempfile.mkdtemp(prefix=f"{prefix}_{framework}_"), shuffle_dataset=False,
+                  report_to="none")
+    if framework == "grpokit":
+        from grpokit import GRPOConfig, GRPOTrainer
+
+        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=GRPOConfig(**common, plot=False),
+                              train_dataset=train_dataset, processing_class=processing_class, callbacks=[Marks()],
+                              **trainer_kwargs)
+    else:
+        import trl
+
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=[reward],
+                                  args=trl.GRPOConfig(**common, dataloader_num_workers=0), train_dataset=train_dataset,
+                                  processing_class=processing_class, callbacks=[Marks()], **trainer_kwargs)
+    start = time.perf_counter()
+    trainer.train()
+    return trainer, [b - a for a, b in zip([start] + marks[:-1], marks)]

@@ -27,11 +27,9 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _workers import alternate, command_line  # noqa: E402
+from _workers import alternate, command_line, train_timed  # noqa: E402
 
 
 def _accuracy_with_tools(model, tok, task, n: int) -> float:
@@ -47,7 +45,6 @@ def _accuracy_with_tools(model, tok, task, n: int) -> float:
 
 def worker(framework: str, spec: dict) -> dict:
     import torch
-    from transformers import TrainerCallback
 
     from grpokit.data import get_task
     from grpokit.data.tool_tasks import multiply_reward, used_tool
@@ -71,33 +68,9 @@ def worker(framework: str, spec: dict) -> dict:
         return rewards
 
     acc_before = _accuracy_with_tools(model, tok, task, spec["eval_n"])
-    marks: list[float] = []
-
-    class Marks(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            marks.append(time.perf_counter())
-
-    common = dict(per_device_train_batch_size=per_step * 8, gradient_accumulation_steps=1, num_generations=8,
-                  max_completion_length=96, temperature=1.0, top_p=1.0, top_k=0, loss_type="dapo", beta=0.0,
-                  learning_rate=spec["lr"], lr_scheduler_type="constant", max_steps=total, seed=0, use_cpu=True,
-                  bf16=False, gradient_checkpointing=False, optim="adamw_torch_fused", num_iterations=1, scale_rewards="group", epsilon=0.2,
-                  max_grad_norm=1.0, weight_decay=0.0, logging_steps=10_000, save_strategy="no", disable_tqdm=True,
-                  log_completions=False, output_dir=tempfile.mkdtemp(prefix=f"mt_bench_{framework}_"),
-                  shuffle_dataset=False, report_to="none")
-    if framework == "grpokit":
-        from grpokit import GRPOConfig, GRPOTrainer
-
-        trainer = GRPOTrainer(model=model, reward_funcs=[exact_product], args=GRPOConfig(**common, plot=False),
-                              train_dataset=ds, processing_class=tok, tools=task.tools, callbacks=[Marks()])
-    else:
-        import trl
-
-        trainer = trl.GRPOTrainer(model=model, reward_funcs=[exact_product],
-                                  args=trl.GRPOConfig(**common, dataloader_num_workers=0), train_dataset=ds,
-                                  processing_class=tok, tools=task.tools, callbacks=[Marks()])
-    start = time.perf_counter()
-    trainer.train()
-    seconds = [b - a for a, b in zip([start] + marks[:-1], marks)]
+    trainer, seconds = train_timed(framework, model, exact_product, ds, tok, prompts=per_step,
+                                   max_completion_length=96, learning_rate=spec["lr"], max_steps=total,
+                                   seed=0, prefix="mt_bench", tools=task.tools)
     acc_after = _accuracy_with_tools(trainer.model, tok, task, spec["eval_n"])
     import importlib.metadata as md
 

@@ -44,8 +44,9 @@ DEFAULTS = {
 
 
 def held_out(model, processor, task) -> dict[str, float]:
-    """Greedy accuracy on the task's eval split (grpokit's engine and evaluator) and the fraction of
-    answers that name one of the colours."""
+    """Greedy accuracy on the task's eval split (one greedy rollout, graded by the task), the
+    fraction of those answers that name one of the colours, and the accuracy sampled at T = 1
+    (grpokit's evaluator)."""
     from grpokit.data.vision_tasks import COLORS, answered_color
     from grpokit.evaluation import Evaluator
     from grpokit.rollout import HFEngine
@@ -54,13 +55,13 @@ def held_out(model, processor, task) -> dict[str, float]:
     evaluator = Evaluator.build(task.eval_dataset, processor.tokenizer, task=task, processor=processor)
     evaluator.max_tokens = task.max_completion_length
     engine = HFEngine(model, processor.tokenizer)
-    greedy = evaluator.greedy(engine)
     outs = engine.generate(evaluator.prompt_ids, n=1, images=evaluator.vision,
                            params=SamplingParams(max_tokens=task.max_completion_length, temperature=0.0, seed=0))
+    answers = [evaluator.rows[o.prompt_index]["answer"] for o in outs]
+    accuracy = sum(task.is_correct(o.text, answer=a) for o, a in zip(outs, answers)) / len(outs)
     colour_word = sum(answered_color(o.text) in COLORS for o in outs) / len(outs)
     sampled = evaluator.pass_at(engine, n=4, ks=(1,), temperature=1.0, seed=0)
-    return {"accuracy": greedy["eval/accuracy"], "sample_accuracy": sampled["eval/sample_accuracy"],
-            "colour_word": colour_word}
+    return {"accuracy": accuracy, "sample_accuracy": sampled["eval/sample_accuracy"], "colour_word": colour_word}
 
 
 def main(argv: list[str]) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from grpokit.config import GRPOConfig
-from grpokit.core.loop import GRPO, train_loop
+from grpokit.core.loop import GRPO, generation_logs, train_loop
 from grpokit.core.run import RunFacade, RunParts, build_run
 
 
@@ -86,9 +86,9 @@ class GRPOTrainer(RunFacade):
     def _logs(self) -> dict:
         """TRL's record of the latest step's samples: {"images", "prompt", "completion", "rewards"
         {function: values}, "advantages", "extra" (log_extra columns)} (see core.loop.generation_logs)."""
-        logs = self.parts.latest_logs
-        return logs if logs is not None else {"images": [], "prompt": [], "completion": [], "rewards": {},
-                                              "advantages": [], "extra": {}}
+        if self.parts.latest_step is None:
+            return {"images": [], "prompt": [], "completion": [], "rewards": {}, "advantages": [], "extra": {}}
+        return generation_logs(self.parts, *self.parts.latest_step)
 
     @property
     def _env_tools(self) -> dict:

@@ -538,8 +538,8 @@ def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out:
     events = {"logged": logging_step, "evaluated": {}, "saved": None}
     tracker.log(step, metrics)
     tracker.update_progress(step, metrics)
-    if out.rollout is not None:
-        run.latest_logs = generation_logs(run, out.rollout, out.per_sample)
+    if out.rollout is not None:  # kept for trainer._logs, built only when read (generation_logs)
+        run.latest_step = (out.rollout, out.per_sample)
     if out.rollout is not None and cfg.log_completions and (logging_step or step == 1):
         rows = sample_rows(out.rollout, out.per_sample, cfg.num_completions_to_print)
         # at logging steps two are printed: the first and one that scored differently, if any

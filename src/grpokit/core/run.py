@@ -187,7 +187,7 @@ class RunParts:
     vision: list | None = None       # per dataset row: its images' processor tensors (VisionInputs) or None
     image_features: Any = None       # grpokit.core.vision.ImageFeatures: each prompt's images encoded once a step
     processor: Any = None            # a vision-language model's processor (processing_class); tokenizer = its text part
-    latest_logs: dict | None = None  # TRL's trainer._logs: the latest step's samples (core.loop.generation_logs)
+    latest_step: tuple | None = None  # the latest step's (rollout, per-sample columns), for trainer._logs
     _generate_engine: Any = field(default=None, repr=False)
 
     def __post_init__(self):

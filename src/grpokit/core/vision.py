@@ -234,6 +234,27 @@ def _per_layer_inputs(model, input_ids, image_mask) -> dict[str, Any]:
     return {"per_layer_inputs": lm.get_per_layer_inputs(torch.where(image_mask, pad, input_ids))}
 
 
+def token_grids(prompt_visions: list, shape: tuple[int, int], width: int,
+                completion_visions: list | None = None) -> dict[str, torch.Tensor]:
+    """The per-token tensors (token_type_ids, mm_token_type_ids, ...) of a [rows, columns] token
+    grid whose prompts are left-padded to `width`: row b's prompt values end at `width`, its
+    completion images' values (`completion_visions[b]`) start there, 0 (text) elsewhere."""
+    completion_visions = completion_visions or [None] * shape[0]
+    keys = {k for v in list(prompt_visions) + list(completion_visions) if v is not None for k in v.token_tensors}
+    grids = {}
+    for key in sorted(keys):
+        grid = torch.zeros(shape, dtype=torch.long)
+        for b, (v, cv) in enumerate(zip(prompt_visions, completion_visions)):
+            if v is not None and key in v.token_tensors:
+                values = v.token_tensors[key].reshape(-1)
+                grid[b, width - values.numel():width] = values
+            if cv is not None and key in cv.token_tensors:
+                values = cv.token_tensors[key].reshape(-1)
+                grid[b, width:width + values.numel()] = values
+        grids[key] = grid
+    return grids
+
+
 def padded_inputs(model, mb, features: ImageFeatures | None, *, grad: bool) -> dict[str, Any]:
     """Keyword arguments for the multimodal base model on the padded [B, P + C] layout of `mb`:
     the embeddings with each distinct prompt's image features (computed once) in its rows' image
@@ -251,8 +272,12 @@ def padded_inputs(model, mb, features: ImageFeatures | None, *, grad: bool) -> d
     ordered, feats = [], []  # every image's VisionInputs and features, in token order (row by row)
     for b in range(n_rows):
         if index[b] >= 0:
-            image_mask[b, :p] = mb.input_ids[b, :p] == token
-            ordered.append(mb.vision[b])
+            v = mb.vision[b]
+            if v.slots is not None:  # a conversation's images so far (the rollout's whole-context scoring)
+                image_mask[b, p - v.slots.numel():p] = v.slots.to(mb.device)
+            else:
+                image_mask[b, :p] = mb.input_ids[b, :p] == token
+            ordered.append(v)
             feats.append(pooled[index[b]])
         cv = completion[b]
         if cv is not None:
@@ -264,19 +289,8 @@ def padded_inputs(model, mb, features: ImageFeatures | None, *, grad: bool) -> d
                           **_per_layer_inputs(model, mb.input_ids, image_mask)}
     per_image = {k: t.to(mb.device) for k, t in image_kwargs(ordered).items()} if ordered else {}
     kw.update({k: t for k, t in per_image.items() if k != "image_grid_thw"})
-    token_keys = {k for v in ordered for k in v.token_tensors}
-    tokens = {}
-    for key in token_keys:
-        grid = torch.zeros(mb.input_ids.shape, dtype=torch.long)
-        for b in range(n_rows):
-            if index[b] >= 0 and key in mb.vision[b].token_tensors:
-                values = mb.vision[b].token_tensors[key][0]
-                grid[b, p - values.shape[0]:p] = values
-            cv = completion[b]
-            if cv is not None and key in cv.token_tensors:
-                values = cv.token_tensors[key][0]
-                grid[b, p:p + values.shape[0]] = values
-        tokens[key] = grid.to(mb.device)
+    prompts = [mb.vision[b] if index[b] >= 0 else None for b in range(n_rows)]
+    tokens = {k: t.to(mb.device) for k, t in token_grids(prompts, tuple(mb.input_ids.shape), p, completion).items()}
     if uses_mrope(model):
         kw["position_ids"], _ = multimodal_base(model).get_rope_index(
             mb.input_ids, mm_token_type_ids=tokens.get("mm_token_type_ids", torch.zeros_like(mb.input_ids)),

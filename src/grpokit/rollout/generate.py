@@ -127,21 +127,14 @@ class GenerateEngine:
         """generate's image arguments for the left-padded [rows, width] prompts: the features of
         each row's images (computed once per prompt) in row order, the per-image tensors of those
         rows, and the per-token tensors left-padded with 0 (text) to the width."""
-        from grpokit.core.vision import ImageFeatures, encoder_outputs, image_kwargs
+        from grpokit.core.vision import ImageFeatures, encoder_outputs, image_kwargs, token_grids
 
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         features = image_features if image_features is not None else ImageFeatures()
         with_images = [v for v in row_images if v is not None]
         kw = {"mm_encoder_outputs": encoder_outputs([features.of(base, v, grad=False) for v in with_images])}
         kw.update({k: t.to(device) for k, t in image_kwargs(with_images).items()})
-        names = sorted({k for v in with_images for k in v.token_tensors})
-        for name in names:
-            grid = torch.zeros((len(row_images), width), dtype=torch.long)
-            for r, v in enumerate(row_images):
-                if v is not None and name in v.token_tensors:
-                    t = v.token_tensors[name].reshape(-1)
-                    grid[r, width - t.numel():] = t.to(torch.long)
-            kw[name] = grid.to(device)
+        kw.update({k: t.to(device) for k, t in token_grids(row_images, (len(row_images), width), width).items()})
         return kw
 
     def _scored(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, width: int, params: SamplingParams):
@@ -166,8 +159,8 @@ class GenerateEngine:
     def _scored_with_images(self, sequences: torch.Tensor, rows: list[list[int]], row_images: list, width: int,
                             params: SamplingParams, image_features) -> torch.Tensor:
         """`_scored` for prompts with images: the training forward itself (padded layout, each
-        prompt's features once, only prompt image tokens take features: an image token sampled in
-        a completion is text there, as in training), at the sampling temperature."""
+        prompt's features once, in its image slots only: an image token sampled in a completion is
+        text there, as in training), at the sampling temperature."""
         from grpokit.core.batch import make_micro_batches
         from grpokit.core.forward import completion_logprobs
         from grpokit.core.trajectory import Trajectories

@@ -81,11 +81,7 @@ def _layer_kv_shapes(cfg) -> list[tuple[int, int]]:
         return (getattr(c, "num_key_value_heads", None) or heads,
                 getattr(c, "head_dim", None) or c.hidden_size // heads)
 
-    layers = None
-    try:
-        layers = getattr(cfg, "per_layer_config", None)
-    except Exception:  # noqa: BLE001 - a config class that raises on unknown attributes
-        layers = None
+    layers = getattr(cfg, "per_layer_config", None)
     if layers:
         return [shape(layers[i]) for i in range(len(layers))]
     return [shape(cfg)] * cfg.num_hidden_layers
