@@ -106,6 +106,15 @@ def test_config_accepts_yaml_strings_and_rejects_nonsense(tmp_path: Path):
         _cfg(tmp_path, tokenizer=None)
 
 
+def test_config_parses_a_json_model_config(tmp_path: Path):
+    # a dict field given as a string (CLI key=value, YAML) is read as JSON; it raised NameError (no `import json`)
+    assert _cfg(tmp_path, model_config=json.dumps(TINY)).model_config == TINY
+    cfg = SFTConfig(model_config='{"model_type": "llama", "x": 1}', tokenizer="char", task="arithmetic")
+    assert cfg.model_config == {"model_type": "llama", "x": 1}
+    with pytest.raises(ValueError, match="model_config='{nope' is not a valid"):
+        _cfg(tmp_path, model_config="{nope")
+
+
 def test_next_stage_continues_the_same_model(tmp_path: Path):
     cfg = _cfg(tmp_path, max_steps=20, eval_num_prompts=0,
                next_stage={"task_kwargs": {"num_train": 64, "num_eval": 8, "max_operand": 20,
