@@ -276,7 +276,7 @@ class Tracker:
         try:
             return plot_metrics(self.metrics_path, self.plot_path)
         except Exception as exc:  # a plot must not turn a finished run into a failed one
-            warnings.warn(f"could not write {self.plot_path}: {exc!r}")
+            warnings.warn(f"could not write {self.plot_path}: {exc!r}", stacklevel=2)
             return None
 
     def __enter__(self) -> Tracker:

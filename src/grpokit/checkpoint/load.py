@@ -201,7 +201,7 @@ def _restore_rng(state: dict, generators: Mapping, path: str) -> None:
         saved, here = state["cuda"], torch.cuda.device_count()
         if len(saved) != here:
             warnings.warn(f"checkpoint has CUDA RNG states for {len(saved)} devices, "
-                          f"this process sees {here}; restoring the first {min(len(saved), here)}")
+                          f"this process sees {here}; restoring the first {min(len(saved), here)}", stacklevel=2)
         for index, rng in enumerate(saved[:here]):
             torch.cuda.set_rng_state(rng, index)
     for name, gen in generators.items():

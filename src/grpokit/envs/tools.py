@@ -34,7 +34,7 @@ def tool_name(fn: Callable) -> str:
 
 
 def is_async_tool(fn: Callable) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
 class ToolRunner:

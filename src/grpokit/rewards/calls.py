@@ -45,7 +45,7 @@ class Part:  # the outcome of one call on rows [start, stop)
 
 
 def is_async_callable(fn: Callable) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
 def raise_in_thread(thread: threading.Thread, exc_type: type) -> None:

@@ -22,9 +22,6 @@ import json
 import math
 import random
 import time
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
