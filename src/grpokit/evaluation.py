@@ -95,9 +95,9 @@ class Evaluator:
         lengths = [sum(traj.trained_mask(j)) for j in range(len(traj))]
         return [ids[i] for i in traj.row_index], traj.completions, lengths, ({"environments": envs} if envs else {})
 
-    def greedy(self, engine, batch_size: int = 256) -> dict[str, float]:
+    def greedy(self, engine, batch_size: int = 256, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
         """Greedy decoding of every prompt (whole conversations with tools): eval/accuracy and
-        eval/mean_length (model tokens)."""
+        eval/mean_length (model tokens); `on_batch()` after each batch of prompts."""
         params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0, stop=self.stop, seed=0)
         correct, lengths = [], []
         for start in range(0, len(self.prompt_ids), batch_size):
@@ -105,6 +105,8 @@ class Evaluator:
             rows, completions, lens, extras = self._sample(engine, ids, 1, params)
             correct += self._correct(rows, completions, extras)
             lengths += lens
+            if on_batch is not None:
+                on_batch()
         out = {"eval/accuracy": sum(correct) / len(correct), "eval/mean_length": sum(lengths) / len(lengths)}
         if self.without_tools is not None:  # the contrast: the same model, no tool offered
             out["eval/accuracy_without_tools"] = self.without_tools.greedy(engine, batch_size)["eval/accuracy"]
@@ -143,10 +145,10 @@ class NamedEvaluators:
             raise ValueError("eval_dataset is an empty mapping; give at least one named eval set.")
         return cls({str(name): Evaluator.build(ds, tokenizer, **kwargs) for name, ds in datasets.items()})
 
-    def greedy(self, engine, batch_size: int = 256) -> dict[str, float]:
+    def greedy(self, engine, batch_size: int = 256, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, evaluator in self.evaluators.items():
-            for key, value in evaluator.greedy(engine, batch_size=batch_size).items():
+            for key, value in evaluator.greedy(engine, batch_size=batch_size, on_batch=on_batch).items():
                 out[key.replace("eval/", f"eval_{name}/", 1)] = value
         return out
 

@@ -156,7 +156,7 @@ class GRPOTrainer(RunFacade):
         `metrics` being the last step's (eval accuracy included) and the run's totals."""
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
         final = train_loop(self.parts, self.algorithm, resume_from_checkpoint=resume,
-                           resume_command=getattr(self, "resume_command", None), hooks=self.surface)
+                           resume_command=getattr(self, "resume_command", None), events=self.surface)
         return self.surface.output(final)
 
     def save_model(self, output_dir: str | None = None, merge_lora: bool = False) -> str:

@@ -26,6 +26,7 @@ import torch
 from grpokit.algos import DPO_AVERAGE_LOGPS, DPO_LOSSES, best_worst_pairs, dpo_loss, sequence_logps
 from grpokit.baselines.common import AlgoConfig, own_field, parameter_counts, reference_logprobs
 from grpokit.core.batch import make_micro_batches
+from grpokit.core.events import NO_EVENTS, Events
 from grpokit.core.loop import StepOutput, sample_and_score, timed, train_loop
 from grpokit.core.run import LoopState, RunFacade, RunParts, build_run
 from grpokit.core.trajectory import Trajectories
@@ -133,7 +134,7 @@ class DPOTrainer(RunFacade):
         run.tracker.begin(resuming=bool(resume))
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
         final = train_loop(run, DPO(self.pairs), resume_from_checkpoint=resume, summary=self.summary(),
-                           resume_command=getattr(self, "resume_command", None), hooks=self.surface)
+                           resume_command=getattr(self, "resume_command", None), events=self.surface)
         return self.surface.output(final)
 
 
@@ -188,13 +189,15 @@ class DPO:
     def __init__(self, pairs: list[tuple[list[int], list[int]]] | None):
         self.pairs = pairs
 
-    def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
+    def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict,
+             events: Events = NO_EVENTS) -> StepOutput:
         if self.pairs is not None:
-            return offline_dpo_step(run, self.pairs, rows, phase)
-        return online_dpo_step(run, rows, state, phase)
+            return offline_dpo_step(run, self.pairs, rows, phase, events)
+        return online_dpo_step(run, rows, state, phase, events)
 
 
-def online_dpo_step(run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
+def online_dpo_step(run: RunParts, rows: list[int], state: LoopState, phase: dict,
+                    events: Events = NO_EVENTS) -> StepOutput:
     cfg = run.config
     rollout = sample_and_score(run, rows, state, phase)
     chosen, rejected = best_worst_pairs(rollout.rewards, cfg.num_generations)
@@ -203,14 +206,16 @@ def online_dpo_step(run: RunParts, rows: list[int], state: LoopState, phase: dic
     preference[chosen], preference[rejected] = 1.0, -1.0
     order = torch.stack([chosen, rejected], 1).view(-1).tolist()   # c0, r0, c1, r1, ...
     pairs = rollout.select(order)
-    stats = _dpo_update(run, pairs, pairs_per_micro_batch=max(1, cfg.per_device_train_batch_size // 2), phase=phase)
+    stats = _dpo_update(run, pairs, pairs_per_micro_batch=max(1, cfg.per_device_train_batch_size // 2), phase=phase,
+                        events=events)
     groups = len(rollout.completion_ids) // cfg.num_generations
     extra = {"dpo/pairs": float(len(chosen)), "dpo/frac_groups_without_pair": 1 - len(chosen) / groups}
     return StepOutput(rollout=rollout, step_stats=[stats], samples=len(rollout), extra=extra,
                       skipped=int(not stats.pop("_applied")), per_sample={"preference": preference})
 
 
-def offline_dpo_step(run: RunParts, pairs_ids, rows: list[int], phase: dict) -> StepOutput:
+def offline_dpo_step(run: RunParts, pairs_ids, rows: list[int], phase: dict,
+                     events: Events = NO_EVENTS) -> StepOutput:
     cfg = run.config
     cols = run.columns
     n = 2 * len(rows)
@@ -222,12 +227,14 @@ def offline_dpo_step(run: RunParts, pairs_ids, rows: list[int], phase: dict) -> 
         sampling_logps=[[0.0] * len(pairs_ids[r][j]) for r in rows for j in (0, 1)],
         truncated=torch.zeros(n, dtype=torch.bool),
         images=[run.vision[r] for r in rows for _ in (0, 1)] if run.vision is not None else None)
-    stats = _dpo_update(run, pairs, pairs_per_micro_batch=cfg.per_device_train_batch_size, phase=phase)
+    stats = _dpo_update(run, pairs, pairs_per_micro_batch=cfg.per_device_train_batch_size, phase=phase,
+                        events=events)
     return StepOutput(rollout=None, step_stats=[stats], samples=n,
                       extra={"dpo/pairs": float(len(rows))}, skipped=int(not stats.pop("_applied")))
 
 
-def _dpo_update(run: RunParts, pairs: Trajectories, *, pairs_per_micro_batch: int, phase: dict) -> dict[str, torch.Tensor]:
+def _dpo_update(run: RunParts, pairs: Trajectories, *, pairs_per_micro_batch: int, phase: dict,
+                events: Events = NO_EVENTS) -> dict[str, torch.Tensor]:
     """One optimizer step on the pairs (rows 2k chosen, 2k+1 rejected); loss = mean over pairs.
     With no pair the optimizer step changes nothing (no gradient) but the schedule advances."""
     cfg = run.config
@@ -245,13 +252,15 @@ def _dpo_update(run: RunParts, pairs: Trajectories, *, pairs_per_micro_batch: in
                                           average=average))
         run.model.train()
         with timed(phase, "time/backward"):
-            for mb, ref_seq in zip(micro_batches, ref):
+            for i, (mb, ref_seq) in enumerate(zip(micro_batches, ref)):
                 logps = sequence_logps(run.forward(mb, temperature=1.0)[0], mb.completion_mask, average=average)
                 losses, r_chosen, r_rejected = dpo_loss(logps[0::2], logps[1::2], ref_seq[0::2], ref_seq[1::2],
                                                         beta=cfg.beta, loss_type=cfg.loss_type,
                                                         label_smoothing=cfg.label_smoothing)
                 loss = losses.sum() / num_pairs
                 loss.backward()
+                if i < len(micro_batches) - 1:
+                    events.substep_end()
                 parts = {"loss": loss.detach(), "dpo/rewards_chosen": r_chosen.sum() / num_pairs,
                          "dpo/rewards_rejected": r_rejected.sum() / num_pairs,
                          "dpo/margin": (r_chosen - r_rejected).sum() / num_pairs,
@@ -261,6 +270,6 @@ def _dpo_update(run: RunParts, pairs: Trajectories, *, pairs_per_micro_batch: in
                 for k, v in parts.items():
                     totals[k] = totals.get(k, 0.0) + v
     with timed(phase, "time/optimizer"):
-        applied, totals["grad_norm"] = run.optimizer_step()
+        applied, totals["grad_norm"] = run.optimizer_step(events)
     totals["_applied"] = applied
     return totals

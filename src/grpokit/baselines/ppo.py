@@ -39,6 +39,7 @@ from grpokit.algos import (
 from grpokit.baselines.common import AlgoConfig, own_field, parameter_counts, reference_logprobs
 from grpokit.core.batch import MicroBatch, make_micro_batches
 from grpokit.core.forward import completion_logprobs, text_config
+from grpokit.core.events import NO_EVENTS, Events
 from grpokit.core.loop import StepOutput, sample_and_score, timed, train_loop
 from grpokit.core.run import LoopState, RunFacade, RunParts, build_run
 
@@ -173,7 +174,7 @@ class PPOTrainer(RunFacade):
                              "value head); start a new run from the checkpoint's weights instead.")
         run = self.parts
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
-        final = train_loop(run, PPO(self.value_head), summary=self.summary(), hooks=self.surface,
+        final = train_loop(run, PPO(self.value_head), summary=self.summary(), events=self.surface,
                            resume_command=None)  # PPO cannot resume yet: an interrupt only saves
         if run.rank == 0:
             torch.save(self.value_head.state_dict(), os.path.join(self.args.output_dir, "final", "value_head.pt"))
@@ -190,11 +191,13 @@ class PPO:
     def __init__(self, value_head: ValueHead):
         self.value_head = value_head
 
-    def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
-        return ppo_step(run, self.value_head, rows, state, phase)
+    def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict,
+             events: Events = NO_EVENTS) -> StepOutput:
+        return ppo_step(run, self.value_head, rows, state, phase, events)
 
 
-def ppo_step(run: RunParts, value_head: ValueHead, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
+def ppo_step(run: RunParts, value_head: ValueHead, rows: list[int], state: LoopState, phase: dict,
+             events: Events = NO_EVENTS) -> StepOutput:
     cfg = run.config
     step = state.global_step
     rollout = sample_and_score(run, rows, state, phase)
@@ -217,13 +220,14 @@ def ppo_step(run: RunParts, value_head: ValueHead, rows: list[int], state: LoopS
         for k in range(cfg.num_mini_batches):
             chunk = order[k * per_mini:(k + 1) * per_mini]
             with timed(phase, "time/backward"):
-                stats = _accumulate(run, value_head, [micro_batches[i] for i in chunk], [targets[i] for i in chunk])
+                stats = _accumulate(run, value_head, [micro_batches[i] for i in chunk], [targets[i] for i in chunk],
+                                    events)
             with timed(phase, "time/optimizer"):
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 stats["ppo/value_grad_norm"] = torch.nn.utils.clip_grad_norm_(value_head.parameters(), max_norm)
                 if not torch.isfinite(stats["ppo/value_grad_norm"]):
                     value_head.zero_grad(set_to_none=True)
-                applied, stats["grad_norm"] = run.optimizer_step()
+                applied, stats["grad_norm"] = run.optimizer_step(events)
             skipped += 0 if applied else 1
             step_stats.append(stats)
     return StepOutput(rollout=rollout, step_stats=step_stats, samples=len(rollout), extra=extra, skipped=skipped,
@@ -280,14 +284,15 @@ def _targets(run: RunParts, value_head: ValueHead, rollout, micro_batches) -> tu
     return targets, extra
 
 
-def _accumulate(run: RunParts, value_head: ValueHead, micro_batches, targets) -> dict[str, torch.Tensor]:
+def _accumulate(run: RunParts, value_head: ValueHead, micro_batches, targets,
+                events: Events = NO_EVENTS) -> dict[str, torch.Tensor]:
     """Forward + backward of one mini-batch (its micro-batches); losses are token means over the
     whole mini-batch, so the summed gradient is the mini-batch's."""
     cfg = run.config
     run.model.train()
     num_items = sum(mb.completion_mask.sum() for mb in micro_batches).clamp(min=1)
     totals: dict[str, torch.Tensor] = {}
-    for mb, tg in zip(micro_batches, targets):
+    for i, (mb, tg) in enumerate(zip(micro_batches, targets)):
         logps, values = logprobs_and_values(run, value_head, mb)
         pg_loss, pstats = policy_loss(logps, mb.old_logps, tg.advantages, mb.completion_mask, loss_type="dapo",
                                       epsilon=cfg.cliprange, num_items_in_batch=num_items)
@@ -295,6 +300,8 @@ def _accumulate(run: RunParts, value_head: ValueHead, micro_batches, targets) ->
                                                    cliprange_value=cfg.cliprange_value)
         vf_loss = aggregate_loss(vf_tokens, mb.completion_mask, "dapo", num_items_in_batch=num_items)
         (pg_loss + cfg.vf_coef * vf_loss).backward()
+        if i < len(micro_batches) - 1:
+            events.substep_end()
         active = mb.completion_mask.bool()
         parts = {
             "loss": (pg_loss + cfg.vf_coef * vf_loss).detach(),

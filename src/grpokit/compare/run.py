@@ -137,10 +137,10 @@ def _worker(algo: str, spec_path: str) -> int:
     eval_cpu = [0.0]
     log_eval = run.log_eval
 
-    def timed_eval(step):  # evaluation's CPU time, to leave it out of the training's
+    def timed_eval(step, **kwargs):  # evaluation's CPU time, to leave it out of the training's
         c0 = time.process_time()
         try:
-            return log_eval(step)
+            return log_eval(step, **kwargs)
         finally:
             eval_cpu[0] += time.process_time() - c0
 

@@ -1,12 +1,17 @@
 """transformers' Trainer surface over the one loop: `trainer.state` (a `TrainerState`, with
-`global_step` and `log_history`), `TrainerCallback`s with a `TrainerControl` (a callback may stop
-training with `control.should_training_stop`), and `train()` returning a `TrainOutput`, as TRL's
-trainers do. The loop calls it through its `Hooks` (core.loop)."""
+`global_step` and `log_history`), `TrainerCallback`s with a `TrainerControl`, and `train()`
+returning a `TrainOutput`, as TRL's trainers do. The loop and the algorithms announce the training
+events (core.events); this turns each into its callback event, with transformers' arguments (model,
+processing_class, optimizer, lr_scheduler, ...), and hands back what the callbacks asked through
+the control: `should_log`, `should_evaluate`, `should_save` (done at that step),
+`should_epoch_stop` (the next step starts a new epoch) and `should_training_stop`."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+from grpokit.core.events import Requests
 
 
 class TrainerSurface:
@@ -41,7 +46,11 @@ class TrainerSurface:
         self.state.global_step = state.global_step
         self.state.epoch = state.epoch + state.cursor / max(1, self.parts.num_train_rows)
 
-    # ---- the loop's hooks ----
+    def init_end(self) -> None:
+        """The end of the trainer's construction (transformers' on_init_end)."""
+        self._event("on_init_end")
+
+    # ---- the training events (core.events.Events) ----
     def train_begin(self, run, state) -> None:
         cfg = run.config
         self.state.max_steps = run.total_steps
@@ -53,23 +62,54 @@ class TrainerSurface:
         self._sync(state)
         self._event("on_train_begin")
 
-    def step_end(self, run, state, metrics: dict[str, float], events: dict) -> bool:
+    def epoch_begin(self, run, state) -> None:
+        self._sync(state)
+        self._event("on_epoch_begin")
+
+    def step_begin(self, run, state) -> None:
+        self._sync(state)
+        self._event("on_step_begin")  # the handler clears should_log / should_evaluate / should_save
+
+    def substep_end(self) -> None:
+        self._event("on_substep_end")
+
+    def pre_optimizer_step(self) -> None:
+        self._event("on_pre_optimizer_step")
+
+    def optimizer_step(self) -> None:
+        self._event("on_optimizer_step")
+
+    def step_end(self, run, state, metrics: dict[str, float]) -> Requests:
         self._sync(state)
         self._event("on_step_end")
         for k, v in metrics.items():
             if not k.startswith("eval") and isinstance(v, (int, float)):
                 self._pending.setdefault(k, []).append(float(v))
-        if events.get("logged"):
-            logs = {k: v for k, v in metrics.items() if not k.startswith("eval")}
-            self.state.log_history.append({**logs, "step": state.global_step})
-            self._pending = {}
-            self._event("on_log", logs=logs)
-        if events.get("evaluated"):
-            self.state.log_history.append({**events["evaluated"], "step": state.global_step})
-            self._event("on_evaluate", metrics=dict(events["evaluated"]))
-        if events.get("saved"):
-            self._event("on_save")
-        return bool(self.control.should_training_stop)
+        c = self.control
+        return Requests(log=bool(c.should_log), evaluate=bool(c.should_evaluate), save=bool(c.should_save))
+
+    def logged(self, run, state, logs: dict[str, float]) -> None:
+        logs = {k: v for k, v in logs.items() if not k.startswith("eval")}
+        self.state.log_history.append({**logs, "step": state.global_step})
+        self._pending = {}
+        self._event("on_log", logs=logs)
+
+    def evaluated(self, run, state, metrics: dict[str, float]) -> None:
+        self.state.log_history.append({**metrics, "step": state.global_step})
+        self._event("on_evaluate", metrics=dict(metrics))
+
+    def saved(self, run, state) -> None:
+        self._event("on_save")
+
+    def after_step(self, run, state) -> Requests:
+        return Requests(end_epoch=bool(self.control.should_epoch_stop), stop=bool(self.control.should_training_stop))
+
+    def prediction_step(self) -> None:
+        self._event("on_prediction_step")
+
+    def epoch_end(self, run, state) -> None:
+        self._sync(state)
+        self._event("on_epoch_end")
 
     def train_end(self, run, state, final: dict[str, float]) -> None:
         self._sync(state)

@@ -30,6 +30,7 @@ from grpokit import memory
 from grpokit.algos import (batch_normalized, entropy_bonus, group_advantages, is_local_mean, make_policy_loss,
                            normalize_then_sum, rollout_correction_weights, top_entropy_mask)
 from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
+from grpokit.core.events import NO_EVENTS, Events, Requests
 from grpokit.core.forward import has_router_aux_loss, text_config
 from grpokit.core.run import LoopState, RunParts
 from grpokit.core.trajectory import Rollout, concat_rollouts
@@ -49,55 +50,57 @@ class StepOutput:
 
 
 class Algorithm(Protocol):
-    def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput: ...
-
-
-class Hooks(Protocol):
-    """What a caller (the TRL-style trainer's state and callbacks) sees of the loop."""
-
-    def train_begin(self, run: RunParts, state: LoopState) -> None: ...
-
-    def step_end(self, run: RunParts, state: LoopState, metrics: dict[str, float], events: dict) -> bool:
-        """After a step's bookkeeping; `events`: {"logged", "evaluated", "saved"}. True: stop now."""
+    def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict, events: Events) -> StepOutput:
+        """One step; `events`: announce substep_end, pre_optimizer_step and optimizer_step (core.events)."""
         ...
-
-    def train_end(self, run: RunParts, state: LoopState, final: dict[str, float]) -> None: ...
 
 
 def train_loop(run: RunParts, algorithm: Algorithm, resume_from_checkpoint: str | bool | None = None,
                summary: str | None = None, resume_command: str | None = None,
-               hooks: Hooks | None = None) -> dict[str, float]:
+               events: Events = NO_EVENTS) -> dict[str, float]:
     """`resume_command`: the command line that started the run (the CLI's), for the resume hint
-    printed after Ctrl-C; without it the hint is the Python call. `hooks`: see Hooks."""
+    printed after Ctrl-C; without it the hint is the Python call. `events`: who listens to the
+    training events (the TRL-style trainer's state and callbacks; see core.events)."""
     run.tracker.write(summary if summary is not None else run.summary())
     state, final = run.begin(resume_from_checkpoint)
     totals = RunTotals(start_step=state.global_step)
-    if hooks is not None:
-        hooks.train_begin(run, state)
+    events.train_begin(run, state)
+    epoch_open = False
     with StopRequest(run.tracker.write) as stop:
         while state.global_step < run.total_steps:
+            if not epoch_open:
+                events.epoch_begin(run, state)
+                epoch_open, epoch = True, state.epoch
             phase: dict[str, float] = {}
+            events.step_begin(run, state)
             rows, state.epoch, state.cursor = run.next_prompt_rows(state.epoch, state.cursor)
-            out = algorithm.step(run, rows, state, phase)
+            out = algorithm.step(run, rows, state, phase, events)
             state.global_step += out.optimizer_steps
             state.samples_seen += run.world_size * out.samples
             state.skipped_steps += out.skipped
             metrics = step_metrics(run, out, phase, state)
-            events = end_of_step(run, state, metrics, out)
+            asked = events.step_end(run, state, metrics)
+            happened = end_of_step(run, state, metrics, out, asked, events)
             totals.add(metrics, run.world_size * out.samples)
             final = metrics
-            asked = hooks is not None and hooks.step_end(run, state, metrics, events)
-            # one collective decides for every rank: 2 = Ctrl-C somewhere, 1 = a callback's should_training_stop
-            decision = run.global_max(2 * int(stop.requested) + int(bool(asked)))
+            then = events.after_step(run, state)
+            if then.end_epoch and state.epoch == epoch:  # a listener ended the epoch: the next starts now
+                state.epoch, state.cursor = state.epoch + 1, 0
+            if state.epoch != epoch:
+                events.epoch_end(run, state)
+                epoch_open = False
+            # one collective decides for every rank: 2 = Ctrl-C somewhere, 1 = a listener asked to stop
+            decision = run.global_max(2 * int(stop.requested) + int(then.stop))
             if decision >= 2 and state.global_step < run.total_steps:
-                return interrupted(run, state, final, events, resume_command)
+                return interrupted(run, state, final, happened, resume_command)
             if decision:
                 break
+    if epoch_open:
+        events.epoch_end(run, state)
     run.finish()
     final = {**final, **totals.train_metrics(state)}
     run.tracker.write(totals.summary(final, state))
-    if hooks is not None:
-        hooks.train_end(run, state, final)
+    events.train_end(run, state, final)
     return final
 
 
@@ -240,7 +243,8 @@ class GRPO:
         return group_advantages(rollout.rewards, cfg.num_generations, scale_rewards=cfg.scale_rewards,
                                 estimator=cfg.advantage_estimator, batch_rewards=batch)
 
-    def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> StepOutput:
+    def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict,
+             events: Events = NO_EVENTS) -> StepOutput:
         cfg, plan = run.config, run.plan
         self.entropy.load(state)
         if cfg.sync_ref_model and not self.ref_restored and "ref_model" in state.algorithm:
@@ -287,9 +291,10 @@ class GRPO:
         for mbs, accumulation in updates[:run.total_steps - state.global_step]:
             divisor = accumulation if self.local_means else 1
             with timed(phase, "time/backward"):
-                stats = self.accumulate_gradients(run, mbs, num_items, num_sequences, divisor, accumulation)
+                stats = self.accumulate_gradients(run, mbs, num_items, num_sequences, divisor, accumulation,
+                                                  events=events)
             with timed(phase, "time/optimizer"):
-                applied, stats["grad_norm"] = run.optimizer_step()
+                applied, stats["grad_norm"] = run.optimizer_step(events)
             self.entropy.end_of_optimizer_step(run, stats)
             self.sync_reference(run, state.global_step + len(step_stats) + 1)
             skipped += 0 if applied else 1
@@ -378,7 +383,7 @@ class GRPO:
                 ref.mul_(1.0 - alpha).add_(mine[name].to(ref.dtype), alpha=alpha)
 
     def accumulate_gradients(self, run: RunParts, micro_batches, num_items, num_sequences,
-                             divisor: int, accumulation: int) -> dict[str, torch.Tensor]:
+                             divisor: int, accumulation: int, events: Events = NO_EVENTS) -> dict[str, torch.Tensor]:
         """Forward + backward of every micro-batch; the loss normalisers cover the whole accumulated,
         all-rank batch, so the summed gradient equals the whole batch's (see algos.losses)."""
         cfg = run.config
@@ -422,6 +427,8 @@ class GRPO:
                     loss = loss + self.router_aux_coef * aux / accumulation
                     stats["aux_loss"] = aux.detach()
             loss.backward()
+            if i < len(micro_batches) - 1:
+                events.substep_end()
             weight = mb.completion_mask.sum().detach()
             totals["loss"] = totals.get("loss", 0.0) + loss.detach()
             for k, v in stats.items():
@@ -530,12 +537,17 @@ def vanished_advantages(rewards: torch.Tensor, advantages: torch.Tensor, g: int)
     return None
 
 
-def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out: StepOutput) -> dict:
+def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out: StepOutput,
+                asked: Requests = Requests(), events: Events = NO_EVENTS) -> dict:
     """Metrics to the trackers, a few samples, the console line, evaluation and checkpoint when
-    due. Eval metrics join `metrics`. Returns what happened: {"logged", "evaluated", "saved"}."""
+    due or `asked` (by a listener at step_end; every rank does what any rank was asked). Eval
+    metrics join `metrics`. Returns what happened: {"logged", "evaluated", "saved"}."""
     cfg, tracker, step = run.config, run.tracker, state.global_step
-    logging_step = step % cfg.logging_steps == 0
-    events = {"logged": logging_step, "evaluated": {}, "saved": None}
+    if run.world_size > 1:  # the same decisions on every rank: evaluation and saving are collective
+        bits = run.global_max(int(asked.log) | int(asked.evaluate) << 1 | int(asked.save) << 2)
+        asked = Requests(log=bool(bits & 1), evaluate=bool(bits & 2), save=bool(bits & 4))
+    logging_step = step % cfg.logging_steps == 0 or asked.log
+    happened: dict[str, Any] = {"logged": logging_step, "evaluated": {}, "saved": None}
     tracker.log(step, metrics)
     tracker.update_progress(step, metrics)
     if out.rollout is not None:  # kept for trainer._logs, built only when read (generation_logs)
@@ -549,13 +561,19 @@ def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out:
         tracker.log_completions(step, rows, print_rows=(2 if other is not None else 1) if logging_step else 0)
     if logging_step:
         tracker.write(_format_line(step, metrics))
-    if cfg.eval_strategy == "steps" and run.eval_dataset is not None and (
-            step % cfg.eval_steps == 0 or step >= run.total_steps):
-        events["evaluated"] = run.log_eval(step)
-        metrics.update(events["evaluated"])
-    if cfg.save_strategy == "steps" and (step % cfg.save_steps == 0 or step >= run.total_steps):
-        events["saved"] = run.save_checkpoint(state) or os.path.join(cfg.output_dir, f"checkpoint-{step}")
-    return events
+        events.logged(run, state, metrics)
+    due = cfg.eval_strategy == "steps" and (step % cfg.eval_steps == 0 or step >= run.total_steps)
+    if (due or asked.evaluate) and run.eval_dataset is not None:
+        happened["evaluated"] = run.log_eval(step, on_batch=events.prediction_step)
+        metrics.update(happened["evaluated"])
+        events.evaluated(run, state, happened["evaluated"])
+    elif asked.evaluate:
+        tracker.write(f"step {step}: a callback asked to evaluate (control.should_evaluate), but there is no eval "
+                      "set: pass eval_dataset= (or set dataset_test_split).")
+    if (cfg.save_strategy == "steps" and (step % cfg.save_steps == 0 or step >= run.total_steps)) or asked.save:
+        happened["saved"] = run.save_checkpoint(state) or os.path.join(cfg.output_dir, f"checkpoint-{step}")
+        events.saved(run, state)
+    return happened
 
 
 def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) -> dict[str, float]:

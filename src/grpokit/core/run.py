@@ -22,6 +22,7 @@ import torch
 
 from grpokit import distributed
 from grpokit.config import GRPOConfig
+from grpokit.core.events import NO_EVENTS, Events
 from grpokit.core.forward import ForwardPlan, choose_forward_plan, unwrap
 from grpokit.core.trajectory import EXTERNAL, MODEL, Rollout, Segment, Trajectories
 from grpokit.core.vision import ImageFeatures
@@ -93,6 +94,7 @@ class RunFacade:
 
         self.surface = TrainerSurface(self.parts, callbacks)
         self.eval_dataset = eval_dataset if eval_dataset is not None else self.parts.eval_dataset
+        self.surface.init_end()
 
     @property
     def state(self):
@@ -112,7 +114,8 @@ class RunFacade:
         if evaluator is None:
             raise ValueError(f"{type(self).__name__}.evaluate(): there is no eval set; pass eval_dataset= (or "
                              "set dataset_test_split, or use a built-in task).")
-        metrics = self.parts.log_eval(step=self.state.global_step, evaluator=evaluator)
+        metrics = self.parts.log_eval(step=self.state.global_step, evaluator=evaluator,
+                                      on_batch=self.surface.prediction_step)
         eval_loss = getattr(getattr(self, "algorithm", None), "eval_loss", None)
         if eval_loss is not None:  # transformers' eval_loss (eval_<name>_loss per named set): GRPO's loss there
             named = getattr(evaluator, "evaluators", None)
@@ -378,8 +381,10 @@ class RunParts:
             yield self.ref_forward
 
     # ---- optimisation ----
-    def optimizer_step(self) -> tuple[bool, torch.Tensor]:
-        """Clip, check, step. A non-finite gradient norm skips the update (or raises)."""
+    def optimizer_step(self, events: Events = NO_EVENTS) -> tuple[bool, torch.Tensor]:
+        """Clip, check, step (events: pre_optimizer_step after the clip, optimizer_step after the
+        step, before the gradients are zeroed, as transformers' Trainer). A non-finite gradient
+        norm skips the update (or raises)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -390,8 +395,10 @@ class RunParts:
         if not applied and self.config.on_nonfinite == "raise":
             raise FloatingPointError(f"non-finite gradient norm ({float(grad_norm)}); set on_nonfinite='skip' "
                                      "to skip such steps instead.")
+        events.pre_optimizer_step()
         if applied:
             self.optimizer.step()
+        events.optimizer_step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if applied:
@@ -458,12 +465,14 @@ class RunParts:
         return {k: float(v) for k, v in zip(keys, vec)}
 
     # ---- eval, checkpoints, end ----
-    def log_eval(self, step: int, evaluator=None) -> dict[str, float]:
+    def log_eval(self, step: int, evaluator=None, on_batch=None) -> dict[str, float]:
+        """Greedy accuracy on the eval set (or `evaluator`'s), logged; `on_batch()` after each batch."""
         evaluator = evaluator if evaluator is not None else self.eval_fn
         if evaluator is None:
             return {}
         with self.guard("evaluation"), self.generation_context():
-            metrics = evaluator.greedy(self.engine, batch_size=self.config.per_device_eval_batch_size)
+            metrics = evaluator.greedy(self.engine, batch_size=self.config.per_device_eval_batch_size,
+                                       on_batch=on_batch)
         self.tracker.log(step, metrics)
         self.tracker.write(f"eval @ step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
