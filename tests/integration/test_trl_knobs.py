@@ -257,7 +257,7 @@ def test_cast_lm_head_to_fp32_trains_a_bf16_model_with_float32_logits(tmp_path):
 # --- beyond TRL: DAPO's dynamic sampling ---------------------------------------------------------
 
 def test_dynamic_sampling_fills_the_step_with_groups_that_carry_signal(tmp_path):
-    from grpokit.core.loop import groups_with_signal
+    from grpokit.algos import groups_with_signal
 
     model, tok = tiny()
     trained = []

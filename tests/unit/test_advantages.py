@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpokit.algos import ADVANTAGE_ESTIMATORS, group_advantages
+from grpokit.algos import ADVANTAGE_ESTIMATORS, group_advantages, groups_with_signal
 
 NAN = float("nan")
 
@@ -102,3 +102,29 @@ def test_bad_arguments_raise():
         group_advantages(torch.zeros(4), 2, scale_rewards="global")
     with pytest.raises(ValueError, match="1-D"):
         group_advantages(torch.zeros(2, 2), 2)
+
+
+def test_frac_reward_zero_std_counts_the_groups_the_advantages_ignore():
+    """One definition of a group without signal: fewer than 2 valid rewards, or all valid ones
+    equal. [1, None, None, None] has one valid reward and [1, 1, None, None] two equal ones: both
+    get advantage 0, so both count in frac_reward_zero_std (a None read as 0 would count neither)."""
+
+    rewards = torch.tensor([1.0, NAN, NAN, NAN,
+                            1.0, 1.0, NAN, NAN])
+    assert not group_advantages(rewards, 4).any()
+    assert groups_with_signal(rewards, 4).tolist() == [False, False]
+    # ... and a group of two differing valid rewards has signal, as its advantages say
+    rewards = torch.tensor([1.0, NAN, 0.0, NAN, 3.0, 3.0, 3.0, 3.0])
+    assert groups_with_signal(rewards, 4).tolist() == [True, False]
+    assert group_advantages(rewards, 4).view(2, 4).ne(0).any(1).tolist() == [True, False]
+
+
+def test_groups_with_signal_agrees_with_the_advantages_on_random_rewards():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rewards = torch.randint(0, 3, (24,), generator=g).float()
+        rewards[torch.rand(24, generator=g) < 0.4] = NAN
+        for estimator in ADVANTAGE_ESTIMATORS:
+            nonzero = group_advantages(rewards, 6, estimator=estimator).view(4, 6).ne(0).any(1)
+            assert torch.equal(nonzero, groups_with_signal(rewards, 6))
+

@@ -4,7 +4,8 @@ No config objects, no ``.item()``, no distributed calls: every knob is an explic
 argument with TRL's name and meaning. See ``docs/objective.md`` for the formulas.
 """
 
-from grpokit.algos.advantages import ADVANTAGE_ESTIMATORS, batch_normalized, group_advantages, normalize_then_sum
+from grpokit.algos.advantages import (ADVANTAGE_ESTIMATORS, batch_normalized, group_advantages, groups_with_signal,
+                                      normalize_then_sum)
 from grpokit.algos.kl import KL_ESTIMATORS, kl_penalty
 from grpokit.algos.logprobs import (chunked_logprobs, entropy_bonus, entropy_from_logits, selective_log_softmax,
                                     top_entropy_mask)
@@ -36,6 +37,7 @@ __all__ = [
     "chunked_logprobs",
     "entropy_from_logits",
     "group_advantages",
+    "groups_with_signal",
     "kl_penalty",
     "policy_loss",
     "rollout_correction_weights",

@@ -97,6 +97,17 @@ def _bessel_std(values: torch.Tensor, valid: torch.Tensor, dim: int | None) -> t
     return torch.sqrt(sq / (n - 1).clamp(min=1))
 
 
+def groups_with_signal(rewards: torch.Tensor, g: int) -> torch.Tensor:
+    """[groups] bool: at least two valid (non-NaN) rewards that differ, i.e. a group whose
+    advantages are not all 0. The one definition of "a group with signal": DAPO's dynamic
+    sampling keeps these, and `frac_reward_zero_std` is the fraction of the others."""
+    groups = rewards.view(-1, g)
+    valid = ~torch.isnan(groups)
+    high = torch.where(valid, groups, -torch.inf).amax(1)
+    low = torch.where(valid, groups, torch.inf).amin(1)
+    return (valid.sum(1) >= 2) & (high > low)
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_size: int,
@@ -143,9 +154,7 @@ def group_advantages(
         centred = centred / (_bessel_std(pool, ~torch.isnan(pool), dim=None) + STD_EPS)
 
     # No signal in a group with < 2 valid rewards or equal valid rewards: exactly 0, not round-off.
-    high = torch.where(valid, r, -torch.inf).amax(dim=1, keepdim=True)
-    low = torch.where(valid, r, torch.inf).amin(dim=1, keepdim=True)
-    informative = (valid.sum(dim=1, keepdim=True) >= 2) & (high > low)
+    informative = groups_with_signal(r.view(-1), group_size).unsqueeze(1)
     return torch.where(valid & informative, centred, 0.0).view(-1)
 
 
@@ -196,3 +205,4 @@ def batch_normalized(rewards: torch.Tensor, batch_rewards: torch.Tensor | None =
     std = _bessel_std(pool, valid, dim=None).reshape(())
     out = (rewards.to(pool.dtype) - mean) / (std + STD_EPS)
     return torch.nan_to_num(out, nan=0.0)
+

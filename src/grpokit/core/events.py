@@ -117,3 +117,4 @@ class NoEvents:
 
 
 NO_EVENTS = NoEvents()
+NOTHING_ASKED = Requests()

@@ -27,10 +27,11 @@ from typing import Any, Protocol
 import torch
 
 from grpokit import memory
-from grpokit.algos import (batch_normalized, entropy_bonus, group_advantages, is_local_mean, make_policy_loss,
+from grpokit.algos import (batch_normalized, entropy_bonus, group_advantages, groups_with_signal, is_local_mean,
+                           make_policy_loss,
                            normalize_then_sum, rollout_correction_weights, top_entropy_mask)
 from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
-from grpokit.core.events import NO_EVENTS, Events, Requests
+from grpokit.core.events import NO_EVENTS, NOTHING_ASKED, Events, Requests
 from grpokit.core.forward import has_router_aux_loss, text_config
 from grpokit.core.run import LoopState, RunParts
 from grpokit.core.trajectory import Rollout, concat_rollouts
@@ -304,7 +305,7 @@ class GRPO:
             state.algorithm["ref_model"] = run.ref_model.state_dict()
         return StepOutput(rollout=rollout, step_stats=step_stats, samples=len(rollout),
                           optimizer_steps=len(step_stats), skipped=skipped,
-                          extra={"frac_reward_zero_std": _frac_zero_std_groups(rollout.rewards, cfg.num_generations),
+                          extra={"frac_reward_zero_std": 1.0 - groups_with_signal(rollout.rewards, cfg.num_generations).float().mean(),
                                  **sampling_stats},
                           per_sample={"advantage": advantages})
 
@@ -538,7 +539,7 @@ def vanished_advantages(rewards: torch.Tensor, advantages: torch.Tensor, g: int)
 
 
 def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out: StepOutput,
-                asked: Requests = Requests(), events: Events = NO_EVENTS) -> dict:
+                asked: Requests = NOTHING_ASKED, events: Events = NO_EVENTS) -> dict:
     """Metrics to the trackers, a few samples, the console line, evaluation and checkpoint when
     due or `asked` (by a listener at step_end; every rank does what any rank was asked). Eval
     metrics join `metrics`. Returns what happened: {"logged", "evaluated", "saved"}."""
@@ -699,22 +700,6 @@ class timed:
 def _nanstd(x: torch.Tensor) -> torch.Tensor:
     x = x[~torch.isnan(x)]
     return x.std() if x.numel() > 1 else torch.tensor(0.0)
-
-
-def groups_with_signal(rewards: torch.Tensor, g: int) -> torch.Tensor:
-    """[groups] bool: at least two valid (non-NaN) rewards that differ, i.e. a group whose
-    advantages are not all 0 (DAPO's dynamic sampling keeps these)."""
-    groups = rewards.view(-1, g)
-    valid = ~torch.isnan(groups)
-    high = torch.where(valid, groups, -torch.inf).amax(1)
-    low = torch.where(valid, groups, torch.inf).amin(1)
-    return (valid.sum(1) >= 2) & (high > low)
-
-
-def _frac_zero_std_groups(rewards: torch.Tensor, g: int) -> torch.Tensor:
-    groups = rewards.view(-1, g)
-    spread = torch.nan_to_num(groups, nan=0.0).amax(1) - torch.nan_to_num(groups, nan=0.0).amin(1)
-    return (spread == 0).float().mean()
 
 
 def _num(x) -> float | None:
