@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,10 +33,13 @@ from grpokit.rollout.base import Completion, eos_ids, finish_text, register_engi
 from grpokit.rollout.kv import SlotCache
 from grpokit.rollout.sampling import SamplingParams, row_keys, row_uniforms, sample
 
-try:  # transformers >= 4.56 has per-layer cache objects; the engine needs them
+if TYPE_CHECKING:
     from transformers.cache_utils import DynamicCache
-except ImportError:  # pragma: no cover
-    DynamicCache = None
+else:
+    try:  # transformers >= 4.56 has per-layer cache objects; the engine needs them
+        from transformers.cache_utils import DynamicCache
+    except ImportError:  # pragma: no cover
+        DynamicCache = None
 
 _STOP_WINDOW_EXTRA = 8  # tokens decoded beyond the longest stop string's length when checking for it
 _PACK_MIN_ELEMENTS = 1 << 20
@@ -47,8 +52,9 @@ slower, the call's fixed cost), besides the packing itself (0.4 ms per `generate
 def _packed_cpu_lm_head(model, enabled: bool):
     """While active, the output embedding (a float32 nn.Linear on CPU) runs on a oneDNN-packed copy
     of its weight, packed on entry (so it always has the current weights); restored on exit."""
-    head = model.get_output_embeddings() if enabled and hasattr(model, "get_output_embeddings") else None
-    ops = getattr(torch.ops, "mkldnn", None)
+    # Any: the model's head and torch's op namespace are dynamic; `usable` checks what is used
+    head: Any = model.get_output_embeddings() if enabled and hasattr(model, "get_output_embeddings") else None
+    ops: Any = getattr(torch.ops, "mkldnn", None)
     usable = (type(head) is torch.nn.Linear and head.weight.device.type == "cpu"
               and head.weight.numel() >= _PACK_MIN_ELEMENTS
               and head.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -124,7 +130,9 @@ class HFEngine:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
         self.stats: dict[str, float] = {}
-        self._images = self._image_features = None  # the images of the prompts of the current generate call
+        # the images of the prompts of the current generate call
+        self._images: list | None = None
+        self._image_features: Any = None
         """Phase split of the last `generate` call: prefill_s, decode_s, steps, waves, tokens."""
         self._check_model()
         self._router_logits = bool(getattr(_base_model(model).config, "output_router_logits", False))
@@ -276,7 +284,8 @@ class HFEngine:
     def _prefill_batches(self, prompts: list[list[int]], alone: list[bool] | None = None):
         """Group prompt indices (already sorted by length, longest first) into prefill batches;
         a prompt marked in `alone` (it has images) is a batch of its own."""
-        batches, cur = [], []
+        batches: list[list[int]] = []
+        cur: list[int] = []
         for i, p in enumerate(prompts):
             if alone is not None and alone[i]:
                 if cur:
@@ -337,7 +346,8 @@ class HFEngine:
             rows_of.append(n_rows)
             n_rows += count
         width = max(len(p) for p in prompts)
-        cache = first_logits = None
+        cache: SlotCache | None = None
+        first_logits: torch.Tensor | None = None
         visions = [self._vision_of(i) for i, _, _ in wave]
         for batch in self._prefill_batches(prompts, [v is not None for v in visions]):
             b_width = len(prompts[batch[0]])
@@ -345,7 +355,7 @@ class HFEngine:
                                dtype=torch.long)
             att = torch.tensor([[0] * (b_width - len(prompts[j])) + [1] * len(prompts[j]) for j in batch],
                                dtype=torch.long)
-            kw = {}
+            kw: dict[str, Any] = {}
             if bool((att == 0).any()):
                 kw["attention_mask"] = att.to(self.device)
                 kw["position_ids"] = (att.cumsum(-1) - 1).clamp_(min=0).to(self.device)
@@ -355,7 +365,7 @@ class HFEngine:
                 kw.update(self._image_inputs(visions[batch[0]]))
             prefill_cache = DynamicCache()
             logits = self._forward(input_ids=ids.to(self.device), cache=prefill_cache, **kw)[:, -1, :]
-            if cache is None:
+            if cache is None or first_logits is None:  # the first batch (both are set together)
                 cache = SlotCache.like(prefill_cache, n_rows, width + max_tokens, width, zeroed=zeroed)
                 first_logits = logits.new_empty((n_rows, logits.shape[-1]))
             slots = [rows_of[j] + k for j in batch for k in range(wave[j][2])]
@@ -386,8 +396,8 @@ class HFEngine:
         finish = ["length"] * n_rows
         window = (max(len(s) for s in stop) + _STOP_WINDOW_EXTRA) if stop else 0
         decode_batch = self._decode_batch_fn() if stop else None
-        tokens = None  # set by the first sample() below, before step 1 reads it
-        seen = None  # [rows, V] tokens already in each row, for the repetition penalty
+        tokens: torch.Tensor  # set by the first sample() below, before step 1 reads it
+        seen: torch.Tensor | None = None  # [rows, V] tokens already in each row, for the repetition penalty
         if params.repetition_penalty != 1.0:
             seen = self._prompt_seen(wave, prompt_ids, logits.shape[-1])
         for step in range(params.max_tokens):
@@ -409,7 +419,7 @@ class HFEngine:
                     done.append(pos)
                 elif stop:
                     tails.append(pos)
-            if tails:  # stop strings are checked on the decoded tail of each row
+            if tails and decode_batch is not None:  # stop strings are checked on the decoded tail of each row
                 texts = decode_batch([out_tokens[active[pos]][-window:] for pos in tails])
                 done += [pos for pos, text in zip(tails, texts) if any(s in text for s in stop)]
             for pos in done:
@@ -494,12 +504,13 @@ class HFEngine:
         row_ids = torch.tensor(active, dtype=torch.long, device=device)
         positions = torch.tensor([rows.prompt_len[r] + rows.count[r] for r in active], dtype=torch.long, device=device)
         counts = torch.tensor([rows.count[r] for r in active], dtype=torch.long, device=device)
-        turn_tokens = {r: [] for r in active}
-        turn_logps = {r: [] for r in active}
+        turn_tokens: dict[int, list[int]] = {r: [] for r in active}
+        turn_logps: dict[int, list[float]] = {r: [] for r in active}
         limit = {r: params.max_tokens - rows.count[r] for r in active}
         window = (max(len(s) for s in stop) + _STOP_WINDOW_EXTRA) if stop else 0
         decode_batch = self._decode_batch_fn() if stop else None
-        tokens, step = None, 0
+        tokens: torch.Tensor  # set by the first sample() below, before step 1 reads it
+        step = 0
         while cache.b > 0:
             b = cache.b
             if step > 0:
@@ -525,7 +536,7 @@ class HFEngine:
                     reasons[pos] = "length"
                 elif stop:
                     tails.append(pos)
-            if tails:
+            if tails and decode_batch is not None:  # tails only where there are stop strings
                 texts = decode_batch([turn_tokens[rows.at[pos]][-window:] for pos in tails])
                 for pos, text in zip(tails, texts):
                     if any(s in text for s in stop):
@@ -586,7 +597,7 @@ class HFEngine:
                     rows.seen[r, torch.tensor(x, dtype=torch.long, device=device)] = True
         return logits
 
-    def _decode_batch_fn(self):
+    def _decode_batch_fn(self) -> Callable[[list[list[int]]], list[str]]:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:
             return lambda seqs: backend.decode_batch(seqs, skip_special_tokens=True)

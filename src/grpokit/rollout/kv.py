@@ -9,12 +9,17 @@ hold zeros, so a masked entry can never inject NaN.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-try:  # transformers >= 4.56: per-layer cache objects
+if TYPE_CHECKING:
     from transformers.cache_utils import Cache, CacheLayerMixin
-except ImportError:  # pragma: no cover
-    Cache, CacheLayerMixin = object, object
+else:
+    try:  # transformers >= 4.56: per-layer cache objects
+        from transformers.cache_utils import Cache, CacheLayerMixin
+    except ImportError:  # pragma: no cover
+        Cache, CacheLayerMixin = object, object
 
 
 class SlotLayer(CacheLayerMixin):
@@ -61,8 +66,11 @@ class SlotLayer(CacheLayerMixin):
 class SlotCache(Cache):
     """A transformers `Cache` of `SlotLayer`s plus the rows' padding mask."""
 
+    # every layer is a SlotLayer (built by `like`); transformers types the list as any cache layer
+    layers: list[SlotLayer]  # type: ignore[assignment]
+
     def __init__(self, layers: list[SlotLayer], mask: torch.Tensor):
-        super().__init__(layers=layers)
+        super().__init__(layers=[*layers])
         self.mask = mask
         self.b = mask.shape[0]
 
