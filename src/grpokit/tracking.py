@@ -24,6 +24,11 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterable, Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 __all__ = ["Tracker", "plot_metrics"]
 
@@ -126,7 +131,11 @@ class Tracker:
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         self.completions_path = os.path.join(self.run_dir, "completions.jsonl")
         self.plot_path = os.path.join(self.run_dir, "plot.png")
-        self._bar = self._tb = self._wandb = self._completions = self._metrics = None
+        self._bar: Any = None  # a tqdm bar
+        self._tb: SummaryWriter | None = None
+        self._wandb: ModuleType | None = None
+        self._completions: TextIO | None = None
+        self._metrics: TextIO | None = None
         self._owns_wandb_run = False
         self._postfix: dict[str, float] = {}
         self._closed = not is_main_process
@@ -185,6 +194,7 @@ class Tracker:
         self.begin(resuming=False)
         values = {str(k): _scalar(v) for k, v in metrics.items()}
         record = {"step": int(step), "time": round(time.time(), 3), **values}
+        assert self._metrics is not None  # begin() opened it (main process, not closed)
         self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
         self._metrics.flush()
         numbers = {k: v for k, v in values.items()
