@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -75,10 +76,10 @@ class PackedLayout:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.input_ids.shape)
+        return self.input_ids.shape[0], self.input_ids.shape[1]
 
     def to(self, device) -> "PackedLayout":
-        moved = {k: (v.to(device) if isinstance(v, (torch.Tensor, AttentionPlan)) else v)
+        moved: dict[str, Any] = {k: (v.to(device) if isinstance(v, (torch.Tensor, AttentionPlan)) else v)
                  for k, v in self.__dict__.items()}
         return PackedLayout(**moved)
 
@@ -159,7 +160,10 @@ def build_packed_layout(prompt_ids: list[list[int]], completion_ids: list[list[i
     pos = [[0] * width for _ in range(n_rows)]
     seg_ids = [[-1] * width for _ in range(n_rows)]
     part_ids = [[-1] * width for _ in range(n_rows)]
-    predict, targets, out_rows, out_cols = [], [], [], []
+    predict: list[int] = []
+    targets: list[int] = []
+    out_rows: list[int] = []
+    out_cols: list[int] = []
     seg_spans: list[tuple[int, int]] = []         # (flat start, prompt length) per segment
     placed: list[tuple[int, int, int, int]] = []  # (flat start, prompt length, length, first row) per segment
     comp_spans: list[tuple[int, int, int]] = []   # (segment, flat start, length) per completion
@@ -195,7 +199,7 @@ def build_packed_layout(prompt_ids: list[list[int]], completion_ids: list[list[i
                 out_rows += [b] * c
                 out_cols += range(c)
                 t += c
-    long = dict(dtype=torch.long)
+    long: dict[str, Any] = {"dtype": torch.long}
     return PackedLayout(
         input_ids=torch.tensor(ids, **long), position_ids=torch.tensor(pos, **long),
         segment_ids=torch.tensor(seg_ids, **long), part_ids=torch.tensor(part_ids, **long),
@@ -226,7 +230,7 @@ def _attention_plan(seg_spans: list[tuple[int, int]], comp_spans: list[tuple[int
     p_len_t = torch.tensor(p_len, dtype=torch.long)[:, None, None]
     own = j - p_max
     mask = (j < p_len_t) | ((own >= 0) & (own <= i))
-    long = dict(dtype=torch.long)
+    long: dict[str, Any] = {"dtype": torch.long}
     return AttentionPlan(
         prompt_index=torch.tensor(prompt_index, **long), prompt_valid=torch.tensor(prompt_valid, dtype=torch.bool),
         comp_q_index=torch.tensor(q_index, **long).reshape(-1, c_max),
@@ -266,7 +270,7 @@ def packed_hidden(decoder, layout: PackedLayout, dtype: torch.dtype, *,
     kw = dict(extra) if extra is not None else {"input_ids": layout.input_ids, "position_ids": layout.position_ids}
     if router_logits:
         kw["output_router_logits"] = True
-    if uses_prefix_attention(decoder, layout, dense_row_tokens=dense_row_tokens):
+    if layout.plan is not None and uses_prefix_attention(decoder, layout, dense_row_tokens=dense_row_tokens):
         with _prefix_attention_on(decoder.config, layout.plan):
             out = decoder(use_cache=False, **kw)
     else:

@@ -100,7 +100,7 @@ class Trajectories:
     def select(self, idx: list[int]):
         """The samples `idx`, in that order (a new object of the same type)."""
         pick = torch.tensor(idx, dtype=torch.long)
-        out = {}
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(self):

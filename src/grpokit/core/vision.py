@@ -228,7 +228,7 @@ def _per_layer_inputs(model, input_ids, image_mask) -> dict[str, Any]:
     ids with the prompt image tokens as padding, as the model's own forward does."""
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     lm = getattr(multimodal_base(model), "language_model", None)
-    if not getattr(text, "hidden_size_per_layer_input", None) or not hasattr(lm, "get_per_layer_inputs"):
+    if not getattr(text, "hidden_size_per_layer_input", None) or lm is None or not hasattr(lm, "get_per_layer_inputs"):
         return {}
     pad = getattr(text, "pad_token_id", None) or 0
     return {"per_layer_inputs": lm.get_per_layer_inputs(torch.where(image_mask, pad, input_ids))}

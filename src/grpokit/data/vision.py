@@ -43,7 +43,7 @@ class VisionInputs:
     token_tensors: dict[str, torch.Tensor]
     num_images: int
     num_image_tokens: int
-    cache: dict[str, Any] = field(default_factory=dict, repr=False)   # per-model derived values (positions)
+    cache: dict[tuple[str, int], Any] = field(default_factory=dict, repr=False)  # per (what, id(model)) values
     # [L] bool: the tokens that take the features (None: every image token, as in a prompt). Set for a
     # completion's images (tool results), where an image token the model sampled stays text.
     slots: torch.Tensor | None = None
@@ -329,6 +329,7 @@ def join_vision(length: int, chunks: list[tuple[int, VisionInputs]]) -> VisionIn
     per_token: dict[str, torch.Tensor] = {}
     slots = torch.zeros(length, dtype=torch.bool)
     for offset, v in chunks:
+        assert v.slots is not None  # chunks carry their slots (see above)
         n = v.slots.numel()
         slots[offset:offset + n] = v.slots
         for k, t in v.token_tensors.items():
