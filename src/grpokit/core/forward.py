@@ -282,8 +282,13 @@ class ForwardPlan:
 
 
 def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, needs_reference: bool,
-                        overrides: dict[str, Any] | None = None) -> ForwardPlan:
+                        overrides: dict[str, Any] | None = None, external_sampler: bool = False) -> ForwardPlan:
     """Every decision of the training forward for this run's config, model and engine.
+
+    `external_sampler`: the completions come from elsewhere (TRL's rollout_func), so their
+    log-probs are not known to be the trainer's: the old policy's are recomputed (TRL's meaning;
+    the sampler's feed only the importance-sampling correction where it is on), unless the caller
+    declares them the trainer's own with the override `{"old_logps": "sampler"}`.
 
     `overrides` replaces fields of the result (benchmark ablations, tests): e.g.
     `{"packed": False}`, `{"merge": False}`, `{"skip_zero_advantage": False}`,
@@ -305,7 +310,7 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
     reused = cfg.num_iterations > 1 or (hasattr(cfg, "updates_per_generation") and cfg.updates_per_generation() > 1)
     if reused:
         sampling = cfg.sampling()
-        old = "sampler" if sampler_logps_are_old_logps(
+        old = "sampler" if not external_sampler and sampler_logps_are_old_logps(
             model, engine, temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"],
             min_p=sampling["min_p"], repetition_penalty=sampling["repetition_penalty"],
             use_vllm=cfg.use_vllm) else "recomputed"
@@ -333,7 +338,7 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
                          "(not grpo/bnpo/sapo) without the entropy mask or bonus.")
     if plan.skip_zero_advantage and (cfg.beta != 0 or entropy_mask):
         raise ValueError("forward_plan: skip_zero_advantage=True needs beta=0 and no entropy mask or bonus.")
-    if plan.old_logps == "sampler" and old != "sampler":
+    if plan.old_logps == "sampler" and old != "sampler" and not external_sampler:
         raise ValueError("forward_plan: old_logps='sampler', but the sampler's logprobs are not the old policy's here.")
     if world_size > 1 and not plan.never_empty:
         raise ValueError("forward_plan: never_empty=False on several ranks would let their collectives differ.")

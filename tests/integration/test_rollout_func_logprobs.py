@@ -1,0 +1,67 @@
+"""A rollout_func's log-probs are the sampler's, not the old policy's (TRL's meaning): with
+several updates per generated batch the old log-probs come from the trainer's forward, so what
+the rollout_func reports cannot change the update; only a run that declares them the trainer's own
+(forward_plan old_logps='sampler') trains on them."""
+
+import torch
+from datasets import Dataset
+
+from grpokit import GRPOConfig, GRPOTrainer
+from grpokit.rollout import SamplingParams
+from tests.helpers import make_char_tokenizer, make_tiny_model
+
+G = 4
+
+
+def reward(completions, **kw):
+    return [float(len(c) % 3) for c in completions]
+
+
+def train(tmp_path, name, logprobs: str, forward_plan=None):
+    """Two optimizer steps on one generated batch (num_iterations=2); the rollout_func samples
+    with the trainer's own engine and reports `logprobs`: 'engine' (the engine's, i.e. the
+    trainer's own), 'zeros' or 'garbage'."""
+    tok = make_char_tokenizer()
+    model = make_tiny_model(tok, arch="llama", seed=3)
+    seen = {}
+
+    def rollout(prompts, trainer):
+        run = trainer.parts
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[::G]]
+        outs = run.engine.generate(ids, n=G, params=SamplingParams(max_tokens=4, temperature=1.0, seed=11))
+        comps = [list(o.token_ids) for o in outs]
+        lps = {"engine": [list(o.logprobs) for o in outs], "zeros": [[0.0] * len(c) for c in comps],
+               "garbage": [[-7.5] * len(c) for c in comps]}[logprobs]
+        seen["summary"] = run.summary()
+        return {"prompt_ids": [ids[o.prompt_index] for o in outs], "completion_ids": comps, "logprobs": lps}
+
+    cfg = GRPOConfig(output_dir=str(tmp_path / name), max_steps=2, num_iterations=2, per_device_train_batch_size=8,
+                     gradient_accumulation_steps=1, num_generations=G, max_completion_length=4, learning_rate=5e-2,
+                     use_cpu=True, disable_tqdm=True, plot=False, save_strategy="no", seed=0, loss_type="grpo")
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, processing_class=tok, rollout_func=rollout,
+                          train_dataset=Dataset.from_dict({"prompt": ["ab", "cd"]}), forward_plan=forward_plan)
+    plan = trainer.parts.plan.old_logps
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, plan, trainer.parts.summary()
+
+
+def test_the_old_logprobs_come_from_the_trainer_whatever_the_rollout_func_reports(tmp_path):
+    zeros, plan, summary = train(tmp_path, "zeros", "zeros")
+    garbage, _, _ = train(tmp_path, "garbage", "garbage")
+    assert plan == "recomputed" and "old policy's log-probs come from the trainer's forward" in summary
+    assert all(torch.equal(zeros[k], garbage[k]) for k in zeros)  # the reported log-probs changed nothing
+
+
+def test_log_probs_declared_the_trainers_own_stand_in_for_the_old_ones(tmp_path):
+    recomputed, _, _ = train(tmp_path, "recomputed", "engine")
+    declared, plan, summary = train(tmp_path, "declared", "engine", forward_plan={"old_logps": "sampler"})
+    assert plan == "sampler" and "declared the trainer's own" in summary
+    # the engine samples from the trainer's weights in fp32: its log-probs are the trainer's to ~1e-6,
+    # so the weights agree to far less than one step moves them (Adam: ~lr = 5e-2 per weight)
+    def gap(a):
+        return max(float((a[k] - recomputed[k]).abs().max()) for k in recomputed)
+
+    assert gap(declared) < 1e-4
+    # ... and the declaration is honoured: wrong log-probs declared as the trainer's move the update
+    wrong, _, _ = train(tmp_path, "wrong", "zeros", forward_plan={"old_logps": "sampler"})
+    assert gap(wrong) > 1e-2, gap(wrong)
