@@ -815,8 +815,6 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                           timeout=cfg.reward_timeout, on_error=cfg.reward_on_error,
                           num_workers=cfg.reward_num_workers)
     runner.check_signature(columns=set(train_dataset.column_names), more_columns_later=rollout_func is not None)
-    if rollout_func is not None:
-        notes.append("rollout: rollout_func (yours) samples the completions.")
 
     # generation engine, reference, optimizer, schedule
     engine = _make_rollout_engine(cfg, policy, tok, notes)
@@ -883,6 +881,16 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     if cfg.eval_strategy == "steps" and eval_fn is None:
         raise ValueError("eval_strategy='steps' but there is nothing to evaluate on: pass eval_dataset= (or set "
                          "dataset_test_split, or use a built-in task), or set eval_strategy='no'.")
+    plan = choose_forward_plan(cfg, policy, engine, world_size=world, is_peft=is_peft, needs_reference=needs_reference,
+                               overrides=forward_plan, external_sampler=rollout_func is not None)
+    if rollout_func is not None:
+        uses = {"sampler": "its log-probs stand in for the old policy's (forward_plan old_logps='sampler': declared "
+                           "the trainer's own)",
+                "recomputed": "the old policy's log-probs come from the trainer's forward",
+                "current": "on-policy, the old policy's log-probs are the current ones"}[plan.old_logps]
+        if cfg.use_vllm and cfg.vllm_importance_sampling_correction:
+            uses += "; its log-probs feed the importance-sampling correction"
+        notes.append(f"rollout: rollout_func (yours) samples the completions; {uses}.")
     tracker = Tracker(cfg.output_dir, report_to=tuple(cfg.report_to) or ("jsonl",), config=cfg.to_dict(),
                       total_steps=total_steps, is_main_process=rank == 0, run_name=cfg.run_name,
                       disable_progress=cfg.disable_tqdm, overwrite=cfg.overwrite_output_dir)
@@ -896,9 +904,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                     notes=notes, train_forward=train_forward, ref_forward=ref_forward, multiturn=multiturn,
                     rollout_func=rollout_func, vision=vision, processor=processor,
                     image_features=ImageFeatures() if vlm else None,
-                    strategy=cfg.distributed_strategy, extra_modules=extra_modules,
-                    plan=choose_forward_plan(cfg, policy, engine, world_size=world, is_peft=is_peft,
-                                             needs_reference=needs_reference, overrides=forward_plan))
+                    strategy=cfg.distributed_strategy, extra_modules=extra_modules, plan=plan)
 
 
 def _prompts_per_step(cfg: GRPOConfig, rows_per_step_factor: int) -> int:
