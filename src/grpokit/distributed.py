@@ -29,11 +29,15 @@ import contextlib
 import datetime
 import inspect
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from typing_extensions import TypeIs
 
 STRATEGIES = ("ddp", "fsdp2")
 
@@ -145,8 +149,9 @@ def wrap_for_training(model: nn.Module, strategy: str, device: torch.device, *,
         # The buffers (rotary frequencies) are constants, the same on every rank: synced once at
         # construction, not at every forward (a collective for nothing).
         ddp = nn.parallel.DistributedDataParallel
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                          else {"broadcast_buffers": False})
+        no_buffer_sync: dict[str, Any] = (
+            {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else {"broadcast_buffers": False})
         return ddp(forward, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
     try:
         from torch.distributed.fsdp import fully_shard
@@ -160,10 +165,10 @@ def wrap_for_training(model: nn.Module, strategy: str, device: torch.device, *,
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True)
-    fully_shard(forward, reshard_after_forward=False)
+    root = fully_shard(forward, reshard_after_forward=False)  # `forward` itself, now an FSDPModule
     # The root must be initialised before any layer runs on its own (generation calls the model,
     # not the root): FSDP2 takes the first module to run forward as the root otherwise.
-    forward._get_fsdp_state()._lazy_init()
+    root._get_fsdp_state()._lazy_init()
     return forward
 
 
@@ -191,7 +196,7 @@ def _fsdp_module_type() -> type | None:
     return FSDPModule
 
 
-def is_fsdp2(module: nn.Module | None) -> bool:
+def is_fsdp2(module: object) -> TypeIs[FSDPModule]:
     fsdp_type = _fsdp_module_type()
     return fsdp_type is not None and isinstance(module, fsdp_type)
 
@@ -316,7 +321,8 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tup
         first.setdefault(id(p), name)
     if optimizer is None:
         return model_state, None
-    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    # Any: torch types the state as nested unions of every value kind; here it is {"state", "param_groups"}
+    by_name: dict[str, Any] = get_optimizer_state_dict(model, optimizer, options=options)
     if not by_name:
         return model_state, {}
     index = {n: i for i, n in enumerate(_trainable_names(model, optimizer))}
