@@ -155,6 +155,7 @@ class GRPOTrainer(RunFacade):
         """Run the loop; returns transformers' `TrainOutput(global_step, training_loss, metrics)`,
         `metrics` being the last step's (eval accuracy included) and the run's totals."""
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
+        self.parts.follow_model_generate()
         final = train_loop(self.parts, self.algorithm, resume_from_checkpoint=resume,
                            resume_command=getattr(self, "resume_command", None), events=self.surface)
         return self.surface.output(final)

@@ -130,6 +130,7 @@ class DPOTrainer(RunFacade):
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict:
         """Run the DPO loop; returns the final metrics."""
         run = self.parts
+        run.follow_model_generate()
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
         run.tracker.begin(resuming=bool(resume))
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})

@@ -173,6 +173,7 @@ class PPOTrainer(RunFacade):
             raise ValueError("PPOTrainer: resuming is not supported yet (checkpoints hold the policy, not the "
                              "value head); start a new run from the checkpoint's weights instead.")
         run = self.parts
+        run.follow_model_generate()
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
         final = train_loop(run, PPO(self.value_head), summary=self.summary(), events=self.surface,
                            resume_command=None)  # PPO cannot resume yet: an interrupt only saves

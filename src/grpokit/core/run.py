@@ -303,16 +303,26 @@ class RunParts:
         return {"prompt": self.prompts[r], **{k: v[r] for k, v in self.columns.items()}}
 
     def rollout_engine(self):
-        """The engine. A model whose `generate` was replaced on the instance (a wrapper of yours, a
-        mock) is sampled through that `generate`, as TRL always samples through model.generate."""
+        """The engine `sample` uses: grpokit's, or transformers' generate through a replaced
+        `model.generate` (see follow_model_generate)."""
+        return self._generate_engine if self._generate_engine is not None else self.engine
+
+    def follow_model_generate(self) -> None:
+        """As TRL, which always samples through `model.generate`: when `generate` was replaced on
+        the model instance (a wrapper of yours, a test's mock), the run samples through it
+        (transformers' generate path), and the old policy's log-probs are then recomputed by the
+        trainer (that generate's scores are not known to be the trainer's). Decided at the start of
+        train(), before the summary, by the trainers."""
         if type(self.engine).__name__ != "HFEngine" or not _overrides_generate(self.model):
-            return self.engine
+            self._generate_engine = None
+            return
         if self._generate_engine is None:
-            logging.getLogger(__name__).info("the model's own generate() was replaced: sampling through it "
-                                             "(transformers' generate path) instead of grpokit's engine.")
             self._generate_engine = make_engine("hf-generate", self.model, self.tokenizer,
                                                 generation_kwargs=self.config.extra_generation_kwargs())
-        return self._generate_engine
+            self.notes.append("rollout: the model's own generate() was replaced: sampling through it (transformers' "
+                              "generate path) instead of grpokit's engine.")
+        if self.plan is not None and self.plan.old_logps == "sampler":
+            self.plan = dataclasses.replace(self.plan, old_logps="recomputed")
 
     def _sample_with_rollout_func(self, rows: list[int], g: int) -> Trajectories:
         """TRL's rollout_func: called with the step's prompts (each G times); returns prompt_ids,

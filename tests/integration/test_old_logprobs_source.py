@@ -65,3 +65,38 @@ def test_log_probs_declared_the_trainers_own_stand_in_for_the_old_ones(tmp_path)
     # ... and the declaration is honoured: wrong log-probs declared as the trainer's move the update
     wrong, _, _ = train(tmp_path, "wrong", "zeros", forward_plan={"old_logps": "sampler"})
     assert gap(wrong) > 1e-2, gap(wrong)
+
+
+def test_a_replaced_generate_samples_and_the_old_logprobs_are_the_trainers(tmp_path):
+    """A model.generate replaced on the instance samples (as TRL samples through model.generate);
+    its scores are that generate's, so they never stand in for the old policy's: a wrapper that
+    flattens the scores trains exactly as one that leaves them alone."""
+
+    def run(name, flatten: bool):
+        tok = make_char_tokenizer()
+        model = make_tiny_model(tok, arch="llama", seed=3)
+        inner = model.generate
+        calls = []
+
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            out = inner(*args, **kwargs)
+            if flatten and getattr(out, "scores", None) is not None:
+                out.scores = tuple(torch.zeros_like(s) for s in out.scores)  # log-probs -log(V): not the model's
+            return out
+
+        cfg = GRPOConfig(output_dir=str(tmp_path / name), max_steps=2, num_iterations=2,
+                         per_device_train_batch_size=8, gradient_accumulation_steps=1, num_generations=G,
+                         max_completion_length=4, learning_rate=5e-2, use_cpu=True, disable_tqdm=True, plot=False,
+                         save_strategy="no", seed=0, loss_type="grpo")
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, processing_class=tok,
+                              train_dataset=Dataset.from_dict({"prompt": ["ab", "cd"]}))
+        assert trainer.parts.plan.old_logps == "sampler"  # grpokit's engine: its log-probs are the trainer's
+        model.generate = wrapped
+        trainer.train()
+        assert calls and trainer.parts.plan.old_logps == "recomputed"
+        assert "generate() was replaced" in trainer.parts.summary()
+        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    plain, flat = run("plain", False), run("flat", True)
+    assert all(torch.equal(plain[k], flat[k]) for k in plain)
