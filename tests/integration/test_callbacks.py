@@ -118,3 +118,10 @@ def test_pre_optimizer_step_sees_the_clipped_gradients_and_may_edit_them(tmp_pat
     assert len(callback.norms) == 2 and all(0 < n <= 1e-3 + 1e-7 for n in callback.norms)  # clipped first
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_eval_on_start_fires_on_evaluate_after_on_train_begin(tmp_path):
+    rec = Recorder()
+    make_trainer(tmp_path, rec, eval_on_start=True, eval_strategy="no", max_steps=1).train()
+    assert rec.seen[:6] == [("on_init_end", 0), ("on_train_begin", 0), ("on_prediction_step", 0),
+                            ("on_prediction_step", 0), ("on_evaluate", 0), ("on_epoch_begin", 0)]

@@ -100,3 +100,26 @@ def test_a_replaced_generate_samples_and_the_old_logprobs_are_the_trainers(tmp_p
 
     plain, flat = run("plain", False), run("flat", True)
     assert all(torch.equal(plain[k], flat[k]) for k in plain)
+
+
+def test_a_rollout_func_s_token_ids_and_logprob_lengths_are_checked(tmp_path):
+    import pytest
+
+    tok = make_char_tokenizer()
+    model = make_tiny_model(tok, arch="llama")
+    vocab = model.get_input_embeddings().num_embeddings
+    cases = [({"completion_ids": [[5, vocab]]}, f"token id {vocab} in completion_ids"),
+             ({"prompt_ids": [[-1]]}, "token id -1 in prompt_ids"),
+             ({"logprobs": [[0.0]]}, r"logprobs\[0\] has 1 values for 2 completion tokens")]
+    for i, (bad, message) in enumerate(cases):
+        def rollout(prompts, trainer, bad=bad):
+            out = {"prompt_ids": [[5]], "completion_ids": [[5, 6]], "logprobs": [[0.0, 0.0]], **bad}
+            return {k: v * len(prompts) for k, v in out.items()}
+
+        cfg = GRPOConfig(output_dir=str(tmp_path / str(i)), max_steps=1, per_device_train_batch_size=4,
+                         num_generations=G, max_completion_length=4, use_cpu=True, disable_tqdm=True, plot=False,
+                         save_strategy="no")
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, processing_class=tok, rollout_func=rollout,
+                              train_dataset=Dataset.from_dict({"prompt": ["ab"]}))
+        with pytest.raises(ValueError, match=message):
+            trainer.train()

@@ -63,9 +63,13 @@ def train_loop(run: RunParts, algorithm: Algorithm, resume_from_checkpoint: str 
     printed after Ctrl-C; without it the hint is the Python call. `events`: who listens to the
     training events (the TRL-style trainer's state and callbacks; see core.events)."""
     run.tracker.write(summary if summary is not None else run.summary())
-    state, final = run.begin(resume_from_checkpoint)
+    state = run.begin(resume_from_checkpoint)
     totals = RunTotals(start_step=state.global_step)
     events.train_begin(run, state)
+    final: dict[str, float] = {}
+    if run.config.eval_on_start and run.eval_dataset is not None and state.global_step == 0:
+        final = run.log_eval(step=0, on_batch=events.prediction_step)
+        events.evaluated(run, state, final)
     epoch_open = False
     with StopRequest(run.tracker.write) as stop:
         while state.global_step < run.total_steps:

@@ -207,18 +207,13 @@ class RunParts:
     def num_train_rows(self) -> int:
         return len(self.prompt_ids)
 
-    def begin(self, resume_from_checkpoint: str | bool | None) -> tuple[LoopState, dict[str, float]]:
-        """The loop's start: its state (fresh, or from the checkpoint) and, on a fresh run with
-        `eval_on_start`, the step-0 evaluation."""
+    def begin(self, resume_from_checkpoint: str | bool | None) -> LoopState:
+        """The loop's start: its state (fresh, or from the checkpoint)."""
         if self.multiturn is not None and self.multiturn.environments is not None:  # every row's environment exists
             self.multiturn.environments.check_rows(self.columns.get("environment", [None] * self.num_train_rows))
         with self.guard("checking output_dir"):  # rank 0 refuses to mix with another run's files: every rank stops
             self.tracker.begin(resuming=bool(resume_from_checkpoint))
-        state = self.resume(resume_from_checkpoint) if resume_from_checkpoint else LoopState()
-        first: dict[str, float] = {}
-        if self.config.eval_on_start and self.eval_dataset is not None and state.global_step == 0:
-            first.update(self.log_eval(step=0))
-        return state, first
+        return self.resume(resume_from_checkpoint) if resume_from_checkpoint else LoopState()
 
     # ---- data order: a seeded permutation per epoch; position = (epoch, cursor) ----
     def next_prompt_rows(self, epoch: int, cursor: int) -> tuple[list[int], int, int]:
@@ -341,6 +336,18 @@ class RunParts:
                 raise ValueError(f"rollout_func returned {len(out[key])} {key} for {n} prompts (one per completion: "
                                  "each prompt comes G times).")
         completion_ids = [list(map(int, c)) for c in out["completion_ids"]]
+        prompt_ids = [list(map(int, p)) for p in out["prompt_ids"]]
+        vocab = unwrap(self.model).get_input_embeddings().num_embeddings
+        for key, seqs in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
+            bad = next(((i, t) for i, seq in enumerate(seqs) for t in seq if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"rollout_func returned token id {bad[1]} in {key}[{bad[0]}]; the model's vocabulary "
+                                 f"has ids 0..{vocab - 1} (tokenize with the trainer's processing_class).")
+        if out["logprobs"] is not None:
+            for i, (lp, c) in enumerate(zip(out["logprobs"], completion_ids)):
+                if len(lp) != len(c):
+                    raise ValueError(f"rollout_func: logprobs[{i}] has {len(lp)} values for {len(c)} completion "
+                                     "tokens (one log-prob per completion token).")
         logps = out["logprobs"] or [[0.0] * len(c) for c in completion_ids]
         segments = None
         if out.get("env_mask") is not None:
@@ -352,7 +359,7 @@ class RunParts:
         return Trajectories(
             row_index=row_index, prompts=prompts,
             completions=[[{"role": "assistant", "content": t}] if self.conversational else t for t in texts],
-            prompt_ids=[list(map(int, p)) for p in out["prompt_ids"]], completion_ids=completion_ids,
+            prompt_ids=prompt_ids, completion_ids=completion_ids,
             sampling_logps=[[float(x) for x in lp] for lp in logps],
             truncated=torch.tensor([not c or c[-1] not in eos for c in completion_ids], dtype=torch.bool),
             segments=segments, extra_columns=extra or None)
