@@ -126,7 +126,8 @@ async def _awaitable(x):
     return await x
 
 
-def run_async(calls: list[tuple[int, Callable, dict]], timeout: float | None) -> dict[int, Part]:
+def run_async(calls: list[tuple[int, Callable, dict, int]], timeout: float | None) -> dict[int, Part]:
+    """Run the async calls (index, function, keyword arguments, rows) concurrently; a Part per index."""
     async def one(fn, kw, n):
         t0 = time.perf_counter()
         try:

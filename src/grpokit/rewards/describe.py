@@ -33,12 +33,13 @@ def describe_rewards(runner: RewardRunner, prompts: Sequence, completions: Seque
     for e in out.errors:
         for r in e["rows"]:
             marks[(r, e["function"])] = e["kind"]
-    shown_cols = [k for k in (columns or {}) if k not in RESERVED_COLUMNS]
+    table = columns or {}
+    shown_cols = [k for k in table if k not in RESERVED_COLUMNS]
     header = ["#", "prompt", "completion", *shown_cols, *out.names, "total"]
     rows = []
     for i in range(len(completions)):
         cells = [str(i), _short(prompts[i], width), _short(completions[i], width)]
-        cells += [_short(columns[k][i], 24) for k in shown_cols]
+        cells += [_short(table[k][i], 24) for k in shown_cols]
         for j, name in enumerate(out.names):
             v = float(out.per_func[i, j])
             cells.append(marks.get((i, name), "None" if math.isnan(v) else f"{v:.4g}"))

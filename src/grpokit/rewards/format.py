@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from grpokit.rewards.registry import reward_factory
 from grpokit.rewards.text import completion_text
 
 __all__ = ["ThinkAnswerFormat", "SoftThinkAnswerFormat", "RegexReward", "think_answer_format",
@@ -90,11 +91,10 @@ think_answer_format = ThinkAnswerFormat()
 soft_think_answer_format = SoftThinkAnswerFormat()
 
 
+@reward_factory
 def think_format_reward(**kwargs) -> RegexReward:
     """TRL's `think_format_reward`: 1 when the completion starts with one `<think>...</think>`
     block (and has no second `<think>`), else 0 (TRL's pattern, DOTALL | MULTILINE, matched at the start)."""
     return RegexReward(r"^<think>(?!.*<think>)(.*?)</think>.*$", flags="sm", how="match",
                        name="think_format_reward", **kwargs)
 
-
-think_format_reward.__reward_factory__ = True

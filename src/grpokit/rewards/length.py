@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 from grpokit.rewards.math import AccuracyReward
+from grpokit.rewards.registry import reward_factory
 from grpokit.rewards.text import completion_text
 
 __all__ = ["SoftOverlongPunishment", "CosineLengthReward"]
@@ -87,20 +88,19 @@ class CosineLengthReward:
                  **columns) -> list[float | None]:
         if self.unit == "tokens" and completion_ids is None:
             raise ValueError("cosine_length with unit='tokens' needs completion_ids.")
-        tokens = completion_ids is not None and self.unit != "chars"
+        token_ids = completion_ids if self.unit != "chars" else None  # lengths in tokens where given
         correct = self.accuracy(prompts, completions, completion_ids, **columns)
         out: list[float | None] = []
         for i, (c, ok) in enumerate(zip(completions, correct)):
-            length = len(completion_ids[i]) if tokens else len(completion_text(c))
+            length = len(token_ids[i]) if token_ids is not None else len(completion_text(c))
             out.append(None if ok is None else self.value(length, ok == self.accuracy.correct))
         return out
 
 
+@reward_factory
 def trl_soft_overlong_punishment(max_completion_len: int = 1280, soft_punish_cache: int = 256):
     """TRL's CLI entry `get_soft_overlong_punishment`: DAPO's length penalty with the values TRL's
     grpo script uses (max_completion_len=1280, soft_punish_cache=256)."""
     reward = SoftOverlongPunishment(max_completion_len=max_completion_len, soft_punish_cache=soft_punish_cache)
     return reward
 
-
-trl_soft_overlong_punishment.__reward_factory__ = True

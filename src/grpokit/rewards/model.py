@@ -20,23 +20,29 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpokit.rewards.text import completion_text, is_conversational
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["RewardModelReward", "PreferenceReward"]
 
 
-def _resolve_device_dtype(device: str, dtype: str):
+def _resolve_device_dtype(device: str, dtype: str | torch.dtype) -> tuple[torch.device, torch.dtype]:
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved: torch.dtype
     if dtype == "auto":
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        resolved = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return torch.device(device), dtype
+        resolved = getattr(torch, dtype)
+    else:
+        resolved = dtype
+    return torch.device(device), resolved
 
 
 class _Scorer:
@@ -172,6 +178,7 @@ class PreferenceReward:
             r = dict(zip(distinct, self.scorer.score(distinct)))
             return [_sigmoid((r[a] - r[b]) / self.temperature) for a, b in rendered]
         p = completion_text(prompt) if is_conversational(prompt) else str(prompt)
+        assert self.pairwise_template is not None  # mode="pairwise" requires it (checked in __init__)
         fmt = self.pairwise_template.format
         texts = [(fmt(prompt=p, a=completion_text(a), b=completion_text(b)), False) for a, b in pairs]
         texts += [(fmt(prompt=p, a=completion_text(b), b=completion_text(a)), False) for a, b in pairs]

@@ -175,7 +175,7 @@ class WorkerPool:
     def run(self, tasks: list[PoolTask]) -> list[PoolResult]:
         results: dict[int, PoolResult] = {}
         pending = deque(enumerate(tasks))
-        busy: dict[Any, tuple[int, _Worker]] = {}
+        busy: dict[Any, tuple[int, _Worker, PoolTask]] = {}  # by the worker's connection
         while pending or busy:
             while pending and len(busy) < self.num_workers:
                 for dead in [w for w in self._workers if w.task is None and w.proc.poll() is not None]:
@@ -195,15 +195,15 @@ class WorkerPool:
                 # the deadline starts when the worker reports "started" (function loaded); loading
                 # itself (importing the function's module) gets LOAD_TIMEOUT
                 w.task, w.started, w.loading = task, time.monotonic(), True
-                busy[w.conn] = (i, w)
+                busy[w.conn] = (i, w, task)
             now = time.monotonic()
-            deadlines = [w.started + self._limit(w) for _, w in busy.values() if self._limit(w) is not None]
+            deadlines = [w.started + limit for _, w, task in busy.values()
+                         if (limit := self._limit(w, task)) is not None]
             wait_s = max(0.0, min(deadlines) - now) if deadlines else None
             for conn in wait(list(busy), timeout=wait_s):
-                i, w = busy[conn]
-                task = w.task
+                i, w, task = busy[conn]
                 try:
-                    msg = conn.recv()
+                    msg = w.conn.recv()
                     if msg == ("started",):
                         w.started, w.loading = time.monotonic(), False
                         continue
@@ -221,18 +221,18 @@ class WorkerPool:
                                             f"(exit code {code}) during the call", seconds=time.monotonic() - w.started)
                     self._kill(w)
             now = time.monotonic()
-            for conn, (i, w) in list(busy.items()):
-                limit = self._limit(w)
+            for conn, (i, w, task) in list(busy.items()):
+                limit = self._limit(w, task)
                 if limit is not None and now - w.started >= limit:
                     busy.pop(conn)
-                    results[i] = PoolResult(w.task, "timeout", seconds=now - w.started,
+                    results[i] = PoolResult(task, "timeout", seconds=now - w.started,
                                             error="loading the function" if w.loading else "")
                     self._kill(w)
         return [results[i] for i in range(len(tasks))]
 
     @staticmethod
-    def _limit(w: _Worker) -> float | None:
-        return LOAD_TIMEOUT if w.loading else w.task.timeout
+    def _limit(w: _Worker, task: PoolTask) -> float | None:
+        return LOAD_TIMEOUT if w.loading else task.timeout
 
     def close(self) -> None:
         for w in list(self._workers):

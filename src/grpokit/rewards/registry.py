@@ -16,10 +16,12 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["REWARD_REGISTRY", "register_reward", "reward_factory", "resolve_reward", "load_reward_funcs",
            "reward_name"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # name -> callable, class, or lazy "module:attr" string (built-ins)
 REWARD_REGISTRY: dict[str, Any] = {
@@ -42,9 +44,9 @@ REWARD_REGISTRY: dict[str, Any] = {
 }
 
 
-def reward_factory(fn: Callable) -> Callable:
+def reward_factory(fn: F) -> F:
     """Mark a function as a factory: the registry calls it with the config kwargs to get the reward."""
-    fn.__reward_factory__ = True
+    fn.__reward_factory__ = True  # type: ignore[attr-defined]  # a marker attribute on a function object
     return fn
 
 
@@ -136,9 +138,9 @@ def resolve_reward(spec: str | Callable, kwargs: Mapping[str, Any] | None = None
     if is_reward_model_spec(spec):  # a sequence classifier scores prompt + completion (TRL's meaning)
         from grpokit.rewards.model import RewardModelReward
 
-        fn = RewardModelReward(spec, **kwargs)
-        fn.__name__ = reward_model_name(spec)
-        return fn
+        reward = RewardModelReward(spec, **kwargs)
+        reward.__name__ = reward_model_name(spec)
+        return reward
     if isinstance(spec, str):
         entry = REWARD_REGISTRY.get(spec)
         if entry is None:
@@ -155,6 +157,7 @@ def resolve_reward(spec: str | Callable, kwargs: Mapping[str, Any] | None = None
                         f"got {type(spec).__name__}")
 
     owned = True  # `fn` is an object this call created, so it may be renamed in place
+    fn: Callable[..., Any]
     if _is_factory(entry):
         try:
             fn = entry(**kwargs)
@@ -168,7 +171,7 @@ def resolve_reward(spec: str | Callable, kwargs: Mapping[str, Any] | None = None
         except ValueError:  # builtins without a signature: let the call fail later
             pass
         fn = functools.partial(entry, **kwargs)
-        fn.__name__ = reward_name(entry)
+        fn.__name__ = reward_name(entry)  # type: ignore[attr-defined]  # a partial takes attributes
     else:
         fn, owned = entry, False
     if not callable(fn):
@@ -180,7 +183,7 @@ def resolve_reward(spec: str | Callable, kwargs: Mapping[str, Any] | None = None
         if not owned:
             fn = _renamed(fn, reward_name(fn), False)
         try:  # lets a worker process rebuild the function when it cannot be pickled
-            fn.__grpokit_spec__ = (spec, kwargs)
+            fn.__grpokit_spec__ = (spec, kwargs)  # type: ignore[attr-defined]  # set where the object takes it
         except (AttributeError, TypeError):
             pass
     return fn
@@ -195,7 +198,7 @@ def _renamed(fn: Callable, name: str, owned: bool) -> Callable:
         except (AttributeError, TypeError):
             pass
     wrapped = functools.partial(fn)
-    wrapped.__name__ = name
+    wrapped.__name__ = name  # type: ignore[attr-defined]  # a partial takes attributes
     return wrapped
 
 

@@ -30,7 +30,7 @@ import torch
 
 from grpokit.rewards.calls import (RewardError, RewardTimeout, call_with_timeout, is_async_callable, Part,  # noqa: F401
                                    run_async)
-from grpokit.rewards.pool import payload_for
+from grpokit.rewards.pool import PoolTask, WorkerPool, payload_for
 from grpokit.rewards.registry import load_reward_funcs, reward_name
 
 __all__ = ["RewardRunner", "RewardOutput", "RewardError", "RewardTimeout"]
@@ -129,7 +129,7 @@ class RewardRunner:
                 in_pool = False
             self._plans.append(_Plan(name, fn, is_async, in_pool, payload))
         self._checked: frozenset | None = None
-        self._pool = None
+        self._pool: WorkerPool | None = None
         self._uid = uuid.uuid4().hex[:8]
         self._warned_all_none = False
 
@@ -259,12 +259,14 @@ class RewardRunner:
         return [(s, min(n, s + size)) for s in range(0, n, size)]
 
     def _run_pool(self, idx: list[int], full: dict, n: int) -> dict[int, list[Part]]:
-        from grpokit.rewards.pool import PoolTask, WorkerPool
-
         if self._pool is None:
             self._pool = WorkerPool(self.num_workers)
-        tasks = [PoolTask(f"{self._uid}:{i}", self._plans[i].payload, self._kwargs(self._plans[i], full, s, e),
-                          self.timeout, (i, s, e)) for i in idx for s, e in self._chunks(n)]
+        tasks: list[PoolTask] = []
+        for i in idx:
+            payload = self._plans[i].payload
+            assert payload is not None  # a plan runs in the pool only with a payload (see __init__)
+            tasks += [PoolTask(f"{self._uid}:{i}", payload, self._kwargs(self._plans[i], full, s, e),
+                               self.timeout, (i, s, e)) for s, e in self._chunks(n)]
         out: dict[int, list[Part]] = {i: [] for i in idx}
         for r in self._pool.run(tasks):
             i, s, e = r.task.tag
