@@ -73,8 +73,8 @@ def load_dataset_spec(name_or_path: Any, split: str = "train", config_name: str 
             raise ValueError(
                 f"cannot read {name!r}: unknown file type {path.suffix!r}; use one of {sorted(_BUILDERS)}"
             )
-        base_split = re.match(r"[\w.-]+", split)
-        base_split = base_split.group(0) if base_split else "train"
+        split_match = re.match(r"[\w.-]+", split)
+        base_split = split_match.group(0) if split_match else "train"
         if path.stat().st_size == 0:
             raise ValueError(f"dataset file {name!r} is empty: it needs one row per line (JSONL) or a header "
                              "and rows (CSV), with a 'prompt' column.")
@@ -101,8 +101,8 @@ def load_dataset_spec(name_or_path: Any, split: str = "train", config_name: str 
 
 
 def _pick_split(dataset_dict, split: str, name: str):
-    base = re.match(r"[\w.-]+", split)
-    base = base.group(0) if base else split
+    base_match = re.match(r"[\w.-]+", split)
+    base = base_match.group(0) if base_match else split
     if base not in dataset_dict:
         raise ValueError(f"dataset {name!r} has no split {split!r}; available splits: {sorted(dataset_dict)}")
     if base == split:

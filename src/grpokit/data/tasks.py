@@ -39,7 +39,7 @@ __all__ = [
     "make_countdown_task",
 ]
 
-RewardFunc = Callable[..., list[float | None]]
+RewardFunc = Callable[..., Sequence[float | None]]
 
 
 @dataclass
@@ -221,7 +221,8 @@ def make_arithmetic_task(
                     continue
                 problems.append((a, op, b))
     random.Random(seed).shuffle(problems)
-    eval_pool, train_pool = [], []
+    eval_pool: list[tuple[int, str, int]] = []
+    train_pool: list[tuple[int, str, int]] = []
     for a, op, b in problems:
         (eval_pool if in_eval_split(f"{a}{op}{b}") else train_pool).append((a, op, b))
     if num_eval > len(eval_pool):
@@ -375,7 +376,7 @@ def _random_equation(rng: random.Random, numbers: list[int]) -> tuple[str, Fract
         op = rng.choice("+-*/")
         if op == "/" and vb == 0:
             return None
-        value = {"+": va + vb, "-": va - vb, "*": va * vb, "/": va / vb if vb else None}[op]
+        value = va + vb if op == "+" else va - vb if op == "-" else va * vb if op == "*" else va / vb
         text = f"{ta if atom_a else '(' + ta + ')'} {op} {tb if atom_b else '(' + tb + ')'}"
         items = [it for k, it in enumerate(items) if k not in (i, j)] + [(text, value, False)]
     return items[0][0], items[0][1]
@@ -403,7 +404,9 @@ def make_countdown_task(
     if num_train is None:
         raise ValueError("countdown puzzles are generated: give num_train explicitly")
     rng = random.Random(seed)
-    train, evals, seen = [], [], set()
+    train: list[tuple[list[int], int, str]] = []
+    evals: list[tuple[list[int], int, str]] = []
+    seen: set[str] = set()
     attempts = 0
     while len(train) < num_train or len(evals) < num_eval:
         attempts += 1

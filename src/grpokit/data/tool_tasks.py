@@ -71,7 +71,8 @@ def make_multiply_task(seed: int = 0, num_train: int | None = 20000, num_eval: i
         raise ValueError(f"reference_guess_rate must be in [0, 1], got {reference_guess_rate}")
     problems = [(a, b) for a in range(100, 1000) for b in range(10, 100)]
     random.Random(seed).shuffle(problems)
-    eval_pool, train_pool = [], []
+    eval_pool: list[tuple[int, int]] = []
+    train_pool: list[tuple[int, int]] = []
     for a, b in problems:
         (eval_pool if in_eval_split(f"{a}*{b}") else train_pool).append((a, b))
     train_rows = train_pool if num_train is None else train_pool[:num_train]
