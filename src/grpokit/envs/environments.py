@@ -25,14 +25,17 @@ def environment_tools(instance) -> list[Callable]:
             if name not in SPECIAL_METHODS and not name.startswith("_")]
 
 
-def env_reward_func(env_type: type) -> Callable:
+def env_reward_func(env_type: type[Any]) -> Callable:
     """`get_reward` of the rollouts whose environment is exactly `env_type`, None for the others."""
+    get_reward: Any  # a function that takes the attributes set below
     if is_async_tool(env_type.get_reward):
-        async def get_reward(environments, **kwargs):
+        async def get_reward_async(environments, **kwargs):
             return [await e.get_reward() if type(e) is env_type else None for e in environments]
+        get_reward = get_reward_async
     else:
-        def get_reward(environments, **kwargs):
+        def get_reward_sync(environments, **kwargs):
             return [e.get_reward() if type(e) is env_type else None for e in environments]
+        get_reward = get_reward_sync
     get_reward.__name__ = env_type.__name__
     get_reward.__qualname__ = env_type.__name__
     get_reward.use_process_pool = False  # it reads this process's environment instances

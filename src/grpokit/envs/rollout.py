@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from grpokit.core.trajectory import EXTERNAL, MODEL, Segment, Trajectories
+from grpokit.trajectory import EXTERNAL, MODEL, Segment, Trajectories
 from grpokit.envs.chat import check_tool_template, parse_turn, tool_suffix_ids
 from grpokit.envs.environments import Environments, tool_table
 from grpokit.envs.tools import FAILED, OK, TIMEOUT, ToolRunner, tool_name
@@ -260,7 +260,7 @@ class MultiTurn:
             for k in range(n):
                 prompt = row["prompt"]
                 tools = self.tools
-                if envs:
+                if envs and self.environments is not None:  # envs come from self.environments
                     env = envs[i * n + k]
                     reset_kwargs = {c: v for c, v in row.items() if c != "environment" or not self.environments.multi}
                     obs = env.reset(**reset_kwargs)

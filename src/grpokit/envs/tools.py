@@ -14,6 +14,7 @@ import concurrent.futures as cf
 import inspect
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -124,7 +125,7 @@ async def _awaiting(fn, args):
     return await fn(**args)
 
 
-def _guarded(fn, args):
+def _guarded(fn, args) -> Coroutine[Any, Any, Any] | ToolResult:
     try:
         return _awaiting(fn, args)
     except Exception as e:  # noqa: BLE001
