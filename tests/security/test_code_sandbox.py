@@ -251,7 +251,7 @@ def results(reward, host):
     before = _open_descriptors()
     t0 = time.monotonic()
     grades = reward(None, [fenced(src) for src, _, _ in cases.values()], tests=[t for _, t, _ in cases.values()])
-    graded = {name: (grade, expected) for name, grade, (_, _, expected) in zip(cases, grades, cases.values())}
+    graded = {name: (grade, expected) for name, grade, (_, _, expected) in zip(cases, grades, cases.values(), strict=True)}
     return graded, time.monotonic() - t0, before, _open_descriptors()
 
 
@@ -334,7 +334,7 @@ def test_stdin_stdout_attacks(reward, host):
         "daemon_rewrites_next_output": (LEAKING_DAEMON, 0.5),
     }
     grades = reward(None, [fenced(s) for s, _ in cases.values()], tests=[tests] * len(cases))
-    assert dict(zip(cases, grades)) == {k: v for k, (_, v) in cases.items()}
+    assert dict(zip(cases, grades, strict=True)) == {k: v for k, (_, v) in cases.items()}
 
 
 def test_sandbox_refuses_to_run_when_isolation_fails(monkeypatch, tmp_path):
@@ -416,7 +416,7 @@ def test_the_suite_detects_a_missing_sandbox(tmp_path):
              "probe_unprivileged_and_alone"]
     unsafe = CodeReward(timeout=1.5, sandbox="unsafe-local")
     grades = unsafe(None, [fenced(cases[n][0]) for n in names], tests=[cases[n][1] for n in names])
-    assert dict(zip(names, grades)) == {"control": 1.0, "read_host_secret": 1.0, "write_outside_host_tmp": 1.0,
+    assert dict(zip(names, grades, strict=True)) == {"control": 1.0, "read_host_secret": 1.0, "write_outside_host_tmp": 1.0,
                                         "probe_only_loopback": float(len(socket.if_nameindex()) == 1),
                                         "probe_unprivileged_and_alone": 0.0}
     assert (tmp_path / "escape.txt").read_text() == "pwned"

@@ -18,6 +18,10 @@ diagnostics. With "isolate": true:
         (root: a dedicated uid per concurrent sandbox; otherwise: a user namespace whose only
         user has had every capability dropped), no_new_privs, scrubbed environment; execs
         `python -I -S -B /sandbox/server.py` in /work.
+      - on the server's request (after each stdin/stdout run, before the server reads the run's
+        output) kills every process of the namespace but the server and waits until none runs
+        (a zombie thread-group leader counts as running while one of its threads does); it
+        answers "f" if some still run after 2 s, and the server then refuses the run.
       - waits; at the wall-clock limit (or when the server exits) kills every process in the
         namespace and exits. When init dies, the kernel kills whatever is left in the namespace.
   The network namespace has only a loopback interface, which is down: no packet can leave.
@@ -35,6 +39,7 @@ import resource
 import select
 import signal
 import sys
+import time
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -132,32 +137,55 @@ def exec_server(python, server, cfg, reaper: bool = False):
     os.execve(python, [python, "-I", "-S", "-B", server], env)
 
 
-def _pids(proc_fd):
-    """Pids alive in this pid namespace (its own procfs, held open by init outside the chroot),
-    with their state letter (Z: zombie)."""
-    out = {}
-    for name in os.listdir(proc_fd):
-        if not name.isdigit():
-            continue
+def _state(path: str, proc_fd: int) -> str | None:
+    """The state letter in /proc/<path>/stat (Z: zombie), or None if it is gone."""
+    try:
+        fd = os.open(f"{path}/stat", os.O_RDONLY, dir_fd=proc_fd)
         try:
-            fd = os.open(f"{name}/stat", os.O_RDONLY, dir_fd=proc_fd)
-            try:
-                stat = os.read(fd, 512).decode()
-            finally:
-                os.close(fd)
-        except OSError:
-            continue
-        out[int(name)] = stat.rsplit(")", 1)[-1].split()[0]
-    return out
+            stat = os.read(fd, 512).decode()
+        finally:
+            os.close(fd)
+        return stat.rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
-def reap_all_but(keep, proc_fd):
+def _running(pid: int, proc_fd: int) -> bool:
+    """Whether a thread of `pid` still runs. A zombie's state alone does not say: a thread-group
+    leader that exited by itself (SYS_exit) shows Z while its other threads run on."""
+    state = _state(str(pid), proc_fd)
+    if state is None:
+        return False
+    if state not in "ZX":
+        return True
+    try:
+        fd = os.open(f"{pid}/task", os.O_RDONLY | os.O_DIRECTORY, dir_fd=proc_fd)
+    except OSError:
+        return False
+    try:
+        tasks = os.listdir(fd)
+    finally:
+        os.close(fd)
+    return any((_state(f"{pid}/task/{t}", proc_fd) or "Z") not in "ZX" for t in tasks)
+
+
+def _pids(proc_fd: int) -> list[int]:
+    """Pids alive in this pid namespace (its own procfs, held open by init outside the chroot)."""
+    return [int(name) for name in os.listdir(proc_fd) if name.isdigit()]
+
+
+def reap_all_but(keep: int, proc_fd: int, seconds: float = 2.0) -> bool:
     """SIGKILL every process of the namespace except init and `keep` (the server), and wait until
-    each is gone or a zombie: a run's daemons (setsid, double fork) cannot outlive it."""
-    for _ in range(1000):
-        alive = [p for p, state in _pids(proc_fd).items() if p not in (1, keep) and state != "Z"]
+    each is gone or a zombie with no running thread: a run's daemons (setsid, double fork, another
+    process group, threads of an exited leader) cannot outlive it. False if some still run after
+    `seconds` (the server then refuses the run)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = [p for p in _pids(proc_fd) if p not in (1, keep) and _running(p, proc_fd)]
         if not alive:
-            return
+            return True
+        if time.monotonic() > deadline:
+            return False
         for p in alive:
             try:
                 os.kill(p, signal.SIGKILL)
@@ -254,9 +282,9 @@ def init(cfg, as_root):
             if not os.read(requests_r, 1):
                 listening = []  # the server closed its end
             else:
-                reap_all_but(child, proc_fd)
+                done = reap_all_but(child, proc_fd)
                 try:
-                    os.write(acks_w, b"k")
+                    os.write(acks_w, b"k" if done else b"f")
                 except OSError:
                     pass
         for pid, st in _reap_zombies():
