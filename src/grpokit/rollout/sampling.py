@@ -126,6 +126,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor 
         tokens = x.argmax(dim=-1)
         log_z = torch.logsumexp(x - top, dim=-1)
     else:
+        assert uniforms is not None, "sampling (not greedy) draws with `uniforms`"
         cdf = torch.cumsum(torch.exp(x - top), dim=-1, dtype=torch.float64)
         z = cdf[:, -1]
         target = (uniforms.to(device=cdf.device, dtype=torch.float64) * z).unsqueeze(-1)

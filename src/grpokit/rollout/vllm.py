@@ -52,7 +52,7 @@ class VLLMEngine:
             n=n, max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else -1, min_p=params.min_p, seed=params.seed,
             repetition_penalty=params.repetition_penalty,
-            stop=list(params.stop) or None, include_stop_str_in_output=True, skip_special_tokens=True,
+            stop=list(params.stop or []) or None, include_stop_str_in_output=True, skip_special_tokens=True,
             logprobs=0, **self.generation_kwargs,
         )
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
