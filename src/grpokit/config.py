@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from grpokit.algos.losses import LOSS_TYPES, is_local_mean
 
 def _f(default: Any, help: str):
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+        return field(default_factory=functools.partial(type(default), default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -267,7 +268,7 @@ _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)
 _NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
-def check_scalar_type(owner: str, name: str, annotation: str, value) -> None:
+def check_scalar_type(owner: str, name: str, annotation: object, value) -> None:
     """A value of the wrong kind for a scalar field (`int`, `float`, `bool`, `str`, or one of them
     `| None`) is an error naming the field and the kind it takes: `max_steps=abc` from the
     command line fails here, not as a TypeError deep in the run. Other annotations are not checked."""

@@ -415,7 +415,8 @@ def load_model(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise OSError(f"cannot load the model {name!r}: {first} Check the hub id or the local path; "
                           "offline (HF_HUB_OFFLINE=1) only models already in the local cache are found.") from e
-    return model.to(target) if target is not None else model
+    # transformers declares PreTrainedModel.to with @wraps(nn.Module.to), which types it unbound
+    return model.to(target) if target is not None else model  # type: ignore[arg-type]
 
 
 def _vision_auto_class(name: str, trust_remote_code: bool):
