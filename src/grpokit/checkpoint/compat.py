@@ -73,7 +73,8 @@ def check_resume_compatible(path, config, keys: Iterable[str] = RESUME_KEYS,
         old = _flatten(json.load(f))
     new = _flatten(_plain(config))
     allowed = set(allowed)
-    diffs, changed = [], []
+    diffs: list[str] = []
+    changed: list[str] = []
     for key in keys:
         old_values, new_values = _pick(old, key), _pick(new, key)
         for name in sorted(old_values.keys() & new_values.keys()):

@@ -93,7 +93,10 @@ def _dedupe(state: Mapping) -> tuple[dict, dict]:
     Returns ``(tensors, aliases)`` where ``aliases[dropped_name] = kept_name`` for entries that are
     the very same view of the same storage (tied weights); other overlapping views are copied.
     """
-    tensors, aliases, seen, storages = {}, {}, {}, set()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[tuple] = set()
     for name, tensor in state.items():
         tensor = tensor.detach()
         view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),

@@ -118,7 +118,8 @@ def _train_stage(cfg: SFTConfig, model, tokenizer, device, save: bool) -> dict[s
         flush=True,
     )
 
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
@@ -138,18 +139,18 @@ def _train_stage(cfg: SFTConfig, model, tokenizer, device, save: bool) -> dict[s
         if cfg.eval_num_prompts is not None:
             eval_set = eval_set.select(range(min(cfg.eval_num_prompts, len(eval_set))))
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(prompts) -> dict[str, float]:
         results = evaluate_on_task(
             model,
             tokenizer,
-            eval_set,
+            prompts,
             task.is_correct,
             num_samples=cfg.eval_pass_k,
             temperature=cfg.eval_temperature,
             max_new_tokens=task.max_completion_length,
             seed=cfg.seed,
         )
-        print("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()) + f" on {len(eval_set)} prompts")
+        print("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()) + f" on {len(prompts)} prompts")
         return results
 
     model.train()
@@ -192,7 +193,7 @@ def _train_stage(cfg: SFTConfig, model, tokenizer, device, save: bool) -> dict[s
             )
             window = []
         if eval_set is not None and cfg.eval_steps > 0 and (step + 1) % cfg.eval_steps == 0 and step + 1 < total_steps:
-            evaluate()
+            evaluate(eval_set)
     train_runtime = time.perf_counter() - start_time
     model.eval()
 
@@ -206,7 +207,7 @@ def _train_stage(cfg: SFTConfig, model, tokenizer, device, save: bool) -> dict[s
     }
     if eval_set is not None:
         eval_start = time.perf_counter()
-        metrics.update({f"eval_{k}": v for k, v in evaluate().items()})
+        metrics.update({f"eval_{k}": v for k, v in evaluate(eval_set).items()})
         metrics["eval_num_prompts"] = len(eval_set)
         metrics["eval_runtime_s"] = round(time.perf_counter() - eval_start, 2)
 
