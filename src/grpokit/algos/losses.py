@@ -149,7 +149,7 @@ def vespo_loss(*, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo
             phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         return -phi * advantages * logps, {"vespo/phi_seq_mean": phi.expand_as(logps)}
 
-    objective.absorbs_is_weights = True
+    objective.absorbs_is_weights = True  # type: ignore[attr-defined]  # a marker on the function object
     return objective
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -40,7 +40,7 @@ class AlgoConfig(GRPOConfig):
     algorithm's own knob, never silently ignored. `_DEFAULTS` changes GRPO defaults (e.g. PPO's
     k1 KL estimator)."""
 
-    _OWN: type = None
+    _OWN: ClassVar[type]  # the algorithm's dataclass of its own fields (each subclass sets it)
     _GRPO_ONLY: dict[str, str] = {}
     _DEFAULTS: dict[str, Any] = {}
 
@@ -53,8 +53,14 @@ class AlgoConfig(GRPOConfig):
                 close = difflib.get_close_matches(key, sorted(known), n=3)
                 raise ValueError(f"{name}: unknown field {key!r}." + (f" Did you mean {', '.join(close)}?" if close else ""))
         for key, f in own.items():
-            value = kwargs.pop(key) if key in kwargs else (
-                f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            if key in kwargs:
+                value = kwargs.pop(key)
+            elif f.default is not dataclasses.MISSING:
+                value = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                raise TypeError(f"{name}: field {key!r} has no default")
             if isinstance(f.default, float) and isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
                 try:
                     value = float(value)
@@ -89,6 +95,7 @@ def own_field(default: Any, help: str):
 def reference_logprobs(run: RunParts, mb, *, temperature: float) -> torch.Tensor:
     """Per-token logprobs [B, C] of the completion tokens under the reference: the policy with its
     LoRA adapter off, else the frozen copy `run.ref_model` (one process: no wrapper needed)."""
+    assert run.plan is not None  # build_run chose the forward plan
     if run.is_peft:
         from grpokit.models import reference_logits_context
 

@@ -67,7 +67,7 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
 
 def aggregate(runs: list[dict[str, Any]], results: list[dict]) -> dict[str, Any]:
     """One algorithm over its seeds: mean curves, and mean (and per-seed) numbers."""
-    agg = {key: _mean_curve([r[key] for r in runs]) for key in
+    agg: dict[str, Any] = {key: _mean_curve([r[key] for r in runs]) for key in
            ("reward", "samples", "train_seconds", "acc", "acc_samples", "acc_seconds")}
     for key in ("acc_before", "acc_after", "acc_best", "samples_total", "signal_completions",
                 "train_seconds_total", "reward_first", "reward_last"):
