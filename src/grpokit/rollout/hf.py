@@ -396,13 +396,14 @@ class HFEngine:
         finish = ["length"] * n_rows
         window = (max(len(s) for s in stop) + _STOP_WINDOW_EXTRA) if stop else 0
         decode_batch = self._decode_batch_fn() if stop else None
-        tokens: torch.Tensor  # set by the first sample() below, before step 1 reads it
+        tokens: torch.Tensor | None = None  # set by the first sample() below, before step 1 reads it
         seen: torch.Tensor | None = None  # [rows, V] tokens already in each row, for the repetition penalty
         if params.repetition_penalty != 1.0:
             seen = self._prompt_seen(wave, prompt_ids, logits.shape[-1])
         for step in range(params.max_tokens):
             b = cache.b
             if step > 0:
+                assert tokens is not None
                 logits = self._forward(input_ids=tokens[:b, None], position_ids=positions[:b, None],
                                        attention_mask=cache.step_mask(), cache=cache)[:, -1, :]
                 positions[:b] += 1
@@ -509,11 +510,12 @@ class HFEngine:
         limit = {r: params.max_tokens - rows.count[r] for r in active}
         window = (max(len(s) for s in stop) + _STOP_WINDOW_EXTRA) if stop else 0
         decode_batch = self._decode_batch_fn() if stop else None
-        tokens: torch.Tensor  # set by the first sample() below, before step 1 reads it
+        tokens: torch.Tensor | None = None  # set by the first sample() below, before step 1 reads it
         step = 0
         while cache.b > 0:
             b = cache.b
             if step > 0:
+                assert tokens is not None
                 logits = self._forward(input_ids=tokens[:b, None], position_ids=positions[:b, None],
                                        attention_mask=cache.step_mask(), cache=cache)[:, -1, :]
                 positions[:b] += 1
