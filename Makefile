@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/grpokit train
+
+# ruff (pyflakes, bugbear) and mypy on src/, configured in pyproject.toml
+lint: setup
+	$(BIN)/ruff check src
+	$(BIN)/mypy
 
 test: setup
 	$(BIN)/python -m pytest -q tests
