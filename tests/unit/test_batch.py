@@ -5,6 +5,7 @@ the same weights with the adapter off under LoRA), plus the per-phase time/memor
 import dataclasses
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,7 +104,9 @@ def test_sampler_logprobs_are_not_reused_when_they_differ(tmp_path):
     assert not sampler_logps_are_old_logps(run.model, run.engine, temperature=1.0, top_k=5)
     assert not sampler_logps_are_old_logps(run.model, run.engine, temperature=1.0, min_p=0.1)
     assert not sampler_logps_are_old_logps(run.model, run.engine, temperature=0.0)
-    assert not sampler_logps_are_old_logps(run.model, run.engine, temperature=1.0, use_vllm=True)
+    vllm_like = SimpleNamespace(model=run.engine.model, capabilities=dataclasses.replace(
+        run.engine.capabilities, sampler_differs_from_trainer=True))  # samples its own copy of the weights
+    assert not sampler_logps_are_old_logps(run.model, vllm_like, **ok)
     other = make_tiny_model(make_char_tokenizer(), arch="qwen2", max_positions=64)
     assert not sampler_logps_are_old_logps(other, run.engine, **ok)  # the engine samples another model
     dropout = tiny_trainer(tmp_path, model=make_tiny_model(make_char_tokenizer(), arch="qwen2", max_positions=64,

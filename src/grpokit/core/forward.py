@@ -196,35 +196,30 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
 
 
 def sampler_logps_are_old_logps(model, engine, *, temperature: float, top_p: float = 1.0, top_k: int = 0,
-                                min_p: float | None = None, repetition_penalty: float = 1.0,
-                                use_vllm: bool = False) -> bool:
+                                min_p: float | None = None, repetition_penalty: float = 1.0) -> bool:
     """Whether the sampler's per-token logprobs can stand in for the old policy's (num_iterations > 1).
 
-    True for grpokit's HF engine sampling from the training weights in float32/float64 at
-    temperature > 0 with no top-p/top-k/min-p truncation and no repetition penalty (the sampled distribution is then the
-    trainer's softmax(logits / T)), and a model without active dropout (the engine samples in eval
-    mode). Both logprobs are then the same function of the same weights, computed in a different
-    batch layout: measured on Qwen2/Llama/GPT-2 (tiny and the ~25M benchmark model, T = 1 and
-    0.7), max |sampler - trainer| = 1e-6 to 8e-6 nats, i.e. importance ratios within 1e-5 of 1,
-    the same size as the packed-vs-padded difference of the training forward itself
-    (tests/unit/test_batch.py). bf16 is not covered by that measurement, so it keeps computing."""
-    from grpokit.rollout.hf import HFEngine
+    True for an engine that declares `exact_fp32_logprobs` (grpokit's HF engine on float32/float64
+    weights without active dropout: it samples in eval mode) and samples the training module
+    itself, at temperature > 0 with no top-p/top-k/min-p truncation and no repetition penalty (the
+    sampled distribution is then the trainer's softmax(logits / T)). Both logprobs are then the
+    same function of the same weights, computed in a different batch layout: measured on
+    Qwen2/Llama/GPT-2 (tiny and the ~25M benchmark model, T = 1 and 0.7), max |sampler - trainer| =
+    1e-6 to 8e-6 nats, i.e. importance ratios within 1e-5 of 1, the same size as the
+    packed-vs-padded difference of the training forward itself (tests/unit/test_batch.py). bf16 is
+    not covered by that measurement, so it keeps computing (the trainer's module is checked too: it
+    may have been cast since the engine declared)."""
+    from grpokit.rollout.base import capabilities_of
 
-    if use_vllm or not isinstance(engine, HFEngine) or temperature <= 0:
+    caps = capabilities_of(engine)
+    if not caps.exact_fp32_logprobs or caps.sampler_differs_from_trainer or temperature <= 0:
         return False
     if top_p < 1.0 or (top_k or 0) > 0 or (min_p or 0.0) > 0 or repetition_penalty != 1.0:
         return False
     inner = unwrap(model)
-    dtypes = {p.dtype for p in inner.parameters()}
-    if not dtypes <= {torch.float32, torch.float64}:
+    if not {p.dtype for p in inner.parameters()} <= {torch.float32, torch.float64}:
         return False
-    if unwrap(engine.model) is not inner:
-        return False
-    cfg = text_config(inner)
-    for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
-        if float(getattr(cfg, name, 0.0) or 0.0) > 0:
-            return False
-    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in getattr(model, "modules", lambda: [])())
+    return unwrap(engine.model) is inner
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,8 +307,7 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
         sampling = cfg.sampling()
         old = "sampler" if not external_sampler and sampler_logps_are_old_logps(
             model, engine, temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"],
-            min_p=sampling["min_p"], repetition_penalty=sampling["repetition_penalty"],
-            use_vllm=cfg.use_vllm) else "recomputed"
+            min_p=sampling["min_p"], repetition_penalty=sampling["repetition_penalty"]) else "recomputed"
     fields = dict(
         packed=packed,
         chunk_rows=lm_head_chunk_rows(head) if head is not None else None,

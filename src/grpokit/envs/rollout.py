@@ -6,9 +6,10 @@ The engine owns the tokens and the KV caches, this module the conversations: `Tu
 told when a sample's turn ends (`turn_ended`: parse it, start its tool calls at once) and is
 asked, when every running sample has ended its turn, which samples go on and with which tokens
 (`continuations`: the tool results and the next turn's header, as the chat template renders
-them). HFEngine keeps each sample's KV cache across turns and prefills only those tokens
-(`HFEngine.generate_multiturn`); any other engine gets the whole conversation again each turn
-(`run_turns`' fallback, e.g. transformers' generate, or vLLM with its prefix cache). A
+them). An engine that declares `capabilities.kv_across_turns` (HFEngine) keeps each sample's KV
+cache across turns and prefills only those tokens (`generate_multiturn`); any other engine gets the
+whole conversation again each turn (`run_turns`' fallback, e.g. transformers' generate, or vLLM
+with its prefix cache). A
 vision-language model's conversations take the fallback too: a tool result may hold images, which
 the processor expands into their tokens (`Conversation.images`), and each turn is given the
 conversation's images so far; the trajectories carry them (`completion_images`) for training.
@@ -20,9 +21,8 @@ ones (tool output: context only, out of the loss and of every normaliser).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 
@@ -30,6 +30,7 @@ from grpokit.trajectory import EXTERNAL, MODEL, Segment, Trajectories
 from grpokit.envs.chat import check_tool_template, parse_turn, tool_suffix_ids
 from grpokit.envs.environments import Environments, tool_table
 from grpokit.envs.tools import FAILED, OK, TIMEOUT, ToolRunner, tool_name
+from grpokit.rollout.base import MultiTurnEngine, capabilities_of
 
 TOOL_STATS = ("turns", "tool_calls", "tool_failures", "tool_timeouts", "malformed_calls")
 """Columns of `Trajectories.tool_stats` [N, 5]: per sample, model turns, tool calls made, calls
@@ -168,14 +169,16 @@ class TurnDriver:
 
 def run_turns(engine, prompt_ids: list[list[int]], n: int, params, driver: TurnDriver) -> None:
     """Every conversation to its end. Samples are numbered as the engine's output (prompt 0's n
-    samples first). HFEngine reuses each sample's KV cache; other engines, and a vision-language
-    model's conversations (their tool results may hold images), are given the whole conversation
-    again at each turn, with its images and the turn's remaining budget."""
+    samples first). An engine that keeps KV across turns (`capabilities.kv_across_turns`: HFEngine)
+    reuses each sample's KV cache; other engines, and a vision-language model's conversations
+    (their tool results may hold images), are given the whole conversation again at each turn, with
+    its images and the turn's remaining budget."""
+    caps = capabilities_of(engine)
     # a vision-language model's conversations are re-encoded each turn, with the images of their tool
     # results (the KV-reuse path prefills text only)
     vlm = getattr(driver, "processor", None) is not None
-    if hasattr(engine, "generate_multiturn") and not vlm:
-        engine.generate_multiturn(prompt_ids, n, params, driver)
+    if caps.kv_across_turns and not vlm:
+        cast(MultiTurnEngine, engine).generate_multiturn(prompt_ids, n, params, driver)
         return
     for s, out in enumerate(engine.generate(prompt_ids, n=n, params=params)):
         driver.turn_ended(s, list(out.token_ids), list(out.logprobs), out.finish_reason)
@@ -189,9 +192,9 @@ def run_turns(engine, prompt_ids: list[list[int]], n: int, params, driver: TurnD
         budget = max(driver.remaining(s) for s in order)
         seed = None if params.seed is None else params.seed + 7919 * turn
         images = [driver.context_images(s) for s in order] if vlm else []
-        if any(v is not None for v in images) and "images" not in inspect.signature(engine.generate).parameters:
+        if any(v is not None for v in images) and not caps.images:
             raise ValueError(f"a tool returned an image, which {type(engine).__name__} cannot give the model; sample "
-                             "with grpokit's engine (use_vllm=False) to train on images in tool results.")
+                             "with grpokit's engine (rollout_engine='hf') to train on images in tool results.")
         outs = engine.generate([driver.context_ids(s) for s in order], n=1,
                                params=dataclasses.replace(params, max_tokens=budget, seed=seed),
                                **({"images": images} if any(v is not None for v in images) else {}))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 from grpokit.rollout.sampling import SamplingParams
 
@@ -24,15 +24,79 @@ class Completion:
     """Decoded completion (special tokens skipped), cut right after a stop string (included)."""
 
 
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an engine can do, declared once by the engine; the rest of the code reads this record
+    instead of testing class names, `hasattr` or signatures. The defaults are what an engine that
+    declares nothing is taken to be (`capabilities_of`): a text-only `generate` whose samples come
+    from a policy other than the trainer's forward."""
+
+    images: bool = False
+    """`generate` takes a vision-language model's images (`images=`, per prompt a
+    grpokit.data.vision.VisionInputs or None, and `image_features=`). Read by the run's set-up
+    (image datasets) and by `envs.run_turns` (images in tool results)."""
+    kv_across_turns: bool = False
+    """`generate_multiturn(prompt_ids, n, params, driver)`: each conversation keeps its KV cache
+    across turns and only the new tokens are prefilled (text prompts). Read by `envs.run_turns`;
+    other engines are given the whole conversation again at each turn."""
+    exact_fp32_logprobs: bool = False
+    """The log-probs it returns are the trainer's own softmax(logits / T) of the same `model`, in
+    float32 or float64 and without active dropout (measured within ~1e-5 nats of the training
+    forward), so they may stand in for the old policy's. Read by
+    `core.forward.sampler_logps_are_old_logps`."""
+    sampler_differs_from_trainer: bool = True
+    """It samples from its own copy of the weights with its own kernels (vLLM): its log-probs are
+    not the trainer's (the importance-sampling correction's case), and `update_weights` copies the
+    trainer's weights over. Read by `core.forward.sampler_logps_are_old_logps` and by the run when a
+    replaced `model.generate` could stand in for the engine (never for such an engine)."""
+    uses_model_generate: bool = False
+    """It samples by calling the model's own `generate` (transformers'), so a replaced
+    `model.generate` (a wrapper, a test's mock) is what samples. Read by the run: an engine that
+    samples the trainer's module itself is swapped for the `hf-generate` engine when `generate` was
+    replaced (as TRL, which always samples through it)."""
+
+
 @runtime_checkable
 class Engine(Protocol):
-    """Samples n completions per prompt; output grouped by prompt (prompt 0's n first, ...)."""
+    """Samples n completions per prompt; output grouped by prompt (prompt 0's n first, ...).
 
-    def generate(
-        self, prompt_ids: list[list[int]], n: int = 1, params: SamplingParams | None = None
-    ) -> list[Completion]: ...
+    Every attribute and method the rest of grpokit uses on an engine; `generate`'s `images` and
+    `image_features` only where `capabilities.images`, `generate_multiturn` (see `MultiTurnEngine`)
+    only where `capabilities.kv_across_turns`."""
 
-    def update_weights(self, model) -> None: ...
+    capabilities: EngineCapabilities
+    """What it can do (see EngineCapabilities)."""
+    eos_ids: set[int]
+    """Token ids that end a completion (a turn, in multi-turn rollouts)."""
+    model: Any
+    """The torch module it samples from, or None when it holds its own copy of the weights (vLLM)."""
+
+    def generate(self, prompt_ids: list[list[int]], n: int = 1, params: SamplingParams | None = None,
+                 images: list | None = None, image_features: Any = None) -> list[Completion]:
+        """n completions per prompt. `images`: per prompt its VisionInputs or None;
+        `image_features`: a grpokit.core.vision.ImageFeatures cache (an engine without
+        `capabilities.images` refuses images)."""
+
+    def update_weights(self, model) -> None:
+        """Sample from `model`'s current weights from now on (a no-op when it is the engine's own module)."""
+
+
+@runtime_checkable
+class MultiTurnEngine(Engine, Protocol):
+    """An engine with `capabilities.kv_across_turns`."""
+
+    def generate_multiturn(self, prompt_ids: list[list[int]], n: int, params: SamplingParams | None,
+                           driver: Any) -> None: ...
+
+
+_UNDECLARED = EngineCapabilities()
+
+
+def capabilities_of(engine) -> EngineCapabilities:
+    """The engine's declared capabilities; an engine that declares none (one registered from
+    outside, a test's stand-in with `generate` only) gets the defaults: a text-only `generate` of
+    its own policy."""
+    return getattr(engine, "capabilities", _UNDECLARED)
 
 
 ENGINES: dict[str, Callable[..., Engine]] = {}

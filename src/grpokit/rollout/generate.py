@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from grpokit.rollout.base import Completion, eos_ids, finish_text, register_engine
+from grpokit.rollout.base import Completion, EngineCapabilities, eos_ids, finish_text, register_engine
 from grpokit.rollout.sampling import SamplingParams
 
 HYBRID_LAYER_WORDS = ("mamba", "linear", "ssm", "conv", "recurrent", "rwkv")
@@ -40,6 +40,9 @@ class GenerateEngine:
     one sequence per row (as TRL repeats its prompts; beam settings then apply per sample).
 
     `generation_kwargs`: extra `GenerationConfig` settings (num_beams, length_penalty, ...)."""
+
+    capabilities = EngineCapabilities(images=True, kv_across_turns=False, exact_fp32_logprobs=False,
+                                      sampler_differs_from_trainer=False, uses_model_generate=True)
 
     def __init__(self, model, tokenizer, *, generation_kwargs: dict | None = None, max_batch_tokens=None, **_):
         self.model, self.tokenizer = model, tokenizer

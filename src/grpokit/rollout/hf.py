@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from grpokit.rollout.base import Completion, eos_ids, finish_text, register_engine
+from grpokit.rollout.base import Completion, EngineCapabilities, eos_ids, finish_text, register_engine
 from grpokit.rollout.kv import SlotCache
 from grpokit.rollout.sampling import SamplingParams, row_keys, row_uniforms, sample
 
@@ -98,6 +98,22 @@ def _base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout")
+
+
+def _exact_fp32_logprobs(model) -> bool:
+    """Whether sampling `model` gives the training forward's own log-probs: float32/float64 weights
+    (the same softmax in the same precision) and no dropout that training would apply and the
+    engine (in eval mode) does not."""
+    base = _base_model(model)
+    if not {p.dtype for p in base.parameters()} <= {torch.float32, torch.float64}:
+        return False
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if any(float(getattr(cfg, name, 0.0) or 0.0) > 0 for name in _DROPOUT_FIELDS):
+        return False
+    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 @register_engine("hf")
 class HFEngine:
     """G samples per prompt from a transformers causal LM, on the model's device.
@@ -136,13 +152,19 @@ class HFEngine:
         """Phase split of the last `generate` call: prefill_s, decode_s, steps, waves, tokens."""
         self._check_model()
         self._router_logits = bool(getattr(_base_model(model).config, "output_router_logits", False))
+        self.capabilities = self._capabilities()
+
+    def _capabilities(self) -> EngineCapabilities:
+        return EngineCapabilities(images=True, kv_across_turns=True, exact_fp32_logprobs=_exact_fp32_logprobs(self.model),
+                                  sampler_differs_from_trainer=False, uses_model_generate=False)
 
     # ------------------------------------------------------------------ public API
     def update_weights(self, model) -> None:
-        """Sync weights from the trainer's model; a no-op when it is the module this engine uses."""
-        if model is self.model:
-            return
-        self.model.load_state_dict(model.state_dict())
+        """Sync weights from the trainer's model (a no-op when it is the module this engine uses);
+        the capabilities are re-read (the module's dtype or dropout may have changed)."""
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict())
+        self.capabilities = self._capabilities()
 
     def generate(self, prompt_ids: list[list[int]], n: int = 1,
                  params: SamplingParams | None = None, images: list | None = None,

@@ -15,7 +15,9 @@ vLLM is imported when the engine is built, never at `import grpokit`. What diffe
 
 from __future__ import annotations
 
-from grpokit.rollout.base import Completion, register_engine
+from typing import Any
+
+from grpokit.rollout.base import Completion, EngineCapabilities, eos_ids, register_engine
 from grpokit.rollout.sampling import SamplingParams
 
 
@@ -26,6 +28,11 @@ class VLLMEngine:
     `max_batch_tokens` is accepted for parity with HFEngine and not used: vLLM bounds its KV
     memory itself (gpu_memory_utilization) and schedules the requests in pages."""
 
+    capabilities = EngineCapabilities(images=False, kv_across_turns=False, exact_fp32_logprobs=False,
+                                      sampler_differs_from_trainer=True, uses_model_generate=False)
+    model = None
+    """vLLM holds its own copy of the weights (`update_weights` loads the trainer's into it)."""
+
     def __init__(self, model, tokenizer, *, llm=None, max_batch_tokens: int | None = None,
                  generation_kwargs: dict | None = None, **llm_kwargs):
         import vllm
@@ -33,6 +40,8 @@ class VLLMEngine:
         self._vllm = vllm
         self.generation_kwargs = dict(generation_kwargs or {})  # more vllm.SamplingParams fields (TRL's)
         self.tokenizer = tokenizer
+        # the ids vLLM stops on: the generation config's and the tokenizer's EOS
+        self.eos_ids = eos_ids(None if isinstance(model, str) else model, tokenizer)
         if llm is None:
             path = model if isinstance(model, str) else getattr(model, "name_or_path", None)
             if not path:
@@ -45,8 +54,11 @@ class VLLMEngine:
         else:
             self.llm = llm
 
-    def generate(self, prompt_ids: list[list[int]], n: int = 1,
-                 params: SamplingParams | None = None) -> list[Completion]:
+    def generate(self, prompt_ids: list[list[int]], n: int = 1, params: SamplingParams | None = None,
+                 images: list | None = None, image_features: Any = None) -> list[Completion]:
+        if images is not None and any(v is not None for v in images):
+            raise ValueError("the vLLM engine takes text prompts only (capabilities.images is False); sample "
+                             "images with rollout_engine='hf' or 'hf-generate'.")
         params = params or SamplingParams()
         sp = self._vllm.SamplingParams(
             n=n, max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
