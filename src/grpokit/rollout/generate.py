@@ -11,6 +11,8 @@ whatever transformers generates. The logprob of each generated token is that of 
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 
 from grpokit.rollout.base import Completion, EngineCapabilities, eos_ids, finish_text, register_engine
@@ -110,7 +112,8 @@ class GenerateEngine:
         results = []
         for row in range(generated.shape[0]):
             tokens = generated[row].tolist()
-            end, reason = len(tokens), "length"
+            end = len(tokens)
+            reason: Literal["stop", "length"] = "length"
             for t, tok in enumerate(tokens):
                 if tok in self.eos_ids:
                     end, reason = t + 1, "stop"
@@ -119,7 +122,7 @@ class GenerateEngine:
                 while params.stop and end > 0 and tokens[end - 1] == self.pad_id:
                     end -= 1
             text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
-            text, cut = finish_text(text, params.stop)
+            text, cut = finish_text(text, params.stop or [])
             if cut:
                 reason = "stop"
             results.append(Completion(prompt_index=row // n, token_ids=tokens[:end],
@@ -135,7 +138,8 @@ class GenerateEngine:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         features = image_features if image_features is not None else ImageFeatures()
         with_images = [v for v in row_images if v is not None]
-        kw = {"mm_encoder_outputs": encoder_outputs([features.of(base, v, grad=False) for v in with_images])}
+        kw: dict[str, Any] = {"mm_encoder_outputs": encoder_outputs([features.of(base, v, grad=False)
+                                                                     for v in with_images])}
         kw.update({k: t.to(device) for k, t in image_kwargs(with_images).items()})
         kw.update({k: t.to(device) for k, t in token_grids(row_images, (len(row_images), width), width).items()})
         return kw
