@@ -113,7 +113,10 @@ class GRPOFields:
                                               "repetition_penalty, stop_strings, max_new_tokens keep grpokit's engine; "
                                               "others (num_beams, ...) run transformers' generate.")
     chat_template_kwargs: dict | None = _f(None, "Extra arguments of the chat template, e.g. {enable_thinking: false}.")
-    use_vllm: bool = _f(False, "Generate with vLLM (CUDA, optional install) instead of the HF engine.")
+    rollout_engine: str = _f("hf", "Rollout engine, by its registry name: hf (grpokit's; transformers' generate where "
+                                   "it cannot hold the model or a setting), hf-generate (transformers' generate), "
+                                   "vllm (CUDA, optional install).")
+    use_vllm: bool = _f(False, "TRL's name for rollout_engine='vllm' (True exactly when rollout_engine is vllm).")
     max_batch_tokens: int | None = _f(None, "Cap on prompt+completion tokens decoded at once (None = engine default).")
     # --- objective (grpokit.algos) ---
     beta: float = _f(0.0, "KL coefficient to the reference model (0: no reference is loaded).")
@@ -401,6 +404,13 @@ class GRPOConfig(GRPOFields):
                   and not self.vllm_importance_sampling_mode.startswith("token_")),
              f"loss_type='vespo' takes the sampler correction into its sequence weight per token: set "
              f"vllm_importance_sampling_mode to token_truncate or token_mask (got {self.vllm_importance_sampling_mode!r}).")
+        from grpokit.rollout import ENGINES  # the engine registry (importing it registers the built-in engines)
+
+        need(self.rollout_engine in ENGINES,
+             f"rollout_engine={self.rollout_engine!r}: use one of {', '.join(sorted(ENGINES))}.")
+        need(self.use_vllm == (self.rollout_engine == "vllm"),
+             f"use_vllm={self.use_vllm!r} disagrees with rollout_engine={self.rollout_engine!r}; set rollout_engine "
+             "(use_vllm=True is rollout_engine='vllm').")
         need(self.reward_on_error in ("raise", "none", "zero"), "reward_on_error: raise, none or zero.")
         need(self.reward_timeout > 0, "reward_timeout must be > 0 seconds.")
         need(self.learning_rate >= 0, "learning_rate must be >= 0.")
@@ -476,7 +486,7 @@ class GRPOConfig(GRPOFields):
         return cls(**d)
 
     def replace(self, **changes: Any) -> "GRPOConfig":
-        return GRPOConfig(**{**self.to_dict(), **changes})
+        return GRPOConfig(**with_changes(self.to_dict(), changes))
 
 
 def _take_trl_aliases(kwargs: dict) -> None:
@@ -500,6 +510,16 @@ def _take_trl_aliases(kwargs: dict) -> None:
                   kwargs["vllm_importance_sampling_clip_max"])
         else:
             kwargs["vllm_importance_sampling_clip_max"] = cap
+    # TRL's use_vllm is rollout_engine="vllm": the one given sets the other; both given must agree
+    use_vllm = kwargs.get("use_vllm")
+    if isinstance(use_vllm, bool):
+        if "rollout_engine" not in kwargs:
+            kwargs["rollout_engine"] = "vllm" if use_vllm else "hf"
+        elif use_vllm != (kwargs["rollout_engine"] == "vllm"):
+            raise ValueError(f"GRPOConfig: use_vllm={use_vllm!r} disagrees with rollout_engine="
+                             f"{kwargs['rollout_engine']!r}; set one of them (use_vllm=True is rollout_engine='vllm').")
+    elif "use_vllm" not in kwargs and "rollout_engine" in kwargs:
+        kwargs["use_vllm"] = kwargs["rollout_engine"] == "vllm"
     if isinstance(kwargs.get("pad_to_multiple_of"), str):  # TRL's "auto": None off Neuron devices
         value = kwargs["pad_to_multiple_of"]
         kwargs["pad_to_multiple_of"] = None if value.lower() in ("auto", "none", "null") else int(value)
@@ -517,6 +537,20 @@ def _take_trl_aliases(kwargs: dict) -> None:
                              f"per_device_train_batch_size * processes = {per_device * world}.")
         else:
             kwargs["steps_per_generation"] = size // (per_device * world)
+
+
+ALIASED_FIELDS = (("rollout_engine", "use_vllm"),)
+"""Pairs of fields that name one setting (TRL's name beside ours): either one sets the other."""
+
+
+def with_changes(current: dict, changes: dict) -> dict:
+    """A config's fields (`to_dict()`) with `changes`, as `replace` builds them: changing one field
+    of an aliased pair drops the other's current value, which the change then sets."""
+    out = {**current, **changes}
+    for ours, theirs in ALIASED_FIELDS:
+        if (ours in changes) != (theirs in changes):
+            out.pop(theirs if ours in changes else ours, None)
+    return out
 
 
 def _is_off(value: Any, off_values: tuple) -> bool:

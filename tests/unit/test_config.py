@@ -88,3 +88,33 @@ def test_trainer_refuses_a_config_of_another_class_naming_both():
         GRPOTrainer(model="unused", args=types.SimpleNamespace(learning_rate=1e-6))
     with pytest.raises(TypeError, match="GRPOTrainer got unsupported arguments: data_collator"):
         GRPOTrainer(model="unused", args=None, data_collator=object())
+
+
+def test_rollout_engine_and_trls_use_vllm_name_one_setting():
+    """TRL's use_vllm=True is rollout_engine='vllm': either sets the other, both given must agree,
+    and `replace` of one of them sets the other again."""
+    assert (GRPOConfig().rollout_engine, GRPOConfig().use_vllm) == ("hf", False)
+    vllm = GRPOConfig(use_vllm=True)
+    assert vllm.rollout_engine == "vllm" and vllm.use_vllm
+    assert GRPOConfig(rollout_engine="vllm").use_vllm
+    assert not GRPOConfig(rollout_engine="hf-generate").use_vllm
+    assert GRPOConfig(rollout_engine="hf-generate", use_vllm=False).rollout_engine == "hf-generate"
+    for both in ({"use_vllm": True, "rollout_engine": "hf"}, {"use_vllm": False, "rollout_engine": "vllm"}):
+        with pytest.raises(ValueError, match="use_vllm=(True|False) disagrees with rollout_engine="):
+            GRPOConfig(**both)
+    assert GRPOConfig.from_dict(vllm.to_dict()).rollout_engine == "vllm"
+    assert not vllm.replace(rollout_engine="hf").use_vllm
+    assert vllm.replace(use_vllm=False).rollout_engine == "hf"
+    assert GRPOConfig().replace(use_vllm=True).rollout_engine == "vllm"
+
+
+def test_rollout_engine_names_come_from_the_engine_registry():
+    from grpokit.rollout import ENGINES, register_engine
+
+    with pytest.raises(ValueError, match="rollout_engine='nope': use one of hf, hf-generate, vllm"):
+        GRPOConfig(rollout_engine="nope")
+    register_engine("test-engine")(lambda model, tokenizer, **kw: None)
+    try:
+        assert GRPOConfig(rollout_engine="test-engine").rollout_engine == "test-engine"
+    finally:
+        del ENGINES["test-engine"]

@@ -157,3 +157,16 @@ def test_an_image_in_a_tool_result_needs_an_engine_that_takes_images():
     engine = TakesImages(EngineCapabilities(images=True, kv_across_turns=True))
     run_turns(engine, [[5, 6]], 1, params, _ToolImage())  # re-encoded each turn: the KV path is text-only
     assert engine.calls == ["generate", "generate"] and seen == [None, ["the conversation's images"]]
+
+
+@pytest.mark.parametrize("name, engine_class", [("hf", "HFEngine"), ("hf-generate", "GenerateEngine")])
+def test_the_run_builds_the_engine_named_by_rollout_engine(tok, tmp_path, name, engine_class):
+    from datasets import Dataset
+
+    from grpokit import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(output_dir=str(tmp_path), rollout_engine=name, max_steps=1, per_device_train_batch_size=2,
+                      num_generations=2, max_completion_length=4, use_cpu=True, report_to="none")
+    trainer = GRPOTrainer(model=make_tiny_model(tok), reward_funcs=lambda completions, **kw: [1.0] * len(completions),
+                          args=args, train_dataset=Dataset.from_dict({"prompt": ["ab", "cd"]}), processing_class=tok)
+    assert type(trainer.parts.engine).__name__ == engine_class

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from grpokit.config import UNSUPPORTED_TRL_FIELDS, GRPOConfig, GRPOFields
+from grpokit.config import UNSUPPORTED_TRL_FIELDS, GRPOConfig, GRPOFields, with_changes
 from grpokit.core.forward import completion_logprobs
 from grpokit.core.run import RunParts
 
@@ -79,7 +79,7 @@ class AlgoConfig(GRPOConfig):
         return {**super().to_dict(), **{f.name: getattr(self, f.name) for f in dataclasses.fields(self._OWN)}}
 
     def replace(self, **changes: Any):
-        return type(self)(**{**self.to_dict(), **changes})
+        return type(self)(**with_changes(self.to_dict(), changes))
 
     def check_single_process(self, world_size: int) -> None:
         if world_size > 1:

@@ -26,7 +26,7 @@ from grpokit.core.events import NO_EVENTS, Events
 from grpokit.core.forward import ForwardPlan, choose_forward_plan, unwrap
 from grpokit.core.trajectory import EXTERNAL, MODEL, Rollout, Segment, Trajectories
 from grpokit.core.vision import ImageFeatures
-from grpokit.rollout import SamplingParams, make_engine
+from grpokit.rollout import SamplingParams, capabilities_of, make_engine
 
 
 class RewardContext:
@@ -308,7 +308,8 @@ class RunParts:
         (transformers' generate path), and the old policy's log-probs are then recomputed by the
         trainer (that generate's scores are not known to be the trainer's). Decided at the start of
         train(), before the summary, by the trainers."""
-        if type(self.engine).__name__ != "HFEngine" or not _overrides_generate(self.model):
+        caps = capabilities_of(self.engine)  # only an engine sampling the trainer's module itself, not through generate
+        if caps.uses_model_generate or caps.sampler_differs_from_trainer or not _overrides_generate(self.model):
             self._generate_engine = None
             return
         if self._generate_engine is None:
@@ -835,7 +836,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
 
     # generation engine, reference, optimizer, schedule
     engine = _make_rollout_engine(cfg, policy, tok, notes)
-    if vision is not None and type(engine).__name__ not in ("HFEngine", "GenerateEngine"):
+    if vision is not None and not capabilities_of(engine).images:
         raise ValueError(f"images are sampled by grpokit's engine or transformers' generate, not by "
                          f"{type(engine).__name__}; use the default engine.")
     needs_reference = cfg.beta > 0 if needs_reference is None else needs_reference
@@ -1003,13 +1004,15 @@ def _checked_quantization(quantization_config, model_ref, peft_config, cfg):
 
 
 def _make_rollout_engine(cfg: GRPOConfig, policy, tok, notes: list[str]):
-    """vLLM when asked; grpokit's HFEngine when it can hold the model's state and honour every
-    sampling setting; else transformers' generate (said in the summary)."""
+    """The engine named by `rollout_engine` (vLLM for TRL's `use_vllm`); for "hf", grpokit's HFEngine
+    when it can hold the model's state and honour every sampling setting, else transformers' generate
+    (said in the summary)."""
     from grpokit.rollout import needs_generate
 
     extra = cfg.extra_generation_kwargs()
-    if cfg.use_vllm:
-        return make_engine("vllm", policy, tok, max_batch_tokens=cfg.max_batch_tokens, generation_kwargs=extra)
+    if cfg.rollout_engine != "hf":  # hf-generate, vllm, or one registered with register_engine
+        return make_engine(cfg.rollout_engine, policy, tok, max_batch_tokens=cfg.max_batch_tokens,
+                           generation_kwargs=extra)
     why = needs_generate(policy) or (f"generation_kwargs {', '.join(sorted(extra))} need transformers' generate"
                                      if extra else None)
     if why:
