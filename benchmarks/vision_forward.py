@@ -35,7 +35,7 @@ def build(image: int):
 
 
 def workload(processor, groups: int, g: int, image: int, seed: int = 0):
-    from grpokit.core.trajectory import Trajectories
+    from grpokit.trajectory import Trajectories
     from grpokit.data.vision import encode_vision_prompt
 
     gen = torch.Generator().manual_seed(seed)

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
 
     from grpokit.core.batch import make_micro_batches
     from grpokit.core.forward import completion_logprobs
-    from grpokit.core.trajectory import Trajectories
+    from grpokit.trajectory import Trajectories
     from grpokit.core.vision import ImageFeatures
     from grpokit.data import get_task
     from grpokit.data.vision import encode_rows

@@ -139,7 +139,7 @@ def cmd_train(argv: list[str]) -> int:
     trainer = trainer_cls(args=cfg)
     trainer.resume_command = "grpokit train " + " ".join(_quote(a) for a in argv)
     history = trainer.train().metrics
-    main_process = trainer.parts.rank == 0
+    main_process = trainer.parts.comm.rank == 0
     del trainer  # its DDP/FSDP2 wrappers hold the process group: free them before it is destroyed
     distributed.cleanup()
     if main_process:

@@ -26,10 +26,11 @@ so the averaged gradient equals the one-process gradient of the same global batc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import inspect
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -110,28 +111,96 @@ def world_size() -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# the collectives a run makes (every rank calls each one, whatever its data)
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Collectives:
+    """The run's rank, world size and device, and the reductions it makes over ranks (all
+    identity on one process). Every rank makes the same calls in the same order."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def guard(self, what: str):
+        """If this phase raises on any rank, every rank raises naming it (`rank_guard`)."""
+        return rank_guard(what, self.device if self.device.type == "cuda" else None)
+
+    def global_sum(self, x) -> torch.Tensor:
+        x = torch.as_tensor(x, dtype=torch.float32, device=self.device).detach().clone()
+        if self.world_size > 1:
+            dist.all_reduce(x)
+        return x
+
+    def global_max(self, n: int) -> int:
+        x = torch.tensor([int(n)], dtype=torch.int64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return int(x)
+
+    def gather_values(self, values: torch.Tensor) -> torch.Tensor:
+        """The 1-D `values` of every rank, concatenated in rank order (ranks may hold different counts)."""
+        if self.world_size == 1:
+            return values
+        values = values.detach().reshape(-1)
+        longest = self.global_max(values.numel())
+        padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+        padded[:values.numel()] = values
+        counts = [torch.zeros(1, dtype=torch.int64, device=values.device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([values.numel()], dtype=torch.int64, device=values.device))
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:int(n)] for part, n in zip(parts, counts)])
+
+    def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Means over the ranks that have each name (a reward may log a metric on some ranks only:
+        the names are gathered first, so every rank reduces the same vector)."""
+        if self.world_size == 1:
+            return dict(values)
+        names: list[Any] = [None] * self.world_size
+        dist.all_gather_object(names, sorted(values))
+        union = sorted({n for ns in names for n in ns})
+        if not union:
+            return {}
+        pairs = torch.tensor([[values.get(n, 0.0), 1.0 if n in values else 0.0] for n in union], device=self.device)
+        dist.all_reduce(pairs)
+        return {n: float(s / c) for n, (s, c) in zip(union, pairs.cpu().tolist()) if c}
+
+    def reduce_metrics(self, local: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The mean over ranks of each scalar."""
+        keys = sorted(local)
+        vec = torch.stack([torch.as_tensor(local[k], dtype=torch.float32).detach().cpu().reshape(()) for k in keys])
+        if self.world_size > 1:
+            vec = vec.to(self.device)
+            dist.all_reduce(vec)
+            vec = (vec / self.world_size).cpu()
+        return {k: float(v) for k, v in zip(keys, vec)}
+
+
+# --------------------------------------------------------------------------------------------
 # the training forward as a module, wrapped in DDP or FSDP2
 # --------------------------------------------------------------------------------------------
 
 class TrainingForward(nn.Module):
-    """`forward(mb, **kw)` = `core.forward.completion_logprobs(self.model, mb, **kw)` as a module, so
-    that DDP's / FSDP2's forward hooks run around the real training forward."""
+    """`forward(mb, **kw)` = `fn(self.model, mb, **kw)` (the training forward,
+    `core.forward.completion_logprobs`) as a module, so that DDP's / FSDP2's forward hooks run
+    around the real training forward."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fn: Callable[..., tuple]):
         super().__init__()
         self.model = model
+        self.fn = fn
 
     def forward(self, *args, **kwargs):
-        from grpokit.core.forward import completion_logprobs
-
-        logps, *rest = completion_logprobs(self.model, *args, **kwargs)
+        logps, *rest = self.fn(self.model, *args, **kwargs)
         # a fresh tensor, not a view: FSDP2 hooks its pre-backward on the output
         return (logps.clone() if logps._base is not None else logps, *rest)
 
 
-def wrap_for_training(model: nn.Module, strategy: str, device: torch.device, *,
+def wrap_for_training(model: nn.Module, strategy: str, device: torch.device, *, fn: Callable[..., tuple],
                       frozen: bool = False) -> nn.Module:
-    """`TrainingForward(model)`, wrapped for the current process group.
+    """`TrainingForward(model, fn)`, wrapped for the current process group.
 
     One process: returned as is. "ddp": `DistributedDataParallel` (the model is broadcast from
     rank 0; gradients all-reduced and averaged in backward). "fsdp2": rank 0's weights are
@@ -140,7 +209,7 @@ def wrap_for_training(model: nn.Module, strategy: str, device: torch.device, *,
     reference model (no gradients: DDP is not needed, FSDP2 still shards it)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed_strategy={strategy!r}: use one of {', '.join(STRATEGIES)}.")
-    forward = TrainingForward(model)
+    forward = TrainingForward(model, fn)
     if world_size() == 1:
         return forward
     if strategy == "ddp":

@@ -12,7 +12,10 @@ from typing import Any, Callable
 
 import torch
 
+from grpokit.data.prompts import PromptSet
 from grpokit.rollout import SamplingParams
+from grpokit.samplers import MultiTurnSampler, Sampler, SingleTurnSampler
+from grpokit.trajectory import Trajectories
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -25,10 +28,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 @dataclass
 class Evaluator:
-    prompts: list
-    prompt_ids: list[list[int]]
-    rows: list[dict[str, Any]]
-    conversational: bool
+    """An eval set's prompts and how a completion is judged; samples through the run's samplers
+    (grpokit.samplers: single-turn, or multi-turn with the run's tools / environments)."""
+
+    prompts: PromptSet
     max_tokens: int
     stop: list[str]
     is_correct: Callable[..., bool] | None = None
@@ -37,7 +40,10 @@ class Evaluator:
     multiturn: Any = None               # grpokit.envs.MultiTurn: conversations with tools / environments
     encode: Callable | None = None      # (prompt, chat_template_kwargs) -> ids, for multi-turn prompts
     without_tools: "Evaluator | None" = None   # the same prompts with no tools offered (eval/accuracy_without_tools)
-    vision: list | None = None          # per row: its images' processor tensors (VisionInputs) or None
+
+    @property
+    def prompt_ids(self) -> list[list[int]]:
+        return self.prompts.prompt_ids
 
     @classmethod
     def build(cls, dataset, tokenizer, *, task=None, reward_runner=None, config=None, max_prompt_length=None,
@@ -66,45 +72,42 @@ class Evaluator:
         if multiturn is not None and multiturn.environments is None and task is not None:  # a built-in tool task
             without = cls.build(dataset, tokenizer, task=task, reward_runner=reward_runner, config=config,
                                 max_prompt_length=max_prompt_length)
-        return cls(prompts=[r["prompt"] for r in rows], prompt_ids=prompt_ids, rows=rows, without_tools=without,
-                   conversational=data.is_conversational(rows[0]),
-                   max_tokens=config.max_completion_length if config is not None else 256,
+        return cls(prompts=PromptSet.from_rows(rows, prompt_ids, conversational=data.is_conversational(rows[0]),
+                                               vision=vision),
+                   without_tools=without, max_tokens=config.max_completion_length if config is not None else 256,
                    stop=list(config.stop) if config is not None else [],
                    is_correct=task.is_correct if task is not None else None, reward_runner=reward_runner,
-                   multiturn=multiturn, encode=lambda p, kw: data.encode_prompt(p, tokenizer, kw), vision=vision)
+                   multiturn=multiturn, encode=lambda p, kw: data.encode_prompt(p, tokenizer, kw))
 
-    def _correct(self, row_ids: list[int], completions: list, extras: dict | None = None) -> list[bool]:
+    def sampler(self, engine) -> Sampler:
+        """How this eval set is sampled with `engine`: whole conversations with the run's tools, or
+        one completion."""
+        if self.multiturn is not None:
+            assert self.encode is not None
+            return MultiTurnSampler(engine=engine, multiturn=self.multiturn, encode=self.encode)
+        return SingleTurnSampler(engine=engine)
+
+    def _correct(self, traj: Trajectories) -> list[bool]:
+        rows = traj.row_index
         if self.is_correct is not None:
-            return [bool(self.is_correct(c, **{k: v for k, v in self.rows[r].items() if k != "prompt"}))
-                    for r, c in zip(row_ids, completions)]
-        completions = [[{"role": "assistant", "content": c}] if self.conversational and isinstance(c, str) else c
-                       for c in completions]
-        cols = {k: [self.rows[r][k] for r in row_ids] for k in self.rows[0] if k != "prompt"}
-        out = self.reward_runner([self.prompts[r] for r in row_ids], completions, completion_ids=None, columns=cols,
-                                 extras=extras)
+            return [bool(self.is_correct(c, **{k: v for k, v in self.prompts.row(r).items() if k != "prompt"}))
+                    for r, c in zip(rows, traj.completions)]
+        extras = {"environments": traj.environments} if traj.environments else None
+        out = self.reward_runner(traj.prompts, traj.completions, completion_ids=None,
+                                 columns=self.prompts.columns_of(rows), extras=extras)
         return [bool(v >= self.correct_threshold) for v in torch.nan_to_num(out.total, nan=0.0).tolist()]
-
-    def _sample(self, engine, ids: list[int], n: int, params) -> tuple[list[int], list, list[int], dict]:
-        """(row of each completion, completions, lengths in model tokens, extras for the rewards)."""
-        if self.multiturn is None:
-            images = {"images": [self.vision[i] for i in ids]} if self.vision is not None else {}
-            outs = engine.generate([self.prompt_ids[i] for i in ids], n=n, params=params, **images)
-            return [ids[o.prompt_index] for o in outs], [o.text for o in outs], [len(o.token_ids) for o in outs], {}
-        traj, envs = self.multiturn.rollout(engine, [self.rows[i] for i in ids], n, params, max_tokens=self.max_tokens,
-                                            encode=self.encode)
-        lengths = [sum(traj.trained_mask(j)) for j in range(len(traj))]
-        return [ids[i] for i in traj.row_index], traj.completions, lengths, ({"environments": envs} if envs else {})
 
     def greedy(self, engine, batch_size: int = 256, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
         """Greedy decoding of every prompt (whole conversations with tools): eval/accuracy and
         eval/mean_length (model tokens); `on_batch()` after each batch of prompts."""
         params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0, stop=self.stop, seed=0)
+        sampler = self.sampler(engine)
         correct, lengths = [], []
         for start in range(0, len(self.prompt_ids), batch_size):
             ids = list(range(start, min(start + batch_size, len(self.prompt_ids))))
-            rows, completions, lens, extras = self._sample(engine, ids, 1, params)
-            correct += self._correct(rows, completions, extras)
-            lengths += lens
+            traj = sampler.sample(self.prompts, ids, 1, params)
+            correct += self._correct(traj)
+            lengths += [sum(traj.trained_mask(j)) for j in range(len(traj))]  # model tokens
             if on_batch is not None:
                 on_batch()
         out = {"eval/accuracy": sum(correct) / len(correct), "eval/mean_length": sum(lengths) / len(lengths)}
@@ -117,12 +120,12 @@ class Evaluator:
         """Sample n completions per prompt; unbiased pass@k for each k <= n, and mean accuracy."""
         params = SamplingParams(max_tokens=self.max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 stop=self.stop, seed=seed)
+        sampler = self.sampler(engine)
         totals = {k: 0.0 for k in ks if k <= n}
         frac = 0.0
         for start in range(0, len(self.prompt_ids), batch_size):
             ids = list(range(start, min(start + batch_size, len(self.prompt_ids))))
-            rows, completions, _, extras = self._sample(engine, ids, n, params)
-            ok = self._correct(rows, completions, extras)
+            ok = self._correct(sampler.sample(self.prompts, ids, n, params))
             for j in range(len(ids)):
                 c = sum(ok[j * n:(j + 1) * n])
                 frac += c / n

@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Callable
 
 from grpokit.config import GRPOConfig
-from grpokit.core.loop import GRPO, generation_logs, train_loop
-from grpokit.core.run import RunFacade, RunParts, build_run
+from grpokit.core.loop import GRPO, train_loop
+from grpokit.checkpoint.runs import save_final_model
+from grpokit.core.run import RunParts, build_run
+from grpokit.core.setup import is_iterable_dataset
+from grpokit.facade import RunFacade
 
 
 def with_reward_tokenizers(reward_funcs, processing_classes):
@@ -53,8 +58,16 @@ class GRPOTrainer(RunFacade):
                  tools=None, rollout_func=None, environment_factory=None, *,
                  forward_plan: dict | None = None, **kwargs):
         self._take_args(GRPOConfig, args, kwargs)
+        if self.args.dataloader_num_workers and is_iterable_dataset(train_dataset):
+            # as TRL's trainer: a stream is read by one worker, so groups stay whole
+            logging.getLogger(__name__).warning(
+                f"a streaming train_dataset is read in order by one reader: dataloader_num_workers="
+                f"{self.args.dataloader_num_workers} is set to 0.")
+            self.args = self.args.replace(dataloader_num_workers=0)
         if reward_processing_classes is not None:
             reward_funcs = with_reward_tokenizers(reward_funcs, reward_processing_classes)
+        # TRL's attribute, called with the trainer (a user may replace it after construction)
+        self.rollout_func: Callable[[list, "GRPOTrainer"], dict] | None = rollout_func
         self.parts: RunParts = build_run(
             self.args, model=model, reward_funcs=reward_funcs, train_dataset=train_dataset,
             eval_dataset=eval_dataset, tokenizer=processing_class, peft_config=peft_config,
@@ -63,11 +76,16 @@ class GRPOTrainer(RunFacade):
             rows_per_step_factor=self.args.updates_per_generation(),
             updates_per_batch=self.args.updates_per_generation(),
             tools=tools, environment_factory=environment_factory,
-            rollout_func=(lambda prompts: self.rollout_func(prompts, self)) if rollout_func is not None else None,
+            rollout_func=self._call_rollout_func if rollout_func is not None else None,
         )
-        self.rollout_func = rollout_func
         self.algorithm = GRPO(self.parts)
         self._init_surface(callbacks, eval_dataset)
+
+    def _call_rollout_func(self, prompts: list) -> dict:
+        """TRL calls `rollout_func(prompts, trainer)`."""
+        if self.rollout_func is None:
+            raise ValueError("GRPOTrainer.rollout_func was set to None after construction; it samples this run.")
+        return self.rollout_func(prompts, self)
 
     # ---- TRL's GRPOTrainer attributes ----
     @property
@@ -79,16 +97,8 @@ class GRPOTrainer(RunFacade):
     @property
     def environments(self) -> list | None:
         """The environment of each completion of the last step (None without environment_factory)."""
-        mt = self.parts.multiturn
-        return mt.last_environments if mt is not None and mt.environments is not None else None
-
-    @property
-    def _logs(self) -> dict:
-        """TRL's record of the latest step's samples: {"images", "prompt", "completion", "rewards"
-        {function: values}, "advantages", "extra" (log_extra columns)} (see core.loop.generation_logs)."""
-        if self.parts.latest_step is None:
-            return {"images": [], "prompt": [], "completion": [], "rewards": {}, "advantages": [], "extra": {}}
-        return generation_logs(self.parts, *self.parts.latest_step)
+        latest = self.surface.latest
+        return latest[0].environments if latest is not None else None
 
     @property
     def _env_tools(self) -> dict:
@@ -104,13 +114,13 @@ class GRPOTrainer(RunFacade):
 
     @property
     def reward_func_names(self) -> list[str]:
-        return list(self.parts.reward_runner.names)
+        return list(self.parts.scorer.runner.names)
 
     @property
     def reward_weights(self):
         import torch
 
-        return torch.tensor(self.parts.reward_runner.weights, dtype=torch.float32)
+        return torch.tensor(self.parts.scorer.runner.weights, dtype=torch.float32)
 
     @property
     def ref_model(self):
@@ -119,7 +129,7 @@ class GRPOTrainer(RunFacade):
 
     @property
     def reward_funcs(self) -> list:
-        return list(self.parts.reward_runner.funcs)
+        return list(self.parts.scorer.runner.funcs)
 
     @property
     def reward_processing_classes(self) -> list:
@@ -155,11 +165,12 @@ class GRPOTrainer(RunFacade):
         """Run the loop; returns transformers' `TrainOutput(global_step, training_loss, metrics)`,
         `metrics` being the last step's (eval accuracy included) and the run's totals."""
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
-        self.parts.follow_model_generate()
-        final = train_loop(self.parts, self.algorithm, resume_from_checkpoint=resume,
+        run = self._start_training()
+        final = train_loop(run, self.algorithm, resume_from_checkpoint=resume,
                            resume_command=getattr(self, "resume_command", None), events=self.surface)
         return self.surface.output(final)
 
     def save_model(self, output_dir: str | None = None, merge_lora: bool = False) -> str:
         """Writes on rank 0 only (every rank must call it under FSDP2: the weights are gathered)."""
-        return self.parts.save_final(output_dir or os.path.join(self.args.output_dir, "final"), merge_lora=merge_lora)
+        return save_final_model(self.parts, output_dir or os.path.join(self.args.output_dir, "final"),
+                                merge_lora=merge_lora)

@@ -25,7 +25,7 @@ def main(out, jobs):
         trainer = GRPOTrainer(model=model, reward_funcs=reward_for(scenario), args=cfg, train_dataset=prompts_ds(),
                               processing_class=tok)
         trainer.train(resume_from_checkpoint=os.path.join(out, name, f"checkpoint-{SAVE_STEPS}") if resume else None)
-        print(f"[rank {trainer.parts.rank}] {job}: {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"[rank {trainer.parts.comm.rank}] {job}: {time.perf_counter() - t0:.1f} s", flush=True)
         del trainer, model  # DDP/FSDP2 wrappers hold the process group: free them before it goes
     distributed.cleanup()
 

@@ -1,5 +1,7 @@
 """Shared by the two-rank worker (run under torchrun) and the one-process references in
-test_distributed.py: the tiny model, prompts, reward and the configurations compared."""
+test_distributed.py: the tiny model (tests.helpers.make_tiny_llama), prompts, reward and the
+configurations compared. The processes it is imported in have the repository root on their path
+(test_distributed.py's launcher sets PYTHONPATH)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ import torch
 from datasets import Dataset
 
 from grpokit import GRPOConfig
-from grpokit.core.trajectory import Trajectories
-from grpokit.models import load_tokenizer, new_char_tokenizer, new_model_from_config
+from grpokit.trajectory import Trajectories
+from tests.helpers import make_tiny_llama, instrument
 
 WORLD = 2          # ranks of the distributed runs
 MAX_STEPS = 3
@@ -32,13 +34,6 @@ SCENARIOS = {
     # forwards differ unless every rank is made to take part in the same collectives
     "zeroadv": ({}, dict(loss_type="dapo", beta=0.0, shuffle_dataset=False)),
 }
-
-
-def tiny(seed=0, **over):
-    tok = load_tokenizer(new_char_tokenizer())
-    cfg = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64, **over}
-    return new_model_from_config(cfg, tokenizer=tok, seed=seed), tok
 
 
 def prompts_ds(n=40):
@@ -76,7 +71,7 @@ def config(output_dir, scenario, *, world, strategy="ddp", **over):
 
 
 def model_for(scenario):
-    return tiny(**SCENARIOS[scenario][0])
+    return make_tiny_llama(**SCENARIOS[scenario][0])
 
 
 def as_if_ranks(run, world: int) -> None:
@@ -94,7 +89,7 @@ def as_if_ranks(run, world: int) -> None:
             sampling_logps=sum((p.sampling_logps for p in parts), []),
             truncated=torch.cat([p.truncated for p in parts]))
 
-    run.sample = sample_like_ranks
+    instrument(run, sample=sample_like_ranks)
 
 
 # ---- reward functions for the fault tests (loaded by name: "dist_common:...", PYTHONPATH=tests/distributed).

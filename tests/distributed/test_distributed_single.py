@@ -1,7 +1,6 @@
 """The distributed helpers in one process (no launcher): config fields, the example configs,
 and that every helper is a no-op that changes nothing when there is a single rank."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,10 @@ import yaml
 from grpokit import GRPOConfig, distributed
 from grpokit.core.batch import make_micro_batches
 from grpokit.core.forward import completion_logprobs
-from grpokit.core.trajectory import Trajectories
+from grpokit.trajectory import Trajectories
+from tests.helpers import make_tiny_llama
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def test_config_fields():
@@ -41,10 +40,8 @@ def test_single_process_helpers_change_nothing(monkeypatch):
         with distributed.rank_guard("anything"):
             raise KeyError("x")
 
-    from dist_common import tiny
-
-    model, tok = tiny()
-    forward = distributed.wrap_for_training(model, "fsdp2", torch.device("cpu"))
+    model, tok = make_tiny_llama()
+    forward = distributed.wrap_for_training(model, "fsdp2", torch.device("cpu"), fn=completion_logprobs)
     assert type(forward) is distributed.TrainingForward and forward.model is model
     assert not distributed.is_fsdp2(forward)
     with distributed.full_parameters(forward), distributed.no_sync(forward):
@@ -57,4 +54,4 @@ def test_single_process_helpers_change_nothing(monkeypatch):
     torch.testing.assert_close(forward(mb, temperature=0.7)[0], completion_logprobs(model, mb, temperature=0.7)[0],
                                rtol=0, atol=0)
     with pytest.raises(ValueError, match="distributed_strategy='zero3'"):
-        distributed.wrap_for_training(model, "zero3", torch.device("cpu"))
+        distributed.wrap_for_training(model, "zero3", torch.device("cpu"), fn=completion_logprobs)

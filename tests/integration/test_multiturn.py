@@ -12,6 +12,10 @@ from datasets import Dataset
 from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.core.batch import make_micro_batches
 from grpokit.models import load_tokenizer, starter_model_path
+from tests.helpers import instrument
+
+# every test here trains
+pytestmark = pytest.mark.train
 
 
 def config(tmp_path, **over):
@@ -29,7 +33,7 @@ def test_the_multiply_task_trains_on_conversations_with_the_tool(tmp_path):
     assert "multi-turn: tools multiply" in trainer.parts.summary()
     sampled = []
     sample = trainer.parts.sample
-    trainer.parts.sample = lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1]
+    instrument(trainer.parts, sample=lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1])
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     log = trainer.state.log_history
@@ -57,7 +61,7 @@ def test_a_mock_generate_and_the_engine_see_the_same_protocol(tmp_path):
     """Replacing model.generate on the instance routes sampling through it (TRL's tests rely on
     this); without it grpokit's engine samples."""
     trainer = GRPOTrainer(args=config(tmp_path, max_steps=1))
-    assert trainer.parts.rollout_engine() is trainer.parts.engine
+    assert trainer.parts.sampler.engine is trainer.parts.engine
     trainer.model.generate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("mock called"))
     with pytest.raises(RuntimeError, match="mock called"):
         trainer.train()
@@ -68,7 +72,7 @@ class GuessEnv:
 
     def reset(self, secret, **row):
         self.secret, self.guesses, self.solved = int(secret), 0, False
-        return f" (between 0 and 9)"
+        return " (between 0 and 9)"
 
     def guess(self, number: int) -> str:
         """Guess the secret number.

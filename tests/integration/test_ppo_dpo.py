@@ -12,17 +12,10 @@ from datasets import Dataset
 from grpokit.baselines.dpo import DPOConfig, DPOTrainer
 from grpokit.baselines.ppo import PPOConfig, PPOTrainer
 from grpokit.rollout import SamplingParams
+from tests.helpers import digit_first, make_tiny_llama, prompts_ds
 
-from test_train_e2e import digit_first, prompts_ds, tiny
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models of 27k parameters run faster on one thread (and do not fight other jobs for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# models of 27k parameters run faster on one thread (and do not fight other jobs for cores)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base(tmp_path, **over):
@@ -44,13 +37,14 @@ def mean_reward(rows, steps):
 def digit_rate(trainer, n=64):
     """Fraction of sampled completions that start with a digit (the reward), from the run's engine."""
     run = trainer.parts
-    outs = run.engine.generate([run.prompt_ids[i] for i in range(n // 8)], n=8,
+    outs = run.engine.generate([run.train.prompt_ids[i] for i in range(n // 8)], n=8,
                                params=SamplingParams(max_tokens=3, temperature=1.0, seed=123))
     return sum(o.text[:1].isdigit() for o in outs) / len(outs)
 
 
+@pytest.mark.train
 def test_ppo_raises_the_reward(tmp_path):
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     cfg = PPOConfig(**base(tmp_path, max_steps=8, num_ppo_epochs=2))
     trainer = PPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
                          processing_class=tok)
@@ -68,8 +62,9 @@ def test_ppo_raises_the_reward(tmp_path):
     assert os.path.exists(os.path.join(cfg.output_dir, "final", "value_head.pt"))
 
 
+@pytest.mark.train
 def test_online_dpo_raises_the_reward(tmp_path):
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     cfg = DPOConfig(**base(tmp_path, max_steps=12))
     trainer = DPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
                          processing_class=tok)
@@ -82,9 +77,10 @@ def test_online_dpo_raises_the_reward(tmp_path):
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3) or rows[0]["dpo/pairs"] == 0  # log 2: policy == ref
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_offline_dpo_on_a_preference_dataset(tmp_path, loss_type):
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     n = 32
     data = Dataset.from_dict({"prompt": [f"q{i}:" for i in range(n)], "chosen": [str(i % 10) for i in range(n)],
                               "rejected": ["ab"[i % 2] for i in range(n)]})
@@ -99,11 +95,12 @@ def test_offline_dpo_on_a_preference_dataset(tmp_path, loss_type):
     assert after > before + 0.3, (before, after)
 
 
+@pytest.mark.train
 def test_ppo_and_dpo_with_lora_use_the_adapter_off_as_reference(tmp_path):
     from peft import LoraConfig
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     cfg = PPOConfig(**base(tmp_path, max_steps=2, num_ppo_epochs=1, output_dir=str(tmp_path / "ppo")))
     ppo = PPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
                      processing_class=tok, peft_config=lora)
@@ -111,7 +108,7 @@ def test_ppo_and_dpo_with_lora_use_the_adapter_off_as_reference(tmp_path):
     ppo.train()
     rows = [r for r in metrics(cfg.output_dir) if "reward" in r]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[1]["kl"] != 0.0
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     cfg = DPOConfig(**base(tmp_path, max_steps=1, output_dir=str(tmp_path / "dpo")))
     dpo = DPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
                      processing_class=tok, peft_config=lora)
@@ -119,6 +116,7 @@ def test_ppo_and_dpo_with_lora_use_the_adapter_off_as_reference(tmp_path):
     dpo.train()
 
 
+@pytest.mark.train
 def test_config_errors_name_the_field_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="cliprange"):
         PPOConfig(epsilon=0.3)
@@ -138,7 +136,7 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
     assert cfg.vf_coef == 0.5 and cfg.kl_estimator == "k1" and cfg.disable_dropout
     assert cfg.replace(gamma=0.9).to_dict() == {**cfg.to_dict(), "gamma": 0.9}
     assert DPOConfig(loss_type="ipo").replace(beta=0.2).loss_type == "ipo"
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     half = Dataset.from_dict({"prompt": ["a", "b"], "chosen": ["1", "2"]})
     with pytest.raises(ValueError, match="rejected"):
         DPOTrainer(model=model, args=DPOConfig(**base(tmp_path)), train_dataset=half, processing_class=tok)
@@ -148,6 +146,7 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
                    train_dataset=prompts_ds(), processing_class=tok).train(resume_from_checkpoint=True)
 
 
+@pytest.mark.train
 @pytest.mark.slow
 def test_compare_runs_the_three_and_writes_the_report(tmp_path):
     """`grpokit compare` end to end on a tiny saved model, in this process (isolate=false: fast to
@@ -155,7 +154,7 @@ def test_compare_runs_the_three_and_writes_the_report(tmp_path):
     from grpokit.cli import main
     from grpokit.models import save_model
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     save_model(model, tok, tmp_path / "model")
     argv = [f"model_name_or_path={tmp_path / 'model'}", "max_steps=2", "eval_steps=2", "task_num_train=64",
             "task_num_eval=16", "per_device_train_batch_size=16", "gradient_accumulation_steps=1",
@@ -208,11 +207,11 @@ def test_ppo_forward_gives_the_training_logprobs_and_values_from_the_same_hidden
     from grpokit.core.batch import make_micro_batches
     from grpokit.core.forward import completion_logprobs
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     trainer = PPOTrainer(model=model, reward_funcs=digit_first, args=PPOConfig(**base(tmp_path, max_steps=1)),
                          train_dataset=prompts_ds(), processing_class=tok)
     run = trainer.parts
-    rows, _, _ = run.next_prompt_rows(0, 0)
+    rows, _, _ = run.order.next_rows(0, 0)
     rollout = run.sample(rows, seed=0)
     mb = make_micro_batches(rollout, 32, pad_id=run.pad_id, device=run.device, mask_truncated=False)[0]
     torch.nn.init.normal_(trainer.value_head.summary.weight)

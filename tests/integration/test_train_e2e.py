@@ -9,23 +9,7 @@ from datasets import Dataset
 
 from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.algos import group_advantages
-from grpokit.models import load_tokenizer, new_char_tokenizer, new_model_from_config
-
-
-def tiny(seed=0, **over):
-    tok = load_tokenizer(new_char_tokenizer())
-    cfg = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64, **over}
-    return new_model_from_config(cfg, tokenizer=tok, seed=seed), tok
-
-
-def digit_first(prompts, completions, completion_ids=None, **kw):
-    """1 when the completion starts with a digit: a random char-level model does it ~10% of the time."""
-    return [1.0 if c[:1].isdigit() else 0.0 for c in completions]
-
-
-def prompts_ds(n=32):
-    return Dataset.from_dict({"prompt": [f"q{i}:" for i in range(n)], "idx": list(range(n))})
+from tests.helpers import digit_first, make_tiny_llama, prompts_ds
 
 
 def config(tmp_path, **over):
@@ -43,8 +27,9 @@ def mean_reward(run_dir, steps):
     return sum(r["reward"] for r in rows) / len(rows)
 
 
+@pytest.mark.train
 def test_grpo_raises_the_reward(tmp_path):
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     cfg = config(tmp_path, max_steps=16, learning_rate=3e-2, lr_scheduler_type="constant")
     GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
                 processing_class=tok).train()
@@ -62,11 +47,11 @@ def test_rewards_and_advantages_stay_with_their_prompt_and_sample(tmp_path):
         # a reward that depends on the row and on the sample: row index + completion length
         return [float(i) + len(c) / 10 for i, c in zip(idx, completions)]
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     trainer = GRPOTrainer(model=model, reward_funcs=echo_reward, args=config(tmp_path), train_dataset=prompts_ds(),
                           processing_class=tok)
     run = trainer.parts
-    rows, _, _ = run.next_prompt_rows(0, 0)
+    rows, _, _ = run.order.next_rows(0, 0)
     rollout = run.score(run.sample(rows, seed=0))
     g = run.config.num_generations
     assert len(rollout.completions) == len(rows) * g
@@ -85,9 +70,10 @@ def test_rewards_and_advantages_stay_with_their_prompt_and_sample(tmp_path):
     assert torch.allclose(adv.view(-1, g), expected, atol=2e-3)  # float32 rounding of row + len/10, over a small std
 
 
+@pytest.mark.train
 def test_resume_is_exact(tmp_path):
     def run(resume=None, max_steps=6, out="a"):
-        model, tok = tiny()
+        model, tok = make_tiny_llama()
         cfg = config(tmp_path, max_steps=max_steps, save_steps=3, save_strategy="steps",
                      output_dir=str(tmp_path / out))
         t = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(20),
@@ -101,14 +87,15 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(straight[k], resumed[k]), k
 
 
+@pytest.mark.train
 def test_resume_with_a_different_config_is_refused(tmp_path):
     from grpokit.checkpoint import CheckpointError
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     cfg = config(tmp_path, max_steps=2, save_steps=2, save_strategy="steps")
     GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
                 processing_class=tok).train()
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     t = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg.replace(learning_rate=0.5, max_steps=4),
                     train_dataset=prompts_ds(), processing_class=tok)
     with pytest.raises(CheckpointError, match="learning_rate"):
@@ -117,16 +104,17 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
         t.train(resume_from_checkpoint=str(tmp_path / "nowhere"))
 
 
+@pytest.mark.train
 def test_resume_may_change_fields_that_are_listed_and_says_so(tmp_path):
     """resume_allow_changes: the resumed run uses the new learning rate from its first step (the
     schedule's position kept) and prints which fields changed."""
     import json
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     cfg = config(tmp_path, max_steps=2, save_steps=2, save_strategy="steps", lr_scheduler_type="constant")
     GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
                 processing_class=tok).train()
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     t = GRPOTrainer(model=model, reward_funcs=digit_first, train_dataset=prompts_ds(), processing_class=tok,
                     args=cfg.replace(learning_rate=0.5, temperature=0.7, max_steps=4,
                                      resume_allow_changes=["learning_rate", "temperature"]))
@@ -141,10 +129,11 @@ def test_resume_may_change_fields_that_are_listed_and_says_so(tmp_path):
     assert [r["learning_rate"] for r in rows if r["step"] > 2 and "loss" in r] == [0.5, 0.5]
 
 
+@pytest.mark.train
 def test_lora_trains_only_the_adapter(tmp_path):
     from peft import LoraConfig
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = config(tmp_path, max_steps=3, beta=0.04)
     t = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(), processing_class=tok,
@@ -165,7 +154,7 @@ def test_lora_trains_only_the_adapter(tmp_path):
 
 @pytest.mark.parametrize("kind", ["empty", "no_prompt", "too_long", "no_template", "reward_signature"])
 def test_bad_input_fails_before_anything_is_written(tmp_path, kind):
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     ds, funcs, msg = prompts_ds(), digit_first, None
     if kind == "empty":
         ds, msg = Dataset.from_dict({"prompt": []}), "empty"
@@ -185,6 +174,7 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, kind):
     assert not os.path.exists(cfg.output_dir)
 
 
+@pytest.mark.train
 def test_the_trainer_surface_of_transformers(tmp_path):
     """trainer.state (global_step, log_history), TrainerCallback events with TrainerControl (a
     callback stops training), train() returning TrainOutput, and evaluate()."""
@@ -216,7 +206,7 @@ def test_the_trainer_surface_of_transformers(tmp_path):
         def on_train_end(self, args, state, control, **kw):
             seen.append(("end", state.global_step))
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     task = get_task("arithmetic", seed=0, num_train=32, num_eval=8)
     cfg = config(tmp_path, max_steps=6, logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="steps",
                  save_steps=2)
@@ -233,6 +223,7 @@ def test_the_trainer_surface_of_transformers(tmp_path):
     assert "eval/accuracy" in trainer.evaluate() and trainer.eval_dataset is task.eval_dataset
 
 
+@pytest.mark.train
 def test_reward_functions_receive_trainer_state_log_metric_and_log_extra(tmp_path):
     """As in TRL: `trainer_state` (global_step before the step's update), `log_metric` (averaged
     into the step's metrics) and `log_extra` (a column of completions.jsonl)."""
@@ -246,7 +237,7 @@ def test_reward_functions_receive_trainer_state_log_metric_and_log_extra(tmp_pat
         log_extra("note", [f"len={len(c)}" for c in completions])
         return [float(len(c)) for c in completions]
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     cfg = config(tmp_path, max_steps=3, logging_steps=1)
     GRPOTrainer(model=model, reward_funcs=shaped, args=cfg, train_dataset=prompts_ds(), processing_class=tok).train()
     assert steps_seen == [0, 1, 2]

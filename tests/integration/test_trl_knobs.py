@@ -10,15 +10,8 @@ import torch
 from datasets import Dataset
 
 from grpokit import GRPOConfig, GRPOTrainer
-from grpokit.models import load_tokenizer, new_char_tokenizer, new_model_from_config
 from grpokit.rollout.sampling import SamplingParams, processed_logits
-
-
-def tiny(seed=0, chat_template=None):
-    tok = load_tokenizer(new_char_tokenizer(chat_template=chat_template))
-    cfg = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64}
-    return new_model_from_config(cfg, tokenizer=tok, seed=seed), tok
+from tests.helpers import make_char_tokenizer, make_tiny_llama, make_tiny_model, instrument
 
 
 def digit_first(prompts, completions, **kw):
@@ -64,9 +57,10 @@ KNOBS = {
 }
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("name", list(KNOBS))
 def test_each_knob_trains(tmp_path, name):
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     cfg = config(tmp_path, **KNOBS[name])
     funcs = [digit_first, long_one] if name == "normalize_then_sum" else digit_first
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=cfg, train_dataset=prompts_ds(), processing_class=tok)
@@ -89,13 +83,14 @@ def test_each_knob_trains(tmp_path, name):
         assert any(not torch.equal(before[n], p) for n, p in ref.named_parameters())
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("knobs", [dict(use_adaptive_entropy=True, entropy_target=10.0, entropy_coef=0.01),
                                    dict(beta=0.1, sync_ref_model=True, ref_model_sync_steps=2),
                                    dict(dynamic_sampling=True)],
                          ids=["adaptive_entropy", "sync_ref_model", "dynamic_sampling"])
 def test_stateful_knobs_resume_exactly(tmp_path, knobs):
     def run(resume=None, out="a"):
-        model, tok = tiny()
+        model, tok = make_tiny_llama()
         cfg = config(tmp_path, max_steps=4, save_steps=2, save_strategy="steps", output_dir=str(tmp_path / out),
                      **knobs)
         t = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
@@ -129,7 +124,7 @@ def test_repetition_penalty_is_transformers_processor():
 def test_repetition_penalty_changes_what_the_engine_samples_and_its_logprobs():
     from grpokit.rollout import make_engine
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     engine = make_engine("hf", model, tok)
     prompt = [tok("ab:")["input_ids"]]
     plain = engine.generate(prompt, n=4, params=SamplingParams(max_tokens=12, temperature=0.0, seed=0))
@@ -145,13 +140,13 @@ def test_chat_template_kwargs_reach_the_template(tmp_path):
     template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                 "{% if add_generation_prompt %}<assistant>{% if not enable_thinking|default(true) %}#{% endif %}"
                 "{% endif %}")
-    model, tok = tiny(chat_template=template)
+    model, tok = make_tiny_llama(chat_template=template)
     ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"q{i}"}] for i in range(8)]})
     seen = {}
     for kwargs in (None, {"enable_thinking": False}):
         cfg = config(tmp_path, max_steps=1, chat_template_kwargs=kwargs, output_dir=str(tmp_path / str(kwargs)))
         t = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=ds, processing_class=tok)
-        seen[str(kwargs)] = tok.decode(t.parts.prompt_ids[0])
+        seen[str(kwargs)] = tok.decode(t.parts.train.prompt_ids[0])
     assert seen["None"].endswith("<assistant>") and seen[str({"enable_thinking": False})].endswith("<assistant>#")
 
 
@@ -167,15 +162,16 @@ def test_generation_kwargs_that_are_no_generation_setting_are_an_error_naming_th
 # --- inputs as TRL takes them ------------------------------------------------------------------
 
 def test_no_train_dataset_is_an_error_naming_the_fix(tmp_path):
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     with pytest.raises(ValueError, match="`train_dataset` is required"):
         GRPOTrainer(model=model, reward_funcs=digit_first, args=config(tmp_path), processing_class=tok)
 
 
+@pytest.mark.train
 def test_a_loaded_model_without_processing_class_loads_the_tokenizer_of_its_name(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
@@ -185,6 +181,7 @@ def test_a_loaded_model_without_processing_class_loads_the_tokenizer_of_its_name
     trainer.train()
 
 
+@pytest.mark.train
 def test_a_streaming_dataset_is_read_in_order_as_far_as_the_run_needs(tmp_path):
     from datasets import IterableDataset
 
@@ -196,7 +193,7 @@ def test_a_streaming_dataset_is_read_in_order_as_far_as_the_run_needs(tmp_path):
             yield {"prompt": f"q{i}:"}
 
     stream = IterableDataset.from_generator(rows)
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     seen = []
 
     def record(prompts, completions, **kw):
@@ -218,7 +215,7 @@ def test_named_eval_sets_and_evaluate_on_a_given_set(tmp_path):
     def exact(prompts, completions, **kw):  # every greedy completion scores 1: accuracy 1.0
         return [1.0] * len(completions)
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     sets = DatasetDict({"easy": prompts_ds(4), "hard": prompts_ds(6)})
     trainer = GRPOTrainer(model=model, reward_funcs=exact, args=config(tmp_path, max_steps=1), processing_class=tok,
                           train_dataset=prompts_ds(), eval_dataset=sets)
@@ -238,8 +235,9 @@ def test_ppo_and_dpo_are_importable_from_the_package_as_from_trl():
     assert isinstance(DPOConfig(), grpokit.GRPOConfig)
 
 
+@pytest.mark.train
 def test_cast_lm_head_to_fp32_trains_a_bf16_model_with_float32_logits(tmp_path):
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     model = model.to(torch.bfloat16)
     cfg = config(tmp_path, max_steps=1, bf16=True, cast_lm_head_to_fp32=True, beta=0.1)
     trainer = GRPOTrainer(model=model, reward_funcs=digit_first, args=cfg, train_dataset=prompts_ds(),
@@ -256,10 +254,11 @@ def test_cast_lm_head_to_fp32_trains_a_bf16_model_with_float32_logits(tmp_path):
 
 # --- beyond TRL: DAPO's dynamic sampling ---------------------------------------------------------
 
+@pytest.mark.train
 def test_dynamic_sampling_fills_the_step_with_groups_that_carry_signal(tmp_path):
     from grpokit.algos import groups_with_signal
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     trained = []
 
     def sparse(prompts, completions, **kw):  # prompts q0..q3 always score 0 (no signal); others ~50/50
@@ -286,8 +285,9 @@ def test_dynamic_sampling_fills_the_step_with_groups_that_carry_signal(tmp_path)
     assert all("dynamic_sampling/rounds" in r for r in rows if "loss" in r)
 
 
+@pytest.mark.train
 def test_dynamic_sampling_stops_after_its_rounds_and_keeps_the_batch_size(tmp_path):
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     flat = lambda prompts, completions, **kw: [1.0] * len(completions)  # noqa: E731 - never any signal
     cfg = config(tmp_path, max_steps=1, dynamic_sampling=True, dynamic_sampling_max_rounds=2, logging_steps=1)
     GRPOTrainer(model=model, reward_funcs=flat, args=cfg, train_dataset=prompts_ds(64), processing_class=tok).train()
@@ -298,13 +298,14 @@ def test_dynamic_sampling_stops_after_its_rounds_and_keeps_the_batch_size(tmp_pa
 
 # --- beyond TRL: token-budget micro-batches ------------------------------------------------------
 
+@pytest.mark.train
 @pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo"])
 def test_token_budget_micro_batches_give_the_row_micro_batches_update(tmp_path, loss_type):
     """Cutting the step into micro-batches by tokens (across groups) instead of rows changes how
     the forwards are laid out, not the update: with global normalisers the gradient is the same."""
     grads, counts = {}, {}
     for budget in (None, 12, 200):
-        model, tok = tiny()
+        model, tok = make_tiny_llama()
         cfg = config(tmp_path, max_steps=1, loss_type=loss_type, token_budget=budget, output_dir=str(tmp_path / str(budget)),
                      per_device_train_batch_size=4, gradient_accumulation_steps=4)
         trainer = GRPOTrainer(model=model, reward_funcs=long_one, args=cfg, train_dataset=prompts_ds(),
@@ -312,15 +313,15 @@ def test_token_budget_micro_batches_give_the_row_micro_batches_update(tmp_path, 
         run, step = trainer.parts, trainer.parts.optimizer_step
         forward = run.forward
 
-        def counted(mb, _forward=forward, **kw):
-            counts[budget] = counts.get(budget, 0) + 1
+        def counted(mb, _forward=forward, _budget=budget, **kw):
+            counts[_budget] = counts.get(_budget, 0) + 1
             return _forward(mb, **kw)
 
-        def capture(_step=step, _budget=budget, _model=trainer.model):
+        def capture(*events, _step=step, _budget=budget, _model=trainer.model):
             grads[_budget] = {n: p.grad.clone() for n, p in _model.named_parameters() if p.grad is not None}
-            return _step()
+            return _step(*events)
 
-        run.optimizer_step, run.forward = capture, counted
+        instrument(run, optimizer_step=capture, forward=counted)
         trainer.train()
     assert counts[12] > counts[None] > counts[200] == 1, counts  # the layouts differ: more forwards, then one
     for budget in (12, 200):
@@ -330,7 +331,7 @@ def test_token_budget_micro_batches_give_the_row_micro_batches_update(tmp_path, 
 
 def test_token_budget_spans_stay_within_the_budget():
     from grpokit.core.batch import make_micro_batches
-    from grpokit.core.trajectory import Trajectories
+    from grpokit.trajectory import Trajectories
 
     prompts = [[1, 2, 3]] * 4 + [[4, 5]] * 4
     comps = [[7] * n for n in (5, 1, 4, 2, 6, 6, 1, 3)]
@@ -354,14 +355,14 @@ def test_token_budget_spans_stay_within_the_budget():
 # --- mixture-of-experts models ---------------------------------------------------------------------
 
 def tiny_moe():
-    tok = load_tokenizer(new_char_tokenizer())
-    cfg = {"model_type": "qwen3_moe", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 64, "moe_intermediate_size": 16,
-           "num_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 64, "output_router_logits": True,
-           "router_aux_loss_coef": 0.01, "decoder_sparse_step": 1, "mlp_only_layers": []}
-    return new_model_from_config(cfg, tokenizer=tok, seed=0), tok
+    tok = make_char_tokenizer()
+    model = make_tiny_model(tok, arch="qwen3_moe", max_positions=64, eval_mode=False, head_dim=8,
+                            moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                            router_aux_loss_coef=0.01, decoder_sparse_step=1, mlp_only_layers=[])
+    return model, tok
 
 
+@pytest.mark.train
 def test_a_moe_model_with_router_logits_samples_and_adds_its_load_balancing_loss(tmp_path):
     model, tok = tiny_moe()
     cfg = config(tmp_path, max_steps=2, logging_steps=1)
@@ -378,7 +379,7 @@ def test_a_moe_model_with_router_logits_samples_and_adds_its_load_balancing_loss
 def test_the_padded_forward_aux_loss_is_the_models_own():
     from grpokit.core.batch import make_micro_batches
     from grpokit.core.forward import completion_logprobs
-    from grpokit.core.trajectory import Trajectories
+    from grpokit.trajectory import Trajectories
 
     model, tok = tiny_moe()
     prompts = [tok("q1:")["input_ids"]] * 2 + [tok("q22:")["input_ids"]] * 2
@@ -400,10 +401,10 @@ def test_the_padded_forward_aux_loss_is_the_models_own():
 def test_the_generate_engine_agrees_with_grpokit_engine_and_its_logprobs_are_the_models():
     from grpokit.core.batch import make_micro_batches
     from grpokit.core.forward import completion_logprobs
-    from grpokit.core.trajectory import Trajectories
+    from grpokit.trajectory import Trajectories
     from grpokit.rollout import make_engine
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     prompts = [tok("q1:")["input_ids"], tok("q22:")["input_ids"]]
     greedy = SamplingParams(max_tokens=6, temperature=0.0)
     ours = make_engine("hf", model, tok).generate(prompts, n=1, params=greedy)
@@ -421,8 +422,9 @@ def test_the_generate_engine_agrees_with_grpokit_engine_and_its_logprobs_are_the
     torch.testing.assert_close(logps * mb.completion_mask, mb.sampling_logps, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.train
 def test_generation_kwargs_beyond_grpokit_sampler_train_through_transformers_generate(tmp_path):
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     cfg = config(tmp_path, max_steps=1, generation_kwargs={"do_sample": True, "top_k": 50, "num_beams": 2,
                                                            "length_penalty": -0.1})
     trainer = GRPOTrainer(model=model, reward_funcs=long_one, args=cfg, train_dataset=prompts_ds(), processing_class=tok)
@@ -433,18 +435,15 @@ def test_generation_kwargs_beyond_grpokit_sampler_train_through_transformers_gen
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
+@pytest.mark.train
 def test_a_hybrid_mamba_model_trains(tmp_path):
-    from transformers import NemotronHConfig, NemotronHForCausalLM
-
-    tok = load_tokenizer(new_char_tokenizer())
-    config_ = NemotronHConfig(vocab_size=len(tok), hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
-                              intermediate_size=32, layers_block_type=["mamba", "attention", "moe"], mamba_num_heads=8,
-                              mamba_head_dim=4, mamba_n_groups=1, ssm_state_size=16, mamba_d_conv=4, mamba_expand=2,
-                              n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                              moe_shared_expert_intermediate_size=32, use_mamba_kernels=False,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    model = NemotronHForCausalLM(config_)
+    tok = make_char_tokenizer()
+    model = make_tiny_model(tok, arch="nemotron_h", hidden_size=16, num_layers=None, num_heads=4, num_kv_heads=2,
+                            intermediate_size=32, max_positions=None, eval_mode=False,
+                            layers_block_type=["mamba", "attention", "moe"], mamba_num_heads=8, mamba_head_dim=4,
+                            mamba_n_groups=1, ssm_state_size=16, mamba_d_conv=4, mamba_expand=2, n_routed_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+                            use_mamba_kernels=False)
     trainer = GRPOTrainer(model=model, reward_funcs=parity, args=config(tmp_path, max_steps=1), processing_class=tok,
                           train_dataset=prompts_ds())
     assert type(trainer.parts.engine).__name__ == "GenerateEngine"
@@ -453,12 +452,13 @@ def test_a_hybrid_mamba_model_trains(tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
+@pytest.mark.train
 def test_pad_to_multiple_of_pads_the_training_tensors_and_keeps_the_logprobs(tmp_path):
     from grpokit.core.batch import make_micro_batches
     from grpokit.core.forward import completion_logprobs
-    from grpokit.core.trajectory import Trajectories
+    from grpokit.trajectory import Trajectories
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     prompts = [tok("q1:")["input_ids"], tok("q22:")["input_ids"]]
     comps = [[5, 6, 7], [8]]
     t = Trajectories(row_index=[0, 1], prompts=["a", "b"], completions=["", ""], prompt_ids=prompts,
@@ -481,7 +481,7 @@ def test_quantization_config_errors_name_what_is_missing(tmp_path):
 
     from transformers import BitsAndBytesConfig
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     q = BitsAndBytesConfig(load_in_4bit=True)
     with pytest.raises(ValueError, match="pass the model's id or path"):
         GRPOTrainer(model=model, reward_funcs=parity, args=config(tmp_path), train_dataset=prompts_ds(),
@@ -499,14 +499,15 @@ def test_quantization_config_errors_name_what_is_missing(tmp_path):
 def _capture_grads(trainer):
     grads, step = [], trainer.parts.optimizer_step
 
-    def capture():
+    def capture(*events):
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-        return step()
+        return step(*events)
 
-    trainer.parts.optimizer_step = capture
+    instrument(trainer.parts, optimizer_step=capture)
     return grads
 
 
+@pytest.mark.train
 def test_steps_per_generation_feeds_several_optimizer_steps_from_one_generation(tmp_path):
     calls = []
 
@@ -516,7 +517,7 @@ def test_steps_per_generation_feeds_several_optimizer_steps_from_one_generation(
 
     runs = {}
     for spg in (1, 2):
-        model, tok = tiny()
+        model, tok = make_tiny_llama()
         cfg = config(tmp_path, max_steps=4, loss_type="grpo", per_device_train_batch_size=8, gradient_accumulation_steps=1,
                      steps_per_generation=spg, shuffle_dataset=False, logging_steps=1, output_dir=str(tmp_path / str(spg)))
         trainer = GRPOTrainer(model=model, reward_funcs=counting, args=cfg, train_dataset=prompts_ds(),
@@ -537,7 +538,7 @@ def test_steps_per_generation_feeds_several_optimizer_steps_from_one_generation(
 
 
 def test_combinations_trl_warns_about_are_said_before_step_1(tmp_path):
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     for loss_type, said in (("dapo", True), ("grpo", False)):
         cfg = config(tmp_path, importance_sampling_level="sequence", loss_type=loss_type)
         trainer = GRPOTrainer(model=model, reward_funcs=parity, args=cfg, train_dataset=prompts_ds(),
@@ -550,7 +551,7 @@ def test_combinations_trl_warns_about_are_said_before_step_1(tmp_path):
 def test_evaluate_reports_transformers_eval_loss_per_set(tmp_path):
     from datasets import IterableDataset
 
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     trainer = GRPOTrainer(model=model, reward_funcs=parity, args=config(tmp_path, max_steps=1), processing_class=tok,
                           train_dataset=prompts_ds())
     one = trainer.evaluate(eval_dataset=prompts_ds(4))

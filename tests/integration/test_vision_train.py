@@ -8,8 +8,9 @@ from datasets import Dataset
 from PIL import Image
 
 from grpokit import GRPOConfig, GRPOTrainer
-from grpokit.models import new_vision_model, new_vision_processor
-from tests.helpers import make_char_tokenizer, make_tiny_model
+from tests.helpers import make_char_tokenizer, make_tiny_model, make_tiny_vlm
+
+pytestmark = pytest.mark.vision
 
 
 def colour(rgb):
@@ -24,14 +25,14 @@ def config(tmp_path, **over):
 
 
 def saved_vlm(tmp_path, family):
-    processor = new_vision_processor(family)
-    model = new_vision_model(processor, family, seed=0)
+    processor, model = make_tiny_vlm(family, seed=0)
     path = tmp_path / f"tiny-{family}"
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 def test_train_on_images_by_model_path(tmp_path, family):
     path = tmp_path / "red.png"
@@ -57,8 +58,6 @@ def test_train_on_images_by_model_path(tmp_path, family):
 
 
 def test_text_model_given_images_is_an_error_before_step_1(tmp_path):
-    from tests.helpers import make_char_tokenizer, make_tiny_model
-
     tok = make_char_tokenizer()
     model = make_tiny_model(tok)
     ds = Dataset.from_dict({"prompt": ["a", "b"], "image": [colour((1, 2, 3)), None]})
@@ -80,6 +79,7 @@ def test_bad_image_and_long_prompt_are_errors_naming_the_row(tmp_path):
         GRPOTrainer(model=model_path, reward_funcs=fn, args=config(tmp_path, max_prompt_length=20), train_dataset=ds)
 
 
+@pytest.mark.train
 def test_lora_on_a_vlm_adapts_the_language_model_and_leaves_the_vision_tower_frozen(tmp_path):
     from grpokit.core.vision import vision_parameters, vision_tower_trained
 
@@ -98,6 +98,7 @@ def test_lora_on_a_vlm_adapts_the_language_model_and_leaves_the_vision_tower_fro
     assert trainer.parts.image_features.calls == 2  # frozen tower: once per prompt for the whole step
 
 
+@pytest.mark.train
 def test_freeze_vision_tower_in_full_fine_tuning(tmp_path):
     """freeze_vision_tower=True: full fine-tuning trains the language model only; the tower and
     projector do not move and their features are computed once per prompt for the step. On a text
@@ -140,11 +141,12 @@ def test_eval_set_with_images(tmp_path):
 
     trainer = GRPOTrainer(model=model_path, reward_funcs=reward, args=config(tmp_path, max_steps=1),
                           train_dataset=ds, eval_dataset=ds)
-    assert trainer.parts.eval_fn.vision[0] is not None and trainer.parts.eval_fn.vision[1] is None
+    assert trainer.parts.evaluation.evaluator.prompts.vision[0] is not None and trainer.parts.evaluation.evaluator.prompts.vision[1] is None
     metrics = trainer.evaluate()
     assert any(k.startswith("eval") for k in metrics) and True in looked and False in looked
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("algo", ["ppo", "dpo"])
 def test_ppo_and_dpo_baselines_train_on_images(tmp_path, algo):
     from grpokit.baselines.dpo import DPOConfig, DPOTrainer
@@ -164,10 +166,11 @@ def test_ppo_and_dpo_baselines_train_on_images(tmp_path, algo):
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
+@pytest.mark.train
 def test_a_vlm_trains_on_text_prompts_through_its_processor(tmp_path):
     model_path = saved_vlm(tmp_path, "qwen2_vl")
     ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "say something"}], [{"role": "user", "content": "hi"}]]})
     trainer = GRPOTrainer(model=model_path, reward_funcs=lambda completions, **k: [0.0] * len(completions),
                           args=config(tmp_path, max_steps=1), train_dataset=ds)
-    assert trainer.parts.vision is None
+    assert trainer.parts.train.vision is None
     trainer.train()

@@ -9,13 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from datasets import Dataset
 
-from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.core.batch import make_micro_batches
 from grpokit.core.forward import completion_logprobs, sampler_logps_are_old_logps
-from grpokit.core.trajectory import Trajectories
-from tests.helpers import make_char_tokenizer, make_tiny_model
+from grpokit.trajectory import Trajectories
+from tests.helpers import make_char_tokenizer, make_tiny_model, random_rollout, tiny_trainer, instrument
 
 
 def rollout_of(prompts, comps, truncated=None):
@@ -46,8 +44,6 @@ def test_micro_batches_pad_each_to_its_own_longest():
 
 
 def test_merged_micro_batches_fit_the_padded_budget_and_give_the_same_gradients():
-    from tests.unit.test_prefix import random_rollout
-
     model = make_tiny_model(make_char_tokenizer(), arch="llama")
     rollout = random_rollout(g=4, n_prompts=4, seed=2, max_prompt=10, max_completion=8)
     plain = make_micro_batches(rollout, 4, pad_id=0, device="cpu", mask_truncated=False)
@@ -67,19 +63,6 @@ def test_merged_micro_batches_fit_the_padded_budget_and_give_the_same_gradients(
 
     for a, b in zip(grads(plain), grads(merged)):
         torch.testing.assert_close(a, b)
-
-
-def tiny_trainer(tmp_path, reward=None, model=None, peft_config=None, prefix="", forward_plan=None, **over):
-    tok = make_char_tokenizer()
-    model = model or make_tiny_model(tok, arch="qwen2", max_positions=64)
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8,
-                gradient_accumulation_steps=2, num_generations=4, max_completion_length=6, learning_rate=1e-2,
-                logging_steps=100, save_strategy="no", use_cpu=True, disable_tqdm=True, plot=False, seed=3,
-                log_completions=False)
-    ds = Dataset.from_dict({"prompt": [prefix + f"q{i}:" + "x" * (i % 5) for i in range(16)]})
-    reward = reward or (lambda prompts, completions, **kw: [float(len(c)) for c in completions])
-    return GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**{**base, **over}), train_dataset=ds,
-                       processing_class=tok, peft_config=peft_config, forward_plan=forward_plan)
 
 
 def test_sampler_logprobs_equal_the_trainers(tmp_path):
@@ -124,10 +107,11 @@ def count_forwards(run):
         calls.append(torch.is_grad_enabled())
         return original(mb, **kw)
 
-    run.train_forward = counted
+    instrument(run, train_forward=counted)
     return calls
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("num_iterations,top_p,no_grad_forwards", [(1, 1.0, 0), (2, 1.0, 0), (2, 0.9, 2)])
 def test_old_logprobs_only_when_needed(tmp_path, num_iterations, top_p, no_grad_forwards):
     """2 micro-batches a step (grpo loss: not merged): training forwards with gradients only,
@@ -141,6 +125,7 @@ def test_old_logprobs_only_when_needed(tmp_path, num_iterations, top_p, no_grad_
     assert calls.count(True) == 2 * num_iterations
 
 
+@pytest.mark.train
 def test_additive_losses_merge_micro_batches_into_fewer_forwards(tmp_path):
     """dapo (global normaliser): with a shared 22-character preamble, the 2 micro-batches of 8
     completions (2 groups each) packed (4 prompts once + 16 completions <= 24 + 16 * 6 tokens)
@@ -164,6 +149,7 @@ def test_additive_losses_merge_micro_batches_into_fewer_forwards(tmp_path):
         torch.testing.assert_close(v, merged[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.train
 def test_reference_only_when_beta_and_lora_reference_is_the_base(tmp_path):
     from peft import LoraConfig
 
@@ -199,6 +185,7 @@ def test_reference_only_when_beta_and_lora_reference_is_the_base(tmp_path):
         assert mb.old_logps is None
 
 
+@pytest.mark.train
 def test_phase_times_and_peak_memory_are_logged(tmp_path):
     trainer = tiny_trainer(tmp_path, max_steps=2)
     trainer.train()
@@ -218,8 +205,6 @@ def test_zero_advantage_rows_are_skipped_with_the_same_loss_and_gradients(loss_t
     the packed forward leaves it out (groups 1 and 3 have all-equal rewards here); the masks, and
     so the normalisers, stay. Same loss and parameter gradients as computing every row."""
     from grpokit.algos import policy_loss
-    from tests.unit.test_prefix import random_rollout
-
     model = make_tiny_model(make_char_tokenizer(), arch="qwen2")
     rollout = random_rollout(g=4, n_prompts=4, seed=4)
     advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(4))
@@ -258,6 +243,7 @@ def test_zero_advantage_rows_are_skipped_with_the_same_loss_and_gradients(loss_t
     assert computed == expected  # the 9 zero-advantage completions were not computed
 
 
+@pytest.mark.train
 def test_trainer_skips_all_equal_groups_only_without_kl(tmp_path):
     """A constant reward gives every advantage 0: with beta = 0 the training forward computes no
     completion token (and the weights do not move); with beta > 0 the KL term needs them all."""
@@ -270,13 +256,13 @@ def test_trainer_skips_all_equal_groups_only_without_kl(tmp_path):
         seen = []
         original = trainer.parts.train_forward
 
-        def forward(mb, **kw):
-            out = original(mb, **kw)
+        def forward(mb, *, _original=original, _seen=seen, **kw):  # this iteration's trainer and list
+            out = _original(mb, **kw)
             if torch.is_grad_enabled():
-                seen.append(int(mb.layout().targets.numel()))
+                _seen.append(int(mb.layout().targets.numel()))
             return out
 
-        trainer.parts.train_forward = forward
+        instrument(trainer.parts, train_forward=forward)
         trainer.train()
         assert seen and (min(seen) > 0) == expect_tokens, seen
         if not expect_tokens:
@@ -291,8 +277,6 @@ def test_a_micro_batch_with_every_row_skipped_under_lora_has_a_graph():
     from peft import LoraConfig, get_peft_model
 
     from grpokit.algos import policy_loss
-    from tests.unit.test_prefix import random_rollout
-
     model = get_peft_model(make_tiny_model(make_char_tokenizer(), arch="qwen2"),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     rollout = random_rollout(g=4, n_prompts=1, seed=6)
@@ -316,8 +300,6 @@ def test_a_micro_batch_with_nothing_to_train_still_runs_the_whole_model(why):
     that gradient is exactly 0. pad_micro_batches adds zero-weight micro-batches the same way."""
     from grpokit.algos import policy_loss
     from grpokit.core.batch import pad_micro_batches
-    from tests.unit.test_prefix import random_rollout
-
     model = make_tiny_model(make_char_tokenizer(), arch="qwen2")
     rollout = random_rollout(g=4, n_prompts=2, seed=5)
     advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(5))

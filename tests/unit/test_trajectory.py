@@ -9,8 +9,8 @@ import torch
 from grpokit.algos import policy_loss
 from grpokit.core.batch import make_micro_batches
 from grpokit.core.forward import completion_logprobs
-from grpokit.core.trajectory import EXTERNAL, MODEL, Segment, Trajectories
-from tests.helpers import make_char_tokenizer, make_tiny_model
+from grpokit.trajectory import EXTERNAL, MODEL, Segment, Trajectories
+from tests.helpers import make_char_tokenizer, make_tiny_model, tiny_trainer
 
 
 def tool_trajectories(seed=0, g=3, n_prompts=2, vocab=60):
@@ -103,8 +103,6 @@ def test_a_trajectory_with_external_segments_gives_the_loss_and_gradient_of_the_
 
 
 def test_the_forward_plan_is_chosen_once_printed_as_it_is_and_overridable(tmp_path):
-    from tests.unit.test_batch import tiny_trainer
-
     run = tiny_trainer(tmp_path, max_steps=1, num_iterations=2).parts
     assert run.plan.old_logps == "sampler"  # fp32 HF engine, untruncated sampling: reused
     assert "old logprobs: the sampler's, reused" in run.summary()

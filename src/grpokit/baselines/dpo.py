@@ -27,9 +27,10 @@ from grpokit.algos import DPO_AVERAGE_LOGPS, DPO_LOSSES, best_worst_pairs, dpo_l
 from grpokit.baselines.common import AlgoConfig, own_field, parameter_counts, reference_logprobs
 from grpokit.core.batch import make_micro_batches
 from grpokit.core.events import NO_EVENTS, Events
-from grpokit.core.loop import StepOutput, sample_and_score, timed, train_loop
-from grpokit.core.run import LoopState, RunFacade, RunParts, build_run
-from grpokit.core.trajectory import Trajectories
+from grpokit.core.loop import LoopState, StepOutput, sample_and_score, timed, train_loop
+from grpokit.core.run import RunParts, build_run
+from grpokit.facade import RunFacade
+from grpokit.trajectory import Trajectories
 
 
 @dataclass
@@ -101,12 +102,13 @@ class DPOTrainer(RunFacade):
                         eval_dataset=eval_dataset, tokenizer=processing_class, peft_config=peft_config,
                         optimizers=optimizers, needs_reference=True,
                         rows_per_step_factor=cfg.num_generations if self.offline else 1)
-        cfg.check_single_process(run.world_size)
+        cfg.check_single_process(run.comm.world_size)
         self.pairs: list[tuple[list[int], list[int]]] | None = None
         if self.offline:
-            self.pairs = [tokenize_pair(run.prompts[i], run.columns["chosen"][i], run.columns["rejected"][i],
+            cols = run.train.columns
+            self.pairs = [tokenize_pair(run.train.prompts[i], cols["chosen"][i], cols["rejected"][i],
                                         run.tokenizer, cfg.max_completion_length, row=i)
-                          for i in range(run.num_train_rows)]
+                          for i in range(len(run.train))]
         self.parts: RunParts = run
         self.param_counts = parameter_counts(run)
         self._init_surface(None, eval_dataset)
@@ -115,7 +117,7 @@ class DPOTrainer(RunFacade):
         c, run = self.args, self.parts
         ref = "base model with the adapter off (LoRA)" if run.is_peft else "frozen copy of the initial model"
         if self.offline:
-            source = (f"  DPO on {run.num_train_rows} preference pairs; "
+            source = (f"  DPO on {len(run.train)} preference pairs; "
                       f"{c.per_device_train_batch_size * c.gradient_accumulation_steps} pairs per step")
         else:
             per_step = c.per_device_train_batch_size * c.gradient_accumulation_steps
@@ -129,8 +131,7 @@ class DPOTrainer(RunFacade):
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict:
         """Run the DPO loop; returns the final metrics."""
-        run = self.parts
-        run.follow_model_generate()
+        run = self._start_training()
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
         run.tracker.begin(resuming=bool(resume))
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
@@ -218,16 +219,16 @@ def online_dpo_step(run: RunParts, rows: list[int], state: LoopState, phase: dic
 def offline_dpo_step(run: RunParts, pairs_ids, rows: list[int], phase: dict,
                      events: Events = NO_EVENTS) -> StepOutput:
     cfg = run.config
-    cols = run.columns
+    cols = run.train.columns
     n = 2 * len(rows)
     pairs = Trajectories(
-        row_index=[r for r in rows for _ in (0, 1)], prompts=[run.prompts[r] for r in rows for _ in (0, 1)],
+        row_index=[r for r in rows for _ in (0, 1)], prompts=[run.train.prompts[r] for r in rows for _ in (0, 1)],
         completions=[cols[k][r] for r in rows for k in ("chosen", "rejected")],
-        prompt_ids=[run.prompt_ids[r] for r in rows for _ in (0, 1)],
+        prompt_ids=[run.train.prompt_ids[r] for r in rows for _ in (0, 1)],
         completion_ids=[pairs_ids[r][j] for r in rows for j in (0, 1)],
         sampling_logps=[[0.0] * len(pairs_ids[r][j]) for r in rows for j in (0, 1)],
         truncated=torch.zeros(n, dtype=torch.bool),
-        images=[run.vision[r] for r in rows for _ in (0, 1)] if run.vision is not None else None)
+        images=[run.train.vision[r] for r in rows for _ in (0, 1)] if run.train.vision is not None else None)
     stats = _dpo_update(run, pairs, pairs_per_micro_batch=cfg.per_device_train_batch_size, phase=phase,
                         events=events)
     return StepOutput(rollout=None, step_stats=[stats], samples=n,

@@ -40,8 +40,9 @@ from grpokit.baselines.common import AlgoConfig, own_field, parameter_counts, re
 from grpokit.core.batch import MicroBatch, make_micro_batches
 from grpokit.core.forward import completion_logprobs, text_config
 from grpokit.core.events import NO_EVENTS, Events
-from grpokit.core.loop import StepOutput, sample_and_score, timed, train_loop
-from grpokit.core.run import LoopState, RunFacade, RunParts, build_run
+from grpokit.core.loop import LoopState, StepOutput, sample_and_score, timed, train_loop
+from grpokit.core.run import RunParts, build_run
+from grpokit.facade import RunFacade
 
 
 @dataclass
@@ -143,7 +144,7 @@ class PPOTrainer(RunFacade):
                         needs_reference=cfg.kl_coef > 0,
                         make_extra_modules=lambda policy, device: [ValueHead(text_config(policy).hidden_size,
                                                                              device=device)])
-        cfg.check_single_process(run.world_size)
+        cfg.check_single_process(run.comm.world_size)
         self.value_head: ValueHead = run.extra_modules[0]
         self.parts: RunParts = run
         self._init_surface(None, eval_dataset)
@@ -172,12 +173,11 @@ class PPOTrainer(RunFacade):
         if resume:
             raise ValueError("PPOTrainer: resuming is not supported yet (checkpoints hold the policy, not the "
                              "value head); start a new run from the checkpoint's weights instead.")
-        run = self.parts
-        run.follow_model_generate()
+        run = self._start_training()
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
         final = train_loop(run, PPO(self.value_head), summary=self.summary(), events=self.surface,
                            resume_command=None)  # PPO cannot resume yet: an interrupt only saves
-        if run.rank == 0:
+        if run.comm.rank == 0:
             torch.save(self.value_head.state_dict(), os.path.join(self.args.output_dir, "final", "value_head.pt"))
         return self.surface.output(final)
 

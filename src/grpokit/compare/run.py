@@ -117,6 +117,25 @@ def run_compare(argv: list[str]) -> int:
 # One run (in its own process)
 # --------------------------------------------------------------------------------------------
 
+def _eval_clock():
+    """A callback that adds up evaluation's CPU time, to leave it out of the training's: from the
+    event before an evaluation (train begin, step end, log) to its on_evaluate."""
+    from transformers import TrainerCallback
+
+    class EvalClock(TrainerCallback):
+        seconds, mark = 0.0, time.process_time()
+
+        def _mark(self, *args, **kwargs):
+            self.mark = time.process_time()
+
+        on_train_begin = on_step_end = on_log = _mark
+
+        def on_evaluate(self, *args, **kwargs):
+            self.seconds += time.process_time() - self.mark
+
+    return EvalClock()
+
+
 def _worker(algo: str, spec_path: str) -> int:
     import torch
 
@@ -134,20 +153,11 @@ def _worker(algo: str, spec_path: str) -> int:
     params = parameter_counts(run, extra)
     rss_ready = _current_rss_gb()
     built = time.perf_counter() - t0
-    eval_cpu = [0.0]
-    log_eval = run.log_eval
-
-    def timed_eval(step, **kwargs):  # evaluation's CPU time, to leave it out of the training's
-        c0 = time.process_time()
-        try:
-            return log_eval(step, **kwargs)
-        finally:
-            eval_cpu[0] += time.process_time() - c0
-
-    run.log_eval = timed_eval
+    clock = _eval_clock()
+    trainer.add_callback(clock)
     cpu0 = time.process_time()
     trainer.train()
-    cpu_train = time.process_time() - cpu0 - eval_cpu[0]
+    cpu_train = time.process_time() - cpu0 - clock.seconds
     wall = time.perf_counter() - t0
     cfg = trainer.args
     # GRPO's steps are optimizer steps (num_iterations of them per generated batch); a PPO or DPO
@@ -159,9 +169,9 @@ def _worker(algo: str, spec_path: str) -> int:
         "peak_cuda_gb": torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else None,
         "wall_seconds": wall, "setup_seconds": built, "optimizer_steps_per_step": updates,
         "optimizer_steps": run.total_steps * updates,
-        "cpu_train_seconds": cpu_train, "cpu_eval_seconds": eval_cpu[0],
+        "cpu_train_seconds": cpu_train, "cpu_eval_seconds": clock.seconds,
         "total_steps": run.total_steps, "torch_threads": torch.get_num_threads(),
-        "completions_per_step": run.prompts_per_step * cfg.num_generations,
+        "completions_per_step": run.order.prompts_per_step * cfg.num_generations,
     }
     with open(os.path.join(cfg.output_dir, "compare_result.json"), "w") as f:
         json.dump(result, f, indent=1)

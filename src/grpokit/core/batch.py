@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from grpokit.core.prefix import MAX_SEGMENT_TOKENS, PackedLayout, build_packed_layout, find_segments
-from grpokit.core.trajectory import Trajectories
+from grpokit.trajectory import Trajectories
 
 
 @dataclass

@@ -15,7 +15,7 @@ A step of the loop (one generated batch) reads, with its events:
     ...
     evaluation: prediction_step after each batch of eval prompts
 
-`NoEvents` is the silent listener; the TRL-style trainers' `TrainerSurface` (core.callbacks)
+`NoEvents` is the silent listener; the TRL-style trainers' `TrainerSurface` (grpokit.facade)
 turns each event into its `TrainerCallback` call."""
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ class Events(Protocol):
 
     def optimizer_step(self) -> None: ...
 
-    def step_end(self, run: Any, state: Any, metrics: dict[str, float]) -> Requests: ...
+    def step_end(self, run: Any, state: Any, metrics: dict[str, float], out: Any) -> Requests:
+        """`out`: the step's StepOutput (what was sampled and scored)."""
+        ...
 
     def logged(self, run: Any, state: Any, logs: dict[str, float]) -> None: ...
 
@@ -91,7 +93,7 @@ class NoEvents:
     def optimizer_step(self) -> None:
         pass
 
-    def step_end(self, run: Any, state: Any, metrics: dict[str, float]) -> Requests:
+    def step_end(self, run: Any, state: Any, metrics: dict[str, float], out: Any) -> Requests:
         return Requests()
 
     def logged(self, run: Any, state: Any, logs: dict[str, float]) -> None:

@@ -72,7 +72,7 @@ def router_balance_loss(model, router_logits, attention_mask=None) -> torch.Tens
         raise ValueError(f"{type(inner).__name__} returns router logits but its module has no "
                          "load_balancing_loss_func; set output_router_logits=False in its config.")
     cfg = text_config(inner)
-    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or getattr(cfg, "n_routed_experts")
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or cfg.n_routed_experts
     return fn(tuple(router_logits), experts, cfg.num_experts_per_tok, attention_mask)
 
 

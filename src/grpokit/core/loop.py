@@ -17,6 +17,7 @@ everything else. `sample_and_score` is the one place a step samples and scores.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -30,11 +31,54 @@ from grpokit import memory
 from grpokit.algos import (batch_normalized, entropy_bonus, group_advantages, groups_with_signal, is_local_mean,
                            make_policy_loss,
                            normalize_then_sum, rollout_correction_weights, top_entropy_mask)
+from grpokit.checkpoint.runs import resume_run, save_run_checkpoint
 from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
 from grpokit.core.events import NO_EVENTS, NOTHING_ASKED, Events, Requests
 from grpokit.core.forward import has_router_aux_loss, text_config
-from grpokit.core.run import LoopState, RunParts
-from grpokit.core.trajectory import Rollout, concat_rollouts
+from grpokit.core.run import RunParts
+from grpokit.trajectory import Rollout, concat_rollouts
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: saved in every checkpoint, restored on resume."""
+
+    global_step: int = 0        # optimizer steps made (GRPO), or steps (PPO/DPO: one batch each)
+    epoch: int = 0              # dataset position: (epoch, cursor) in the seeded order of that epoch
+    cursor: int = 0
+    skipped_steps: int = 0      # optimizer steps skipped for a non-finite gradient
+    samples_seen: int = 0       # completions (or pairs) consumed, all ranks
+    algorithm: dict = field(default_factory=dict)
+    """The algorithm's own state across steps (GRPO: the adaptive entropy coefficient, a synced
+    reference's weights), saved with the checkpoint."""
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "algorithm"}
+        if self.algorithm:
+            out["algorithm"] = dict(self.algorithm)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoopState":
+        ints = {f.name: int(d[f.name]) for f in dataclasses.fields(cls) if f.name in d and f.name != "algorithm"}
+        return cls(**ints, algorithm=dict(d.get("algorithm") or {}))
+
+
+def begin(run: RunParts, resume_from_checkpoint: str | bool | None) -> LoopState:
+    """The loop's start: every row's environment exists; output_dir holds no other run's files
+    (checked on rank 0, every rank stops); the state, fresh or from the checkpoint."""
+    if run.multiturn is not None and run.multiturn.environments is not None:
+        run.multiturn.environments.check_rows(run.train.columns.get("environment", [None] * len(run.train)))
+    with run.comm.guard("checking output_dir"):
+        run.tracker.begin(resuming=bool(resume_from_checkpoint))
+    if not resume_from_checkpoint:
+        return LoopState()
+    path, saved, changed = resume_run(run, resume_from_checkpoint)
+    if changed:
+        run.tracker.write(f"resuming with changed fields, no longer an exact continuation: {'; '.join(changed)}")
+    run.engine.update_weights(run.model)
+    run.tracker.write(f"resumed from {path} at step {saved['global_step']}")
+    return LoopState.from_dict(saved)
 
 
 @dataclass
@@ -63,11 +107,11 @@ def train_loop(run: RunParts, algorithm: Algorithm, resume_from_checkpoint: str 
     printed after Ctrl-C; without it the hint is the Python call. `events`: who listens to the
     training events (the TRL-style trainer's state and callbacks; see core.events)."""
     run.tracker.write(summary if summary is not None else run.summary())
-    state = run.begin(resume_from_checkpoint)
+    state = begin(run, resume_from_checkpoint)
     totals = RunTotals(start_step=state.global_step)
     events.train_begin(run, state)
     final: dict[str, float] = {}
-    if run.config.eval_on_start and run.eval_dataset is not None and state.global_step == 0:
+    if run.config.eval_on_start and run.evaluation.evaluator is not None and state.global_step == 0:
         final = run.log_eval(step=0, on_batch=events.prediction_step)
         events.evaluated(run, state, final)
     epoch_open = False
@@ -78,13 +122,13 @@ def train_loop(run: RunParts, algorithm: Algorithm, resume_from_checkpoint: str 
                 epoch_open, epoch = True, state.epoch
             phase: dict[str, float] = {}
             events.step_begin(run, state)
-            rows, state.epoch, state.cursor = run.next_prompt_rows(state.epoch, state.cursor)
+            rows, state.epoch, state.cursor = run.order.next_rows(state.epoch, state.cursor)
             out = algorithm.step(run, rows, state, phase, events)
             state.global_step += out.optimizer_steps
             state.samples_seen += run.world_size * out.samples
             state.skipped_steps += out.skipped
             metrics = step_metrics(run, out, phase, state)
-            asked = events.step_end(run, state, metrics)
+            asked = events.step_end(run, state, metrics, out)
             happened = end_of_step(run, state, metrics, out, asked, events)
             totals.add(metrics, run.world_size * out.samples)
             final = metrics
@@ -95,7 +139,7 @@ def train_loop(run: RunParts, algorithm: Algorithm, resume_from_checkpoint: str 
                 events.epoch_end(run, state)
                 epoch_open = False
             # one collective decides for every rank: 2 = Ctrl-C somewhere, 1 = a listener asked to stop
-            decision = run.global_max(2 * int(stop.requested) + int(then.stop))
+            decision = run.comm.global_max(2 * int(stop.requested) + int(then.stop))
             if decision >= 2 and state.global_step < run.total_steps:
                 return interrupted(run, state, final, happened, resume_command)
             if decision:
@@ -145,9 +189,9 @@ def interrupted(run: RunParts, state: LoopState, final: dict, events: dict,
                 resume_command: str | None) -> dict[str, float]:
     """After a Ctrl-C: a checkpoint of this step (unless end_of_step just saved one), the plot, the hint."""
     cfg = run.config
-    path = events["saved"] or run.save_checkpoint(state)
+    path = events["saved"] or save_run_checkpoint(run, state.to_dict())
     run.tracker.close(plot=cfg.plot)
-    if run.rank == 0 and path:
+    if run.comm.rank == 0 and path:
         how = (f"{resume_command} resume_from_checkpoint={path}" if resume_command
                else f"trainer.train(resume_from_checkpoint={path!r})")
         run.tracker.write(f"stopped at step {state.global_step} of {run.total_steps}; checkpoint: {path}\n"
@@ -200,11 +244,11 @@ def sample_and_score(run: RunParts, rows: list[int], state: LoopState, phase: di
     """G trajectories per prompt, scored. The sampling seed of a step is
     `seed + 1_000_003 * global_step + world_size * round_ + rank` (round_: dynamic sampling's extra
     rounds), so a resumed run samples what the straight run did.
-    `run.guard`: an exception on one rank stops every rank now, naming it, not at a timeout."""
-    seed = run.config.seed + 1_000_003 * state.global_step + run.world_size * round_ + run.rank
-    with timed(phase, "time/generate"), run.guard("generation"):
+    `run.comm.guard`: an exception on one rank stops every rank now, naming it, not at a timeout."""
+    seed = run.config.seed + 1_000_003 * state.global_step + run.world_size * round_ + run.comm.rank
+    with timed(phase, "time/generate"), run.comm.guard("generation"):
         trajectories = run.sample(rows, seed=seed)
-    with timed(phase, "time/reward"), run.guard("the reward functions"):
+    with timed(phase, "time/reward"), run.comm.guard("the reward functions"):
         return run.score(trajectories)
 
 
@@ -235,6 +279,7 @@ class GRPO:
                                  else float(getattr(model_cfg, "router_aux_loss_coef", 0.001)))
                                 if has_router_aux_loss(run.model) else None)
         self.warned: set[str] = set()
+        self.group_size = cfg.num_generations
 
     def advantages(self, run: RunParts, rollout: Rollout) -> torch.Tensor:
         """Group-relative advantages; the batch statistics ("batch" scaling, GDPO's second half)
@@ -243,8 +288,8 @@ class GRPO:
         if cfg.multi_objective_aggregation == "normalize_then_sum":
             weights = torch.tensor(cfg.reward_weights or [1.0] * rollout.rewards_per_func.shape[1])
             summed = normalize_then_sum(rollout.rewards_per_func, weights, cfg.num_generations)
-            return batch_normalized(summed, run.gather_values(summed))
-        batch = run.gather_values(rollout.rewards) if cfg.scale_rewards == "batch" else None
+            return batch_normalized(summed, run.comm.gather_values(summed))
+        batch = run.comm.gather_values(rollout.rewards) if cfg.scale_rewards == "batch" else None
         return group_advantages(rollout.rewards, cfg.num_generations, scale_rewards=cfg.scale_rewards,
                                 estimator=cfg.advantage_estimator, batch_rewards=batch)
 
@@ -282,13 +327,13 @@ class GRPO:
             if run.world_size > 1:
                 # every rank runs as many forwards as the rank with the most (merging depends on the
                 # data): the same collectives everywhere, whatever each rank has to train
-                mbs = pad_micro_batches(mbs, run.global_max(len(mbs)))
+                mbs = pad_micro_batches(mbs, run.comm.global_max(len(mbs)))
             chunks.append((mbs, accumulation))
         with timed(phase, "time/logprobs"):
             add_fixed_logprobs(run, [mb for mbs, _ in chunks for mb in mbs])
         # the normalisers of one optimizer step: the generation's totals over its k steps (TRL's)
-        num_items = run.global_sum(sum(mb.completion_mask.sum() for mbs, _ in chunks for mb in mbs)) / k
-        num_sequences = run.global_sum(torch.tensor(float(len(rollout)))) / k
+        num_items = run.comm.global_sum(sum(mb.completion_mask.sum() for mbs, _ in chunks for mb in mbs)) / k
+        num_sequences = run.comm.global_sum(torch.tensor(float(len(rollout)))) / k
 
         step_stats: list[dict[str, torch.Tensor]] = []
         skipped = 0
@@ -309,9 +354,12 @@ class GRPO:
             state.algorithm["ref_model"] = run.ref_model.state_dict()
         return StepOutput(rollout=rollout, step_stats=step_stats, samples=len(rollout),
                           optimizer_steps=len(step_stats), skipped=skipped,
-                          extra={"frac_reward_zero_std": 1.0 - groups_with_signal(rollout.rewards, cfg.num_generations).float().mean(),
-                                 **sampling_stats},
+                          extra={"frac_reward_zero_std": self.frac_without_signal(rollout), **sampling_stats},
                           per_sample={"advantage": advantages})
+
+    def frac_without_signal(self, rollout: Rollout) -> float:
+        """frac_reward_zero_std: the groups whose advantages are all 0 (algos.groups_with_signal)."""
+        return 1.0 - float(groups_with_signal(rollout.rewards, self.group_size).float().mean())
 
     def sample_batch(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> tuple[Rollout, dict]:
         """The step's scored groups. With DAPO's dynamic sampling, groups whose rewards are all
@@ -328,10 +376,10 @@ class GRPO:
         parts, rounds = [rollout], 0
         while True:
             signal = sum(int(v) for p in parts for v in groups_with_signal(p.rewards, g))
-            if not run.global_max(int(signal < target)) or rounds >= cfg.dynamic_sampling_max_rounds:
+            if not run.comm.global_max(int(signal < target)) or rounds >= cfg.dynamic_sampling_max_rounds:
                 break
             rounds += 1
-            more, state.epoch, state.cursor = run.next_prompt_rows(state.epoch, state.cursor)
+            more, state.epoch, state.cursor = run.order.next_rows(state.epoch, state.cursor)
             parts.append(sample_and_score(run, more, state, phase, round_=rounds))
         whole = concat_rollouts(parts)
         informative = groups_with_signal(whole.rewards, g).tolist()
@@ -353,8 +401,10 @@ class GRPO:
         cfg = run.config
         g = cfg.num_generations_eval or cfg.num_generations
         rows = list(range(len(evaluator.prompt_ids)))
-        with run.guard("evaluation"):
-            rollout = run.score(run.sample(rows, seed=cfg.seed + 7_919, data=evaluator, n=g), data=evaluator)
+        with run.comm.guard("evaluation"), run.generation_context():
+            params = run.sampling_params(cfg.seed + 7_919)
+            rollout = run.score(evaluator.sampler(run.engine).sample(evaluator.prompts, rows, g, params),
+                                evaluator.prompts)
         advantages = group_advantages(rollout.rewards, g, scale_rewards=cfg.scale_rewards,
                                       estimator=cfg.advantage_estimator) if g > 1 else torch.zeros(len(rollout))
         mbs = make_micro_batches(rollout, cfg.per_device_eval_batch_size * g, advantages=advantages,
@@ -395,7 +445,7 @@ class GRPO:
         run.model.train()
         totals: dict[str, torch.Tensor] = {}
         want_entropy = cfg.top_entropy_quantile < 1.0 or self.entropy.enabled
-        gather = run.gather_values if run.world_size > 1 else None
+        gather = run.comm.gather_values if run.world_size > 1 else None
         for i, mb in enumerate(micro_batches):
             sync = run.no_sync() if i < len(micro_batches) - 1 else nullcontext()
             with sync, run.autocast():
@@ -483,7 +533,7 @@ class EntropyBonus:
     def end_of_optimizer_step(self, run: RunParts, stats: dict) -> None:
         if not self.adaptive or self.window is None:
             return
-        total = run.global_sum(self.window)
+        total = run.comm.global_sum(self.window)
         world = float(total[0] / total[1].clamp(min=1.0))
         self.coef = (min(self.coef + self.delta, self.high) if world <= self.target
                      else max(self.coef - self.delta, self.low))
@@ -549,14 +599,12 @@ def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out:
     metrics join `metrics`. Returns what happened: {"logged", "evaluated", "saved"}."""
     cfg, tracker, step = run.config, run.tracker, state.global_step
     if run.world_size > 1:  # the same decisions on every rank: evaluation and saving are collective
-        bits = run.global_max(int(asked.log) | int(asked.evaluate) << 1 | int(asked.save) << 2)
+        bits = run.comm.global_max(int(asked.log) | int(asked.evaluate) << 1 | int(asked.save) << 2)
         asked = Requests(log=bool(bits & 1), evaluate=bool(bits & 2), save=bool(bits & 4))
     logging_step = step % cfg.logging_steps == 0 or asked.log
     happened: dict[str, Any] = {"logged": logging_step, "evaluated": {}, "saved": None}
     tracker.log(step, metrics)
     tracker.update_progress(step, metrics)
-    if out.rollout is not None:  # kept for trainer._logs, built only when read (generation_logs)
-        run.latest_step = (out.rollout, out.per_sample)
     if out.rollout is not None and cfg.log_completions and (logging_step or step == 1):
         rows = sample_rows(out.rollout, out.per_sample, cfg.num_completions_to_print)
         # at logging steps two are printed: the first and one that scored differently, if any
@@ -567,8 +615,9 @@ def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out:
     if logging_step:
         tracker.write(_format_line(step, metrics))
         events.logged(run, state, metrics)
-    due = cfg.eval_strategy == "steps" and (step % cfg.eval_steps == 0 or step >= run.total_steps)
-    if (due or asked.evaluate) and run.eval_dataset is not None:
+    due = cfg.eval_strategy == "steps" and (step % (cfg.eval_steps or cfg.logging_steps) == 0
+                                            or step >= run.total_steps)
+    if (due or asked.evaluate) and run.evaluation.evaluator is not None:
         happened["evaluated"] = run.log_eval(step, on_batch=events.prediction_step)
         metrics.update(happened["evaluated"])
         events.evaluated(run, state, happened["evaluated"])
@@ -576,7 +625,8 @@ def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out:
         tracker.write(f"step {step}: a callback asked to evaluate (control.should_evaluate), but there is no eval "
                       "set: pass eval_dataset= (or set dataset_test_split).")
     if (cfg.save_strategy == "steps" and (step % cfg.save_steps == 0 or step >= run.total_steps)) or asked.save:
-        happened["saved"] = run.save_checkpoint(state) or os.path.join(cfg.output_dir, f"checkpoint-{step}")
+        happened["saved"] = save_run_checkpoint(run, state.to_dict()) or os.path.join(cfg.output_dir,
+                                                                                       f"checkpoint-{step}")
         events.saved(run, state)
     return happened
 
@@ -605,10 +655,10 @@ def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) 
         local[k] = torch.stack([torch.as_tensor(s[k], dtype=torch.float32).cpu() for s in out.step_stats]).mean()
     for k, v in out.extra.items():
         local[k] = v
-    metrics = run.reduce_metrics(local) if local else {}
+    metrics = run.comm.reduce_metrics(local) if local else {}
     if rollout is not None:  # all ranks: the mean length over ranks x every rank's completions
         metrics["completions/tokens"] = metrics["completions/mean_length"] * len(rollout) * run.world_size
-        metrics.update(run.mean_over_ranks(rollout.logged_metrics))  # a reward's log_metric(name, value)
+        metrics.update(run.comm.mean_over_ranks(rollout.logged_metrics))  # a reward's log_metric(name, value)
         metrics.update({k: float(v) for k, v in rollout.reward_stats.items() if k not in metrics and _is_number(v)})
     if rollout is not None and rollout.tool_stats is not None:
         metrics.update(tool_metrics(run, rollout.tool_stats))
@@ -620,7 +670,7 @@ def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) 
     metrics["learning_rate"] = run.scheduler.get_last_lr()[0]
     metrics["skipped_steps"] = float(state.skipped_steps)
     metrics["samples"] = float(state.samples_seen)
-    metrics["epoch"] = state.epoch + state.cursor / max(1, run.num_train_rows)
+    metrics["epoch"] = state.epoch + state.cursor / max(1, len(run.train))
     return metrics
 
 
@@ -628,37 +678,11 @@ def tool_metrics(run: RunParts, stats: torch.Tensor) -> dict[str, float]:
     """Multi-turn metrics over every rank (TRL's tools/call_frequency: calls per completion;
     tools/failure_frequency: failed calls per call), and grpokit's: timeouts and malformed calls
     (per call and per completion), model turns per completion."""
-    turns, calls, failures, timeouts, malformed, n = run.global_sum(
+    turns, calls, failures, timeouts, malformed, n = run.comm.global_sum(
         torch.cat([stats.sum(0).float(), torch.tensor([float(len(stats))])])).tolist()
     return {"tools/call_frequency": calls / n, "tools/failure_frequency": failures / calls if calls else 0.0,
             "tools/timeout_frequency": timeouts / calls if calls else 0.0, "tools/malformed_frequency": malformed / n,
             "turns/mean": turns / n}
-
-
-def generation_logs(run: RunParts, rollout: Rollout, per_sample: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The latest step's samples on this rank, shaped as TRL's `trainer._logs`: "prompt",
-    "completion" (as the rewards saw them), "rewards" {function: [N]}, "advantages", "extra"
-    (the rewards' log_extra columns) and "images" (each completion's prompt images, when the step
-    had images and log_multimodal is on)."""
-    n = len(rollout.completions)
-    images: list = []
-    if run.config.log_multimodal and rollout.images is not None and any(v is not None for v in rollout.images):
-        column = run.columns.get("images") or run.columns.get("image")
-        if column is not None:
-            images = [_as_list(column[r]) for r in rollout.row_index]
-    advantages = per_sample.get("advantage")
-    return {
-        "images": images,
-        "prompt": list(rollout.prompts),
-        "completion": list(rollout.completions),
-        "rewards": {name: rollout.rewards_per_func[:, j].tolist() for j, name in enumerate(rollout.reward_names)},
-        "advantages": advantages.tolist() if advantages is not None else [0.0] * n,
-        "extra": {name: list(col) for name, col in rollout.logged_columns.items()},
-    }
-
-
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else ([] if value is None else [value])
 
 
 def sample_rows(rollout: Rollout, per_sample: dict[str, torch.Tensor], limit: int | None) -> list[dict[str, Any]]:

@@ -170,7 +170,7 @@ class GenerateEngine:
         text there, as in training), at the sampling temperature."""
         from grpokit.core.batch import make_micro_batches
         from grpokit.core.forward import completion_logprobs
-        from grpokit.core.trajectory import Trajectories
+        from grpokit.trajectory import Trajectories
 
         gen = sequences[:, width:].cpu().tolist()
         n = len(rows)

@@ -63,6 +63,8 @@ class Trajectories:
                                          # object shared by the group; None for a text prompt); None: no images
     completion_images: list | None = None  # per sample: the images in its completion (tool results;
                                            # VisionInputs over the completion tokens, with slots) or None
+    environments: list | None = None     # per sample: its environment object (environment_factory), for
+                                         # the rewards' `environments=`; None: no environments
 
     def __post_init__(self):
         if self.nonfinite is not None and len(self.nonfinite) != len(self.completion_ids):
