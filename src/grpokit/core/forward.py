@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from grpokit.algos import LOSS_TYPES, chunked_logprobs, is_local_mean, entropy_from_logits, selective_log_softmax
+from grpokit.algos import LOSS_TYPES, chunked_logprobs, entropy_from_logits, is_local_mean, selective_log_softmax
 from grpokit.core.batch import MicroBatch
 from grpokit.core.prefix import DENSE_ROW_TOKENS, MAX_SEGMENT_TOKENS, packed_hidden, scatter_to_grid, supports_packed
-from grpokit.core.vision import multimodal_base, packed_inputs, padded_inputs, vision_tower_trained
+from grpokit.core.vision import (is_vision_model, multimodal_base, packed_inputs, padded_inputs, uses_mrope,
+                                 vision_tower_trained)
 
 
 def unwrap(model):
@@ -61,6 +62,40 @@ def has_router_aux_loss(model) -> bool:
     return bool(getattr(text_config(model), "output_router_logits", False))
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the training forward needs to know about a model, read once (`ModelInfo.of`) and
+    carried by the plan, so that no forward re-probes the model. Facts only (no module
+    references): a frozen reference copy shares its policy's."""
+
+    plain_head: bool          # logits are exactly hidden @ lm_head.weight.T (the chunked lm_head applies)
+    packable: bool            # the decoder takes the packed shared-prefix layout (with a plain head)
+    vlm: bool                 # encodes images (get_image_features)
+    mrope: bool               # 3-D M-RoPE positions (Qwen-VL families)
+    per_layer_inputs: bool    # per-layer token embeddings (Gemma 3n / Gemma 4)
+    router: bool              # a mixture of experts returning router logits (its load-balancing loss)
+    vision_trained: bool      # some vision-tower parameter is trained (features with gradients)
+
+    @classmethod
+    def of(cls, model) -> "ModelInfo":
+        inner = unwrap(model)
+        text = text_config(inner)
+        plain = plain_linear_head(inner) is not None
+        vlm = is_vision_model(inner)
+        return cls(plain_head=plain, packable=plain and supports_packed(inner), vlm=vlm,
+                   mrope=vlm and uses_mrope(inner), per_layer_inputs=bool(getattr(text, "hidden_size_per_layer_input",
+                                                                                  None)),
+                   router=bool(getattr(text, "output_router_logits", False)),
+                   vision_trained=vlm and vision_tower_trained(inner))
+
+    def describe(self) -> str:
+        kinds = [name for name, on in (("vision-language", self.vlm), ("M-RoPE", self.mrope),
+                                       ("per-layer inputs", self.per_layer_inputs), ("mixture of experts", self.router))
+                 if on]
+        return "model: " + (", ".join(kinds) if kinds else "text") + (
+            "; vision tower trained" if self.vision_trained else "")
+
+
 def router_balance_loss(model, router_logits, attention_mask=None) -> torch.Tensor:
     """The model family's own load-balancing loss (transformers' `load_balancing_loss_func` of its
     modeling module) over `router_logits` (one [tokens, experts] tensor per MoE layer)."""
@@ -78,8 +113,7 @@ def router_balance_loss(model, router_logits, attention_mask=None) -> torch.Tens
 
 def uses_packed_forward(model) -> bool:
     """Whether `completion_logprobs` takes the shared-prefix packed path for this model."""
-    inner = unwrap(model)
-    return plain_linear_head(inner) is not None and supports_packed(inner)
+    return ModelInfo.of(model).packable
 
 
 CPU_CHUNK_BYTES = 32 << 20
@@ -100,7 +134,7 @@ def lm_head_chunk_rows(head: torch.nn.Linear, chunk_size: int | None = None) -> 
 def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entropy: bool = False,
                         chunk_size: int | None = None, packed: bool | None = None,
                         max_segment_tokens: int = MAX_SEGMENT_TOKENS, dense_row_tokens: int = DENSE_ROW_TOKENS,
-                        value_head=None, router_aux: bool = False):
+                        value_head=None, router_aux: bool = False, info: ModelInfo | None = None):
     """Per-token logprobs [B, C] of the completion tokens under `model` (at `temperature`), and
     their entropies when asked (0 on padding): `(logps, entropy or None)`, or with a
     `value_head` (a module mapping hidden states [..., H] to values [...], PPO's critic)
@@ -115,20 +149,23 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
     completion positions go through the lm_head, `chunk_size` rows at a time (None: ~32 MiB of
     fp32 logits on CPU, 1024 rows on GPU), so no [B, P+C, V] (or full [K, V] fp32) logits
     tensor is ever kept. `router_aux=True` (a mixture-of-experts model): the model's own
-    load-balancing loss over the tokens of the forward is appended to the returned tuple."""
+    load-balancing loss over the tokens of the forward is appended to the returned tuple.
+    `info`: the model's facts (the run passes its plan's, read once); None reads them now.
+    A micro-batch holding images in tool results takes the padded layout (the plan says so)."""
     t = temperature if temperature > 0 else 1.0
+    info = info if info is not None else ModelInfo.of(model)
     inner = unwrap(model)
-    head = plain_linear_head(inner)
+    head = inner.get_output_embeddings() if info.plain_head else None
     if head is not None:
         chunk_size = lm_head_chunk_rows(head, chunk_size)
     if packed is None:
-        packed = head is not None and supports_packed(inner)
-    shape = tuple(mb.completion_ids.shape)
+        packed = info.packable
+    shape = (int(mb.completion_ids.shape[0]), int(mb.completion_ids.shape[1]))
     # prompts with images: features once per distinct prompt (grpokit.core.vision), with gradients
     # only when the vision tower is trained
     tool_images = mb.completion_vision is not None and any(v is not None for v in mb.completion_vision)
     vision = tool_images or (mb.vision is not None and any(v is not None for v in mb.vision))
-    vision_grad = vision and vision_tower_trained(inner)
+    vision_grad = vision and info.vision_trained
     if tool_images:  # images inside completions (tool results): the padded layout places them
         packed = False
 
@@ -140,7 +177,7 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
         return out + (aux[0] if aux else torch.zeros((), device=logps.device),) if router_aux else out
 
     if packed:
-        if head is None or not supports_packed(inner):
+        if head is None or not info.packable:
             raise ValueError(f"{type(inner).__name__} cannot take the packed shared-prefix forward "
                              "(needs eager/sdpa full attention and a plain linear lm_head); use packed=False.")
         layout = mb.layout(max_segment_tokens)
@@ -157,32 +194,36 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
             extra = packed_inputs(inner, mb, layout, mb.image_features, grad=vision_grad)
         else:
             decoder = inner.get_decoder()
-        hidden = packed_hidden(decoder, layout, next(decoder.parameters()).dtype, dense_row_tokens=dense_row_tokens,
-                               router_logits=router_aux, extra=extra)
+        decoded = packed_hidden(decoder, layout, next(decoder.parameters()).dtype, dense_row_tokens=dense_row_tokens,
+                                router_logits=router_aux, extra=extra)
+        hidden: torch.Tensor
         if router_aux:
-            hidden, routed = hidden
+            hidden, routed = decoded
             aux.append(router_balance_loss(inner, routed))
+        else:
+            hidden = decoded
         if hidden.dtype != head.weight.dtype:  # cast_lm_head_to_fp32: the head's matmul in float32
             hidden = hidden.to(head.weight.dtype)
         out = chunked_logprobs(hidden, head.weight, layout.targets, temperature=t, chunk_size=chunk_size,
                                return_entropy=with_entropy)
-        logps, entropy = out if with_entropy else (out, None)
+        logps, entropy = (cast(tuple[torch.Tensor, torch.Tensor], out) if with_entropy
+                          else (cast(torch.Tensor, out), None))
         return done(scatter_to_grid(logps, layout, shape),
-                    scatter_to_grid(entropy, layout, shape) if with_entropy else None,
+                    scatter_to_grid(entropy, layout, shape) if entropy is not None else None,
                     lambda vh: scatter_to_grid(vh(hidden), layout, shape))
     p, c = mb.prompt_width, shape[1]
     inputs = (padded_inputs(inner, mb, mb.image_features, grad=vision_grad) if vision else
               {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask, "position_ids": mb.position_ids})
     if head is not None and hasattr(inner, "get_decoder"):
         backbone = multimodal_base(inner) if vision else inner.get_decoder()
-        decoded = backbone(**inputs, use_cache=False, **({"output_router_logits": True} if router_aux else {}))
+        states = backbone(**inputs, use_cache=False, **({"output_router_logits": True} if router_aux else {}))
         if router_aux:
-            aux.append(router_balance_loss(inner, decoded.router_logits, mb.attention_mask))
-        hidden = decoded.last_hidden_state
-        hidden = hidden[:, p - 1:p - 1 + c]  # position t predicts token t+1
+            aux.append(router_balance_loss(inner, states.router_logits, mb.attention_mask))
+        hidden = states.last_hidden_state[:, p - 1:p - 1 + c]  # position t predicts token t+1
         out = chunked_logprobs(hidden, head.weight, mb.completion_ids, temperature=t,
                                chunk_size=chunk_size, return_entropy=with_entropy)
-        logps, entropy = out if with_entropy else (out, None)
+        logps, entropy = (cast(tuple[torch.Tensor, torch.Tensor], out) if with_entropy
+                          else (cast(torch.Tensor, out), None))
         return done(logps, entropy, lambda vh: vh(hidden))
     out = model(**inputs, use_cache=False, output_hidden_states=value_head is not None,
                 **({} if value_head is not None else {"logits_to_keep": c + 1}),
@@ -243,6 +284,8 @@ class ForwardPlan:
     never_empty: bool = False     # several ranks: every forward runs the whole model (same collectives)
     old_logps: str = "current"    # current (num_iterations = 1) | sampler (reused) | recomputed once per batch
     reference: str = "none"       # none (beta = 0) | adapter_off (LoRA) | frozen_copy
+    model: ModelInfo | None = None   # the model's facts, read once (None: each forward reads them)
+    tool_images_padded: bool = False  # micro-batches holding images in tool results take the padded layout
 
     def __post_init__(self):
         if self.old_logps not in OLD_LOGPS:
@@ -253,7 +296,7 @@ class ForwardPlan:
     def forward_kwargs(self) -> dict[str, Any]:
         """The arguments of `completion_logprobs` that this plan fixes."""
         return {"packed": self.packed, "chunk_size": self.chunk_rows, "max_segment_tokens": self.max_segment_tokens,
-                "dense_row_tokens": self.dense_row_tokens}
+                "dense_row_tokens": self.dense_row_tokens, "info": self.model}
 
     def describe(self) -> list[str]:
         """The summary's lines: what the training forward does, and what it skips."""
@@ -265,6 +308,8 @@ class ForwardPlan:
         extras = [("micro-batches merged while they fit one padded micro-batch" if self.merge else None),
                   ("advantage-0 completions left out of the forward" if self.skip_zero_advantage else None),
                   ("every rank runs as many whole-model forwards as the others" if self.never_empty else None)]
+        if self.packed and self.tool_images_padded:
+            extras.append("micro-batches holding images in tool results: padded rows (they place the images)")
         if any(extras):
             lines.append("  " + "; ".join(e for e in extras if e))
         lines.append({"current": "skipped: old logprobs (num_iterations=1: they equal the current ones)",
@@ -277,7 +322,8 @@ class ForwardPlan:
 
 
 def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, needs_reference: bool,
-                        overrides: dict[str, Any] | None = None, external_sampler: bool = False) -> ForwardPlan:
+                        overrides: dict[str, Any] | None = None, external_sampler: bool = False,
+                        tool_images: bool = False) -> ForwardPlan:
     """Every decision of the training forward for this run's config, model and engine.
 
     `external_sampler`: the completions come from elsewhere (TRL's rollout_func), so their
@@ -288,18 +334,21 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
     `overrides` replaces fields of the result (benchmark ablations, tests): e.g.
     `{"packed": False}`, `{"merge": False}`, `{"skip_zero_advantage": False}`,
     `{"dense_row_tokens": 1 << 30}`; a field that would make the run wrong (packed on a model that
-    cannot take it, merging a per-micro-batch loss) is an error."""
+    cannot take it, merging a per-micro-batch loss) is an error. `tool_images`: tool results may
+    hold images (a vision-language model with tools): such micro-batches take the padded layout.
+    The model's facts are read here, once (`ModelInfo`), and carried by the plan."""
     inner = unwrap(model)
-    head = plain_linear_head(inner)
+    info = ModelInfo.of(model)
+    head = inner.get_output_embeddings() if info.plain_head else None
     # pad_to_multiple_of asks for fixed padded shapes: the padded layout (the packed one has no padding)
-    packed = head is not None and supports_packed(inner) and not getattr(cfg, "pad_to_multiple_of", None)
+    packed = info.packable and not getattr(cfg, "pad_to_multiple_of", None)
     # a loss that is not a GRPO-family policy loss (DPO's) has no plain sum over micro-batches either
     local_means = cfg.loss_type not in LOSS_TYPES or is_local_mean(cfg.loss_type)
     # the entropy mask (a per-micro-batch quantile) and the entropy bonus (a per-micro-batch mean,
     # zero-advantage tokens included) are defined per micro-batch of TRL's layout
     # (so is a MoE router's load-balancing loss: a mean over each micro-batch's tokens, all rows)
     entropy_mask = (cfg.top_entropy_quantile < 1.0 or getattr(cfg, "entropy_coef", 0.0) != 0.0
-                    or getattr(cfg, "use_adaptive_entropy", False) or has_router_aux_loss(model))
+                    or getattr(cfg, "use_adaptive_entropy", False) or info.router)
     old = "current"
     # off-policy updates on one generation: num_iterations passes, or steps_per_generation chunks
     reused = cfg.num_iterations > 1 or (hasattr(cfg, "updates_per_generation") and cfg.updates_per_generation() > 1)
@@ -308,7 +357,7 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
         old = "sampler" if not external_sampler and sampler_logps_are_old_logps(
             model, engine, temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"],
             min_p=sampling["min_p"], repetition_penalty=sampling["repetition_penalty"]) else "recomputed"
-    fields = dict(
+    fields: dict[str, Any] = dict(
         packed=packed,
         chunk_rows=lm_head_chunk_rows(head) if head is not None else None,
         # micro-batches may be joined when the loss is a plain sum over them (global normalisers:
@@ -318,6 +367,7 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
         never_empty=world_size > 1,
         old_logps=old,
         reference="none" if not needs_reference else ("adapter_off" if is_peft else "frozen_copy"),
+        model=info, tool_images_padded=tool_images,
     )
     for key, value in (overrides or {}).items():
         if key not in {f.name for f in dataclasses.fields(ForwardPlan)}:

@@ -305,7 +305,8 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                                         reward_runner=runner, multiturn=multiturn, processor=models.processor)
     plan = choose_forward_plan(cfg, policy, engine, world_size=world, is_peft=models.is_peft,
                                needs_reference=needs_reference, overrides=forward_plan,
-                               external_sampler=rollout_func is not None)
+                               external_sampler=rollout_func is not None,
+                               tool_images=multiturn is not None and models.vlm)
     if rollout_func is not None:
         notes.append(_rollout_func_note(cfg, plan))
     image_features = None

@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["SandboxLimits", "SandboxSession", "SandboxBackend", "LocalSandbox", "CommandSandbox",
            "SandboxUnavailable", "SandboxError", "SandboxTimeout", "SandboxClosed"]
@@ -76,6 +76,7 @@ class SandboxSession:
     def __init__(self, proc: subprocess.Popen, limits: SandboxLimits, on_close=None):
         self.proc, self.limits, self._on_close = proc, limits, on_close
         self.deadline = time.monotonic() + limits.wall_seconds
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None  # started with PIPEs
         self._out, self._err = proc.stdout.fileno(), proc.stderr.fileno()
         self._buf = b""
         self._stderr = bytearray()
@@ -97,6 +98,7 @@ class SandboxSession:
             raise SandboxClosed("the sandbox is closed")
         data = json.dumps(msg).encode()
         data = struct.pack(">I", len(data)) + data
+        assert self.proc.stdin is not None
         fd = self.proc.stdin.fileno()
         deadline = min(deadline or self.deadline, self.deadline)
         while data:
@@ -161,7 +163,8 @@ class SandboxSession:
             pass
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             try:
-                f.close()
+                if f is not None:
+                    f.close()
             except OSError:
                 pass
         if self._on_close is not None:
@@ -409,7 +412,7 @@ class LocalSandbox:
             shutil.rmtree(root, ignore_errors=True)
             self._uids.put(uid)
             raise
-        cfg = {"isolate": self.isolation, "root": root, "workdir": root, "uid": uid, "gid": uid,
+        cfg: dict[str, Any] = {"isolate": self.isolation, "root": root, "workdir": root, "uid": uid, "gid": uid,
                "python": self.inside_python if self.isolation else self.python, "server": str(SERVER_PATH),
                "binds": self.binds, "library_path": self.library_path if self.isolation else "",
                "parent_pid": os.getpid(),
