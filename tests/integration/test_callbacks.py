@@ -4,12 +4,16 @@ should_epoch_stop, should_training_stop) are honoured."""
 
 import os
 
+import pytest
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
 from grpokit import GRPOConfig, GRPOTrainer
 from tests.helpers import make_char_tokenizer, make_tiny_model
+
+# every test here trains
+pytestmark = pytest.mark.train
 
 EVENTS = ("on_init_end", "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_step_begin",
           "on_step_end", "on_substep_end", "on_pre_optimizer_step", "on_optimizer_step", "on_log", "on_evaluate",

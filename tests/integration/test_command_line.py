@@ -110,6 +110,7 @@ def test_eval_and_generate_work_on_the_shipped_model_with_their_defaults(capsys)
     assert rc == 0 and out.count("'12+7=' ->") == 2
 
 
+@pytest.mark.train
 def test_runs_do_not_mix_in_one_output_dir(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["train", "max_steps=2", "output_dir=run", "eval_strategy=no", *SMALL]
@@ -137,6 +138,7 @@ def _train(tmp_path, *extra, env=None):
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@pytest.mark.train
 def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_exactly(tmp_path):
     """SIGINT after the first step: the step in progress finishes, a checkpoint and the plot are
     written and the resume command is printed; running that command (the reward is a
@@ -207,6 +209,7 @@ def lingering(prompts, completions, **kw):
 '''
 
 
+@pytest.mark.train
 def test_a_thread_left_by_a_reward_does_not_keep_the_finished_run_alive(tmp_path):
     (tmp_path / "strayreward.py").write_text(STRAY_THREAD_REWARD)
     started = time.time()
@@ -221,6 +224,7 @@ def test_a_thread_left_by_a_reward_does_not_keep_the_finished_run_alive(tmp_path
     assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
 
 
+@pytest.mark.train
 def test_trl_grpo_script_flags_work_on_grpokit_train(capsys, tmp_path, monkeypatch):
     """The flags of `trl grpo` (TrlParser: `--key value`, lists as `--key a b`, `--config`,
     ScriptArguments/ModelConfig names) run `grpokit train` unchanged."""

@@ -3,12 +3,16 @@ several updates per generated batch the old log-probs come from the trainer's fo
 the rollout_func reports cannot change the update; only a run that declares them the trainer's own
 (forward_plan old_logps='sampler') trains on them."""
 
+import pytest
 import torch
 from datasets import Dataset
 
 from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.rollout import SamplingParams
 from tests.helpers import make_char_tokenizer, make_tiny_model
+
+# every test here trains
+pytestmark = pytest.mark.train
 
 G = 4
 

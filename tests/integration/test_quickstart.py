@@ -10,6 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# the quickstart's `grpokit train`
+pytestmark = pytest.mark.train
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

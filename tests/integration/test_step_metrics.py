@@ -2,10 +2,14 @@
 
 import json
 
+import pytest
 from datasets import Dataset
 
 from grpokit import GRPOConfig, GRPOTrainer
 from tests.helpers import make_char_tokenizer, make_tiny_model
+
+# every test here trains
+pytestmark = pytest.mark.train
 
 
 def test_the_step_logs_frac_reward_zero_std_with_none_rewards(tmp_path):

@@ -13,6 +13,8 @@ from grpokit.data import get_task
 from grpokit.data.vision_tasks import COLORS, PARTNER, SHAPES, answered_color, color_reward, draw_shape
 from grpokit.models import starter_model_path
 
+pytestmark = pytest.mark.vision
+
 
 def test_the_pictures_hold_one_shape_of_the_answer_colour():
     rng = random.Random(0)
@@ -70,6 +72,7 @@ def test_the_starter_is_a_vision_language_model_with_its_processor():
     assert meta["reference_swap_rate"] == 0.5 and 0.4 < meta["held_out_after"]["accuracy"] < 0.65
 
 
+@pytest.mark.train
 def test_grpo_on_the_colors_task_from_the_command_line(tmp_path, capsys):
     """`grpokit train task=colors` on the shipped starter: 60 steps (about 10 s here) lift the
     held-out greedy accuracy (the starter mixes up the partner colours about half the time)."""
@@ -89,6 +92,7 @@ def test_grpo_on_the_colors_task_from_the_command_line(tmp_path, capsys):
     assert result["prompts"] == 16 and 0.0 <= result["eval/accuracy"] <= 1.0
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("log_multimodal", [True, False])
 def test_the_latest_steps_samples_keep_their_pictures(tmp_path, log_multimodal):
     """trainer._logs (TRL's record of the latest generation batch) holds each completion's prompt,

@@ -13,6 +13,9 @@
   with a copy of the test file whose import line is switched back to `trl` (see README.md); on a
   CPU-only machine it also defaults TRL's `bf16` to False, which TRL 1.16 sets to True and
   transformers 5 then refuses ("Your setup doesn't support bf16/gpu").
+- the tiers (pyproject.toml): every test of this folder is marked `trl`, those of TRL's file that
+  train `train` (tests.helpers.item_trains: TRL's file stays as it is upstream), those on the
+  vision-language stand-ins ("VLM" or "multimodal" in the name) `vision`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ import os
 import pytest
 
 from .standins import hub_cache
+
+try:
+    from tests.helpers import item_trains
+except ImportError:  # this folder copied alone, to check the stand-ins against TRL (README.md)
+    def item_trains(item) -> bool:
+        return False
 
 IMPL = os.environ.get("GRPOKIT_TRL_COMPAT_IMPL", "grpokit")
 # GRPOKIT_TRL_COMPAT_MARKS=0 runs every test unmarked (to see what a skip hides, or to re-check the table)
@@ -86,6 +95,17 @@ def _rel(item) -> str | None:
 _SKIPPED = pytest.StashKey[set]()
 
 
+def _is_vision(nodeid: str) -> bool:
+    return "VLM" in nodeid or "multimodal" in nodeid
+
+
+def pytest_configure(config):
+    # the tiers applied below, declared here too for a copy of this folder run without pyproject.toml
+    for line in ("trl: TRL's own tests and the checks on its stand-ins (tests/trl_compat)",
+                 "train: runs optimizer steps", "vision: vision-language models"):
+        config.addinivalue_line("markers", line)
+
+
 def pytest_collection_modifyitems(session, config, items):
     used = set()
     skipped = config.stash.setdefault(_SKIPPED, set())
@@ -93,6 +113,12 @@ def pytest_collection_modifyitems(session, config, items):
         rel = _rel(item)
         if rel is None:
             continue
+        item.add_marker(pytest.mark.trl)
+        if rel.startswith("test_grpo_trainer.py::"):  # TRL's file, unchanged: its tiers are set here
+            if item_trains(item):
+                item.add_marker(pytest.mark.train)
+            if _is_vision(item.nodeid):
+                item.add_marker(pytest.mark.vision)
         mark = _marks_for(rel) if APPLY_MARKS else None
         if mark is not None:
             for key in (rel, rel.split("[", 1)[0], "::".join(rel.split("[", 1)[0].split("::")[:2])):
@@ -118,7 +144,7 @@ def pytest_collection_modifyitems(session, config, items):
 def _needs_image_datasets(session) -> bool:
     """Whether a test that will run (not deselected, not skipped by MARKS) reads zen-image."""
     skipped = session.config.stash.get(_SKIPPED, set())
-    return any(("VLM" in item.nodeid or "multimodal" in item.nodeid) and item.nodeid not in skipped
+    return any(_is_vision(item.nodeid) and item.nodeid not in skipped
                for item in session.items if _rel(item))
 
 

@@ -119,6 +119,7 @@ def test_reward_model_by_registry_name_in_the_runner(rm_path):
     runner.close()
 
 
+@pytest.mark.train
 def test_reward_models_as_trl_takes_them(rm_path, tmp_path):
     """reward_funcs may name a reward model by path (or hub id), or hold a loaded sequence
     classifier, with or without reward_processing_classes; the reward is named after the model

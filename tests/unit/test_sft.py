@@ -26,6 +26,7 @@ def _cfg(tmp_path, **kw):
     return SFTConfig(**base)
 
 
+@pytest.mark.train
 def test_a_few_steps_lower_the_loss_and_save(tmp_path: Path):
     metrics = run_sft(_cfg(tmp_path))
     assert metrics["final_loss"] < 0.6 * metrics["first_loss"]
@@ -38,6 +39,7 @@ def test_a_few_steps_lower_the_loss_and_save(tmp_path: Path):
     assert json.loads((out / "sft_config.json").read_text())["learning_rate"] == 1e-2
 
 
+@pytest.mark.train
 def test_same_seed_same_loss(tmp_path: Path):
     a = run_sft(_cfg(tmp_path, max_steps=5, save=False, eval_num_prompts=0))
     b = run_sft(_cfg(tmp_path, max_steps=5, save=False, eval_num_prompts=0))
@@ -69,6 +71,7 @@ def test_completion_only_loss_ignores_prompt_tokens_in_the_gradient(tmp_path: Pa
     torch.testing.assert_close(loss, manual)
 
 
+@pytest.mark.train
 def test_conversational_prompt_completion_dataset(tmp_path: Path):
     rows = [{"prompt": [{"role": "user", "content": f"{i}+1="}],
              "completion": [{"role": "assistant", "content": str(i + 1)}]} for i in range(16)]
@@ -115,6 +118,7 @@ def test_config_parses_a_json_model_config(tmp_path: Path):
         _cfg(tmp_path, model_config="{nope")
 
 
+@pytest.mark.train
 def test_next_stage_continues_the_same_model(tmp_path: Path):
     cfg = _cfg(tmp_path, max_steps=20, eval_num_prompts=0,
                next_stage={"task_kwargs": {"num_train": 64, "num_eval": 8, "max_operand": 20,
@@ -136,6 +140,7 @@ def test_next_stage_continues_the_same_model(tmp_path: Path):
         _cfg(tmp_path, next_stage={"model_config": TINY})
 
 
+@pytest.mark.train
 def test_missing_completion_column(tmp_path: Path):
     path = tmp_path / "p.jsonl"
     datasets.Dataset.from_dict({"prompt": ["a"]}).to_json(str(path))
