@@ -30,14 +30,18 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from tests.helpers import make_tiny_llama
+
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]  # on the launched processes' path too: dist_common imports tests.helpers
 sys.path.insert(0, str(HERE))
 
 from dist_common import (MAX_STEPS, SAVE_STEPS, WORLD, as_if_ranks, config, model_for,  # noqa: E402
-                         prompts_ds, reward_for, tiny)
+                         prompts_ds, reward_for)
 
 pytestmark = [
     pytest.mark.distributed,
+    pytest.mark.train,  # every test reads runs trained on two ranks (or one)
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"),
 ]
 
@@ -59,7 +63,7 @@ def _free_port() -> int:
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]),
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT), env.get("PYTHONPATH", "")]),
                TOKENIZERS_PARALLELISM="false", **extra)
     if os.path.exists("/sys/class/net/lo"):
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
@@ -98,7 +102,7 @@ class Launch:
 def launches(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     # for the CLI runs: a tiny model saved to disk and a JSONL dataset
-    model, tok = tiny()
+    model, tok = make_tiny_llama()
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     with open(root / "prompts.jsonl", "w") as f:

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from grpokit.core.forward import uses_packed_forward
-from grpokit.core.trajectory import Trajectories
+from grpokit.trajectory import Trajectories
 from grpokit.core.vision import ImageFeatures
 from grpokit.data.vision import encode_vision_prompt, load_processor
-from tests.unit.test_vision import assert_matches_reference, grads, picture, reference_logprobs, weighted
+from tests.helpers import assert_matches_reference, grads, picture, reference_logprobs, weighted
+
+pytestmark = pytest.mark.vision
 
 ORG = "trl-internal-testing"
 MODELS = ["tiny-Gemma3ForConditionalGeneration", "tiny-Gemma4ForConditionalGeneration",

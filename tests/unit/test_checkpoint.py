@@ -16,27 +16,21 @@ from grpokit.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from tests.helpers import make_tiny_model
 
 CONFIG = {"model_name_or_path": "tiny-llama", "learning_rate": 1e-3, "seed": 0,
           "num_generations": 4, "max_steps": 6, "output_dir": "out"}
 TOTAL = 6  # steps of the straight run; the resumed run saves after TOTAL // 2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~50x slower with 2 OpenMP threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models run ~50x slower with 2 OpenMP threads on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed, **overrides):
-    torch.manual_seed(seed)
-    kwargs = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=64, attention_dropout=0.1)
-    kwargs.update(overrides)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
+    """A 64-id Llama with attention dropout (a resume must restore the torch RNG), training mode;
+    `overrides`: config fields (hidden_size=48, ...)."""
+    return make_tiny_model(arch="llama", vocab_size=64, num_kv_heads=None, max_positions=None, seed=seed,
+                           eval_mode=False, attention_dropout=0.1, **overrides)
 
 
 def build(seed, **overrides):
@@ -97,6 +91,7 @@ def first_half(tmp_path):
                            scheduler=scheduler, trainer_state=state, config=CONFIG)
 
 
+@pytest.mark.train
 def test_resume_is_bit_for_bit_equal_to_a_straight_run(tmp_path):
     expected, expected_lr = straight_run()
     path = first_half(tmp_path)
@@ -117,6 +112,7 @@ def test_resume_is_bit_for_bit_equal_to_a_straight_run(tmp_path):
     assert scheduler.get_last_lr() == expected_lr
 
 
+@pytest.mark.train
 def test_resume_without_rng_restore_differs(tmp_path):
     """The step really depends on the RNGs, so the exact-resume test above can fail."""
     expected, _ = straight_run()
@@ -167,6 +163,7 @@ def lora_model(seed):
     return peft.get_peft_model(base, config)
 
 
+@pytest.mark.train
 def test_peft_checkpoint_holds_only_the_adapter_and_round_trips(tmp_path):
     import peft
     from safetensors.torch import load_file
@@ -331,6 +328,7 @@ def test_mismatched_weights_name_the_keys(tmp_path):
         load_checkpoint(path, model=tiny_llama(0, num_hidden_layers=1))
 
 
+@pytest.mark.train
 def test_optimizer_that_does_not_fit_is_a_clear_error(tmp_path):
     model, optimizer, _, _ = build(0)
     train_step(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),

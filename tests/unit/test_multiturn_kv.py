@@ -7,21 +7,16 @@ finished rows and prefills only the new tokens. Same tokens, same logprobs (gree
 whatever the batch composition, waves or cache growth.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from grpokit.envs import run_turns
 from grpokit.rollout import HFEngine, SamplingParams
 from grpokit.rollout.sampling import row_keys, row_uniforms, sample
-from tests.unit.test_rollout import one_thread  # noqa: F401 - the module's autouse fixture: one torch thread
+from tests.helpers import bench_models, make_bench_tiny_model
 
-_spec = importlib.util.spec_from_file_location(
-    "grpokit_bench_models", Path(__file__).resolve().parents[2] / "benchmarks" / "_models.py")
-models = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(models)
+models = bench_models()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread
 
 VOCAB = 256
 PROMPTS = [[5, 40, 77, 100, 3, 9, 31], [60, 61], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
@@ -110,7 +105,7 @@ def tok():
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_kv_reuse_equals_reencoding(arch, temperature, tok):
-    model = models.build_model("tiny", arch=arch, seed=3).eval()
+    model = make_bench_tiny_model(tok, arch, seed=3)
     params = SamplingParams(max_tokens=40, temperature=temperature, seed=11)
     ref = reference(model, PROMPTS, 3, params, 40, turns=4)
     got, engine = engine_run(model, tok, PROMPTS, 3, params, 40, turns=4)
@@ -124,7 +119,7 @@ def test_kv_reuse_equals_reencoding(arch, temperature, tok):
 def test_kv_reuse_with_waves_and_cache_growth(tok):
     """A small token budget splits the rollout into waves (a group over several); every wave
     grows its cache past the planned capacity (holes left by parked rows and padded results)."""
-    model = models.build_model("tiny", arch="qwen2", seed=5).eval()
+    model = make_bench_tiny_model(tok, "qwen2", seed=5)
     params = SamplingParams(max_tokens=48, temperature=1.0, seed=2)
     ref = reference(model, PROMPTS, 4, params, 48, turns=6)
     got, engine = engine_run(model, tok, PROMPTS, 4, params, 48, turns=6, max_batch_tokens=150)
@@ -136,7 +131,7 @@ def test_kv_reuse_with_waves_and_cache_growth(tok):
 
 def test_fallback_reencodes_with_the_same_protocol(tok):
     """An engine without generate_multiturn gets the whole conversation again each turn (n=1)."""
-    model = models.build_model("tiny", arch="qwen2", seed=3).eval()
+    model = make_bench_tiny_model(tok, "qwen2", seed=3)
     calls = []
 
     class Plain:
@@ -170,7 +165,7 @@ def test_waves_test_grows_the_cache(tok, monkeypatch):
         return original(self, columns)
 
     monkeypatch.setattr(SlotCache, "ensure_capacity", spy)
-    model = models.build_model("tiny", arch="qwen2", seed=5).eval()
+    model = make_bench_tiny_model(tok, "qwen2", seed=5)
     engine_run(model, tok, PROMPTS, 4, SamplingParams(max_tokens=48, temperature=1.0, seed=2), 48, turns=6,
                max_batch_tokens=150)
     assert grown

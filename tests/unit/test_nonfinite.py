@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grpokit.core.loop import vanished_advantages
-from tests.unit.test_batch import tiny_trainer
+from tests.helpers import tiny_trainer
 
 
 def nan_logits_for_some_rows(model, every=3):
@@ -22,6 +22,7 @@ def nan_logits_for_some_rows(model, every=3):
     return model.get_output_embeddings().register_forward_hook(hook)
 
 
+@pytest.mark.train
 def test_nan_logits_in_generation_are_counted_and_never_trained_on(tmp_path):
     trainer = tiny_trainer(tmp_path, max_steps=2, logging_steps=1)
     nan_logits_for_some_rows(trainer.model)
@@ -33,6 +34,7 @@ def test_nan_logits_in_generation_are_counted_and_never_trained_on(tmp_path):
     assert all(r["skipped_steps"] == 0 for r in steps)
 
 
+@pytest.mark.train
 def test_nan_logits_raise_when_asked(tmp_path):
     trainer = tiny_trainer(tmp_path, max_steps=1, on_nonfinite="raise")
     nan_logits_for_some_rows(trainer.model)
@@ -42,7 +44,7 @@ def test_nan_logits_raise_when_asked(tmp_path):
 
 def test_the_nonfinite_samples_are_out_of_the_mask():
     from grpokit.core.batch import make_micro_batches
-    from grpokit.core.trajectory import Trajectories
+    from grpokit.trajectory import Trajectories
 
     traj = Trajectories(row_index=[0, 0], prompts=[None] * 2, completions=[None] * 2, prompt_ids=[[5], [5]],
                         completion_ids=[[1, 2], [3]], sampling_logps=[[float("nan"), -1.0], [-0.5]],
@@ -52,6 +54,7 @@ def test_the_nonfinite_samples_are_out_of_the_mask():
     assert torch.isfinite(mb.sampling_logps).all()
 
 
+@pytest.mark.train
 def test_rewards_that_overflow_the_group_statistics_are_warned_about(tmp_path):
     """Rewards of +-1e38: the group std overflows float32 and every advantage comes out 0 (the
     update does nothing); the run says so once, with the fix."""

@@ -9,8 +9,7 @@ from grpokit.core import prefix
 from grpokit.core.batch import make_micro_batches
 from grpokit.core.forward import completion_logprobs, uses_packed_forward
 from grpokit.core.prefix import build_packed_layout, find_segments
-from grpokit.core.trajectory import Trajectories
-from tests.helpers import make_char_tokenizer, make_tiny_model
+from tests.helpers import make_char_tokenizer, make_tiny_model, random_rollout
 
 
 @pytest.fixture(params=["dense", "prefix"])
@@ -31,27 +30,6 @@ def attention(request):
         AttentionInterface.register(prefix.ATTENTION_NAME, prefix.prefix_attention)
     else:
         yield request.param, calls, {}
-
-
-def random_rollout(g=4, n_prompts=3, seed=0, vocab=100, max_prompt=12, max_completion=9, empty_row=None):
-    """n_prompts groups of g rows; prompt and completion lengths random (completions >= 1 token)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def ids(lo, hi):
-        return torch.randint(4, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=gen)),), generator=gen).tolist()
-
-    prompts, comps = [], []
-    for _ in range(n_prompts):
-        p = ids(1, max_prompt)
-        for _ in range(g):
-            prompts.append(p)
-            comps.append(ids(1, max_completion))
-    if empty_row is not None:
-        comps[empty_row] = []
-    n = len(prompts)
-    return Trajectories(row_index=[i // g for i in range(n)], prompts=[None] * n, completions=[None] * n,
-                        prompt_ids=prompts, completion_ids=comps, sampling_logps=[[0.0] * len(c) for c in comps],
-                        truncated=torch.zeros(n, dtype=torch.bool))
 
 
 def forward_and_grads(model, mb, packed, temperature=0.7, seed=0, **kw):

@@ -14,7 +14,7 @@ import torch
 
 from grpokit.rewards import RewardError, RewardRunner, RewardTimeout, describe_rewards, load_reward_funcs
 
-import test_rewards_poolfuncs as pf
+import pool_reward_funcs as pf
 
 P = ["p0", "p0", "p1", "p1"]
 C = ["a", "bb", "ccc", "dddd"]
@@ -294,7 +294,7 @@ def test_pool_never_reruns_an_unguarded_main_script(tmp_path):
         "import os, sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from grpokit.rewards.pool import PoolTask, WorkerPool, payload_for\n"
-        "import test_rewards_poolfuncs as pf\n"
+        "import pool_reward_funcs as pf\n"
         "print('script body ran', flush=True)\n"
         "def in_main(prompts, completions, **kw):\n"
         "    return [0.0]\n"

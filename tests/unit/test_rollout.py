@@ -3,39 +3,29 @@
 Tokenizer: character-level + filler words (benchmarks/_models.py), ids 0/1/2 = pad/eos/bos.
 """
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from grpokit.rollout import Completion, Engine, HFEngine, SamplingParams, make_engine
 from grpokit.rollout.sampling import processed_logprobs
+from tests.helpers import bench_models, make_bench_tiny_model
 
-_spec = importlib.util.spec_from_file_location(
-    "grpokit_bench_models", Path(__file__).resolve().parents[2] / "benchmarks" / "_models.py")
-models = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(models)
+models = bench_models()
 
 EOS = models.EOS
 VOCAB = 256
 PROMPTS = [[5, 40, 77, 100, 3, 9, 31], [60, 61], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [200, 201, 202, 4]]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight the other tests for the cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# tiny models run faster on one thread (and do not fight the other tests for the cores)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(arch="qwen2", eos_p=None, seed=0, sharpen=1.0):
     """A random tiny model; `sharpen` scales the (tied) embeddings so that the next-token
     distribution is far from uniform; `eos_p` makes EOS about that likely per step."""
-    model = models.build_model("tiny", arch=arch, seed=seed)
+    model = make_bench_tiny_model(models.build_tokenizer(VOCAB), arch, seed=seed)
     with torch.no_grad():
         model.lm_head.weight.mul_(sharpen)
     if eos_p:
@@ -356,7 +346,7 @@ class _FakeVLLM:
 
             self.calls.append((prompts, sp))
             outs = []
-            for p in prompts:
+            for _ in prompts:
                 comps = []
                 for j in range(sp["n"]):
                     ids = [10 + j, EOS] if j % 2 == 0 else [20 + j, 21 + j]

@@ -5,27 +5,22 @@ Qwen2-VL (M-RoPE positions) and LLaVA models built here; the vision tower runs o
 
 import pytest
 import torch
-from PIL import Image
 
 from grpokit.core.batch import make_micro_batches
 from grpokit.core.forward import completion_logprobs, uses_packed_forward
-from grpokit.core.trajectory import Trajectories
+from grpokit.trajectory import Trajectories
 from grpokit.core.vision import ImageFeatures, vision_parameters
 from grpokit.data.vision import encode_vision_prompt, multimodal_messages, open_image
-from grpokit.models import new_vision_model, new_vision_processor
+from tests.helpers import assert_matches_reference, grads, make_tiny_vlm, picture, reference_logprobs, weighted
+
+pytestmark = pytest.mark.vision
 
 FAMILIES = ["qwen2_vl", "llava"]
 
 
-def picture(seed: int, size=(56, 56)) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8).numpy())
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def vlm(request):
-    processor = new_vision_processor(request.param)
-    model = new_vision_model(processor, request.param, seed=0)
+    processor, model = make_tiny_vlm(request.param, seed=0)
     return request.param, processor, model
 
 
@@ -50,46 +45,6 @@ def vision_rollout(processor, g=3, seed=0):
     return Trajectories(row_index=[i // g for i in range(n)], prompts=[None] * n, completions=[None] * n,
                         prompt_ids=prompt_ids, completion_ids=comps, sampling_logps=[[0.0] * len(c) for c in comps],
                         truncated=torch.zeros(n, dtype=torch.bool), images=visions)
-
-
-def reference_logprobs(model, traj, temperature):
-    """The model's own forward, one row at a time, with the row's pixel values (as TRL runs it)."""
-    out = []
-    for p, c, v in zip(traj.prompt_ids, traj.completion_ids, traj.images):
-        ids = torch.tensor([p + c])
-        kw = {}
-        if v is not None:
-            kw.update(v.tensors)
-            for key, t in v.token_tensors.items():
-                kw[key] = torch.cat([t, torch.zeros((1, len(c)), dtype=t.dtype)], dim=1)
-        logits = model(input_ids=ids, **kw).logits[0, len(p) - 1:-1] / temperature
-        out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0])
-    return out
-
-
-def weighted(logps_rows):
-    return sum((lp * torch.linspace(0.5, 1.5, lp.numel())).sum() for lp in logps_rows)
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_matches_reference(model, traj, ref, ref_grads, *, temperature, packed, features, pad_id, atol=2e-5):
-    """grpokit's training forward of `traj` (one micro-batch) gives the reference logprobs `ref`
-    (per row) and, through the same weighted sum, the reference gradients of every parameter."""
-    model.zero_grad(set_to_none=True)
-    (mb,) = make_micro_batches(traj, len(traj), pad_id=pad_id, device="cpu", mask_truncated=False,
-                               image_features=features)
-    logps, _ = completion_logprobs(model, mb, temperature=temperature, packed=packed)
-    rows = [logps[b, :len(c)] for b, c in enumerate(traj.completion_ids)]
-    for got, want in zip(rows, ref):
-        torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
-    weighted(rows).backward()
-    got_grads = grads(model)
-    assert set(got_grads) == set(ref_grads), (packed, set(got_grads) ^ set(ref_grads))
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(got_grads[name], g, atol=atol, rtol=1e-3, msg=lambda m, k=name: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("packed", [True, False])

@@ -1,5 +1,6 @@
-"""Reward functions for the process-pool tests, in a module that imports nothing heavy (no torch),
-so that a worker process unpickling them starts in milliseconds. No tests here."""
+"""Reward functions for the process-pool tests of test_rewards_runner.py, in a module that imports
+nothing heavy (no torch), so that a worker process unpickling them starts in milliseconds. Not a test
+module (no `test_` prefix): test modules do not import one another."""
 
 import os
 import time
