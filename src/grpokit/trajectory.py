@@ -43,6 +43,52 @@ class Segment:
         return self.source == MODEL
 
 
+@dataclass
+class ToolCounts:
+    """One multi-turn sample's counts, kept by the driver as its conversation goes."""
+
+    turns: int = 0            # model turns
+    tool_calls: int = 0       # tool calls made
+    tool_failures: int = 0    # calls that failed: raised, unknown tool, timed out
+    tool_timeouts: int = 0    # calls past their deadline
+    malformed_calls: int = 0  # turns whose tool calls could not be parsed (they end the conversation)
+
+
+TOOL_COUNTS = tuple(f.name for f in dataclasses.fields(ToolCounts))
+
+
+@dataclass(frozen=True)
+class ToolStats:
+    """The multi-turn counts of N samples: per count of `ToolCounts`, an [N] long tensor."""
+
+    counts: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, samples: list[ToolCounts]) -> "ToolStats":
+        return cls({name: torch.tensor([getattr(c, name) for c in samples], dtype=torch.long) for name in TOOL_COUNTS})
+
+    @classmethod
+    def zeros(cls, n: int) -> "ToolStats":
+        return cls({name: torch.zeros(n, dtype=torch.long) for name in TOOL_COUNTS})
+
+    def __len__(self) -> int:
+        return len(self.counts[TOOL_COUNTS[0]])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.counts[name]
+
+    def select(self, idx: list[int]) -> "ToolStats":
+        pick = torch.tensor(idx, dtype=torch.long)
+        return ToolStats({name: t[pick] for name, t in self.counts.items()})
+
+    @classmethod
+    def concat(cls, parts: list["ToolStats"]) -> "ToolStats":
+        return cls({name: torch.cat([p.counts[name] for p in parts]) for name in TOOL_COUNTS})
+
+    def sums(self) -> dict[str, float]:
+        return {name: float(t.sum()) for name, t in self.counts.items()}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Trajectories:
     """N sampled trajectories: each a prompt, then completion tokens (model and external segments)."""
@@ -56,8 +102,8 @@ class Trajectories:
     truncated: torch.Tensor              # [N] bool: stopped by the completion budget
     segments: list[list[Segment]] | None = None   # None: each completion is one model segment
     nonfinite: torch.Tensor | None = None   # [N] bool: the sampler's logprobs were NaN/inf (never trained)
-    tool_stats: torch.Tensor | None = None  # [N, 5] long, multi-turn: turns, tool calls, failures, timeouts,
-                                            # malformed calls (grpokit.envs.TOOL_STATS); None: single-turn
+    tool_stats: ToolStats | None = None  # multi-turn: each sample's turns, tool calls, failures, timeouts and
+                                         # malformed calls; None: single-turn
     extra_columns: dict[str, list] | None = None  # per-sample columns for the rewards (rollout_func's extra fields)
     images: list | None = None           # per sample: its prompt's images (grpokit.data.vision.VisionInputs, one
                                          # object shared by the group; None for a text prompt); None: no images
@@ -107,6 +153,8 @@ class Trajectories:
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(self):
                 out[f.name] = v[pick]
+            elif isinstance(v, ToolStats):
+                out[f.name] = v.select(idx)
             elif f.name == "extra_columns" and v is not None:
                 out[f.name] = {k: [col[i] for i in idx] for k, col in v.items()}
             elif isinstance(v, list) and len(v) == len(self) and f.name != "reward_names":
@@ -158,8 +206,8 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
             out[f.name] = None if all(v is None for v in values) else [
                 x for p, v in zip(parts, values) for x in (v if v is not None else [None] * len(p))]
         elif f.name == "tool_stats":
-            out[f.name] = None if all(v is None for v in values) else torch.cat(
-                [v if v is not None else torch.zeros((len(p), 5), dtype=torch.long) for p, v in zip(parts, values)])
+            out[f.name] = None if all(v is None for v in values) else ToolStats.concat(
+                [v if v is not None else ToolStats.zeros(len(p)) for p, v in zip(parts, values)])
         elif isinstance(values[0], torch.Tensor):
             out[f.name] = torch.cat(values)
         elif values[0] is None:

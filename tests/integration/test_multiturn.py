@@ -40,7 +40,7 @@ def test_the_multiply_task_trains_on_conversations_with_the_tool(tmp_path):
     assert all(0 < e["tools/call_frequency"] <= 1 for e in log if "tools/call_frequency" in e)
     assert any(e.get("tools/failure_frequency") == 0.0 for e in log)
     traj = sampled[0]
-    called = [i for i in range(len(traj)) if traj.tool_stats[i, 1] > 0]
+    called = [i for i in range(len(traj)) if traj.tool_stats["tool_calls"][i] > 0]
     assert called, "the starter model calls the tool"
     i = called[0]
     roles = [m["role"] for m in traj.completions[i]]

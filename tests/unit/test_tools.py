@@ -92,7 +92,7 @@ def test_a_tool_result_comes_back_as_the_templates_tool_turn():
                                    "<|im_start|>assistant\n"
     c = d.conv[0]
     assert c.messages[-1] == {"role": "tool", "name": "multiply", "content": "42"}
-    assert [s.source for s in c.segments] == ["model", "external"] and c.stats[:3] == [1, 1, 0]
+    assert [s.source for s in c.segments] == ["model", "external"] and (c.counts.turns, c.counts.tool_calls, c.counts.tool_failures) == (1, 1, 0)
     assert c.logps[-len(going[0]):] == [0.0] * len(going[0])
 
 
@@ -123,7 +123,8 @@ def test_a_failing_call_gives_its_error_as_the_result_and_is_counted(tool, args,
     going = d.continuations()
     content = d.conv[0].messages[-1]["content"]
     assert 0 in going and content.startswith("{'error': ")  # the model sees the error (TRL's form) and goes on
-    assert d.conv[0].stats[1:4] == [1, 1, 0]
+    k = d.conv[0].counts
+    assert (k.tool_calls, k.tool_failures, k.tool_timeouts) == (1, 1, 0)
     if name == "nope":
         assert "Tool nope not found" in content
 
@@ -135,7 +136,8 @@ def test_a_hanging_tool_times_out_and_is_counted():
     going = d.continuations()
     assert time.perf_counter() - t0 < 2.0
     assert 0 in going and "timed out after 0.3 s" in d.conv[0].messages[-1]["content"]
-    assert d.conv[0].stats[1:4] == [1, 1, 1]
+    k = d.conv[0].counts
+    assert (k.tool_calls, k.tool_failures, k.tool_timeouts) == (1, 1, 1)
 
 
 def test_tools_of_different_samples_run_concurrently():
@@ -162,7 +164,7 @@ def test_a_malformed_call_is_counted_and_ends_the_conversation(text):
     d.turn_ended(0, ids(text), [0.0] * len(ids(text)), "stop")
     assert d.continuations() == {}
     c = d.conv[0]
-    assert c.stats[4] == 1 and c.stats[1] == 0 and "tool_calls" not in c.messages[-1] and not c.truncated
+    assert c.counts.malformed_calls == 1 and c.counts.tool_calls == 0 and "tool_calls" not in c.messages[-1] and not c.truncated
 
 
 def test_a_result_past_the_budget_ends_the_sample_truncated_without_the_result():
@@ -187,7 +189,7 @@ def test_max_tool_calling_iterations():
     d.turn_ended(0, turn, [0.0] * len(turn), "stop")
     assert 0 in d.continuations()
     d.turn_ended(0, turn, [0.0] * len(turn), "stop")  # a second call: over the cap, the conversation ends
-    assert d.continuations() == {} and d.conv[0].stats[1] == 1 and "tool_calls" in d.conv[0].messages[-1]
+    assert d.continuations() == {} and d.conv[0].counts.tool_calls == 1 and "tool_calls" in d.conv[0].messages[-1]
 
 
 def test_parse_and_suffix_on_qwen3s_template_that_is_not_prefix_preserving():
@@ -277,7 +279,7 @@ def test_environment_reset_text_joins_the_prompt_and_groups_may_differ():
     assert seen[0] == (3, 1)  # three different prompts: one each
     assert [p[-1]["content"] for p in traj.prompts] == [f"count (counter {e.k})" for e in envs]
     assert [e.total for e in envs] == [5, 5, 5] and len({id(e) for e in envs}) == 3
-    assert traj.tool_stats[:, 1].tolist() == [1, 1, 1]
+    assert traj.tool_stats["tool_calls"].tolist() == [1, 1, 1]
     assert [m["role"] for m in traj.completions[0]] == ["assistant", "tool", "assistant"]
     assert traj.completions[0][-1]["content"] == "done"
     assert traj.trained_mask(0).count(True) == len(call("add", x=5)) + len(ids("done<|im_end|>"))

@@ -119,3 +119,16 @@ def test_the_forward_plan_is_chosen_once_printed_as_it_is_and_overridable(tmp_pa
     with pytest.raises(ValueError, match="skip_zero_advantage=True needs beta=0"):
         tiny_trainer(tmp_path, max_steps=1, beta=0.1, output_dir=str(tmp_path / "f"),
                      forward_plan={"skip_zero_advantage": True})
+
+
+def test_tool_stats_select_and_concat_by_name():
+    """Each count is a named [N] column; select and concat (dynamic sampling's rounds) keep them
+    attached to their samples, a single-turn part counts zeros."""
+    from grpokit.trajectory import ToolCounts, ToolStats
+
+    stats = ToolStats.of([ToolCounts(turns=1), ToolCounts(turns=2, tool_calls=1), ToolCounts(turns=3, tool_calls=2,
+                                                                                            tool_failures=1)])
+    picked = stats.select([2, 0])
+    assert picked["turns"].tolist() == [3, 1] and picked["tool_calls"].tolist() == [2, 0]
+    both = ToolStats.concat([picked, ToolStats.zeros(2)])
+    assert both["turns"].tolist() == [3, 1, 0, 0] and both.sums()["tool_failures"] == 1.0 and len(both) == 4

@@ -29,14 +29,14 @@ import torch
 
 from grpokit import memory
 from grpokit.algos import (batch_normalized, entropy_bonus, group_advantages, groups_with_signal, is_local_mean,
-                           make_policy_loss,
+                           make_policy_loss, policy_loss_fields,
                            normalize_then_sum, rollout_correction_weights, top_entropy_mask)
 from grpokit.checkpoint.runs import resume_run, save_run_checkpoint
 from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
 from grpokit.core.events import NO_EVENTS, NOTHING_ASKED, Events, Requests
 from grpokit.core.forward import has_router_aux_loss, text_config
 from grpokit.core.run import RunParts
-from grpokit.trajectory import Rollout, concat_rollouts
+from grpokit.trajectory import Rollout, ToolStats, concat_rollouts
 
 
 @dataclass
@@ -262,14 +262,8 @@ class GRPO:
     def __init__(self, run: RunParts):
         cfg = run.config
         # the objective's knobs bound once from the config; called with tensors only
-        self.objective = make_policy_loss(
-            cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
-            dual_clip=cfg.dual_clip, importance_sampling_level=cfg.importance_sampling_level, beta=cfg.beta,
-            kl_estimator=cfg.kl_estimator, use_bias_correction_kl=cfg.use_bias_correction_kl,
-            off_policy_mask_threshold=cfg.off_policy_mask_threshold, max_completion_length=cfg.max_completion_length,
-            sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
-            vespo_k_pos=cfg.vespo_k_pos, vespo_lambda_pos=cfg.vespo_lambda_pos, vespo_k_neg=cfg.vespo_k_neg,
-            vespo_lambda_neg=cfg.vespo_lambda_neg)
+        self.objective = make_policy_loss(cfg.loss_type,
+                                          **{f: getattr(cfg, f) for f in policy_loss_fields(cfg.loss_type)})
         self.local_means = is_local_mean(cfg.loss_type)
         self.entropy = EntropyBonus.from_config(cfg)
         self.ref_restored = False  # a resumed run's synced reference is loaded at its first step
@@ -674,12 +668,14 @@ def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) 
     return metrics
 
 
-def tool_metrics(run: RunParts, stats: torch.Tensor) -> dict[str, float]:
+def tool_metrics(run: RunParts, stats: ToolStats) -> dict[str, float]:
     """Multi-turn metrics over every rank (TRL's tools/call_frequency: calls per completion;
     tools/failure_frequency: failed calls per call), and grpokit's: timeouts and malformed calls
     (per call and per completion), model turns per completion."""
-    turns, calls, failures, timeouts, malformed, n = run.comm.global_sum(
-        torch.cat([stats.sum(0).float(), torch.tensor([float(len(stats))])])).tolist()
+    sums = stats.sums()
+    turns, calls, failures, timeouts, malformed, n = run.comm.global_sum(torch.tensor(
+        [sums["turns"], sums["tool_calls"], sums["tool_failures"], sums["tool_timeouts"], sums["malformed_calls"],
+         float(len(stats))])).tolist()
     return {"tools/call_frequency": calls / n, "tools/failure_frequency": failures / calls if calls else 0.0,
             "tools/timeout_frequency": timeouts / calls if calls else 0.0, "tools/malformed_frequency": malformed / n,
             "turns/mean": turns / n}

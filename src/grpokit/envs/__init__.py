@@ -8,9 +8,9 @@ turns; `chat` is the tokenizer side (rendering tools, parsing tool calls with tr
 
 from grpokit.envs.chat import check_tool_template, parse_turn, supports_tool_calling, tool_suffix_ids
 from grpokit.envs.environments import Environments, env_reward_func, environment_tools
-from grpokit.envs.rollout import TOOL_STATS, Conversation, MultiTurn, TurnDriver, check_tool, run_turns
+from grpokit.envs.rollout import Conversation, MultiTurn, TurnDriver, check_tool, run_turns
 from grpokit.envs.tools import ToolResult, ToolRunner
 
-__all__ = ["Conversation", "Environments", "MultiTurn", "TOOL_STATS", "ToolResult", "ToolRunner", "TurnDriver",
+__all__ = ["Conversation", "Environments", "MultiTurn", "ToolResult", "ToolRunner", "TurnDriver",
            "check_tool", "check_tool_template", "env_reward_func", "environment_tools", "parse_turn", "run_turns",
            "supports_tool_calling", "tool_suffix_ids"]

@@ -26,17 +26,11 @@ from typing import Callable, cast
 
 import torch
 
-from grpokit.trajectory import EXTERNAL, MODEL, Segment, Trajectories
+from grpokit.trajectory import EXTERNAL, MODEL, Segment, ToolCounts, ToolStats, Trajectories
 from grpokit.envs.chat import check_tool_template, parse_turn, tool_suffix_ids
 from grpokit.envs.environments import Environments, tool_table
 from grpokit.envs.tools import FAILED, OK, TIMEOUT, ToolRunner, tool_name
 from grpokit.rollout.base import MultiTurnEngine, capabilities_of
-
-TOOL_STATS = ("turns", "tool_calls", "tool_failures", "tool_timeouts", "malformed_calls")
-"""Columns of `Trajectories.tool_stats` [N, 5]: per sample, model turns, tool calls made, calls
-that failed (raised, unknown tool, timed out), calls that timed out, turns whose tool calls could
-not be parsed."""
-
 
 @dataclass
 class Conversation:
@@ -52,7 +46,7 @@ class Conversation:
     pending: list | None = None
     truncated: bool = False
     iterations: int = 0
-    stats: list[int] = field(default_factory=lambda: [0] * len(TOOL_STATS))
+    counts: ToolCounts = field(default_factory=ToolCounts)
     images: list = field(default_factory=list)   # (offset in ids, VisionInputs): images of tool results
 
 
@@ -101,13 +95,13 @@ class TurnDriver:
         c.ids += list(token_ids)
         c.logps += list(logprobs)
         c.segments.append(Segment(start, len(c.ids), MODEL))
-        c.stats[0] += 1
+        c.counts.turns += 1
         if not token_ids:
             c.truncated = finish_reason == "length"
             return
         message, malformed = parse_turn(self.tok, list(token_ids), c.prompt_ids + c.ids[:start], c.tool_list)
         c.messages.append(message)
-        c.stats[4] += int(malformed)
+        c.counts.malformed_calls += int(malformed)
         if finish_reason == "length":
             c.truncated = True
             return
@@ -116,7 +110,7 @@ class TurnDriver:
                 or (self.max_iterations is not None and c.iterations >= self.max_iterations)):
             return
         c.pending = [self.runner.submit(c.tools, call) for call in calls]
-        c.stats[1] += len(calls)
+        c.counts.tool_calls += len(calls)
 
     def continuations(self) -> dict[int, list[int]]:
         """Samples that go on, each with the tokens to append before its next turn. Waits for the
@@ -127,8 +121,8 @@ class TurnDriver:
                 continue
             results = [self.runner.result(p) for p in c.pending]
             c.pending = None
-            c.stats[2] += sum(r.status in (FAILED, TIMEOUT) for r in results)
-            c.stats[3] += sum(r.status == TIMEOUT for r in results)
+            c.counts.tool_failures += sum(r.status in (FAILED, TIMEOUT) for r in results)
+            c.counts.tool_timeouts += sum(r.status == TIMEOUT for r in results)
             messages = [{"role": "tool", "name": r.name,
                          "content": r.content if isinstance(r.content, list) else str(r.content)} for r in results]
             images = [part.get("image") for m in messages if isinstance(m["content"], list)
@@ -295,7 +289,7 @@ class MultiTurn:
             completion_ids=[c.ids for c in conversations], sampling_logps=[c.logps for c in conversations],
             truncated=torch.tensor([c.truncated for c in conversations], dtype=torch.bool),
             segments=[c.segments for c in conversations],
-            tool_stats=torch.tensor([c.stats for c in conversations], dtype=torch.long),
+            tool_stats=ToolStats.of([c.counts for c in conversations]),
             completion_images=([driver.completion_images(i) for i in range(len(conversations))]
                                if any(c.images for c in conversations) else None))
         return traj, envs
@@ -334,4 +328,4 @@ def check_tool(fn, where: str) -> None:
                          "Google-style docstring with an 'Args:' entry per argument.") from None
 
 
-__all__ = ["Conversation", "MultiTurn", "TOOL_STATS", "TurnDriver", "run_turns", "OK"]
+__all__ = ["Conversation", "MultiTurn", "TurnDriver", "run_turns", "OK"]
