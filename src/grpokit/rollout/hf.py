@@ -17,6 +17,10 @@ Where the speed comes from (see benchmarks/README.md for the measured effect of 
    decode step -- runs on a weight packed once per `generate` call: 1.4-2.5x faster than
    `F.linear` at 4-64 rows on a 32k vocabulary (the same product, summed in another order);
    projections under 1M weights keep `F.linear`, faster there.
+
+One decode loop (`_decode`) serves `generate` and `generate_multiturn`: a single-turn call is a
+conversation whose driver never continues (`_OneTurn`), its finished rows dropped instead of
+parked with their KV cache for a next turn.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import contextlib
 import inspect
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -146,10 +150,7 @@ class HFEngine:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
         self.stats: dict[str, float] = {}
-        # the images of the prompts of the current generate call
-        self._images: list | None = None
-        self._image_features: Any = None
-        """Phase split of the last `generate` call: prefill_s, decode_s, steps, waves, tokens."""
+        """Phase split of the last call: prefill_s, decode_s, steps, waves, generated_tokens."""
         self._check_model()
         self._router_logits = bool(getattr(_base_model(model).config, "output_router_logits", False))
         self.capabilities = self._capabilities()
@@ -177,13 +178,16 @@ class HFEngine:
         grpokit.core.vision.ImageFeatures: computed once per step when the vision tower is
         frozen), and its samples decode at the positions the images shift (M-RoPE)."""
         params = params or SamplingParams()
-        results: list[Completion | None] = [None] * (len(prompt_ids) * n)
-        self._images, self._image_features = images, image_features
-        with self._session(prompt_ids, n, params) as seed:
-            for wave in self._plan_waves(prompt_ids, n, params.max_tokens):
-                self._run_wave(wave, prompt_ids, n, params, seed, results)
-                self.stats["waves"] += 1
-        return results  # type: ignore[return-value]
+        turns = _OneTurn(len(prompt_ids) * n)
+        self._sample(prompt_ids, n, params, turns, keep_kv=False, images=images, image_features=image_features)
+        texts = self.tokenizer.batch_decode(turns.tokens, skip_special_tokens=True)  # one call for all samples
+        results = []
+        for j, (toks, logprobs, reason, text) in enumerate(zip(turns.tokens, turns.logprobs, turns.reasons, texts)):
+            if params.stop and reason == "stop" and toks[-1] not in self.eos_ids:
+                text, _ = finish_text(text, params.stop)
+            results.append(Completion(prompt_index=j // n, token_ids=toks, logprobs=logprobs, finish_reason=reason,
+                                      text=text))
+        return results
 
     def generate_multiturn(self, prompt_ids: list[list[int]], n: int, params: SamplingParams | None,
                            driver) -> None:
@@ -195,12 +199,14 @@ class HFEngine:
         results, the next turn's header) prefilled into their own cache and go on. The conversation
         is never re-encoded. `params.max_tokens` bounds each sample's whole completion (model and
         tool tokens); token t of a sample's completion is drawn with the same uniform as in
-        `generate`, so a conversation does not depend on the others in its batch."""
-        params = params or SamplingParams()
-        self._images = self._image_features = None  # multi-turn rollouts take text prompts
+        `generate`, so a conversation does not depend on the others in its batch. Text prompts."""
+        self._sample(prompt_ids, n, params or SamplingParams(), driver, keep_kv=True)
+
+    def _sample(self, prompt_ids, n, params, driver, *, keep_kv: bool, images=None, image_features=None) -> None:
+        """Every wave of one call through the one decode loop (`_run_wave`)."""
         with self._session(prompt_ids, n, params) as seed:
             for wave in self._plan_waves(prompt_ids, n, params.max_tokens):
-                self._run_wave_multiturn(wave, prompt_ids, n, params, seed, driver)
+                self._run_wave(wave, prompt_ids, n, params, seed, driver, keep_kv, images, image_features)
                 self.stats["waves"] += 1
 
     @contextlib.contextmanager
@@ -335,33 +341,42 @@ class HFEngine:
             kw["output_router_logits"] = False
         return self.model(use_cache=True, **kw).logits
 
-    def _run_wave(self, wave, prompt_ids, n, params, seed, results):
-        """Prefill the wave's prompts, decode all its rows together, fill `results`."""
+    def _run_wave(self, wave, prompt_ids, n, params, seed, driver, keep_kv: bool, images, image_features):
+        """One wave: prefill its prompts, then turns until no sample goes on (`driver.continuations()`).
+        Per wave row r, `rows.count[r]` completion tokens so far: at the start of a turn all are in
+        its KV cache (next position: rows.start[r] + count[r]); at its end all but the last sampled
+        one, which is fed with the next turn's new tokens. Single-turn sampling is a driver that
+        never continues (`_OneTurn`) with `keep_kv=False`: a row that ends leaves the batch for good."""
         t0 = time.perf_counter()
-        cache, first_logits, rows_of = self._prefill(wave, prompt_ids, params.max_tokens)
+        visions = [images[i] if images is not None else None for i, _, _ in wave]
+        cache, logits = self._prefill(wave, prompt_ids, params.max_tokens, visions, image_features, zeroed=keep_kv)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        t1 = time.perf_counter()
-        tokens, logprobs, finish = self._decode(wave, prompt_ids, n, params, seed, cache, first_logits)
-        self.stats["prefill_s"] += t1 - t0
-        self.stats["decode_s"] += time.perf_counter() - t1
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)  # one call for the wave
-        for (i, s, count), r0 in zip(wave, rows_of):
-            for k in range(count):
-                row = r0 + k
-                toks, text = tokens[row], texts[row]
-                if params.stop and finish[row] == "stop" and toks[-1] not in self.eos_ids:
-                    text, _ = finish_text(text, params.stop)
-                results[i * n + s + k] = Completion(prompt_index=i, token_ids=toks, logprobs=logprobs[row],
-                                                    finish_reason=finish[row], text=text)
-                self.stats["generated_tokens"] += len(toks)
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        sample_of = [i * n + s + k for i, s, c in wave for k in range(c)]
+        # uniforms[r, t] picks wave-row r's completion token t (counter-based, see sampling.py), hashed on the host
+        rows = _Rows(sample_of=sample_of, uniforms=row_uniforms(row_keys(seed, torch.tensor(sample_of, dtype=torch.long)),
+                                                                params.max_tokens).to(self.device),
+                     start=[len(prompt_ids[i]) + self._position_offset(v, prompt_ids[i])
+                            for (i, _, c), v in zip(wave, visions) for _ in range(c)])
+        if params.repetition_penalty != 1.0:
+            rows.seen = self._prompt_seen(wave, prompt_ids, logits.shape[-1])
+        while True:
+            t1 = time.perf_counter()
+            self._decode(cache, logits, rows, params, driver, keep_kv)
+            self.stats["decode_s"] += time.perf_counter() - t1
+            going = driver.continuations()
+            conts = [r for r in range(len(sample_of)) if sample_of[r] in going]
+            if not conts:
+                return
+            t2 = time.perf_counter()
+            logits = self._extend(cache, rows, conts, [going[sample_of[r]] for r in conts], params.max_tokens)
+            self.stats["prefill_s"] += time.perf_counter() - t2
 
-    def _prefill(self, wave, prompt_ids, max_tokens, zeroed: bool = False):
-        """Each prompt of the wave once (length-bucketed batches), its KV broadcast to its rows.
-
-        Returns the decode cache, the logits [rows, V] of each row's first token, and the first
-        row of each piece of the wave.
-        """
+    def _prefill(self, wave, prompt_ids, max_tokens, visions: list, image_features, zeroed: bool):
+        """Each prompt of the wave once (length-bucketed batches; a prompt with images, `visions[j]`
+        for piece j, alone), its KV broadcast to its rows. Returns the decode cache and the logits
+        [rows, V] of each row's first token."""
         prompts = [prompt_ids[i] for i, _, _ in wave]
         rows_of, n_rows = [], 0
         for _, _, count in wave:
@@ -370,7 +385,6 @@ class HFEngine:
         width = max(len(p) for p in prompts)
         cache: SlotCache | None = None
         first_logits: torch.Tensor | None = None
-        visions = [self._vision_of(i) for i, _, _ in wave]
         for batch in self._prefill_batches(prompts, [v is not None for v in visions]):
             b_width = len(prompts[batch[0]])
             ids = torch.tensor([[self.pad_id] * (b_width - len(prompts[j])) + list(prompts[j]) for j in batch],
@@ -384,7 +398,7 @@ class HFEngine:
             if self._logits_kw:
                 kw[self._logits_kw] = 1
             if visions[batch[0]] is not None:  # alone in its batch: the model places its image features
-                kw.update(self._image_inputs(visions[batch[0]]))
+                kw.update(self._image_inputs(visions[batch[0]], image_features))
             prefill_cache = DynamicCache()
             logits = self._forward(input_ids=ids.to(self.device), cache=prefill_cache, **kw)[:, -1, :]
             if cache is None or first_logits is None:  # the first batch (both are set together)
@@ -397,88 +411,96 @@ class HFEngine:
             cache.write_prompts(slots_t, prefill_cache, index_t,
                                 torch.tensor([len(prompts[batch[r]]) for r in index], device=self.device))
             first_logits[slots_t] = logits.index_select(0, index_t)
-        return cache, first_logits, rows_of
+        assert cache is not None and first_logits is not None  # a wave has at least one prompt
+        return cache, first_logits
 
-    def _decode(self, wave, prompt_ids, n, params, seed, cache: SlotCache, logits):
-        """Sample every row of the wave to EOS / stop string / max_tokens; finished rows leave.
-
-        Returns per wave row: token ids, their logprobs, finish reason.
-        """
+    def _decode(self, cache: SlotCache, logits, rows: "_Rows", params, driver, keep_kv: bool):
+        """The one decode loop: sample the active rows (batch positions [0, cache.b)) to the end of
+        their turn: EOS, a stop string, or the completion budget (`params.max_tokens`, counting the
+        tokens of earlier turns). A row whose turn ends is reported to `driver.turn_ended` at once and
+        leaves the batch: parked with its KV cache for a later turn (`keep_kv`), else dropped (an
+        active row from the end takes its slot)."""
         device, eos, stop = self.device, self.eos_ids, params.stop
-        n_rows = cache.b
-        global_rows = torch.tensor([i * n + s + k for i, s, c in wave for k in range(c)], dtype=torch.long)
-        # uniforms[r, t] picks wave-row r's token at step t (counter-based, see sampling.py)
-        uniforms = row_uniforms(row_keys(seed, global_rows), params.max_tokens).to(device)  # hashed on the host
-        row_ids = torch.arange(n_rows, device=device)  # wave row of each batch position
-        positions = torch.tensor([len(prompt_ids[i]) + self._position_offset(i, prompt_ids) for i, _, c in wave
-                                  for _ in range(c)], dtype=torch.long, device=device)
-        active = list(range(n_rows))  # the same, as a Python list
-        out_tokens: list[list[int]] = [[] for _ in range(n_rows)]
-        out_logprobs: list[list[float]] = [[] for _ in range(n_rows)]
-        finish = ["length"] * n_rows
+        at, seen = rows.at, rows.seen
+        active = at[:cache.b]
+        row_ids = torch.tensor(active, dtype=torch.long, device=device)  # wave row of each batch position
+        counts = torch.tensor([rows.count[r] for r in active], dtype=torch.long, device=device)
+        positions = torch.tensor([rows.start[r] + rows.count[r] for r in active], dtype=torch.long, device=device)
+        turn_tokens: dict[int, list[int]] = {r: [] for r in active}
+        turn_logps: dict[int, list[float]] = {r: [] for r in active}
+        limit = {r: params.max_tokens - rows.count[r] for r in active}
         window = (max(len(s) for s in stop) + _STOP_WINDOW_EXTRA) if stop else 0
         decode_batch = self._decode_batch_fn() if stop else None
+        leave = cache.park if keep_kv else cache.drop
         tokens: torch.Tensor | None = None  # set by the first sample() below, before step 1 reads it
-        seen: torch.Tensor | None = None  # [rows, V] tokens already in each row, for the repetition penalty
-        if params.repetition_penalty != 1.0:
-            seen = self._prompt_seen(wave, prompt_ids, logits.shape[-1])
-        for step in range(params.max_tokens):
+        step = 0
+        while cache.b > 0:
             b = cache.b
             if step > 0:
                 assert tokens is not None
                 logits = self._forward(input_ids=tokens[:b, None], position_ids=positions[:b, None],
                                        attention_mask=cache.step_mask(), cache=cache)[:, -1, :]
                 positions[:b] += 1
-            tokens, token_lp = sample(logits, params, uniforms[row_ids[:b], step],
+            tokens, token_lp = sample(logits, params, rows.uniforms[row_ids[:b], counts[:b]],
                                       seen=None if seen is None else seen[:b])
             if seen is not None:
                 seen[torch.arange(b, device=device), tokens] = True
+            counts[:b] += 1
             tok_list, lp_list = tokens.tolist(), token_lp.tolist()
-            done, tails = [], []
-            for pos, row in enumerate(active):
-                out_tokens[row].append(tok_list[pos])
-                out_logprobs[row].append(lp_list[pos])
+            # batch position -> finish reason, in the order the driver hears of them
+            ended: dict[int, Literal["stop", "length"]] = {}
+            tails = []
+            for pos in range(b):
+                r = at[pos]
+                toks = turn_tokens[r]
+                toks.append(tok_list[pos])
+                turn_logps[r].append(lp_list[pos])
                 if tok_list[pos] in eos:
-                    done.append(pos)
-                elif stop:
+                    ended[pos] = "stop"
+                    continue
+                if len(toks) >= limit[r]:
+                    ended[pos] = "length"  # unless its last token completed a stop string (below)
+                if stop:
                     tails.append(pos)
             if tails and decode_batch is not None:  # stop strings are checked on the decoded tail of each row
-                texts = decode_batch([out_tokens[active[pos]][-window:] for pos in tails])
-                done += [pos for pos, text in zip(tails, texts) if any(s in text for s in stop)]
-            for pos in done:
-                finish[active[pos]] = "stop"
+                texts = decode_batch([turn_tokens[at[pos]][-window:] for pos in tails])
+                for pos, text in zip(tails, texts):
+                    if any(s in text for s in stop):
+                        ended[pos] = "stop"
             self.stats["steps"] += 1
-            if len(done) == b or step + 1 == params.max_tokens:
-                break
-            if done:
-                moved = (tokens, positions, row_ids) if seen is None else (tokens, positions, row_ids, seen)
-                for to, frm in cache.drop(done, extra=moved):
-                    active[to] = active[frm]
-                del active[cache.b:]
-        return out_tokens, out_logprobs, finish
+            step += 1
+            if not ended:
+                continue
+            for pos, reason in ended.items():
+                r = at[pos]
+                rows.last[r] = tok_list[pos]
+                rows.count[r] += len(turn_tokens[r])
+                rows.parked_at[r] = cache.layers[0].length
+                self.stats["generated_tokens"] += len(turn_tokens[r])
+                driver.turn_ended(rows.sample_of[r], turn_tokens[r], turn_logps[r], reason)
+            moved = (tokens, positions, row_ids, counts) if seen is None else (tokens, positions, row_ids, counts, seen)
+            for to, frm in leave(list(ended), extra=moved):
+                at[to], at[frm] = at[frm], at[to]
 
-    def _vision_of(self, i: int):
-        return self._images[i] if self._images is not None else None
-
-    def _image_inputs(self, v) -> dict:
+    def _image_inputs(self, v, image_features) -> dict:
         """The model's image arguments for one prompt: its features (once per prompt; see
         grpokit.core.vision) and per-image / per-token tensors."""
         from grpokit.core.vision import ImageFeatures, encoder_outputs
 
         base = _base_model(self.model)
-        features = self._image_features if self._image_features is not None else ImageFeatures()
+        features = image_features if image_features is not None else ImageFeatures()
         kw = {"mm_encoder_outputs": encoder_outputs([features.of(base, v, grad=False)])}
         kw.update({k: t.to(self.device) for k, t in v.tensors.items() if "pixel" not in k})
         kw.update({k: t.to(self.device) for k, t in v.token_tensors.items()})
         return kw
 
-    def _position_offset(self, i: int, prompt_ids) -> int:
-        v = self._vision_of(i)
+    def _position_offset(self, v, prompt: list[int]) -> int:
+        """How far a prompt's images shift the positions of what follows it (M-RoPE); 0 without images."""
         if v is None:
             return 0
         from grpokit.core.vision import position_offset
 
-        return position_offset(_base_model(self.model), v, prompt_ids[i])
+        return position_offset(_base_model(self.model), v, prompt)
 
     def _prompt_seen(self, wave, prompt_ids, vocab: int) -> torch.Tensor:
         """[wave rows, V] bool: the tokens of each row's prompt (the repetition penalty's start)."""
@@ -489,98 +511,8 @@ class HFEngine:
             first += c
         return seen
 
-    # ------------------------------------------------------------------ multi-turn
-    def _run_wave_multiturn(self, wave, prompt_ids, n, params, seed, driver):
-        """One wave of conversations: prefill, then turns until no sample goes on (see
-        generate_multiturn). Per wave row r, `count[r]` completion tokens so far: at the start of a
-        turn all are in its KV cache (next position: prompt length + count[r]); at its end all but
-        the last sampled one, which is fed with the next turn's new tokens."""
-        t0 = time.perf_counter()
-        cache, logits, _ = self._prefill(wave, prompt_ids, params.max_tokens, zeroed=True)
-        self.stats["prefill_s"] += time.perf_counter() - t0
-        device = self.device
-        sample_of = [i * n + s + k for i, s, c in wave for k in range(c)]
-        rows = _TurnRows(
-            sample_of=sample_of, prompt_len=[len(prompt_ids[i]) for i, _, c in wave for _ in range(c)],
-            uniforms=row_uniforms(row_keys(seed, torch.tensor(sample_of, dtype=torch.long)),
-                                  params.max_tokens).to(device))
-        if params.repetition_penalty != 1.0:
-            rows.seen = self._prompt_seen(wave, prompt_ids, logits.shape[-1])
-        while True:
-            t1 = time.perf_counter()
-            self._decode_turn(cache, logits, rows, params, driver)
-            self.stats["decode_s"] += time.perf_counter() - t1
-            going = driver.continuations()
-            conts = [r for r in range(len(sample_of)) if sample_of[r] in going]
-            if not conts:
-                return
-            t2 = time.perf_counter()
-            logits = self._extend(cache, rows, conts, [going[sample_of[r]] for r in conts], params.max_tokens)
-            self.stats["prefill_s"] += time.perf_counter() - t2
-
-    def _decode_turn(self, cache: SlotCache, logits, rows: "_TurnRows", params, driver):
-        """Sample the active rows (batch positions [0, cache.b)) to the end of their turn; a row that
-        ends is reported to the driver and parked (cache.park keeps its KV)."""
-        device, eos, stop = self.device, self.eos_ids, params.stop
-        b = cache.b
-        active = rows.at[:b]
-        row_ids = torch.tensor(active, dtype=torch.long, device=device)
-        positions = torch.tensor([rows.prompt_len[r] + rows.count[r] for r in active], dtype=torch.long, device=device)
-        counts = torch.tensor([rows.count[r] for r in active], dtype=torch.long, device=device)
-        turn_tokens: dict[int, list[int]] = {r: [] for r in active}
-        turn_logps: dict[int, list[float]] = {r: [] for r in active}
-        limit = {r: params.max_tokens - rows.count[r] for r in active}
-        window = (max(len(s) for s in stop) + _STOP_WINDOW_EXTRA) if stop else 0
-        decode_batch = self._decode_batch_fn() if stop else None
-        tokens: torch.Tensor | None = None  # set by the first sample() below, before step 1 reads it
-        step = 0
-        while cache.b > 0:
-            b = cache.b
-            if step > 0:
-                assert tokens is not None
-                logits = self._forward(input_ids=tokens[:b, None], position_ids=positions[:b, None],
-                                       attention_mask=cache.step_mask(), cache=cache)[:, -1, :]
-                positions[:b] += 1
-            seen = None if rows.seen is None else rows.seen[row_ids[:b]]
-            tokens, token_lp = sample(logits, params, rows.uniforms[row_ids[:b], counts[:b]], seen=seen)
-            if rows.seen is not None:
-                rows.seen[row_ids[:b], tokens] = True
-            counts[:b] += 1
-            tok_list, lp_list = tokens.tolist(), token_lp.tolist()
-            done, reasons, tails = [], {}, []
-            for pos in range(b):
-                r = rows.at[pos]
-                turn_tokens[r].append(tok_list[pos])
-                turn_logps[r].append(lp_list[pos])
-                if tok_list[pos] in eos:
-                    done.append(pos)
-                    reasons[pos] = "stop"
-                elif len(turn_tokens[r]) >= limit[r]:
-                    done.append(pos)
-                    reasons[pos] = "length"
-                elif stop:
-                    tails.append(pos)
-            if tails and decode_batch is not None:  # tails only where there are stop strings
-                texts = decode_batch([turn_tokens[rows.at[pos]][-window:] for pos in tails])
-                for pos, text in zip(tails, texts):
-                    if any(s in text for s in stop):
-                        done.append(pos)
-                        reasons[pos] = "stop"
-            self.stats["steps"] += 1
-            step += 1
-            for pos in done:
-                r = rows.at[pos]
-                rows.last[r] = tok_list[pos]
-                rows.count[r] += len(turn_tokens[r])
-                rows.parked_at[r] = cache.layers[0].length
-                self.stats["generated_tokens"] += len(turn_tokens[r])
-                driver.turn_ended(rows.sample_of[r], turn_tokens[r], turn_logps[r], reasons[pos])
-            if done:
-                for to, frm in cache.park(done, extra=(tokens, positions, row_ids, counts)):
-                    rows.at[to], rows.at[frm] = rows.at[frm], rows.at[to]
-
-    def _extend(self, cache: SlotCache, rows: "_TurnRows", conts: list[int], exts: list[list[int]],
-                max_tokens: int):
+    # ------------------------------------------------------------------ multi-turn: the next turn
+    def _extend(self, cache: SlotCache, rows: "_Rows", conts: list[int], exts: list[list[int]], max_tokens: int):
         """Bring the rows `conts` back to the front of the batch and prefill, into each one's own
         cache, its last sampled token and its new tokens `exts` (left-padded to the longest; the
         pad columns and the columns written while it was parked are masked). Returns the logits of
@@ -589,7 +521,7 @@ class HFEngine:
         where = {r: p for p, r in enumerate(rows.at)}
         keep = set(conts)
         order = [where[r] for r in conts] + [p for p, r in enumerate(rows.at) if r not in keep]
-        cache.reorder(order)
+        cache.reorder(order, extra=() if rows.seen is None else (rows.seen,))
         rows.at = [rows.at[p] for p in order]
         inputs = [[rows.last[r]] + list(ext) for r, ext in zip(conts, exts)]
         k, width, length = len(conts), max(map(len, inputs)), cache.layers[0].length
@@ -600,7 +532,7 @@ class HFEngine:
             cache.mask[j, :, :, rows.parked_at[r]:length] = low
         pads = torch.tensor([width - len(x) for x in inputs], device=device)
         ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in inputs], dtype=torch.long, device=device)
-        start = torch.tensor([rows.prompt_len[r] + rows.count[r] - 1 for r in conts], device=device)  # the last token
+        start = torch.tensor([rows.start[r] + rows.count[r] - 1 for r in conts], device=device)  # the last token
         cols = torch.arange(width, device=device)
         position_ids = (start[:, None] - pads[:, None] + cols[None, :]).clamp_(min=0)
         real = cols[None, :] >= pads[:, None]                                      # [k, width] key is a real token
@@ -615,10 +547,10 @@ class HFEngine:
         cache.mask[:k, 0, 0, length:length + width] = torch.where(real, 0.0, low).to(cache.mask.dtype)
         for r, ext in zip(conts, exts):
             rows.count[r] += len(ext)
-        if rows.seen is not None:
-            for r, x in zip(conts, exts):
+        if rows.seen is not None:  # batch position j is conts[j] now
+            for j, x in enumerate(exts):
                 if x:
-                    rows.seen[r, torch.tensor(x, dtype=torch.long, device=device)] = True
+                    rows.seen[j, torch.tensor(x, dtype=torch.long, device=device)] = True
         return logits
 
     def _decode_batch_fn(self) -> Callable[[list[list[int]]], list[str]]:
@@ -628,14 +560,32 @@ class HFEngine:
         return lambda seqs: [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
 
 
-class _TurnRows:
-    """Per wave row of a multi-turn wave: its sample, prompt length, completion tokens so far
-    (`count`, updated when a turn ends or is extended), its last sampled token, the cache length when
-    it was parked; `at[p]` is the row at batch position p (a permutation of the rows)."""
+class _Rows:
+    """Per wave row: its sample, the position of its first completion token (prompt length + the
+    shift its images make), the uniforms of its completion tokens, the completion tokens so far
+    (`count`, updated when a turn ends or is extended), its last sampled token and the cache length
+    when it was parked; `at[p]` is the row at batch position p (a permutation of the rows); `seen`
+    [rows, V], by batch position, the tokens of each row so far (for the repetition penalty)."""
 
-    def __init__(self, sample_of: list[int], prompt_len: list[int], uniforms: torch.Tensor):
+    def __init__(self, sample_of: list[int], start: list[int], uniforms: torch.Tensor):
         n = len(sample_of)
-        self.sample_of, self.prompt_len, self.uniforms = sample_of, prompt_len, uniforms
+        self.sample_of, self.start, self.uniforms = sample_of, start, uniforms
         self.count, self.last, self.parked_at = [0] * n, [0] * n, [0] * n
         self.at = list(range(n))
         self.seen: torch.Tensor | None = None
+
+
+class _OneTurn:
+    """The driver of single-turn sampling: records each sample's one turn and never continues."""
+
+    def __init__(self, n_samples: int):
+        self.tokens: list[list[int]] = [[] for _ in range(n_samples)]
+        self.logprobs: list[list[float]] = [[] for _ in range(n_samples)]
+        self.reasons: list[Literal["stop", "length"]] = ["length"] * n_samples
+
+    def turn_ended(self, sample: int, token_ids: list[int], logprobs: list[float],
+                   finish_reason: Literal["stop", "length"]) -> None:
+        self.tokens[sample], self.logprobs[sample], self.reasons[sample] = token_ids, logprobs, finish_reason
+
+    def continuations(self) -> dict[int, list[int]]:
+        return {}

@@ -161,14 +161,16 @@ class SlotCache(Cache):
         self.set_batch(new_b)
         return list(zip(holes, movers))
 
-    def reorder(self, order: list[int]) -> None:
-        """Row p of the slots becomes row order[p] of before (the first len(order) rows)."""
+    def reorder(self, order: list[int], extra: tuple[torch.Tensor, ...] = ()) -> None:
+        """Row p of the slots becomes row order[p] of before (the first len(order) rows); `extra`
+        tensors (indexed by row) are reordered the same way."""
         idx = torch.tensor(order, device=self.mask.device)
         m = len(order)
         for layer in self.layers:
             for buf in (layer.k_buf, layer.v_buf):
                 buf[:m, :, : layer.length] = buf[idx, :, : layer.length]
-        self.mask[:m] = self.mask[idx]
+        for t in (self.mask, *extra):
+            t[:m] = t[idx]
 
     def ensure_capacity(self, columns: int) -> None:
         """At least `columns` columns per row (new columns zero and unmasked; 1.5x growth)."""
