@@ -396,9 +396,9 @@ def test_argument_errors():
 
 
 def test_a_loss_bound_once_equals_the_one_shot_call_and_checks_its_knobs_at_once():
-    """make_policy_loss binds the knobs (each objective takes only its own) and is called with
+    """make_policy_loss binds the knobs (each loss type exactly its own) and is called with
     tensors only; a bad knob fails when the loss is made, before any tensor."""
-    from grpokit.algos import make_policy_loss
+    from grpokit.algos import make_policy_loss, policy_loss_fields
     from grpokit.algos.losses import POLICY_LOSSES, token_objective
 
     g = torch.Generator().manual_seed(0)
@@ -406,7 +406,8 @@ def test_a_loss_bound_once_equals_the_one_shot_call_and_checks_its_knobs_at_once
     adv, mask = torch.tensor([1.0, -0.5, 2.0]), (torch.rand(3, 5, generator=g) > 0.2).float()
     for loss_type in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"):
         knobs = dict(epsilon=0.1, epsilon_high=0.3, delta=1.5, dual_clip=3.0, max_completion_length=5)
-        bound = make_policy_loss(loss_type, **knobs)
+        # bound from a config: exactly the knobs this loss type reads; policy_loss takes them as a config's
+        bound = make_policy_loss(loss_type, **{k: v for k, v in knobs.items() if k in policy_loss_fields(loss_type)})
         a = bound(logps, old, adv, mask, num_items_in_batch=10.0)
         b = policy_loss(logps, old, adv, mask, loss_type=loss_type, num_items_in_batch=10.0, **knobs)
         torch.testing.assert_close(a[0], b[0])
@@ -414,8 +415,10 @@ def test_a_loss_bound_once_equals_the_one_shot_call_and_checks_its_knobs_at_once
     assert set(POLICY_LOSSES) == {"clip", "cispo", "sapo", "vespo"}
     # cispo's own knob is its cap; clip's knobs are not its
     w = torch.tensor([[10.0]])
-    cispo = token_objective("cispo", epsilon_high=2.0, delta=1.1, dual_clip=5.0)
+    cispo = token_objective("cispo", epsilon_high=2.0)
     assert float(cispo(w, torch.tensor([[1.0]]), torch.tensor([[1.0]]))[0]) == -2.0  # -min(10, 2) * A * logp
+    with pytest.raises(ValueError, match="delta, dual_clip: not a knob of the 'cispo' objective"):
+        token_objective("cispo", epsilon_high=2.0, delta=1.1, dual_clip=5.0)
     with pytest.raises(ValueError, match="dual_clip=0.5 must be > 1"):
         make_policy_loss("grpo", dual_clip=0.5)
     with pytest.raises(ValueError, match="importance_sampling_level"):

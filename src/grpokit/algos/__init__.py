@@ -18,6 +18,7 @@ from grpokit.algos.losses import (
     make_policy_loss,
     off_policy_keep,
     policy_loss,
+    policy_loss_fields,
     rollout_correction_weights,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "normalize_then_sum",
     "off_policy_keep",
     "make_policy_loss",
+    "policy_loss_fields",
     "chunked_logprobs",
     "entropy_from_logits",
     "group_advantages",

@@ -33,9 +33,11 @@ are by definition local means: a trainer divides them by the number of accumulat
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 import math
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -51,7 +53,10 @@ LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
 # name (low, high, dual: clip_ratio/<name>_mean), anything else by its full stat name.
 # context: `active` [B,T] bool, `log_ratio` [B,T] (token-level logp - old, 0 off the mask) and
 # `is_weights` ([B,T] or None). An objective with `absorbs_is_weights = True` uses is_weights
-# itself (the caller then does not multiply by them). Adding an objective touches this file only.
+# itself (the caller then does not multiply by them).
+# A factory's keyword-only parameters are its knobs: GRPOConfig fields of the same names, bound
+# from the config by `make_policy_loss` (see `policy_loss_fields`). Adding an objective touches
+# this file only: the factory, its POLICY_LOSSES entry and a LOSS_TYPES entry.
 # ---------------------------------------------------------------------------------------------
 
 TokenObjective = Callable[..., LossOutput]
@@ -161,11 +166,20 @@ POLICY_LOSSES: dict[str, Callable[..., TokenObjective]] = {
 }
 
 
+def objective_knobs(name: str) -> tuple[str, ...]:
+    """The knobs of the per-token objective `name`: its factory's keyword-only parameters."""
+    parameters = inspect.signature(POLICY_LOSSES[name]).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
 def token_objective(name: str, **knobs) -> TokenObjective:
-    """The per-token objective `name` with its own knobs bound (the others in `knobs` are not its)."""
-    factory = POLICY_LOSSES[name]
-    own = inspect.signature(factory).parameters
-    return factory(**{k: v for k, v in knobs.items() if k in own})
+    """The per-token objective `name` with `knobs` bound; each must be one of its own
+    (`objective_knobs(name)`): another objective's knob is an error naming it."""
+    foreign = sorted(set(knobs) - set(objective_knobs(name)))
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)}: not a knob of the {name!r} objective "
+                         f"(its knobs: {', '.join(objective_knobs(name)) or 'none'}).")
+    return POLICY_LOSSES[name](**knobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,25 +195,30 @@ def _sequence_count(active: torch.Tensor, num_sequences) -> torch.Tensor | int |
     return active.shape[0] if num_sequences is None else num_sequences
 
 
-def aggregate_grpo(per_token_loss, active, *, max_completion_length, num_items_in_batch, num_sequences):
+# Each aggregation takes the per-call normalisers `num_items_in_batch` and `num_sequences` (None:
+# this batch's own) and, as keywords, the knobs its AGGREGATIONS entry declares.
+
+
+def aggregate_grpo(per_token_loss, active, *, num_items_in_batch=None, num_sequences=None):
     """``mean_i (sum_t l_{i,t} / max(|o_i|, 1))`` over the B local rows: mean of sequence means."""
     per_sequence = torch.where(active, per_token_loss, 0.0).sum(-1) / active.sum(-1).clamp(min=1)
     return per_sequence.mean()
 
 
-def aggregate_bnpo(per_token_loss, active, *, max_completion_length, num_items_in_batch, num_sequences):
+def aggregate_bnpo(per_token_loss, active, *, num_items_in_batch=None, num_sequences=None):
     """``sum_{i,t} l_{i,t} / max(sum mask, 1)``: token mean over this (local) batch."""
     return _masked_sum(per_token_loss, active) / active.sum().clamp(min=1)
 
 
-def aggregate_dr_grpo(per_token_loss, active, *, max_completion_length, num_items_in_batch, num_sequences):
+def aggregate_dr_grpo(per_token_loss, active, *, num_items_in_batch=None, num_sequences=None,
+                      max_completion_length: int | None = None):
     """``sum_{i,t} l_{i,t} / (num_sequences * max_completion_length)`` (Dr. GRPO; default B rows)."""
     if max_completion_length is None:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length (the config's, not the padded T).")
     return _masked_sum(per_token_loss, active) / (_sequence_count(active, num_sequences) * max_completion_length)
 
 
-def aggregate_dapo(per_token_loss, active, *, max_completion_length, num_items_in_batch, num_sequences):
+def aggregate_dapo(per_token_loss, active, *, num_items_in_batch=None, num_sequences=None):
     """``sum_{i,t} l_{i,t} / num_items_in_batch`` (default: this batch's active-token count), >= 1."""
     if num_items_in_batch is None:
         normaliser = active.sum().clamp(min=1)
@@ -210,44 +229,82 @@ def aggregate_dapo(per_token_loss, active, *, max_completion_length, num_items_i
     return _masked_sum(per_token_loss, active) / normaliser
 
 
-def aggregate_luspo(per_token_loss, active, *, max_completion_length, num_items_in_batch, num_sequences):
+def aggregate_luspo(per_token_loss, active, *, num_items_in_batch=None, num_sequences=None):
     """``mean_i sum_t l_{i,t}`` over the B local rows: mean of sequence sums (LUSPO, TRL)."""
     return torch.where(active, per_token_loss, 0.0).sum(-1).mean()
 
 
-AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
-    "grpo": aggregate_grpo,
-    "bnpo": aggregate_bnpo,
-    "dr_grpo": aggregate_dr_grpo,
-    "dapo": aggregate_dapo,
-    "luspo": aggregate_luspo,
+class Aggregation(NamedTuple):
+    """An aggregation's registration: the function, whether it is a local mean, and its knobs.
+
+    `local_mean`: a mean over the local (micro-)batch by definition (TRL's meaning): the losses of
+    the micro-batches are averaged (a trainer divides by the accumulation steps) and micro-batches
+    must not be merged. Otherwise the aggregation carries global normalisers and the parts sum.
+    `knobs`: the config fields it reads, passed to `fn` as keywords."""
+
+    fn: Callable[..., torch.Tensor]
+    local_mean: bool
+    knobs: tuple[str, ...] = ()
+
+
+AGGREGATIONS: dict[str, Aggregation] = {
+    "grpo": Aggregation(aggregate_grpo, local_mean=True),
+    "bnpo": Aggregation(aggregate_bnpo, local_mean=True),
+    "dr_grpo": Aggregation(aggregate_dr_grpo, local_mean=False, knobs=("max_completion_length",)),
+    "dapo": Aggregation(aggregate_dapo, local_mean=False),
+    "luspo": Aggregation(aggregate_luspo, local_mean=True),
 }
 
-LOSS_TYPES: dict[str, tuple[str, str]] = {
-    "grpo": ("clip", "grpo"),
-    "bnpo": ("clip", "bnpo"),
-    "dr_grpo": ("clip", "dr_grpo"),
-    "dapo": ("clip", "dapo"),
-    "cispo": ("cispo", "dapo"),
-    "sapo": ("sapo", "grpo"),
-    "luspo": ("clip", "luspo"),
-    "vespo": ("vespo", "dapo"),
+
+class LossType(NamedTuple):
+    """A loss_type's registration: its per-token objective (a key of POLICY_LOSSES) and its
+    aggregation (a key of AGGREGATIONS). The config fields it reads are `policy_loss_fields`."""
+
+    objective: str
+    aggregation: str
+
+
+LOSS_TYPES: dict[str, LossType] = {
+    "grpo": LossType("clip", "grpo"),
+    "bnpo": LossType("clip", "bnpo"),
+    "dr_grpo": LossType("clip", "dr_grpo"),
+    "dapo": LossType("clip", "dapo"),
+    "cispo": LossType("cispo", "dapo"),
+    "sapo": LossType("sapo", "grpo"),
+    "luspo": LossType("clip", "luspo"),
+    "vespo": LossType("vespo", "dapo"),
 }
 """loss_type -> (key of POLICY_LOSSES, key of AGGREGATIONS), as TRL pairs them."""
 
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+"""The ratio's level (`importance_sampling_level`): per token, or GSPO's per sequence."""
 
-LOCAL_MEAN_AGGREGATIONS = frozenset({"grpo", "bnpo", "luspo"})
-"""Aggregations that are means over the local (micro-)batch, by definition (TRL's meaning): their
-losses over micro-batches are averaged (a trainer divides by the accumulation steps), and
-micro-batches must not be merged. The others carry global normalisers and sum."""
+
+def shared_knobs() -> tuple[str, ...]:
+    """The knobs every loss type reads (the ratio's level, the KL term, the off-policy mask):
+    `make_policy_loss`'s own, the keyword-only parameters of `_bound_policy_loss`."""
+    parameters = inspect.signature(_bound_policy_loss).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def policy_loss_fields(loss_type: str) -> tuple[str, ...]:
+    """The config fields `loss_type` reads, in order: the shared knobs, its objective's, its
+    aggregation's. `make_policy_loss(loss_type, **knobs)` takes these and no others."""
+    objective, aggregation = _check_loss_type(loss_type)
+    return shared_knobs() + objective_knobs(objective) + AGGREGATIONS[aggregation].knobs
+
+
+def policy_loss_knobs() -> tuple[str, ...]:
+    """Every config field some registered loss type reads (each once, in registration order)."""
+    return tuple(dict.fromkeys(f for loss_type in LOSS_TYPES for f in policy_loss_fields(loss_type)))
 
 
 def is_local_mean(loss_type: str) -> bool:
-    """Whether `loss_type`'s aggregation is a local mean (grpo, bnpo, sapo, luspo)."""
-    return _check_loss_type(loss_type)[1] in LOCAL_MEAN_AGGREGATIONS
+    """Whether `loss_type`'s aggregation is a local mean (its AGGREGATIONS entry says)."""
+    return AGGREGATIONS[_check_loss_type(loss_type).aggregation].local_mean
 
 
-def _check_loss_type(loss_type: str) -> tuple[str, str]:
+def _check_loss_type(loss_type: str) -> LossType:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: use one of {sorted(LOSS_TYPES)}.")
     return LOSS_TYPES[loss_type]
@@ -258,9 +315,9 @@ def aggregate_loss(
     mask: torch.Tensor,
     loss_type: str = "dapo",
     *,
-    max_completion_length: int | None = None,
     num_items_in_batch: torch.Tensor | int | float | None = None,
     num_sequences: torch.Tensor | int | None = None,
+    **knobs: Any,
 ) -> torch.Tensor:
     """Reduce a per-token loss to a scalar the way ``loss_type`` does (see the module table).
 
@@ -268,25 +325,25 @@ def aggregate_loss(
         per_token_loss: [B, T]; values at ``mask == 0`` are ignored (even NaN/inf).
         mask: [B, T], 1 (or True) on the completion tokens that count.
         loss_type: any key of ``LOSS_TYPES``; cispo aggregates as dapo, sapo as grpo.
-        max_completion_length: dr_grpo's constant length (required for dr_grpo).
         num_items_in_batch: dapo/cispo's normaliser, the active-token count of the whole
             accumulated, all-rank batch; default this batch's ``mask.sum()``.
         num_sequences: dr_grpo's sequence count; default B. Pass the global count to split a
             batch into parts whose losses sum to the whole-batch loss. grpo/sapo/bnpo ignore it
             and ignore ``num_items_in_batch`` (local means, TRL's meaning).
+        knobs: the aggregation's own (its AGGREGATIONS entry's ``knobs``): dr_grpo's
+            ``max_completion_length`` (required for dr_grpo).
     Returns:
         0-dim loss tensor.
     """
-    _, aggregation = _check_loss_type(loss_type)
+    aggregation = AGGREGATIONS[_check_loss_type(loss_type).aggregation]
+    foreign = sorted(set(knobs) - set(aggregation.knobs))
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)}: not a knob of loss_type={loss_type!r}'s aggregation "
+                         f"(its knobs: {', '.join(aggregation.knobs) or 'none'}).")
     if per_token_loss.shape != mask.shape or per_token_loss.dim() != 2:
         raise ValueError(f"per_token_loss {tuple(per_token_loss.shape)} and mask {tuple(mask.shape)} must be [B, T].")
-    return AGGREGATIONS[aggregation](
-        per_token_loss,
-        mask.bool(),
-        max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch,
-        num_sequences=num_sequences,
-    )
+    return aggregation.fn(per_token_loss, mask.bool(), num_items_in_batch=num_items_in_batch,
+                          num_sequences=num_sequences, **knobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,12 +374,15 @@ def policy_loss(
     is_weights: torch.Tensor | None = None,
     entropy_mask: torch.Tensor | None = None,
     sampling_logps: torch.Tensor | None = None,
-    **knobs,
+    loss_type: str = "dapo",
+    **knobs: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO-family loss of one (micro-)batch: ratio, per-token objective, masks, KL, aggregation.
 
-    The knobs (`loss_type`, `epsilon`, ... below) are `make_policy_loss`'s keyword arguments, with
-    its defaults: this is `make_policy_loss(**knobs)` called once on these tensors.
+    The knobs (`epsilon`, ... below) are taken as from a config: those `loss_type` reads
+    (`policy_loss_fields`) are bound with `make_policy_loss`'s defaults for the rest, a knob of
+    another loss type is not (as a config's other fields), and a name no loss type reads is an
+    error. This is `make_policy_loss(loss_type, **own knobs)` called once on these tensors.
 
     Per active token (``mask == 1``), in TRL's order:
 
@@ -369,45 +429,60 @@ def policy_loss(
         ``clip_ratio/dual_mean`` when ``dual_clip`` is set; ``kl`` when ``ref_logps`` is given;
         ``off_policy_mask/dropped_ratio`` with the off-policy mask; ``vespo/phi_seq_mean``.
     """
-    return make_policy_loss(**knobs)(logps, old_logps, advantages, mask, ref_logps=ref_logps,
-                                     num_items_in_batch=num_items_in_batch, num_sequences=num_sequences,
-                                     is_weights=is_weights, entropy_mask=entropy_mask,
-                                     sampling_logps=sampling_logps)
+    _check_known_knobs(loss_type, knobs)
+    own = {k: v for k, v in knobs.items() if k in policy_loss_fields(loss_type)}
+    return make_policy_loss(loss_type, **own)(logps, old_logps, advantages, mask, ref_logps=ref_logps,
+                                              num_items_in_batch=num_items_in_batch, num_sequences=num_sequences,
+                                              is_weights=is_weights, entropy_mask=entropy_mask,
+                                              sampling_logps=sampling_logps)
 
 
-def make_policy_loss(
-    loss_type: str = "dapo",
-    *,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    dual_clip: float | None = None,
-    importance_sampling_level: str = "token",
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    use_bias_correction_kl: bool = False,
-    off_policy_mask_threshold: float | None = None,
-    max_completion_length: int | None = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-) -> Callable[..., LossOutput]:
-    """`policy_loss` with every knob bound once: returns
+def make_policy_loss(loss_type: str = "dapo", **knobs: Any) -> Callable[..., LossOutput]:
+    """The loss of `loss_type` with its knobs bound once: returns
     `loss_fn(logps, old_logps, advantages, mask, *, ref_logps=None, num_items_in_batch=None,
     num_sequences=None, is_weights=None, entropy_mask=None, sampling_logps=None) -> (loss, stats)`,
-    called with tensors only. The per-token objective of `loss_type` takes only its own knobs (see
-    POLICY_LOSSES); invalid values are errors here, before any tensor is seen."""
-    objective_name, _ = _check_loss_type(loss_type)
-    objective = token_objective(objective_name, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
-                                dual_clip=dual_clip, sapo_temperature_pos=sapo_temperature_pos,
-                                sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos,
-                                vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-                                vespo_lambda_neg=vespo_lambda_neg)
+    called with tensors only (see `policy_loss` for the math).
+
+    `knobs` are exactly `loss_type`'s own, `policy_loss_fields(loss_type)` (the knobs every loss
+    reads, its objective's, its aggregation's); one left out takes its function's default. A knob
+    of another loss type, or one no loss type has, is an error naming it; so are invalid values,
+    here, before any tensor is seen. From a config:
+    `make_policy_loss(cfg.loss_type, **{f: getattr(cfg, f) for f in policy_loss_fields(cfg.loss_type)})`."""
+    objective_name, aggregation_name = _check_loss_type(loss_type)
+    _check_known_knobs(loss_type, knobs)
+    own = policy_loss_fields(loss_type)
+    foreign = [k for k in knobs if k not in own]
+    if foreign:
+        whose = {k: next(t for t in LOSS_TYPES if k in policy_loss_fields(t)) for k in foreign}
+        raise ValueError(f"make_policy_loss: loss_type={loss_type!r} does not read "
+                         f"{', '.join(f'{k} (a knob of {whose[k]})' for k in foreign)}; its knobs are {', '.join(own)}.")
+
+    def pick(names: tuple[str, ...]) -> dict[str, Any]:
+        return {k: v for k, v in knobs.items() if k in names}
+
+    objective = token_objective(objective_name, **pick(objective_knobs(objective_name)))
+    aggregation = AGGREGATIONS[aggregation_name]
+    aggregate = functools.partial(aggregation.fn, **pick(aggregation.knobs))
+    return _bound_policy_loss(objective, aggregate, **pick(shared_knobs()))
+
+
+def _check_known_knobs(loss_type: str, knobs: dict[str, Any]) -> None:
+    unknown = sorted(k for k in knobs if k not in policy_loss_knobs())
+    if unknown:
+        close = {k: difflib.get_close_matches(k, policy_loss_knobs(), n=1) for k in unknown}
+        hints = [f"{k}" + (f" (did you mean {close[k][0]}?)" if close[k] else "") for k in unknown]
+        raise ValueError(f"loss_type={loss_type!r}: unknown knob {', '.join(hints)}; the knobs of the registered "
+                         f"loss types are {', '.join(policy_loss_knobs())}.")
+
+
+def _bound_policy_loss(objective: TokenObjective, aggregate: Callable[..., torch.Tensor], *,
+                       importance_sampling_level: str = "token", beta: float = 0.0, kl_estimator: str = "k3",
+                       use_bias_correction_kl: bool = False,
+                       off_policy_mask_threshold: float | None = None) -> Callable[..., LossOutput]:
+    """The loss of `objective` aggregated by `aggregate(per_token, active, num_items_in_batch=,
+    num_sequences=)`, with the knobs every loss type reads (their meanings: `policy_loss`)."""
     absorbs_is_weights = getattr(objective, "absorbs_is_weights", False)
-    if importance_sampling_level not in ("token", "sequence"):
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
         raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: use 'token' or 'sequence'.")
 
     def loss_fn(logps, old_logps, advantages, mask, *, ref_logps=None, num_items_in_batch=None,
@@ -462,12 +537,7 @@ def make_policy_loss(
             region = flags.get("low", torch.zeros_like(active)) | flags.get("high", torch.zeros_like(active))
             stats["clip_ratio/region_mean"] = _masked_mean(region, active)
 
-        loss = aggregate_loss(
-            per_token, active, loss_type,
-            max_completion_length=max_completion_length,
-            num_items_in_batch=num_items_in_batch,
-            num_sequences=num_sequences,
-        )
+        loss = aggregate(per_token, active, num_items_in_batch=num_items_in_batch, num_sequences=num_sequences)
         return loss, stats
 
     return loss_fn
@@ -492,6 +562,12 @@ def off_policy_keep(advantages: torch.Tensor, logps: torch.Tensor, behaviour_log
 # ---------------------------------------------------------------------------------------------
 # Sampler / trainer mismatch correction (TRL's vllm_importance_sampling_*).
 # ---------------------------------------------------------------------------------------------
+
+
+ROLLOUT_CORRECTION_LEVELS = ("token", "sequence")
+ROLLOUT_CORRECTION_MODES = ("truncate", "mask")
+"""`rollout_correction_weights`' levels and modes; TRL's `vllm_importance_sampling_mode` names
+one of each as `<level>_<mode>` (token_truncate, ..., sequence_mask)."""
 
 
 @torch.no_grad()
@@ -538,10 +614,10 @@ def rollout_correction_weights(
     log_rho = torch.where(active, trainer_logps.float() - sampler_logps.float(), 0.0)
     if level == "sequence":
         log_rho = log_rho.sum(-1, keepdim=True).expand_as(log_rho)
-    elif level != "token":
+    elif level not in ROLLOUT_CORRECTION_LEVELS:
         raise ValueError(f"level={level!r}: use 'token' or 'sequence'.")
     rho = torch.exp(log_rho)
-    if mode not in ("truncate", "mask"):
+    if mode not in ROLLOUT_CORRECTION_MODES:
         raise ValueError(f"mode={mode!r}: use 'truncate' or 'mask'.")
     if mode == "truncate":
         weights = torch.clamp(rho, min=floor, max=cap) if (cap is not None or floor is not None) else rho

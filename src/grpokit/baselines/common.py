@@ -1,5 +1,5 @@
-"""What the PPO and DPO baselines share: a config that extends GRPOConfig with an algorithm's own
-fields, the reference logprobs, and parameter counts.
+"""What the PPO and DPO baselines share: a config on the fields every algorithm uses that refuses
+GRPO's, the reference logprobs, and parameter counts.
 
 Both trainers are built on `core.run.build_run` (the same model, tokenizer, prompts, rewards,
 rollout engine, optimizer, tracker and evaluator as GRPO) and run in the one loop
@@ -10,76 +10,55 @@ and `grpokit compare` can put them side by side. Only the step differs.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from dataclasses import field
 from typing import Any, ClassVar
 
 import torch
 
-from grpokit.config import UNSUPPORTED_TRL_FIELDS, GRPOConfig, GRPOFields, with_changes
+from grpokit.config import GRPOConfig, TrainingConfig, config_field, grpo_only_fields
 from grpokit.core.forward import completion_logprobs
 from grpokit.core.run import RunParts
 
-__all__ = ["AlgoConfig", "own_field", "parameter_counts", "reference_logprobs"]
-
-_GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOFields) if f.default is not dataclasses.MISSING}
+__all__ = ["AlgoConfig", "config_field", "grpo_defaults", "parameter_counts", "reference_logprobs"]
 
 
-GRPO_OBJECTIVE_ONLY = {name: "not used by {algo}." for name in (
-    "use_bias_correction_kl", "off_policy_mask_threshold", "multi_objective_aggregation", "entropy_coef",
-    "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target",
-    "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "vespo_k_pos", "vespo_lambda_pos",
-    "vespo_k_neg", "vespo_lambda_neg", "sapo_temperature_pos", "sapo_temperature_neg", "dynamic_sampling",
-    "dynamic_sampling_max_rounds", "steps_per_generation")}
-"""Knobs of GRPO's objective that no baseline reads (each baseline's _GRPO_ONLY adds its own)."""
+def grpo_defaults() -> dict[str, Any]:
+    """GRPO's fields that other algorithms do not have (`grpo_only_fields`: the registered loss
+    types' knobs and GRPO's step fields), at GRPOConfig's defaults."""
+    fields = {f.name: f for f in dataclasses.fields(GRPOConfig)}
+    return {name: fields[name].default for name in grpo_only_fields()}
 
 
-class AlgoConfig(GRPOConfig):
-    """GRPOConfig plus the fields of the dataclass `_OWN`. Fields in `_GRPO_ONLY` (name -> hint)
-    belong to the GRPO objective: setting one to anything but its default is an error naming the
-    algorithm's own knob, never silently ignored. `_DEFAULTS` changes GRPO defaults (e.g. PPO's
-    k1 KL estimator)."""
+class AlgoConfig(TrainingConfig):
+    """A baseline's config: the fields every algorithm uses (TrainingConfig) plus the algorithm's
+    own, declared by a dataclass subclass (`@dataclass(init=False)`), checked in its `validate`.
 
-    _OWN: ClassVar[type]  # the algorithm's dataclass of its own fields (each subclass sets it)
-    _GRPO_ONLY: dict[str, str] = {}
-    _DEFAULTS: dict[str, Any] = {}
+    GRPO's fields the algorithm does not declare itself (`refused_grpo_fields`) are accepted only
+    at GRPO's defaults, so a TRL or GRPO config moves over; any other value is an error naming the
+    field and, where the algorithm has one, its own equivalent (`EQUIVALENTS`, name -> hint).
+
+    The shared core (core.run, core.setup, core.forward) still reads some of GRPO's fields from any
+    run's config: on a baseline's config they read as GRPO's defaults (class attributes set below,
+    not fields: not in `to_dict`, not typed)."""
+
+    EQUIVALENTS: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **kwargs: Any):
-        name = type(self).__name__
-        own = {f.name: f for f in dataclasses.fields(self._OWN)}
-        known = set(_GRPO_DEFAULTS) | {f.name for f in dataclasses.fields(GRPOFields)} | set(own)
-        for key in kwargs:
-            if key not in known and key not in UNSUPPORTED_TRL_FIELDS:
-                close = difflib.get_close_matches(key, sorted(known), n=3)
-                raise ValueError(f"{name}: unknown field {key!r}." + (f" Did you mean {', '.join(close)}?" if close else ""))
-        for key, f in own.items():
-            if key in kwargs:
-                value = kwargs.pop(key)
-            elif f.default is not dataclasses.MISSING:
-                value = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                value = f.default_factory()
-            else:
-                raise TypeError(f"{name}: field {key!r} has no default")
-            if isinstance(f.default, float) and isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise ValueError(f"{name}: {key}={value!r} is not a number.") from None
-            setattr(self, key, value)
-        for key, value in self._DEFAULTS.items():
-            kwargs.setdefault(key, value)
-        for key, hint in {**GRPO_OBJECTIVE_ONLY, **self._GRPO_ONLY}.items():
-            if key in kwargs and kwargs[key] != _GRPO_DEFAULTS.get(key):
-                hint = hint.format(algo=name[:-6])
-                raise ValueError(f"{name}: {key}={kwargs[key]!r} is a GRPO setting that {name[:-6]} does not use; {hint}")
+        name, algo = type(self).__name__, type(self).__name__.removesuffix("Config")
+        defaults = grpo_defaults()
+        for key in self.refused_grpo_fields():
+            if key not in kwargs:
+                continue
+            value = kwargs.pop(key)
+            if value != defaults[key]:
+                hint = self.EQUIVALENTS.get(key, f"not used by {algo}.")
+                raise ValueError(f"{name}: {key}={value!r} is a GRPO setting that {algo} does not use; {hint}")
         super().__init__(**kwargs)
 
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), **{f.name: getattr(self, f.name) for f in dataclasses.fields(self._OWN)}}
-
-    def replace(self, **changes: Any):
-        return type(self)(**with_changes(self.to_dict(), changes))
+    @classmethod
+    def refused_grpo_fields(cls) -> tuple[str, ...]:
+        """GRPO's fields (`grpo_only_fields`) this algorithm does not declare as its own."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        return tuple(k for k in grpo_only_fields() if k not in own)
 
     def check_single_process(self, world_size: int) -> None:
         if world_size > 1:
@@ -87,8 +66,8 @@ class AlgoConfig(GRPOConfig):
                              "ranks); run it without torchrun.")
 
 
-def own_field(default: Any, help: str):
-    return field(default=default, metadata={"help": help})
+for _name, _value in grpo_defaults().items():  # GRPO's fields as the shared core reads them on a baseline
+    setattr(AlgoConfig, _name, _value)
 
 
 @torch.no_grad()

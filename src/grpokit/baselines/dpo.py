@@ -20,11 +20,13 @@ itself, whatever temperature sampled the online pairs); sums for sigmoid, token 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from grpokit.algos import DPO_AVERAGE_LOGPS, DPO_LOSSES, best_worst_pairs, dpo_loss, sequence_logps
-from grpokit.baselines.common import AlgoConfig, own_field, parameter_counts, reference_logprobs
+from grpokit.baselines.common import AlgoConfig, parameter_counts, reference_logprobs
+from grpokit.config import config_field, one_of
 from grpokit.core.batch import make_micro_batches
 from grpokit.core.events import NO_EVENTS, Events
 from grpokit.core.loop import LoopState, StepOutput, sample_and_score, timed, train_loop
@@ -33,42 +35,32 @@ from grpokit.facade import RunFacade
 from grpokit.trajectory import Trajectories
 
 
-@dataclass
-class _DPOFields:
-    label_smoothing: float = own_field(0.0, "Conservative DPO: probability e that a pair's label is flipped (sigmoid only).")
-
-
+@dataclass(init=False)
 class DPOConfig(AlgoConfig):
-    """GRPOConfig's model/data/sampling/optimizer/logging fields with TRL DPOConfig's meanings for
-    `beta` (default 0.1: the DPO temperature, not GRPO's KL coefficient) and `loss_type`
-    ("sigmoid" | "ipo"), plus `label_smoothing`."""
+    """The fields every algorithm uses (model, data, sampling, optimizer, logging) plus TRL
+    DPOConfig's `beta` (the DPO temperature, not GRPO's KL coefficient), `loss_type` (DPO's
+    losses) and `label_smoothing`."""
 
-    _OWN = _DPOFields
-    _DEFAULTS = {"beta": 0.1, "loss_type": "sigmoid"}
-    _GRPO_ONLY = {
+    beta: float = config_field(0.1, "DPO temperature: scales the implicit reward log pi/pi_ref (TRL's default 0.1).")
+    loss_type: str = config_field("sigmoid", "DPO loss: sigmoid (DPO) | ipo (IPO, on token-mean logprobs).")
+    label_smoothing: float = config_field(0.0, "Conservative DPO: probability e that a pair's label is flipped "
+                                               "(sigmoid only).")
+
+    EQUIVALENTS: ClassVar[dict[str, str]] = {
         "epsilon": "DPO has no ratio to clip.", "epsilon_high": "DPO has no ratio to clip.",
-        "delta": "not used by DPO.", "dual_clip": "not used by DPO.",
         "kl_estimator": "DPO's KL to the reference is implicit (beta).",
         "scale_rewards": "DPO uses only the order of the rewards within a group.",
         "advantage_estimator": "DPO uses only the best and worst of a group.",
-        "importance_sampling_level": "not used by DPO.",
         "num_iterations": "DPO makes one optimizer step per batch of pairs.",
-        "top_entropy_quantile": "not used by DPO.",
     }
 
     def validate(self) -> None:
-        dpo_loss_type = self.loss_type
-        self.loss_type = "dapo"   # GRPOConfig's check of its own loss_type values does not apply here
-        try:
-            super().validate()
-        finally:
-            self.loss_type = dpo_loss_type
-        if dpo_loss_type not in DPO_LOSSES:
-            raise ValueError(f"DPOConfig: loss_type={dpo_loss_type!r}: use one of {', '.join(sorted(DPO_LOSSES))}.")
-        if self.beta <= 0:
-            raise ValueError("DPOConfig: beta must be > 0 (it scales the implicit reward; 0.1 is TRL's default).")
-        if not 0 <= self.label_smoothing < 0.5 or (self.label_smoothing and dpo_loss_type != "sigmoid"):
-            raise ValueError("DPOConfig: label_smoothing must be in [0, 0.5), and 0 unless loss_type='sigmoid'.")
+        super().validate()
+        need = self.need
+        need(self.loss_type in DPO_LOSSES, one_of("loss_type", self.loss_type, sorted(DPO_LOSSES)))
+        need(self.beta > 0, "beta must be > 0 (it scales the implicit reward; 0.1 is TRL's default).")
+        need(0 <= self.label_smoothing < 0.5 and (not self.label_smoothing or self.loss_type == "sigmoid"),
+             "label_smoothing must be in [0, 0.5), and 0 unless loss_type='sigmoid'.")
 
 
 def _no_reward(prompts, completions, **kwargs):
@@ -135,7 +127,7 @@ class DPOTrainer(RunFacade):
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else self.args.resume_from_checkpoint
         run.tracker.begin(resuming=bool(resume))
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
-        final = train_loop(run, DPO(self.pairs), resume_from_checkpoint=resume, summary=self.summary(),
+        final = train_loop(run, DPO(self.args, self.pairs), resume_from_checkpoint=resume, summary=self.summary(),
                            resume_command=getattr(self, "resume_command", None), events=self.surface)
         return self.surface.output(final)
 
@@ -188,19 +180,18 @@ def tokenize_pair(prompt, chosen, rejected, tokenizer, max_len: int, row: int = 
 class DPO:
     """DPO's step on the shared loop: pairs from the dataset (offline) or from sampled groups."""
 
-    def __init__(self, pairs: list[tuple[list[int], list[int]]] | None):
-        self.pairs = pairs
+    def __init__(self, cfg: DPOConfig, pairs: list[tuple[list[int], list[int]]] | None):
+        self.cfg, self.pairs = cfg, pairs
 
     def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict,
              events: Events = NO_EVENTS) -> StepOutput:
         if self.pairs is not None:
-            return offline_dpo_step(run, self.pairs, rows, phase, events)
-        return online_dpo_step(run, rows, state, phase, events)
+            return offline_dpo_step(run, self.cfg, self.pairs, rows, phase, events)
+        return online_dpo_step(run, self.cfg, rows, state, phase, events)
 
 
-def online_dpo_step(run: RunParts, rows: list[int], state: LoopState, phase: dict,
+def online_dpo_step(run: RunParts, cfg: DPOConfig, rows: list[int], state: LoopState, phase: dict,
                     events: Events = NO_EVENTS) -> StepOutput:
-    cfg = run.config
     rollout = sample_and_score(run, rows, state, phase)
     chosen, rejected = best_worst_pairs(rollout.rewards, cfg.num_generations)
     # the role a sample plays, for the completions table: +1 chosen, -1 rejected, 0 not trained on
@@ -208,17 +199,16 @@ def online_dpo_step(run: RunParts, rows: list[int], state: LoopState, phase: dic
     preference[chosen], preference[rejected] = 1.0, -1.0
     order = torch.stack([chosen, rejected], 1).view(-1).tolist()   # c0, r0, c1, r1, ...
     pairs = rollout.select(order)
-    stats = _dpo_update(run, pairs, pairs_per_micro_batch=max(1, cfg.per_device_train_batch_size // 2), phase=phase,
-                        events=events)
+    stats, applied = _dpo_update(run, cfg, pairs, pairs_per_micro_batch=max(1, cfg.per_device_train_batch_size // 2),
+                                 phase=phase, events=events)
     groups = len(rollout.completion_ids) // cfg.num_generations
     extra = {"dpo/pairs": float(len(chosen)), "dpo/frac_groups_without_pair": 1 - len(chosen) / groups}
     return StepOutput(rollout=rollout, step_stats=[stats], samples=len(rollout), extra=extra,
-                      skipped=int(not stats.pop("_applied")), per_sample={"preference": preference})
+                      skipped=int(not applied), per_sample={"preference": preference})
 
 
-def offline_dpo_step(run: RunParts, pairs_ids, rows: list[int], phase: dict,
+def offline_dpo_step(run: RunParts, cfg: DPOConfig, pairs_ids, rows: list[int], phase: dict,
                      events: Events = NO_EVENTS) -> StepOutput:
-    cfg = run.config
     cols = run.train.columns
     n = 2 * len(rows)
     pairs = Trajectories(
@@ -229,17 +219,16 @@ def offline_dpo_step(run: RunParts, pairs_ids, rows: list[int], phase: dict,
         sampling_logps=[[0.0] * len(pairs_ids[r][j]) for r in rows for j in (0, 1)],
         truncated=torch.zeros(n, dtype=torch.bool),
         images=[run.train.vision[r] for r in rows for _ in (0, 1)] if run.train.vision is not None else None)
-    stats = _dpo_update(run, pairs, pairs_per_micro_batch=cfg.per_device_train_batch_size, phase=phase,
-                        events=events)
+    stats, applied = _dpo_update(run, cfg, pairs, pairs_per_micro_batch=cfg.per_device_train_batch_size,
+                                 phase=phase, events=events)
     return StepOutput(rollout=None, step_stats=[stats], samples=n,
-                      extra={"dpo/pairs": float(len(rows))}, skipped=int(not stats.pop("_applied")))
+                      extra={"dpo/pairs": float(len(rows))}, skipped=int(not applied))
 
 
-def _dpo_update(run: RunParts, pairs: Trajectories, *, pairs_per_micro_batch: int, phase: dict,
-                events: Events = NO_EVENTS) -> dict[str, torch.Tensor]:
+def _dpo_update(run: RunParts, cfg: DPOConfig, pairs: Trajectories, *, pairs_per_micro_batch: int, phase: dict,
+                events: Events = NO_EVENTS) -> tuple[dict[str, torch.Tensor], bool]:
     """One optimizer step on the pairs (rows 2k chosen, 2k+1 rejected); loss = mean over pairs.
     With no pair the optimizer step changes nothing (no gradient) but the schedule advances."""
-    cfg = run.config
     num_pairs = len(pairs.completion_ids) // 2
     totals: dict[str, torch.Tensor] = {}
     if num_pairs:
@@ -273,5 +262,4 @@ def _dpo_update(run: RunParts, pairs: Trajectories, *, pairs_per_micro_batch: in
                     totals[k] = totals.get(k, 0.0) + v
     with timed(phase, "time/optimizer"):
         applied, totals["grad_norm"] = run.optimizer_step(events)
-    totals["_applied"] = applied
-    return totals
+    return totals, applied

@@ -22,77 +22,76 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from grpokit.algos import (
+    KL_ESTIMATORS,
     aggregate_loss,
     clipped_value_loss,
     explained_variance,
     gae_advantages,
     kl_penalty,
+    make_policy_loss,
     masked_mean,
     masked_whiten,
-    policy_loss,
     ppo_token_rewards,
 )
-from grpokit.baselines.common import AlgoConfig, own_field, parameter_counts, reference_logprobs
+from grpokit.baselines.common import AlgoConfig, parameter_counts, reference_logprobs
+from grpokit.config import config_field, one_of
 from grpokit.core.batch import MicroBatch, make_micro_batches
-from grpokit.core.forward import completion_logprobs
-from grpokit.modeling.info import text_config
+from grpokit.core.forward import completion_logprobs, text_config
 from grpokit.core.events import NO_EVENTS, Events
 from grpokit.core.loop import LoopState, StepOutput, sample_and_score, timed, train_loop
 from grpokit.core.run import RunParts, build_run
 from grpokit.facade import RunFacade
 
 
-@dataclass
-class _PPOFields:
-    num_ppo_epochs: int = own_field(4, "PPO epochs: passes over each generated batch.")
-    num_mini_batches: int = own_field(1, "Mini-batches per epoch, one optimizer step each; a step generates "
-                                         "per_device_train_batch_size * gradient_accumulation_steps * "
-                                         "num_mini_batches completions (TRL's meaning).")
-    cliprange: float = own_field(0.2, "Clip range of the policy ratio: [1 - c, 1 + c].")
-    cliprange_value: float = own_field(0.2, "Clip range of a value prediction around its sampling-time value.")
-    vf_coef: float = own_field(0.1, "Weight of the value loss in the total loss.")
-    kl_coef: float = own_field(0.05, "Per-token KL penalty to the reference, added to the reward (0: no reference).")
-    gamma: float = own_field(1.0, "Discount factor over completion tokens.")
-    lam: float = own_field(0.95, "GAE lambda.")
-    whiten_rewards: bool = own_field(False, "Whiten (scale only) the per-token rewards before GAE.")
-
-
+@dataclass(init=False)
 class PPOConfig(AlgoConfig):
-    """GRPOConfig's model/data/sampling/optimizer/logging fields plus TRL PPOConfig's PPO fields
-    (num_ppo_epochs, num_mini_batches, cliprange, cliprange_value, vf_coef, kl_coef, gamma, lam,
-    whiten_rewards). kl_estimator defaults to k1 and disable_dropout to True, as in TRL's PPOTrainer
-    (dropout would make the old and new logprobs of the same weights differ)."""
+    """The fields every algorithm uses (model, data, sampling, optimizer, logging) plus TRL
+    PPOConfig's PPO fields. kl_estimator defaults to k1 and disable_dropout to True, as in TRL's
+    PPOTrainer (dropout would make the old and new logprobs of the same weights differ)."""
 
-    _OWN = _PPOFields
-    _DEFAULTS = {"kl_estimator": "k1", "disable_dropout": True}
-    _GRPO_ONLY = {
+    num_ppo_epochs: int = config_field(4, "PPO epochs: passes over each generated batch.")
+    num_mini_batches: int = config_field(1, "Mini-batches per epoch, one optimizer step each; a step generates "
+                                            "per_device_train_batch_size * gradient_accumulation_steps * "
+                                            "num_mini_batches completions (TRL's meaning).")
+    cliprange: float = config_field(0.2, "Clip range of the policy ratio: [1 - c, 1 + c].")
+    cliprange_value: float = config_field(0.2, "Clip range of a value prediction around its sampling-time value.")
+    vf_coef: float = config_field(0.1, "Weight of the value loss in the total loss.")
+    kl_coef: float = config_field(0.05, "Per-token KL penalty to the reference, added to the reward (0: no reference).")
+    kl_estimator: str = config_field("k1", "Estimator of the per-token KL in the reward: k1 | k2 | k3.")
+    gamma: float = config_field(1.0, "Discount factor over completion tokens.")
+    lam: float = config_field(0.95, "GAE lambda.")
+    whiten_rewards: bool = config_field(False, "Whiten (scale only) the per-token rewards before GAE.")
+    disable_dropout: bool = config_field(True, "Set every dropout probability of the policy to 0 (TRL's PPO "
+                                               "default: the old and new logprobs of the same weights agree).")
+
+    EQUIVALENTS: ClassVar[dict[str, str]] = {
         "epsilon": "PPO's clip range is cliprange.", "epsilon_high": "PPO clips symmetrically (cliprange).",
-        "delta": "not used by PPO.", "dual_clip": "not used by PPO.",
         "beta": "PPO's KL coefficient is kl_coef (the KL goes into the reward, per token).",
         "loss_type": "PPO averages over the tokens of a mini-batch.",
         "scale_rewards": "PPO whitens its GAE advantages (and rewards with whiten_rewards).",
         "advantage_estimator": "PPO uses GAE with a value head.",
         "importance_sampling_level": "PPO's ratio is per token.",
         "num_iterations": "PPO's passes over a batch are num_ppo_epochs.",
-        "top_entropy_quantile": "not used by PPO.",
     }
 
     def validate(self) -> None:
         super().validate()
-        checks = [
-            (self.num_ppo_epochs >= 1, "num_ppo_epochs must be >= 1."),
-            (self.num_mini_batches >= 1, "num_mini_batches must be >= 1."),
-            (self.cliprange > 0 and self.cliprange_value > 0, "cliprange and cliprange_value must be > 0."),
-            (self.vf_coef >= 0 and self.kl_coef >= 0, "vf_coef and kl_coef must be >= 0."),
-            (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]."),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"PPOConfig: {msg}")
+        need = self.need
+        need(self.num_ppo_epochs >= 1, "num_ppo_epochs must be >= 1.")
+        need(self.num_mini_batches >= 1, "num_mini_batches must be >= 1.")
+        need(self.cliprange > 0 and self.cliprange_value > 0, "cliprange and cliprange_value must be > 0.")
+        need(self.vf_coef >= 0 and self.kl_coef >= 0, "vf_coef and kl_coef must be >= 0.")
+        need(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1].")
+        need(self.kl_estimator in KL_ESTIMATORS, one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS))
+
+    def loss_is_local_mean(self) -> bool:
+        """No: the policy and value losses are token sums over a mini-batch's tokens (dapo's)."""
+        return False
 
 
 class ValueHead(torch.nn.Module):
@@ -176,7 +175,7 @@ class PPOTrainer(RunFacade):
                              "value head); start a new run from the checkpoint's weights instead.")
         run = self._start_training()
         run.tracker.log(0, {k: float(v) for k, v in self.param_counts.items()})
-        final = train_loop(run, PPO(self.value_head), summary=self.summary(), events=self.surface,
+        final = train_loop(run, PPO(self.args, self.value_head), summary=self.summary(), events=self.surface,
                            resume_command=None)  # PPO cannot resume yet: an interrupt only saves
         if run.comm.rank == 0:
             torch.save(self.value_head.state_dict(), os.path.join(self.args.output_dir, "final", "value_head.pt"))
@@ -190,17 +189,19 @@ class PPOTrainer(RunFacade):
 class PPO:
     """PPO's step on the shared loop; `max_steps` counts steps (one generated batch each)."""
 
-    def __init__(self, value_head: ValueHead):
-        self.value_head = value_head
+    def __init__(self, cfg: PPOConfig, value_head: ValueHead):
+        self.cfg, self.value_head = cfg, value_head
+        # the clipped surrogate, bound once: a token sum over the mini-batch (dapo's), clip range cliprange
+        self.policy_objective = make_policy_loss("dapo", epsilon=cfg.cliprange)
 
     def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict,
              events: Events = NO_EVENTS) -> StepOutput:
-        return ppo_step(run, self.value_head, rows, state, phase, events)
+        return ppo_step(run, self, rows, state, phase, events)
 
 
-def ppo_step(run: RunParts, value_head: ValueHead, rows: list[int], state: LoopState, phase: dict,
+def ppo_step(run: RunParts, ppo: PPO, rows: list[int], state: LoopState, phase: dict,
              events: Events = NO_EVENTS) -> StepOutput:
-    cfg = run.config
+    cfg, value_head = ppo.cfg, ppo.value_head
     step = state.global_step
     rollout = sample_and_score(run, rows, state, phase)
     # the per-token advantages are PPO's own (_Targets); the micro-batches carry none
@@ -208,7 +209,7 @@ def ppo_step(run: RunParts, value_head: ValueHead, rows: list[int], state: LoopS
                                        device=run.device, mask_truncated=cfg.mask_truncated_completions,
                                        image_features=run.image_features)
     with timed(phase, "time/logprobs"):
-        targets, extra = _targets(run, value_head, rollout, micro_batches)
+        targets, extra = _targets(run, cfg, value_head, rollout, micro_batches)
     # the sequence's mean whitened advantage, for the completions table and advantage_abs
     advantage = torch.cat([
         (t.advantages * mb.completion_mask).sum(-1).cpu() / mb.completion_mask.sum(-1).clamp(min=1).cpu()
@@ -222,7 +223,7 @@ def ppo_step(run: RunParts, value_head: ValueHead, rows: list[int], state: LoopS
         for k in range(cfg.num_mini_batches):
             chunk = order[k * per_mini:(k + 1) * per_mini]
             with timed(phase, "time/backward"):
-                stats = _accumulate(run, value_head, [micro_batches[i] for i in chunk], [targets[i] for i in chunk],
+                stats = _accumulate(run, ppo, [micro_batches[i] for i in chunk], [targets[i] for i in chunk],
                                     events)
             with timed(phase, "time/optimizer"):
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
@@ -245,10 +246,10 @@ def _pad_rows(parts: list[torch.Tensor], micro_batches: list[MicroBatch], width:
 
 
 @torch.no_grad()
-def _targets(run: RunParts, value_head: ValueHead, rollout, micro_batches) -> tuple[list[_Targets], dict]:
+def _targets(run: RunParts, cfg: PPOConfig, value_head: ValueHead, rollout,
+             micro_batches) -> tuple[list[_Targets], dict]:
     """Old logprobs and values, reference logprobs, token rewards, GAE and whitening, over the whole
     generated batch (the statistics of whitening are the batch's, not a micro-batch's)."""
-    cfg = run.config
     old_v = []
     for mb in micro_batches:
         mb.old_logps, values = logprobs_and_values(run, value_head, mb)
@@ -286,18 +287,18 @@ def _targets(run: RunParts, value_head: ValueHead, rollout, micro_batches) -> tu
     return targets, extra
 
 
-def _accumulate(run: RunParts, value_head: ValueHead, micro_batches, targets,
+def _accumulate(run: RunParts, ppo: PPO, micro_batches, targets,
                 events: Events = NO_EVENTS) -> dict[str, torch.Tensor]:
     """Forward + backward of one mini-batch (its micro-batches); losses are token means over the
     whole mini-batch, so the summed gradient is the mini-batch's."""
-    cfg = run.config
+    cfg, value_head = ppo.cfg, ppo.value_head
     run.model.train()
     num_items = sum(mb.completion_mask.sum() for mb in micro_batches).clamp(min=1)
     totals: dict[str, torch.Tensor] = {}
     for i, (mb, tg) in enumerate(zip(micro_batches, targets)):
         logps, values = logprobs_and_values(run, value_head, mb)
-        pg_loss, pstats = policy_loss(logps, mb.old_logps, tg.advantages, mb.completion_mask, loss_type="dapo",
-                                      epsilon=cfg.cliprange, num_items_in_batch=num_items)
+        pg_loss, pstats = ppo.policy_objective(logps, mb.old_logps, tg.advantages, mb.completion_mask,
+                                               num_items_in_batch=num_items)
         vf_tokens, vf_clipped = clipped_value_loss(values, tg.old_values, tg.returns,
                                                    cliprange_value=cfg.cliprange_value)
         vf_loss = aggregate_loss(vf_tokens, mb.completion_mask, "dapo", num_items_in_batch=num_items)
