@@ -24,8 +24,8 @@ lint: setup
 	$(BIN)/ruff check src
 	$(BIN)/mypy
 
-test: setup
-	$(BIN)/python -m pytest -q tests
+test: setup lint
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 bench: setup
 	$(BIN)/python benchmarks/rollout.py

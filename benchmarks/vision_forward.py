@@ -6,7 +6,7 @@
   GRPOTrainer runs: the vision tower encodes each group's image G times, the prompt is computed G
   times), log-softmax over the completion positions;
 - grpokit padded: the same padded rows, each distinct prompt's image features computed once
-  (grpokit.core.vision), lm_head in chunks;
+  (grpokit.modeling.vision), lm_head in chunks;
 - grpokit packed: the shared-prefix packed layout (each prompt once per group) with the features once.
 
 Model: Qwen2-VL-shaped, random init, float32 (text: hidden 256, 4 layers; vision: 4 blocks of 256,
@@ -89,7 +89,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from grpokit.core.batch import make_micro_batches
-    from grpokit.core.vision import ImageFeatures
+    from grpokit.modeling.vision import ImageFeatures
 
     processor, model = build(args.image)
     traj = workload(processor, args.groups, args.g, args.image)

@@ -1,4 +1,5 @@
-"""The import graph of `src/grpokit`: no cycles, no private names imported across modules.
+"""The import graph of `src/grpokit`: no cycles between modules, none between packages, and no
+private names imported across modules.
 
     python scripts/check_imports.py        # prints the problems; exit code 1 if there are any
 
@@ -6,7 +7,9 @@ Every import counts, at module level or inside a function (a lazy import hides a
 not remove it). `from pkg import name` depends on the module `pkg.name` when that is a module,
 else on `pkg` itself. A package's `__init__` re-exporting its own submodules is not a cycle with
 them (Python imports a parent package before its child anyway); any other two-way dependency is.
-Run by tests/unit/test_imports.py."""
+Packages: each top-level unit of `grpokit` (a folder such as `core`, or a module such as
+`config`) is one node; a cycle through several of them is a layering problem even when no two
+modules import each other. Run by tests/unit/test_imports.py."""
 
 from __future__ import annotations
 
@@ -103,6 +106,30 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def unit_of(module: str) -> str | None:
+    """The top-level unit of a module (`grpokit.core.loop` -> `core`); None for the package root."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def package_graph(graph: dict[str, set[str]]) -> tuple[dict[str, set[str]], dict[tuple[str, str], list[str]]]:
+    """The graph between top-level units, and the module imports behind each of its edges."""
+    units: dict[str, set[str]] = {}
+    why: dict[tuple[str, str], list[str]] = {}
+    for a, deps in graph.items():
+        ua = unit_of(a)
+        if ua is not None:
+            units.setdefault(ua, set())
+        for b in deps:
+            ub = unit_of(b)
+            if ua is None or ub is None or ua == ub:
+                continue
+            units[ua].add(ub)
+            units.setdefault(ub, set())
+            why.setdefault((ua, ub), []).append(f"{a} -> {b}")
+    return units, why
+
+
 def problems() -> list[str]:
     mods = modules()
     known = set(mods)
@@ -111,6 +138,10 @@ def problems() -> list[str]:
         graph[name], priv = imports(name, path, known)
         private += priv
     found = [f"import cycle: {' <-> '.join(c)}" for c in find_cycles(graph)]
+    units, why = package_graph(graph)
+    for cycle in find_cycles(units):
+        edges = [f"{a} -> {b} ({why[(a, b)][0]})" for a in cycle for b in cycle if (a, b) in why]
+        found.append(f"package cycle: {' <-> '.join(cycle)}: " + "; ".join(edges))
     return found + [f"private name across modules: {p}" for p in private]
 
 

@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     from grpokit.core.batch import make_micro_batches
     from grpokit.core.forward import completion_logprobs
     from grpokit.trajectory import Trajectories
-    from grpokit.core.vision import ImageFeatures
+    from grpokit.modeling.vision import ImageFeatures
     from grpokit.data import get_task
     from grpokit.data.vision import encode_rows
     from grpokit.models import new_vision_model, new_vision_processor

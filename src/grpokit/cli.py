@@ -240,7 +240,7 @@ def cmd_eval(argv: list[str]) -> int:
                              "(a reward of 1.0 counts as correct).")
         runner = RewardRunner(load_reward_funcs(conf.reward_funcs, reward_kwargs=conf.reward_kwargs))
     processor = None
-    from grpokit.core.vision import is_vision_model
+    from grpokit.modeling.vision import is_vision_model
 
     if is_vision_model(model):  # a vision-language model: its processor puts the images in the prompts
         from grpokit.data.vision import load_processor

@@ -244,7 +244,7 @@ def wrap_for_training(model: nn.Module, strategy: str, device: torch.device, *, 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one: the classes in the transformers model's
     `_no_split_modules` (e.g. LlamaDecoderLayer), else the decoder's `layers`."""
-    from grpokit.core.forward import unwrap
+    from grpokit.modeling.info import unwrap
 
     inner = unwrap(model)
     names = set(getattr(inner, "_no_split_modules", None) or [])

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from grpokit.core.events import Requests
+from grpokit.core.forward import score_with_training_forward
 from grpokit.core.run import RunParts
 from grpokit.rollout import capabilities_of, make_engine
 from grpokit.samplers import MultiTurnSampler, SingleTurnSampler
@@ -49,7 +50,8 @@ class RunFacade:
         if (not caps.uses_model_generate and not caps.sampler_differs_from_trainer and _overrides_generate(run.model)
                 and isinstance(sampler, (SingleTurnSampler, MultiTurnSampler))):  # rollout_func samples itself
             engine = make_engine("hf-generate", run.model, run.tokenizer,
-                                 generation_kwargs=run.config.extra_generation_kwargs())
+                                 generation_kwargs=run.config.extra_generation_kwargs(),
+                                 score_with_images=score_with_training_forward)
             sampler = dataclasses.replace(sampler, engine=engine)
             plan = dataclasses.replace(plan, old_logps="recomputed") if plan.old_logps == "sampler" else plan
             notes = notes + ("rollout: the model's own generate() was replaced: sampling through it (transformers' "

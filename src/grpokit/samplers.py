@@ -25,7 +25,7 @@ class Sampler(Protocol):
 @dataclass(frozen=True)
 class SingleTurnSampler:
     """One completion per sample from the engine; a vision-language model's prompt images are
-    encoded once a step into `image_features` (grpokit.core.vision.ImageFeatures), which the
+    encoded once a step into `image_features` (grpokit.modeling.vision.ImageFeatures), which the
     training forward reuses while the vision tower is frozen."""
 
     engine: Any

@@ -1,11 +1,11 @@
 """DESIGN: "nothing re-probes the model per call": the model's facts are read once at start-up
-(core.forward.ModelInfo, carried by the plan), never during a step."""
+(modeling.info.ModelInfo, carried by the plan), never during a step."""
 
 import pytest
 from datasets import Dataset
 
 from grpokit import GRPOConfig, GRPOTrainer
-from grpokit.core import forward
+from grpokit.modeling import info
 from tests.helpers import make_char_tokenizer, make_tiny_model
 
 PROBES = ("supports_packed", "plain_linear_head", "vision_tower_trained", "is_vision_model", "uses_mrope")
@@ -26,7 +26,7 @@ def test_no_model_probe_during_training_steps(tmp_path, monkeypatch):
     assert trainer.parts.plan.model is not None and trainer.parts.plan.model.packable
     calls = []
     for name in PROBES:
-        original = getattr(forward, name)
-        monkeypatch.setattr(forward, name, lambda *a, _name=name, _f=original, **k: calls.append(_name) or _f(*a, **k))
+        original = getattr(info, name)
+        monkeypatch.setattr(info, name, lambda *a, _name=name, _f=original, **k: calls.append(_name) or _f(*a, **k))
     trainer.train()  # 3 steps: the training forwards and the reference's (beta > 0)
     assert calls == []

@@ -81,7 +81,7 @@ def test_bad_image_and_long_prompt_are_errors_naming_the_row(tmp_path):
 
 @pytest.mark.train
 def test_lora_on_a_vlm_adapts_the_language_model_and_leaves_the_vision_tower_frozen(tmp_path):
-    from grpokit.core.vision import vision_parameters, vision_tower_trained
+    from grpokit.modeling.vision import vision_parameters, vision_tower_trained
 
     model_path = saved_vlm(tmp_path, "qwen2_vl")
     ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "colour?"}]] * 2,
@@ -103,7 +103,7 @@ def test_freeze_vision_tower_in_full_fine_tuning(tmp_path):
     """freeze_vision_tower=True: full fine-tuning trains the language model only; the tower and
     projector do not move and their features are computed once per prompt for the step. On a text
     model the field is an error naming it."""
-    from grpokit.core.vision import vision_parameters
+    from grpokit.modeling.vision import vision_parameters
 
     model_path = saved_vlm(tmp_path, "qwen2_vl")
     ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "colour?"}]] * 2,

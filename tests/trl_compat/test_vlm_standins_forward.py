@@ -10,7 +10,7 @@ import torch
 
 from grpokit.core.forward import uses_packed_forward
 from grpokit.trajectory import Trajectories
-from grpokit.core.vision import ImageFeatures
+from grpokit.modeling.vision import ImageFeatures
 from grpokit.data.vision import encode_vision_prompt, load_processor
 from tests.helpers import assert_matches_reference, grads, picture, reference_logprobs, weighted
 

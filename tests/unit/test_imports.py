@@ -23,3 +23,15 @@ def test_the_checker_finds_cycles_but_not_package_reexports():
     graph = {"grpokit.a": {"grpokit.b"}, "grpokit.b": {"grpokit.c"}, "grpokit.c": {"grpokit.a"},
              "grpokit.p": {"grpokit.p.x"}, "grpokit.p.x": {"grpokit.p"}, "grpokit.d": set()}
     assert check.find_cycles(graph) == [["grpokit.a", "grpokit.b", "grpokit.c"]]
+
+
+def test_the_checker_finds_package_cycles_between_modules_that_do_not_import_each_other():
+    """core.a -> rollout.b and rollout.c -> core.d: no module cycle, but the packages core and
+    rollout depend on each other."""
+    check = _checker()
+    graph = {"grpokit.core.a": {"grpokit.rollout.b"}, "grpokit.rollout.b": set(),
+             "grpokit.rollout.c": {"grpokit.core.d"}, "grpokit.core.d": set(), "grpokit.config": {"grpokit.core.d"}}
+    assert check.find_cycles(graph) == []
+    units, why = check.package_graph(graph)
+    assert check.find_cycles(units) == [["core", "rollout"]]
+    assert why[("rollout", "core")] == ["grpokit.rollout.c -> grpokit.core.d"]

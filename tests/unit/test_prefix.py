@@ -1,4 +1,4 @@
-"""Shared-prefix packed training forward (grpokit.core.prefix) against the plain padded forward:
+"""Shared-prefix packed training forward (grpokit.modeling.prefix) against the plain padded forward:
 same logprobs, entropies and parameter gradients on tiny Qwen2 / Llama / GPT-2 models, random
 prompts of different lengths, whole and cut groups, LoRA, gradient checkpointing."""
 
@@ -8,7 +8,7 @@ import torch
 from grpokit.core import prefix
 from grpokit.core.batch import make_micro_batches
 from grpokit.core.forward import completion_logprobs, uses_packed_forward
-from grpokit.core.prefix import build_packed_layout, find_segments
+from grpokit.modeling.prefix import build_packed_layout, find_segments
 from tests.helpers import make_char_tokenizer, make_tiny_model, random_rollout
 
 

@@ -1,4 +1,4 @@
-"""Vision-language models in the training forward (grpokit.core.vision): the packed shared-prefix
+"""Vision-language models in the training forward (grpokit.modeling.vision): the packed shared-prefix
 layout and the padded one with image features computed once per prompt give the logprobs and the
 gradients of the model's own forward run row by row with its pixel values (TRL's way), on tiny
 Qwen2-VL (M-RoPE positions) and LLaVA models built here; the vision tower runs once per group."""
@@ -9,7 +9,7 @@ import torch
 from grpokit.core.batch import make_micro_batches
 from grpokit.core.forward import completion_logprobs, uses_packed_forward
 from grpokit.trajectory import Trajectories
-from grpokit.core.vision import ImageFeatures, vision_parameters
+from grpokit.modeling.vision import ImageFeatures, vision_parameters
 from grpokit.data.vision import encode_vision_prompt, multimodal_messages, open_image
 from tests.helpers import assert_matches_reference, grads, make_tiny_vlm, picture, reference_logprobs, weighted
 
@@ -182,7 +182,9 @@ def test_generate_returning_only_sequences_is_scored_with_the_images(vlm):
 
     family, processor, model = vlm
     traj = vision_rollout(processor, g=1)
-    engine = make_engine("hf-generate", model, processor.tokenizer)
+    from grpokit.core.forward import score_with_training_forward
+
+    engine = make_engine("hf-generate", model, processor.tokenizer, score_with_images=score_with_training_forward)
     params = SamplingParams(max_tokens=5, temperature=1.0, seed=3)
     scored = engine.generate(traj.prompt_ids, n=2, params=params, images=traj.images)
     real = model.generate

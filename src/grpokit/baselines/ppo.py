@@ -41,7 +41,8 @@ from grpokit.algos import (
 from grpokit.baselines.common import AlgoConfig, parameter_counts, reference_logprobs
 from grpokit.config import config_field, one_of
 from grpokit.core.batch import MicroBatch, make_micro_batches
-from grpokit.core.forward import completion_logprobs, text_config
+from grpokit.core.forward import completion_logprobs
+from grpokit.modeling.info import text_config
 from grpokit.core.events import NO_EVENTS, Events
 from grpokit.core.loop import LoopState, StepOutput, sample_and_score, timed, train_loop
 from grpokit.core.run import RunParts, build_run

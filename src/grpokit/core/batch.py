@@ -5,7 +5,7 @@ completion. `completion_mask` is 1 on the tokens in the loss: model-written toke
 segments are 0), minus truncated completions when `mask_truncated_completions`; every loss
 normaliser counts this mask, so tool and environment tokens are never in one.
 
-The model inputs are built on first use: the packed shared-prefix layout (grpokit.core.prefix)
+The model inputs are built on first use: the packed shared-prefix layout (grpokit.modeling.prefix)
 or the padded one (left-padded prompt | right-padded completion), see grpokit.core.forward.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from grpokit.core.prefix import MAX_SEGMENT_TOKENS, PackedLayout, build_packed_layout, find_segments
+from grpokit.modeling.prefix import MAX_SEGMENT_TOKENS, PackedLayout, build_packed_layout, find_segments
 from grpokit.trajectory import Trajectories
 
 
@@ -43,7 +43,7 @@ class MicroBatch:
     old_logps: torch.Tensor | None = None   # [B, C] when num_iterations > 1
     ref_logps: torch.Tensor | None = None   # [B, C] when beta > 0
     vision: list | None = None      # per row: its prompt's images (VisionInputs, shared by a group) or None
-    image_features: Any = None      # grpokit.core.vision.ImageFeatures of the step (frozen tower: computed once)
+    image_features: Any = None      # grpokit.modeling.vision.ImageFeatures of the step (frozen tower: computed once)
     completion_vision: list | None = None  # per row: the images in its completion (tool results) or None
     _padded: tuple | None = field(default=None, repr=False)
     _layout: PackedLayout | None = field(default=None, repr=False)
@@ -144,7 +144,7 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
     the padded forward).
 
     Prompts with images (`rollout.images`): each micro-batch carries its rows' VisionInputs and
-    the step's `image_features` (grpokit.core.vision.ImageFeatures), so the forward encodes each
+    the step's `image_features` (grpokit.modeling.vision.ImageFeatures), so the forward encodes each
     distinct prompt's images once.
 
     `never_empty=True` (several ranks): a micro-batch whose rows would all be left out of the

@@ -3,7 +3,7 @@
 `completion_logprobs(model, mb, ...)` gives per-token logprobs [B, C] of a micro-batch's
 completion tokens (and entropies, and a value head's values read off the same hidden states for
 PPO). It computes each prompt of a micro-batch once for all its completions and packs the
-sequences without padding (grpokit.core.prefix); models whose attention cannot take that layout
+sequences without padding (grpokit.modeling.prefix); models whose attention cannot take that layout
 get the padded one (left-padded prompt | right-padded completion). External segments (tool or
 environment tokens) are in the sequence like any other token: they are context, and the
 micro-batch's `completion_mask` keeps them out of the loss.
@@ -24,76 +24,17 @@ from typing import Any, cast
 import torch
 
 from grpokit.algos import chunked_logprobs, entropy_from_logits, selective_log_softmax
-from grpokit.core.batch import MicroBatch
-from grpokit.core.prefix import DENSE_ROW_TOKENS, MAX_SEGMENT_TOKENS, packed_hidden, scatter_to_grid, supports_packed
-from grpokit.core.vision import (is_vision_model, multimodal_base, packed_inputs, padded_inputs, uses_mrope,
-                                 vision_tower_trained)
-
-
-def unwrap(model):
-    """The transformers model under DDP/FSDP/PEFT wrappers (LoRA layers stay injected in it)."""
-    model = getattr(model, "module", model)
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
-def plain_linear_head(model) -> torch.nn.Linear | None:
-    """The lm_head when logits are exactly hidden @ W.T (no bias, softcap or scale); else None."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
-    if (type(head) is not torch.nn.Linear or head.bias is not None
-            or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)):
-        return None
-    return head
-
-
-def text_config(model):
-    """The (unwrapped) model's text config: its language model's, for a multimodal config; None
-    without one."""
-    cfg = getattr(unwrap(model), "config", None)
-    return cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+from grpokit.core.batch import MicroBatch, make_micro_batches
+from grpokit.modeling.info import ModelInfo, text_config, unwrap
+from grpokit.modeling.prefix import DENSE_ROW_TOKENS, MAX_SEGMENT_TOKENS, packed_hidden, scatter_to_grid
+from grpokit.modeling.vision import multimodal_base, packed_inputs, padded_inputs
+from grpokit.trajectory import Trajectories
 
 
 def has_router_aux_loss(model) -> bool:
     """Whether the model is a mixture of experts that returns router logits (TRL then adds its
     load-balancing loss, times router_aux_loss_coef, to the loss)."""
     return bool(getattr(text_config(model), "output_router_logits", False))
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the training forward needs to know about a model, read once (`ModelInfo.of`) and
-    carried by the plan, so that no forward re-probes the model. Facts only (no module
-    references): a frozen reference copy shares its policy's."""
-
-    plain_head: bool          # logits are exactly hidden @ lm_head.weight.T (the chunked lm_head applies)
-    packable: bool            # the decoder takes the packed shared-prefix layout (with a plain head)
-    vlm: bool                 # encodes images (get_image_features)
-    mrope: bool               # 3-D M-RoPE positions (Qwen-VL families)
-    per_layer_inputs: bool    # per-layer token embeddings (Gemma 3n / Gemma 4)
-    router: bool              # a mixture of experts returning router logits (its load-balancing loss)
-    vision_trained: bool      # some vision-tower parameter is trained (features with gradients)
-
-    @classmethod
-    def of(cls, model) -> "ModelInfo":
-        inner = unwrap(model)
-        text = text_config(inner)
-        plain = plain_linear_head(inner) is not None
-        vlm = is_vision_model(inner)
-        return cls(plain_head=plain, packable=plain and supports_packed(inner), vlm=vlm,
-                   mrope=vlm and uses_mrope(inner), per_layer_inputs=bool(getattr(text, "hidden_size_per_layer_input",
-                                                                                  None)),
-                   router=bool(getattr(text, "output_router_logits", False)),
-                   vision_trained=vlm and vision_tower_trained(inner))
-
-    def describe(self) -> str:
-        kinds = [name for name, on in (("vision-language", self.vlm), ("M-RoPE", self.mrope),
-                                       ("per-layer inputs", self.per_layer_inputs), ("mixture of experts", self.router))
-                 if on]
-        return "model: " + (", ".join(kinds) if kinds else "text") + (
-            "; vision tower trained" if self.vision_trained else "")
 
 
 def router_balance_loss(model, router_logits, attention_mask=None) -> torch.Tensor:
@@ -143,7 +84,7 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
 
     `packed` (default: whenever the model supports it, see `uses_packed_forward`; the trainer
     passes its ForwardPlan's choice): each prompt once per group, no padding
-    (grpokit.core.prefix; one group a row: on CPU, rows that join several short groups saved
+    (grpokit.modeling.prefix; one group a row: on CPU, rows that join several short groups saved
     padding but lost more in the masked attention), rows longer than `dense_row_tokens` through
     the prefix-attention kernel. Otherwise the padded [B, P + C] layout. Either way only the
     completion positions go through the lm_head, `chunk_size` rows at a time (None: ~32 MiB of
@@ -161,7 +102,7 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
     if packed is None:
         packed = info.packable
     shape = (int(mb.completion_ids.shape[0]), int(mb.completion_ids.shape[1]))
-    # prompts with images: features once per distinct prompt (grpokit.core.vision), with gradients
+    # prompts with images: features once per distinct prompt (grpokit.modeling.vision), with gradients
     # only when the vision tower is trained
     tool_images = mb.completion_vision is not None and any(v is not None for v in mb.completion_vision)
     vision = tool_images or (mb.vision is not None and any(v is not None for v in mb.vision))
@@ -234,6 +175,22 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
     logps = selective_log_softmax(logits, mb.completion_ids)
     return done(logps, entropy_from_logits(logits.detach()) if with_entropy else None,
                 lambda vh: vh(out.hidden_states[-1][:, p - 1:p - 1 + c]))
+
+
+def score_with_training_forward(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], images: list,
+                                *, temperature: float, pad_id: int, device: torch.device,
+                                image_features=None) -> torch.Tensor:
+    """Logprobs [N, longest completion] of sampled completions (prompt i, completion i, prompt i's
+    images) under `model` by the padded training forward: how the hf-generate engine scores what
+    a `generate` without scores sampled for prompts with images."""
+    n = len(prompt_ids)
+    traj = Trajectories(row_index=list(range(n)), prompts=[None] * n, completions=[None] * n,
+                        prompt_ids=[list(p) for p in prompt_ids], completion_ids=completion_ids,
+                        sampling_logps=[[0.0] * len(c) for c in completion_ids],
+                        truncated=torch.zeros(n, dtype=torch.bool), images=images)
+    (mb,) = make_micro_batches(traj, n, pad_id=pad_id, device=device, mask_truncated=False,
+                               image_features=image_features)
+    return completion_logprobs(model, mb, temperature=temperature, packed=False)[0]
 
 
 def sampler_logps_are_old_logps(model, engine, *, temperature: float, top_p: float = 1.0, top_k: int = 0,

@@ -34,7 +34,8 @@ from grpokit.algos import (batch_normalized, entropy_bonus, group_advantages, gr
 from grpokit.checkpoint.runs import resume_run, save_run_checkpoint
 from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
 from grpokit.core.events import NO_EVENTS, NOTHING_ASKED, Events, Requests
-from grpokit.core.forward import has_router_aux_loss, text_config
+from grpokit.core.forward import has_router_aux_loss
+from grpokit.modeling.info import text_config
 from grpokit.core.run import RunParts
 from grpokit.trajectory import Rollout, ToolStats, concat_rollouts
 

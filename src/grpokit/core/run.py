@@ -22,7 +22,8 @@ from grpokit import distributed
 from grpokit.config import GRPOConfig
 from grpokit.core import setup
 from grpokit.core.events import NO_EVENTS, Events
-from grpokit.core.forward import ForwardPlan, choose_forward_plan, completion_logprobs, unwrap
+from grpokit.core.forward import ForwardPlan, choose_forward_plan, completion_logprobs
+from grpokit.modeling.info import unwrap
 from grpokit.data.prompts import PromptSet
 from grpokit.rewards.scoring import Scorer
 from grpokit.rollout import SamplingParams
@@ -92,7 +93,7 @@ class RunParts:
     tracker: Any
     evaluation: setup.Evaluation
     multiturn: Any = None                # grpokit.envs.MultiTurn (tools / environments), or None
-    image_features: Any = None           # a VLM's image features, encoded once a step (core.vision.ImageFeatures)
+    image_features: Any = None           # a VLM's image features, encoded once a step (modeling.vision.ImageFeatures)
     extra_modules: tuple = ()            # trained with the policy (PPO's value head)
     strategy: str = "ddp"                # distributed_strategy in effect (ddp | fsdp2)
     task_name: str | None = None
@@ -311,7 +312,7 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
         notes.append(_rollout_func_note(cfg, plan))
     image_features = None
     if models.vlm:
-        from grpokit.core.vision import ImageFeatures
+        from grpokit.modeling.vision import ImageFeatures
 
         image_features = ImageFeatures()
     sampler = choose_sampler(engine, multiturn=multiturn, rollout_func=rollout_func, tokenizer=models.tokenizer,

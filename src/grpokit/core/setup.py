@@ -16,7 +16,8 @@ import torch
 
 from grpokit import distributed
 from grpokit.config import GRPOConfig
-from grpokit.core.forward import unwrap
+from grpokit.core.forward import score_with_training_forward
+from grpokit.modeling.info import unwrap
 from grpokit.data.prompts import PromptSet
 
 
@@ -101,7 +102,7 @@ def load_models(cfg: GRPOConfig, model, tokenizer, *, task, device: torch.device
     """Load the policy (a name, a path or a loaded model), its tokenizer or processor, LoRA, the
     reference (a frozen copy unless LoRA's adapter can be switched off)."""
     from grpokit import models
-    from grpokit.core.vision import is_vision_model, language_model_lora_targets, vision_parameters
+    from grpokit.modeling.vision import is_vision_model, language_model_lora_targets, vision_parameters
     from grpokit.data import vision as data_vision
 
     notes: list[str] = []
@@ -267,13 +268,14 @@ def build_engine(cfg: GRPOConfig, models: Models, *, images: bool, notes: list[s
     policy, tok = models.policy, models.tokenizer
     if cfg.rollout_engine != "hf":  # hf-generate, vllm, or one registered with register_engine
         engine = make_engine(cfg.rollout_engine, policy, tok, max_batch_tokens=cfg.max_batch_tokens,
-                             generation_kwargs=extra)
+                             generation_kwargs=extra, score_with_images=score_with_training_forward)
     else:
         why = needs_generate(policy) or (f"generation_kwargs {', '.join(sorted(extra))} need transformers' generate"
                                          if extra else None)
         if why:
             notes.append(f"rollout: transformers' generate ({why}); slower than grpokit's engine.")
-            engine = make_engine("hf-generate", policy, tok, generation_kwargs=extra)
+            engine = make_engine("hf-generate", policy, tok, generation_kwargs=extra,
+                                 score_with_images=score_with_training_forward)
         else:
             engine = make_engine("hf", policy, tok, max_batch_tokens=cfg.max_batch_tokens)
     if images and not capabilities_of(engine).images:

@@ -74,7 +74,7 @@ class Engine(Protocol):
     def generate(self, prompt_ids: list[list[int]], n: int = 1, params: SamplingParams | None = None,
                  images: list | None = None, image_features: Any = None) -> list[Completion]:
         """n completions per prompt. `images`: per prompt its VisionInputs or None;
-        `image_features`: a grpokit.core.vision.ImageFeatures cache (an engine without
+        `image_features`: a grpokit.modeling.vision.ImageFeatures cache (an engine without
         `capabilities.images` refuses images)."""
 
     def update_weights(self, model) -> None:

@@ -11,7 +11,7 @@ whatever transformers generates. The logprob of each generated token is that of 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -41,13 +41,19 @@ class GenerateEngine:
     """n samples per prompt through `model.generate`: each prompt n times in one left-padded batch,
     one sequence per row (as TRL repeats its prompts; beam settings then apply per sample).
 
-    `generation_kwargs`: extra `GenerationConfig` settings (num_beams, length_penalty, ...)."""
+    `generation_kwargs`: extra `GenerationConfig` settings (num_beams, length_penalty, ...);
+    `score_with_images`: see `_scored_with_images`."""
 
     capabilities = EngineCapabilities(images=True, kv_across_turns=False, exact_fp32_logprobs=False,
                                       sampler_differs_from_trainer=False, uses_model_generate=True)
 
-    def __init__(self, model, tokenizer, *, generation_kwargs: dict | None = None, max_batch_tokens=None, **_):
+    def __init__(self, model, tokenizer, *, generation_kwargs: dict | None = None, max_batch_tokens=None,
+                 score_with_images: Callable[..., torch.Tensor] | None = None, **_):
         self.model, self.tokenizer = model, tokenizer
+        # the training forward that scores sampled sequences with images when generate gives no
+        # scores (grpokit.core.forward.score_with_training_forward; given, not imported: the engine
+        # sits below the core)
+        self.score_with_images = score_with_images
         self.generation_kwargs = dict(generation_kwargs or {})
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # a turn ends on any of them, as in TRL (the tokenizer's EOS too: a model whose generation
@@ -64,7 +70,7 @@ class GenerateEngine:
                  image_features=None) -> list[Completion]:
         """`images` (a vision-language model): per prompt, its images' processor tensors
         (grpokit.data.vision.VisionInputs) or None. Each prompt's features are computed once
-        (`image_features`, a grpokit.core.vision.ImageFeatures, shared with the training forward
+        (`image_features`, a grpokit.modeling.vision.ImageFeatures, shared with the training forward
         when the tower is frozen) and given to `generate` as its `mm_encoder_outputs`, one copy per
         sample row, with the per-image and per-token tensors (image_grid_thw, mm_token_type_ids,
         ...) of every row; the model places them and computes its own positions (M-RoPE)."""
@@ -133,7 +139,7 @@ class GenerateEngine:
         """generate's image arguments for the left-padded [rows, width] prompts: the features of
         each row's images (computed once per prompt) in row order, the per-image tensors of those
         rows, and the per-token tensors left-padded with 0 (text) to the width."""
-        from grpokit.core.vision import ImageFeatures, encoder_outputs, image_kwargs, token_grids
+        from grpokit.modeling.vision import ImageFeatures, encoder_outputs, image_kwargs, token_grids
 
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         features = image_features if image_features is not None else ImageFeatures()
@@ -165,20 +171,13 @@ class GenerateEngine:
 
     def _scored_with_images(self, sequences: torch.Tensor, rows: list[list[int]], row_images: list, width: int,
                             params: SamplingParams, image_features) -> torch.Tensor:
-        """`_scored` for prompts with images: the training forward itself (padded layout, each
-        prompt's features once, in its image slots only: an image token sampled in a completion is
-        text there, as in training), at the sampling temperature."""
-        from grpokit.core.batch import make_micro_batches
-        from grpokit.core.forward import completion_logprobs
-        from grpokit.trajectory import Trajectories
-
-        gen = sequences[:, width:].cpu().tolist()
-        n = len(rows)
-        traj = Trajectories(row_index=list(range(n)), prompts=[None] * n, completions=[None] * n,
-                            prompt_ids=[list(p) for p in rows], completion_ids=gen,
-                            sampling_logps=[[0.0] * len(g) for g in gen], truncated=torch.zeros(n, dtype=torch.bool),
-                            images=list(row_images))
-        (mb,) = make_micro_batches(traj, n, pad_id=self.pad_id, device=sequences.device, mask_truncated=False,
-                                   image_features=image_features)
-        logps, _ = completion_logprobs(self.model, mb, temperature=params.temperature or 1.0, packed=False)
-        return logps
+        """`_scored` for prompts with images: the training forward itself (`score_with_images`,
+        given by the run: the padded layout, each prompt's features once, in its image slots only;
+        an image token sampled in a completion is text there, as in training), at the sampling
+        temperature."""
+        if self.score_with_images is None:
+            raise ValueError("hf-generate: generate() returned no scores for prompts with images; build the engine "
+                             "with score_with_images=grpokit.core.forward.score_with_training_forward (the run does).")
+        return self.score_with_images(self.model, rows, sequences[:, width:].cpu().tolist(), list(row_images),
+                                      temperature=params.temperature or 1.0, pad_id=self.pad_id,
+                                      device=sequences.device, image_features=image_features)

@@ -175,7 +175,7 @@ class HFEngine:
         `images` (a vision-language model): per prompt, its images' processor tensors
         (grpokit.data.vision.VisionInputs) or None; a prompt with images is prefilled alone,
         once for its n samples, with its image features (`image_features`, a
-        grpokit.core.vision.ImageFeatures: computed once per step when the vision tower is
+        grpokit.modeling.vision.ImageFeatures: computed once per step when the vision tower is
         frozen), and its samples decode at the positions the images shift (M-RoPE)."""
         params = params or SamplingParams()
         turns = _OneTurn(len(prompt_ids) * n)
@@ -484,8 +484,8 @@ class HFEngine:
 
     def _image_inputs(self, v, image_features) -> dict:
         """The model's image arguments for one prompt: its features (once per prompt; see
-        grpokit.core.vision) and per-image / per-token tensors."""
-        from grpokit.core.vision import ImageFeatures, encoder_outputs
+        grpokit.modeling.vision) and per-image / per-token tensors."""
+        from grpokit.modeling.vision import ImageFeatures, encoder_outputs
 
         base = _base_model(self.model)
         features = image_features if image_features is not None else ImageFeatures()
@@ -498,7 +498,7 @@ class HFEngine:
         """How far a prompt's images shift the positions of what follows it (M-RoPE); 0 without images."""
         if v is None:
             return 0
-        from grpokit.core.vision import position_offset
+        from grpokit.modeling.vision import position_offset
 
         return position_offset(_base_model(self.model), v, prompt)
 

@@ -12,7 +12,7 @@ and serve the rollout's prefill and every training forward of the step; with it 
 group in each training forward, with gradients (the rows' copies are one tensor indexed, so the
 tower gets the sum of their gradients).
 
-The packed shared-prefix layout (grpokit.core.prefix) carries the image tokens in each segment's
+The packed shared-prefix layout (grpokit.modeling.prefix) carries the image tokens in each segment's
 prompt; the multimodal base model takes the packed rows with the features in row order, the
 4-D mask and explicit positions: for M-RoPE families, each prompt's 3-D positions
 (`rope_positions`, the model's own `get_rope_index`) and, for its completions, the text positions
