@@ -25,6 +25,7 @@ import torch
 
 from grpokit.algos import chunked_logprobs, entropy_from_logits, selective_log_softmax
 from grpokit.core.batch import MicroBatch, make_micro_batches
+from grpokit.rollout.base import capabilities_of
 from grpokit.modeling.info import ModelInfo, text_config, unwrap
 from grpokit.modeling.prefix import DENSE_ROW_TOKENS, MAX_SEGMENT_TOKENS, packed_hidden, scatter_to_grid
 from grpokit.modeling.vision import multimodal_base, packed_inputs, padded_inputs
@@ -207,8 +208,6 @@ def sampler_logps_are_old_logps(model, engine, *, temperature: float, top_p: flo
     packed-vs-padded difference of the training forward itself (tests/unit/test_batch.py). bf16 is
     not covered by that measurement, so it keeps computing (the trainer's module is checked too: it
     may have been cast since the engine declared)."""
-    from grpokit.rollout.base import capabilities_of
-
     caps = capabilities_of(engine)
     if not caps.exact_fp32_logprobs or caps.sampler_differs_from_trainer or temperature <= 0:
         return False
@@ -241,6 +240,8 @@ class ForwardPlan:
     never_empty: bool = False     # several ranks: every forward runs the whole model (same collectives)
     old_logps: str = "current"    # current (num_iterations = 1) | sampler (reused) | recomputed once per batch
     reference: str = "none"       # none (beta = 0) | adapter_off (LoRA) | frozen_copy
+    sampler_differs: bool = False    # the engine samples from another copy of the policy (vLLM): its log-probs
+                                     # feed the importance-sampling correction and the off-policy mask
     model: ModelInfo | None = None   # the model's facts, read once (None: each forward reads them)
     tool_images_padded: bool = False  # micro-batches holding images in tool results take the padded layout
 
@@ -325,6 +326,7 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
         old_logps=old,
         reference="none" if not needs_reference else ("adapter_off" if is_peft else "frozen_copy"),
         model=info, tool_images_padded=tool_images,
+        sampler_differs=capabilities_of(engine).sampler_differs_from_trainer,
     )
     for key, value in (overrides or {}).items():
         if key not in {f.name for f in dataclasses.fields(ForwardPlan)}:

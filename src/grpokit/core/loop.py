@@ -450,7 +450,7 @@ class GRPO:
                                   **({"router_aux": True} if self.router_aux_coef is not None else {}))
                 logps, entropy = out[0], out[1]
                 is_weights = None
-                if cfg.use_vllm and cfg.vllm_importance_sampling_correction:
+                if run.plan.sampler_differs and cfg.vllm_importance_sampling_correction:
                     level, mode = cfg.vllm_importance_sampling_mode.split("_")
                     base = mb.old_logps if mb.old_logps is not None else logps.detach()
                     is_weights = rollout_correction_weights(base, mb.sampling_logps, mb.completion_mask, level=level,
@@ -464,7 +464,7 @@ class GRPO:
                     logps, mb.old_logps, mb.advantages, mb.completion_mask, ref_logps=mb.ref_logps,
                     num_items_in_batch=num_items / run.world_size, num_sequences=num_sequences / run.world_size,
                     is_weights=is_weights, entropy_mask=entropy_mask,
-                    sampling_logps=mb.sampling_logps if cfg.use_vllm else None)
+                    sampling_logps=mb.sampling_logps if run.plan.sampler_differs else None)
                 loss = loss / divisor
                 if entropy is not None:  # computed for the entropy mask or bonus: logged as TRL does
                     stats["entropy"] = (entropy.detach() * mb.completion_mask).sum() / mb.completion_mask.sum().clamp(min=1)

@@ -339,7 +339,7 @@ def _rollout_func_note(cfg: GRPOConfig, plan: ForwardPlan) -> str:
                        "the trainer's own)",
             "recomputed": "the old policy's log-probs come from the trainer's forward",
             "current": "on-policy, the old policy's log-probs are the current ones"}[plan.old_logps]
-    if cfg.use_vllm and cfg.vllm_importance_sampling_correction:
+    if plan.sampler_differs and cfg.vllm_importance_sampling_correction:
         uses += "; its log-probs feed the importance-sampling correction"
     return f"rollout: rollout_func (yours) samples the completions; {uses}."
 
