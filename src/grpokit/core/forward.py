@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import torch
 
-from grpokit.algos import chunked_logprobs, entropy_from_logits, selective_log_softmax
+from grpokit.algos import LOSS_TYPES, chunked_logprobs, entropy_from_logits, is_local_mean, selective_log_softmax
 from grpokit.core.batch import MicroBatch, make_micro_batches
 from grpokit.rollout.base import capabilities_of
 from grpokit.modeling.info import ModelInfo, text_config, unwrap
@@ -319,7 +319,7 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
         packed=packed,
         chunk_rows=lm_head_chunk_rows(head) if head is not None else None,
         # micro-batches may be joined when the loss is a plain sum over them (global normalisers:
-        # not grpo/bnpo/sapo's local means) and no entropy mask or bonus is on
+        # not the local means: grpo, bnpo, sapo, luspo) and no entropy mask or bonus is on
         merge=packed and not local_means and not entropy_mask,
         skip_zero_advantage=cfg.beta == 0 and not entropy_mask,
         never_empty=world_size > 1,
@@ -338,7 +338,8 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
         raise ValueError(f"forward_plan: packed=True, but {type(inner).__name__} cannot take the packed forward.")
     if plan.merge and (local_means or entropy_mask or not plan.packed):
         raise ValueError("forward_plan: merge=True needs the packed forward and a loss with global normalisers "
-                         "(not grpo/bnpo/sapo) without the entropy mask or bonus.")
+                         f"(not the local means {', '.join(t for t in LOSS_TYPES if is_local_mean(t))}) without the entropy mask or "
+                         "bonus.")
     if plan.skip_zero_advantage and (cfg.beta != 0 or entropy_mask):
         raise ValueError("forward_plan: skip_zero_advantage=True needs beta=0 and no entropy mask or bonus.")
     if plan.old_logps == "sampler" and old != "sampler" and not external_sampler:
