@@ -5,7 +5,7 @@ prompts of different lengths, whole and cut groups, LoRA, gradient checkpointing
 import pytest
 import torch
 
-from grpokit.core import prefix
+from grpokit.modeling import prefix
 from grpokit.core.batch import make_micro_batches
 from grpokit.core.forward import completion_logprobs, uses_packed_forward
 from grpokit.modeling.prefix import build_packed_layout, find_segments
