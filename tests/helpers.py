@@ -220,9 +220,8 @@ def assert_matches_reference(model, traj, ref, ref_grads, *, temperature, packed
     from grpokit.core.forward import completion_logprobs
 
     model.zero_grad(set_to_none=True)
-    (mb,) = make_micro_batches(traj, len(traj), pad_id=pad_id, device="cpu", mask_truncated=False,
-                               image_features=features)
-    logps, _ = completion_logprobs(model, mb, temperature=temperature, packed=packed)
+    (mb,) = make_micro_batches(traj, len(traj), pad_id=pad_id, device="cpu", mask_truncated=False)
+    logps, _ = completion_logprobs(model, mb, temperature=temperature, packed=packed, image_features=features)
     rows = [logps[b, :len(c)] for b, c in enumerate(traj.completion_ids)]
     for got, want in zip(rows, ref):
         torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)

@@ -79,11 +79,11 @@ def test_frozen_vision_tower_features_are_computed_once_per_step(vlm):
     try:
         features = ImageFeatures()
         mbs = make_micro_batches(traj, 2, pad_id=processor.tokenizer.pad_token_id, device="cpu",
-                                 mask_truncated=False, image_features=features)
+                                 mask_truncated=False)
         assert len(mbs) == 6  # groups of 3 cut by micro-batches of 2: a prompt in two micro-batches
         for _ in range(2):  # two passes (num_iterations = 2)
             for mb in mbs:
-                logps, _ = completion_logprobs(model, mb, temperature=1.0)
+                logps, _ = completion_logprobs(model, mb, temperature=1.0, image_features=features)
                 logps.sum().backward()
         assert len(calls) == 3 and features.calls == 3
     finally:

@@ -79,10 +79,10 @@ def reference_logprobs(run: RunParts, mb, *, temperature: float) -> torch.Tensor
         from grpokit.models import reference_logits_context
 
         with reference_logits_context(run.model):
-            return completion_logprobs(run.model, mb, temperature=temperature, **run.plan.forward_kwargs())[0]
+            return completion_logprobs(run.model, mb, temperature=temperature, **run.forward_kwargs())[0]
     if run.ref_model is None:
         raise ValueError("no reference model: this run was built without one.")
-    return completion_logprobs(run.ref_model, mb, temperature=temperature, **run.plan.forward_kwargs())[0]
+    return completion_logprobs(run.ref_model, mb, temperature=temperature, **run.forward_kwargs())[0]
 
 
 def parameter_counts(run: RunParts, extra_modules=()) -> dict[str, int]:

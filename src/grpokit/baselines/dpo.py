@@ -233,8 +233,7 @@ def _dpo_update(run: RunParts, cfg: DPOConfig, pairs: Trajectories, *, pairs_per
     totals: dict[str, torch.Tensor] = {}
     if num_pairs:
         micro_batches = make_micro_batches(pairs, 2 * pairs_per_micro_batch, pad_id=run.pad_id, device=run.device,
-                                           mask_truncated=cfg.mask_truncated_completions,
-                                           image_features=run.image_features)
+                                           mask_truncated=cfg.mask_truncated_completions)
         average = DPO_AVERAGE_LOGPS[cfg.loss_type]
         with timed(phase, "time/logprobs"), torch.no_grad():
             ref = []

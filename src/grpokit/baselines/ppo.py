@@ -113,7 +113,7 @@ def logprobs_and_values(run: RunParts, value_head: ValueHead, mb: MicroBatch):
     [B, C] of the states before them: the training forward (core.forward.completion_logprobs, as
     the run's plan says) with the value head read off the same hidden states."""
     logps, _, values = completion_logprobs(run.model, mb, temperature=run.temperature, value_head=value_head,
-                                           **run.plan.forward_kwargs())
+                                           **run.forward_kwargs())
     return logps, values
 
 
@@ -207,8 +207,7 @@ def ppo_step(run: RunParts, ppo: PPO, rows: list[int], state: LoopState, phase: 
     rollout = sample_and_score(run, rows, state, phase)
     # the per-token advantages are PPO's own (_Targets); the micro-batches carry none
     micro_batches = make_micro_batches(rollout, cfg.per_device_train_batch_size, pad_id=run.pad_id,
-                                       device=run.device, mask_truncated=cfg.mask_truncated_completions,
-                                       image_features=run.image_features)
+                                       device=run.device, mask_truncated=cfg.mask_truncated_completions)
     with timed(phase, "time/logprobs"):
         targets, extra = _targets(run, cfg, value_head, rollout, micro_batches)
     # the sequence's mean whitened advantage, for the completions table and advantage_abs

@@ -12,7 +12,6 @@ or the padded one (left-padded prompt | right-padded completion), see grpokit.co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -43,7 +42,6 @@ class MicroBatch:
     old_logps: torch.Tensor | None = None   # [B, C] when num_iterations > 1
     ref_logps: torch.Tensor | None = None   # [B, C] when beta > 0
     vision: list | None = None      # per row: its prompt's images (VisionInputs, shared by a group) or None
-    image_features: Any = None      # grpokit.modeling.vision.ImageFeatures of the step (frozen tower: computed once)
     completion_vision: list | None = None  # per row: the images in its completion (tool results) or None
     _padded: tuple | None = field(default=None, repr=False)
     _layout: PackedLayout | None = field(default=None, repr=False)
@@ -113,7 +111,7 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
                        advantages: torch.Tensor | None = None, merge: bool = False,
                        skip_zero_advantage: bool = False, never_empty: bool = False,
                        token_budget: int | None = None, packed: bool = True,
-                       pad_to_multiple_of: int | None = None, image_features: Any = None) -> list[MicroBatch]:
+                       pad_to_multiple_of: int | None = None) -> list[MicroBatch]:
     """Split the N samples into micro-batches of `size` consecutive rows (groups stay whole when
     size is a multiple of G; a group cut by a micro-batch boundary still shares its prompt within
     each part). Completion tensors are padded to each micro-batch's own longest completion.
@@ -143,9 +141,9 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
     multiples of m (TRL's knob, for accelerators that want fixed shapes; the trainer then runs
     the padded forward).
 
-    Prompts with images (`rollout.images`): each micro-batch carries its rows' VisionInputs and
-    the step's `image_features` (grpokit.modeling.vision.ImageFeatures), so the forward encodes each
-    distinct prompt's images once.
+    Prompts with images (`rollout.images`): each micro-batch carries its rows' VisionInputs; the
+    forward encodes each distinct prompt's images once (the run's image-feature cache, given to the
+    forward, not carried by the micro-batch).
 
     `never_empty=True` (several ranks): a micro-batch whose rows would all be left out of the
     forward (skipped, or wholly masked) keeps its shortest row in it (`MicroBatch.keep_row`). That
@@ -200,7 +198,7 @@ def make_micro_batches(rollout: Trajectories, size: int, *, pad_id: int, device,
             completion_ids=completion_ids.to(device), completion_mask=comp_mask.to(device),
             advantages=advantages[rows].to(device), sampling_logps=samp.to(device), rows=rows, pad_id=pad_id,
             skip_rows=row_skip if any(row_skip) else None, keep_row=keep_row, pad_to_multiple_of=pad_to_multiple_of,
-            vision=rollout.images[rows] if rollout.images is not None else None, image_features=image_features,
+            vision=rollout.images[rows] if rollout.images is not None else None,
             completion_vision=(rollout.completion_images[rows] if rollout.completion_images is not None else None),
         ))
     return out
@@ -216,7 +214,6 @@ def zero_weight_micro_batch(like: MicroBatch) -> MicroBatch:
         advantages=torch.zeros_like(like.advantages[:1]), sampling_logps=torch.zeros_like(like.sampling_logps[:1]),
         rows=slice(like.rows.start, like.rows.start), pad_id=like.pad_id, keep_row=0,
         pad_to_multiple_of=like.pad_to_multiple_of, vision=like.vision[:1] if like.vision is not None else None,
-        image_features=like.image_features,
         completion_vision=like.completion_vision[:1] if like.completion_vision is not None else None,
     )
 

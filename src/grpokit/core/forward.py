@@ -76,7 +76,8 @@ def lm_head_chunk_rows(head: torch.nn.Linear, chunk_size: int | None = None) -> 
 def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entropy: bool = False,
                         chunk_size: int | None = None, packed: bool | None = None,
                         max_segment_tokens: int = MAX_SEGMENT_TOKENS, dense_row_tokens: int = DENSE_ROW_TOKENS,
-                        value_head=None, router_aux: bool = False, info: ModelInfo | None = None):
+                        value_head=None, router_aux: bool = False, info: ModelInfo | None = None,
+                        image_features=None):
     """Per-token logprobs [B, C] of the completion tokens under `model` (at `temperature`), and
     their entropies when asked (0 on padding): `(logps, entropy or None)`, or with a
     `value_head` (a module mapping hidden states [..., H] to values [...], PPO's critic)
@@ -93,6 +94,8 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
     tensor is ever kept. `router_aux=True` (a mixture-of-experts model): the model's own
     load-balancing loss over the tokens of the forward is appended to the returned tuple.
     `info`: the model's facts (the run passes its plan's, read once); None reads them now.
+    `image_features`: the step's image-feature cache (grpokit.modeling.vision.ImageFeatures; the
+    run's), so each distinct prompt's images are encoded once (with a frozen tower, once a step).
     A micro-batch holding images in tool results takes the padded layout (the plan says so)."""
     t = temperature if temperature > 0 else 1.0
     info = info if info is not None else ModelInfo.of(model)
@@ -133,7 +136,7 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
         extra = None
         if vision:
             decoder = multimodal_base(inner)
-            extra = packed_inputs(inner, mb, layout, mb.image_features, grad=vision_grad)
+            extra = packed_inputs(inner, mb, layout, image_features, grad=vision_grad)
         else:
             decoder = inner.get_decoder()
         decoded = packed_hidden(decoder, layout, next(decoder.parameters()).dtype, dense_row_tokens=dense_row_tokens,
@@ -154,7 +157,7 @@ def completion_logprobs(model, mb: MicroBatch, *, temperature: float, with_entro
                     scatter_to_grid(entropy, layout, shape) if entropy is not None else None,
                     lambda vh: scatter_to_grid(vh(hidden), layout, shape))
     p, c = mb.prompt_width, shape[1]
-    inputs = (padded_inputs(inner, mb, mb.image_features, grad=vision_grad) if vision else
+    inputs = (padded_inputs(inner, mb, image_features, grad=vision_grad) if vision else
               {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask, "position_ids": mb.position_ids})
     if head is not None and hasattr(inner, "get_decoder"):
         backbone = multimodal_base(inner) if vision else inner.get_decoder()
@@ -189,9 +192,8 @@ def score_with_training_forward(model, prompt_ids: list[list[int]], completion_i
                         prompt_ids=[list(p) for p in prompt_ids], completion_ids=completion_ids,
                         sampling_logps=[[0.0] * len(c) for c in completion_ids],
                         truncated=torch.zeros(n, dtype=torch.bool), images=images)
-    (mb,) = make_micro_batches(traj, n, pad_id=pad_id, device=device, mask_truncated=False,
-                               image_features=image_features)
-    return completion_logprobs(model, mb, temperature=temperature, packed=False)[0]
+    (mb,) = make_micro_batches(traj, n, pad_id=pad_id, device=device, mask_truncated=False)
+    return completion_logprobs(model, mb, temperature=temperature, packed=False, image_features=image_features)[0]
 
 
 def sampler_logps_are_old_logps(model, engine, *, temperature: float, top_p: float = 1.0, top_k: int = 0,

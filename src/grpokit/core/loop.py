@@ -314,8 +314,7 @@ class GRPO:
                                      mask_truncated=cfg.mask_truncated_completions, merge=plan.merge,
                                      skip_zero_advantage=plan.skip_zero_advantage,
                                      never_empty=plan.never_empty, token_budget=cfg.token_budget,
-                                     packed=plan.packed, pad_to_multiple_of=cfg.pad_to_multiple_of,
-                                     image_features=run.image_features)
+                                     packed=plan.packed, pad_to_multiple_of=cfg.pad_to_multiple_of)
             # local means (grpo, bnpo, sapo, luspo) are averaged over the micro-batches, as TRL divides
             # by the accumulation steps (such losses never merge, so every rank has as many)
             accumulation = len(mbs)
@@ -404,7 +403,7 @@ class GRPO:
                                       estimator=cfg.advantage_estimator) if g > 1 else torch.zeros(len(rollout))
         mbs = make_micro_batches(rollout, cfg.per_device_eval_batch_size * g, advantages=advantages,
                                  pad_id=run.pad_id, device=run.device, mask_truncated=cfg.mask_truncated_completions,
-                                 packed=run.plan.packed, image_features=run.image_features)
+                                 packed=run.plan.packed)
         add_fixed_logprobs(run, mbs)
         num_items = sum(mb.completion_mask.sum() for mb in mbs)
         was_training = run.model.training
@@ -558,7 +557,7 @@ def add_fixed_logprobs(run: RunParts, micro_batches: list[MicroBatch]) -> None:
                 mb.old_logps = run.forward(mb)[0]
             if plan.reference != "none":
                 with run.reference_context() as ref_forward:
-                    mb.ref_logps = ref_forward(mb, temperature=run.temperature, **plan.forward_kwargs())[0]
+                    mb.ref_logps = ref_forward(mb, temperature=run.temperature, **run.forward_kwargs())[0]
 
 
 # --------------------------------------------------------------------------------------------

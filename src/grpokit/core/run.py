@@ -145,9 +145,14 @@ class RunParts:
         return self.scorer.score(trajectories, self.train if prompts is None else prompts)
 
     # ---- forwards ----
+    def forward_kwargs(self) -> dict[str, Any]:
+        """What every forward of this run passes besides the micro-batch: the plan's choices and
+        the step's image-feature cache (owned here, cleared by the sampler at each step)."""
+        return {**self.plan.forward_kwargs(), "image_features": self.image_features}
+
     def forward(self, mb, **kw):
         """The training forward of a micro-batch, as the plan says (logps, entropy[, values])."""
-        return self.train_forward(mb, **{"temperature": self.temperature, **self.plan.forward_kwargs(), **kw})
+        return self.train_forward(mb, **{"temperature": self.temperature, **self.forward_kwargs(), **kw})
 
     def generation_context(self):
         """FSDP2: every parameter gathered while generating (see distributed.full_parameters)."""
