@@ -1,5 +1,7 @@
 """Running a benchmark's two frameworks side by side: each in its own subprocess (grpokit in this
-interpreter, TRL in benchmarks/.venv-trl), alternating which goes first from repeat to repeat."""
+interpreter, TRL in benchmarks/.venv-trl), alternating which goes first from repeat to repeat.
+With `--baseline-src TREE` the other side is another grpokit tree (a `git worktree` of an earlier
+commit) running its own copy of the benchmark's worker: a change measured before and after."""
 
 from __future__ import annotations
 
@@ -15,29 +17,36 @@ ROOT = os.path.dirname(HERE)
 TRL_PYTHON = os.path.join(HERE, ".venv-trl", "bin", "python")
 
 
-def run_worker(script: str, framework: str, spec: dict) -> dict:
+def run_worker(script: str, framework: str, spec: dict, baseline_src: str | None = None) -> dict:
     """`python script --worker framework --spec JSON` in the framework's interpreter; its last
-    stdout line (JSON) is the result."""
-    python = sys.executable if framework == "grpokit" else TRL_PYTHON
+    stdout line (JSON) is the result. framework "baseline": grpokit's worker of the tree
+    `baseline_src` (its own script, its own sources)."""
+    python = TRL_PYTHON if framework == "trl" else sys.executable
+    root = os.path.abspath(baseline_src) if framework == "baseline" and baseline_src else ROOT
+    if framework == "baseline":
+        script, framework = os.path.join(root, "benchmarks", os.path.basename(script)), "grpokit"
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TRL_EXPERIMENTAL_SILENCE": "1",
-           "PYTHONPATH": os.path.join(ROOT, "src")}
+           "PYTHONPATH": os.path.join(root, "src")}
     out = subprocess.run([python, script, "--worker", framework, "--spec", json.dumps(spec)], env=env,
-                         capture_output=True, text=True, cwd=ROOT)
+                         capture_output=True, text=True, cwd=root)
     if out.returncode != 0:
         raise RuntimeError(f"{framework} worker failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def alternate(script: str, repeats: int, spec_for: Callable[[int], dict]) -> dict[str, list[dict]]:
-    """`repeats` runs of both frameworks (repeat r with spec_for(r)), grpokit first in even
-    repeats and TRL first in odd ones; {framework: [result per repeat]}."""
-    if not os.path.exists(TRL_PYTHON):
+def alternate(script: str, repeats: int, spec_for: Callable[[int], dict],
+              baseline_src: str | None = None) -> dict[str, list[dict]]:
+    """`repeats` runs of both sides (repeat r with spec_for(r)), grpokit first in even repeats and
+    the other first in odd ones; {side: [result per repeat]}. The other side is TRL, or the
+    grpokit tree `baseline_src` ("baseline")."""
+    other = "baseline" if baseline_src else "trl"
+    if other == "trl" and not os.path.exists(TRL_PYTHON):
         sys.exit(f"TRL's venv is missing ({TRL_PYTHON}); see benchmarks/grpo_step.py for how to make it.")
-    results: dict[str, list[dict]] = {"grpokit": [], "trl": []}
+    results: dict[str, list[dict]] = {"grpokit": [], other: []}
     for r in range(repeats):
-        for fw in (("grpokit", "trl") if r % 2 == 0 else ("trl", "grpokit")):
+        for fw in (("grpokit", other) if r % 2 == 0 else (other, "grpokit")):
             t0 = time.perf_counter()
-            results[fw].append(run_worker(script, fw, spec_for(r)))
+            results[fw].append(run_worker(script, fw, spec_for(r), baseline_src))
             print(f"  repeat {r + 1}: {fw} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return results
 
@@ -54,6 +63,8 @@ def command_line(doc: str, worker: Callable[[str, dict], dict]):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--baseline-src", default=None,
+                    help="compare with the grpokit of this tree (a git worktree of an earlier commit) instead of TRL")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, json.loads(args.spec))))

@@ -85,10 +85,11 @@ def main():
     spec = {"threads": args.threads, "prompts": 8, "warmup": 2, "steps": args.steps or (10 if args.quick else 24),
             "lr": 3e-4, "eval_n": 100}
     repeats = args.repeats or (1 if args.quick else 2)
-    results = alternate(__file__, repeats, lambda r: spec)
+    results = alternate(__file__, repeats, lambda r: spec, args.baseline_src)
     print(f"\nmulti-turn GRPO, task multiply (starter-multiply), G=8 x {spec['prompts']} prompts, "
           f"{spec['steps']} measured steps after {spec['warmup']}, {args.threads} thread(s), {repeats} repeat(s); "
-          f"grpokit {results['grpokit'][0]['version']}, TRL {results['trl'][0]['version']}")
+          + (f"grpokit {results['grpokit'][0]['version']}, TRL {results['trl'][0]['version']}" if "trl" in results
+             else f"against the grpokit of {args.baseline_src}"))
     med = {}
     for fw, runs in results.items():
         secs = [s for run in runs for s in run["seconds"][spec["warmup"]:]]
@@ -102,7 +103,8 @@ def main():
               f"{statistics.mean(tools):.0%}; held-out greedy accuracy with tools "
               f"{statistics.mean(r['acc_before'] for r in runs):.1%} -> "
               f"{statistics.mean(r['acc_after'] for r in runs):.1%}")
-    print(f"  grpokit / TRL steps per second: {med['trl'] / med['grpokit']:.2f}x")
+    other = "trl" if "trl" in med else "baseline"
+    print(f"  grpokit / {'TRL' if other == 'trl' else 'baseline'} steps per second: {med[other] / med['grpokit']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -87,10 +87,11 @@ def main():
             "lr": 1e-3, "eval_n": 200}
     repeats = args.repeats or (1 if args.quick else 3)
     # repeat r samples with seed r, in both frameworks
-    results = alternate(__file__, repeats, lambda r: {**spec, "seed": r})
+    results = alternate(__file__, repeats, lambda r: {**spec, "seed": r}, args.baseline_src)
     print(f"\nvision-language GRPO, task colors (starter-colors), G=8 x {spec['prompts']} prompts, "
           f"{spec['steps']} measured steps after {spec['warmup']}, {args.threads} thread(s), {repeats} repeat(s); "
-          f"grpokit {results['grpokit'][0]['version']}, TRL {results['trl'][0]['version']}")
+          + (f"grpokit {results['grpokit'][0]['version']}, TRL {results['trl'][0]['version']}" if "trl" in results
+             else f"against the grpokit of {args.baseline_src}"))
     med = {}
     for fw, runs in results.items():
         secs = [s for run in runs for s in run["seconds"][spec["warmup"]:]]
@@ -104,7 +105,8 @@ def main():
               f"(empty answers in the last 5: {statistics.mean(empty):.0%}); held-out greedy accuracy "
               f"{statistics.mean(r['acc_before'] for r in runs):.1%} -> {statistics.mean(r['acc_after'] for r in runs):.1%} "
               f"(per repeat: {per_repeat})")
-    print(f"  grpokit / TRL steps per second: {med['trl'] / med['grpokit']:.2f}x")
+    other = "trl" if "trl" in med else "baseline"
+    print(f"  grpokit / {'TRL' if other == 'trl' else 'baseline'} steps per second: {med[other] / med['grpokit']:.2f}x")
 
 
 if __name__ == "__main__":
