@@ -421,10 +421,46 @@ class TrainingConfig:
             out["top_k"] = 0
         return out
 
+    # ---- what the shared set-up asks of an algorithm's config (GRPOConfig answers for GRPO) ----
     def loss_is_local_mean(self) -> bool:
         """Whether the algorithm's training loss is a mean over each micro-batch (TRL's local mean):
         its micro-batches are then never merged into one forward. True unless the algorithm says."""
         return True
+
+    def update_passes(self) -> int:
+        """Passes of updates over each generated batch (GRPO's num_iterations)."""
+        return 1
+
+    def reuses_generation(self) -> bool:
+        """Whether one generated batch feeds several optimizer steps (the old policy's log-probs are
+        then needed, and not the current ones)."""
+        return False
+
+    def per_micro_batch_terms(self) -> bool:
+        """Whether the loss has terms defined over each micro-batch as laid out (GRPO's entropy mask
+        and bonus): micro-batches are then neither merged nor thinned."""
+        return False
+
+    def penalises_reference(self) -> bool:
+        """Whether the loss has a reference term over every token (GRPO's beta > 0): zero-advantage
+        completions then still count."""
+        return False
+
+    def syncs_reference(self) -> bool:
+        """Whether the reference follows the policy (TR-DPO's sync_ref_model)."""
+        return False
+
+    def corrects_sampler(self) -> bool:
+        """Whether a sampler other than the trainer (vLLM) is corrected by importance sampling."""
+        return False
+
+    def objective_summary(self) -> str:
+        """The start-up summary's words on the objective."""
+        return f"lr={self.learning_rate}"
+
+    def objective_warnings(self) -> list[str]:
+        """Combinations of the objective's knobs worth a warning before step 1."""
+        return []
 
     def extra_generation_kwargs(self) -> dict[str, Any]:
         """generation_kwargs beyond grpokit's sampler (num_beams, length_penalty, ...): they make
@@ -567,6 +603,49 @@ class GRPOConfig(TrainingConfig):
     def loss_is_local_mean(self) -> bool:
         """The loss type's aggregation says (grpokit.algos.AGGREGATIONS)."""
         return is_local_mean(self.loss_type)
+
+    def update_passes(self) -> int:
+        return self.num_iterations
+
+    def reuses_generation(self) -> bool:
+        return self.num_iterations > 1 or self.updates_per_generation() > 1
+
+    def per_micro_batch_terms(self) -> bool:
+        # the entropy mask (a per-micro-batch quantile) and the entropy bonus (a per-micro-batch
+        # mean, zero-advantage tokens included) are defined per micro-batch of TRL's layout
+        return self.top_entropy_quantile < 1.0 or self.entropy_coef != 0.0 or self.use_adaptive_entropy
+
+    def penalises_reference(self) -> bool:
+        return self.beta != 0
+
+    def syncs_reference(self) -> bool:
+        return self.sync_ref_model
+
+    def corrects_sampler(self) -> bool:
+        return self.vllm_importance_sampling_correction
+
+    def objective_summary(self) -> str:
+        high = self.epsilon_high if self.epsilon_high is not None else self.epsilon
+        return (f"loss_type={self.loss_type}, epsilon={self.epsilon}/{high}, beta={self.beta}, lr={self.learning_rate}, "
+                f"scale_rewards={self.scale_rewards}")
+
+    def objective_warnings(self) -> list[str]:
+        """Combinations TRL warns about, said in the summary before step 1."""
+        out = []
+        if self.importance_sampling_level == "sequence" and self.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+            out.append(f"warning: importance_sampling_level='sequence' with loss_type='{self.loss_type}' sums "
+                       "per-token contributions, which weights each sequence by its completion length instead of "
+                       "optimizing GSPO's per-sequence objective; loss_type='grpo' gives the GSPO paper's setup.")
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            out.append("warning: loss_type='luspo' is meant with importance_sampling_level='sequence' (the paper's "
+                       "setup).")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            out.append("warning: loss_type='vespo' computes its sequence weights itself; importance_sampling_level "
+                       "should be 'token' (the default).")
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            out.append(f"note: loss_type='cispo' caps the importance weight at epsilon={self.epsilon} when "
+                       "epsilon_high is unset (TRL's meaning); ScaleRL's recipe sets epsilon_high=5.0.")
+        return out
 
     def updates_per_generation(self) -> int:
         """Optimizer steps each generated batch feeds (per update pass): TRL's steps_per_generation

@@ -110,16 +110,19 @@ def test_a_baseline_refuses_every_grpo_knob_it_does_not_own(config_cls, own):
         assert name not in config_cls().to_dict()
 
 
-def test_a_baseline_declares_its_own_fields_and_the_core_reads_grpo_knobs_as_grpo_defaults():
+def test_a_baseline_declares_its_own_fields_and_the_core_asks_its_config_not_grpo_fields():
     ppo, dpo = PPOConfig(num_ppo_epochs=2), DPOConfig(loss_type="ipo", beta=0.2)
     assert (ppo.num_ppo_epochs, ppo.kl_estimator, ppo.disable_dropout) == (2, "k1", True)
     assert (dpo.loss_type, dpo.beta, dpo.label_smoothing) == ("ipo", 0.2, 0.0)
     assert {"num_ppo_epochs", "kl_coef", "kl_estimator"} <= set(ppo.to_dict())
     assert {"beta", "loss_type", "label_smoothing"} <= set(dpo.to_dict()) and "epsilon" not in dpo.to_dict()
-    # the shared core's reads of GRPO's fields on a baseline: GRPO's defaults
-    assert (ppo.loss_type, ppo.beta, ppo.num_iterations, ppo.sync_ref_model, ppo.top_entropy_quantile) == \
-        ("dapo", 0.0, 1, False, 1.0)
-    assert (dpo.epsilon, dpo.kl_estimator) == (0.2, "k3")
+    # the shared core asks a config what it needs; a baseline's has no GRPO fields to read
+    for cfg in (ppo, dpo):
+        assert (cfg.update_passes(), cfg.reuses_generation(), cfg.per_micro_batch_terms(), cfg.syncs_reference(),
+                cfg.corrects_sampler(), cfg.objective_warnings()) == (1, False, False, False, False, [])
+        assert not hasattr(cfg, "epsilon") and not hasattr(cfg, "num_iterations") and not hasattr(cfg, "sync_ref_model")
+    assert not hasattr(ppo, "beta") and not ppo.penalises_reference() and ppo.loss_is_local_mean() is False
+    assert "lr=" in dpo.objective_summary()
     with pytest.raises(ValueError, match="DPOConfig: loss_type='dapo': use one of ipo, sigmoid"):
         DPOConfig(loss_type="dapo")
     with pytest.raises(ValueError, match="PPOConfig: kl_estimator='k4': use one of k1, k2, k3"):

@@ -36,9 +36,8 @@ class AlgoConfig(TrainingConfig):
     at GRPO's defaults, so a TRL or GRPO config moves over; any other value is an error naming the
     field and, where the algorithm has one, its own equivalent (`EQUIVALENTS`, name -> hint).
 
-    The shared core (core.run, core.setup, core.forward) still reads some of GRPO's fields from any
-    run's config: on a baseline's config they read as GRPO's defaults (class attributes set below,
-    not fields: not in `to_dict`, not typed)."""
+    The shared core asks the config what it needs to know of the algorithm (TrainingConfig's
+    `update_passes`, `reuses_generation`, `penalises_reference`, ...), never GRPO's fields."""
 
     EQUIVALENTS: ClassVar[dict[str, str]] = {}
 
@@ -65,9 +64,6 @@ class AlgoConfig(TrainingConfig):
             raise ValueError(f"{type(self).__name__}: this trainer runs on one process for now (got {world_size} "
                              "ranks); run it without torchrun.")
 
-
-for _name, _value in grpo_defaults().items():  # GRPO's fields as the shared core reads them on a baseline
-    setattr(AlgoConfig, _name, _value)
 
 
 @torch.no_grad()

@@ -301,17 +301,16 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
     info = ModelInfo.of(model)
     head = inner.get_output_embeddings() if info.plain_head else None
     # pad_to_multiple_of asks for fixed padded shapes: the padded layout (the packed one has no padding)
-    packed = info.packable and not getattr(cfg, "pad_to_multiple_of", None)
+    packed = info.packable and not cfg.pad_to_multiple_of
     # the algorithm's config says whether its loss is a mean per micro-batch (GRPO's: its aggregation's entry)
     local_means = cfg.loss_is_local_mean()
     # the entropy mask (a per-micro-batch quantile) and the entropy bonus (a per-micro-batch mean,
     # zero-advantage tokens included) are defined per micro-batch of TRL's layout
     # (so is a MoE router's load-balancing loss: a mean over each micro-batch's tokens, all rows)
-    entropy_mask = (cfg.top_entropy_quantile < 1.0 or getattr(cfg, "entropy_coef", 0.0) != 0.0
-                    or getattr(cfg, "use_adaptive_entropy", False) or info.router)
+    entropy_mask = cfg.per_micro_batch_terms() or info.router
     old = "current"
     # off-policy updates on one generation: num_iterations passes, or steps_per_generation chunks
-    reused = cfg.num_iterations > 1 or (hasattr(cfg, "updates_per_generation") and cfg.updates_per_generation() > 1)
+    reused = cfg.reuses_generation()
     if reused:
         sampling = cfg.sampling()
         old = "sampler" if not external_sampler and sampler_logps_are_old_logps(
@@ -323,7 +322,7 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
         # micro-batches may be joined when the loss is a plain sum over them (global normalisers:
         # not the local means: grpo, bnpo, sapo, luspo) and no entropy mask or bonus is on
         merge=packed and not local_means and not entropy_mask,
-        skip_zero_advantage=cfg.beta == 0 and not entropy_mask,
+        skip_zero_advantage=not cfg.penalises_reference() and not entropy_mask,
         never_empty=world_size > 1,
         old_logps=old,
         reference="none" if not needs_reference else ("adapter_off" if is_peft else "frozen_copy"),
@@ -342,7 +341,7 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
         raise ValueError("forward_plan: merge=True needs the packed forward and a loss with global normalisers "
                          f"(not the local means {', '.join(t for t in LOSS_TYPES if is_local_mean(t))}) without the entropy mask or "
                          "bonus.")
-    if plan.skip_zero_advantage and (cfg.beta != 0 or entropy_mask):
+    if plan.skip_zero_advantage and (cfg.penalises_reference() or entropy_mask):
         raise ValueError("forward_plan: skip_zero_advantage=True needs beta=0 and no entropy mask or bonus.")
     if plan.old_logps == "sampler" and old != "sampler" and not external_sampler:
         raise ValueError("forward_plan: old_logps='sampler', but the sampler's logprobs are not the old policy's here.")

@@ -32,6 +32,7 @@ from grpokit.algos import (batch_normalized, entropy_bonus, group_advantages, gr
                            make_policy_loss, policy_loss_fields,
                            normalize_then_sum, rollout_correction_weights, top_entropy_mask)
 from grpokit.checkpoint.runs import resume_run, save_run_checkpoint
+from grpokit.config import GRPOConfig
 from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
 from grpokit.core.events import NO_EVENTS, NOTHING_ASKED, Events, Requests
 from grpokit.core.forward import has_router_aux_loss
@@ -261,7 +262,9 @@ class GRPO:
     """GRPO's step: group-relative advantages, then `num_iterations` clipped-ratio updates."""
 
     def __init__(self, run: RunParts):
-        cfg = run.config
+        if not isinstance(run.config, GRPOConfig):
+            raise TypeError(f"GRPO's step needs a GRPOConfig, got {type(run.config).__name__}.")
+        cfg = self.config = run.config
         # the objective's knobs bound once from the config; called with tensors only
         self.objective = make_policy_loss(cfg.loss_type,
                                           **{f: getattr(cfg, f) for f in policy_loss_fields(cfg.loss_type)})
@@ -279,7 +282,7 @@ class GRPO:
     def advantages(self, run: RunParts, rollout: Rollout) -> torch.Tensor:
         """Group-relative advantages; the batch statistics ("batch" scaling, GDPO's second half)
         are those of every rank's rewards, as TRL's."""
-        cfg = run.config
+        cfg = self.config
         if cfg.multi_objective_aggregation == "normalize_then_sum":
             weights = torch.tensor(cfg.reward_weights or [1.0] * rollout.rewards_per_func.shape[1])
             summed = normalize_then_sum(rollout.rewards_per_func, weights, cfg.num_generations)
@@ -290,7 +293,7 @@ class GRPO:
 
     def step(self, run: RunParts, rows: list[int], state: LoopState, phase: dict,
              events: Events = NO_EVENTS) -> StepOutput:
-        cfg, plan = run.config, run.plan
+        cfg, plan = self.config, run.plan
         self.entropy.load(state)
         if cfg.sync_ref_model and not self.ref_restored and "ref_model" in state.algorithm:
             run.ref_model.load_state_dict(state.algorithm["ref_model"])  # resumed: the synced reference
@@ -362,7 +365,7 @@ class GRPO:
         `dynamic_sampling_max_rounds` extra rounds were made (then the remaining places keep
         signal-less groups, so the batch size never changes). Every rank makes as many rounds as
         the rank that needs the most (one collective per round)."""
-        cfg, g = run.config, run.config.num_generations
+        cfg, g = self.config, self.config.num_generations
         rollout = sample_and_score(run, rows, state, phase)
         if not cfg.dynamic_sampling:
             return rollout, {}
@@ -392,7 +395,7 @@ class GRPO:
         """The objective on an eval set, as transformers' eval_loss: `num_generations_eval` (else G)
         samples of every eval prompt, scored, group-relative advantages, the loss without a
         gradient (on-policy, so every ratio is 1; the KL term when beta > 0)."""
-        cfg = run.config
+        cfg = self.config
         g = cfg.num_generations_eval or cfg.num_generations
         rows = list(range(len(evaluator.prompt_ids)))
         with run.comm.guard("evaluation"), run.generation_context():
@@ -422,7 +425,7 @@ class GRPO:
     def sync_reference(self, run: RunParts, global_step: int) -> None:
         """TR-DPO's reference update (TRL's sync_ref_model): every ref_model_sync_steps optimizer
         steps, ref = alpha * policy + (1 - alpha) * ref."""
-        cfg = run.config
+        cfg = self.config
         if not cfg.sync_ref_model or global_step % cfg.ref_model_sync_steps:
             return
         alpha = cfg.ref_model_mixup_alpha
@@ -435,7 +438,7 @@ class GRPO:
                              divisor: int, accumulation: int, events: Events = NO_EVENTS) -> dict[str, torch.Tensor]:
         """Forward + backward of every micro-batch; the loss normalisers cover the whole accumulated,
         all-rank batch, so the summed gradient equals the whole batch's (see algos.losses)."""
-        cfg = run.config
+        cfg = self.config
         run.model.train()
         totals: dict[str, torch.Tensor] = {}
         want_entropy = cfg.top_entropy_quantile < 1.0 or self.entropy.enabled

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from grpokit import distributed
-from grpokit.config import GRPOConfig
+from grpokit.config import TrainingConfig
 from grpokit.core import setup
 from grpokit.core.events import NO_EVENTS, Events
 from grpokit.core.forward import ForwardPlan, choose_forward_plan, completion_logprobs
@@ -69,7 +69,7 @@ class DataOrder:
 class RunParts:
     """Everything a run is made of, built and checked by `build_run`."""
 
-    config: GRPOConfig
+    config: TrainingConfig
     comm: distributed.Collectives        # rank, world size, device, the reductions over ranks
     train: PromptSet                     # the training rows
     order: DataOrder                     # which rows each step takes
@@ -240,16 +240,14 @@ class RunParts:
             f"{f' ({self.strategy})' if w > 1 else ''}, "
             f"{c.gradient_accumulation_steps} micro-batch(es) of {c.per_device_train_batch_size}; "
             f"<= {completions * c.max_completion_length:,} completion tokens",
-            f"  {self.total_steps} optimizer steps; loss_type={c.loss_type}, epsilon={c.epsilon}/"
-            f"{c.epsilon_high if c.epsilon_high is not None else c.epsilon}, beta={c.beta}, lr={c.learning_rate}, "
-            f"scale_rewards={c.scale_rewards}",
+            f"  {self.total_steps} optimizer steps; {c.objective_summary()}",
         ] + [f"  {line}" for line in self.plan.describe()]
         return "\n".join(lines + [f"  {n}" for n in self.notes])
 
 
 # --------------------------------------------------------------------------------------------
 
-def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=None, eval_dataset=None,
+def build_run(cfg: TrainingConfig, *, model=None, reward_funcs=None, train_dataset=None, eval_dataset=None,
               tokenizer=None, peft_config=None, optimizers=(None, None), quantization_config=None,
               rows_per_step_factor: int = 1, updates_per_batch: int = 1,
               optimizer_steps_per_step: int = 1, needs_reference: bool | None = None,
@@ -275,14 +273,14 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
     comm = distributed.Collectives(rank=rank, world_size=world, device=distributed.device_for(cfg.use_cpu))
     if world > 1 and cfg.distributed_strategy == "fsdp2" and cfg.use_vllm:
         raise ValueError("distributed_strategy='fsdp2' with use_vllm=True is not supported; use ddp.")
-    if cfg.sync_ref_model and world > 1 and cfg.distributed_strategy == "fsdp2":
+    if cfg.syncs_reference() and world > 1 and cfg.distributed_strategy == "fsdp2":
         raise ValueError("sync_ref_model=True is not supported with distributed_strategy=fsdp2 yet; use ddp.")
     sources = setup.resolve_sources(cfg, train_dataset, eval_dataset, tools=tools,
                                     environment_factory=environment_factory,
                                     rows_per_step_factor=rows_per_step_factor, updates_per_batch=updates_per_batch)
     dataset = sources.train_dataset
     image_column = next((c for c in ("images", "image") if c in dataset.column_names), None)
-    needs_reference = cfg.beta > 0 if needs_reference is None else needs_reference
+    needs_reference = cfg.penalises_reference() if needs_reference is None else needs_reference
     models = setup.load_models(cfg, model, tokenizer, task=sources.task, device=comm.device, image_column=image_column,
                                quantization_config=quantization_config, peft_config=peft_config,
                                needs_reference=needs_reference)
@@ -338,13 +336,13 @@ def build_run(cfg: GRPOConfig, *, model=None, reward_funcs=None, train_dataset=N
                     notes=tuple(notes))
 
 
-def _rollout_func_note(cfg: GRPOConfig, plan: ForwardPlan) -> str:
+def _rollout_func_note(cfg: TrainingConfig, plan: ForwardPlan) -> str:
     """The summary's line on where a rollout_func's log-probs go."""
     uses = {"sampler": "its log-probs stand in for the old policy's (forward_plan old_logps='sampler': declared "
                        "the trainer's own)",
             "recomputed": "the old policy's log-probs come from the trainer's forward",
             "current": "on-policy, the old policy's log-probs are the current ones"}[plan.old_logps]
-    if plan.sampler_differs and cfg.vllm_importance_sampling_correction:
+    if plan.sampler_differs and cfg.corrects_sampler():
         uses += "; its log-probs feed the importance-sampling correction"
     return f"rollout: rollout_func (yours) samples the completions; {uses}."
 

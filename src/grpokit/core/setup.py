@@ -2,7 +2,7 @@
 composition root (`core.run.build_run`) calls them in order. Bad input fails here, with a message
 naming the field or the argument and the fix: dataset columns, reward signatures, prompts longer
 than the context, a missing chat template, an empty dataset. The config itself was validated
-when it was made (`GRPOConfig.validate`) and is never changed here."""
+when it was made (`validate` of the algorithm's config) and is never changed here."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from grpokit import distributed
-from grpokit.config import GRPOConfig
+from grpokit.config import TrainingConfig
 from grpokit.core.forward import score_with_training_forward
 from grpokit.modeling.info import unwrap
 from grpokit.data.prompts import PromptSet
@@ -34,7 +34,7 @@ class Sources:
     streamed: bool
 
 
-def resolve_sources(cfg: GRPOConfig, train_dataset, eval_dataset, *, tools, environment_factory,
+def resolve_sources(cfg: TrainingConfig, train_dataset, eval_dataset, *, tools, environment_factory,
                     rows_per_step_factor: int, updates_per_batch: int) -> Sources:
     """The training rows (a dataset given, a hub id or file, a built-in task, or an environment's
     placeholder rows), the eval set, and the tools and environments (the command line's paths
@@ -97,7 +97,7 @@ class Models:
     notes: tuple[str, ...]
 
 
-def load_models(cfg: GRPOConfig, model, tokenizer, *, task, device: torch.device, image_column: str | None,
+def load_models(cfg: TrainingConfig, model, tokenizer, *, task, device: torch.device, image_column: str | None,
                 quantization_config, peft_config, needs_reference: bool) -> Models:
     """Load the policy (a name, a path or a loaded model), its tokenizer or processor, LoRA, the
     reference (a frozen copy unless LoRA's adapter can be switched off)."""
@@ -167,7 +167,7 @@ def load_models(cfg: GRPOConfig, model, tokenizer, *, task, device: torch.device
         policy.gradient_checkpointing_enable()
         if is_peft and hasattr(policy, "enable_input_require_grads"):
             policy.enable_input_require_grads()
-    if cfg.sync_ref_model and is_peft:
+    if cfg.syncs_reference() and is_peft:
         raise ValueError("sync_ref_model=True with a LoRA (PEFT) model: the reference is the base model with the "
                          "adapter off, there is no separate copy to sync (as in TRL). Use sync_ref_model=False, or "
                          "full fine-tuning.")
@@ -180,7 +180,7 @@ def load_models(cfg: GRPOConfig, model, tokenizer, *, task, device: torch.device
                   ref_model=ref_model, notes=tuple(notes))
 
 
-def build_multiturn(cfg: GRPOConfig, sources: Sources, models: Models, *, rollout_func):
+def build_multiturn(cfg: TrainingConfig, sources: Sources, models: Models, *, rollout_func):
     """grpokit.envs.MultiTurn for TRL's `tools=` / `environment_factory=`, or None."""
     if not sources.tools and sources.environment_factory is None:
         return None
@@ -194,7 +194,7 @@ def build_multiturn(cfg: GRPOConfig, sources: Sources, models: Models, *, rollou
                      chat_template_kwargs=cfg.chat_template_kwargs, processor=models.processor)
 
 
-def encode_prompts(cfg: GRPOConfig, dataset, models: Models, multiturn, *, samples_elsewhere: str | None) -> PromptSet:
+def encode_prompts(cfg: TrainingConfig, dataset, models: Models, multiturn, *, samples_elsewhere: str | None) -> PromptSet:
     """The training rows rendered (chat template, processor for images) and tokenized, checked
     against `max_prompt_length` and the model's context. `samples_elsewhere`: what samples instead
     of grpokit's single-turn rollout (images are refused with it)."""
@@ -232,7 +232,7 @@ def encode_prompts(cfg: GRPOConfig, dataset, models: Models, multiturn, *, sampl
                      conversational=conversational, vision=vision)
 
 
-def build_rewards(cfg: GRPOConfig, reward_funcs, *, task, multiturn, columns: set[str], more_columns_later: bool):
+def build_rewards(cfg: TrainingConfig, reward_funcs, *, task, multiturn, columns: set[str], more_columns_later: bool):
     """The reward functions (callables, reward models, registry names, paths; an environment's
     get_reward after them, weight 1, as TRL), run by a RewardRunner, checked against the columns."""
     from grpokit.rewards import RewardRunner, load_reward_funcs
@@ -258,7 +258,7 @@ def build_rewards(cfg: GRPOConfig, reward_funcs, *, task, multiturn, columns: se
     return runner
 
 
-def build_engine(cfg: GRPOConfig, models: Models, *, images: bool, notes: list[str]):
+def build_engine(cfg: TrainingConfig, models: Models, *, images: bool, notes: list[str]):
     """The rollout engine named by `rollout_engine` (vLLM for `use_vllm`): grpokit's HFEngine
     when it can hold the model's state and honour every sampling setting, else transformers'
     generate (said in the summary)."""
@@ -295,7 +295,7 @@ class Optimization:
     prompts_per_step: int
 
 
-def build_optimization(cfg: GRPOConfig, policy, optimizers, *, extra_modules, device: torch.device, world: int,
+def build_optimization(cfg: TrainingConfig, policy, optimizers, *, extra_modules, device: torch.device, world: int,
                        num_rows: int, rows_per_step_factor: int, updates_per_batch: int,
                        optimizer_steps_per_step: int) -> Optimization:
     optimizer, scheduler = optimizers
@@ -334,7 +334,7 @@ class Evaluation:
     make_evaluator: Any
 
 
-def build_evaluation(cfg: GRPOConfig, eval_dataset, *, tokenizer, task, reward_runner, multiturn,
+def build_evaluation(cfg: TrainingConfig, eval_dataset, *, tokenizer, task, reward_runner, multiturn,
                      processor) -> Evaluation:
     from grpokit.evaluation import build_evaluator
 
@@ -354,10 +354,10 @@ def build_evaluation(cfg: GRPOConfig, eval_dataset, *, tokenizer, task, reward_r
     return Evaluation(eval_dataset=eval_dataset, evaluator=evaluator, make_evaluator=make_evaluator)
 
 
-def run_notes(cfg: GRPOConfig, *, multiturn, streamed: bool) -> list[str]:
+def run_notes(cfg: TrainingConfig, *, multiturn, streamed: bool) -> list[str]:
     """The summary's notes on the set-up: the tools, TRL's warnings on the objective, the loader."""
     notes = [multiturn.describe()] if multiturn is not None else []
-    for warning in _objective_warnings(cfg):  # in the summary, and logged now (before step 1), as TRL warns
+    for warning in cfg.objective_warnings():  # in the summary, and logged now (before step 1), as TRL warns
         notes.append(warning)
         logging.getLogger(__name__).warning(warning)
     if cfg.dataloader_num_workers and streamed:  # as TRL: a stream is read by one worker (groups stay whole)
@@ -371,13 +371,13 @@ def run_notes(cfg: GRPOConfig, *, multiturn, streamed: bool) -> list[str]:
 
 # --------------------------------------------------------------------------------------------
 
-def prompts_per_rank_step(cfg: GRPOConfig, rows_per_step_factor: int) -> int:
+def prompts_per_rank_step(cfg: TrainingConfig, rows_per_step_factor: int) -> int:
     """Prompts one rank samples per step: its completions per step over G, times the algorithm's factor."""
     completions = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     return completions // cfg.num_generations * rows_per_step_factor
 
 
-def _environment_placeholder(cfg: GRPOConfig, environment_factory, rows_per_step_factor: int):
+def _environment_placeholder(cfg: TrainingConfig, environment_factory, rows_per_step_factor: int):
     """TRL's environment-owned data: no train_dataset, reset() gives each prompt, max_steps the
     length; the rows are one step's worth of empty user turns."""
     import datasets
@@ -392,24 +392,6 @@ def _environment_placeholder(cfg: GRPOConfig, environment_factory, rows_per_step
                          "length. Set it via `GRPOConfig(max_steps=...)`.")
     rows = max(1, prompts_per_rank_step(cfg, rows_per_step_factor))
     return datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": ""}]] * rows})
-
-
-def _objective_warnings(cfg: GRPOConfig) -> list[str]:
-    """Combinations TRL warns about, said in the summary before step 1."""
-    out = []
-    if cfg.importance_sampling_level == "sequence" and cfg.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
-        out.append(f"warning: importance_sampling_level='sequence' with loss_type='{cfg.loss_type}' sums per-token "
-                   "contributions, which weights each sequence by its completion length instead of optimizing "
-                   "GSPO's per-sequence objective; loss_type='grpo' gives the GSPO paper's setup.")
-    if cfg.loss_type == "luspo" and cfg.importance_sampling_level != "sequence":
-        out.append("warning: loss_type='luspo' is meant with importance_sampling_level='sequence' (the paper's setup).")
-    if cfg.loss_type == "vespo" and cfg.importance_sampling_level != "token":
-        out.append("warning: loss_type='vespo' computes its sequence weights itself; importance_sampling_level "
-                   "should be 'token' (the default).")
-    if cfg.loss_type == "cispo" and cfg.epsilon_high is None:
-        out.append(f"note: loss_type='cispo' caps the importance weight at epsilon={cfg.epsilon} when epsilon_high is "
-                   "unset (TRL's meaning); ScaleRL's recipe sets epsilon_high=5.0.")
-    return out
 
 
 def _checked_quantization(quantization_config, model_ref, peft_config, cfg):
@@ -439,7 +421,7 @@ def is_iterable_dataset(ds) -> bool:
     return isinstance(ds, datasets.IterableDataset)
 
 
-def rows_of_stream(stream, cfg: GRPOConfig | None, rows_per_step_factor: int, world: int, updates_per_batch: int = 1):
+def rows_of_stream(stream, cfg: TrainingConfig | None, rows_per_step_factor: int, world: int, updates_per_batch: int = 1):
     """A streaming `datasets.IterableDataset` as the rows the run reads, in stream order: for
     training the first `steps * prompts per step * ranks` (transformers' Trainer needs max_steps for
     a stream, so does this), for evaluation the whole stream."""
@@ -454,21 +436,21 @@ def rows_of_stream(stream, cfg: GRPOConfig | None, rows_per_step_factor: int, wo
             raise ValueError("train_dataset is a streaming IterableDataset, whose length is unknown: set max_steps "
                              "(as transformers' Trainer requires).")
         prompts = prompts_per_rank_step(cfg, rows_per_step_factor)
-        batches = math.ceil(cfg.max_steps / (max(cfg.num_iterations, 1) * updates_per_batch))
+        batches = math.ceil(cfg.max_steps / (max(cfg.update_passes(), 1) * updates_per_batch))
         rows = list(islice(iter(stream), batches * prompts * world))
     if not rows:
         raise ValueError("the streaming dataset yielded no rows.")
     return datasets.Dataset.from_list(rows)
 
 
-def _total_steps(cfg: GRPOConfig, num_rows: int, global_prompts_per_step: int, updates_per_batch: int = 1) -> int:
+def _total_steps(cfg: TrainingConfig, num_rows: int, global_prompts_per_step: int, updates_per_batch: int = 1) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
     rounds = math.ceil(cfg.num_train_epochs * num_rows / global_prompts_per_step)
-    return max(1, rounds * cfg.num_iterations * updates_per_batch)
+    return max(1, rounds * cfg.update_passes() * updates_per_batch)
 
 
-def _pick_dtype(cfg: GRPOConfig, device: torch.device, notes: list[str]) -> torch.dtype:
+def _pick_dtype(cfg: TrainingConfig, device: torch.device, notes: list[str]) -> torch.dtype:
     if device.type == "cuda":
         if cfg.bf16 is False:
             return torch.float32
