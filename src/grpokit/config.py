@@ -508,7 +508,8 @@ class GRPOConfig(TrainingConfig):
     delta: float | None = _f(None, "Two-sided cap of the unclipped ratio branch.")
     dual_clip: float | None = _f(None, "Dual-clip constant c for negative advantages (None = off).")
     loss_type: str = _f("dapo", f"Policy loss, by its registry name (grpokit.algos.LOSS_TYPES): {' | '.join(LOSS_TYPES)}.")
-    scale_rewards: str | bool = _f("group", "Advantage scaling: group | batch | none (True = group, False = none).")
+    scale_rewards: str | bool = _f("group", "Advantage scaling: group | batch | none (True = group, False = none) | "
+                                   "rank (grpokit's: the within-group rank, centred, spanning [-1, 1]).")
     advantage_estimator: str = _f("grpo", "Baseline: grpo (group mean) | rloo (leave-one-out).")
     importance_sampling_level: str = _f("token", "token | sequence (GSPO).")
     sapo_temperature_pos: float = _f(1.0, "SAPO gate temperature for positive advantages.")

@@ -128,3 +128,34 @@ def test_groups_with_signal_agrees_with_the_advantages_on_random_rewards():
             nonzero = group_advantages(rewards, 6, estimator=estimator).view(4, 6).ne(0).any(1)
             assert torch.equal(nonzero, groups_with_signal(rewards, 6))
 
+
+
+def test_rank_advantages_worked_by_hand():
+    """scale_rewards="rank": each valid reward is replaced by its rank within the group (1 = lowest,
+    ties share their mean rank), centred, and divided by (n - 1) / 2, so a group of n distinct
+    rewards spans [-1, 1] evenly whatever the reward gaps.
+    [0.1, 0.5, 0.5, 2.0]: ranks 1, 2.5, 2.5, 4; mean 2.5; / 1.5 -> -1, 0, 0, +1.
+    [1, None, 3, 2]: valid ranks 1, 3, 2 (n = 3); mean 2; / 1 -> -1, 0 (None), +1, 0.
+    [7, 7, 7, 7]: no signal -> 0."""
+    rewards = torch.tensor([0.1, 0.5, 0.5, 2.0,
+                            1.0, NAN, 3.0, 2.0,
+                            7.0, 7.0, 7.0, 7.0])
+    close(group_advantages(rewards, 4, "rank"), [-1, 0, 0, 1, -1, 0, 1, 0, 0, 0, 0, 0])
+
+
+def test_rank_advantages_ignore_the_size_of_reward_gaps():
+    """A reward model's tiny score gaps (the 'illusory advantages' of std normalisation) and any
+    monotone transform of the rewards give the same rank advantages."""
+    g = torch.Generator().manual_seed(1)
+    rewards = torch.rand(32, generator=g, dtype=torch.float64)
+    rewards[torch.rand(32, generator=g) < 0.2] = NAN
+    base = group_advantages(rewards, 8, "rank")
+    torch.testing.assert_close(group_advantages(torch.exp(5 * rewards) * 1e-6, 8, "rank"), base)
+    torch.testing.assert_close(group_advantages(rewards * 1e-5 + 3.0, 8, "rank"), base)
+    # centred within each group, and the best valid completion of a group gets +1
+    per_group = base.view(4, 8)
+    assert torch.allclose(per_group.sum(1), torch.zeros(4, dtype=base.dtype), atol=1e-6)
+    for k in range(4):
+        row = rewards.view(4, 8)[k]
+        if (~torch.isnan(row)).sum() >= 2:
+            assert per_group[k, torch.nan_to_num(row, nan=-1.0).argmax()] == pytest.approx(1.0)

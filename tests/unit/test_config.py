@@ -36,7 +36,7 @@ def test_unknown_field_suggests_the_closest_names():
     (dict(per_device_train_batch_size=6), "multiple of num_generations=8"),
     (dict(num_generations=1), "at least 2"),
     (dict(loss_type="ppo"), "loss_type='ppo'"),
-    (dict(scale_rewards="rank"), "scale_rewards='rank'"),
+    (dict(scale_rewards="median"), "scale_rewards='median'"),
     (dict(top_p=0.0), "top_p"),
     (dict(delta=0.5), "delta"),
     (dict(eval_strategy="steps"), "eval_steps"),

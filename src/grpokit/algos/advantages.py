@@ -16,7 +16,12 @@ then ``scale_rewards`` (TRL's knob) divides it:
 - ``"group"`` (``True``): by ``std_g + 1e-4``, the unbiased (Bessel) std of the group,
 - ``"batch"``: by ``std_batch + 1e-4``, the unbiased std of every valid reward of the batch:
   ``rewards``, or ``batch_rewards`` when given (the rewards of every rank: TRL's global batch std),
-- ``"none"`` (``False``): not at all (Dr. GRPO).
+- ``"none"`` (``False``): not at all (Dr. GRPO),
+- ``"rank"`` (grpokit's): the rewards are first replaced by their rank within the group (1 = the
+  lowest valid reward, ties share their mean rank), then centred, then divided by ``(n - 1) / 2``
+  for ``n`` valid rewards: a group of distinct rewards spans [-1, 1] evenly, whatever the size of
+  the gaps between them (a judge's ordering, or a reward model whose tiny score gaps the std
+  normalisation would blow up). Any monotone transform of the rewards gives the same advantages.
 
 A group whose valid rewards are all equal, or that has fewer than two valid rewards, carries no
 signal: all its advantages are exactly 0 under every mode.
@@ -35,7 +40,7 @@ import torch
 STD_EPS = 1e-4
 """Added to the std before dividing, as TRL: ``(r - mean) / (std + 1e-4)``."""
 
-SCALE_REWARDS = ("group", "batch", "none")
+SCALE_REWARDS = ("group", "batch", "none", "rank")
 
 
 def _valid_count_and_mean(r: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +102,16 @@ def _bessel_std(values: torch.Tensor, valid: torch.Tensor, dim: int | None) -> t
     return torch.sqrt(sq / (n - 1).clamp(min=1))
 
 
+def within_group_ranks(r: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[groups, G] rewards -> their ranks among the valid ones of their row (1 = lowest; ties share
+    their mean rank); NaN where not valid. [0.1, 0.5, 0.5, 2.0] -> [1, 2.5, 2.5, 4]."""
+    a, b = r.unsqueeze(2), r.unsqueeze(1)                    # [groups, G, 1], [groups, 1, G]
+    others = valid.unsqueeze(1) & valid.unsqueeze(2)         # both valid
+    lower = ((b < a) & others).sum(2).to(r.dtype)
+    tied = ((b == a) & others).sum(2).to(r.dtype) - 1        # not counting itself
+    return torch.where(valid, 1 + lower + tied / 2, torch.nan)
+
+
 def groups_with_signal(rewards: torch.Tensor, g: int) -> torch.Tensor:
     """[groups] bool: at least two valid (non-NaN) rewards that differ, i.e. a group whose
     advantages are not all 0. The one definition of "a group with signal": DAPO's dynamic
@@ -127,7 +142,7 @@ def group_advantages(
         rewards: [N] float rewards, ``N = num_prompts * group_size``, each group contiguous; NaN =
             no reward. Must otherwise be finite.
         group_size: G, completions per prompt.
-        scale_rewards: ``"group" | "batch" | "none"``, or TRL's old booleans (True = "group",
+        scale_rewards: ``"group" | "batch" | "none" | "rank"``, or TRL's old booleans (True = "group",
             False = "none").
         estimator: a key of ``ADVANTAGE_ESTIMATORS`` (``"grpo"`` or ``"rloo"``).
         batch_rewards: the rewards whose std ``"batch"`` divides by (default ``rewards``): pass
@@ -145,6 +160,9 @@ def group_advantages(
 
     r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).view(-1, group_size)
     valid = ~torch.isnan(r)
+    informative = groups_with_signal(r.view(-1), group_size).unsqueeze(1)
+    if mode == "rank":
+        r = within_group_ranks(r, valid)
     centred = ADVANTAGE_ESTIMATORS[estimator](r, valid)
 
     if mode == "group":
@@ -152,9 +170,10 @@ def group_advantages(
     elif mode == "batch":
         pool = r if batch_rewards is None else batch_rewards.to(r.dtype).reshape(-1)
         centred = centred / (_bessel_std(pool, ~torch.isnan(pool), dim=None) + STD_EPS)
+    elif mode == "rank":
+        centred = centred / ((valid.sum(dim=1, keepdim=True) - 1).clamp(min=1) / 2)
 
     # No signal in a group with < 2 valid rewards or equal valid rewards: exactly 0, not round-off.
-    informative = groups_with_signal(r.view(-1), group_size).unsqueeze(1)
     return torch.where(valid & informative, centred, 0.0).view(-1)
 
 
