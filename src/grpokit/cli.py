@@ -319,7 +319,8 @@ def cmd_rewards(argv: list[str]) -> int:
     if not funcs:
         raise ValueError("no reward functions: set reward_funcs=[...] (registry names or 'module:function').")
     runner = RewardRunner(load_reward_funcs(list(funcs), reward_kwargs=conf.reward_kwargs), weights=weights,
-                          timeout=conf.reward_timeout, on_error=conf.reward_on_error)
+                          timeout=conf.reward_timeout, on_error=conf.reward_on_error,
+                          group_size=1)  # one completion per row: a group reward sees each row's alone
     rows = [dict(ds[i]) for i in range(min(num, len(ds)))]
     runner.check_signature(columns=set(ds.column_names))
     if completions is None:  # sample them from the policy

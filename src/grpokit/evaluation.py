@@ -87,14 +87,16 @@ class Evaluator:
             return MultiTurnSampler(engine=engine, multiturn=self.multiturn, encode=self.encode)
         return SingleTurnSampler(engine=engine)
 
-    def _correct(self, traj: Trajectories) -> list[bool]:
+    def _correct(self, traj: Trajectories, n: int) -> list[bool]:
+        """Whether each completion is right; `n`: completions per prompt (a group reward sees them
+        together)."""
         rows = traj.row_index
         if self.is_correct is not None:
             return [bool(self.is_correct(c, **{k: v for k, v in self.prompts.row(r).items() if k != "prompt"}))
                     for r, c in zip(rows, traj.completions)]
         extras = {"environments": traj.environments} if traj.environments else None
         out = self.reward_runner(traj.prompts, traj.completions, completion_ids=None,
-                                 columns=self.prompts.columns_of(rows), extras=extras)
+                                 columns=self.prompts.columns_of(rows), extras=extras, group_size=n)
         return [bool(v >= self.correct_threshold) for v in torch.nan_to_num(out.total, nan=0.0).tolist()]
 
     def greedy(self, engine, batch_size: int = 256, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
@@ -106,7 +108,7 @@ class Evaluator:
         for start in range(0, len(self.prompt_ids), batch_size):
             ids = list(range(start, min(start + batch_size, len(self.prompt_ids))))
             traj = sampler.sample(self.prompts, ids, 1, params)
-            correct += self._correct(traj)
+            correct += self._correct(traj, 1)
             lengths += [sum(traj.trained_mask(j)) for j in range(len(traj))]  # model tokens
             if on_batch is not None:
                 on_batch()
@@ -125,7 +127,7 @@ class Evaluator:
         frac = 0.0
         for start in range(0, len(self.prompt_ids), batch_size):
             ids = list(range(start, min(start + batch_size, len(self.prompt_ids))))
-            ok = self._correct(sampler.sample(self.prompts, ids, n, params))
+            ok = self._correct(sampler.sample(self.prompts, ids, n, params), n)
             for j in range(len(ids)):
                 c = sum(ok[j * n:(j + 1) * n])
                 frac += c / n

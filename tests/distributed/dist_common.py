@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset
 
 from grpokit import GRPOConfig
+from grpokit.rewards import group_reward
 from grpokit.trajectory import Trajectories
 from tests.helpers import make_tiny_llama, instrument
 
@@ -33,6 +34,9 @@ SCENARIOS = {
     # with advantage 0 are left out of the forward and micro-batches are merged, so the ranks'
     # forwards differ unless every rank is made to take part in the same collectives
     "zeroadv": ({}, dict(loss_type="dapo", beta=0.0, shuffle_dataset=False)),
+    # a group reward (grpokit.rewards.group_reward): each rank scores only whole groups, and the
+    # two-rank run equals one process
+    "group": ({}, dict(loss_type="dapo", beta=0.0)),
 }
 
 
@@ -55,8 +59,18 @@ def second_half_constant(prompts, completions, **kw):
     return out
 
 
+@group_reward
+def letters_ranked(prompts, completions, num_generations, **kw):
+    """Each completion's rank of `letters` within its group (ties share their mean rank); refuses
+    anything but one whole group."""
+    if len(completions) != num_generations or len(set(prompts)) != 1:
+        raise ValueError(f"a group reward got {len(completions)} completions of {len(set(prompts))} prompts")
+    scores = letters(prompts, completions)
+    return [sum(t < s for t in scores) + (sum(t == s for t in scores) - 1) / 2 for s in scores]
+
+
 def reward_for(scenario):
-    return second_half_constant if scenario == "zeroadv" else letters
+    return {"zeroadv": second_half_constant, "group": letters_ranked}.get(scenario, letters)
 
 
 def config(output_dir, scenario, *, world, strategy="ddp", **over):

@@ -45,7 +45,7 @@ pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"),
 ]
 
-TRAIN_JOBS = ["full:ddp", "full:fsdp2", "lora:ddp", "lora:fsdp2", "zeroadv:ddp", "zeroadv:fsdp2"]
+TRAIN_JOBS = ["full:ddp", "full:fsdp2", "lora:ddp", "lora:fsdp2", "zeroadv:ddp", "zeroadv:fsdp2", "group:ddp"]
 RESUME_JOBS = ["full:ddp:resume", "full:fsdp2:resume", "lora:fsdp2:resume"]
 LAUNCH_TIMEOUT = 420       # seconds; a hang fails the test instead of stalling CI
 FAULT_TO_EXIT_LIMIT = 30   # seconds from the fault on rank 1 to the end of the whole job

@@ -40,3 +40,18 @@ def busy_square(prompts, completions, **kw):
             x += 1
         out.append(float(len(c)) ** 2)
     return out
+
+
+def group_rank(prompts, completions, num_generations=None, **kw):
+    """A group reward for the pool: the rank of each completion's length within its group, and it
+    refuses anything but one whole group."""
+    if len(set(prompts)) != 1 or len(completions) != num_generations:
+        raise ValueError(f"not one whole group: {len(completions)} completions of {len(set(prompts))} prompts")
+    order = sorted(range(len(completions)), key=lambda i: len(completions[i]))
+    ranks = [0.0] * len(completions)
+    for r, i in enumerate(order):
+        ranks[i] = float(r)
+    return ranks
+
+
+group_rank.scores_groups = True  # what grpokit.rewards.group_reward sets (no grpokit import in a worker)

@@ -401,7 +401,7 @@ class GRPO:
         with run.comm.guard("evaluation"), run.generation_context():
             params = run.sampling_params(cfg.seed + 7_919)
             rollout = run.score(evaluator.sampler(run.engine).sample(evaluator.prompts, rows, g, params),
-                                evaluator.prompts)
+                                evaluator.prompts, group_size=g)
         advantages = group_advantages(rollout.rewards, g, scale_rewards=cfg.scale_rewards,
                                       estimator=cfg.advantage_estimator) if g > 1 else torch.zeros(len(rollout))
         mbs = make_micro_batches(rollout, cfg.per_device_eval_batch_size * g, advantages=advantages,

@@ -140,9 +140,12 @@ class RunParts:
                                      "to leave such samples out of the update instead.")
         return dataclasses.replace(traj, nonfinite=nonfinite) if bool(nonfinite.any()) else traj
 
-    def score(self, trajectories: Trajectories, prompts: PromptSet | None = None) -> Rollout:
-        """The trajectories with their rewards; `prompts`: the rows they index (default: training's)."""
-        return self.scorer.score(trajectories, self.train if prompts is None else prompts)
+    def score(self, trajectories: Trajectories, prompts: PromptSet | None = None,
+              group_size: int | None = None) -> Rollout:
+        """The trajectories with their rewards; `prompts`: the rows they index (default: training's);
+        `group_size`: samples per prompt (default num_generations)."""
+        return self.scorer.score(trajectories, self.train if prompts is None else prompts,
+                                 group_size or self.config.num_generations)
 
     # ---- forwards ----
     def forward_kwargs(self) -> dict[str, Any]:

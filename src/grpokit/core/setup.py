@@ -253,7 +253,7 @@ def build_rewards(cfg: TrainingConfig, reward_funcs, *, task, multiturn, columns
         funcs = funcs + env_funcs
     runner = RewardRunner(load_reward_funcs(list(funcs), reward_kwargs=cfg.reward_kwargs), weights=weights,
                           timeout=cfg.reward_timeout, on_error=cfg.reward_on_error,
-                          num_workers=cfg.reward_num_workers)
+                          num_workers=cfg.reward_num_workers, group_size=cfg.num_generations)
     runner.check_signature(columns=columns, more_columns_later=more_columns_later)
     return runner
 

@@ -15,6 +15,7 @@ import importlib
 
 _EXPORTS = {
     "REWARD_REGISTRY": "registry", "register_reward": "registry", "reward_factory": "registry",
+    "group_reward": "registry", "scores_groups": "registry",
     "resolve_reward": "registry", "load_reward_funcs": "registry", "reward_name": "registry",
     "RewardRunner": "runner", "RewardOutput": "runner", "RewardError": "runner", "RewardTimeout": "runner",
     "describe_rewards": "describe",

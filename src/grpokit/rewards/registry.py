@@ -44,6 +44,25 @@ REWARD_REGISTRY: dict[str, Any] = {
 }
 
 
+def group_reward(fn: F) -> F:
+    """Declare that a reward function scores a whole group: it is called once per prompt with that
+    prompt's G completions together (TRL's signature, every argument a list of G entries: the
+    prompt and the row's columns repeated, `num_generations=G`) and returns G values. A group
+    never splits across calls, workers or ranks; TRL-style functions run beside it unchanged."""
+    fn.scores_groups = True  # type: ignore[attr-defined]  # a marker attribute on a function object
+    return fn
+
+
+def scores_groups(fn: Any) -> bool:
+    """Whether `fn` was declared a group reward (`group_reward`, or `scores_groups = True` on a
+    callable class), through the partials the registry wraps names in."""
+    while isinstance(fn, functools.partial):
+        if getattr(fn, "scores_groups", False):
+            return True
+        fn = fn.func
+    return bool(getattr(fn, "scores_groups", False))
+
+
 def reward_factory(fn: F) -> F:
     """Mark a function as a factory: the registry calls it with the config kwargs to get the reward."""
     fn.__reward_factory__ = True  # type: ignore[attr-defined]  # a marker attribute on a function object

@@ -9,12 +9,17 @@ One call of `runner(prompts, completions, completion_ids=..., columns=...)`:
 5. checks every returned list (length, numbers, finite) and applies the error policy,
 6. stacks the result, weights it and computes the logged statistics.
 
+A group reward (`registry.group_reward`) is called once per group of `group_size` consecutive
+completions (one prompt's G samples), wherever it runs (in this process, on the event loop, in
+the pool): it always sees a whole group, never part of one or two groups at once.
+
 Every call has a wall-clock deadline (`timeout`); how it is enforced in this process is in
 `grpokit.rewards.calls`. In a worker process the late worker is killed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -31,14 +36,14 @@ import torch
 from grpokit.rewards.calls import (RewardError, RewardTimeout, call_with_timeout, is_async_callable, Part,  # noqa: F401
                                    run_async)
 from grpokit.rewards.pool import PoolTask, WorkerPool, payload_for
-from grpokit.rewards.registry import load_reward_funcs, reward_name
+from grpokit.rewards.registry import load_reward_funcs, reward_name, scores_groups
 
 __all__ = ["RewardRunner", "RewardOutput", "RewardError", "RewardTimeout"]
 
 logger = logging.getLogger("grpokit.rewards")
 ON_ERROR = ("raise", "none", "zero")
 _FIXED_ARGS = ("prompts", "completions", "completion_ids")
-EXTRA_ARGS = ("trainer_state", "log_metric", "log_extra", "environments")
+EXTRA_ARGS = ("trainer_state", "log_metric", "log_extra", "environments", "num_generations")
 
 
 def _ignore(*args, **kwargs) -> None:
@@ -67,6 +72,7 @@ class _Plan:
     payload: bytes | None = None
     pass_all: bool = True                 # the function takes **kwargs
     accepted: frozenset = frozenset()     # named parameters it takes (when not pass_all)
+    groups: bool = False                  # a group reward: called once per group
 
 
 def _nan_stats(values: list[float]) -> tuple[float, float, float]:
@@ -127,7 +133,7 @@ class RewardRunner:
                 logger.warning("reward %r cannot be sent to a worker process (it is not picklable, or it lives "
                                "in __main__), so it runs in this process; define it in an importable module.", name)
                 in_pool = False
-            self._plans.append(_Plan(name, fn, is_async, in_pool, payload))
+            self._plans.append(_Plan(name, fn, is_async, in_pool, payload, groups=scores_groups(fn)))
         self._checked: frozenset | None = None
         self._pool: WorkerPool | None = None
         self._uid = uuid.uuid4().hex[:8]
@@ -185,8 +191,11 @@ class RewardRunner:
 
     # ---- one batch ----
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
-                 columns: Mapping[str, Sequence] | None = None, extras: Mapping[str, Any] | None = None) -> RewardOutput:
-        """`extras` (see EXTRA_ARGS) reach the in-process and async functions that take them, as they are."""
+                 columns: Mapping[str, Sequence] | None = None, extras: Mapping[str, Any] | None = None,
+                 group_size: int | None = None) -> RewardOutput:
+        """`extras` (see EXTRA_ARGS) reach the in-process and async functions that take them, as they
+        are. `group_size` (default: the runner's): completions per prompt, consecutive; a group
+        reward is called once per group of them."""
         n = len(completions)
         columns = {k: v for k, v in (columns or {}).items() if k not in RESERVED_COLUMNS}
         if len(prompts) != n:
@@ -197,6 +206,11 @@ class RewardRunner:
             if len(v) != n:
                 raise ValueError(f"RewardRunner: column {k!r} has {len(v)} values for {n} completions "
                                  "(repeat each row's value G times).")
+        g = group_size or self.group_size
+        if any(p.groups for p in self._plans) and (not g or n % g):
+            names = ", ".join(p.name for p in self._plans if p.groups)
+            raise ValueError(f"RewardRunner: the group reward(s) {names} need whole groups: {n} completions in "
+                             f"groups of {g} (pass group_size= / set num_generations).")
         if self._checked != frozenset(columns):
             self.check_signature(columns)
         full = {"prompts": list(prompts), "completions": list(completions),
@@ -205,30 +219,49 @@ class RewardRunner:
 
         t_start = time.perf_counter()
         parts: dict[int, list[Part]] = {}
-        extras = {"trainer_state": None, "log_metric": _ignore, "log_extra": _ignore, **(extras or {})}
-        async_calls = [(i, p.fn, {**self._kwargs(p, full, 0, n), **self._extras(p, extras)}, n)
-                       for i, p in enumerate(self._plans) if p.is_async]
+        extras = {"trainer_state": None, "log_metric": _ignore, "log_extra": _ignore, "num_generations": g,
+                  **(extras or {})}
+        # (plan, first row, end row) of every async call: one per group for a group reward
+        async_spans = [(i, s, e) for i, p in enumerate(self._plans) if p.is_async for s, e in self._spans(p, n, g)]
+        async_calls = [(k, self._plans[i].fn, {**self._kwargs(self._plans[i], full, s, e),
+                                               **self._extras(self._plans[i], extras)}, e - s)
+                       for k, (i, s, e) in enumerate(async_spans)]
         pool_idx = [i for i, p in enumerate(self._plans) if p.in_pool]
         helpers = []
         if async_calls:
-            helpers.append(self._in_thread(lambda: {i: [part] for i, part in
-                                                    run_async(async_calls, self.timeout).items()}, parts))
+            def run_all():
+                out: dict[int, list[Part]] = {}
+                for k, part in run_async(async_calls, self.timeout).items():
+                    i, s, e = async_spans[k]
+                    out.setdefault(i, []).append(dataclasses.replace(part, start=s, stop=e))
+                return out
+
+            helpers.append(self._in_thread(run_all, parts))
         if pool_idx:
-            helpers.append(self._in_thread(lambda: self._run_pool(pool_idx, full, n), parts))
+            helpers.append(self._in_thread(lambda: self._run_pool(pool_idx, full, n, g), parts))
         for i, plan in enumerate(self._plans):
             if plan.is_async or plan.in_pool:
                 continue
-            t0 = time.perf_counter()
-            status, value, cause = call_with_timeout(plan.fn, {**self._kwargs(plan, full, 0, n),
-                                                               **self._extras(plan, extras)}, self.timeout, plan.name)
-            secs = time.perf_counter() - t0
-            parts[i] = [Part(0, n, status, value if status == "ok" else None,
-                              value if status == "error" else "", cause, secs)]
+            parts[i] = []
+            for s, e in self._spans(plan, n, g):
+                t0 = time.perf_counter()
+                status, value, cause = call_with_timeout(plan.fn, {**self._kwargs(plan, full, s, e),
+                                                                   **self._extras(plan, extras)}, self.timeout,
+                                                         plan.name)
+                parts[i].append(Part(s, e, status, value if status == "ok" else None,
+                                     value if status == "error" else "", cause, time.perf_counter() - t0))
         for t, box in helpers:
             t.join()
             if "error" in box:
                 raise box["error"]
         return self._assemble(parts, n, time.perf_counter() - t_start)
+
+    @staticmethod
+    def _spans(plan: _Plan, n: int, g: int | None) -> list[tuple[int, int]]:
+        """The row ranges one function is called on: every group for a group reward, else all rows."""
+        if plan.groups and g:
+            return [(s, s + g) for s in range(0, n, g)]
+        return [(0, n)]
 
     @staticmethod
     def _in_thread(work: Callable[[], dict], into: dict) -> tuple[threading.Thread, dict]:
@@ -258,15 +291,18 @@ class RewardRunner:
             size = math.ceil(size / self.group_size) * self.group_size
         return [(s, min(n, s + size)) for s in range(0, n, size)]
 
-    def _run_pool(self, idx: list[int], full: dict, n: int) -> dict[int, list[Part]]:
+    def _run_pool(self, idx: list[int], full: dict, n: int, g: int | None = None) -> dict[int, list[Part]]:
         if self._pool is None:
             self._pool = WorkerPool(self.num_workers)
         tasks: list[PoolTask] = []
         for i in idx:
             payload = self._plans[i].payload
             assert payload is not None  # a plan runs in the pool only with a payload (see __init__)
-            tasks += [PoolTask(f"{self._uid}:{i}", payload, self._kwargs(self._plans[i], full, s, e),
-                               self.timeout, (i, s, e)) for s, e in self._chunks(n)]
+            plan = self._plans[i]
+            size = self._extras(plan, {"num_generations": g})  # an int crosses to a worker; the other extras do not
+            tasks += [PoolTask(f"{self._uid}:{i}", payload, {**self._kwargs(plan, full, s, e), **size},
+                               self.timeout, (i, s, e))
+                      for s, e in (self._spans(plan, n, g) if plan.groups else self._chunks(n))]
         out: dict[int, list[Part]] = {i: [] for i in idx}
         for r in self._pool.run(tasks):
             i, s, e = r.task.tag

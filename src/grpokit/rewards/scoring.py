@@ -48,15 +48,17 @@ class Scorer:
     runner: Any                                   # grpokit.rewards.RewardRunner
     context: RewardContext = field(default_factory=RewardContext)
 
-    def score(self, trajectories: Trajectories, prompts: PromptSet) -> Rollout:
+    def score(self, trajectories: Trajectories, prompts: PromptSet, group_size: int | None = None) -> Rollout:
         """The trajectories with their rewards (every function, the weighted total, statistics);
-        `prompts`: the rows `trajectories.row_index` points into."""
+        `prompts`: the rows `trajectories.row_index` points into; `group_size`: samples per prompt
+        (a group reward sees each prompt's together)."""
         cols = prompts.columns_of(trajectories.row_index)
         cols.update(trajectories.extra_columns or {})
         extras = self.context.extras()
         if trajectories.environments:
             extras["environments"] = trajectories.environments
         out = self.runner(trajectories.prompts, trajectories.completions,
-                          completion_ids=trajectories.completion_ids, columns=cols, extras=extras)
+                          completion_ids=trajectories.completion_ids, columns=cols, extras=extras,
+                          group_size=group_size)
         metrics, columns = self.context.take(len(trajectories))
         return trajectories.scored(out.per_func, out.total, out.names, out.stats, metrics, columns)
