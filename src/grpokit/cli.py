@@ -188,10 +188,9 @@ def _cuda(cfg: dict[str, Any]) -> bool:
 
 
 def _context(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    return getattr(cfg, "max_position_embeddings", None)
+    from grpokit.modeling.info import text_config
+
+    return getattr(text_config(model), "max_position_embeddings", None)
 
 
 def fitting_length(model, prompt_ids: list[list[int]], wanted: int | None, default: int, field: str) -> int:

@@ -489,7 +489,9 @@ def cast_lm_head_to_fp32(model) -> None:
     returning the model's dtype. An lm_head with a LoRA adapter is refused (as TRL)."""
     import torch.nn.functional as F
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from grpokit.modeling.info import unwrap
+
+    inner = unwrap(model)
     head = inner.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError("cast_lm_head_to_fp32=True: the model has no output projection (lm_head) to cast.")

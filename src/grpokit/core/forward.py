@@ -32,12 +32,6 @@ from grpokit.modeling.vision import multimodal_base, packed_inputs, padded_input
 from grpokit.trajectory import Trajectories
 
 
-def has_router_aux_loss(model) -> bool:
-    """Whether the model is a mixture of experts that returns router logits (TRL then adds its
-    load-balancing loss, times router_aux_loss_coef, to the loss)."""
-    return bool(getattr(text_config(model), "output_router_logits", False))
-
-
 def router_balance_loss(model, router_logits, attention_mask=None) -> torch.Tensor:
     """The model family's own load-balancing loss (transformers' `load_balancing_loss_func` of its
     modeling module) over `router_logits` (one [tokens, experts] tensor per MoE layer)."""

@@ -35,8 +35,7 @@ from grpokit.checkpoint.runs import resume_run, save_run_checkpoint
 from grpokit.config import GRPOConfig
 from grpokit.core.batch import MicroBatch, make_micro_batches, pad_micro_batches
 from grpokit.core.events import NO_EVENTS, NOTHING_ASKED, Events, Requests
-from grpokit.core.forward import has_router_aux_loss
-from grpokit.modeling.info import text_config
+from grpokit.modeling.info import ModelInfo, text_config
 from grpokit.core.run import RunParts
 from grpokit.trajectory import Rollout, ToolStats, concat_rollouts
 
@@ -272,12 +271,11 @@ class GRPO:
         self.entropy = EntropyBonus.from_config(cfg)
         self.ref_restored = False  # a resumed run's synced reference is loaded at its first step
         # a MoE model's load-balancing loss (TRL: router_aux_loss_coef, None = the model config's)
-        model_cfg = text_config(run.model)
+        info = run.plan.model if run.plan.model is not None else ModelInfo.of(run.model)
         self.router_aux_coef = ((cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None
-                                 else float(getattr(model_cfg, "router_aux_loss_coef", 0.001)))
-                                if has_router_aux_loss(run.model) else None)
+                                 else float(getattr(text_config(run.model), "router_aux_loss_coef", 0.001)))
+                                if info.router else None)
         self.warned: set[str] = set()
-        self.group_size = cfg.num_generations
 
     def advantages(self, run: RunParts, rollout: Rollout) -> torch.Tensor:
         """Group-relative advantages; the batch statistics ("batch" scaling, GDPO's second half)
@@ -356,7 +354,7 @@ class GRPO:
 
     def frac_without_signal(self, rollout: Rollout) -> float:
         """frac_reward_zero_std: the groups whose advantages are all 0 (algos.groups_with_signal)."""
-        return 1.0 - float(groups_with_signal(rollout.rewards, self.group_size).float().mean())
+        return 1.0 - float(groups_with_signal(rollout.rewards, self.config.num_generations).float().mean())
 
     def sample_batch(self, run: RunParts, rows: list[int], state: LoopState, phase: dict) -> tuple[Rollout, dict]:
         """The step's scored groups. With DAPO's dynamic sampling, groups whose rewards are all
@@ -452,7 +450,7 @@ class GRPO:
                                   **({"router_aux": True} if self.router_aux_coef is not None else {}))
                 logps, entropy = out[0], out[1]
                 is_weights = None
-                if run.plan.sampler_differs and cfg.vllm_importance_sampling_correction:
+                if run.plan.sampler_differs and cfg.corrects_sampler():
                     level, mode = cfg.vllm_importance_sampling_mode.split("_")
                     base = mb.old_logps if mb.old_logps is not None else logps.detach()
                     is_weights = rollout_correction_weights(base, mb.sampling_logps, mb.completion_mask, level=level,

@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from grpokit.modeling.info import text_config, unwrap
 from grpokit.rollout.base import Completion, EngineCapabilities, eos_ids, finish_text, register_engine
 from grpokit.rollout.sampling import SamplingParams
 
@@ -24,8 +25,8 @@ HYBRID_LAYER_WORDS = ("mamba", "linear", "ssm", "conv", "recurrent", "rwkv")
 
 def needs_generate(model) -> str | None:
     """Why HFEngine's KV-only decode cache cannot hold this model's state (None when it can)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    base = unwrap(model)
+    cfg = text_config(base)
     kinds = [str(k).lower() for k in (getattr(cfg, "layer_types", None) or getattr(cfg, "layers_block_type", None)
                                       or [])]
     pattern = str(getattr(cfg, "hybrid_override_pattern", "") or "")
@@ -141,7 +142,7 @@ class GenerateEngine:
         rows, and the per-token tensors left-padded with 0 (text) to the width."""
         from grpokit.modeling.vision import ImageFeatures, encoder_outputs, image_kwargs, token_grids
 
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = unwrap(self.model)
         features = image_features if image_features is not None else ImageFeatures()
         with_images = [v for v in row_images if v is not None]
         kw: dict[str, Any] = {"mm_encoder_outputs": encoder_outputs([features.of(base, v, grad=False)
@@ -160,7 +161,7 @@ class GenerateEngine:
         gen = sequences[:, width:]
         mask = torch.cat([prompt_mask, torch.ones_like(gen)], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = unwrap(self.model)
         keep = {"logits_to_keep": gen.shape[1] + 1} if "logits_to_keep" in inspect.signature(base.forward).parameters \
             else {}  # the output projection on the generated positions only (not the prompt's)
         logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions, **keep).logits

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from grpokit.modeling.info import text_config, unwrap
 from grpokit.rollout.base import Completion, EngineCapabilities, eos_ids, finish_text, register_engine
 from grpokit.rollout.kv import SlotCache
 from grpokit.rollout.sampling import SamplingParams, row_keys, row_uniforms, sample
@@ -97,11 +98,6 @@ def _layer_kv_shapes(cfg) -> list[tuple[int, int]]:
     return [shape(cfg)] * cfg.num_hidden_layers
 
 
-def _base_model(model):
-    """The transformers model under a PEFT wrapper (the one whose forward signature matters)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 _DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout")
 
 
@@ -109,10 +105,10 @@ def _exact_fp32_logprobs(model) -> bool:
     """Whether sampling `model` gives the training forward's own log-probs: float32/float64 weights
     (the same softmax in the same precision) and no dropout that training would apply and the
     engine (in eval mode) does not."""
-    base = _base_model(model)
+    base = unwrap(model)
     if not {p.dtype for p in base.parameters()} <= {torch.float32, torch.float64}:
         return False
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    cfg = text_config(base)
     if any(float(getattr(cfg, name, 0.0) or 0.0) > 0 for name in _DROPOUT_FIELDS):
         return False
     return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
@@ -152,7 +148,7 @@ class HFEngine:
         self.stats: dict[str, float] = {}
         """Phase split of the last call: prefill_s, decode_s, steps, waves, generated_tokens."""
         self._check_model()
-        self._router_logits = bool(getattr(_base_model(model).config, "output_router_logits", False))
+        self._router_logits = bool(getattr(unwrap(model).config, "output_router_logits", False))
         self.capabilities = self._capabilities()
 
     def _capabilities(self) -> EngineCapabilities:
@@ -217,17 +213,17 @@ class HFEngine:
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "waves": 0,
                       "generated_tokens": 0}
         model = self.model
-        self.device = next(_base_model(model).parameters()).device
+        self.device = next(unwrap(model).parameters()).device
         was_training = model.training
         # The decode step passes a 4-D padding mask, which flash-attention/flex paths do not take:
         # those models run on SDPA (same math) for the rollout, and get their setting back after.
-        cfg = _base_model(model).config
+        cfg = unwrap(model).config
         attn = getattr(cfg, "_attn_implementation", None)
         if attn not in (None, "sdpa", "eager"):
             cfg._attn_implementation = "sdpa"
         model.eval()
         try:
-            with torch.no_grad(), _packed_cpu_lm_head(_base_model(model), self.cpu_packed_lm_head):
+            with torch.no_grad(), _packed_cpu_lm_head(unwrap(model), self.cpu_packed_lm_head):
                 yield seed
         finally:
             model.train(was_training)
@@ -241,13 +237,13 @@ class HFEngine:
         peft_cfg = getattr(self.model, "active_peft_config", None)
         if peft_cfg is not None and getattr(peft_cfg, "is_prompt_learning", False):
             raise NotImplementedError("HFEngine supports LoRA-style PEFT adapters, not prompt learning")
-        base = _base_model(self.model)
+        base = unwrap(self.model)
         sig = inspect.signature(base.forward).parameters
         self._cache_kw = "cache" if "cache" in sig else "past_key_values"
         self._logits_kw = "logits_to_keep" if "logits_to_keep" in sig else (
             "num_logits_to_keep" if "num_logits_to_keep" in sig else None)
         self.device = next(base.parameters()).device
-        cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        cfg = text_config(base)
         self._max_positions = getattr(cfg, "max_position_embeddings", None)
         dtype_size = next(base.parameters()).element_size()
         self._kv_bytes_per_token = 2 * dtype_size * sum(
@@ -487,7 +483,7 @@ class HFEngine:
         grpokit.modeling.vision) and per-image / per-token tensors."""
         from grpokit.modeling.vision import ImageFeatures, encoder_outputs
 
-        base = _base_model(self.model)
+        base = unwrap(self.model)
         features = image_features if image_features is not None else ImageFeatures()
         kw = {"mm_encoder_outputs": encoder_outputs([features.of(base, v, grad=False)])}
         kw.update({k: t.to(self.device) for k, t in v.tensors.items() if "pixel" not in k})
@@ -500,7 +496,7 @@ class HFEngine:
             return 0
         from grpokit.modeling.vision import position_offset
 
-        return position_offset(_base_model(self.model), v, prompt)
+        return position_offset(unwrap(self.model), v, prompt)
 
     def _prompt_seen(self, wave, prompt_ids, vocab: int) -> torch.Tensor:
         """[wave rows, V] bool: the tokens of each row's prompt (the repetition penalty's start)."""
