@@ -318,3 +318,17 @@ def item_trains(item) -> bool:
     names = training_functions_of(str(item.path))
     qualname = f"{item.cls.__name__}.{item.originalname}" if item.cls is not None else item.originalname
     return qualname in names or any(name in names for name in item.fixturenames)
+
+
+def code_reward_or_skip(**kwargs):
+    """A CodeReward on this machine's local sandbox, or the test skipped when the sandbox refuses
+    to run here (as it should where it cannot isolate)."""
+    import pytest
+
+    from grpokit.rewards.code import CodeReward
+    from grpokit.rewards.sandbox import SandboxUnavailable
+
+    try:
+        return CodeReward(**kwargs)
+    except SandboxUnavailable as e:
+        pytest.skip(f"no local sandbox on this machine (it refused to run, as it should): {e}")

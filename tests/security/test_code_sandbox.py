@@ -18,6 +18,7 @@ import pytest
 
 from grpokit.rewards.code import CodeReward
 from grpokit.rewards.sandbox import LocalSandbox, SandboxLimits, SandboxUnavailable
+from tests.helpers import code_reward_or_skip
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the local sandbox needs Linux")
 
@@ -224,10 +225,7 @@ def attacks(host_dir: Path, port: int) -> dict:
 
 @pytest.fixture(scope="module")
 def reward():
-    try:
-        return CodeReward(timeout=1.5, max_concurrency=6, memory_bytes=512 << 20, processes=16)
-    except SandboxUnavailable as e:
-        pytest.skip(f"no local sandbox on this machine (it refused to run, as it should): {e}")
+    return code_reward_or_skip(timeout=1.5, max_concurrency=6, memory_bytes=512 << 20, processes=16)
 
 
 @pytest.fixture(scope="module")

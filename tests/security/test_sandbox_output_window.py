@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from grpokit.rewards.code import CodeReward
-from grpokit.rewards.sandbox import SandboxUnavailable
+from tests.helpers import code_reward_or_skip
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the local sandbox needs Linux")
 
@@ -184,10 +184,7 @@ def fenced(src: str) -> str:
 
 @pytest.fixture(scope="module")
 def reward():
-    try:
-        return CodeReward(timeout=2.0, max_concurrency=4, memory_bytes=512 << 20, processes=16)
-    except SandboxUnavailable as e:
-        pytest.skip(f"no local sandbox on this machine (it refused to run, as it should): {e}")
+    return code_reward_or_skip(timeout=2.0, max_concurrency=4, memory_bytes=512 << 20, processes=16)
 
 
 @pytest.fixture(scope="module")
