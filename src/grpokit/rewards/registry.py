@@ -35,7 +35,13 @@ REWARD_REGISTRY: dict[str, Any] = {
     "cosine_length": "grpokit.rewards.length:CosineLengthReward",
     "reward_model": "grpokit.rewards.model:RewardModelReward",
     "preference": "grpokit.rewards.model:PreferenceReward",
+    "judge": "grpokit.rewards.judges.listwise:JudgeReward",
+    "pairwise_judge": "grpokit.rewards.judges.pairwise:PairwiseJudgeReward",
     "code": "grpokit.rewards.code:CodeReward",
+    "chrf": "grpokit.rewards.similarity:ChrfReward",
+    "bleu": "grpokit.rewards.similarity:BleuReward",
+    "rouge": "grpokit.rewards.similarity:RougeReward",
+    "consensus": "grpokit.rewards.similarity:ConsensusReward",
     # TRL's built-in rewards (trl.rewards), by TRL's names, for `trl grpo --reward_funcs ...` scripts
     "accuracy_reward": "grpokit.rewards.math:AccuracyReward",
     "reasoning_accuracy_reward": "grpokit.rewards.math:ReasoningAccuracyReward",
