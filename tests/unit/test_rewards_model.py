@@ -101,6 +101,32 @@ def test_preference_against_the_group(rm_path):
     assert sorted(range(4), key=out.__getitem__) == sorted(range(4), key=r.__getitem__)  # same order as r
 
 
+def test_preference_swiss_tournament_fits_bradley_terry(rm_path):
+    """strategy='swiss': G=4 meets in 2 rounds (8 comparisons instead of 12); the rewards are the
+    Bradley-Terry strengths of the outcomes, in the reward model's order. Through the runner the
+    preference reward gets whole groups (it compares within them)."""
+    from grpokit.rewards.judges.ranking import bradley_terry
+
+    pref = PreferenceReward(rm_path, device="cpu", strategy="swiss")
+    comps = [" sat", " ran", " is good", " is bad"]
+    calls = []
+    real = pref._win_probs
+    pref._win_probs = lambda prompt, pairs: calls.append(len(pairs)) or real(prompt, pairs)
+    out = pref(["the cat"] * 4, comps)
+    assert calls == [4, 4] and sum(out) == pytest.approx(0.0, abs=1e-9)
+    r = RewardModelReward(rm_path, device="cpu")(["the cat"] * 4, comps)
+    assert sorted(range(4), key=out.__getitem__) == sorted(range(4), key=r.__getitem__)
+    # the reward model's win probabilities are > 0.5 exactly when r is higher: the fit of those outcomes
+    outcomes = [(a, b, 1.0 if r[a] > r[b] else 0.0) for a in range(4) for b in range(4) if a != b]
+    full = bradley_terry(4, outcomes)
+    assert sorted(range(4), key=full.__getitem__) == sorted(range(4), key=out.__getitem__)
+    runner = RewardRunner([pref], group_size=4)
+    assert runner._plans[0].groups
+    assert runner(["the cat"] * 4 + ["why"] * 4, comps * 2).per_func[:4, 0].tolist() == pytest.approx(out)
+    with pytest.raises(ValueError, match="strategy='knockout'"):
+        PreferenceReward(rm_path, strategy="knockout")
+
+
 def test_pairwise_mode_is_order_symmetric(rm_path):
     pref = PreferenceReward(rm_path, mode="pairwise", pairwise_template="{prompt} : {a} : {b}", device="cpu")
     out = pref(["why", "why"], [" because the dog", " no"])

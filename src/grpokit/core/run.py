@@ -294,6 +294,7 @@ def build_run(cfg: TrainingConfig, *, model=None, reward_funcs=None, train_datas
     train = setup.encode_prompts(cfg, dataset, models, multiturn, samples_elsewhere=elsewhere)
     runner = setup.build_rewards(cfg, reward_funcs, task=sources.task, multiturn=multiturn,
                                  columns=set(dataset.column_names), more_columns_later=rollout_func is not None)
+    notes += runner.preflight()  # a judge's reliability gate: figures in the summary, or a refusal here
     engine = setup.build_engine(cfg, models, images=train.vision is not None, notes=notes)
     policy = models.policy
     # several ranks: the training forward wrapped in DDP or FSDP2 (which replaces the parameters

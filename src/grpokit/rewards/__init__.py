@@ -24,6 +24,7 @@ _EXPORTS = {
     "think_answer_format": "format", "soft_think_answer_format": "format",
     "SoftOverlongPunishment": "length", "CosineLengthReward": "length",
     "RewardModelReward": "model", "PreferenceReward": "model",
+    "JudgeReward": "judges", "PairwiseJudgeReward": "judges",
     "CodeReward": "code", "extract_code": "code",
     "ChrfReward": "similarity", "BleuReward": "similarity", "RougeReward": "similarity",
     "ConsensusReward": "similarity",

@@ -11,8 +11,13 @@ response column or with the other completions of the same prompt (the group):
   * mode="pairwise": a classifier that reads both responses in one input (`pairwise_template`)
     and outputs the logit of "a is better"; made order-symmetric as
     (sigmoid(s(a, b)) + 1 - sigmoid(s(b, a))) / 2.
-Against the group, a completion's reward is its mean win probability over the others, so each
-group's rewards sum to G/2.
+Against the group (a group reward: the runner passes one prompt's G completions), `strategy`
+chooses the comparisons:
+  * "all_pairs" (default): every ordered pair, G (G - 1) comparisons; a completion's reward is its
+    mean win probability over the others, so each group's rewards sum to G/2;
+  * "swiss": a Swiss tournament, ceil(log2 G) rounds, each pair met in both orders (G=16: 64
+    comparisons instead of 240), and the reward is the Bradley-Terry strength fitted to the
+    outcomes (`grpokit.rewards.judges.ranking`; mean 0 over the group).
 """
 
 from __future__ import annotations
@@ -152,7 +157,10 @@ class PreferenceReward:
     use_process_pool = False
 
     def __init__(self, model_name_or_path, reference_column: str | None = None, mode: str = "bt",
-                 temperature: float = 1.0, pairwise_template: str | None = None, **model_kwargs):
+                 temperature: float = 1.0, pairwise_template: str | None = None, strategy: str = "all_pairs",
+                 alpha: float = 0.1, **model_kwargs):
+        if strategy not in ("all_pairs", "swiss"):
+            raise ValueError(f"preference: strategy={strategy!r}; use all_pairs or swiss.")
         if mode not in ("bt", "pairwise"):
             raise ValueError(f"preference: mode={mode!r}; use bt or pairwise.")
         if mode == "pairwise" and not pairwise_template:
@@ -163,6 +171,8 @@ class PreferenceReward:
         self.__name__ = "preference"
         self.reference_column, self.mode, self.temperature = reference_column, mode, float(temperature)
         self.pairwise_template = pairwise_template
+        self.strategy, self.alpha = strategy, float(alpha)
+        self.scores_groups = reference_column is None  # compared within the group: the runner passes whole groups
         self.scorer = _Scorer(model_name_or_path, **model_kwargs)
 
     def check_columns(self, columns: set[str]) -> None:
@@ -202,6 +212,10 @@ class PreferenceReward:
         for rows in groups.values():
             if len(rows) < 2:
                 continue
+            if self.strategy == "swiss":
+                for i, theta in zip(rows, self._tournament(prompts[rows[0]], [completions[i] for i in rows])):
+                    out[i] = theta
+                continue
             pairs = [(i, j) for i in rows for j in rows if i != j]
             probs = self._batched(prompts, [(completions[i], completions[j]) for i, j in pairs], [i for i, _ in pairs])
             wins: dict[int, list[float]] = {}
@@ -210,6 +224,14 @@ class PreferenceReward:
             for i, ps in wins.items():
                 out[i] = sum(ps) / len(ps)
         return out
+
+    def _tournament(self, prompt, group: list) -> list[float]:
+        """Bradley-Terry strengths of one group's completions from a Swiss tournament."""
+        from grpokit.rewards.judges.ranking import bradley_terry, play_tournament
+
+        played = play_tournament(len(group), lambda pairs: self._win_probs(prompt, [(group[a], group[b])
+                                                                                   for a, b in pairs]))
+        return bradley_terry(len(group), played.outcomes, self.alpha)
 
     def _batched(self, prompts, pairs, rows) -> list[float]:
         """Win probabilities for pairs whose prompts are prompts[rows[k]]; one scorer pass per prompt."""

@@ -35,6 +35,8 @@ REWARD_REGISTRY: dict[str, Any] = {
     "cosine_length": "grpokit.rewards.length:CosineLengthReward",
     "reward_model": "grpokit.rewards.model:RewardModelReward",
     "preference": "grpokit.rewards.model:PreferenceReward",
+    "judge": "grpokit.rewards.judges.listwise:JudgeReward",
+    "pairwise_judge": "grpokit.rewards.judges.pairwise:PairwiseJudgeReward",
     "code": "grpokit.rewards.code:CodeReward",
     "chrf": "grpokit.rewards.similarity:ChrfReward",
     "bleu": "grpokit.rewards.similarity:BleuReward",

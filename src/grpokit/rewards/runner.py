@@ -189,6 +189,17 @@ class RewardRunner:
                     raise ValueError(f"reward function {plan.name!r}: {e}") from None
         self._checked = None if more_columns_later else cols
 
+    def preflight(self) -> list[str]:
+        """Before step 1: each function's own check that needs more than the columns (a judge's
+        reliability gate, `preflight()` on the function) -> the lines it reports; a function that
+        refuses raises ValueError."""
+        lines: list[str] = []
+        for plan in self._plans:
+            check = getattr(plan.fn, "preflight", None)
+            if callable(check):
+                lines += list(check() or [])
+        return lines
+
     # ---- one batch ----
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
                  columns: Mapping[str, Sequence] | None = None, extras: Mapping[str, Any] | None = None,
