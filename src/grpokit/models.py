@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from grpokit.modeling.known import canonical_name, is_gguf, resolve_model
+
 __all__ = [
     "CHAR_TOKENIZER_SPECIALS",
     "apply_lora",
@@ -269,6 +271,8 @@ def load_tokenizer(name_or_path_or_tokenizer: Any, padding_side: str = "left", t
 
     - `padding_side` is set ("left" for generation, the default).
     - "char" builds the character-level tokenizer of the starter model (`new_char_tokenizer`).
+    - A built-in model name ("smollm2-135m-instruct") or a `.gguf` file reads the GGUF file's
+      tokenizer (grpokit.modeling.known).
     - When the tokenizer has no pad token, `pad_token` is set to `eos_token` (and a `<pad>` token
       is added when there is no EOS either; then `len(tokenizer)` grows and the model's
       embeddings must be resized with `model.resize_token_embeddings(len(tokenizer))`).
@@ -278,6 +282,10 @@ def load_tokenizer(name_or_path_or_tokenizer: Any, padding_side: str = "left", t
             tokenizer = new_char_tokenizer()
         elif str(name_or_path_or_tokenizer) == "char-chat":
             tokenizer = new_chat_tokenizer()
+        elif is_gguf((gguf := resolve_model(name_or_path_or_tokenizer))[1]):  # smollm2-135m-instruct, x.gguf
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(gguf[0], trust_remote_code=trust_remote_code, **gguf[1])
         elif _declares_generic_fast_tokenizer(Path(name_or_path_or_tokenizer)):
             from transformers import PreTrainedTokenizerFast
 
@@ -374,8 +382,10 @@ def load_model(
 
     name_or_path_or_model:
         a hub id ("Qwen/Qwen2.5-0.5B-Instruct"), a local directory written by `save_pretrained`
-        or `save_model`, a LoRA adapter directory (loaded as base model + adapter, trainable), or an
-        already loaded model (moved to `device`; cast only when `dtype` is not "auto").
+        or `save_model`, a LoRA adapter directory (loaded as base model + adapter, trainable), a
+        built-in model name ("smollm2-135m-instruct", the `smollm2` extra) or a `.gguf` file
+        (dequantized, grpokit.modeling.known), or an already loaded model (moved to `device`; cast
+        only when `dtype` is not "auto").
     dtype: "auto" (float32 on CPU, bf16 on CUDA when supported), "float32", "bfloat16", ... or a torch.dtype.
     device: "cpu", "cuda", "cuda:1", "auto" (cuda if available), or None to leave it where it is.
     """
@@ -391,7 +401,10 @@ def load_model(
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
         raise FileNotFoundError(f"model path {name!r} does not exist")
     name = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
-    if _is_peft_adapter_dir(name):
+    folder, gguf = resolve_model(name)
+    if is_gguf(gguf):
+        model = _load_gguf_model(name, folder, gguf, torch_dtype, trust_remote_code, from_pretrained_kwargs)
+    elif _is_peft_adapter_dir(name):
         from peft import AutoPeftModelForCausalLM
 
         base = json.loads((Path(name) / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -400,9 +413,17 @@ def load_model(
                 f"the LoRA adapter in {name!r} does not name its base model (base_model_name_or_path is empty): "
                 "load the base with load_model(base) and the adapter with peft.PeftModel.from_pretrained(base, path)"
             )
-        model = AutoPeftModelForCausalLM.from_pretrained(
-            name, dtype=torch_dtype, is_trainable=True, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
-        )
+        if is_gguf(resolve_model(base)[1]):  # a built-in name or a .gguf file: transformers cannot load it alone
+            from peft import PeftModel
+
+            base_model = load_model(base, dtype=torch_dtype, device=None, trust_remote_code=trust_remote_code,
+                                    **from_pretrained_kwargs)
+            model = PeftModel.from_pretrained(base_model, name, is_trainable=True)
+        else:
+            model = AutoPeftModelForCausalLM.from_pretrained(
+                name, dtype=torch_dtype, is_trainable=True, trust_remote_code=trust_remote_code,
+                **from_pretrained_kwargs
+            )
     else:
         from transformers import AutoModelForCausalLM
 
@@ -417,6 +438,39 @@ def load_model(
                           "offline (HF_HUB_OFFLINE=1) only models already in the local cache are found.") from e
     # transformers declares PreTrainedModel.to with @wraps(nn.Module.to), which types it unbound
     return model.to(target) if target is not None else model  # type: ignore[arg-type]
+
+
+def _load_gguf_model(name: str, folder: str, gguf: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool,
+                     kwargs: dict[str, Any]):
+    """A built-in model name or a .gguf file (grpokit.modeling.known): transformers' GGUF reader,
+    every weight dequantized into a plain dense model, and the GGUF quantisation config dropped, so
+    that the model trains, and `save_pretrained` / a checkpoint write it as an ordinary safetensors
+    model (transformers refuses to serialize a model that still carries it). Its `name_or_path`
+    becomes the built-in name (or the file's path), which `load_model` / `load_tokenizer` and a
+    LoRA adapter's base_model_name_or_path resolve again."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if kwargs.get("quantization_config") is not None:
+        raise ValueError(f"{name!r} is a GGUF model: grpokit loads it dequantized into a dense model and cannot "
+                         "quantize it again; drop quantization_config (LoRA works without it).")
+    kwargs = {k: v for k, v in kwargs.items() if k != "quantization_config"}
+    gguf_config = getattr(transformers, "GgufConfig", None)  # transformers 5: could keep the GGUF blocks
+    if gguf_config is not None:  # (untrainable) where a kernel exists; transformers 4 always dequantizes
+        kwargs["quantization_config"] = gguf_config(dequantize=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, **gguf, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"cannot load the GGUF model {name!r} ({os.path.join(folder, gguf['gguf_file'])}): {first}") from e
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # dequantize=True drops it already; an older transformers may not
+        quantizer.remove_quantization_config(model)
+    label = canonical_name(name) or os.path.join(folder, gguf["gguf_file"])
+    model.name_or_path = label
+    model.config.name_or_path = label
+    return model
 
 
 def _vision_auto_class(name: str, trust_remote_code: bool):
