@@ -17,12 +17,14 @@ from grpokit.data.tasks import (
     countdown_reward,
     get_task,
 )
+from grpokit.data.text_tasks import make_shorten_task
 from grpokit.data.tool_tasks import GuessTheNumber, make_guess_task, make_multiply_task, multiply, multiply_reward
 from grpokit.data.vision_tasks import color_reward, make_colors_task
 
 TASKS["multiply"] = make_multiply_task  # the tool tasks (their module builds on the tasks module)
 TASKS["guess"] = make_guess_task
 TASKS["colors"] = make_colors_task  # the vision task (images drawn by the program)
+TASKS["shorten"] = make_shorten_task  # content generation for a model that can write (chrF, a word limit)
 
 __all__ = [
     "TASKS",

@@ -1,0 +1,79 @@
+"""Built-in content-generation task for a model that can write (SmolLM2-135M-Instruct):
+
+`shorten`: the program writes a long sentence around a core ("Early this morning, Anna found the
+old key in the garden, because it seemed like a good idea at the time.") and asks for it in at most
+`max_words` words; the reward is chrF against the core ("Anna found the old key in the garden.",
+`grpokit.rewards.similarity`) plus a word-limit penalty. Sentences, cores and splits are generated
+(disjoint by a stable hash of the sentence), so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+from grpokit.data.tasks import Task, completion_text, in_eval_split
+
+__all__ = ["make_shorten_task", "word_limit_reward"]
+
+NAMES = ["Anna", "Ben", "Chloe", "David", "Emma", "Felix", "Grace", "Henry", "Iris", "Jack"]
+ACTS = [("found", "key"), ("painted", "fence"), ("fixed", "bike"), ("lost", "wallet"), ("sold", "car"),
+        ("baked", "cake"), ("washed", "dog"), ("read", "letter"), ("opened", "box"), ("moved", "table")]
+ADJECTIVES = ["old", "red", "small", "heavy", "broken", "new"]
+PLACES = ["in the garden", "at the station", "near the river", "in the kitchen", "at school", "behind the house"]
+TIMES = ["last Monday", "early this morning", "after lunch", "on a rainy evening", "just before dinner"]
+FILLERS = ["while everyone else in the family was still fast asleep", "although nobody had asked for it at all",
+           "because it seemed like a very good idea at the time", "and then went home feeling rather pleased",
+           "without telling a single one of the neighbours about it"]
+INSTRUCTION = ("Shorten this sentence to at most {n} words. Keep who did what and where. "
+               "Reply with the short sentence only.\n\n{sentence}")
+
+
+def word_limit_reward(completions, max_words, **kwargs) -> list[float]:
+    """0 within `max_words` words, else -(extra words) / max_words, down to -1."""
+    out = []
+    for c, limit in zip(completions, max_words):
+        words = len(completion_text(c).split())
+        out.append(0.0 if words <= limit else -min(1.0, (words - limit) / limit))
+    return out
+
+
+def make_shorten_task(seed: int = 0, num_train: int = 2000, num_eval: int = 100, max_words: int = 10,
+                      chat: bool = True) -> Task:
+    """The `shorten` task; `chat`: prompts as one user message (for chat models), else plain text."""
+    from datasets import Dataset
+
+    from grpokit.rewards.similarity import ChrfReward
+
+    rows: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    for name, (verb, noun), adj, place, when, filler in itertools.product(NAMES, ACTS, ADJECTIVES, PLACES, TIMES,
+                                                                           FILLERS):
+        core = f"{name} {verb} the {adj} {noun} {place}."
+        sentence = f"{when[0].upper()}{when[1:]}, {name} {verb} the {adj} {noun} {place}, {filler}."
+        text = INSTRUCTION.format(n=max_words, sentence=sentence)
+        rows[in_eval_split(sentence)].append({"prompt": [{"role": "user", "content": text}] if chat else text,
+                                              "reference": core, "max_words": max_words})
+    rng = random.Random(seed)
+    train, evals = rows[False], rows[True]
+    rng.shuffle(train)
+    evals = sorted(evals, key=lambda r: r["reference"] + str(r["prompt"]))
+    random.Random(0).shuffle(evals)  # a fixed eval order: a smaller eval split is a prefix of a larger one
+    chrf = ChrfReward(reference_column="reference")
+
+    def is_correct(completion, reference, max_words, **row) -> bool:
+        text = completion_text(completion)
+        return len(text.split()) <= max_words and (chrf([None], [text], reference=[reference])[0] or 0.0) >= 0.6
+
+    return Task(
+        name="shorten",
+        train_dataset=Dataset.from_list(train[:num_train]),
+        eval_dataset=Dataset.from_list(evals[:num_eval]),
+        reward_funcs=[chrf, word_limit_reward],
+        reward_weights=[1.0, 0.5],
+        extract_answer=lambda text: text.strip() or None,
+        is_correct=is_correct,
+        max_completion_length=48,
+        reference_completion=lambda row: row["reference"],
+        description=f"shorten a generated sentence to <= {max_words} words (chrF against its core + a word limit)",
+    )
