@@ -17,7 +17,7 @@ from grpokit.data.tasks import (
     countdown_reward,
     get_task,
 )
-from grpokit.data.text_tasks import make_shorten_task
+from grpokit.data.text_tasks import make_dialogue_task, make_shorten_task
 from grpokit.data.tool_tasks import GuessTheNumber, make_guess_task, make_multiply_task, multiply, multiply_reward
 from grpokit.data.vision_tasks import color_reward, make_colors_task
 
@@ -25,6 +25,7 @@ TASKS["multiply"] = make_multiply_task  # the tool tasks (their module builds on
 TASKS["guess"] = make_guess_task
 TASKS["colors"] = make_colors_task  # the vision task (images drawn by the program)
 TASKS["shorten"] = make_shorten_task  # content generation for a model that can write (chrF, a word limit)
+TASKS["dialogue"] = make_dialogue_task  # dialogue ranked by a judge (its model set in reward_kwargs)
 
 __all__ = [
     "TASKS",

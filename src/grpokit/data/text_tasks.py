@@ -1,10 +1,18 @@
-"""Built-in content-generation task for a model that can write (SmolLM2-135M-Instruct):
+"""Built-in text tasks for a model that can write (SmolLM2-135M-Instruct): content generation
+rewarded by a metric, and dialogue rewarded by a judge.
 
 `shorten`: the program writes a long sentence around a core ("Early this morning, Anna found the
 old key in the garden, because it seemed like a good idea at the time.") and asks for it in at most
 `max_words` words; the reward is chrF against the core ("Anna found the old key in the garden.",
 `grpokit.rewards.similarity`) plus a word-limit penalty. Sentences, cores and splits are generated
 (disjoint by a stable hash of the sentence), so nothing is downloaded.
+
+`dialogue`: a user gives their name and asks for something small ("Hi, I'm Maria. Can you suggest
+a name for my cat?"); the training reward is a judge (`reward_funcs: [judge]`, pointed at a model
+in `reward_kwargs`, see docs/judges.md) ranking each group for `DIALOGUE_CRITERIA`; the held-out
+grader checks two of those criteria by rule (the reply uses the user's name and stays within
+`max_words` words), so it measures whether the judge taught what it was asked to, without the
+judge.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from typing import Any
 
 from grpokit.data.tasks import Task, completion_text, in_eval_split
 
-__all__ = ["make_shorten_task", "word_limit_reward"]
+__all__ = ["make_shorten_task", "make_dialogue_task", "word_limit_reward", "DIALOGUE_CRITERIA"]
 
 NAMES = ["Anna", "Ben", "Chloe", "David", "Emma", "Felix", "Grace", "Henry", "Iris", "Jack"]
 ACTS = [("found", "key"), ("painted", "fence"), ("fixed", "bike"), ("lost", "wallet"), ("sold", "car"),
@@ -76,4 +84,45 @@ def make_shorten_task(seed: int = 0, num_train: int = 2000, num_eval: int = 100,
         max_completion_length=48,
         reference_completion=lambda row: row["reference"],
         description=f"shorten a generated sentence to <= {max_words} words (chrF against its core + a word limit)",
+    )
+
+
+DIALOGUE_CRITERIA = "addressing the user by their name, answering their request, and being brief (two sentences at most)"
+INTROS = ["Hi, I'm {name}.", "Hello! My name is {name}.", "{name} here.", "Hey, it's {name}.", "Good morning, I am {name}."]
+REQUESTS = ["Can you suggest a name for my cat?", "What should I cook tonight?", "Can you recommend a book?",
+            "How can I stay focused while studying?", "What is a fun thing to do on a rainy day?",
+            "Can you give me a tip for sleeping better?", "What colour should I paint my room?",
+            "How do I make my mornings less stressful?", "What is a good gift for a friend who likes tea?",
+            "Can you suggest a short walk I could take after work?"]
+USER_NAMES = ["Maria", "Tom", "Aisha", "Lukas", "Sofia", "Kenji", "Olivia", "Mateo", "Nina", "Omar", "Lena", "Ravi"]
+
+
+def make_dialogue_task(seed: int = 0, num_train: int = 400, num_eval: int = 60, max_words: int = 30) -> Task:
+    """The `dialogue` task (conversational prompts); its reward is the `judge` reward, which needs
+    a judge model (reward_kwargs: {judge: {model: ..., base_url: ...}})."""
+    from datasets import Dataset
+
+    rows: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    for name, intro, request in itertools.product(USER_NAMES, INTROS, REQUESTS):
+        text = f"{intro.format(name=name)} {request}"
+        rows[in_eval_split(text, eval_fraction=5)].append(
+            {"prompt": [{"role": "user", "content": text}], "user_name": name, "max_words": max_words})
+    train, evals = rows[False], rows[True]
+    random.Random(seed).shuffle(train)
+    random.Random(0).shuffle(evals)
+
+    def is_correct(completion, user_name, max_words, **row) -> bool:
+        text = completion_text(completion)
+        return user_name.lower() in text.lower() and 0 < len(text.split()) <= max_words
+
+    return Task(
+        name="dialogue",
+        train_dataset=Dataset.from_list(train[:num_train]),
+        eval_dataset=Dataset.from_list(evals[:num_eval]),
+        reward_funcs=["judge"],  # type: ignore[list-item]  # a registry name: its model comes from reward_kwargs
+        reward_weights=None,
+        extract_answer=lambda text: text.strip() or None,
+        is_correct=is_correct,
+        max_completion_length=64,
+        description=f"dialogue: answer a named user briefly, ranked by a judge for {DIALOGUE_CRITERIA}",
     )
