@@ -1,0 +1,100 @@
+"""The judges against a real OpenAI-compatible server that the test starts (`transformers serve`,
+tests/helpers_server.py; no mock of the HTTP API): the OpenAI backend's requests reach it and its
+answers come back, through the trainer; a tiny random model answers nonsense, so every group is
+counted as failed and left at advantage 0 without stopping the run; a server that is down is
+retried within the deadline, counted and survived; SmolLM2-135M's GGUF served as it is gives readable
+verdicts."""
+
+import json
+
+import pytest
+
+from tests.helpers_server import missing_serve_packages, openai_server, smollm2_serve_name
+
+pytestmark = pytest.mark.slow
+
+if missing_serve_packages():
+    pytest.skip(f"transformers serve and the openai client need {', '.join(missing_serve_packages())} "
+                "(pip install 'grpokit[judges]'), not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    """A tiny chat model with room for a judge's request (character tokens: a listwise request of
+    4 candidates is ~500 of them; a longer one is the server's 400)."""
+    from grpokit.models import save_model
+    from tests.helpers import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_model
+
+    path = str(tmp_path_factory.mktemp("judge-chat") / "model")
+    tokenizer = make_char_tokenizer(chat_template=CHAT_TEMPLATE)
+    save_model(make_tiny_model(tokenizer, arch="llama", num_kv_heads=4, max_positions=2048), tokenizer, path)
+    with openai_server(path) as base_url:
+        yield base_url, path
+
+
+@pytest.mark.train
+def test_a_judge_behind_a_server_through_the_trainer(tiny_server, tmp_path):
+    from grpokit.rewards.judges import JudgeReward, OpenAIBackend
+    from tests.integration.test_group_rewards import _tiny_run
+
+    base_url, path = tiny_server
+    answers = []
+
+    class Recording(OpenAIBackend):  # the real client, its answers kept for the assertions
+        async def complete_many(self, requests):
+            out = await super().complete_many(requests)
+            answers.extend(out)
+            return out
+
+    judge = JudgeReward(backend=Recording(path, base_url=base_url, max_tokens=12, max_concurrency=4),
+                        max_retries=1, deadline_s=60)
+    trainer = _tiny_run(tmp_path, [judge, lambda completions, **kw: [len(c) / 10 for c in completions]],
+                        reward_timeout=120)
+    trainer.train()
+    assert answers and all(isinstance(a, str) for a in answers)  # every request answered by the server
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    judged = [r for r in rows if "judge/calls" in r]
+    assert len(judged) == 2  # both steps ran; the tiny model's nonsense is counted, not fatal
+    assert all(r["judge/frac_failed"] + r["judge/frac_identical"] + r["judge/frac_low_agreement"] <= 1.0
+               for r in judged)
+    unreadable = sum(r["judge/frac_failed"] for r in judged)
+    assert unreadable > 0 and judged[-1]["rewards/judge/frac_none"] > 0
+
+
+def test_a_server_that_is_down_is_retried_and_counted(tmp_path):
+    import asyncio
+    import time
+
+    from grpokit.rewards.judges import JudgeReward
+    from tests.helpers_server import free_port
+
+    judge = JudgeReward(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", max_retries=2, deadline_s=10)
+    metrics = {}
+    start = time.perf_counter()
+    out = asyncio.run(judge(["q"] * 3, ["a", "bb", "ccc"], log_metric=lambda k, v: metrics.setdefault(k, v)))
+    assert out == [None] * 3 and metrics["judge/frac_failed"] == 1.0 and metrics["judge/calls"] == 6
+    assert time.perf_counter() - start < 10
+
+
+def test_smollm2_behind_transformers_serve_gives_verdicts():
+    """The real judge path end to end: the GGUF file served as it is, the listwise and pairwise
+    judges' requests, answers read (JSON or plain text) into rankings."""
+    from grpokit.rewards.judges import JudgeReward, OpenAIBackend, PairwiseJudgeReward
+
+    try:
+        model = smollm2_serve_name()
+    except Exception as e:  # noqa: BLE001  # the smollm2 extra is not installed
+        pytest.skip(f"SmolLM2's GGUF file is not installed: {e}")
+    with openai_server(model, timeout_s=300) as base_url:
+        backend = OpenAIBackend(model, base_url=base_url, max_tokens=40, max_concurrency=4, timeout=120)
+        comps = ["The capital of France is Paris.", "Berlin.", "I am not sure."]
+        listwise = JudgeReward(backend=backend, min_agreement=None, deadline_s=240).rank_group(
+            "What is the capital of France?", comps)
+        pairwise = PairwiseJudgeReward(backend=backend, min_agreement=None, deadline_s=240).rank_group(
+            "What is the capital of France?", comps)
+    assert listwise.calls >= 2 and pairwise.calls >= 4
+    assert listwise.ranks is not None or pairwise.ranks is not None, (listwise.reason, pairwise.reason)
+    for verdict in (listwise, pairwise):
+        if verdict.ranks is not None:  # a rank vector over the 3 candidates: each in [1, 3], summing to 1+2+3
+            assert len(verdict.ranks) == 3 and all(1 <= r <= 3 for r in verdict.ranks)
+            assert sum(verdict.ranks) == pytest.approx(6.0)
