@@ -25,7 +25,8 @@ EXAMPLES = """examples:
   grpokit generate model_name_or_path=runs/demo/final prompt='12+7=' n=4
   grpokit rewards test cfg.yaml                  # what each reward returns on a few rows
   grpokit compare                                # GRPO vs PPO vs DPO, report in reports/compare/
-  grpokit sft configs/starter_sft.yaml           # supervised warm-start (how the starter model is made)"""
+  grpokit sft configs/starter_sft.yaml           # supervised warm-start (how the starter model is made)
+  grpokit feedback export runs/demo              # people's rankings -> TRL preference pairs (JSONL)"""
 
 COMMON = """common options:
   --help, -h        this help
@@ -121,6 +122,19 @@ def help_compare(argv):
             f"budget; writes a report with plots\n(docs/compare.md). Options (and their defaults):\n{rows}\n"
             f"  grpo / ppo / dpo     a mapping of fields for that algorithm only\n"
             f"  any GRPOConfig field, shared by the three runs\n\n{COMMON}")
+
+
+FEEDBACK_OPTIONS = """  RUN_DIR              the run folder (its feedback.sqlite), or the .sqlite file itself
+  --out DIR            where to write (default: RUN_DIR)
+  --pairs all|best     all: every pair a ranking implies (each candidate against each one ranked
+                       below it); best: the top candidate(s) against each worse one (default all)"""
+
+
+def help_feedback(argv):
+    return (f"usage: grpokit feedback export RUN_DIR [--out DIR] [--pairs all|best]\n\nWrite the rankings people "
+            f"gave on the feedback page (reward `human`, docs/human-feedback.md)\nas preferences.jsonl (TRL's "
+            f"prompt/chosen/rejected, one row per pair a ranking implies)\nand rankings.jsonl (every ranking "
+            f"with its group, labeller, step and time).\n\noptions:\n{FEEDBACK_OPTIONS}\n\n{COMMON}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +372,41 @@ def cmd_rewards(argv: list[str]) -> int:
     return 0
 
 
+def cmd_feedback(argv: list[str]) -> int:
+    """`grpokit feedback export RUN_DIR [--out DIR] [--pairs all|best]`: the store's rankings as JSONL."""
+    usage = "grpokit feedback export RUN_DIR [--out DIR] [--pairs all|best]"
+    if not argv or argv[0] != "export":
+        raise ValueError(f"the feedback verb has one action: {usage}")
+    from pathlib import Path
+
+    from grpokit.feedback.store import STORE_FILE, FeedbackStore
+
+    options, positional, rest = {"--out": None, "--pairs": "all"}, [], list(argv[1:])
+    while rest:
+        arg = rest.pop(0)
+        key, eq, value = arg.partition("=")
+        if key in options:
+            if not eq:
+                if not rest:
+                    raise ValueError(f"{key} needs a value: {usage}")
+                value = rest.pop(0)
+            options[key] = value
+        elif arg.startswith("-"):
+            raise ValueError(f"unknown option {arg!r}: {usage}")
+        else:
+            positional.append(arg)
+    if len(positional) != 1:
+        raise ValueError(f"give one run folder: {usage}")
+    run = Path(positional[0]).expanduser()
+    path = run if run.is_file() else run / STORE_FILE
+    if not path.is_file():
+        raise ValueError(f"no feedback store at {path} (a run with the `human` reward writes <output_dir>/{STORE_FILE})")
+    with FeedbackStore(path) as store:
+        out = store.export(options["--out"] or path.parent, pairs=str(options["--pairs"]))
+    print(f"{out['pairs']} preference pairs -> {out['preferences']}\n{out['rows']} rankings -> {out['rankings']}")
+    return 0
+
+
 def cmd_compare(argv: list[str]) -> int:
     """GRPO, PPO and DPO on the same task and sample budget; writes reports/compare/ (docs/compare.md)."""
     from grpokit.compare.run import run_compare
@@ -367,12 +416,14 @@ def cmd_compare(argv: list[str]) -> int:
 
 COMMANDS = {"train": (cmd_train, help_train), "eval": (cmd_eval, help_eval),
             "generate": (cmd_generate, help_generate), "sft": (cmd_sft, help_sft),
-            "rewards": (cmd_rewards, help_rewards), "compare": (cmd_compare, help_compare)}
+            "rewards": (cmd_rewards, help_rewards), "compare": (cmd_compare, help_compare),
+            "feedback": (cmd_feedback, help_feedback)}
 
 SUMMARIES = {"train": "train with GRPO (or --algo ppo|dpo)", "eval": "greedy accuracy and pass@k of a model",
              "generate": "sample completions from a model", "sft": "supervised warm-start",
              "rewards": "rewards test: what each reward returns on a few rows",
-             "compare": "GRPO vs PPO vs DPO on one task and budget"}
+             "compare": "GRPO vs PPO vs DPO on one task and budget",
+             "feedback": "feedback export: people's rankings as TRL preference pairs"}
 
 
 def main_help() -> str:
