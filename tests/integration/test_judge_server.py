@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.helpers_server import missing_serve_packages, openai_server, smollm2_serve_name
+from tests.helpers_server import missing_serve_packages, openai_server, served_model, smollm2_serve_name
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +79,8 @@ def test_a_server_that_is_down_is_retried_and_counted(tmp_path):
 def test_smollm2_behind_transformers_serve_gives_verdicts():
     """The real judge path end to end: the GGUF file served as it is, the listwise and pairwise
     judges' requests, answers read (JSON or plain text) into rankings."""
+    import openai
+
     from grpokit.rewards.judges import JudgeReward, OpenAIBackend, PairwiseJudgeReward
 
     try:
@@ -86,6 +88,11 @@ def test_smollm2_behind_transformers_serve_gives_verdicts():
     except Exception as e:  # noqa: BLE001  # the smollm2 extra is not installed
         pytest.skip(f"SmolLM2's GGUF file is not installed: {e}")
     with openai_server(model, timeout_s=300) as base_url:
+        assert served_model(base_url) == model  # requests name the file as the command line did
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+        reply = client.chat.completions.create(model=model, max_tokens=8, temperature=0, messages=[
+            {"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in reply.choices[0].message.content  # a real model answers (served from the GGUF file)
         backend = OpenAIBackend(model, base_url=base_url, max_tokens=40, max_concurrency=4, timeout=120)
         comps = ["The capital of France is Paris.", "Berlin.", "I am not sure."]
         listwise = JudgeReward(backend=backend, min_agreement=None, deadline_s=240).rank_group(
