@@ -61,6 +61,40 @@ def test_a_judge_behind_a_server_through_the_trainer(tiny_server, tmp_path):
     assert unreadable > 0 and judged[-1]["rewards/judge/frac_none"] > 0
 
 
+def test_concurrency_and_rate_limits_hold_against_the_server(tiny_server):
+    """max_concurrency=2: never more than 2 requests in flight; requests_per_second=10: 6 requests
+    start over at least 0.5 s (one every 0.1 s)."""
+    import asyncio
+    import time
+
+    from grpokit.rewards.judges import OpenAIBackend
+
+    base_url, path = tiny_server
+    in_flight, peak, starts = 0, 0, []
+
+    async def on_request(request):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        starts.append(time.perf_counter())
+
+    async def on_response(response):
+        nonlocal in_flight
+        in_flight -= 1
+
+    backend = OpenAIBackend(path, base_url=base_url, max_tokens=4, max_concurrency=2, requests_per_second=10)
+
+    async def run():
+        backend._bind()
+        backend._client._client.event_hooks = {"request": [on_request], "response": [on_response]}  # the HTTP client
+        return await backend.complete_many([[{"role": "user", "content": f"hi {i}"}] for i in range(6)])
+
+    answers = asyncio.run(run())
+    assert all(isinstance(a, str) for a in answers), answers
+    assert peak <= 2 and len(starts) == 6
+    assert starts[-1] - starts[0] >= 0.45  # 0.5 s of pacing; the first send is measured a little late
+
+
 def test_a_server_that_is_down_is_retried_and_counted(tmp_path):
     import asyncio
     import time

@@ -335,3 +335,51 @@ def test_the_gate_refuses_an_unreliable_judge():
         judge(first_shown_best, calibration=unlabelled).preflight()
     with pytest.raises(ValueError, match="is not a file"):
         judge(longest_first, calibration="missing.jsonl").preflight()
+
+
+# ---------- backends and packages ----------
+def test_a_local_model_judges_in_this_process(tmp_path):
+    """LocalBackend: a causal LM with a chat template, greedy, batched; by path (JudgeReward(model=...))
+    or loaded. Its answers equal generate's one request at a time (left padding changes nothing)."""
+    import torch
+
+    from grpokit.models import save_model
+    from grpokit.rewards.judges import LocalBackend
+    from tests.helpers import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_model
+
+    tok = make_char_tokenizer(chat_template=CHAT_TEMPLATE)
+    model = make_tiny_model(tok, arch="llama", num_kv_heads=4, max_positions=1024)
+    save_model(model, tok, tmp_path / "judge")
+    backend = LocalBackend(str(tmp_path / "judge"), device="cpu", max_new_tokens=6, batch_size=2)
+    requests = [[{"role": "user", "content": "rank: a b"}], [{"role": "user", "content": "which is better, x or yy?"}],
+                [{"role": "user", "content": "hi"}]]
+    batched = asyncio.run(backend.complete_many(requests))
+    alone = [backend.generate([r])[0] for r in requests]
+    assert batched == alone and all(isinstance(a, str) for a in batched)
+    reward = JudgeReward(model=str(tmp_path / "judge"), device="cpu", max_new_tokens=6, max_retries=0)
+    assert reward.backend.name.startswith("local:") and isinstance(reward.backend, LocalBackend)
+    out, m = call(reward, ["a", "bb"])  # a random model's answers: unreadable, counted
+    assert out == [None, None] and m["judge/frac_failed"] == 1.0 and m["judge/calls"] == 2
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template"):
+        LocalBackend(model, tokenizer=tok)
+    assert torch.is_grad_enabled()
+
+
+def test_a_missing_package_is_one_line_naming_the_extra(monkeypatch):
+    import builtins
+
+    from grpokit.tracking import MissingPackageError
+
+    real_import = builtins.__import__
+
+    def no_choix(name, *args, **kwargs):
+        if name in ("choix", "openai"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_choix)
+    with pytest.raises(MissingPackageError, match=r"^Bradley-Terry fits need choix: pip install 'grpokit\[judges\]'$"):
+        bradley_terry(2, [(0, 1, 1.0)])
+    with pytest.raises(MissingPackageError, match=r"needs openai: pip install 'grpokit\[judges\]'"):
+        JudgeReward(base_url="http://127.0.0.1:1/v1", model="m")

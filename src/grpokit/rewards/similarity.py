@@ -38,7 +38,9 @@ def _import(module: str, who: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"{who} needs {module.split('.')[0]}: {_PIP_TEXT}") from None
+        from grpokit.tracking import MissingPackageError  # the command line prints it as one line
+
+        raise MissingPackageError(f"{who} needs {module.split('.')[0]}: {_PIP_TEXT}") from None
 
 
 # ---- the metrics: (hypothesis, references) -> 0..1 ----

@@ -37,7 +37,9 @@ class JudgeBackend(Protocol):
 
 
 def _missing(what: str, package: str) -> ImportError:
-    return ImportError(f"{what} needs {package}: pip install 'grpokit[judges]'")
+    from grpokit.tracking import MissingPackageError
+
+    return MissingPackageError(f"{what} needs {package}: pip install 'grpokit[judges]'")
 
 
 class OpenAIBackend:

@@ -38,7 +38,9 @@ def _models():
     try:
         from pydantic import BaseModel, ValidationError
     except ImportError as e:
-        raise ImportError("judges validate answers with pydantic: pip install 'grpokit[judges]'") from e
+        from grpokit.tracking import MissingPackageError
+
+        raise MissingPackageError("judges validate answers with pydantic: pip install 'grpokit[judges]'") from e
 
     class Ranking(BaseModel):
         ranking: list[int]

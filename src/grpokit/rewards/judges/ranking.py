@@ -189,7 +189,9 @@ def bradley_terry(m: int, outcomes: Sequence[tuple[int, int, float]], alpha: flo
     try:
         import choix
     except ImportError as e:
-        raise ImportError("Bradley-Terry fits need choix: pip install 'grpokit[judges]'") from e
+        from grpokit.tracking import MissingPackageError
+
+        raise MissingPackageError("Bradley-Terry fits need choix: pip install 'grpokit[judges]'") from e
     data = []
     for a, b, s in outcomes:
         if s > 0.5:
