@@ -37,6 +37,7 @@ REWARD_REGISTRY: dict[str, Any] = {
     "preference": "grpokit.rewards.model:PreferenceReward",
     "judge": "grpokit.rewards.judges.listwise:JudgeReward",
     "pairwise_judge": "grpokit.rewards.judges.pairwise:PairwiseJudgeReward",
+    "human": "grpokit.feedback.reward:HumanFeedbackReward",
     "code": "grpokit.rewards.code:CodeReward",
     "chrf": "grpokit.rewards.similarity:ChrfReward",
     "bleu": "grpokit.rewards.similarity:BleuReward",
