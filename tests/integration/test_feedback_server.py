@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -482,3 +483,11 @@ def test_two_training_steps_wait_for_the_rankings(tmp_path):
         asked = {g.id: g.step for g in store.groups()}
         assert set(asked.values()) == {1, 2} and store.pending() == []
         assert {r.group_id for r in store.rankings()} == set(asked)  # each asked group ranked, by step
+
+
+def test_without_starlette_the_error_names_the_extra(tmp_path, monkeypatch):
+    from grpokit.tracking import MissingPackageError
+
+    monkeypatch.setitem(sys.modules, "starlette.applications", None)
+    with FeedbackStore(tmp_path) as store, pytest.raises(MissingPackageError, match=r"grpokit\[judges\]"):
+        FeedbackServer(store)

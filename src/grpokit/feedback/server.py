@@ -108,10 +108,17 @@ class FeedbackServer:
 
     # ---- the app ----
     def _build_app(self) -> Any:
-        from starlette.applications import Starlette
-        from starlette.requests import Request
-        from starlette.responses import HTMLResponse, JSONResponse, Response
-        from starlette.routing import Route
+        try:
+            from starlette.applications import Starlette
+            from starlette.requests import Request
+            from starlette.responses import HTMLResponse, JSONResponse, Response
+            from starlette.routing import Route
+            import uvicorn  # noqa: F401 - checked here, with the app, so the error comes before step 1
+        except ImportError as e:
+            from grpokit.tracking import MissingPackageError
+
+            raise MissingPackageError(f"the feedback page needs starlette and uvicorn ({e.name} is missing): "
+                                      "pip install 'grpokit[judges]'") from e
 
         page = (resources.files("grpokit") / "assets" / "feedback" / "page.html").read_text(encoding="utf-8")
         plain = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
