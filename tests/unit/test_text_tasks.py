@@ -14,7 +14,9 @@ def test_shorten_task_splits_rewards_and_grader():
     row = evals[0]
     core, limit = row["reference"], row["max_words"]
     assert core.split()[0] in row["prompt"][0]["content"] and len(core.split()) <= limit
-    chrf, _ = task.reward_funcs
+    from grpokit.rewards import load_reward_funcs
+
+    chrf, _ = load_reward_funcs(task.reward_funcs)  # "chrf" by name, reading the reference column
     assert chrf([None], [core], reference=[core]) == [1.0]
     # 0 within the limit; 15 words for 10: -(15 - 10) / 10; capped at -1
     assert word_limit_reward(["a " * 10, "a " * 15, "a " * 40], max_words=[10] * 3) == [0.0, -0.5, -1.0]

@@ -49,7 +49,8 @@ class Task:
     name: registry name ("arithmetic", "countdown").
     train_dataset / eval_dataset: `datasets.Dataset` with a "prompt" column plus the answer columns
         the rewards read (disjoint, deterministic in the seed).
-    reward_funcs: TRL-signature callables `fn(prompts, completions, completion_ids=None, **columns)`.
+    reward_funcs: TRL-signature callables `fn(prompts, completions, completion_ids=None, **columns)`, or
+        reward registry names (resolved with the run's reward_kwargs).
     reward_weights: one weight per reward function (None: all 1.0), as TRL's `reward_weights`.
     extract_answer: completion text -> the answer string it gives, or None when it gives none.
     is_correct: `is_correct(completion, **row) -> bool`, the grader for greedy accuracy and pass@k.
@@ -66,7 +67,7 @@ class Task:
     name: str
     train_dataset: Any
     eval_dataset: Any
-    reward_funcs: list[RewardFunc]
+    reward_funcs: list[RewardFunc | str]
     reward_weights: list[float] | None
     extract_answer: Callable[[str], str | None]
     is_correct: Callable[..., bool]

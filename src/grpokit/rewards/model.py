@@ -32,10 +32,12 @@ from grpokit.rewards.text import completion_text, is_conversational
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["RewardModelReward", "PreferenceReward"]
+__all__ = ["RewardModelReward", "PreferenceReward", "resolve_device_dtype"]
 
 
-def _resolve_device_dtype(device: str, dtype: str | torch.dtype) -> tuple[torch.device, torch.dtype]:
+def resolve_device_dtype(device: str, dtype: str | torch.dtype) -> tuple[torch.device, torch.dtype]:
+    """("auto" | a device string, "auto" | a dtype name | a dtype) -> (device, dtype): auto is cuda when
+    available, and bf16 on cuda, fp32 on cpu."""
     import torch
 
     if device == "auto":
@@ -57,7 +59,7 @@ class _Scorer:
                  label_index=0, trust_remote_code=False, tokenizer=None, chat_template=None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.device, dtype = _resolve_device_dtype(device, dtype)
+        self.device, dtype = resolve_device_dtype(device, dtype)
         if isinstance(model_name_or_path, str):
             model = AutoModelForSequenceClassification.from_pretrained(
                 model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)

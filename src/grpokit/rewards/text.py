@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["completion_text", "is_conversational"]
+__all__ = ["completion_text", "content_text", "is_conversational"]
 
 
-def _content_text(content: Any) -> str:
+def content_text(content: Any) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
@@ -23,11 +23,11 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, str):
         return completion
     if isinstance(completion, dict):
-        return _content_text(completion.get("content"))
+        return content_text(completion.get("content"))
     if isinstance(completion, (list, tuple)):
         messages = [m for m in completion if isinstance(m, dict)]
         assistant = [m for m in messages if m.get("role", "assistant") == "assistant"]
-        return "\n".join(_content_text(m.get("content")) for m in (assistant or messages))
+        return "\n".join(content_text(m.get("content")) for m in (assistant or messages))
     return "" if completion is None else str(completion)
 
 

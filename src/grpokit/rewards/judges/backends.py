@@ -126,9 +126,9 @@ class LocalBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from grpokit.rewards.model import _resolve_device_dtype
+        from grpokit.rewards.model import resolve_device_dtype
 
-        self.device, torch_dtype = _resolve_device_dtype(device, dtype)
+        self.device, torch_dtype = resolve_device_dtype(device, dtype)
         if isinstance(model, str):
             name = model
             source, kwargs = _model_source(model)

@@ -27,7 +27,7 @@ from typing import Any
 from grpokit.rewards.judges.backends import make_backend
 from grpokit.rewards.judges.parse import BadAnswer
 from grpokit.rewards.judges.ranking import kendall_tau, ranks_from_order
-from grpokit.rewards.text import _content_text, completion_text, is_conversational
+from grpokit.rewards.text import content_text, completion_text, is_conversational
 
 __all__ = ["GroupJudge", "Judgement", "JudgeFailed"]
 
@@ -123,8 +123,8 @@ class GroupJudge:
         (a single user message: its content)."""
         if is_conversational(prompt):
             if len(prompt) == 1 and prompt[0].get("role") == "user":
-                return _content_text(prompt[0].get("content"))
-            return "\n".join(f"{m.get('role')}: {_content_text(m.get('content'))}" for m in prompt)
+                return content_text(prompt[0].get("content"))
+            return "\n".join(f"{m.get('role')}: {content_text(m.get('content'))}" for m in prompt)
         return "" if prompt is None else str(prompt)
 
     def messages(self, **fields) -> Messages:
