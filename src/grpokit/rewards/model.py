@@ -32,7 +32,8 @@ from grpokit.rewards.text import completion_text, is_conversational
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["RewardModelReward", "PreferenceReward", "resolve_device_dtype"]
+__all__ = ["RewardModelReward", "PreferenceReward", "resolve_device_dtype", "prepare_reward_tokenizer",
+           "render_reward_input", "encode_reward_inputs"]
 
 
 def resolve_device_dtype(device: str, dtype: str | torch.dtype) -> tuple[torch.device, torch.dtype]:
@@ -50,6 +51,47 @@ def resolve_device_dtype(device: str, dtype: str | torch.dtype) -> tuple[torch.d
     else:
         resolved = dtype
     return torch.device(device), resolved
+
+
+def prepare_reward_tokenizer(tokenizer):
+    """A reward model's tokenizer as scoring and `grpokit rm train` use it: a pad token (the EOS when
+    there is none), truncation on the left (the completion's end is kept) and padding on the right
+    (the positions of the real tokens do not depend on the batch). -> the same tokenizer."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("reward model: the tokenizer has neither a pad nor an eos token; give one.")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.truncation_side = "left"
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def render_reward_input(tokenizer, prompt: Any, completion: Any) -> tuple[str, bool]:
+    """(text, has special tokens already) of one prompt + completion, the one rendering of a reward
+    model's input (scoring here, training in grpokit.rm): a conversation (the prompt or the
+    completion a list of messages) through the tokenizer's chat template, a string prompt becoming
+    the user turn (none when it is empty) and a string completion the assistant turn; plain text
+    is prompt + completion."""
+    if is_conversational(prompt) or is_conversational(completion):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("reward model: conversational data but the reward model's tokenizer has no chat "
+                             "template; pass reward_kwargs chat_template=... (a Jinja string).")
+        if is_conversational(prompt):
+            messages = list(prompt)
+        else:
+            messages = [] if prompt is None or prompt == "" or prompt == [] else \
+                [{"role": "user", "content": str(prompt)}]
+        messages += list(completion) if is_conversational(completion) else \
+            [{"role": "assistant", "content": completion_text(completion)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False), True
+    return f"{'' if prompt is None else prompt}{completion_text(completion)}", False
+
+
+def encode_reward_inputs(tokenizer, texts: Sequence[tuple[str, bool]], max_length: int | None) -> list[list[int]]:
+    """Token ids of rendered inputs (`render_reward_input`), at most `max_length` each, cut on the left
+    (the tokenizer of `prepare_reward_tokenizer`)."""
+    return [tokenizer(t, add_special_tokens=not templated, truncation=max_length is not None,
+                      max_length=max_length)["input_ids"] for t, templated in texts]
 
 
 class _Scorer:
@@ -70,13 +112,9 @@ class _Scorer:
             trust_remote_code=trust_remote_code)
         if isinstance(tok, str):
             tok = AutoTokenizer.from_pretrained(tok, trust_remote_code=trust_remote_code)
-        if tok.pad_token is None:
-            if tok.eos_token is None:
-                raise ValueError("reward model: the tokenizer has neither a pad nor an eos token; give one.")
-            tok.pad_token = tok.eos_token
+        prepare_reward_tokenizer(tok)  # pad token; left truncation keeps the completion's end; right padding
         if model.config.pad_token_id is None:  # the classifier pools at the last non-pad token
             model.config.pad_token_id = tok.pad_token_id
-        tok.truncation_side = "left"  # keep the end of the completion when too long
         if chat_template is not None:
             tok.chat_template = chat_template
         if not 0 <= label_index < model.config.num_labels:
@@ -88,22 +126,13 @@ class _Scorer:
         self.max_length = min(max_length or limit, limit)
 
     def render(self, prompt: Any, completion: Any) -> tuple[str, bool]:
-        """(text, has special tokens already) for one prompt + completion."""
-        if is_conversational(prompt) or is_conversational(completion):
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError("reward model: conversational data but the reward model's tokenizer has no chat "
-                                 "template; pass reward_kwargs chat_template=... (a Jinja string).")
-            messages = list(prompt) if is_conversational(prompt) else [{"role": "user", "content": str(prompt)}]
-            messages += list(completion) if is_conversational(completion) else \
-                [{"role": "assistant", "content": completion_text(completion)}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False), True
-        return f"{'' if prompt is None else prompt}{completion_text(completion)}", False
+        """(text, has special tokens already) for one prompt + completion (`render_reward_input`)."""
+        return render_reward_input(self.tokenizer, prompt, completion)
 
     def score(self, texts: list[tuple[str, bool]]) -> list[float]:
         import torch
 
-        encoded = [self.tokenizer(t, add_special_tokens=not templated, truncation=True,
-                                  max_length=self.max_length)["input_ids"] for t, templated in texts]
+        encoded = encode_reward_inputs(self.tokenizer, texts, self.max_length)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         out = [0.0] * len(encoded)
         with torch.inference_mode():
