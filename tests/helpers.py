@@ -332,3 +332,20 @@ def code_reward_or_skip(**kwargs):
         return CodeReward(**kwargs)
     except SandboxUnavailable as e:
         pytest.skip(f"no local sandbox on this machine (it refused to run, as it should): {e}")
+
+
+def tiny_grpo_trainer(tmp_path, reward_funcs, **cfg_kw):
+    """A GRPOTrainer on the tiny model and character tokenizer: 8 prompts "q0:".."q7:", 2 steps of
+    2 prompts x G=4, 6 tokens each, logging every step into tmp_path/run (cfg_kw override)."""
+    from datasets import Dataset
+
+    from grpokit import GRPOConfig, GRPOTrainer
+
+    tok = make_char_tokenizer()
+    data = Dataset.from_dict({"prompt": [f"q{i}:" for i in range(8)]})
+    cfg = GRPOConfig(**{**dict(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8,
+                               gradient_accumulation_steps=1, num_generations=4, max_completion_length=6,
+                               use_cpu=True, disable_tqdm=True, plot=False, save_strategy="no", logging_steps=1),
+                        **cfg_kw})
+    return GRPOTrainer(model=make_tiny_model(tok), reward_funcs=reward_funcs, args=cfg, processing_class=tok,
+                       train_dataset=data)

@@ -6,7 +6,7 @@ from datasets import Dataset
 
 from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.rewards import group_reward
-from tests.helpers import make_char_tokenizer, make_tiny_model
+from tests.helpers import make_char_tokenizer, make_tiny_model, tiny_grpo_trainer
 
 pytestmark = pytest.mark.train
 
@@ -38,16 +38,6 @@ def test_the_trainer_gives_a_group_reward_whole_groups(tmp_path):
     assert trainer._logs["rewards"]["longest_wins"] and trainer._logs["rewards"]["short"]
 
 
-def _tiny_run(tmp_path, reward_funcs, **cfg_kw):
-    tok = make_char_tokenizer()
-    data = Dataset.from_dict({"prompt": [f"q{i}:" for i in range(8)]})
-    cfg = GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8,
-                     gradient_accumulation_steps=1, num_generations=4, max_completion_length=6, use_cpu=True,
-                     disable_tqdm=True, plot=False, save_strategy="no", logging_steps=1, **cfg_kw)
-    return GRPOTrainer(model=make_tiny_model(tok), reward_funcs=reward_funcs, args=cfg, processing_class=tok,
-                       train_dataset=data)
-
-
 def test_a_judge_through_the_trainer_logs_its_figures(tmp_path):
     """The listwise judge as a reward: each group judged in two shown orders, its figures logged
     with the step; a judge that cannot answer leaves its groups at None (advantage 0), counted."""
@@ -65,7 +55,7 @@ def test_a_judge_through_the_trainer_logs_its_figures(tmp_path):
         # longest first, ties by the text itself: the verdict does not depend on the shown order
         return json.dumps({"ranking": sorted(range(1, n + 1), key=lambda i: (-len(cands[i - 1]), cands[i - 1]))})
 
-    trainer = _tiny_run(tmp_path, [JudgeReward(backend=FunctionBackend(longest_first))])
+    trainer = tiny_grpo_trainer(tmp_path, [JudgeReward(backend=FunctionBackend(longest_first))])
     trainer.train()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "judge/calls" in r]
@@ -73,7 +63,7 @@ def test_a_judge_through_the_trainer_logs_its_figures(tmp_path):
     assert len(requests) == sum(2 for _ in range(2 * 2))  # 2 steps x 2 prompts x 2 shown orders (no cache hit)
     assert all(2 <= n <= 4 for n in requests)  # distinct completions only
 
-    broken = _tiny_run(tmp_path / "b", [JudgeReward(backend=FunctionBackend(lambda m: "?"), max_retries=0)])
+    broken = tiny_grpo_trainer(tmp_path / "b", [JudgeReward(backend=FunctionBackend(lambda m: "?"), max_retries=0)])
     broken.train()
     rows = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "judge/frac_failed" in r][-1]
@@ -91,4 +81,4 @@ def test_the_judge_gate_refuses_before_step_one(tmp_path):
 
     reward = JudgeReward(backend=FunctionBackend(shortest_first), calibration=calibration)
     with pytest.raises(ValueError, match="judge calibration: 1 groups.*below min_calibration_tau"):
-        _tiny_run(tmp_path, [reward]).train()
+        tiny_grpo_trainer(tmp_path, [reward]).train()

@@ -35,7 +35,7 @@ def tiny_server(tmp_path_factory):
 @pytest.mark.train
 def test_a_judge_behind_a_server_through_the_trainer(tiny_server, tmp_path):
     from grpokit.rewards.judges import JudgeReward, OpenAIBackend
-    from tests.integration.test_group_rewards import _tiny_run
+    from tests.helpers import tiny_grpo_trainer
 
     base_url, path = tiny_server
     answers = []
@@ -48,7 +48,7 @@ def test_a_judge_behind_a_server_through_the_trainer(tiny_server, tmp_path):
 
     judge = JudgeReward(backend=Recording(path, base_url=base_url, max_tokens=12, max_concurrency=4),
                         max_retries=1, deadline_s=60)
-    trainer = _tiny_run(tmp_path, [judge, lambda completions, **kw: [len(c) / 10 for c in completions]],
+    trainer = tiny_grpo_trainer(tmp_path, [judge, lambda completions, **kw: [len(c) / 10 for c in completions]],
                         reward_timeout=120)
     trainer.train()
     assert answers and all(isinstance(a, str) for a in answers)  # every request answered by the server
