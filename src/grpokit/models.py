@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from grpokit.modeling.known import canonical_name, is_gguf, resolve_model
+from grpokit.modeling.tokenizers import load_pretrained_tokenizer
 
 __all__ = [
     "CHAR_TOKENIZER_SPECIALS",
@@ -286,16 +287,8 @@ def load_tokenizer(name_or_path_or_tokenizer: Any, padding_side: str = "left", t
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(gguf[0], trust_remote_code=trust_remote_code, **gguf[1])
-        elif _declares_generic_fast_tokenizer(Path(name_or_path_or_tokenizer)):
-            from transformers import PreTrainedTokenizerFast
-
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(name_or_path_or_tokenizer))
-        else:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(name_or_path_or_tokenizer), trust_remote_code=trust_remote_code
-            )
+        else:  # as saved: the generic fast class where the folder names it (grpokit.modeling.tokenizers)
+            tokenizer = load_pretrained_tokenizer(name_or_path_or_tokenizer, trust_remote_code=trust_remote_code)
     else:
         tokenizer = name_or_path_or_tokenizer
     if padding_side not in ("left", "right"):
@@ -312,23 +305,6 @@ def load_tokenizer(name_or_path_or_tokenizer: Any, padding_side: str = "left", t
             )
             tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return tokenizer
-
-
-def _declares_generic_fast_tokenizer(path: Path) -> bool:
-    """A local dir whose tokenizer_config.json names the generic fast class (e.g. our char tokenizer).
-
-    transformers v5's AutoTokenizer swaps in the model type's own tokenizer class for some model
-    types (qwen2 gets Qwen2Tokenizer, whose byte-level pipeline would replace the saved one and drop
-    spaces); loading the generic class directly keeps the pipeline stored in tokenizer.json.
-    """
-    config = path / "tokenizer_config.json"
-    if not (path.is_dir() and config.exists() and (path / "tokenizer.json").exists()):
-        return False
-    try:
-        declared = json.loads(config.read_text()).get("tokenizer_class")
-    except (OSError, ValueError):
-        return False
-    return declared in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 # --------------------------------------------------------------------------------------------

@@ -99,7 +99,10 @@ class _Scorer:
 
     def __init__(self, model_name_or_path, device="auto", dtype="auto", batch_size=16, max_length=None,
                  label_index=0, trust_remote_code=False, tokenizer=None, chat_template=None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
+
+        from grpokit.modeling.tokenizers import load_pretrained_tokenizer  # as saved (AutoTokenizer's
+        # model-type class would read grpokit's character tokenizer without its spaces)
 
         self.device, dtype = resolve_device_dtype(device, dtype)
         if isinstance(model_name_or_path, str):
@@ -107,11 +110,10 @@ class _Scorer:
                 model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
         else:
             model = model_name_or_path
-        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(
-            model_name_or_path if isinstance(model_name_or_path, str) else model.config._name_or_path,
-            trust_remote_code=trust_remote_code)
+        tok = tokenizer if tokenizer is not None else \
+            model_name_or_path if isinstance(model_name_or_path, str) else model.config._name_or_path
         if isinstance(tok, str):
-            tok = AutoTokenizer.from_pretrained(tok, trust_remote_code=trust_remote_code)
+            tok = load_pretrained_tokenizer(tok, trust_remote_code=trust_remote_code)
         prepare_reward_tokenizer(tok)  # pad token; left truncation keeps the completion's end; right padding
         if model.config.pad_token_id is None:  # the classifier pools at the last non-pad token
             model.config.pad_token_id = tok.pad_token_id
