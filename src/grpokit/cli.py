@@ -26,7 +26,8 @@ EXAMPLES = """examples:
   grpokit rewards test cfg.yaml                  # what each reward returns on a few rows
   grpokit compare                                # GRPO vs PPO vs DPO, report in reports/compare/
   grpokit sft configs/starter_sft.yaml           # supervised warm-start (how the starter model is made)
-  grpokit feedback export runs/demo              # people's rankings -> TRL preference pairs (JSONL)"""
+  grpokit feedback export runs/demo              # people's rankings -> TRL preference pairs (JSONL)
+  grpokit rm train runs/demo --model M           # a reward model from the rankings (or a preference JSONL)"""
 
 COMMON = """common options:
   --help, -h        this help
@@ -135,6 +136,28 @@ def help_feedback(argv):
             f"gave on the feedback page (reward `human`, docs/human-feedback.md)\nas preferences.jsonl (TRL's "
             f"prompt/chosen/rejected, one row per pair a ranking implies)\nand rankings.jsonl (every ranking "
             f"with its group, labeller, step and time).\n\noptions:\n{FEEDBACK_OPTIONS}\n\n{COMMON}")
+
+
+RM_USAGE = "grpokit rm train DATA --model M [--output_dir DIR] [--use_peft] [key=value | --key value ...]"
+
+
+def help_rm(argv):
+    import textwrap
+
+    from grpokit.rm import RMConfig
+
+    rows = "\n".join(textwrap.fill(text, 110, initial_indent=f"  {name:28s} {default!r:>9}  ",
+                                    subsequent_indent=" " * 42) for name, default, text in RMConfig.help_rows())
+    return (f"usage: {RM_USAGE}\n\nTrain a reward model (a sequence classifier, one score per prompt + completion) "
+            f"with the\nBradley-Terry loss -log sigmoid(r_chosen - r_rejected), as TRL's RewardTrainer, on the "
+            f"pairs\npeople's rankings imply (DATA: a run folder with feedback.sqlite, or the .sqlite file) or "
+            f"on\na TRL preference dataset (DATA: JSONL / JSON / Parquet with prompt, chosen, rejected).\nPrints "
+            f"the held-out pairwise accuracy (pairs with r_chosen > r_rejected, prompts held out\nby hash) before "
+            f"and after training; saves the model (LoRA merged), its tokenizer and\nmetrics.json to output_dir, "
+            f"which plugs into reward_funcs (docs/human-feedback.md).\n\noptions (name, default, meaning; "
+            f"--model is model_name_or_path, a config.yaml may hold them):\n{rows}\n\n{COMMON}\n\nexamples:\n"
+            f"  grpokit rm train runs/dialogue_human --model smollm2-135m-instruct --use_peft\n"
+            f"  grpokit rm train prefs.jsonl --model my-classifier --output_dir runs/rm learning_rate=5e-5")
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,6 +430,32 @@ def cmd_feedback(argv: list[str]) -> int:
     return 0
 
 
+def cmd_rm(argv: list[str]) -> int:
+    """`grpokit rm train DATA --model M [key=value ...]`: a reward model from rankings or preference pairs."""
+    if not argv or argv[0] != "train":
+        raise ValueError(f"the rm verb has one action: {RM_USAGE}")
+    from grpokit.rm import RMConfig, train_reward_model
+
+    rest = list(argv[1:])
+    data = None
+    if rest and not rest[0].startswith("-") and "=" not in rest[0] and not rest[0].endswith((".yaml", ".yml")):
+        data = rest.pop(0)  # DATA first; a config.yaml may follow it
+    raw = _model_alias(load_config_dict(rest))
+    init = raw.pop("model_init_kwargs", None) or {}  # where load_config_dict puts TRL's --dtype
+    if "dtype" in init:
+        raw["dtype"] = init.pop("dtype")
+    if init:
+        raise ValueError(f"unknown rm train option(s) {sorted(init)} (grpokit rm train --help)")
+    if data is not None:
+        if raw.get("dataset_name") not in (None, data):
+            raise ValueError(f"DATA {data!r} and dataset_name={raw['dataset_name']!r} name two sources; give one.")
+        raw["dataset_name"] = data
+    if not raw.get("dataset_name"):
+        raise ValueError(f"give the data (a run folder with feedback.sqlite, or a preference JSONL): {RM_USAGE}")
+    train_reward_model(RMConfig.from_dict(raw))
+    return 0
+
+
 def cmd_compare(argv: list[str]) -> int:
     """GRPO, PPO and DPO on the same task and sample budget; writes reports/compare/ (docs/compare.md)."""
     from grpokit.compare.run import run_compare
@@ -417,13 +466,14 @@ def cmd_compare(argv: list[str]) -> int:
 COMMANDS = {"train": (cmd_train, help_train), "eval": (cmd_eval, help_eval),
             "generate": (cmd_generate, help_generate), "sft": (cmd_sft, help_sft),
             "rewards": (cmd_rewards, help_rewards), "compare": (cmd_compare, help_compare),
-            "feedback": (cmd_feedback, help_feedback)}
+            "feedback": (cmd_feedback, help_feedback), "rm": (cmd_rm, help_rm)}
 
 SUMMARIES = {"train": "train with GRPO (or --algo ppo|dpo)", "eval": "greedy accuracy and pass@k of a model",
              "generate": "sample completions from a model", "sft": "supervised warm-start",
              "rewards": "rewards test: what each reward returns on a few rows",
              "compare": "GRPO vs PPO vs DPO on one task and budget",
-             "feedback": "feedback export: people's rankings as TRL preference pairs"}
+             "feedback": "feedback export: people's rankings as TRL preference pairs",
+             "rm": "rm train: a reward model from rankings or preference pairs"}
 
 
 def main_help() -> str:
