@@ -194,6 +194,12 @@ def test_bad_input_is_one_line(tmp_path, capsys, classifier):
     assert main(["rm", "train", str(tmp_path / "tied"), "--model", classifier, "lr=1e-3"]) == 2
     assert "unknown rm train option(s) ['lr']" in capsys.readouterr().err
     assert main(["rm", "fit"]) == 2 and "one action: grpokit rm train DATA" in capsys.readouterr().err
+    chat = FeedbackStore(tmp_path / "chat")
+    chat.add_ranking(chat.add_group([{"role": "user", "content": "hi"}], ["a", "b"]), "ann", [1, 0])
+    chat.close()
+    with pytest.raises(ValueError, match="conversations but the tokenizer of .* has no chat template; pass chat_temp"):
+        train_reward_model(RMConfig(dataset_name=str(tmp_path / "chat"), model_name_or_path=classifier,
+                                    chat_template="", eval_fraction=0.0, output_dir=str(tmp_path / "o")))
     assert main(["rm", "train", "--help"]) == 0
     out = capsys.readouterr().out
     for option in ("use_peft", "lora_r", "center_rewards_coefficient", "eval_fraction", "max_length"):

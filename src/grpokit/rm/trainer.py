@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from grpokit.rewards.model import encode_reward_inputs, prepare_reward_tokenizer, render_reward_input
+from grpokit.rewards.text import is_conversational
 from grpokit.rm.config import RMConfig
 from grpokit.rm.data import PreferencePair, load_preference_pairs, prompt_key, split_pairs
 
@@ -244,6 +245,10 @@ def train_reward_model(cfg: RMConfig | dict[str, Any]) -> RMResult:
     max_length = min(x for x in (cfg.max_length, limit, 10 ** 9) if x)
 
     # 3. the pairs as the reward will see them
+    if not getattr(tokenizer, "chat_template", None) and any(
+            is_conversational(p.prompt) or is_conversational(p.chosen) for p in data.pairs):
+        raise ValueError(f"the pairs are conversations but the tokenizer of {cfg.tokenizer or cfg.model_name_or_path} "
+                         "has no chat template; pass chat_template=... (a Jinja string)")
     train_enc, heldout_enc = _encode(train, tokenizer, max_length), _encode(heldout, tokenizer, max_length)
     if cfg.use_peft:
         model = _lora(model, cfg)
