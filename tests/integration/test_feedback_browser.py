@@ -198,6 +198,25 @@ def test_html_and_script_in_a_candidate_are_shown_as_text(served, driver):
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
 
 
+def test_an_image_in_the_prompt_is_shown(served, driver):
+    """A prompt's image (a PNG data URI, as the human reward stores it) is drawn under the page's
+    policy (img-src data:), at its size, in its turn."""
+    from PIL import Image
+
+    from grpokit.feedback.reward import with_images
+
+    store, server = served
+    texts = ["a red square", "a blue circle"]
+    prompt = with_images([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+                         [Image.new("RGB", (120, 80), "red")])
+    store.add_group(prompt, texts, step=1)
+    open_group(driver, server, "eve", texts)
+    size = shot.wait_until(lambda: driver.execute_script(
+        "const i = document.querySelector('#prompt .turn img.shot');"
+        "return i && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null;"), what="the image")
+    assert size == [120, 80] and "What is it?" in driver.find_element("id", "prompt").text
+
+
 def test_without_the_token_the_page_shows_nothing_usable(served, driver):
     store, server = served
     store.add_group("p", TEXTS, step=1)

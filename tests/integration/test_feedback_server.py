@@ -98,8 +98,8 @@ def test_prompts_and_candidates_are_text_never_html(served):
     status, head, body = call(base, "/api/next?labeller=ann")
     assert status == 200 and head["content-type"] == "application/json" and head["x-content-type-options"] == "nosniff"
     assert body["group"]["id"] == gid and sorted(body["group"]["candidates"]) == sorted([evil, "plain"])
-    assert body["group"]["prompt"] == [{"role": "system", "content": "<b>be brief</b>"},
-                                       {"role": "user", "content": "say </textarea>"}]
+    assert body["group"]["prompt"] == [{"role": "system", "content": "<b>be brief</b>", "images": []},
+                                       {"role": "user", "content": "say </textarea>", "images": []}]
     status, head, page = call(base, "/")
     assert status == 200 and head["content-type"].startswith("text/html")
     assert evil not in page and "be brief" not in page  # the page carries no data; the API gives it as JSON

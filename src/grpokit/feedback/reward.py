@@ -50,7 +50,60 @@ from grpokit.rewards.judges.ranking import kendall_tau, rank_rewards, ranks_from
 from grpokit.rewards.registry import resolve_reward
 from grpokit.rewards.text import completion_text
 
-__all__ = ["HumanFeedbackReward"]
+__all__ = ["HumanFeedbackReward", "with_images"]
+
+IMAGE_SIDE = 384  # an image is shown (and stored) at most this many pixels on its longer side
+
+
+def _data_uri(image: Any) -> str | None:
+    """A PIL image (or a data:image/ URI) as a PNG data URI, scaled down to IMAGE_SIDE; None for
+    anything else (a path or URL is not fetched by the page)."""
+    if isinstance(image, str):
+        return image if image.startswith("data:image/") else None
+    if not hasattr(image, "save"):
+        return None
+    import base64
+    import io
+
+    shown = image.copy()
+    shown.thumbnail((IMAGE_SIDE, IMAGE_SIDE))
+    if shown.mode not in ("RGB", "RGBA", "L"):
+        shown = shown.convert("RGB")
+    buffer = io.BytesIO()
+    shown.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def with_images(prompt: Any, images: Any) -> Any:
+    """The prompt as the page shows it: each image part of a conversation ({"type": "image"}, TRL's
+    placeholder, filled from the row's `images` in order, or one holding its image) becomes
+    {"type": "image", "url": "data:image/png;base64,..."}; a text prompt with images gets them
+    before its text. Without images the prompt is returned as it is."""
+    row_images = list(images) if isinstance(images, (list, tuple)) else [] if images is None else [images]
+    conversation = isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)
+    has_parts = conversation and any(isinstance(m.get("content"), list) and any(
+        isinstance(p, dict) and p.get("type") == "image" for p in m["content"]) for m in prompt)
+    if not row_images and not has_parts:
+        return prompt
+    pending = iter(row_images)
+    if not conversation:
+        parts = [{"type": "image", "url": uri} for uri in map(_data_uri, row_images) if uri]
+        return [{"role": "user", "content": parts + [{"type": "text", "text": "" if prompt is None else str(prompt)}]}]
+    shown = []
+    for message in prompt:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    source = part.get("image", part.get("url"))
+                    uri = _data_uri(source if source is not None else next(pending, None))
+                    parts.append({"type": "image", "url": uri} if uri else {"type": "text", "text": "[image]"})
+                else:
+                    parts.append(part)
+            message = {**message, "content": parts}
+        shown.append(message)
+    return shown
 
 logger = logging.getLogger("grpokit.feedback")
 
@@ -169,6 +222,8 @@ class HumanFeedbackReward:
         texts = [completion_text(c) for c in completions]
         distinct = list(dict.fromkeys(texts))
         prompt = prompts[0] if len(prompts) else None
+        images = columns.get("images", columns.get("image"))
+        prompt = with_images(prompt, images[0] if images else None)  # shown on the page, kept in the store
         if len(distinct) < 2:
             for key in ("human", "ranked", "fallback", "timeout"):
                 log(f"{name}/frac_{key}", 0.0)

@@ -67,16 +67,27 @@ def _text(content: Any) -> str:
         return content
     if isinstance(content, (list, tuple)):  # multimodal parts: the text ones, an image as a marker
         return "".join(p.get("text", "") if isinstance(p, dict) and p.get("type", "text") == "text"
+                       else "" if _images([p])  # an image the page shows itself
                        else f"[{p.get('type', 'part')}]" if isinstance(p, dict) else str(p) for p in content)
     return str(content)
 
 
-def prompt_turns(prompt: Any) -> list[dict[str, str]]:
-    """A prompt as the page shows it: one {role, content} per conversation turn (a text prompt is
-    one turn with role "prompt")."""
+def _images(content: Any) -> list[str]:
+    """The data:image/ URIs of a message's image parts (`feedback.reward.with_images` puts them
+    there); nothing else is ever handed to the page as an image source."""
+    if not isinstance(content, (list, tuple)):
+        return []
+    return [p["url"] for p in content if isinstance(p, dict) and p.get("type") == "image"
+            and isinstance(p.get("url"), str) and p["url"].startswith("data:image/")]
+
+
+def prompt_turns(prompt: Any) -> list[dict[str, Any]]:
+    """A prompt as the page shows it: one {role, content, images} per conversation turn (a text
+    prompt is one turn with role "prompt"); `images` holds data:image/ URIs only."""
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-        return [{"role": str(m.get("role", "")), "content": _text(m.get("content"))} for m in prompt]
-    return [{"role": "prompt", "content": _text(prompt)}]
+        return [{"role": str(m.get("role", "")), "content": _text(m.get("content")),
+                 "images": _images(m.get("content"))} for m in prompt]
+    return [{"role": "prompt", "content": _text(prompt), "images": []}]
 
 
 class FeedbackServer:
