@@ -349,3 +349,27 @@ def tiny_grpo_trainer(tmp_path, reward_funcs, **cfg_kw):
                         **cfg_kw})
     return GRPOTrainer(model=make_tiny_model(tok), reward_funcs=reward_funcs, args=cfg, processing_class=tok,
                        train_dataset=data)
+
+
+def save_tiny_classifier(path, words, chat_template=None, seed: int = 0, max_positions: int = 128) -> str:
+    """A tiny Qwen2 sequence classifier (one label) with a byte-level BPE tokenizer trained on
+    `words` (the kind Qwen2's tokenizer class rebuilds from vocab + merges; pad [PAD], eos [EOS]),
+    saved to `path` -> the path as a string."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForSequenceClassification
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(words)] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["[PAD]", "[EOS]"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]")
+    if chat_template is not None:
+        hf_tok.chat_template = chat_template
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      num_labels=1, pad_token_id=tok.token_to_id("[PAD]"))
+    Qwen2ForSequenceClassification(cfg).save_pretrained(path)
+    hf_tok.save_pretrained(path)
+    return str(path)

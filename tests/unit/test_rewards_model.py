@@ -13,26 +13,9 @@ TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfo
 
 @pytest.fixture(scope="module")
 def rm_path(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForSequenceClassification
+    from tests.helpers import save_tiny_classifier
 
-    # a byte-level BPE (the kind Qwen2's tokenizer class rebuilds from vocab + merges)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([" ".join(WORDS)] * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["[PAD]", "[EOS]"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]")
-    hf_tok.chat_template = TEMPLATE
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, num_labels=1,
-                      pad_token_id=tok.token_to_id("[PAD]"))
-    model = Qwen2ForSequenceClassification(cfg)
-    path = tmp_path_factory.mktemp("tiny_rm")
-    model.save_pretrained(path)
-    hf_tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny_rm"), WORDS, TEMPLATE)
 
 
 def manual_score(path, text):
