@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["RewardModelReward", "PreferenceReward", "resolve_device_dtype", "prepare_reward_tokenizer",
-           "render_reward_input", "encode_reward_inputs"]
+           "render_reward_input", "encode_reward_inputs", "reward_logits", "score_token_ids"]
 
 
 def resolve_device_dtype(device: str, dtype: str | torch.dtype) -> tuple[torch.device, torch.dtype]:
@@ -94,6 +94,37 @@ def encode_reward_inputs(tokenizer, texts: Sequence[tuple[str, bool]], max_lengt
                       max_length=max_length)["input_ids"] for t, templated in texts]
 
 
+def reward_logits(model, tokenizer, seqs: Sequence[list[int]], device, label_index: int = 0) -> torch.Tensor:
+    """One forward of a sequence classifier over token-id sequences, right-padded by the tokenizer
+    (`prepare_reward_tokenizer`) -> logit `label_index` of each, float32 (with gradients when enabled)."""
+    batch = tokenizer.pad({"input_ids": list(seqs)}, return_tensors="pt")
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    return logits[:, label_index].float()
+
+
+def score_token_ids(model, tokenizer, seqs: Sequence[list[int]], batch_size: int, device,
+                    label_index: int = 0) -> list[float]:
+    """The reward (logit `label_index`) of each token-id sequence, in batches of similar length
+    (sorted, so padding stays small), in inference mode with the model in eval mode; the order of
+    `seqs` kept. The one scoring of RewardModelReward and of `grpokit rm train`'s evaluation."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [0.0] * len(seqs)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                values = reward_logits(model, tokenizer, [seqs[i] for i in idx], device, label_index)
+                for i, value in zip(idx, values.cpu().tolist()):
+                    out[i] = value
+    finally:
+        model.train(was_training)
+    return out
+
+
 class _Scorer:
     """A loaded sequence classifier: texts -> one float each (logit `label_index`)."""
 
@@ -132,20 +163,9 @@ class _Scorer:
         return render_reward_input(self.tokenizer, prompt, completion)
 
     def score(self, texts: list[tuple[str, bool]]) -> list[float]:
-        import torch
 
         encoded = encode_reward_inputs(self.tokenizer, texts, self.max_length)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        out = [0.0] * len(encoded)
-        with torch.inference_mode():
-            for s in range(0, len(order), self.batch_size):
-                idx = order[s:s + self.batch_size]
-                batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
-                logits = self.model(input_ids=batch["input_ids"].to(self.device),
-                                    attention_mask=batch["attention_mask"].to(self.device)).logits
-                for i, v in zip(idx, logits[:, self.label_index].float().cpu().tolist()):
-                    out[i] = v
-        return out
+        return score_token_ids(self.model, self.tokenizer, encoded, self.batch_size, self.device, self.label_index)
 
 
 class RewardModelReward:

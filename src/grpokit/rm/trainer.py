@@ -32,7 +32,9 @@ from typing import Any
 
 import torch
 
-from grpokit.rewards.model import encode_reward_inputs, prepare_reward_tokenizer, render_reward_input
+from grpokit.modeling.info import unwrap
+from grpokit.rewards.model import (encode_reward_inputs, prepare_reward_tokenizer, render_reward_input,
+                                     reward_logits, score_token_ids)
 from grpokit.rewards.text import is_conversational
 from grpokit.rm.config import RMConfig
 from grpokit.rm.data import PreferencePair, load_preference_pairs, prompt_key, split_pairs
@@ -125,25 +127,10 @@ def _lora(model, cfg: RMConfig):
 # --------------------------------------------------------------------------------------------
 
 
-def _forward(model, tokenizer, seqs: Sequence[list[int]], device: torch.device) -> torch.Tensor:
-    batch = tokenizer.pad({"input_ids": list(seqs)}, return_tensors="pt")  # right padding
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    return logits[:, 0].float()
-
-
-@torch.no_grad()
 def score_sequences(model, tokenizer, seqs: Sequence[list[int]], batch_size: int, device: torch.device) -> list[float]:
-    """The model's reward (logit 0) of each token sequence, batched by length as RewardModelReward does."""
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = [0.0] * len(seqs)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        for i, value in zip(idx, _forward(model, tokenizer, [seqs[i] for i in idx], device).cpu().tolist()):
-            out[i] = value
-    model.train(was_training)
-    return out
+    """The model's reward (logit 0) of each token sequence, as RewardModelReward scores
+    (`rewards.model.score_token_ids`)."""
+    return score_token_ids(model, tokenizer, seqs, batch_size, device)
 
 
 def pairwise_accuracy(scores: Sequence[tuple[float, float]]) -> float | None:
@@ -264,7 +251,7 @@ def train_reward_model(cfg: RMConfig | dict[str, Any]) -> RMResult:
     print(f"rm train: {len(data.pairs)} pairs from {data.summary}\n"
           f"  {len(train)} training pairs ({train_prompts} prompts), {len(heldout)} held out ({heldout_prompts} "
           f"prompts, eval_fraction {cfg.eval_fraction:g}, by a hash of the prompt)\n"
-          f"  model {cfg.model_name_or_path} ({type(_base(model)).__name__}, {head}), {mode}: "
+          f"  model {cfg.model_name_or_path} ({type(unwrap(model)).__name__}, {head}), {mode}: "
           f"{num_trainable / 1e6:.3g}M of {num_params / 1e6:.3g}M parameters trained, {dtype_name}, {device}\n"
           f"  {total_steps} steps of {cfg.per_device_train_batch_size} pairs "
           f"({total_steps * cfg.per_device_train_batch_size / len(train_enc):.2f} epochs), lr {cfg.learning_rate:g} "
@@ -290,7 +277,7 @@ def train_reward_model(cfg: RMConfig | dict[str, Any]) -> RMResult:
     train_start = time.perf_counter()
     for step in range(total_steps):
         batch = [train_enc[i] for i in next(batches)]
-        rewards = _forward(model, tokenizer, [e.chosen for e in batch] + [e.rejected for e in batch], device)
+        rewards = reward_logits(model, tokenizer, [e.chosen for e in batch] + [e.rejected for e in batch], device)
         chosen, rejected = rewards[:len(batch)], rewards[len(batch):]
         margin = None
         if any(e.margin is not None for e in batch):
@@ -353,10 +340,6 @@ def _batches(n: int, batch_size: int, rng: torch.Generator):
         order = torch.randperm(n, generator=rng).tolist()
         for start in range(0, n, batch_size):
             yield order[start:start + batch_size]
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _lora_targets(model) -> str:
