@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from grpokit.modeling.known import canonical_name, is_gguf, resolve_model
+from grpokit.modeling.known import canonical_name, dequantizing, drop_quantization_config, is_gguf, resolve_model
 from grpokit.modeling.tokenizers import load_pretrained_tokenizer
 
 __all__ = [
@@ -283,11 +283,7 @@ def load_tokenizer(name_or_path_or_tokenizer: Any, padding_side: str = "left", t
             tokenizer = new_char_tokenizer()
         elif str(name_or_path_or_tokenizer) == "char-chat":
             tokenizer = new_chat_tokenizer()
-        elif is_gguf((gguf := resolve_model(name_or_path_or_tokenizer))[1]):  # smollm2-135m-instruct, x.gguf
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(gguf[0], trust_remote_code=trust_remote_code, **gguf[1])
-        else:  # as saved: the generic fast class where the folder names it (grpokit.modeling.tokenizers)
+        else:  # as saved (the generic fast class where the folder names it); a built-in name's or .gguf file's own
             tokenizer = load_pretrained_tokenizer(name_or_path_or_tokenizer, trust_remote_code=trust_remote_code)
     else:
         tokenizer = name_or_path_or_tokenizer
@@ -424,25 +420,19 @@ def _load_gguf_model(name: str, folder: str, gguf: dict[str, Any], dtype: torch.
     model (transformers refuses to serialize a model that still carries it). Its `name_or_path`
     becomes the built-in name (or the file's path), which `load_model` / `load_tokenizer` and a
     LoRA adapter's base_model_name_or_path resolve again."""
-    import transformers
     from transformers import AutoModelForCausalLM
 
     if kwargs.get("quantization_config") is not None:
         raise ValueError(f"{name!r} is a GGUF model: grpokit loads it dequantized into a dense model and cannot "
                          "quantize it again; drop quantization_config (LoRA works without it).")
     kwargs = {k: v for k, v in kwargs.items() if k != "quantization_config"}
-    gguf_config = getattr(transformers, "GgufConfig", None)  # transformers 5: could keep the GGUF blocks
-    if gguf_config is not None:  # (untrainable) where a kernel exists; transformers 4 always dequantizes
-        kwargs["quantization_config"] = gguf_config(dequantize=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=trust_remote_code, **gguf, **kwargs)
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, **dequantizing(gguf), **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OSError(f"cannot load the GGUF model {name!r} ({os.path.join(folder, gguf['gguf_file'])}): {first}") from e
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:  # dequantize=True drops it already; an older transformers may not
-        quantizer.remove_quantization_config(model)
+    drop_quantization_config(model)
     label = canonical_name(name) or os.path.join(folder, gguf["gguf_file"])
     model.name_or_path = label
     model.config.name_or_path = label

@@ -19,7 +19,8 @@ from typing import Any
 
 from grpokit.tracking import MissingPackageError
 
-__all__ = ["KNOWN_MODELS", "KnownModel", "canonical_name", "is_gguf", "resolve_model"]
+__all__ = ["KNOWN_MODELS", "KnownModel", "canonical_name", "is_gguf", "resolve_model", "dequantizing",
+           "drop_quantization_config"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,25 @@ def resolve_model(name_or_path: Any) -> tuple[Any, dict[str, Any]]:
         path = path.resolve()
         return str(path.parent), {"gguf_file": path.name}
     return name_or_path, {}
+
+
+def dequantizing(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`resolve_model`'s from_pretrained kwargs, asking transformers to dequantize a GGUF file into a
+    plain dense model (`GgufConfig(dequantize=True)` where transformers has it; transformers 5 could
+    otherwise keep the GGUF blocks, untrainable, where a kernel exists; transformers 4 always
+    dequantizes). Other kwargs are returned as they are."""
+    if not is_gguf(kwargs):
+        return dict(kwargs)
+    import transformers
+
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    return {**kwargs, "quantization_config": gguf_config(dequantize=True)} if gguf_config is not None else dict(kwargs)
+
+
+def drop_quantization_config(model: Any) -> Any:
+    """Forget a dequantized GGUF model's quantisation config (dequantize=True drops it already; an
+    older transformers may not), so that `save_pretrained` and checkpoints write a plain model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return model

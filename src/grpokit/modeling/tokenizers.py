@@ -33,7 +33,15 @@ def declares_generic_fast_tokenizer(path: Path) -> bool:
 
 def load_pretrained_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
     """`AutoTokenizer.from_pretrained(name_or_path)`, except that a folder declaring the generic fast
-    class loads with `PreTrainedTokenizerFast` (see the module docstring)."""
+    class loads with `PreTrainedTokenizerFast` (see the module docstring), and a built-in model name
+    or a `.gguf` file reads the GGUF file's tokenizer (grpokit.modeling.known)."""
+    from grpokit.modeling.known import is_gguf, resolve_model
+
+    folder, gguf = resolve_model(name_or_path)
+    if is_gguf(gguf):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
     if declares_generic_fast_tokenizer(Path(name_or_path).expanduser()):
         from transformers import PreTrainedTokenizerFast
 

@@ -66,13 +66,11 @@ def load_reward_model(name: str, dtype: torch.dtype, trust_remote_code: bool = F
     import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from grpokit.modeling.known import is_gguf, resolve_model
+    from grpokit.modeling.known import dequantizing, drop_quantization_config, resolve_model
 
     path = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
     folder, extra = resolve_model(path)
-    kwargs: dict[str, Any] = dict(extra)
-    if is_gguf(extra) and getattr(transformers, "GgufConfig", None) is not None:
-        kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)  # a plain dense model
+    kwargs: dict[str, Any] = dequantizing(extra)  # a GGUF file: a plain dense model
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
@@ -96,9 +94,7 @@ def load_reward_model(name: str, dtype: torch.dtype, trust_remote_code: bool = F
         raise ValueError(f"cannot load {name!r} as a sequence classifier: {first}") from e
     finally:
         transformers.logging.set_verbosity(verbosity)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:  # a GGUF model's quantisation config: dequantized already
-        quantizer.remove_quantization_config(model)
+    drop_quantization_config(model)
     model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
     return model, head
 

@@ -124,18 +124,20 @@ class LocalBackend:
     def __init__(self, model: Any, tokenizer: Any = None, device: str = "auto", dtype: str = "auto",
                  max_new_tokens: int = 128, batch_size: int = 8, trust_remote_code: bool = False):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
+        from grpokit.modeling.known import dequantizing, resolve_model
+        from grpokit.modeling.tokenizers import load_pretrained_tokenizer
         from grpokit.rewards.model import resolve_device_dtype
 
         self.device, torch_dtype = resolve_device_dtype(device, dtype)
         if isinstance(model, str):
             name = model
-            source, kwargs = _model_source(model)
+            source, kwargs = resolve_model(model)  # a built-in name or a .gguf file too, dequantized
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                         **kwargs)
+                                                         **dequantizing(kwargs))
             if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+                tokenizer = load_pretrained_tokenizer(name, trust_remote_code=trust_remote_code)
         else:
             name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
         if tokenizer is None:
@@ -173,13 +175,6 @@ class LocalBackend:
             return list(await asyncio.to_thread(self.generate, requests))
         except Exception as e:  # noqa: BLE001  # every request of the batch failed the same way
             return [e] * len(requests)
-
-
-def _model_source(name: str) -> tuple[str, dict]:
-    """(folder or id, from_pretrained kwargs) for a model name, through grpokit's built-in names."""
-    from grpokit.modeling.known import resolve_model
-
-    return resolve_model(name)
 
 
 class FunctionBackend:
