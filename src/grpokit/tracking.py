@@ -87,7 +87,18 @@ def previous_run(run_dir: str) -> list[str]:
 
 
 class MissingPackageError(ImportError):
-    """An optional integration (tensorboard, wandb) was asked for and is not installed."""
+    """An optional package (tensorboard, wandb, a judge's client, a metric, ...) was asked for and is
+    not installed; its message names what to install, one line at the command line."""
+
+
+def import_optional(module: str, why: str, extra: str) -> Any:
+    """`importlib.import_module(module)`, or MissingPackageError "<why>: pip install 'grpokit[<extra>]'"."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingPackageError(f"{why}: pip install 'grpokit[{extra}]'") from e
 
 
 def _backends(report_to) -> set[str]:

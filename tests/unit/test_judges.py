@@ -367,18 +367,12 @@ def test_a_local_model_judges_in_this_process(tmp_path):
 
 
 def test_a_missing_package_is_one_line_naming_the_extra(monkeypatch):
-    import builtins
+    import sys
 
     from grpokit.tracking import MissingPackageError
 
-    real_import = builtins.__import__
-
-    def no_choix(name, *args, **kwargs):
-        if name in ("choix", "openai"):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_choix)
+    for name in ("choix", "openai"):  # None in sys.modules: any import of it raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(MissingPackageError, match=r"^Bradley-Terry fits need choix: pip install 'grpokit\[judges\]'$"):
         bradley_terry(2, [(0, 1, 1.0)])
     with pytest.raises(MissingPackageError, match=r"needs openai: pip install 'grpokit\[judges\]'"):

@@ -52,12 +52,9 @@ def make_shorten_task(seed: int = 0, num_train: int = 2000, num_eval: int = 100,
     """The `shorten` task; `chat`: prompts as one user message (for chat models), else plain text."""
     from datasets import Dataset
 
-    from grpokit.tracking import MissingPackageError
+    from grpokit.tracking import import_optional
 
-    try:
-        import sacrebleu
-    except ImportError:
-        raise MissingPackageError("the shorten task's chrF needs sacrebleu: pip install 'grpokit[text]'") from None
+    sacrebleu = import_optional("sacrebleu", "the shorten task's chrF needs sacrebleu", "text")
     rows: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
     for name, (verb, noun), adj, place, when, filler in itertools.product(NAMES, ACTS, ADJECTIVES, PLACES, TIMES,
                                                                            FILLERS):

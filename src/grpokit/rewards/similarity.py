@@ -27,7 +27,6 @@ from grpokit.rewards.text import completion_text, is_conversational
 
 __all__ = ["ChrfReward", "BleuReward", "RougeReward", "ConsensusReward", "TextMetric", "default_detector"]
 
-_PIP_TEXT = "pip install 'grpokit[text]'"
 _ROUGE_TYPE = re.compile(r"rouge[1-9]|rougeL|rougeLsum")
 _MEASURES = {"f": "fmeasure", "p": "precision", "r": "recall"}
 _LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]+)*")
@@ -35,12 +34,9 @@ _DETECTORS = (("lingua", "lingua-language-detector"), ("langid", "langid"))
 
 
 def _import(module: str, who: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        from grpokit.tracking import MissingPackageError  # the command line prints it as one line
+    from grpokit.tracking import import_optional  # the command line prints its error as one line
 
-        raise MissingPackageError(f"{who} needs {module.split('.')[0]}: {_PIP_TEXT}") from None
+    return import_optional(module, f"{who} needs {module.split('.')[0]}", "text")
 
 
 # ---- the metrics: (hypothesis, references) -> 0..1 ----

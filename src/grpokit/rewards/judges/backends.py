@@ -36,12 +36,6 @@ class JudgeBackend(Protocol):
     async def complete_many(self, requests: list[Messages]) -> list[str | BaseException]: ...
 
 
-def _missing(what: str, package: str) -> ImportError:
-    from grpokit.tracking import MissingPackageError
-
-    return MissingPackageError(f"{what} needs {package}: pip install 'grpokit[judges]'")
-
-
 class OpenAIBackend:
     """An OpenAI-compatible chat server.
 
@@ -57,10 +51,9 @@ class OpenAIBackend:
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, max_concurrency: int = 8,
                  requests_per_second: float | None = None, timeout: float = 30.0, temperature: float = 0.0,
                  max_tokens: int = 256, json_mode: bool = False, extra_body: dict | None = None):
-        try:
-            import openai  # noqa: F401
-        except ImportError as e:
-            raise _missing("an OpenAI-compatible judge", "openai") from e
+        from grpokit.tracking import import_optional
+
+        import_optional("openai", "an OpenAI-compatible judge needs openai", "judges")
         if max_concurrency < 1:
             raise ValueError(f"judge: max_concurrency must be >= 1, got {max_concurrency}")
         if requests_per_second is not None and not requests_per_second > 0:

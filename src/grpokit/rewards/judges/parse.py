@@ -35,12 +35,10 @@ def _json_object(text: str) -> dict | None:
 
 
 def _models():
-    try:
-        from pydantic import BaseModel, ValidationError
-    except ImportError as e:
-        from grpokit.tracking import MissingPackageError
+    from grpokit.tracking import import_optional
 
-        raise MissingPackageError("judges validate answers with pydantic: pip install 'grpokit[judges]'") from e
+    pydantic = import_optional("pydantic", "judges validate answers with pydantic", "judges")
+    BaseModel, ValidationError = pydantic.BaseModel, pydantic.ValidationError
 
     class Ranking(BaseModel):
         ranking: list[int]

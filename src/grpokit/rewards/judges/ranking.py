@@ -186,12 +186,9 @@ def bradley_terry(m: int, outcomes: Sequence[tuple[int, int, float]], alpha: flo
     candidate finite). An outcome above 0.5 is a win of its first candidate, below 0.5 a win of
     the second, 0.5 a tie (one win each way). Worked: m=2, 0 beats 1 twice and loses once,
     alpha=0 -> theta = +-ln(2)/2 = +-0.3466 (P = 2/3)."""
-    try:
-        import choix
-    except ImportError as e:
-        from grpokit.tracking import MissingPackageError
+    from grpokit.tracking import import_optional
 
-        raise MissingPackageError("Bradley-Terry fits need choix: pip install 'grpokit[judges]'") from e
+    choix = import_optional("choix", "Bradley-Terry fits need choix", "judges")
     data = []
     for a, b, s in outcomes:
         if s > 0.5:
