@@ -455,6 +455,11 @@ class TrainingConfig:
         """Whether a sampler other than the trainer (vLLM) is corrected by importance sampling."""
         return False
 
+    def samples_stale(self) -> bool:
+        """Whether rollouts may come from older weights than those that train on them (GRPO's
+        generation worker with max_staleness > 0): the sampler then differs from the trainer."""
+        return False
+
     def objective_summary(self) -> str:
         """The start-up summary's words on the objective."""
         return f"lr={self.learning_rate}"
@@ -501,6 +506,23 @@ class GRPOConfig(TrainingConfig):
                                        "sample more prompts until the step is full of groups with signal.")
     dynamic_sampling_max_rounds: int = _f(4, "Extra sampling rounds a step may make for dynamic sampling; then the "
                                              "remaining places keep signal-less groups.")
+    # --- asynchronous generation (grpokit.pipeline; TRL's AsyncGRPOConfig names) ---
+    max_staleness: int | None = _f(None, "None: generation in the training process, between optimizer steps. An "
+                                         "integer: a generation worker process samples the next batches while the "
+                                         "trainer trains, each rollout at most this many optimizer steps older than "
+                                         "the step that first trains on it (0: sampled with the current weights, "
+                                         "the synchronous run; TRL AsyncGRPOConfig's default is 4).")
+    weight_sync_steps: int = _f(1, "Optimizer steps between the weights sent to the generation worker (TRL's); "
+                                   "needs max_staleness >= weight_sync_steps - 1.")
+    queue_maxsize: int = _f(1024, "Most completions sampled ahead and not yet trained on (TRL's, counted in "
+                                  "completions).")
+    max_inflight_tasks: int = _f(-1, "Most completions requested from the generation worker and not yet returned "
+                                     "(TRL's; -1 = as many as max_staleness and queue_maxsize allow).")
+    heartbeat_stale_after_s: float = _f(300.0, "Seconds the trainer waits on the generation worker (a batch, a "
+                                               "weight sync) before it stops the run naming the stage (TRL's).")
+    sync_probe_tolerance: float = _f(1e-3, "After each weight sync the worker and the trainer score a fixed probe "
+                                           "set; a larger log-prob gap stops the run naming the parameters that "
+                                           "differ.")
     # --- objective (grpokit.algos) and its step ---
     beta: float = _f(0.0, "KL coefficient to the reference model (0: no reference is loaded).")
     kl_estimator: str = _f("k3", "KL estimator: k1 | k2 | k3.")
@@ -589,6 +611,19 @@ class GRPOConfig(TrainingConfig):
         need(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha must be in [0, 1].")
         need(self.ref_model_sync_steps >= 1, "ref_model_sync_steps must be >= 1.")
         need(self.dynamic_sampling_max_rounds >= 0, "dynamic_sampling_max_rounds must be >= 0.")
+        need(self.max_staleness is None or self.max_staleness >= 0, "max_staleness must be >= 0 or None.")
+        need(self.weight_sync_steps >= 1, "weight_sync_steps must be >= 1.")
+        need(self.max_staleness is None or self.max_staleness >= self.weight_sync_steps - 1,
+             f"max_staleness={self.max_staleness} with weight_sync_steps={self.weight_sync_steps}: the worker's "
+             f"weights may then be {self.weight_sync_steps - 1} steps old; set max_staleness >= "
+             f"{self.weight_sync_steps - 1}.")
+        need(self.queue_maxsize >= 1, "queue_maxsize must be >= 1 completions.")
+        need(self.max_inflight_tasks == -1 or self.max_inflight_tasks >= 1, "max_inflight_tasks must be -1 or >= 1.")
+        need(self.heartbeat_stale_after_s > 0, "heartbeat_stale_after_s must be > 0 seconds.")
+        need(self.sync_probe_tolerance >= 0, "sync_probe_tolerance must be >= 0.")
+        need(self.max_staleness is None or not self.use_vllm,
+             "max_staleness with rollout_engine='vllm': the generation worker runs grpokit's engine on a CPU copy "
+             "of the weights; set max_staleness=None to generate with vLLM.")
         need(self.token_budget is None or self.token_budget >= 1, "token_budget must be >= 1 tokens or None.")
         if self.token_budget is not None:
             need(not is_local_mean(self.loss_type),
@@ -619,6 +654,9 @@ class GRPOConfig(TrainingConfig):
 
     def penalises_reference(self) -> bool:
         return self.beta != 0
+
+    def samples_stale(self) -> bool:
+        return (self.max_staleness or 0) > 0
 
     def syncs_reference(self) -> bool:
         return self.sync_ref_model
@@ -655,6 +693,18 @@ class GRPOConfig(TrainingConfig):
         return (self.steps_per_generation or self.gradient_accumulation_steps) // self.gradient_accumulation_steps
 
 
+@dataclass(init=False)
+class AsyncGRPOConfig(GRPOConfig):
+    """TRL's AsyncGRPOConfig: GRPOConfig with generation in a worker process by default
+    (max_staleness=4) and TRL AsyncGRPOConfig's other defaults that differ from GRPOConfig's: a
+    constant schedule, logging every step, completions up to 2048 tokens."""
+
+    max_staleness: int | None = _f(4, GRPOConfig.__dataclass_fields__["max_staleness"].metadata["help"])
+    lr_scheduler_type: str = _f("constant", GRPOConfig.__dataclass_fields__["lr_scheduler_type"].metadata["help"])
+    logging_steps: int = _f(1, GRPOConfig.__dataclass_fields__["logging_steps"].metadata["help"])
+    max_completion_length: int = _f(2048, GRPOConfig.__dataclass_fields__["max_completion_length"].metadata["help"])
+
+
 GRPOFields = GRPOConfig
 """GRPOConfig's dataclass (its fields: `dataclasses.fields(GRPOFields)`)."""
 
@@ -665,6 +715,8 @@ GRPO_STEP_FIELDS = (
     "entropy_target", "router_aux_loss_coef", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
     "top_entropy_quantile", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
     "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
+    "max_staleness", "weight_sync_steps", "queue_maxsize", "max_inflight_tasks", "heartbeat_stale_after_s",
+    "sync_probe_tolerance",
 )
 """The fields GRPO's step reads beyond its loss: generation reuse and batching, dynamic sampling,
 the advantages, the entropy bonus and mask, the MoE router loss, the reference sync, the sampler

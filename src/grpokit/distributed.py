@@ -153,6 +153,14 @@ class Collectives:
         dist.all_gather(parts, padded)
         return torch.cat([part[:int(n)] for part, n in zip(parts, counts)])
 
+    def gather_objects(self, obj: Any) -> list:
+        """`obj` of every rank (picklable), in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         """Means over the ranks that have each name (a reward may log a metric on some ranks only:
         the names are gathered first, so every rank reduces the same vector)."""

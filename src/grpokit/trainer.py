@@ -174,3 +174,28 @@ class GRPOTrainer(RunFacade):
         """Writes on rank 0 only (every rank must call it under FSDP2: the weights are gathered)."""
         return save_final_model(self.parts, output_dir or os.path.join(self.args.output_dir, "final"),
                                 merge_lora=merge_lora)
+
+
+class AsyncGRPOTrainer(GRPOTrainer):
+    """TRL's `AsyncGRPOTrainer`: GRPO with a generation worker process sampling ahead of the
+    trainer (grpokit.pipeline; docs/async.md). `args` defaults to `AsyncGRPOConfig()`
+    (max_staleness=4); any GRPOConfig with max_staleness set works too. TRL's `rollout_worker` and
+    `weight_transfer` (a vLLM server and NCCL) are replaced by grpokit's worker and its
+    shared-memory weight sync: passing them is an error."""
+
+    def __init__(self, model=None, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
+                 processing_class=None, callbacks=None, optimizers=(None, None), tools=None,
+                 environment_factory=None, rollout_worker=None, weight_transfer=None, **kwargs):
+        from grpokit.config import AsyncGRPOConfig
+
+        for name, value in (("rollout_worker", rollout_worker), ("weight_transfer", weight_transfer)):
+            if value is not None:
+                raise TypeError(f"AsyncGRPOTrainer: {name}= is TRL's vLLM-server hook; grpokit's generation worker "
+                                "and its shared-memory weight sync take its place: remove it.")
+        args = args if args is not None else AsyncGRPOConfig()
+        if isinstance(args, GRPOConfig) and args.max_staleness is None:
+            raise ValueError("AsyncGRPOTrainer: args.max_staleness is None (synchronous generation); set it, e.g. "
+                             "max_staleness=1, or use GRPOTrainer.")
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                         processing_class=processing_class, callbacks=callbacks, optimizers=optimizers, tools=tools,
+                         environment_factory=environment_factory, **kwargs)

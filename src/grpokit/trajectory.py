@@ -111,6 +111,8 @@ class Trajectories:
                                            # VisionInputs over the completion tokens, with slots) or None
     environments: list | None = None     # per sample: its environment object (environment_factory), for
                                          # the rewards' `environments=`; None: no environments
+    policy_version: torch.Tensor | None = None  # [N] long: the optimizer step whose weights sampled each
+                                                # sample (asynchronous generation); None: the current weights
 
     def __post_init__(self):
         if self.nonfinite is not None and len(self.nonfinite) != len(self.completion_ids):
@@ -208,6 +210,8 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         elif f.name == "tool_stats":
             out[f.name] = None if all(v is None for v in values) else ToolStats.concat(
                 [v if v is not None else ToolStats.zeros(len(p)) for p, v in zip(parts, values)])
+        elif f.name == "policy_version":
+            out[f.name] = None if any(v is None for v in values) else torch.cat(values)
         elif isinstance(values[0], torch.Tensor):
             out[f.name] = torch.cat(values)
         elif values[0] is None:

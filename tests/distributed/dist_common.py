@@ -37,6 +37,9 @@ SCENARIOS = {
     # a group reward (grpokit.rewards.group_reward): each rank scores only whole groups, and the
     # two-rank run equals one process
     "group": ({}, dict(loss_type="dapo", beta=0.0)),
+    # a generation worker per rank sampling one step ahead (grpokit.pipeline): the two-rank run
+    # equals one process whose worker samples what the two ranks' workers sample, and resumes exactly
+    "async": ({}, dict(loss_type="dapo", beta=0.0, max_staleness=1)),
 }
 
 
@@ -90,8 +93,9 @@ def model_for(scenario):
 
 def as_if_ranks(run, world: int) -> None:
     """Make a one-process run sample exactly what `world` ranks sample: rank r draws its slice
-    of the step's prompts with seed + r (the trainer's per-rank sampling seed)."""
-    sample = run.sample
+    of the step's prompts with seed + r (the trainer's per-rank sampling seed). Where the
+    sampling happens (here or in a generation worker) it calls `sample_here`, replaced here."""
+    sample = run.sample_here
 
     def sample_like_ranks(rows, seed):
         k = len(rows) // world
@@ -103,7 +107,7 @@ def as_if_ranks(run, world: int) -> None:
             sampling_logps=sum((p.sampling_logps for p in parts), []),
             truncated=torch.cat([p.truncated for p in parts]))
 
-    instrument(run, sample=sample_like_ranks)
+    instrument(run, sample_here=sample_like_ranks)
 
 
 # ---- reward functions for the fault tests (loaded by name: "dist_common:...", PYTHONPATH=tests/distributed).

@@ -5,6 +5,8 @@
   weights as one process (float32 summation order only).
 - TRL's defaults (beta=0, dapo) with rank 1's groups all of equal rewards while rank 0's are not:
   rank 1 has nothing to train, yet runs the same collectives (zeroadv scenario).
+- A generation worker per rank sampling one step ahead (max_staleness=1): the same as one process
+  whose worker samples what the two ranks' workers sample; its checkpoint resumes exactly.
 - A 2-rank checkpoint resumes on 2 ranks (the same weights as the straight run) and on 1 rank
   (the same weights as the 2-rank run: checkpoints have the one-process format).
 - Through the CLI (`torchrun -m grpokit train`): a reward function that raises on rank 1, or a
@@ -45,8 +47,9 @@ pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"),
 ]
 
-TRAIN_JOBS = ["full:ddp", "full:fsdp2", "lora:ddp", "lora:fsdp2", "zeroadv:ddp", "zeroadv:fsdp2", "group:ddp"]
-RESUME_JOBS = ["full:ddp:resume", "full:fsdp2:resume", "lora:fsdp2:resume"]
+TRAIN_JOBS = ["full:ddp", "full:fsdp2", "lora:ddp", "lora:fsdp2", "zeroadv:ddp", "zeroadv:fsdp2", "group:ddp",
+              "async:ddp"]
+RESUME_JOBS = ["full:ddp:resume", "full:fsdp2:resume", "lora:fsdp2:resume", "async:ddp:resume"]
 LAUNCH_TIMEOUT = 420       # seconds; a hang fails the test instead of stalling CI
 FAULT_TO_EXIT_LIMIT = 30   # seconds from the fault on rank 1 to the end of the whole job
 HANG_TIMEOUT = 10          # ddp_timeout of the run whose rank 1 hangs in a reward function
@@ -130,7 +133,7 @@ def launches(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(launches, one_process) -> Path:
-    for scenario in ("full", "lora", "zeroadv"):  # the one-process references run while the ranks run
+    for scenario in ("full", "lora", "zeroadv", "async"):  # the one-process references run while the ranks run
         one_process(scenario)
     rc, log = launches["train"].wait()
     assert rc == 0, log[-6000:]

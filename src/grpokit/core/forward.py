@@ -307,7 +307,7 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
     reused = cfg.reuses_generation()
     if reused:
         sampling = cfg.sampling()
-        old = "sampler" if not external_sampler and sampler_logps_are_old_logps(
+        old = "sampler" if not external_sampler and not cfg.samples_stale() and sampler_logps_are_old_logps(
             model, engine, temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"],
             min_p=sampling["min_p"], repetition_penalty=sampling["repetition_penalty"]) else "recomputed"
     fields: dict[str, Any] = dict(
@@ -321,7 +321,8 @@ def choose_forward_plan(cfg, model, engine, *, world_size: int, is_peft: bool, n
         old_logps=old,
         reference="none" if not needs_reference else ("adapter_off" if is_peft else "frozen_copy"),
         model=info, tool_images_padded=tool_images,
-        sampler_differs=capabilities_of(engine).sampler_differs_from_trainer,
+        # a generation worker sampling ahead (max_staleness > 0) samples from older weights
+        sampler_differs=capabilities_of(engine).sampler_differs_from_trainer or cfg.samples_stale(),
     )
     for key, value in (overrides or {}).items():
         if key not in {f.name for f in dataclasses.fields(ForwardPlan)}:

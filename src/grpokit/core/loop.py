@@ -52,17 +52,35 @@ class LoopState:
     algorithm: dict = field(default_factory=dict)
     """The algorithm's own state across steps (GRPO: the adaptive entropy coefficient, a synced
     reference's weights), saved with the checkpoint."""
+    pipeline: dict = field(default_factory=dict)
+    """The generation worker's rollouts sampled ahead, and its position (grpokit.pipeline), saved
+    with the checkpoint; empty for the synchronous run."""
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "algorithm"}
-        if self.algorithm:
-            out["algorithm"] = dict(self.algorithm)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in DICTS}
+        for name in DICTS:
+            if getattr(self, name):
+                out[name] = dict(getattr(self, name))
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoopState":
-        ints = {f.name: int(d[f.name]) for f in dataclasses.fields(cls) if f.name in d and f.name != "algorithm"}
-        return cls(**ints, algorithm=dict(d.get("algorithm") or {}))
+        kwargs: dict[str, Any] = {f.name: int(d[f.name]) for f in dataclasses.fields(cls)
+                                  if f.name not in DICTS and f.name in d}
+        kwargs.update({name: dict(d.get(name) or {}) for name in DICTS})
+        return cls(**kwargs)
+
+
+DICTS = ("algorithm", "pipeline")
+
+
+def checkpoint_state(run: RunParts, state: LoopState) -> dict:
+    """The loop state a checkpoint keeps, with what the pipeline sampled ahead."""
+    state.pipeline = run.pipeline.checkpoint(run)
+    try:
+        return state.to_dict()
+    finally:
+        state.pipeline = {}
 
 
 def begin(run: RunParts, resume_from_checkpoint: str | bool | None) -> LoopState:
@@ -80,6 +98,14 @@ def begin(run: RunParts, resume_from_checkpoint: str | bool | None) -> LoopState
     run.engine.update_weights(run.model)
     run.tracker.write(f"resumed from {path} at step {saved['global_step']}")
     return LoopState.from_dict(saved)
+
+
+def start_pipeline(run: RunParts, state: LoopState) -> None:
+    """The generation worker starts from the loop's state (and a checkpoint's rollouts)."""
+    run.pipeline.start(run, state)
+    if getattr(run.pipeline, "not_exact", ""):
+        run.tracker.write(f"resuming, no longer an exact continuation: {run.pipeline.not_exact}")
+    state.pipeline = {}
 
 
 @dataclass
@@ -109,6 +135,15 @@ def train_loop(run: RunParts, algorithm: Algorithm, resume_from_checkpoint: str 
     training events (the TRL-style trainer's state and callbacks; see core.events)."""
     run.tracker.write(summary if summary is not None else run.summary())
     state = begin(run, resume_from_checkpoint)
+    start_pipeline(run, state)
+    try:
+        return _run_steps(run, algorithm, state, resume_command, events)
+    finally:
+        run.pipeline.close()
+
+
+def _run_steps(run: RunParts, algorithm: Algorithm, state: LoopState, resume_command: str | None,
+               events: Events) -> dict[str, float]:
     totals = RunTotals(start_step=state.global_step)
     events.train_begin(run, state)
     final: dict[str, float] = {}
@@ -190,7 +225,7 @@ def interrupted(run: RunParts, state: LoopState, final: dict, events: dict,
                 resume_command: str | None) -> dict[str, float]:
     """After a Ctrl-C: a checkpoint of this step (unless end_of_step just saved one), the plot, the hint."""
     cfg = run.config
-    path = events["saved"] or save_run_checkpoint(run, state.to_dict())
+    path = events["saved"] or save_run_checkpoint(run, checkpoint_state(run, state))
     run.tracker.close(plot=cfg.plot)
     if run.comm.rank == 0 and path:
         how = (f"{resume_command} resume_from_checkpoint={path}" if resume_command
@@ -246,7 +281,7 @@ def sample_and_score(run: RunParts, rows: list[int], state: LoopState, phase: di
     `seed + 1_000_003 * global_step + world_size * round_ + rank` (round_: dynamic sampling's extra
     rounds), so a resumed run samples what the straight run did.
     `run.comm.guard`: an exception on one rank stops every rank now, naming it, not at a timeout."""
-    seed = run.config.seed + 1_000_003 * state.global_step + run.world_size * round_ + run.comm.rank
+    seed = run.sampling_seed(state.global_step, round_)
     with timed(phase, "time/generate"), run.comm.guard("generation"):
         trajectories = run.sample(rows, seed=seed)
     with timed(phase, "time/reward"), run.comm.guard("the reward functions"):
@@ -620,7 +655,7 @@ def end_of_step(run: RunParts, state: LoopState, metrics: dict[str, float], out:
         tracker.write(f"step {step}: a callback asked to evaluate (control.should_evaluate), but there is no eval "
                       "set: pass eval_dataset= (or set dataset_test_split).")
     if (cfg.save_strategy == "steps" and (step % cfg.save_steps == 0 or step >= run.total_steps)) or asked.save:
-        happened["saved"] = save_run_checkpoint(run, state.to_dict()) or os.path.join(cfg.output_dir,
+        happened["saved"] = save_run_checkpoint(run, checkpoint_state(run, state)) or os.path.join(cfg.output_dir,
                                                                                        f"checkpoint-{step}")
         events.saved(run, state)
     return happened
@@ -657,6 +692,7 @@ def step_metrics(run: RunParts, out: StepOutput, phase: dict, state: LoopState) 
         metrics.update({k: float(v) for k, v in rollout.reward_stats.items() if k not in metrics and _is_number(v)})
     if rollout is not None and rollout.tool_stats is not None:
         metrics.update(tool_metrics(run, rollout.tool_stats))
+    metrics.update(run.pipeline.metrics())
     metrics.update(phase)
     metrics["time/step"] = sum(v for k, v in phase.items() if k.startswith("time/"))
     metrics["memory/peak_rss_gb"] = memory.lifetime_peak_gb("rss")

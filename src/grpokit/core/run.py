@@ -24,6 +24,7 @@ from grpokit.core import setup
 from grpokit.core.events import NO_EVENTS, Events
 from grpokit.core.forward import ForwardPlan, choose_forward_plan, completion_logprobs
 from grpokit.modeling.info import unwrap
+from grpokit.pipeline import InlinePipeline, make_pipeline
 from grpokit.data.prompts import PromptSet
 from grpokit.rewards.scoring import Scorer
 from grpokit.rollout import SamplingParams
@@ -94,6 +95,8 @@ class RunParts:
     evaluation: setup.Evaluation
     multiturn: Any = None                # grpokit.envs.MultiTurn (tools / environments), or None
     image_features: Any = None           # a VLM's image features, encoded once a step (modeling.vision.ImageFeatures)
+    pipeline: Any = field(default_factory=InlinePipeline)  # where rollouts are sampled (grpokit.pipeline:
+                                                           # here, or by a generation worker process)
     extra_modules: tuple = ()            # trained with the policy (PPO's value head)
     strategy: str = "ddp"                # distributed_strategy in effect (ddp | fsdp2)
     task_name: str | None = None
@@ -128,9 +131,19 @@ class RunParts:
                               top_k=s["top_k"], min_p=s["min_p"] or 0.0, stop=s["stop"],
                               repetition_penalty=s["repetition_penalty"], seed=seed)
 
+    def sampling_seed(self, global_step: int, round_: int = 0) -> int:
+        """The sampling seed of a step: `seed + 1_000_003 * global_step + world_size * round_ + rank`
+        (round_: dynamic sampling's extra rounds), so a resumed run samples what the straight run did."""
+        return self.config.seed + 1_000_003 * global_step + self.world_size * round_ + self.comm.rank
+
     def sample(self, rows: list[int], seed: int) -> Trajectories:
-        """G trajectories for each of `rows` (this rank's training rows), sampled with `seed`.
-        Samples whose sampler logprobs are NaN/inf are flagged (never trained on), or raise."""
+        """G trajectories for each of `rows` (this rank's training rows), sampled with `seed`, where
+        the pipeline samples (here, or by the generation worker)."""
+        return self.pipeline.sample(self, rows, seed)
+
+    def sample_here(self, rows: list[int], seed: int) -> Trajectories:
+        """`sample` in this process. Samples whose sampler logprobs are NaN/inf are flagged (never
+        trained on), or raise."""
         with self.generation_context():
             traj = self.sampler.sample(self.train, rows, self.config.num_generations, self.sampling_params(seed))
         nonfinite = torch.tensor([not all(map(math.isfinite, lps)) for lps in traj.sampling_logps], dtype=torch.bool)
@@ -202,6 +215,8 @@ class RunParts:
         self.optimizer.zero_grad(set_to_none=True)
         if applied:
             self.engine.update_weights(self.model)
+        with self.comm.guard("the weight sync"):
+            self.pipeline.weights_changed(self)
         return applied, grad_norm
 
     # ---- evaluation, the end ----
@@ -276,6 +291,10 @@ def build_run(cfg: TrainingConfig, *, model=None, reward_funcs=None, train_datas
     comm = distributed.Collectives(rank=rank, world_size=world, device=distributed.device_for(cfg.use_cpu))
     if world > 1 and cfg.distributed_strategy == "fsdp2" and cfg.use_vllm:
         raise ValueError("distributed_strategy='fsdp2' with use_vllm=True is not supported; use ddp.")
+    pipeline = make_pipeline(cfg, rank=rank)
+    if world > 1 and cfg.distributed_strategy == "fsdp2" and not isinstance(pipeline, InlinePipeline):
+        raise ValueError("max_staleness (a generation worker) with distributed_strategy='fsdp2' is not supported: "
+                         "the worker needs whole weights; use ddp, or max_staleness=None.")
     if cfg.syncs_reference() and world > 1 and cfg.distributed_strategy == "fsdp2":
         raise ValueError("sync_ref_model=True is not supported with distributed_strategy=fsdp2 yet; use ddp.")
     sources = setup.resolve_sources(cfg, train_dataset, eval_dataset, tools=tools,
@@ -317,6 +336,8 @@ def build_run(cfg: TrainingConfig, *, model=None, reward_funcs=None, train_datas
                                tool_images=multiturn is not None and models.vlm)
     if rollout_func is not None:
         notes.append(_rollout_func_note(cfg, plan))
+    if pipeline.describe():
+        notes.append(pipeline.describe())
     image_features = None
     if models.vlm:
         from grpokit.modeling.vision import ImageFeatures
@@ -335,7 +356,8 @@ def build_run(cfg: TrainingConfig, *, model=None, reward_funcs=None, train_datas
                     ref_model=models.ref_model, train_forward=train_forward, ref_forward=ref_forward, plan=plan,
                     engine=engine, sampler=sampler, scorer=Scorer(runner), optimizer=optim.optimizer,
                     scheduler=optim.scheduler, total_steps=optim.total_steps, tracker=tracker, evaluation=evaluation,
-                    multiturn=multiturn, image_features=image_features, extra_modules=extra_modules,
+                    multiturn=multiturn, image_features=image_features, pipeline=pipeline,
+                    extra_modules=extra_modules,
                     strategy=cfg.distributed_strategy, task_name=sources.task.name if sources.task else None,
                     notes=tuple(notes))
 
