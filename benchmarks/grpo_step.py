@@ -67,6 +67,10 @@ SHAPES = {
     "bench": dict(model="bench", G=8, batch=8, accum=4, max_completion=150, lr=1e-6, loss_type="dapo",
                   eos_every=24.0),
     "learn": dict(model="starter", G=8, batch=32, accum=2, max_completion=8, lr=1e-4, loss_type="dapo"),
+    # the bench model with shorter completions: generation is about half of a synchronous step
+    # (the shape asynchronous generation is measured on)
+    "half": dict(model="bench", G=8, batch=8, accum=4, max_completion=48, lr=1e-6, loss_type="dapo",
+                 eos_every=24.0),
 }
 
 
@@ -202,7 +206,8 @@ def worker(framework: str, spec: dict) -> dict:
     if framework == "grpokit":
         from grpokit import GRPOConfig, GRPOTrainer
 
-        cfg = GRPOConfig(**common, plot=False, report_to="none", max_prompt_length=None)
+        cfg = GRPOConfig(**common, plot=False, report_to="none", max_prompt_length=None,
+                         max_staleness=spec.get("max_staleness"))
         plan = _forward_plan(spec.get("ablate"))
         trainer = GRPOTrainer(model=model, reward_funcs=rec.funcs, args=cfg, train_dataset=ds, processing_class=tok,
                               **({"forward_plan": plan} if plan else {}))
@@ -411,7 +416,7 @@ def learning_summary(results: dict[str, list[dict]], spec: dict):
     print(f"\n== learning: starter model on arithmetic, {spec['steps']} steps x "
           f"{spec['batch'] * spec['accum']} completions, lr={spec['lr']}, same settings both sides")
     out = {}
-    for fw in ("grpokit", "trl"):
+    for fw in results:
         curves = [[s["reward0"] for s in r["steps"]] for r in results[fw]]
         n = len(curves[0])
         k = max(1, n // 5)
@@ -420,14 +425,17 @@ def learning_summary(results: dict[str, list[dict]], spec: dict):
         acc = [(r["acc_before"], r["acc_after"]) for r in results[fw]]
         out[fw] = {"first": first, "last": last, "acc": acc}
         deciles = "  ".join(f"{statistics.mean(x for c in curves for x in c[i:i + k]):.2f}" for i in range(0, n, k))
-        print(f"{fw:8s} accuracy reward per {k}-step window: {deciles}   (first {first:.3f} -> last {last:.3f}); "
+        print(f"{fw:13s} accuracy reward per {k}-step window: {deciles}   (first {first:.3f} -> last {last:.3f}); "
               f"greedy held-out accuracy before -> after: "
               + ", ".join(f"{a:.3f} -> {b:.3f}" for a, b in acc))
-    g, t = out["grpokit"], out["trl"]
+    g = out["grpokit"]
     ga = statistics.mean(b for _, b in g["acc"])
-    ta = statistics.mean(b for _, b in t["acc"])
-    print(f"grpokit {'>=' if ga >= ta else '<'} TRL on final greedy accuracy ({ga:.3f} vs {ta:.3f}); "
-          f"last-window training reward {g['last']:.3f} vs {t['last']:.3f}")
+    for fw, t in out.items():
+        if fw == "grpokit":
+            continue
+        ta = statistics.mean(b for _, b in t["acc"])
+        print(f"grpokit {'>=' if ga >= ta else '<'} {fw} on final greedy accuracy ({ga:.3f} vs {ta:.3f}); "
+              f"last-window training reward {g['last']:.3f} vs {t['last']:.3f}")
     return out
 
 
@@ -436,7 +444,7 @@ def main():
     ap.add_argument("--worker", choices=["grpokit", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (bench: 1 run of 1 timed step)")
-    ap.add_argument("--shapes", default="tiny,bench,learn", help="comma list of tiny, bench, learn")
+    ap.add_argument("--shapes", default="tiny,bench,learn", help="comma list of tiny, bench, learn, half")
     ap.add_argument("--repeats", type=int, default=None,
                     help="runs of each framework per shape, interleaved (default: tiny 3, bench 2, learn 2)")
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default: tiny 40 after 5 warm-up steps, bench 4 after 1)")
@@ -450,13 +458,17 @@ def main():
     ap.add_argument("--baseline-src", default=None,
                     help="instead of TRL: grpokit against another grpokit tree's src/ folder (e.g. a git worktree "
                          "of the previous commit), variant 'grpokit-base': a hot-path change measured before/after")
+    ap.add_argument("--async-staleness", type=int, default=None,
+                    help="add the variant 'grpokit-async': grpokit with a generation worker sampling ahead "
+                         "(max_staleness=N), beside grpokit and TRL")
+    ap.add_argument("--no-trl", action="store_true", help="leave TRL out (grpokit variants only)")
     ap.add_argument("--json", default=None, help="write all results to this file")
     args = ap.parse_args()
     if args.worker:
         result = worker(args.worker, json.loads(args.spec))
         print("RESULT " + json.dumps(result))
         return
-    if not os.path.exists(args.trl_python) and not (args.ablate or args.baseline_src):
+    if not os.path.exists(args.trl_python) and not (args.ablate or args.baseline_src or args.no_trl):
         sys.exit(f"no TRL venv at {args.trl_python}; see the set-up lines at the top of this file.")
 
     if args.starter is None and any(x in args.shapes for x in ("tiny", "learn")):
@@ -470,8 +482,8 @@ def main():
     # tiny steps take ~0.05-0.1 s and the first few of a run are slower on both sides (allocator,
     # oneDNN primitives for new shapes): 5 warm-up steps, then 40 timed ones
     plan = {"tiny": (2, 10) if args.quick else (3, 40), "bench": (1, 1) if args.quick else (2, 4),
-            "learn": (1, 12) if args.quick else (2, 40)}
-    warmups = {"tiny": 5, "bench": 1, "learn": 0}
+            "learn": (1, 12) if args.quick else (2, 40), "half": (1, 3) if args.quick else (2, 8)}
+    warmups = {"tiny": 5, "bench": 1, "learn": 0, "half": 2}
     peaks = [matmul_peak(args.threads)]
     print(f"fp32 matmul peak (2048^3 torch.matmul loop, {args.threads or 'default'} threads): "
           f"{peaks[0] / 1e9:.1f} GFLOP/s", flush=True)
@@ -484,11 +496,13 @@ def main():
         if name == "learn":
             spec.update(eval_n=200)
         variants = (["grpokit", *ABLATIONS] if args.ablate else ["grpokit", "grpokit-base"] if args.baseline_src
-                    else ["grpokit", "trl"])
+                    else ["grpokit"] + (["grpokit-async"] if args.async_staleness is not None else [])
+                    + ([] if args.no_trl else ["trl"]))
         runs = {v: [] for v in variants}
         for rep in range(repeats):
             for fw in (variants if rep % 2 == 0 else variants[::-1]):
-                spec_r = dict(spec, seed=spec["seed"] + rep, ablate=fw if fw in ABLATIONS else None)
+                spec_r = dict(spec, seed=spec["seed"] + rep, ablate=fw if fw in ABLATIONS else None,
+                              max_staleness=args.async_staleness if fw == "grpokit-async" else None)
                 worker_fw = "trl" if fw == "trl" else "grpokit"
                 t = time.perf_counter()
                 res = run_worker(worker_fw, spec_r, args.trl_python if fw == "trl" else sys.executable,

@@ -269,9 +269,15 @@ class AsyncPipeline:
         return r
 
     def send(self, run, r: Request) -> None:
-        if self.staged != r.version:
+        staged_now = self.staged != r.version
+        if staged_now:
             self.stage(run, r.version)
         self.requests.put(r)
+        if staged_now:  # the trainer's side of the probe, while the worker loads and samples
+            started = time.perf_counter()
+            assert self.channel is not None
+            self.expected[r.version] = self.channel.report(run.model, r.version)
+            self.add_stat("async/sync_seconds", time.perf_counter() - started)
 
     def stage(self, run, version: int) -> None:
         assert self.channel is not None
@@ -283,8 +289,6 @@ class AsyncPipeline:
                 deadline = time.monotonic() + self.timeout
             elif time.monotonic() > deadline:
                 raise self.silence(waiting_for)
-        with torch.no_grad():
-            self.expected[version] = self.channel.report(run.model, version)
         self.channel.stage(run.model, version)
         self.staged = version
         self.add_stat("async/sync_seconds", time.perf_counter() - started)
@@ -315,13 +319,15 @@ class AsyncPipeline:
         if kind == "synced":
             got: ProbeReport = pickle.loads(message[1])
             expected = self.expected.pop(got.version, None)
-            if expected is not None:
-                gap = compare(expected, got, self.tolerance)
-                if gap is not None:
-                    raise PipelineError(f"rank {self.rank}: the sampler runs another policy than the trainer: {gap}")
-                if expected.logps.numel():
-                    diff = float((expected.logps - got.logps).abs().max())
-                    self.stats["async/probe_gap"] = max(self.stats.get("async/probe_gap", 0.0), diff)
+            if expected is None:
+                raise PipelineError(f"rank {self.rank}: the worker loaded the weights of step {got.version}, which "
+                                    "the trainer did not stage (the pipeline's order is broken)")
+            gap = compare(expected, got, self.tolerance)
+            if gap is not None:
+                raise PipelineError(f"rank {self.rank}: the sampler runs another policy than the trainer: {gap}")
+            if expected.logps.numel():
+                diff = float((expected.logps - got.logps).abs().max())
+                self.stats["async/probe_gap"] = max(self.stats.get("async/probe_gap", 0.0), diff)
         elif kind == "result":
             self.ready[message[1]] = pickle.loads(message[2])
         return True

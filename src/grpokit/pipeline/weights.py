@@ -53,6 +53,7 @@ class WeightChannel:
         self.flags = torch.full((4,), -1, dtype=torch.int64).share_memory_()
         self.flags[STAGE] = 0
         self.probe_ids = [list(map(int, ids)) for ids in probe_ids if len(ids) >= 2]
+        self.eval_mode = has_dropout(model)  # without dropout, train and eval mode compute the same
 
     # ---- the trainer's side ----
     def stage(self, model, version: int) -> None:
@@ -97,26 +98,41 @@ class WeightChannel:
         params = dict(model.named_parameters())
         sums = {n: (float(params[n].detach().sum(dtype=torch.float64)),
                     float(torch.linalg.vector_norm(params[n].detach(), dtype=torch.float64))) for n in self.names}
-        return ProbeReport(version=version, logps=probe_logps(model, self.probe_ids), checksums=sums)
+        return ProbeReport(version=version, logps=probe_logps(model, self.probe_ids, eval_mode=self.eval_mode),
+                           checksums=sums)
+
+
+DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+                  "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def has_dropout(model) -> bool:
+    """Whether `model` computes differently in train mode: a Dropout module with p > 0, or a
+    dropout rate in its config (attention dropout is often functional)."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    return any(float(getattr(config, k, 0) or 0) > 0 for k in DROPOUT_FIELDS)
 
 
 @torch.no_grad()
-def probe_logps(model, probe_ids: list[list[int]]) -> torch.Tensor:
-    """Each probe sequence's token log-probs (teacher-forced, eval mode), concatenated."""
+def probe_logps(model, probe_ids: list[list[int]], eval_mode: bool = True) -> torch.Tensor:
+    """The probe sequences' token log-probs (teacher-forced, in eval mode when `eval_mode`; one
+    forward: the sequences cut to the shortest's length), flattened."""
     if not probe_ids:
         return torch.zeros(0)
     was_training = model.training
-    model.eval()
+    if eval_mode:
+        model.eval()
     try:
         device = next(model.parameters()).device
-        out = []
-        for ids in probe_ids:
-            x = torch.tensor([ids], device=device)
-            logits = model(input_ids=x).logits[0, :-1].float()
-            out.append(torch.log_softmax(logits, dim=-1).gather(-1, x[0, 1:, None]).squeeze(-1).cpu())
-        return torch.cat(out)
+        length = min(len(ids) for ids in probe_ids)
+        x = torch.tensor([ids[:length] for ids in probe_ids], device=device)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        return torch.log_softmax(logits, dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1).reshape(-1).cpu()
     finally:
-        model.train(was_training)
+        if eval_mode:
+            model.train(was_training)
 
 
 def compare(expected: ProbeReport, got: ProbeReport, tolerance: float, rel: float = 1e-9) -> str | None:
