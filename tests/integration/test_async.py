@@ -258,3 +258,26 @@ def test_trls_async_trainer_and_config_names(tmp_path):
     with pytest.raises(ValueError, match="max_staleness is None"):
         AsyncGRPOTrainer(model=make_tiny_model(tok), reward_funcs=count_a, processing_class=tok, train_dataset=data,
                          args=GRPOConfig(output_dir=str(tmp_path / "x")))
+
+
+def test_images_through_the_worker_staleness_zero_is_the_synchronous_run(tmp_path):
+    """The colors task (a vision-language starter): prompts with pictures sampled in the worker,
+    their pixel inputs sent back with the rollouts, the same weights as the synchronous run."""
+    from grpokit import GRPOConfig, GRPOTrainer
+    from grpokit.models import starter_model_path
+
+    def run(name, **kw):
+        args = GRPOConfig(output_dir=str(tmp_path / name), task="colors", task_num_train=16, task_num_eval=4,
+                          max_steps=3, per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
+                          learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                          logging_steps=1,
+                          plot=False, **kw)
+        t = GRPOTrainer(model=starter_model_path("colors"), args=args)
+        t.train()
+        return t
+
+    sync, worker = run("sync"), run("async", max_staleness=0)
+    a, b = weights(sync), weights(worker)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    stale = run("stale", max_staleness=1)
+    assert [e["async/staleness"] for e in stale.state.log_history if "loss" in e][-1] == 1

@@ -292,6 +292,10 @@ def build_run(cfg: TrainingConfig, *, model=None, reward_funcs=None, train_datas
     if world > 1 and cfg.distributed_strategy == "fsdp2" and cfg.use_vllm:
         raise ValueError("distributed_strategy='fsdp2' with use_vllm=True is not supported; use ddp.")
     pipeline = make_pipeline(cfg, rank=rank)
+    if comm.device.type != "cpu" and not isinstance(pipeline, InlinePipeline):
+        raise ValueError(f"max_staleness on {comm.device.type}: the generation worker is a process forked from the "
+                         "trainer and samples on the CPU; on a GPU set max_staleness=None (docs/async.md says what a "
+                         "GPU worker needs).")
     if world > 1 and cfg.distributed_strategy == "fsdp2" and not isinstance(pipeline, InlinePipeline):
         raise ValueError("max_staleness (a generation worker) with distributed_strategy='fsdp2' is not supported: "
                          "the worker needs whole weights; use ddp, or max_staleness=None.")

@@ -354,7 +354,7 @@ def savable(pending: list[dict]) -> bool:
         return False
 
 
-def probe_ids(run, count: int = 2, length: int = 32) -> list[list[int]]:
+def probe_ids(run, count: int = 2, length: int = 16) -> list[list[int]]:
     """The probe set: the first text-only training prompts, at most `length` tokens each."""
     out: list[list[int]] = []
     for r in range(len(run.train)):
