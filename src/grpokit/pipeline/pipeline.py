@@ -152,8 +152,10 @@ class AsyncPipeline:
         if self.process is None:
             return
         try:
-            # idle: it stops at the sentinel; busy (a batch no one will train on, or hung): killed
-            if self.channel is not None and int(self.channel.flags[STAGE]) == IDLE:
+            # idle with nothing asked of it: it stops at the sentinel; else (a batch no one will
+            # train on, requests queued after an error, or hung) it is killed
+            idle = self.channel is not None and int(self.channel.flags[STAGE]) == IDLE
+            if idle and all(j in self.ready for j in self.requested):
                 self.requests.put(None)
                 self.process.join(timeout=5)
         finally:
