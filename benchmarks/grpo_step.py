@@ -123,16 +123,16 @@ def _sum_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def _first_int(text: str):
+def _last_int(text: str):
     import re
 
-    m = re.search(r"-?\d+", text)
-    return m.group(0) if m else None
+    found = re.findall(r"-?\d+", text)
+    return found[-1] if found else None
 
 
 def sum_correct(prompts, completions, answer, **kw):
-    """1 when the completion's first integer is the sum, else 0."""
-    return [float(_first_int(c[-1]["content"] if isinstance(c, list) else c) == a) for c, a in zip(completions, answer)]
+    """1 when the completion's last integer is the sum ("5 + 19 = 24" counts), else 0."""
+    return [float(_last_int(c[-1]["content"] if isinstance(c, list) else c) == a) for c, a in zip(completions, answer)]
 
 
 def sum_brief(prompts, completions, **kw):
@@ -243,7 +243,7 @@ def _sum_accuracy(model, tok, n: int) -> float:
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             out = model.generate(**enc, do_sample=False, max_new_tokens=16, pad_token_id=tok.pad_token_id)
             answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            correct += sum(_first_int(a) == r["answer"] for a, r in zip(answers, chunk))
+            correct += sum(_last_int(a) == r["answer"] for a, r in zip(answers, chunk))
     tok.padding_side = side
     return correct / len(rows)
 

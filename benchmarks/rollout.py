@@ -60,9 +60,9 @@ def smollm2(n_prompts: int):
 
     model = load_model("smollm2-135m-instruct", device="cpu")
     tok = load_tokenizer("smollm2-135m-instruct")
-    prompts = [tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPTS[i % len(CHAT_PROMPTS)]}],
-                                       add_generation_prompt=True, tokenize=True) for i in range(n_prompts)]
-    return model, tok, [list(p["input_ids"] if isinstance(p, dict) else p) for p in prompts]
+    texts = [tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPTS[i % len(CHAT_PROMPTS)]}],
+                                     add_generation_prompt=True, tokenize=False) for i in range(n_prompts)]
+    return model, tok, [list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
 def timed(fn, device):

@@ -302,6 +302,40 @@ def test_packed_cpu_lm_head_is_used_during_generation_and_removed_after(tok, mon
                                torch.tensor([l for x in b for l in x.logprobs]), atol=1e-5, rtol=0)
 
 
+def test_lora_layers_run_on_merged_weights_during_generation_and_are_restored_after(tok):
+    """A LoRA model's adapted layers sample from W + scale * B @ A (one product) while the engine
+    generates: the same tokens and log-probs (to float error) as PEFT's three products, the
+    adapter and the base weights untouched, the layers' own forward back afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                              lora_dropout=0.0))
+    with torch.no_grad():  # a trained-looking adapter (B starts at 0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora_layers = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")]
+    merged_calls = []
+    for m in lora_layers:
+        m.register_forward_hook(lambda mod, args, out: merged_calls.append("forward" in mod.__dict__))
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=3)
+    a = HFEngine(model, tok).generate(PROMPTS, n=4, params=params)
+    assert merged_calls and all(merged_calls)
+    assert all("forward" not in m.__dict__ for m in lora_layers)
+    merged_calls.clear()
+    b = HFEngine(model, tok, cpu_merged_lora=False).generate(PROMPTS, n=4, params=params)
+    assert merged_calls and not any(merged_calls)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    torch.testing.assert_close(torch.tensor([l for x in a for l in x.logprobs]),
+                               torch.tensor([l for x in b for l in x.logprobs]), atol=1e-5, rtol=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with model.disable_adapter():  # the adapter off: nothing merged
+        c = HFEngine(model, tok).generate(PROMPTS, n=4, params=params)
+    assert [x.token_ids for x in c] != [x.token_ids for x in a]
+
+
 def test_update_weights_same_module_noop_other_module_copied(tok):
     model, other = tiny(seed=0), tiny(seed=1)
     engine = HFEngine(model, tok)

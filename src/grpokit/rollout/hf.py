@@ -17,6 +17,8 @@ Where the speed comes from (see benchmarks/README.md for the measured effect of 
    decode step -- runs on a weight packed once per `generate` call: 1.4-2.5x faster than
    `F.linear` at 4-64 rows on a 32k vocabulary (the same product, summed in another order);
    projections under 1M weights keep `F.linear`, faster there.
+8. On CPU, a LoRA model's adapted layers run on merged weights (W + scale * B @ A, made once per
+   call; the base weights untouched): one product per layer instead of three.
 
 One decode loop (`_decode`) serves `generate` and `generate_multiturn`: a single-turn call is a
 conversation whose driver never continues (`_OneTurn`), its finished rows dropped instead of
@@ -26,6 +28,7 @@ parked with their KV cache for a next turn.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import time
 from collections.abc import Callable
@@ -84,6 +87,51 @@ def _packed_cpu_lm_head(model, enabled: bool):
         del head.forward
 
 
+@contextlib.contextmanager
+def _merged_cpu_lora(model, enabled: bool):
+    """While active, each LoRA linear layer (PEFT's `lora.Linear` on a float32 CPU nn.Linear, its
+    active adapters neither DoRA nor with a LoRA bias) runs one `F.linear` on a merged copy of its
+    weight, W + sum of scale * B @ A over the active adapters, made on entry (so it has the current
+    adapter) instead of the base product plus the two low-rank ones; restored on exit. The base
+    weights are never touched (PEFT's merge_adapter / unmerge_adapter would round them a little at
+    each step). Costs a copy of the adapted weights while generating; the same product summed in
+    another order (~1e-7 relative)."""
+    layers = []
+    if enabled:
+        try:
+            from peft.tuners.lora.layer import Linear as LoraLinear
+        except ImportError:  # peft is optional
+            LoraLinear = None
+        for m in model.modules() if LoraLinear is not None else ():
+            if type(m) is not LoraLinear or m.merged or m.disable_adapters:
+                continue
+            base = m.get_base_layer()
+            adapters = [a for a in m.active_adapters if a in m.lora_A]
+            if (type(base) is not torch.nn.Linear or base.weight.device.type != "cpu"
+                    or base.weight.dtype != torch.float32 or not adapters
+                    or any(m.use_dora.get(a, False) or getattr(m, "lora_bias", {}).get(a, False) for a in adapters)):
+                continue
+            layers.append((m, base, adapters))
+    if not layers:
+        yield
+        return
+    try:
+        for m, base, adapters in layers:
+            weight = base.weight.detach().clone()
+            for a in adapters:
+                weight += m.get_delta_weight(a).detach()
+            bias = None if base.bias is None else base.bias.detach()
+            m.forward = functools.partial(_linear, weight=weight, bias=bias)
+        yield
+    finally:
+        for m, _, _ in layers:
+            m.__dict__.pop("forward", None)
+
+
+def _linear(x, *args, weight, bias, **kwargs):
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def _layer_kv_shapes(cfg) -> list[tuple[int, int]]:
     """(key/value heads, head dim) of each layer: from the per-layer configs where the model has
     them (transformers' heterogeneous configs, e.g. Gemma 4: the global head_dim is ambiguous)."""
@@ -130,11 +178,13 @@ class HFEngine:
             by length (padding under `prefill_max_padding` of a batch); 0 prefills one by one.
         prefill_max_padding: largest fraction of padding tokens allowed in a prefill batch.
         cpu_packed_lm_head: on CPU, run the output projection on a oneDNN-packed weight (see 7.).
+        cpu_merged_lora: on CPU, run each LoRA layer on its merged weight (see 8.).
     """
 
     def __init__(self, model, tokenizer, *, max_batch_tokens: int | None = None,
                  kv_cache_memory: int | None = None, prefill_batch_tokens: int = 2048,
-                 prefill_max_padding: float = 0.1, cpu_packed_lm_head: bool = True):
+                 prefill_max_padding: float = 0.1, cpu_packed_lm_head: bool = True,
+                 cpu_merged_lora: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_tokens = max_batch_tokens
@@ -142,6 +192,7 @@ class HFEngine:
         self.prefill_batch_tokens = prefill_batch_tokens
         self.prefill_max_padding = prefill_max_padding
         self.cpu_packed_lm_head = cpu_packed_lm_head
+        self.cpu_merged_lora = cpu_merged_lora
         self.eos_ids = eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
@@ -207,7 +258,8 @@ class HFEngine:
 
     @contextlib.contextmanager
     def _session(self, prompt_ids, n, params):
-        """Checks, the seed, eval mode, no grad, SDPA and the packed output projection for one call."""
+        """Checks, the seed, eval mode, no grad, SDPA, the packed output projection and the merged
+        LoRA weights for one call."""
         self._check_inputs(prompt_ids, n, params)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "waves": 0,
@@ -223,7 +275,8 @@ class HFEngine:
             cfg._attn_implementation = "sdpa"
         model.eval()
         try:
-            with torch.no_grad(), _packed_cpu_lm_head(unwrap(model), self.cpu_packed_lm_head):
+            with (torch.no_grad(), _packed_cpu_lm_head(unwrap(model), self.cpu_packed_lm_head),
+                  _merged_cpu_lora(model, self.cpu_merged_lora)):
                 yield seed
         finally:
             model.train(was_training)
