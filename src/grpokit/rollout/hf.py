@@ -96,14 +96,15 @@ def _merged_cpu_lora(model, enabled: bool):
     weights are never touched (PEFT's merge_adapter / unmerge_adapter would round them a little at
     each step). Costs a copy of the adapted weights while generating; the same product summed in
     another order (~1e-7 relative)."""
-    layers = []
+    layers: list[tuple[Any, Any, list[str]]] = []
+    lora_linear: Any = None
     if enabled:
         try:
-            from peft.tuners.lora.layer import Linear as LoraLinear
+            from peft.tuners.lora.layer import Linear as lora_linear
         except ImportError:  # peft is optional
-            LoraLinear = None
-        for m in model.modules() if LoraLinear is not None else ():
-            if type(m) is not LoraLinear or m.merged or m.disable_adapters:
+            pass
+        for m in model.modules() if lora_linear is not None else ():
+            if type(m) is not lora_linear or m.merged or m.disable_adapters:
                 continue
             base = m.get_base_layer()
             adapters = [a for a in m.active_adapters if a in m.lora_A]
@@ -121,7 +122,7 @@ def _merged_cpu_lora(model, enabled: bool):
             for a in adapters:
                 weight += m.get_delta_weight(a).detach()
             bias = None if base.bias is None else base.bias.detach()
-            m.forward = functools.partial(_linear, weight=weight, bias=bias)
+            m.__dict__["forward"] = functools.partial(_linear, weight=weight, bias=bias)
         yield
     finally:
         for m, _, _ in layers:
