@@ -297,6 +297,11 @@ def test_packed_cpu_lm_head_is_used_during_generation_and_removed_after(tok, mon
     seen.clear()
     b = HFEngine(model, tok, cpu_packed_lm_head=False).generate(PROMPTS, n=1, params=greedy)
     assert seen and not any(seen)
+    assert_same_samples(a, b)
+
+
+def assert_same_samples(a: list[Completion], b: list[Completion]) -> None:
+    """The same tokens, and log-probs equal to float error (the same products summed in another order)."""
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
     torch.testing.assert_close(torch.tensor([l for x in a for l in x.logprobs]),
                                torch.tensor([l for x in b for l in x.logprobs]), atol=1e-5, rtol=0)
@@ -326,9 +331,7 @@ def test_lora_layers_run_on_merged_weights_during_generation_and_are_restored_af
     merged_calls.clear()
     b = HFEngine(model, tok, cpu_merged_lora=False).generate(PROMPTS, n=4, params=params)
     assert merged_calls and not any(merged_calls)
-    assert [x.token_ids for x in a] == [x.token_ids for x in b]
-    torch.testing.assert_close(torch.tensor([l for x in a for l in x.logprobs]),
-                               torch.tensor([l for x in b for l in x.logprobs]), atol=1e-5, rtol=0)
+    assert_same_samples(a, b)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     with model.disable_adapter():  # the adapter off: nothing merged
