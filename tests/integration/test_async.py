@@ -209,7 +209,7 @@ def test_the_worker_ignores_ctrl_c(tmp_path, monkeypatch):
     start = AsyncPipeline.start
 
     def start_then_interrupt_the_worker(self, run, state):
-        start(self, run, state)
+        start(self, run, state)  # SIGINT at once, maybe before the worker's handler (blocked across the fork)
         os.kill(self.process.pid, signal.SIGINT)
 
     monkeypatch.setattr(AsyncPipeline, "start", start_then_interrupt_the_worker)

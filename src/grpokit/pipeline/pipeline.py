@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import time
 from typing import Any, Protocol
 
@@ -144,7 +145,13 @@ class AsyncPipeline:
             target=worker_main, name=f"grpokit-generation-rank{self.rank}", daemon=True,
             args=(run.sample_here, run.model, lambda: run.engine.update_weights(run.model), self.channel,
                   self.requests, self.results, os.getpid()))
-        self.process.start()
+        # Ctrl-C in the instant between the fork and the worker's handler must not kill the worker:
+        # SIGINT is blocked across the fork (the worker ignores it, then unblocks it)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         torch.set_num_threads(max(1, self.threads - 1))  # the worker runs on one
         self.request_ahead(run)
 

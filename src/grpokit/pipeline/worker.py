@@ -32,6 +32,7 @@ def worker_main(sample: Callable[[list[int], int], Any], model, after_load: Call
     """`sample(rows, seed) -> Trajectories` (the run's own sampler); `model`: the module it
     samples from, loaded by `channel`; `after_load()`: tell the engine its weights changed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the trainer across the fork
     torch.set_num_threads(1)
     loaded = -1
     alive = lambda: os.getppid() == parent_pid  # noqa: E731 - re-parented: the trainer is gone
