@@ -215,8 +215,7 @@ class RunParts:
         self.optimizer.zero_grad(set_to_none=True)
         if applied:
             self.engine.update_weights(self.model)
-        with self.comm.guard("the weight sync"):
-            self.pipeline.weights_changed(self)
+        self.pipeline.weights_changed(self)
         return applied, grad_norm
 
     # ---- evaluation, the end ----

@@ -207,7 +207,9 @@ class AsyncPipeline:
     def weights_changed(self, run) -> None:
         self.version += 1
         if self.version % self.limits.sync_every == 0:
-            self.request_ahead(run)
+            # a rank whose worker fails here stops every rank now, naming it
+            with run.comm.guard("the weight sync"):
+                self.request_ahead(run)
 
     def metrics(self) -> dict[str, float]:
         out, self.stats = self.stats, {}
