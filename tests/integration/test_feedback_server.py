@@ -6,6 +6,7 @@ agreement with the fallback, resume; and two training steps whose rankings arriv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -290,6 +291,20 @@ def base_of(reward):
     return f"http://127.0.0.1:{reward.server.port}"
 
 
+@contextlib.contextmanager
+def labelling(reward):
+    """A scripted labeller ranking on `reward`'s page while the block runs; then stopped, and the
+    reward closed."""
+    person = Labeller(base_of(reward))
+    person.start()
+    try:
+        yield person
+    finally:
+        person.stop.set()
+        person.join(5)
+        reward.close()
+
+
 def metrics_sink():
     seen: dict[str, list[float]] = {}
     return seen, lambda name, value: seen.setdefault(name, []).append(value)
@@ -309,16 +324,10 @@ def test_the_reward_waits_for_a_labeller_ranking_through_the_page(tmp_path, caps
     reward = HumanFeedbackReward(store=tmp_path, deadline_s=20, token=TOKEN)
     lines = reward.preflight()
     assert f"/?token={TOKEN}" in capsys.readouterr().out and "store" in lines[0]
-    person = Labeller(base_of(reward))
-    person.start()
     seen, log = metrics_sink()
     t0 = time.monotonic()
-    try:
+    with labelling(reward) as person:
         out = run_groups(RewardRunner([reward], group_size=4, timeout=60), log_metric=log)
-    finally:
-        person.stop.set()
-        person.join(5)
-        reward.close()
     elapsed = time.monotonic() - t0
     assert elapsed < 10  # answered as the rankings came, not at the deadline
     # shorter is better: rank_rewards of the ranks, 1 best .. 0 worst
@@ -406,15 +415,9 @@ def test_agreement_with_the_fallback_is_logged(tmp_path, judge_prefers, tau):
     judge.scores_groups = True
     reward = HumanFeedbackReward(store=tmp_path, deadline_s=20, fallback=judge, token=TOKEN)
     reward.start()
-    person = Labeller(base_of(reward))
-    person.start()
     seen, log = metrics_sink()
-    try:
+    with labelling(reward):
         out = run_groups(RewardRunner([reward], group_size=4, timeout=60), log_metric=log)
-    finally:
-        person.stop.set()
-        person.join(5)
-        reward.close()
     assert seen["human/agreement_with_fallback"] == [tau, tau]
     assert out.per_func[2, 0] == 1.0  # the people's ranking is the reward, not the fallback's
 
@@ -463,15 +466,9 @@ def test_two_training_steps_wait_for_the_rankings(tmp_path):
                      disable_tqdm=True, plot=False, save_strategy="no", logging_steps=1, reward_timeout=60)
     trainer = GRPOTrainer(model=make_tiny_model(tok), reward_funcs=[reward], args=cfg, processing_class=tok,
                           train_dataset=data)
-    person = Labeller(base_of(reward))  # the trainer's preflight started the page
-    person.start()
     t0 = time.monotonic()
-    try:
+    with labelling(reward):  # the trainer's preflight started the page
         trainer.train()
-    finally:
-        person.stop.set()
-        person.join(5)
-        reward.close()
     assert time.monotonic() - t0 < 30
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "human/frac_ranked" in r]
