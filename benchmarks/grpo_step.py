@@ -305,8 +305,9 @@ def worker(framework: str, spec: dict) -> dict:
     if framework == "grpokit":
         from grpokit import GRPOConfig, GRPOTrainer
 
-        cfg = GRPOConfig(**common, plot=False, report_to="none", max_prompt_length=None,
-                         max_staleness=spec.get("max_staleness"))
+        # max_staleness only when set: a --baseline-src tree may predate the field
+        asynchronous = {"max_staleness": spec["max_staleness"]} if spec.get("max_staleness") is not None else {}
+        cfg = GRPOConfig(**common, plot=False, report_to="none", max_prompt_length=None, **asynchronous)
         plan = _forward_plan(spec.get("ablate"))
         trainer = GRPOTrainer(model=model, reward_funcs=rec.funcs, args=cfg, train_dataset=ds, processing_class=tok,
                               peft_config=_lora(spec), **({"forward_plan": plan} if plan else {}))
