@@ -35,10 +35,10 @@ def run_worker(script: str, framework: str, spec: dict, baseline_src: str | None
 
 
 def alternate(script: str, repeats: int, spec_for: Callable[[int], dict],
-              baseline_src: str | None = None) -> dict[str, list[dict]]:
-    """`repeats` runs of both sides (repeat r with spec_for(r)), grpokit first in even repeats and
-    the other first in odd ones; {side: [result per repeat]}. The other side is TRL, or the
-    grpokit tree `baseline_src` ("baseline")."""
+              baseline_src: str | None = None, grpokit_only: dict | None = None) -> dict[str, list[dict]]:
+    """`repeats` runs of both sides (repeat r with spec_for(r), plus `grpokit_only` on this tree's
+    grpokit side), grpokit first in even repeats and the other first in odd ones; {side: [result per
+    repeat]}. The other side is TRL, or the grpokit tree `baseline_src` ("baseline")."""
     other = "baseline" if baseline_src else "trl"
     if other == "trl" and not os.path.exists(TRL_PYTHON):
         sys.exit(f"TRL's venv is missing ({TRL_PYTHON}); see benchmarks/grpo_step.py for how to make it.")
@@ -46,7 +46,8 @@ def alternate(script: str, repeats: int, spec_for: Callable[[int], dict],
     for r in range(repeats):
         for fw in (("grpokit", other) if r % 2 == 0 else (other, "grpokit")):
             t0 = time.perf_counter()
-            results[fw].append(run_worker(script, fw, spec_for(r), baseline_src))
+            spec = dict(spec_for(r), **(grpokit_only or {})) if fw == "grpokit" else spec_for(r)
+            results[fw].append(run_worker(script, fw, spec, baseline_src))
             print(f"  repeat {r + 1}: {fw} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return results
 
@@ -65,6 +66,8 @@ def command_line(doc: str, worker: Callable[[str, dict], dict]):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--baseline-src", default=None,
                     help="compare with the grpokit of this tree (a git worktree of an earlier commit) instead of TRL")
+    ap.add_argument("--draft-tokens", type=int, default=0,
+                    help="this tree's grpokit with draft_tokens=N (n-gram drafts checked in the decode step)")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, json.loads(args.spec))))
@@ -74,11 +77,12 @@ def command_line(doc: str, worker: Callable[[str, dict], dict]):
 
 def train_timed(framework: str, model, reward, train_dataset, processing_class, *, prompts: int,
                 max_completion_length: int, learning_rate: float, max_steps: int, seed: int, prefix: str,
-                **trainer_kwargs) -> tuple[object, list[float]]:
+                config: dict | None = None, **trainer_kwargs) -> tuple[object, list[float]]:
     """Train `model` with `framework`'s GRPOTrainer (grpokit's, or TRL's in its venv) under the
     benchmarks' shared settings: G = 8 x `prompts` a step, temperature 1 without top-k/top-p, dapo,
     beta 0, constant lr, fused AdamW, clipping at 1, no gradient checkpointing, the dataset in its
-    own order, nothing logged or saved. Returns the trainer and the seconds of each step."""
+    own order, nothing logged or saved; `config`: more grpokit GRPOConfig fields. Returns the trainer
+    and the seconds of each step."""
     from transformers import TrainerCallback
 
     marks: list[float] = []
@@ -100,7 +104,7 @@ def train_timed(framework: str, model, reward, train_dataset, processing_class, 
     if framework == "grpokit":
         from grpokit import GRPOConfig, GRPOTrainer
 
-        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=GRPOConfig(**common, plot=False),
+        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=GRPOConfig(**common, plot=False, **(config or {})),
                               train_dataset=train_dataset, processing_class=processing_class, callbacks=[Marks()],
                               **trainer_kwargs)
     else:

@@ -307,6 +307,8 @@ def worker(framework: str, spec: dict) -> dict:
 
         # max_staleness only when set: a --baseline-src tree may predate the field
         asynchronous = {"max_staleness": spec["max_staleness"]} if spec.get("max_staleness") is not None else {}
+        if spec.get("draft_tokens"):  # likewise draft_tokens
+            asynchronous["draft_tokens"] = spec["draft_tokens"]
         cfg = GRPOConfig(**common, plot=False, report_to="none", max_prompt_length=None, **asynchronous)
         plan = _forward_plan(spec.get("ablate"))
         trainer = GRPOTrainer(model=model, reward_funcs=rec.funcs, args=cfg, train_dataset=ds, processing_class=tok,
@@ -567,6 +569,9 @@ def main():
     ap.add_argument("--async-staleness", type=int, default=None,
                     help="add the variant 'grpokit-async': grpokit with a generation worker sampling ahead "
                          "(max_staleness=N), beside grpokit and TRL")
+    ap.add_argument("--draft-tokens", type=int, default=None,
+                    help="add the variant 'grpokit-draft': grpokit with draft_tokens=N (n-gram drafts checked in "
+                         "the decode step), beside grpokit and TRL")
     ap.add_argument("--no-trl", action="store_true", help="leave TRL out (grpokit variants only)")
     ap.add_argument("--smollm2-eval", type=int, default=32,
                     help="held-out sums for the greedy accuracy before/after on the smollm2 shapes (0: none)")
@@ -611,12 +616,14 @@ def main():
             spec.update(gguf_folder=folder, gguf_file=kwargs["gguf_file"], eval_n=args.smollm2_eval)
         variants = (["grpokit", *ABLATIONS] if args.ablate else ["grpokit", "grpokit-base"] if args.baseline_src
                     else ["grpokit"] + (["grpokit-async"] if args.async_staleness is not None else [])
+                    + (["grpokit-draft"] if args.draft_tokens else [])
                     + ([] if args.no_trl else ["trl"]))
         runs = {v: [] for v in variants}
         for rep in range(repeats):
             for fw in (variants if rep % 2 == 0 else variants[::-1]):
                 spec_r = dict(spec, seed=spec["seed"] + rep, ablate=fw if fw in ABLATIONS else None,
-                              max_staleness=args.async_staleness if fw == "grpokit-async" else None)
+                              max_staleness=args.async_staleness if fw == "grpokit-async" else None,
+                              draft_tokens=args.draft_tokens if fw == "grpokit-draft" else None)
                 worker_fw = "trl" if fw == "trl" else "grpokit"
                 t = time.perf_counter()
                 res = run_worker(worker_fw, spec_r, args.trl_python if fw == "trl" else sys.executable,

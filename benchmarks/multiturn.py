@@ -68,9 +68,10 @@ def worker(framework: str, spec: dict) -> dict:
         return rewards
 
     acc_before = _accuracy_with_tools(model, tok, task, spec["eval_n"])
+    draft = {"config": {"draft_tokens": spec["draft_tokens"]}} if spec.get("draft_tokens") else {}
     trainer, seconds = train_timed(framework, model, exact_product, ds, tok, prompts=per_step,
                                    max_completion_length=96, learning_rate=spec["lr"], max_steps=total,
-                                   seed=0, prefix="mt_bench", tools=task.tools)
+                                   seed=0, prefix="mt_bench", tools=task.tools, **draft)
     acc_after = _accuracy_with_tools(trainer.model, tok, task, spec["eval_n"])
     import importlib.metadata as md
 
@@ -85,9 +86,11 @@ def main():
     spec = {"threads": args.threads, "prompts": 8, "warmup": 2, "steps": args.steps or (10 if args.quick else 24),
             "lr": 3e-4, "eval_n": 100}
     repeats = args.repeats or (1 if args.quick else 2)
-    results = alternate(__file__, repeats, lambda r: spec, args.baseline_src)
+    results = alternate(__file__, repeats, lambda r: spec, args.baseline_src,
+                        grpokit_only={"draft_tokens": args.draft_tokens} if args.draft_tokens else None)
     print(f"\nmulti-turn GRPO, task multiply (starter-multiply), G=8 x {spec['prompts']} prompts, "
-          f"{spec['steps']} measured steps after {spec['warmup']}, {args.threads} thread(s), {repeats} repeat(s); "
+          f"{spec['steps']} measured steps after {spec['warmup']}, {args.threads} thread(s), {repeats} repeat(s), "
+          f"grpokit draft_tokens={args.draft_tokens}; "
           + (f"grpokit {results['grpokit'][0]['version']}, TRL {results['trl'][0]['version']}" if "trl" in results
              else f"against the grpokit of {args.baseline_src}"))
     med = {}

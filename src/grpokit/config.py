@@ -213,6 +213,10 @@ class TrainingConfig:
                                    "vllm (CUDA, optional install).")
     use_vllm: bool = _f(False, "TRL's name for rollout_engine='vllm' (True exactly when rollout_engine is vllm).")
     max_batch_tokens: int | None = _f(None, "Cap on prompt+completion tokens decoded at once (None = engine default).")
+    draft_tokens: int = _f(0, "Most draft tokens per completion and decode step of grpokit's engine, guessed by "
+                              "n-gram lookup (the completion's own context, its group's and the last step's "
+                              "completions) and checked in the same forward: the samples are those of one token "
+                              "per step; a step drafts only where the guesses are expected to pay. 0 = off.")
     # --- optimizer ---
     learning_rate: float = _f(1e-6, "AdamW learning rate.")
     lr_scheduler_type: str = _f("linear", "linear | cosine | constant | constant_with_warmup.")
@@ -361,6 +365,10 @@ class TrainingConfig:
         self._check_chat_template_kwargs()
         need(self.rollout_engine in ENGINES,
              f"rollout_engine={self.rollout_engine!r}: use one of {', '.join(sorted(ENGINES))}.")
+        need(self.draft_tokens >= 0, "draft_tokens must be >= 0 (0 = off).")
+        need(self.draft_tokens == 0 or self.rollout_engine == "hf",
+             f"draft_tokens={self.draft_tokens} drafts in grpokit's engine (rollout_engine='hf'), not with "
+             f"rollout_engine={self.rollout_engine!r}; set draft_tokens=0 (vLLM has its own speculative decoding).")
         need(self.use_vllm == (self.rollout_engine == "vllm"),
              f"use_vllm={self.use_vllm!r} disagrees with rollout_engine={self.rollout_engine!r}; set rollout_engine "
              "(use_vllm=True is rollout_engine='vllm').")

@@ -180,3 +180,34 @@ def test_the_guess_environment_task_trains_on_its_own_reward(tmp_path):
     log = [e for e in trainer.state.log_history if "rewards/GuessTheNumber/mean" in e]
     assert log and log[0]["rewards/GuessTheNumber/mean"] == pytest.approx(sum(rewards) / len(rewards))
     assert log[0]["turns/mean"] > 1.5  # several guesses per game
+
+
+def test_draft_tokens_train_the_same_conversations(tmp_path):
+    """draft_tokens=4 (n-gram drafts checked in the decode step): the same sampled conversations,
+    rewards and losses as one token per step, in fewer decode forwards; said in the summary."""
+    logs, steps = {}, {}
+    for k in (0, 4):
+        trainer = GRPOTrainer(args=config(tmp_path / str(k), max_steps=3, draft_tokens=k))
+        assert ("draft tokens per completion" in trainer.parts.summary()) == bool(k)
+        engine = trainer.parts.engine
+        forwards = []
+        generate = engine.generate_multiturn
+
+        def counted(*a, engine=engine, generate=generate, forwards=forwards, **kw):
+            generate(*a, **kw)
+            forwards.append(engine.stats["steps"])
+
+        engine.generate_multiturn = counted
+        trainer.train()
+        logs[k] = [{key: e[key] for key in ("reward", "loss", "completions/mean_length") if key in e}
+                   for e in trainer.state.log_history if "reward" in e]
+        steps[k] = sum(forwards)
+    assert logs[4] == logs[0] and len(logs[0]) == 3
+    assert steps[4] < steps[0]
+
+
+def test_draft_tokens_need_grpokits_engine():
+    with pytest.raises(ValueError, match="draft_tokens=4 drafts in grpokit's engine"):
+        GRPOConfig(output_dir="x", use_cpu=True, draft_tokens=4, rollout_engine="hf-generate")
+    with pytest.raises(ValueError, match="draft_tokens must be >= 0"):
+        GRPOConfig(output_dir="x", use_cpu=True, draft_tokens=-1)

@@ -273,11 +273,15 @@ def build_engine(cfg: TrainingConfig, models: Models, *, images: bool, notes: li
         why = needs_generate(policy) or (f"generation_kwargs {', '.join(sorted(extra))} need transformers' generate"
                                          if extra else None)
         if why:
-            notes.append(f"rollout: transformers' generate ({why}); slower than grpokit's engine.")
+            notes.append(f"rollout: transformers' generate ({why}); slower than grpokit's engine"
+                         + (f", and without draft tokens (draft_tokens={cfg.draft_tokens})." if cfg.draft_tokens else "."))
             engine = make_engine("hf-generate", policy, tok, generation_kwargs=extra,
                                  score_with_images=score_with_training_forward)
         else:
-            engine = make_engine("hf", policy, tok, max_batch_tokens=cfg.max_batch_tokens)
+            engine = make_engine("hf", policy, tok, max_batch_tokens=cfg.max_batch_tokens, draft_tokens=cfg.draft_tokens)
+            if cfg.draft_tokens:
+                notes.append(f"rollout: up to {cfg.draft_tokens} draft tokens per completion and step (n-gram lookup), "
+                             "checked in the same forward; not with stop strings or a repetition penalty.")
     if images and not capabilities_of(engine).images:
         raise ValueError(f"images are sampled by grpokit's engine or transformers' generate, not by "
                          f"{type(engine).__name__}; use the default engine.")

@@ -38,6 +38,7 @@ import torch
 
 from grpokit.modeling.info import text_config, unwrap
 from grpokit.rollout.base import Completion, EngineCapabilities, eos_ids, finish_text, register_engine
+from grpokit.rollout.draft import Drafter, NgramDrafter, accepted_drafts, draft_width
 from grpokit.rollout.kv import SlotCache
 from grpokit.rollout.sampling import SamplingParams, row_keys, row_uniforms, sample
 
@@ -180,12 +181,19 @@ class HFEngine:
         prefill_max_padding: largest fraction of padding tokens allowed in a prefill batch.
         cpu_packed_lm_head: on CPU, run the output projection on a oneDNN-packed weight (see 7.).
         cpu_merged_lora: on CPU, run each LoRA layer on its merged weight (see 8.).
+        draft_tokens: most draft tokens per row and decode step (see 9.), guessed by n-gram lookup
+            (`draft.NgramDrafter`); 0 decodes one token per step.
+        drafter: another source of draft tokens (a `draft.Drafter`); wins over draft_tokens.
+        draft_column_cost: the cost of a draft column, in decode steps (measured: ~0.4 on CPU for
+            the starter and SmolLM2-135M); a step drafts only where the expected tokens gained
+            exceed it (`draft.draft_width`).
     """
 
     def __init__(self, model, tokenizer, *, max_batch_tokens: int | None = None,
                  kv_cache_memory: int | None = None, prefill_batch_tokens: int = 2048,
                  prefill_max_padding: float = 0.1, cpu_packed_lm_head: bool = True,
-                 cpu_merged_lora: bool = True):
+                 cpu_merged_lora: bool = True, draft_tokens: int = 0, drafter: Drafter | None = None,
+                 draft_column_cost: float = 0.4):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_tokens = max_batch_tokens
@@ -194,11 +202,17 @@ class HFEngine:
         self.prefill_max_padding = prefill_max_padding
         self.cpu_packed_lm_head = cpu_packed_lm_head
         self.cpu_merged_lora = cpu_merged_lora
+        if not isinstance(draft_tokens, int) or draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be an int >= 0, got {draft_tokens!r}")
+        self.drafter: Drafter | None = drafter if drafter is not None else (
+            NgramDrafter(draft_tokens) if draft_tokens else None)
+        self.draft_column_cost = draft_column_cost
         self.eos_ids = eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
         self.stats: dict[str, float] = {}
-        """Phase split of the last call: prefill_s, decode_s, steps, waves, generated_tokens."""
+        """Phase split of the last call: prefill_s, decode_s, steps (decode forwards), waves,
+        generated_tokens, and with drafts draft_tokens (proposed) and draft_accepted."""
         self._check_model()
         self._router_logits = bool(getattr(unwrap(model).config, "output_router_logits", False))
         self.capabilities = self._capabilities()
@@ -264,7 +278,7 @@ class HFEngine:
         self._check_inputs(prompt_ids, n, params)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "waves": 0,
-                      "generated_tokens": 0}
+                      "generated_tokens": 0, "draft_tokens": 0, "draft_accepted": 0}
         model = self.model
         self.device = next(unwrap(model).parameters()).device
         was_training = model.training
@@ -411,6 +425,13 @@ class HFEngine:
                             for (i, _, c), v in zip(wave, visions) for _ in range(c)])
         if params.repetition_penalty != 1.0:
             rows.seen = self._prompt_seen(wave, prompt_ids, logits.shape[-1])
+        # drafts (see 9.): not with a repetition penalty or stop strings (both are decided token by
+        # token on the text so far) nor with images (positions shifted by M-RoPE)
+        if self.drafter is not None and rows.seen is None and not params.stop and all(v is None for v in visions):
+            rows.drafter = self.drafter
+            rows.drafter.start([list(prompt_ids[i]) for i, _, c in wave for _ in range(c)])
+            rows.accept = [0.5] * len(sample_of)
+            rows.retry_at = [0] * len(sample_of)
         while True:
             t1 = time.perf_counter()
             self._decode(cache, logits, rows, params, driver, keep_kv)
@@ -418,6 +439,8 @@ class HFEngine:
             going = driver.continuations()
             conts = [r for r in range(len(sample_of)) if sample_of[r] in going]
             if not conts:
+                if rows.drafter is not None:
+                    rows.drafter.finish()
                 return
             t2 = time.perf_counter()
             logits = self._extend(cache, rows, conts, [going[sample_of[r]] for r in conts], params.max_tokens)
@@ -469,8 +492,10 @@ class HFEngine:
         their turn: EOS, a stop string, or the completion budget (`params.max_tokens`, counting the
         tokens of earlier turns). A row whose turn ends is reported to `driver.turn_ended` at once and
         leaves the batch: parked with its KV cache for a later turn (`keep_kv`), else dropped (an
-        active row from the end takes its slot)."""
-        device, eos, stop = self.device, self.eos_ids, params.stop
+        active row from the end takes its slot). With a drafter (`rows.drafter`) a step may yield
+        several tokens per row (`_draft_step`)."""
+        device, eos, stop, drafter = self.device, self.eos_ids, params.stop, rows.drafter
+        floor = self.draft_column_cost / 2  # below it a row's drafts cannot pay for their columns
         at, seen = rows.at, rows.seen
         active = at[:cache.b]
         row_ids = torch.tensor(active, dtype=torch.long, device=device)  # wave row of each batch position
@@ -486,32 +511,62 @@ class HFEngine:
         step = 0
         while cache.b > 0:
             b = cache.b
-            if step > 0:
-                assert tokens is not None
-                logits = self._forward(input_ids=tokens[:b, None], position_ids=positions[:b, None],
-                                       attention_mask=cache.step_mask(), cache=cache)[:, -1, :]
-                positions[:b] += 1
-            tokens, token_lp = sample(logits, params, rows.uniforms[row_ids[:b], counts[:b]],
-                                      seen=None if seen is None else seen[:b])
-            if seen is not None:
-                seen[torch.arange(b, device=device), tokens] = True
-            counts[:b] += 1
-            tok_list, lp_list = tokens.tolist(), token_lp.tolist()
+            drafted = None
+            if step > 0 and drafter is not None:
+                proposals = []
+                for r in at[:b]:  # a row whose drafts are seldom kept is asked every 16th step only
+                    if rows.accept[r] >= floor or step >= rows.retry_at[r]:
+                        proposals.append(drafter.propose(r, limit[r] - len(turn_tokens[r]) - 1))
+                        rows.retry_at[r] = step + 16
+                    else:
+                        proposals.append([])
+                if any(proposals):
+                    width = draft_width(torch.tensor([len(d) for d in proposals]),
+                                        torch.tensor([rows.accept[r] for r in at[:b]]), self.draft_column_cost)
+                    if width > 1:
+                        assert tokens is not None
+                        drafted = self._draft_step(cache, tokens, positions, counts, row_ids, rows,
+                                                   [d[:width - 1] for d in proposals], params)
+            if drafted is not None:
+                new_tokens, new_logps, first, width = drafted
+            else:
+                if step > 0:
+                    assert tokens is not None
+                    if drafter is not None:  # draft steps use more columns than the tokens they keep
+                        cache.ensure_capacity(cache.layers[0].length + 1)
+                    logits = self._forward(input_ids=tokens[:b, None], position_ids=positions[:b, None],
+                                           attention_mask=cache.step_mask(), cache=cache)[:, -1, :]
+                    positions[:b] += 1
+                tokens, token_lp = sample(logits, params, rows.uniforms[row_ids[:b], counts[:b]],
+                                          seen=None if seen is None else seen[:b])
+                if seen is not None:
+                    seen[torch.arange(b, device=device), tokens] = True
+                counts[:b] += 1
+                new_tokens, new_logps = [[t] for t in tokens.tolist()], [[lp] for lp in token_lp.tolist()]
             # batch position -> finish reason, in the order the driver hears of them
             ended: dict[int, Literal["stop", "length"]] = {}
             tails = []
+            used = []
             for pos in range(b):
                 r = at[pos]
-                toks = turn_tokens[r]
-                toks.append(tok_list[pos])
-                turn_logps[r].append(lp_list[pos])
-                if tok_list[pos] in eos:
-                    ended[pos] = "stop"
-                    continue
-                if len(toks) >= limit[r]:
-                    ended[pos] = "length"  # unless its last token completed a stop string (below)
-                if stop:
+                toks, lps = turn_tokens[r], turn_logps[r]
+                new, k = new_tokens[pos], 0
+                for k, t in enumerate(new, 1):  # several only with drafts: never past an end
+                    toks.append(t)
+                    lps.append(new_logps[pos][k - 1])
+                    if t in eos:
+                        ended[pos] = "stop"
+                        break
+                    if len(toks) >= limit[r]:
+                        ended[pos] = "length"  # unless its last token completed a stop string (below)
+                        break
+                used.append(k)
+                if drafter is not None:
+                    drafter.extend(r, new[:k])
+                if stop and toks[-1] not in eos:
                     tails.append(pos)
+            if drafted is not None:
+                tokens = self._keep_drafts(cache, positions, counts, new_tokens, used, first, width)
             if tails and decode_batch is not None:  # stop strings are checked on the decoded tail of each row
                 texts = decode_batch([turn_tokens[at[pos]][-window:] for pos in tails])
                 for pos, text in zip(tails, texts):
@@ -521,9 +576,10 @@ class HFEngine:
             step += 1
             if not ended:
                 continue
+            assert tokens is not None
             for pos, reason in ended.items():
                 r = at[pos]
-                rows.last[r] = tok_list[pos]
+                rows.last[r] = turn_tokens[r][-1]
                 rows.count[r] += len(turn_tokens[r])
                 rows.parked_at[r] = cache.layers[0].length
                 self.stats["generated_tokens"] += len(turn_tokens[r])
@@ -531,6 +587,58 @@ class HFEngine:
             moved = (tokens, positions, row_ids, counts) if seen is None else (tokens, positions, row_ids, counts, seen)
             for to, frm in leave(list(ended), extra=moved):
                 at[to], at[frm] = at[frm], at[to]
+
+    def _draft_step(self, cache: SlotCache, tokens, positions, counts, row_ids, rows: "_Rows",
+                    proposals: list[list[int]], params) -> tuple[list[list[int]], list[list[float]], int, int]:
+        """One forward of each active row's last token and its draft tokens (right-padded to the
+        longest), writing all of them into the cache; the token at each position is drawn with the
+        uniform plain decoding uses there. Returns per row the tokens the step yields (its kept
+        drafts and the sampled token after them), their log-probs, and the columns written (first,
+        width); `_keep_drafts` then masks the columns of the drafts not kept."""
+        b, device = cache.b, self.device
+        width = 1 + max(map(len, proposals))
+        length = cache.layers[0].length
+        cache.ensure_capacity(length + width)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        ids[:, 0] = tokens[:b]
+        for pos, d in enumerate(proposals):
+            ids[pos, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
+        ids = ids.to(device)
+        cols = torch.arange(width, device=device)
+        low = torch.finfo(cache.mask.dtype).min
+        causal = torch.where(cols[:, None] >= cols[None, :], 0.0, low).to(cache.mask.dtype)   # [w, w]
+        mask = torch.cat([cache.mask[:b, :, :, :length].expand(b, 1, width, length),
+                          causal.expand(b, 1, width, width)], dim=-1)
+        logits = self._forward(input_ids=ids, position_ids=positions[:b, None] + cols[None, :], attention_mask=mask,
+                               cache=cache)
+        index = (counts[:b, None] + cols[None, :]).clamp_(max=rows.uniforms.shape[1] - 1)
+        sampled, logps = sample(logits.reshape(b * width, -1), params, rows.uniforms[row_ids[:b, None], index].reshape(-1))
+        sampled, logps = sampled.view(b, width), logps.view(b, width)
+        lengths = torch.tensor([len(d) for d in proposals], device=device)
+        kept = accepted_drafts(sampled, ids[:, 1:], lengths)
+        self.stats["draft_tokens"] += int(lengths.sum())
+        self.stats["draft_accepted"] += int(kept.sum())
+        n_new = (kept + 1).tolist()
+        for r, d, k in zip(rows.at, proposals, n_new):  # each row's chance that a draft token is kept
+            if d:
+                rows.accept[r] += 0.3 * ((k - 1) / len(d) - rows.accept[r])
+        s_list, lp_list = sampled.tolist(), logps.tolist()
+        return [s[:m] for s, m in zip(s_list, n_new)], [lp[:m] for lp, m in zip(lp_list, n_new)], length, width
+
+    def _keep_drafts(self, cache: SlotCache, positions, counts, new_tokens: list[list[int]], used: list[int],
+                     first: int, width: int) -> torch.Tensor:
+        """After a draft step that wrote columns [first, first + width): row p used `used[p]` of the
+        tokens it yielded (fewer when one ended its turn), so its cache keeps that many of those
+        columns (its previous last token and every used token but the last, which is fed next) and
+        masks the rest. Returns each row's next input token."""
+        b, device = cache.b, self.device
+        n = torch.tensor(used, device=device)
+        cols = torch.arange(width, device=device)
+        low = torch.finfo(cache.mask.dtype).min
+        cache.mask[:b, 0, 0, first:first + width] = torch.where(cols[None, :] >= n[:, None], low, 0.0).to(cache.mask.dtype)
+        positions[:b] += n
+        counts[:b] += n
+        return torch.tensor([new[k - 1] for new, k in zip(new_tokens, used)], dtype=torch.long, device=device)
 
     def _image_inputs(self, v, image_features) -> dict:
         """The model's image arguments for one prompt: its features (once per prompt; see
@@ -597,6 +705,8 @@ class HFEngine:
         cache.mask[:k, 0, 0, length:length + width] = torch.where(real, 0.0, low).to(cache.mask.dtype)
         for r, ext in zip(conts, exts):
             rows.count[r] += len(ext)
+            if rows.drafter is not None:
+                rows.drafter.extend(r, list(ext))
         if rows.seen is not None:  # batch position j is conts[j] now
             for j, x in enumerate(exts):
                 if x:
@@ -615,7 +725,8 @@ class _Rows:
     shift its images make), the uniforms of its completion tokens, the completion tokens so far
     (`count`, updated when a turn ends or is extended), its last sampled token and the cache length
     when it was parked; `at[p]` is the row at batch position p (a permutation of the rows); `seen`
-    [rows, V], by batch position, the tokens of each row so far (for the repetition penalty)."""
+    [rows, V], by batch position, the tokens of each row so far (for the repetition penalty);
+    `drafter`, told every token of each row, when this wave decodes with drafts."""
 
     def __init__(self, sample_of: list[int], start: list[int], uniforms: torch.Tensor):
         n = len(sample_of)
@@ -623,6 +734,9 @@ class _Rows:
         self.count, self.last, self.parked_at = [0] * n, [0] * n, [0] * n
         self.at = list(range(n))
         self.seen: torch.Tensor | None = None
+        self.drafter: Drafter | None = None
+        self.accept: list[float] = []
+        self.retry_at: list[int] = []
 
 
 class _OneTurn:

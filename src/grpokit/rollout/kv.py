@@ -48,6 +48,8 @@ class SlotLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.k_buf.shape[2]:  # a slice past the end would silently write fewer columns
+            raise RuntimeError(f"SlotCache: writing columns {start}:{end} past its capacity {self.k_buf.shape[2]}")
         self.k_buf[: self.b, :, start:end] = key_states
         self.v_buf[: self.b, :, start:end] = value_states
         self.length = end
