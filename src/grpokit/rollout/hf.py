@@ -19,6 +19,12 @@ Where the speed comes from (see benchmarks/README.md for the measured effect of 
    projections under 1M weights keep `F.linear`, faster there.
 8. On CPU, a LoRA model's adapted layers run on merged weights (W + scale * B @ A, made once per
    call; the base weights untouched): one product per layer instead of three.
+9. Draft tokens (`draft_tokens`, off by default; grpokit.rollout.draft): a decode step may feed a
+   row its last token and up to k guessed next tokens (n-gram lookup in the row's context, its
+   wave's and the previous wave's completions) and keep the guesses equal to what the sampler
+   draws there with plain decoding's uniforms: the same samples in fewer forwards. The guesses'
+   columns are written to the cache and the rejected ones masked; a step drafts only where the
+   expected tokens gained beat the columns' cost (`draft.draft_width`, from each row's record).
 
 One decode loop (`_decode`) serves `generate` and `generate_multiturn`: a single-turn call is a
 conversation whose driver never continues (`_OneTurn`), its finished rows dropped instead of
@@ -528,7 +534,7 @@ class HFEngine:
                         drafted = self._draft_step(cache, tokens, positions, counts, row_ids, rows,
                                                    [d[:width - 1] for d in proposals], params)
             if drafted is not None:
-                new_tokens, new_logps, first, width = drafted
+                new_tokens, new_logps, first = drafted
             else:
                 if step > 0:
                     assert tokens is not None
@@ -566,7 +572,7 @@ class HFEngine:
                 if stop and toks[-1] not in eos:
                     tails.append(pos)
             if drafted is not None:
-                tokens = self._keep_drafts(cache, positions, counts, new_tokens, used, first, width)
+                tokens = self._keep_drafts(cache, positions, counts, new_tokens, used, first)
             if tails and decode_batch is not None:  # stop strings are checked on the decoded tail of each row
                 texts = decode_batch([turn_tokens[at[pos]][-window:] for pos in tails])
                 for pos, text in zip(tails, texts):
@@ -589,12 +595,12 @@ class HFEngine:
                 at[to], at[frm] = at[frm], at[to]
 
     def _draft_step(self, cache: SlotCache, tokens, positions, counts, row_ids, rows: "_Rows",
-                    proposals: list[list[int]], params) -> tuple[list[list[int]], list[list[float]], int, int]:
+                    proposals: list[list[int]], params) -> tuple[list[list[int]], list[list[float]], int]:
         """One forward of each active row's last token and its draft tokens (right-padded to the
         longest), writing all of them into the cache; the token at each position is drawn with the
         uniform plain decoding uses there. Returns per row the tokens the step yields (its kept
-        drafts and the sampled token after them), their log-probs, and the columns written (first,
-        width); `_keep_drafts` then masks the columns of the drafts not kept."""
+        drafts and the sampled token after them), their log-probs, and the first column written;
+        `_keep_drafts` then masks the columns of the drafts not kept."""
         b, device = cache.b, self.device
         width = 1 + max(map(len, proposals))
         length = cache.layers[0].length
@@ -623,19 +629,23 @@ class HFEngine:
             if d:
                 rows.accept[r] += 0.3 * ((k - 1) / len(d) - rows.accept[r])
         s_list, lp_list = sampled.tolist(), logps.tolist()
-        return [s[:m] for s, m in zip(s_list, n_new)], [lp[:m] for lp, m in zip(lp_list, n_new)], length, width
+        return [s[:m] for s, m in zip(s_list, n_new)], [lp[:m] for lp, m in zip(lp_list, n_new)], length
 
     def _keep_drafts(self, cache: SlotCache, positions, counts, new_tokens: list[list[int]], used: list[int],
-                     first: int, width: int) -> torch.Tensor:
-        """After a draft step that wrote columns [first, first + width): row p used `used[p]` of the
+                     first: int) -> torch.Tensor:
+        """After a draft step that wrote its columns from `first` on: row p used `used[p]` of the
         tokens it yielded (fewer when one ended its turn), so its cache keeps that many of those
         columns (its previous last token and every used token but the last, which is fed next) and
-        masks the rest. Returns each row's next input token."""
+        masks the rest; the cache ends after the longest kept run (the columns after it are
+        written again). Returns each row's next input token."""
         b, device = cache.b, self.device
         n = torch.tensor(used, device=device)
-        cols = torch.arange(width, device=device)
+        keep = max(used)  # the columns past every row's last kept one hold nothing: the next step overwrites them
+        cols = torch.arange(keep, device=device)
         low = torch.finfo(cache.mask.dtype).min
-        cache.mask[:b, 0, 0, first:first + width] = torch.where(cols[None, :] >= n[:, None], low, 0.0).to(cache.mask.dtype)
+        cache.mask[:b, 0, 0, first:first + keep] = torch.where(cols[None, :] >= n[:, None], low, 0.0).to(cache.mask.dtype)
+        for layer in cache.layers:
+            layer.length = first + keep
         positions[:b] += n
         counts[:b] += n
         return torch.tensor([new[k - 1] for new, k in zip(new_tokens, used)], dtype=torch.long, device=device)
