@@ -125,9 +125,13 @@ def _merged_cpu_lora(model, enabled: bool):
         return
     try:
         for m, base, adapters in layers:
-            weight = base.weight.detach().clone()
-            for a in adapters:
-                weight += m.get_delta_weight(a).detach()
+            weight = base.weight.detach()
+            for a in adapters:  # W + scale * B @ A in one pass over W (PEFT's delta is a full-size temporary)
+                if getattr(m, "fan_in_fan_out", False) or a in getattr(m, "lora_variant", {}):
+                    weight = weight + m.get_delta_weight(a).detach()
+                else:
+                    weight = torch.addmm(weight, m.lora_B[a].weight.detach(), m.lora_A[a].weight.detach(),
+                                         alpha=m.scaling[a])
             bias = None if base.bias is None else base.bias.detach()
             m.__dict__["forward"] = functools.partial(_linear, weight=weight, bias=bias)
         yield
