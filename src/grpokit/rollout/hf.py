@@ -552,30 +552,42 @@ class HFEngine:
                 if seen is not None:
                     seen[torch.arange(b, device=device), tokens] = True
                 counts[:b] += 1
-                new_tokens, new_logps = [[t] for t in tokens.tolist()], [[lp] for lp in token_lp.tolist()]
+                tok_list, lp_list = tokens.tolist(), token_lp.tolist()
             # batch position -> finish reason, in the order the driver hears of them
             ended: dict[int, Literal["stop", "length"]] = {}
             tails = []
-            used = []
-            for pos in range(b):
-                r = at[pos]
-                toks, lps = turn_tokens[r], turn_logps[r]
-                new, k = new_tokens[pos], 0
-                for k, t in enumerate(new, 1):  # several only with drafts: never past an end
+            if drafted is None:  # one token per row
+                for pos in range(b):
+                    r, t = at[pos], tok_list[pos]
+                    toks = turn_tokens[r]
                     toks.append(t)
-                    lps.append(new_logps[pos][k - 1])
+                    turn_logps[r].append(lp_list[pos])
+                    if drafter is not None:
+                        drafter.extend(r, [t])
                     if t in eos:
                         ended[pos] = "stop"
-                        break
+                        continue
                     if len(toks) >= limit[r]:
                         ended[pos] = "length"  # unless its last token completed a stop string (below)
-                        break
-                used.append(k)
-                if drafter is not None:
+                    if stop:
+                        tails.append(pos)
+            else:  # several per row: never past the end of its turn (no stop strings with drafts)
+                assert drafter is not None
+                used = []
+                for pos in range(b):
+                    r, new = at[pos], new_tokens[pos]
+                    toks, lps, k = turn_tokens[r], turn_logps[r], 0
+                    for k, t in enumerate(new, 1):
+                        toks.append(t)
+                        lps.append(new_logps[pos][k - 1])
+                        if t in eos:
+                            ended[pos] = "stop"
+                            break
+                        if len(toks) >= limit[r]:
+                            ended[pos] = "length"
+                            break
+                    used.append(k)
                     drafter.extend(r, new[:k])
-                if stop and toks[-1] not in eos:
-                    tails.append(pos)
-            if drafted is not None:
                 tokens = self._keep_drafts(cache, positions, counts, new_tokens, used, first)
             if tails and decode_batch is not None:  # stop strings are checked on the decoded tail of each row
                 texts = decode_batch([turn_tokens[at[pos]][-window:] for pos in tails])
