@@ -211,3 +211,30 @@ def test_draft_tokens_need_grpokits_engine():
         GRPOConfig(output_dir="x", use_cpu=True, draft_tokens=4, rollout_engine="hf-generate")
     with pytest.raises(ValueError, match="draft_tokens must be >= 0"):
         GRPOConfig(output_dir="x", use_cpu=True, draft_tokens=-1)
+
+
+def test_draft_tokens_resume_exactly(tmp_path):
+    """The drafter's memory of the last step's completions travels in the checkpoint: the resumed
+    run drafts as the straight one (the same decode forwards per step) and ends in the same weights."""
+    def run(name, resume=None):
+        trainer = GRPOTrainer(args=config(tmp_path / name, max_steps=4, draft_tokens=4, save_strategy="steps",
+                                          save_steps=2))
+        engine, forwards = trainer.parts.engine, []
+        generate = engine.generate_multiturn
+
+        def counted(*a, **kw):
+            generate(*a, **kw)
+            forwards.append(engine.stats["steps"])
+
+        engine.generate_multiturn = counted
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, forwards
+
+    straight, forwards = run("a")
+    checkpoint = tmp_path / "a" / "run" / "checkpoint-2"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert saved["pipeline"]["ranks"][0]["engine"]["drafter"]["pool"]
+    resumed, resumed_forwards = run("b", resume=str(checkpoint))
+    assert resumed_forwards == forwards[2:]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

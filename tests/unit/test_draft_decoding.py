@@ -208,3 +208,22 @@ def test_drafts_that_fail_stop_being_tried(tok):
         assert_same_samples(_single(engine, params), want)
         assert engine.stats["draft_accepted"] == 0 and 0 < engine.stats["draft_tokens"] <= len(PROMPTS) * 3
         assert engine.stats["steps"] == plain.stats["steps"]
+
+
+def test_ngram_drafter_state_round_trip():
+    """Its memory of the last wave (the pool) is plain lists: saved and loaded, it drafts the same."""
+    d = NgramDrafter(max_tokens=3, n_max=2)
+    d.start([[1, 2], [9]])
+    d.extend(0, [3, 4, 5])
+    d.extend(1, [5, 6, 7])
+    d.finish()
+    state = d.state_dict()
+    assert state == {"pool": [[2, 3, 4, 5], [9, 5, 6, 7]]}
+    e = NgramDrafter(max_tokens=3, n_max=2)
+    e.load_state_dict(state)
+    for drafter in (d, e):
+        drafter.start([[8, 5]])
+        assert drafter.propose(0, 5) == [6, 7]       # row 1's "5 6 7" (row 0's 5 ends its sequence: nothing follows)
+    engine = HFEngine(make_tiny_model(make_char_tokenizer(), seed=0), make_char_tokenizer(), draft_tokens=2)
+    assert engine.capabilities.keeps_state and engine.state_dict() == {"drafter": {"pool": []}}
+    assert not HFEngine(engine.model, engine.tokenizer).capabilities.keeps_state

@@ -42,6 +42,7 @@ from grpokit.data.vision import VisionInputs
 from grpokit.pipeline.schedule import Limits, Request
 from grpokit.pipeline.weights import IDLE, STAGE, ProbeReport, WeightChannel, compare
 from grpokit.pipeline.worker import worker_main
+from grpokit.rollout.base import capabilities_of
 from grpokit.trajectory import Segment, ToolStats, Trajectories
 
 torch.serialization.add_safe_globals([Trajectories, Segment, ToolStats, VisionInputs])
@@ -68,10 +69,14 @@ class Pipeline(Protocol):
 
 
 class InlinePipeline:
-    """The synchronous run: each sampling in the training process, when the step asks."""
+    """The synchronous run: each sampling in the training process, when the step asks. An engine
+    that keeps state between calls (capabilities.keeps_state: its drafter's memory) has it saved
+    in checkpoints, each rank's, and restored on resume."""
 
     def start(self, run, state) -> None:
-        pass
+        ranks = state.pipeline.get("ranks") if state.pipeline else None
+        if ranks and capabilities_of(run.engine).keeps_state:
+            run.engine.load_state_dict(ranks[run.comm.rank].get("engine", {}))
 
     def sample(self, run, rows: list[int], seed: int) -> Trajectories:
         return run.sample_here(rows, seed)
@@ -83,7 +88,9 @@ class InlinePipeline:
         return {}
 
     def checkpoint(self, run) -> dict:
-        return {}
+        if not capabilities_of(run.engine).keeps_state:
+            return {}
+        return {"ranks": run.comm.gather_objects({"engine": run.engine.state_dict()})}
 
     def close(self) -> None:
         pass
@@ -138,6 +145,10 @@ class AsyncPipeline:
         self.stats = {}
         if saved:
             self.restore(saved, run)
+            if capabilities_of(run.engine).keeps_state:  # the worker's engine state stays in the worker
+                self.not_exact = "; ".join(x for x in (self.not_exact, (
+                    "the generation worker's engine state (its drafter's memory) is not kept by checkpoints: the "
+                    "same samples, to float rounding")) if x)
         self.threads = torch.get_num_threads()
         ctx = multiprocessing.get_context("fork")
         self.requests, self.results = ctx.Queue(), ctx.Queue()

@@ -49,6 +49,11 @@ class EngineCapabilities:
     not the trainer's (the importance-sampling correction's case), and `update_weights` copies the
     trainer's weights over. Read by `core.forward.sampler_logps_are_old_logps` and by the run when a
     replaced `model.generate` could stand in for the engine (never for such an engine)."""
+    keeps_state: bool = False
+    """It keeps something from call to call that changes how it samples, not what (HFEngine's
+    drafter remembers the last wave's completions): `state_dict()` returns it as plain lists and
+    numbers, `load_state_dict()` restores it, and a checkpoint keeps it so that a resumed run
+    decodes exactly as the straight one. Read by the run's pipeline (grpokit.pipeline)."""
     uses_model_generate: bool = False
     """It samples by calling the model's own `generate` (transformers'), so a replaced
     `model.generate` (a wrapper, a test's mock) is what samples. Read by the run: an engine that

@@ -42,6 +42,12 @@ class Drafter(Protocol):
     def finish(self) -> None:
         """The wave is over."""
 
+    def state_dict(self) -> dict:
+        """What it keeps from wave to wave (plain lists and numbers), for checkpoints."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to a saved `state_dict()`."""
+
 
 class NgramDrafter:
     """Draft tokens by n-gram lookup, for each n from `n_max` down to `n_min`: the most recent
@@ -60,6 +66,7 @@ class NgramDrafter:
         self._own: list[dict[tuple[int, ...], int]] = []
         self._wave: dict[tuple[int, ...], tuple[list[int], int]] = {}
         self._pool: dict[tuple[int, ...], tuple[list[int], int]] = {}
+        self._pool_sequences: list[list[int]] = []
 
     def start(self, contexts: list[list[int]]) -> None:
         self._ctx = [list(c) for c in contexts]
@@ -103,15 +110,23 @@ class NgramDrafter:
     def finish(self) -> None:
         """The pool becomes this wave's completions (each row's tokens after its prompt, with the
         prompt's last n_max - 1 tokens as their lead-in); the first occurrence of an n-gram wins."""
+        self._set_pool([ctx[max(0, start - self.n_max + 1):] for ctx, start in zip(self._ctx, self._prompt_len)])
+        self._ctx, self._own = [], []
+
+    def _set_pool(self, sequences: list[list[int]]) -> None:
         pool: dict[tuple[int, ...], tuple[list[int], int]] = {}
-        for ctx, start in zip(self._ctx, self._prompt_len):
-            lead = max(0, start - self.n_max + 1)
-            seq = ctx[lead:]
+        for seq in sequences:
             for end in range(1, len(seq)):
                 for n in range(self.n_min, min(self.n_max, end) + 1):
                     pool.setdefault(tuple(seq[end - n:end]), (seq, end))
-        self._pool = pool
-        self._ctx, self._own = [], []
+        self._pool, self._pool_sequences = pool, sequences
+
+    def state_dict(self) -> dict:
+        """The pool's sequences (the last wave's completions)."""
+        return {"pool": [list(s) for s in self._pool_sequences]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._set_pool([[int(t) for t in s] for s in state.get("pool", [])])
 
 
 def accepted_drafts(sampled: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -229,7 +229,16 @@ class HFEngine:
 
     def _capabilities(self) -> EngineCapabilities:
         return EngineCapabilities(images=True, kv_across_turns=True, exact_fp32_logprobs=_exact_fp32_logprobs(self.model),
-                                  sampler_differs_from_trainer=False, uses_model_generate=False)
+                                  sampler_differs_from_trainer=False, uses_model_generate=False,
+                                  keeps_state=self.drafter is not None)
+
+    def state_dict(self) -> dict:
+        """What the engine keeps between calls (its drafter's memory; see capabilities.keeps_state)."""
+        return {"drafter": self.drafter.state_dict()} if self.drafter is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.drafter is not None and "drafter" in state:
+            self.drafter.load_state_dict(state["drafter"])
 
     # ------------------------------------------------------------------ public API
     def update_weights(self, model) -> None:
