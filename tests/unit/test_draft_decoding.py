@@ -9,10 +9,11 @@ import torch
 
 from grpokit.rollout import HFEngine, SamplingParams
 from grpokit.rollout.draft import NgramDrafter, accepted_drafts, draft_width
+from tests.helpers import TURN_END as MT_END
+from tests.helpers import TURN_PROMPTS as MT_PROMPTS
 from tests.helpers import bench_models, make_bench_tiny_model, make_char_tokenizer, make_tiny_model
-from tests.unit.test_multiturn_kv import END as MT_END
-from tests.unit.test_multiturn_kv import PROMPTS as MT_PROMPTS
-from tests.unit.test_multiturn_kv import engine_run, reference
+from tests.helpers import engine_turns as engine_run
+from tests.helpers import reencoded_turns as reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -227,3 +228,15 @@ def test_ngram_drafter_state_round_trip():
     engine = HFEngine(make_tiny_model(make_char_tokenizer(), seed=0), make_char_tokenizer(), draft_tokens=2)
     assert engine.capabilities.keeps_state and engine.state_dict() == {"drafter": {"pool": []}}
     assert not HFEngine(engine.model, engine.tokenizer).capabilities.keeps_state
+
+
+def test_ngram_drafter_pool_is_bounded(monkeypatch):
+    import grpokit.rollout.draft as draft
+
+    monkeypatch.setattr(draft, "POOL_TOKENS", 5)
+    d = NgramDrafter(max_tokens=3, n_max=2)
+    d.start([[1], [2], [3]])
+    for row in range(3):
+        d.extend(row, [10 + row, 20 + row, 30 + row])
+    d.finish()  # rows in order until 5 tokens: the first two rows' 4 tokens each
+    assert d.state_dict() == {"pool": [[1, 10, 20, 30], [2, 11, 21, 31]]}

@@ -12,89 +12,14 @@ import torch
 
 from grpokit.envs import run_turns
 from grpokit.rollout import HFEngine, SamplingParams
-from grpokit.rollout.sampling import row_keys, row_uniforms, sample
-from tests.helpers import bench_models, make_bench_tiny_model
+from tests.helpers import (TURN_END, TURN_PROMPTS, TURN_VOCAB, ScriptedDriver, bench_models, engine_turns,
+                           make_bench_tiny_model, reencoded_turns)
 
 models = bench_models()
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread
 
-VOCAB = 256
-PROMPTS = [[5, 40, 77, 100, 3, 9, 31], [60, 61], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
-END = set(range(20, 45))  # "end of turn" ids: about 10% of the vocabulary, so turns end after a few tokens
-
-
-class ScriptedDriver:
-    """Tool results by rule: a turn that ends on an END id gets 1-4 result tokens (depending on the
-    sample and the turn) and goes on, for at most `turns` turns; the budget is respected as the
-    TurnDriver does (a result that leaves no room ends the sample)."""
-
-    def __init__(self, n_samples, prompts_of, max_tokens, turns=3):
-        self.max_tokens, self.turns = max_tokens, turns
-        self.prompt = prompts_of
-        self.ids = [[] for _ in range(n_samples)]
-        self.logps = [[] for _ in range(n_samples)]
-        self.model_tokens = [[] for _ in range(n_samples)]
-        self.n_turns = [0] * n_samples
-        self.pending = {}
-
-    def remaining(self, s):
-        return self.max_tokens - len(self.ids[s])
-
-    def context_ids(self, s):
-        return self.prompt[s] + self.ids[s]
-
-    def turn_ended(self, s, ids, logps, reason):
-        self.ids[s] += ids
-        self.logps[s] += logps
-        self.model_tokens[s].append(list(ids))
-        self.n_turns[s] += 1
-        if reason == "stop" and self.n_turns[s] < self.turns:
-            self.pending[s] = [100 + (s * 7 + self.n_turns[s] * 3 + j) % 50 for j in range(1 + (s + self.n_turns[s]) % 4)]
-
-    def continuations(self):
-        out = {}
-        for s, ext in sorted(self.pending.items()):
-            if len(self.ids[s]) + len(ext) < self.max_tokens:
-                self.ids[s] += ext
-                self.logps[s] += [0.0] * len(ext)
-                out[s] = ext
-        self.pending = {}
-        return out
-
-
-def reference(model, prompts, n, params, max_tokens, turns):
-    """Each sample alone, the whole sequence re-encoded for every token."""
-    samples = [p for p in prompts for _ in range(n)]
-    driver = ScriptedDriver(len(samples), samples, max_tokens, turns)
-    uniforms = row_uniforms(row_keys(params.seed, torch.arange(len(samples))), max_tokens)
-    with torch.no_grad():
-        for s in range(len(samples)):
-            while True:
-                turn, lps = [], []
-                room = driver.remaining(s)
-                reason = "length"
-                while len(turn) < room:
-                    seq = driver.context_ids(s) + turn
-                    logits = model(input_ids=torch.tensor([seq])).logits[:, -1, :].float()
-                    tok, lp = sample(logits, params, uniforms[s:s + 1, len(driver.ids[s]) + len(turn)])
-                    turn.append(int(tok[0]))
-                    lps.append(float(lp[0]))
-                    if turn[-1] in END:
-                        reason = "stop"
-                        break
-                driver.turn_ended(s, turn, lps, reason)
-                if s not in driver.continuations():
-                    break
-    return driver
-
-
-def engine_run(model, tok, prompts, n, params, max_tokens, turns, **engine_kw):
-    engine = HFEngine(model, tok, **engine_kw)
-    engine.eos_ids = set(END)
-    samples = [p for p in prompts for _ in range(n)]
-    driver = ScriptedDriver(len(samples), samples, max_tokens, turns)
-    run_turns(engine, prompts, n, params, driver)
-    return driver, engine
+VOCAB, PROMPTS, END = TURN_VOCAB, TURN_PROMPTS, TURN_END  # the scripted conversations of tests/helpers.py
+reference, engine_run = reencoded_turns, engine_turns
 
 
 @pytest.fixture(scope="module")

@@ -281,7 +281,7 @@ def build_engine(cfg: TrainingConfig, models: Models, *, images: bool, notes: li
             engine = make_engine("hf", policy, tok, max_batch_tokens=cfg.max_batch_tokens, draft_tokens=cfg.draft_tokens)
             if cfg.draft_tokens:
                 notes.append(f"rollout: up to {cfg.draft_tokens} draft tokens per completion and step (n-gram lookup), "
-                             "checked in the same forward; not with stop strings or a repetition penalty.")
+                             "checked in the same forward; not with stop strings, a repetition penalty or images.")
     if images and not capabilities_of(engine).images:
         raise ValueError(f"images are sampled by grpokit's engine or transformers' generate, not by "
                          f"{type(engine).__name__}; use the default engine.")

@@ -5,14 +5,15 @@ gives the distribution after each of them, and the row keeps its guesses while e
 token the sampler draws there, plus the sampler's token at the first difference (or after the last
 guess). Because a token is drawn by inverting the CDF with a uniform fixed by (seed, row, token
 index) (see sampling.py), the token drawn at each position is the one plain decoding draws: the
-samples and their log-probs are plain decoding's (to floating-point summation order); a guess only
-decides how many tokens one forward yields. A wrong guess costs a column of compute, never a
-different sample.
+samples and their log-probs are plain decoding's, to floating-point summation order (a forward of
+another shape can tip a token that lies on a CDF boundary); a guess only decides how many tokens
+one forward yields. A wrong guess costs a column of compute, not a different sample.
 
 `NgramDrafter` guesses by n-gram lookup (prompt lookup decoding, and REST's retrieval from a pool
 of earlier text): the continuation of the row's last n tokens (n = n_max .. 1) where they occurred
 before, first in the row's own context (its prompt, earlier turns, tool results), then in the
-completions of the engine's previous wave. GRPO samples G completions of each prompt and the same
+completions so far of the wave's other rows, then in those of the engine's previous wave (at most
+`POOL_TOKENS` tokens of them). GRPO samples G completions of each prompt and the same
 task step after step, so a template (a tool call's JSON, a format) repeats across rows and steps,
 and copied spans (a tool's arguments, its result) repeat within a row.
 """
@@ -22,6 +23,9 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+
+POOL_TOKENS = 1 << 16
+"""Most tokens of the previous wave's completions a `NgramDrafter` keeps (and a checkpoint holds)."""
 
 
 class Drafter(Protocol):
@@ -109,8 +113,15 @@ class NgramDrafter:
 
     def finish(self) -> None:
         """The pool becomes this wave's completions (each row's tokens after its prompt, with the
-        prompt's last n_max - 1 tokens as their lead-in); the first occurrence of an n-gram wins."""
-        self._set_pool([ctx[max(0, start - self.n_max + 1):] for ctx, start in zip(self._ctx, self._prompt_len)])
+        prompt's last n_max - 1 tokens as their lead-in; rows in order until POOL_TOKENS); the
+        first occurrence of an n-gram wins."""
+        sequences, total = [], 0
+        for ctx, start in zip(self._ctx, self._prompt_len):
+            if total >= POOL_TOKENS:
+                break
+            sequences.append(ctx[max(0, start - self.n_max + 1):])
+            total += len(sequences[-1])
+        self._set_pool(sequences)
         self._ctx, self._own = [], []
 
     def _set_pool(self, sequences: list[list[int]]) -> None:

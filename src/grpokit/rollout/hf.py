@@ -630,11 +630,10 @@ class HFEngine:
         width = 1 + max(map(len, proposals))
         length = cache.layers[0].length
         cache.ensure_capacity(length + width)
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        ids[:, 0] = tokens[:b]
+        drafts = torch.full((b, width - 1), self.pad_id, dtype=torch.long)  # built on the host, moved once
         for pos, d in enumerate(proposals):
-            ids[pos, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
-        ids = ids.to(device)
+            drafts[pos, :len(d)] = torch.tensor(d, dtype=torch.long)
+        ids = torch.cat([tokens[:b, None], drafts.to(device)], dim=1)
         cols = torch.arange(width, device=device)
         low = torch.finfo(cache.mask.dtype).min
         causal = torch.where(cols[:, None] >= cols[None, :], 0.0, low).to(cache.mask.dtype)   # [w, w]
