@@ -204,6 +204,9 @@ def test_draft_tokens_train_the_same_conversations(tmp_path):
         steps[k] = sum(forwards)
     assert logs[4] == logs[0] and len(logs[0]) == 3
     assert steps[4] < steps[0]
+    logged = [e for e in trainer.state.log_history if "rollout/decode_forwards" in e]  # the draft_tokens=4 run
+    kept = [e["rollout/draft_kept"] for e in logged if "rollout/draft_kept" in e]  # the steps that drafted
+    assert len(logged) == 3 and all(0 <= k <= 1 for k in kept) and max(kept) > 0.5
 
 
 def test_draft_tokens_need_grpokits_engine():

@@ -71,7 +71,11 @@ class Pipeline(Protocol):
 class InlinePipeline:
     """The synchronous run: each sampling in the training process, when the step asks. An engine
     that keeps state between calls (capabilities.keeps_state: its drafter's memory) has it saved
-    in checkpoints, each rank's, and restored on resume."""
+    in checkpoints, each rank's, and restored on resume, and its metrics of the last sampling
+    (`engine.metrics()`: how many draft tokens were kept) logged with the step (rank 0's)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, float] = {}
 
     def start(self, run, state) -> None:
         ranks = state.pipeline.get("ranks") if state.pipeline else None
@@ -79,13 +83,16 @@ class InlinePipeline:
             run.engine.load_state_dict(ranks[run.comm.rank].get("engine", {}))
 
     def sample(self, run, rows: list[int], seed: int) -> Trajectories:
-        return run.sample_here(rows, seed)
+        out = run.sample_here(rows, seed)
+        if capabilities_of(run.engine).keeps_state:
+            self.stats = run.engine.metrics()
+        return out
 
     def weights_changed(self, run) -> None:
         pass
 
     def metrics(self) -> dict[str, float]:
-        return {}
+        return dict(self.stats)
 
     def checkpoint(self, run) -> dict:
         if not capabilities_of(run.engine).keeps_state:

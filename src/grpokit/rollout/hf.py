@@ -240,6 +240,17 @@ class HFEngine:
         if self.drafter is not None and "drafter" in state:
             self.drafter.load_state_dict(state["drafter"])
 
+    def metrics(self) -> dict[str, float]:
+        """The last call's figures for the step's log: its batched decode forwards and the share of
+        draft tokens kept (when it drafted)."""
+        st = self.stats
+        if not st:
+            return {}
+        out = {"rollout/decode_forwards": float(st["steps"])}
+        if st.get("draft_tokens"):
+            out["rollout/draft_kept"] = st["draft_accepted"] / st["draft_tokens"]
+        return out
+
     # ------------------------------------------------------------------ public API
     def update_weights(self, model) -> None:
         """Sync weights from the trainer's model (a no-op when it is the module this engine uses);
