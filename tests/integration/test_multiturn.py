@@ -241,3 +241,15 @@ def test_draft_tokens_resume_exactly(tmp_path):
     assert resumed_forwards == forwards[2:]
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluation_leaves_the_drafters_memory_as_it_was(tmp_path):
+    """The drafter recalls the last training step's completions; an evaluation (greedy, other
+    prompts) in between does not replace them."""
+    trainer = GRPOTrainer(args=config(tmp_path, max_steps=1, draft_tokens=4))
+    trainer.train()
+    engine = trainer.parts.engine
+    before = engine.state_dict()
+    assert before["drafter"]["pool"]
+    trainer.parts.log_eval(1)
+    assert engine.stats["steps"] > 0 and engine.state_dict() == before

@@ -27,7 +27,7 @@ from grpokit.modeling.info import unwrap
 from grpokit.pipeline import InlinePipeline, make_pipeline
 from grpokit.data.prompts import PromptSet
 from grpokit.rewards.scoring import Scorer
-from grpokit.rollout import SamplingParams
+from grpokit.rollout import SamplingParams, capabilities_of
 from grpokit.samplers import Sampler, choose_sampler
 from grpokit.trajectory import Rollout, Trajectories
 
@@ -224,9 +224,15 @@ class RunParts:
         evaluator = evaluator if evaluator is not None else self.evaluation.evaluator
         if evaluator is None:
             return {}
-        with self.comm.guard("evaluation"), self.generation_context():
-            metrics = evaluator.greedy(self.engine, batch_size=self.config.per_device_eval_batch_size,
-                                       on_batch=on_batch)
+        # an engine's state between calls (its drafter's memory) is the training's: evaluation leaves it as it was
+        kept = self.engine.state_dict() if capabilities_of(self.engine).keeps_state else None
+        try:
+            with self.comm.guard("evaluation"), self.generation_context():
+                metrics = evaluator.greedy(self.engine, batch_size=self.config.per_device_eval_batch_size,
+                                           on_batch=on_batch)
+        finally:
+            if kept is not None:
+                self.engine.load_state_dict(kept)
         self.tracker.log(step, metrics)
         self.tracker.write(f"eval @ step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
