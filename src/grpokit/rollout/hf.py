@@ -646,12 +646,8 @@ class HFEngine:
             drafts[pos, :len(d)] = torch.tensor(d, dtype=torch.long)
         ids = torch.cat([tokens[:b, None], drafts.to(device)], dim=1)
         cols = torch.arange(width, device=device)
-        low = torch.finfo(cache.mask.dtype).min
-        causal = torch.where(cols[:, None] >= cols[None, :], 0.0, low).to(cache.mask.dtype)   # [w, w]
-        mask = torch.cat([cache.mask[:b, :, :, :length].expand(b, 1, width, length),
-                          causal.expand(b, 1, width, width)], dim=-1)
-        logits = self._forward(input_ids=ids, position_ids=positions[:b, None] + cols[None, :], attention_mask=mask,
-                               cache=cache)
+        logits = self._forward(input_ids=ids, position_ids=positions[:b, None] + cols[None, :],
+                               attention_mask=cache.block_mask(b, width), cache=cache)
         index = (counts[:b, None] + cols[None, :]).clamp_(max=rows.uniforms.shape[1] - 1)
         sampled, logps = sample(logits.reshape(b * width, -1), params, rows.uniforms[row_ids[:b, None], index].reshape(-1))
         sampled, logps = sampled.view(b, width), logps.view(b, width)
@@ -676,9 +672,7 @@ class HFEngine:
         b, device = cache.b, self.device
         n = torch.tensor(used, device=device)
         keep = max(used)  # the columns past every row's last kept one hold nothing: the next step overwrites them
-        cols = torch.arange(keep, device=device)
-        low = torch.finfo(cache.mask.dtype).min
-        cache.mask[:b, 0, 0, first:first + keep] = torch.where(cols[None, :] >= n[:, None], low, 0.0).to(cache.mask.dtype)
+        cache.keep_columns(first, torch.arange(keep, device=device)[None, :] < n[:, None])
         for layer in cache.layers:
             layer.length = first + keep
         positions[:b] += n
@@ -739,15 +733,11 @@ class HFEngine:
         cols = torch.arange(width, device=device)
         position_ids = (start[:, None] - pads[:, None] + cols[None, :]).clamp_(min=0)
         real = cols[None, :] >= pads[:, None]                                      # [k, width] key is a real token
-        causal = cols[None, :, None] >= cols[None, None, :]                         # [1, q, key]
-        allowed = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
-        new = torch.where(allowed, 0.0, low).to(cache.mask.dtype)[:, None]          # [k, 1, width, width]
-        old = cache.mask[:k, :, :, :length].expand(k, 1, width, length)
+        mask = cache.block_mask(k, width, real)
         cache.set_batch(k)
         kw = {self._logits_kw: 1} if self._logits_kw else {}
-        logits = self._forward(input_ids=ids, position_ids=position_ids, attention_mask=torch.cat([old, new], dim=-1),
-                               cache=cache, **kw)[:, -1, :]
-        cache.mask[:k, 0, 0, length:length + width] = torch.where(real, 0.0, low).to(cache.mask.dtype)
+        logits = self._forward(input_ids=ids, position_ids=position_ids, attention_mask=mask, cache=cache, **kw)[:, -1, :]
+        cache.keep_columns(length, real)
         for r, ext in zip(conts, exts):
             rows.count[r] += len(ext)
             if rows.drafter is not None:

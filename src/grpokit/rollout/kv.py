@@ -113,6 +113,27 @@ class SlotCache(Cache):
         masked = full[None, :] < (width - prompt_lens)[:, None]                  # [n, capacity]
         self.mask[rows] = torch.where(masked, torch.finfo(self.mask.dtype).min, 0.0).to(self.mask.dtype)[:, None, None]
 
+    def block_mask(self, b: int, width: int, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Padding mask [b, 1, width, length + width] for a block of `width` new tokens per row (a
+        turn's prefill, draft tokens): each row's cached columns as masked so far, then the block
+        causally; with `real` [b, width] (bool) only its real keys, a query always seeing itself (so no
+        row is all-masked)."""
+        length, device = self.layers[0].length, self.mask.device
+        cols = torch.arange(width, device=device)
+        allowed = (cols[:, None] >= cols[None, :])[None]                                   # [1, q, key]
+        if real is not None:
+            allowed = (allowed & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
+        new = torch.where(allowed, 0.0, torch.finfo(self.mask.dtype).min).to(self.mask.dtype)[:, None]
+        return torch.cat([self.mask[:b, :, :, :length].expand(b, 1, width, length), new.expand(b, 1, width, width)],
+                         dim=-1)
+
+    def keep_columns(self, first: int, keep: torch.Tensor) -> None:
+        """The first keep.shape[0] rows' mask over columns [first, first + keep.shape[1]): open where
+        `keep` (bool) is true, masked elsewhere."""
+        rows, width = keep.shape
+        self.mask[:rows, 0, 0, first:first + width] = torch.where(
+            keep, 0.0, torch.finfo(self.mask.dtype).min).to(self.mask.dtype)
+
     def step_mask(self) -> torch.Tensor:
         """Padding mask [b, 1, 1, length + 1] for the next one-token step."""
         return self.mask[: self.b, :, :, : self.layers[0].length + 1]
